@@ -1,0 +1,244 @@
+"""Typed, frozen configuration loaded from YAML under ``conf/`` plus ``key=value`` overrides.
+
+Every section rejects unknown keys and wrong types; the error names the key path and the file.
+The defaults below are the documented defaults; ``conf/base.yaml`` lists them all (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key path and the source."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(_Section):
+    """Demo event generator with a planted sequential pattern and a Zipf popularity skew."""
+
+    n_users: int = Field(2000, ge=10)
+    n_items: int = Field(400, ge=20)
+    min_len: int = Field(15, ge=3)
+    max_len: int = Field(60, ge=3)
+    follow_prob: float = Field(0.75, ge=0.0, le=1.0)
+    zipf_exponent: float = Field(1.1, ge=0.0)
+    duplicate_rate: float = Field(0.01, ge=0.0, le=0.5)
+    seed: int = 7
+
+
+class DataConfig(_Section):
+    """Where the events come from and how to read them."""
+
+    source: Literal["file", "synthetic"] = "file"
+    path: str = "events.csv"
+    format: Literal[
+        "csv", "parquet", "movielens_dat", "movielens_udata", "movielens_csv", "pairs", "sequence_lines"
+    ] = "csv"
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    timestamp_col: str | None = "timestamp"
+    event_type_col: str | None = None
+    weight_col: str | None = None
+    timestamp_format: str | None = None
+    separator: str = ","
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class FeaturesConfig(_Section):
+    """Row policies, k-core filter and the split."""
+
+    event_types: tuple[str, ...] | None = None
+    dedup: Literal["none", "exact", "user_item"] = "exact"
+    min_user_events: int = Field(1, ge=1)
+    min_item_events: int = Field(1, ge=1)
+    split: Literal["leave_one_out", "time"] = "leave_one_out"
+    val_cutoff: int | None = None
+    test_cutoff: int | None = None
+
+    @model_validator(mode="after")
+    def _cutoffs(self) -> FeaturesConfig:
+        if self.split == "time":
+            if self.val_cutoff is None or self.test_cutoff is None:
+                raise ValueError("split 'time' needs features.val_cutoff and features.test_cutoff (timestamps)")
+            if self.val_cutoff > self.test_cutoff:
+                raise ValueError("features.val_cutoff must not be after features.test_cutoff")
+        return self
+
+
+class ModelConfig(_Section):
+    """SASRec architecture."""
+
+    max_len: int = Field(50, ge=2)
+    hidden: int = Field(64, ge=4)
+    n_blocks: int = Field(2, ge=1)
+    n_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.hidden % self.n_heads:
+            raise ValueError(f"model.hidden ({self.hidden}) must be divisible by model.n_heads ({self.n_heads})")
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation, early stopping and hardware."""
+
+    loss: Literal["ce", "bce"] = "ce"
+    n_negatives: int = Field(1, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1)
+    seed: int = 42
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    devices: int = Field(1, ge=1)
+    val_batch_size: int = Field(1024, ge=1)
+    progress: bool = True
+
+
+class EvaluateConfig(_Section):
+    """Offline full-catalogue ranking evaluation."""
+
+    split: Literal["val", "test"] = "test"
+    ks: tuple[int, ...] = (10, 20, 50)
+    batch_size: int = Field(1024, ge=1)
+
+
+class CandidatesConfig(_Section):
+    """Top-K retrieval with FAISS."""
+
+    k: int = Field(100, ge=1)
+    index: str = "Flat"
+    nprobe: int | None = Field(None, ge=1)
+    ef_search: int | None = Field(None, ge=1)
+    batch_size: int = Field(4096, ge=1)
+    recall_sample: int = Field(1000, ge=1)
+    exclude_seen: bool = True
+
+
+class TrackingConfig(_Section):
+    """MLflow: ``uri`` None means an embedded SQLite store in the work directory."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "recsys"
+    registered_model: str = "sasrec"
+
+
+class Config(_Section):
+    """The whole pipeline's configuration."""
+
+    work_dir: str = "work/demo"
+    data: DataConfig = DataConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    candidates: CandidatesConfig = CandidatesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view for MLflow params."""
+        return _flatten(self.to_dict())
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=0.01", "model.hidden=32"]`` into a nested dict (values parsed as YAML scalars)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; ``extends: other.yaml`` merges another file first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file under conf/")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    parent = tree.pop("extends", None)
+    if parent is not None:
+        tree = _merge(read_yaml(path.parent / str(parent)), tree)
+    return tree
+
+
+def build_config(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a nested dict into a :class:`Config`; errors list every bad key path."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"  {loc}: unknown key (check the spelling against conf/base.yaml)")
+            else:
+                lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"invalid config from {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (optional) and apply dotted ``key=value`` overrides on top."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return build_config(tree, source=str(path) if path else "overrides")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the exact values a job ran with)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

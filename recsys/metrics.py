@@ -1,0 +1,70 @@
+"""Full-catalogue ranking metrics with pessimistic tie handling.
+
+A target's rank is the number of non-excluded, non-target items scoring **greater than or equal to** it
+(ties never favour the target), plus the other targets ranked strictly above it (ties among targets are
+broken by item index, a fixed rule independent of which item is the target). Ranks are 0-based.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD = 0
+
+
+def exclusion_mask(history: torch.Tensor, n_items: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, n_items + 1) mask of items to drop from the ranking: padding column 0 and the history.
+
+    history: (B, L) item indices, 0 = padding. keep: (B, M) items never excluded (the targets).
+    """
+    mask = torch.zeros(history.shape[0], n_items + 1, dtype=torch.bool, device=history.device)
+    mask.scatter_(1, history.long(), True)
+    if keep is not None:
+        mask.scatter_(1, keep.long(), False)
+    mask[:, PAD] = True
+    return mask
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """Pessimistic 0-based rank of each target; -1 where ``targets`` is padding.
+
+    scores: (B, I) with column 0 = padding; targets: (B, M) item indices (0 = none); exclude: (B, I) bool.
+    """
+    scores = scores.float().masked_fill(exclude, float("-inf"))
+    valid = targets != PAD  # (B, M)
+    t_scores = scores.gather(1, targets.long())  # (B, M)
+    is_target = torch.zeros_like(exclude)
+    is_target.scatter_(1, targets.long(), True)
+    is_target[:, PAD] = False
+    others = scores.masked_fill(is_target, float("-inf"))  # (B, I) non-target competitors
+    ahead = (others.unsqueeze(1) >= t_scores.unsqueeze(2)).sum(-1)  # (B, M)
+    # Other targets strictly above, or tied with a smaller item index.
+    ts_i, ts_j = t_scores.unsqueeze(2), t_scores.unsqueeze(1)  # (B, M, 1), (B, 1, M)
+    idx_i, idx_j = targets.unsqueeze(2), targets.unsqueeze(1)
+    above = (ts_j > ts_i) | ((ts_j == ts_i) & (idx_j < idx_i))
+    above &= valid.unsqueeze(1) & (idx_j != idx_i)
+    ranks = ahead + above.sum(-1)
+    return torch.where(valid, ranks, torch.full_like(ranks, -1))
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Per-user metrics (each a (B,) float tensor) from (B, M) target ranks (-1 = no target).
+
+    Keys: ``ndcg_at_K``, ``hr_at_K`` (any target in top K), ``recall_at_K``, ``mrr_at_K``.
+    Users without any target must be filtered out before calling.
+    """
+    valid = ranks >= 0
+    n_targets = valid.sum(-1).clamp(min=1).float()
+    out: dict[str, torch.Tensor] = {}
+    for k in ks:
+        hit = valid & (ranks < k)  # (B, M)
+        gains = torch.where(hit, 1.0 / torch.log2(ranks.float() + 2.0), torch.zeros_like(ranks, dtype=torch.float))
+        ideal_n = n_targets.clamp(max=k)
+        ideal = (1.0 / torch.log2(torch.arange(k, device=ranks.device).float() + 2.0)).cumsum(0)
+        idcg = ideal[(ideal_n - 1).long()]
+        first = torch.where(hit, ranks, torch.full_like(ranks, k)).min(-1).values
+        out[f"ndcg_at_{k}"] = gains.sum(-1) / idcg
+        out[f"hr_at_{k}"] = hit.any(-1).float()
+        out[f"recall_at_{k}"] = hit.sum(-1).float() / n_targets
+        out[f"mrr_at_{k}"] = torch.where(first < k, 1.0 / (first.float() + 1.0), torch.zeros_like(n_targets))
+    return out
