@@ -1,0 +1,51 @@
+"""Loading the feature job's artifacts back, checked against their contracts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from features import schema
+from recsys.storage import read_json
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """The feature job's output: sequences, id maps and the manifest."""
+
+    sequences: pl.DataFrame
+    user_map: pl.DataFrame
+    item_map: pl.DataFrame
+    manifest: dict[str, Any]
+
+    @property
+    def n_items(self) -> int:
+        return int(self.manifest["n_items"])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.manifest["n_users"])
+
+
+def load_features(directory: str | Path) -> FeatureSet:
+    """Read ``sequences``, ``user_map``, ``item_map`` and ``manifest.json`` from ``directory``.
+
+    Raises FileNotFoundError (naming the file and the job to run) or ValueError on a contract mismatch.
+    """
+    directory = Path(directory)
+    tables = {}
+    for name, contract in (
+        ("sequences", schema.SEQUENCES),
+        ("user_map", schema.USER_MAP),
+        ("item_map", schema.ITEM_MAP),
+    ):
+        path = directory / schema.FEATURE_FILES[name]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; run `recsys features` first")
+        tables[name] = pl.read_parquet(path)
+        schema.check_schema(tables[name], contract, str(path))
+    manifest = read_json(directory / schema.FEATURE_FILES["manifest"])
+    return FeatureSet(tables["sequences"], tables["user_map"], tables["item_map"], manifest)
