@@ -1,0 +1,81 @@
+"""Config: defaults equal conf/base.yaml, unknown keys and wrong types rejected with the key path."""
+
+from pathlib import Path
+
+import pytest
+
+from recsys.config import Config, ConfigError, load_config, parse_overrides, read_yaml, save_config
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def test_base_yaml_equals_defaults():
+    assert load_config(CONF / "base.yaml") == Config()
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_demo_extends_base():
+    cfg = load_config(CONF / "demo.yaml")
+    assert cfg.data.source == "synthetic"
+    assert cfg.train.lr == Config().train.lr  # inherited from base.yaml
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=1e-3", "model.hidden=32", "evaluate.ks=[5, 10]"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.model.hidden == 32
+    assert cfg.evaluate.ks == (5, 10)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.lrr=0.1"], "train.lrr: unknown key"),
+        (["model.hidden=abc"], "model.hidden"),
+        (["train.max_epochs=1.5"], "train.max_epochs"),
+        (["train.loss=hinge"], "train.loss"),
+        (["nosection.x=1"], "nosection: unknown key"),
+        (["model.hidden=30", "model.n_heads=4"], "divisible"),
+        (["features.split=time"], "val_cutoff"),
+        (["train.lr=-1"], "train.lr"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad.write_text("train:\n  batch_sizee: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml[\s\S]*train.batch_sizee"):
+        load_config(bad)
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_overrides(["no_equals_sign"])
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.train.lr = 0.5  # type: ignore[misc]
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["model.hidden=48", "model.n_heads=2"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert read_yaml(tmp_path / "c.yaml")["model"]["hidden"] == 48
