@@ -52,13 +52,14 @@ def generate_candidates(
     index = build_index(items, cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     seen = [np.asarray(x, dtype=np.int64) - 1 for x in lists] if cfg.exclude_seen else [
         np.empty(0, dtype=np.int64) for _ in lists]
-    ids, scores, stats = search_top_k(index, users, cfg.k, seen, batch_size=cfg.batch_size)
+    k = min(cfg.k, items.shape[0])  # a catalogue smaller than K gives every item
+    ids, scores, stats = search_top_k(index, users, k, seen, batch_size=cfg.batch_size, item_vectors=items)
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
-    recall = ann_recall(index, items, users[sample], cfg.k, [seen[i] for i in sample])
-    log.info("ANN recall@%d vs exact search on %d users: %.4f", cfg.k, len(sample), recall)
+    recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
+    log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
     table = _to_table(hist[schema.USER_IDX].to_numpy(), ids, scores, feats)
-    return table, {**stats, f"ann_recall_at_{cfg.k}": recall, "recall_sample": int(len(sample)),
+    return table, {**stats, "k_effective": k, "ann_recall_at_k": recall, "recall_sample": int(len(sample)),
                    "users_scored": len(lists)}
 
 

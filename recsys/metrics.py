@@ -3,6 +3,7 @@
 A target's rank is the number of non-excluded, non-target items scoring **greater than or equal to** it
 (ties never favour the target), plus the other targets ranked strictly above it (ties among targets are
 broken by item index, a fixed rule independent of which item is the target). Ranks are 0-based.
+A target listed twice for one user counts once.
 """
 
 from __future__ import annotations
@@ -26,18 +27,27 @@ def exclusion_mask(history: torch.Tensor, n_items: int, keep: torch.Tensor | Non
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
-    """Pessimistic 0-based rank of each target; -1 where ``targets`` is padding.
+    """Pessimistic 0-based rank of each target; -1 where ``targets`` is padding or repeats an earlier target.
 
     scores: (B, I) with column 0 = padding; targets: (B, M) item indices (0 = none); exclude: (B, I) bool.
+    A NaN score counts against the target: a NaN target ranks below every competitor, a NaN competitor
+    ranks above the target. Memory is O(B * I) whatever M (targets are ranked one column at a time).
     """
-    scores = scores.float().masked_fill(exclude, float("-inf"))
-    valid = targets != PAD  # (B, M)
-    t_scores = scores.gather(1, targets.long())  # (B, M)
+    scores = scores.float()
+    targets = targets.long()
+    m = targets.shape[1]
+    first = torch.ones(m, m, dtype=torch.bool, device=targets.device).tril(-1)  # (M, M): j < i
+    repeat = ((targets.unsqueeze(2) == targets.unsqueeze(1)) & first).any(-1)  # (B, M) duplicate of earlier
+    valid = (targets != PAD) & ~repeat  # (B, M)
+    t_scores = scores.gather(1, targets)  # (B, M)
+    t_scores = t_scores.masked_fill(t_scores.isnan() | exclude.gather(1, targets), float("-inf"))
     is_target = torch.zeros_like(exclude)
-    is_target.scatter_(1, targets.long(), True)
-    is_target[:, PAD] = False
-    others = scores.masked_fill(is_target, float("-inf"))  # (B, I) non-target competitors
-    ahead = (others.unsqueeze(1) >= t_scores.unsqueeze(2)).sum(-1)  # (B, M)
+    is_target.scatter_(1, targets, True)
+    competitor = ~(exclude | is_target)  # (B, I) non-excluded, non-target items
+    others = scores.masked_fill(scores.isnan(), float("inf"))  # (B, I)
+    ahead = torch.zeros_like(targets)  # (B, M) competitors scoring >= the target
+    for j in range(m):
+        ahead[:, j] = ((others >= t_scores[:, j : j + 1]) & competitor).sum(-1)
     # Other targets strictly above, or tied with a smaller item index.
     ts_i, ts_j = t_scores.unsqueeze(2), t_scores.unsqueeze(1)  # (B, M, 1), (B, 1, M)
     idx_i, idx_j = targets.unsqueeze(2), targets.unsqueeze(1)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from recsys.config import Config, ConfigError, load_config, parse_overrides, read_yaml, save_config
 
@@ -70,7 +71,7 @@ def test_override_syntax_error():
 
 def test_config_is_frozen():
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.lr = 0.5  # type: ignore[misc]
 
 

@@ -1,0 +1,213 @@
+"""Offline full-catalogue evaluation: every item is ranked, the user's history is excluded, ties are pessimistic.
+
+The same routine scores the model and the baselines, so their numbers are comparable by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import polars as pl
+import torch
+
+from features.schema import SEQUENCES, USER_IDX, check_schema
+from recsys.baselines import popularity_scorer, popularity_scores
+from recsys.config import EvaluateConfig
+from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
+
+logger = logging.getLogger(__name__)
+
+# score_fn(inputs (B, T) long, user_idx (B,) long) -> scores (B, n_items + 1), column 0 = padding.
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RankingModel(Protocol):
+    """What evaluation needs from a model (an ``nn.Module`` such as ``SASRec``)."""
+
+    training: bool
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor: ...  # (B, T) -> (B, D)
+    def score(self, hidden: torch.Tensor) -> torch.Tensor: ...  # (..., D) -> (..., n_items + 1)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Tensors for one split; all int64, row i is one user, 0 = padding.
+
+    user_idx (U,); inputs (U, max_len) the last ``max_len`` history items, left-padded;
+    history (U, H) the full history (excluded from the ranking); targets (U, M) the split's unique items.
+    """
+
+    user_idx: torch.Tensor
+    inputs: torch.Tensor
+    history: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.user_idx.shape[0]
+
+
+def _left_pad(frame: pl.DataFrame, column: str, width: int | None = None) -> torch.Tensor:
+    """(N, width) int64 tensor of the list ``column``, last ``width`` items kept, left-padded with 0.
+
+    ``width`` None means the longest list (at least 1). Built from one exploded frame, no per-row Python.
+    """
+    if width is None:
+        width = max(int(frame.select(pl.col(column).list.len().max()).item() or 0), 1)
+    long = (
+        frame.select(pl.int_range(pl.len()).alias("_row"), pl.col(column).list.tail(width))
+        .explode(column)
+        .drop_nulls(column)
+        .with_columns(_col=width - pl.len().over("_row") + pl.int_range(pl.len()).over("_row"))
+    )
+    out = torch.zeros(frame.height, width, dtype=torch.long)
+    out[_to_long(long["_row"]), _to_long(long["_col"])] = _to_long(long[column])
+    return out
+
+
+def _to_long(series: pl.Series) -> torch.Tensor:
+    return torch.from_numpy(series.to_numpy().astype(np.int64))  # a writable copy
+
+
+def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_len: int) -> EvalSet:
+    """Eval tensors for ``split`` from a SEQUENCES table.
+
+    val: history = train_items, targets = val_items; test: history = train_items + val_items,
+    targets = test_items. Users with no target or an empty history are dropped.
+    Raises ``ValueError`` on a schema mismatch, an unknown split or ``max_len`` < 1.
+    """
+    check_schema(sequences, SEQUENCES, "sequences")
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    history = pl.col("train_items") if split == "val" else pl.concat_list("train_items", "val_items")
+    frame = sequences.select(
+        pl.col(USER_IDX),
+        history.alias("history"),
+        pl.col(f"{split}_items").list.unique(maintain_order=True).alias("targets"),
+    ).filter((pl.col("history").list.len() > 0) & (pl.col("targets").list.len() > 0))
+    return EvalSet(
+        user_idx=_to_long(frame[USER_IDX]),
+        inputs=_left_pad(frame, "history", max_len),
+        history=_left_pad(frame, "history"),
+        targets=_left_pad(frame, "targets"),
+    )
+
+
+def _check_items(eval_set: EvalSet, n_items: int) -> None:
+    for name in ("history", "targets"):
+        values: torch.Tensor = getattr(eval_set, name)
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) > n_items):
+            raise ValueError(
+                f"eval set: '{name}' holds item indices up to {int(values.max())}, expected 0..{n_items}; "
+                "is n_items the size of the item map?"
+            )
+
+
+def evaluate_scorer(
+    score_fn: ScoreFn,
+    eval_set: EvalSet,
+    n_items: int,
+    ks: tuple[int, ...] = (10, 20, 50),
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Mean ``ndcg/hr/recall/mrr_at_K`` over users, ``coverage_at_K`` and ``n_users``.
+
+    Full catalogue, history excluded (targets never), pessimistic ties. ``coverage_at_K`` is the share of
+    the catalogue in at least one user's top K. The result does not depend on ``batch_size``.
+    Raises ``ValueError`` on an empty eval set, out-of-range items or a wrong score shape.
+    """
+    if len(eval_set) == 0:
+        raise ValueError("eval set has no users with both a history and a target; check the split")
+    if not ks or min(ks) < 1 or batch_size < 1:
+        raise ValueError(f"ks must be positive and batch_size >= 1, got ks={ks}, batch_size={batch_size}")
+    _check_items(eval_set, n_items)
+    per_user: dict[str, list[torch.Tensor]] = {}
+    covered = {k: torch.zeros(n_items + 1, dtype=torch.bool) for k in ks}
+    for start in range(0, len(eval_set), batch_size):
+        rows = slice(start, start + batch_size)
+        scores = score_fn(eval_set.inputs[rows], eval_set.user_idx[rows])  # (B, n_items + 1)
+        if scores.shape != (eval_set.inputs[rows].shape[0], n_items + 1):
+            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected (B, {n_items + 1})")
+        targets = eval_set.targets[rows].to(scores.device)  # (B, M)
+        exclude = exclusion_mask(eval_set.history[rows].to(scores.device), n_items, keep=targets)
+        for key, values in metrics_from_ranks(target_ranks(scores, targets, exclude), ks).items():
+            per_user.setdefault(key, []).append(values.cpu())
+        top, top_ok = _top_items(scores, exclude, max(ks))  # (B, K_max) each
+        for k in ks:
+            covered[k][top[:, :k][top_ok[:, :k]].cpu()] = True
+    out = {key: torch.cat(values).double().mean().item() for key, values in per_user.items()}
+    out.update({f"coverage_at_{k}": covered[k][1:].double().mean().item() for k in ks})
+    out["n_users"] = float(len(eval_set))
+    return out
+
+
+def _top_items(scores: torch.Tensor, exclude: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top ``k`` item indices after exclusion (B, k) and whether each is a real candidate.
+
+    A row with fewer than ``k`` non-excluded items is filled with excluded items, flagged False.
+    """
+    masked = scores.float().masked_fill(exclude, float("-inf"))  # (B, I)
+    top = masked.topk(min(k, masked.shape[1]), dim=1).indices  # (B, k)
+    return top, ~exclude.gather(1, top)
+
+
+def model_scorer(model: RankingModel) -> ScoreFn:
+    """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored)."""
+
+    def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.train(False)
+        try:
+            with torch.no_grad():
+                return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
+        finally:
+            model.train(was_training)
+
+    return score
+
+
+def evaluate_scorers(
+    scorers: dict[str, ScoreFn],
+    eval_set: EvalSet,
+    n_items: int,
+    ks: tuple[int, ...],
+    batch_size: int,
+) -> dict[str, dict[str, float]]:
+    """:func:`evaluate_scorer` for each named scorer on the same eval set."""
+    results = {}
+    for name, score_fn in scorers.items():
+        results[name] = evaluate_scorer(score_fn, eval_set, n_items, ks, batch_size)
+        logger.info("%s on %d users: %s", name, len(eval_set), _summary(results[name], ks))
+    return results
+
+
+def evaluate_all(
+    model: RankingModel,
+    sequences: pl.DataFrame,
+    n_items: int,
+    item_popularity: torch.Tensor | None,
+    cfg: EvaluateConfig,
+    max_len: int,
+) -> dict[str, dict[str, float]]:
+    """``{"model": metrics, "popularity": metrics}`` on ``cfg.split``.
+
+    ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``.
+    """
+    eval_set = build_eval_set(sequences, cfg.split, max_len)
+    pop = item_popularity if item_popularity is not None else popularity_scores(sequences, n_items)
+    scorers = {"model": model_scorer(model), "popularity": popularity_scorer(pop)}
+    return evaluate_scorers(scorers, eval_set, n_items, cfg.ks, cfg.batch_size)
+
+
+def _summary(metrics: dict[str, float], ks: tuple[int, ...]) -> str:
+    k = min(ks)
+    return ", ".join(f"{m}_at_{k}={metrics[f'{m}_at_{k}']:.4f}" for m in ("ndcg", "hr", "recall", "mrr"))

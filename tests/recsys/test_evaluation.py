@@ -1,0 +1,167 @@
+"""Eval-set building, full-catalogue evaluation and the popularity baseline."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+from torch import nn
+
+from features.schema import SEQUENCES
+from recsys.baselines import popularity_scorer, popularity_scores
+from recsys.config import EvaluateConfig
+from recsys.evaluation import EvalSet, build_eval_set, evaluate_all, evaluate_scorer
+
+N_ITEMS = 8
+
+
+def _sequences(rows: list[tuple[int, list[int], list[int], list[int]]]) -> pl.DataFrame:
+    users, train, val, test = zip(*rows, strict=True)
+    return pl.DataFrame(
+        {"user_idx": users, "train_items": train, "val_items": val, "test_items": test}, schema=SEQUENCES
+    )
+
+
+@pytest.fixture
+def sequences() -> pl.DataFrame:
+    return _sequences(
+        [
+            (0, [1, 2, 3, 4], [5], [6]),
+            (1, [2, 3], [4], [4]),  # test target 4 is also in the test history
+            (2, [7], [], [8]),  # no val target
+            (3, [], [1], [2]),  # no val history
+            (4, [8, 1, 2], [3], [3, 5, 3]),  # repeated test target
+        ]
+    )
+
+
+def _random_eval_set(n_users: int = 37, seed: int = 0) -> EvalSet:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for u in range(n_users):
+        items = (torch.randperm(N_ITEMS, generator=gen) + 1).tolist()
+        n = int(torch.randint(2, N_ITEMS, (1,), generator=gen))
+        rows.append((u, items[: n - 1], [items[n - 1]], [items[0]]))
+    return build_eval_set(_sequences(rows), "val", max_len=3)
+
+
+def test_build_eval_set_val(sequences: pl.DataFrame) -> None:
+    es = build_eval_set(sequences, "val", max_len=3)
+    assert es.user_idx.tolist() == [0, 1, 4]
+    assert es.inputs.tolist() == [[2, 3, 4], [0, 2, 3], [8, 1, 2]]
+    assert es.history.tolist() == [[1, 2, 3, 4], [0, 0, 2, 3], [0, 8, 1, 2]]
+    assert es.targets.tolist() == [[5], [4], [3]]
+
+
+def test_build_eval_set_test(sequences: pl.DataFrame) -> None:
+    es = build_eval_set(sequences, "test", max_len=2)
+    assert es.user_idx.tolist() == [0, 1, 2, 3, 4]
+    assert es.inputs.tolist() == [[4, 5], [3, 4], [0, 7], [0, 1], [2, 3]]
+    assert es.history[0].tolist() == [1, 2, 3, 4, 5] and es.history[3].tolist() == [0, 0, 0, 0, 1]
+    assert es.targets.tolist() == [[0, 6], [0, 4], [0, 8], [0, 2], [3, 5]]
+    assert all(t.dtype == torch.long for t in (es.user_idx, es.inputs, es.history, es.targets))
+
+
+def test_build_eval_set_rejects_a_bad_schema(sequences: pl.DataFrame) -> None:
+    with pytest.raises(ValueError, match="val_items"):
+        build_eval_set(sequences.drop("val_items"), "val", max_len=3)
+
+
+def _table_scorer(table: torch.Tensor):
+    """Scores looked up by user_idx: row u of ``table`` for user u."""
+    return lambda inputs, user_idx: table[user_idx]
+
+
+def test_results_do_not_depend_on_batch_size() -> None:
+    es = _random_eval_set()
+    table = torch.randn(len(es), N_ITEMS + 1, generator=torch.Generator().manual_seed(1))
+    table[:, 3] = table[:, 4]  # some ties
+    results = [evaluate_scorer(_table_scorer(table), es, N_ITEMS, (1, 3, 5), bs) for bs in (1, 4, 10, 1024)]
+    assert all(r == results[0] for r in results)
+    pop = popularity_scorer(torch.arange(N_ITEMS + 1.0) % 3)  # heavy ties
+    results = [evaluate_scorer(pop, es, N_ITEMS, (1, 3), bs) for bs in (1, 5, 1024)]
+    assert all(r == results[0] for r in results)
+
+
+def test_oracle_gets_one_and_anti_oracle_gets_zero(sequences: pl.DataFrame) -> None:
+    es = build_eval_set(sequences, "test", max_len=3)
+    oracle = torch.zeros(len(es), N_ITEMS + 1).scatter_(1, es.targets, 1.0)
+    got = evaluate_scorer(_table_scorer(oracle), es, N_ITEMS, ks=(2,))
+    assert got["ndcg_at_2"] == 1.0 and got["hr_at_2"] == 1.0 and got["mrr_at_2"] == 1.0
+    assert got["recall_at_2"] == 1.0 and got["n_users"] == 5.0
+    last = torch.zeros(len(es), N_ITEMS + 1).scatter_(1, es.targets, -1.0)
+    got = evaluate_scorer(_table_scorer(last), es, N_ITEMS, ks=(1,))
+    assert got["ndcg_at_1"] == 0.0 and got["hr_at_1"] == 0.0 and got["mrr_at_1"] == 0.0
+
+
+def test_constant_scores_rank_the_target_below_all_ties(sequences: pl.DataFrame) -> None:
+    es = build_eval_set(sequences, "val", max_len=3)
+    got = evaluate_scorer(_table_scorer(torch.zeros(5, N_ITEMS + 1)), es, N_ITEMS, ks=(3,))
+    assert got["hr_at_3"] == 0.0  # every user has >= 3 unseen competitors tied with the target
+
+
+def test_coverage_on_a_hand_case() -> None:
+    seqs = _sequences([(0, [8], [1], []), (1, [7], [1], [])])
+    es = build_eval_set(seqs, "val", max_len=2)
+    scores = torch.arange(N_ITEMS + 1.0).repeat(2, 1)  # item 8 best, then 7, ...
+    got = evaluate_scorer(_table_scorer(scores), es, N_ITEMS, ks=(1, 2))
+    assert got["coverage_at_1"] == pytest.approx(2 / N_ITEMS)  # user 0 gets 7, user 1 gets 8
+    assert got["coverage_at_2"] == pytest.approx(3 / N_ITEMS)  # {7, 6} and {8, 6}
+
+
+def test_coverage_counts_only_real_candidates() -> None:
+    seqs = _sequences([(0, [1, 2, 3, 4, 5, 6, 7], [8], [])])
+    es = build_eval_set(seqs, "val", max_len=2)
+    got = evaluate_scorer(_table_scorer(torch.zeros(1, N_ITEMS + 1)), es, N_ITEMS, ks=(5,))
+    assert got["coverage_at_5"] == pytest.approx(1 / N_ITEMS)  # only item 8 is not seen
+
+
+def test_wrong_score_shape_and_out_of_range_items_raise(sequences: pl.DataFrame) -> None:
+    es = build_eval_set(sequences, "val", max_len=3)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_scorer(_table_scorer(torch.zeros(5, N_ITEMS)), es, N_ITEMS)
+    with pytest.raises(ValueError, match="n_items"):
+        evaluate_scorer(_table_scorer(torch.zeros(5, 5)), es, 4)
+
+
+def test_popularity_scores_on_a_hand_case(sequences: pl.DataFrame) -> None:
+    pop = popularity_scores(sequences, N_ITEMS)
+    assert pop[0] == float("-inf")
+    assert pop[1:].tolist() == [2, 3, 2, 1, 0, 0, 1, 1]
+    scores = popularity_scorer(pop)(torch.zeros(3, 2, dtype=torch.long), torch.arange(3))
+    assert scores.shape == (3, N_ITEMS + 1) and bool((scores == pop).all())
+    with pytest.raises(ValueError, match="train_items"):
+        popularity_scores(sequences, 5)
+
+
+class _MeanModel(nn.Module):
+    """Tiny stand-in for SASRec: the user vector is the mean input embedding."""
+
+    def __init__(self, n_items: int, dim: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        return self.emb(items).mean(1)  # (B, D)
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.emb.weight.T  # (B, n_items + 1)
+
+
+def test_evaluate_all_runs_model_and_popularity(sequences: pl.DataFrame) -> None:
+    torch.manual_seed(0)
+    model = _MeanModel(N_ITEMS).train()
+    cfg = EvaluateConfig(split="test", ks=(1, 5), batch_size=2)
+    got = evaluate_all(model, sequences, N_ITEMS, None, cfg, max_len=3)
+    assert set(got) == {"model", "popularity"}
+    assert model.training  # the mode is restored
+    assert got["popularity"] == evaluate_scorer(
+        popularity_scorer(popularity_scores(sequences, N_ITEMS)),
+        build_eval_set(sequences, "test", 3),
+        N_ITEMS,
+        (1, 5),
+    )
+    for metrics in got.values():
+        assert metrics["n_users"] == 5.0
+        assert {"ndcg_at_5", "hr_at_5", "recall_at_5", "mrr_at_5", "coverage_at_5"} <= set(metrics)
+        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "n_users")

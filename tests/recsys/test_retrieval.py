@@ -1,0 +1,117 @@
+"""FAISS retrieval checked against exact numpy search."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from recsys.retrieval import ann_recall, build_index, search_top_k
+
+
+def _vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def _exact_top_k(items: np.ndarray, users: np.ndarray, k: int, seen: list[np.ndarray] | None = None):
+    scores = users.astype(np.float64) @ items.T.astype(np.float64)  # (U, I)
+    for u, s in enumerate(seen or []):
+        scores[u, s] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def _random_seen(n_users: int, n_items: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.choice(n_items, size=rng.integers(0, 30), replace=False) for _ in range(n_users)]
+
+
+def test_flat_equals_exact_numpy_top_k() -> None:
+    items, users = _vectors(300), _vectors(40, seed=1)
+    got = search_top_k(build_index(items), users, k=10, batch_size=16)
+    np.testing.assert_array_equal(got.ids, _exact_top_k(items, users, 10))
+    want_scores = np.take_along_axis(users @ items.T, got.ids, axis=1)
+    np.testing.assert_allclose(got.scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert got.ids.dtype == np.int64 and got.scores.dtype == np.float32
+    assert got.stats == {"users": 40, "batches": 3, "fallback_users": 0, "short_users": 0}
+
+
+def test_seen_items_are_never_returned_and_both_seen_forms_agree() -> None:
+    items, users = _vectors(300), _vectors(50, seed=1)
+    seen = _random_seen(50, 300)
+    got = search_top_k(build_index(items), users, k=20, seen=seen, batch_size=7)
+    np.testing.assert_array_equal(got.ids, _exact_top_k(items, users, 20, seen))
+    for row, s in zip(got.ids, seen, strict=True):
+        assert not set(row) & set(s.tolist())
+    padded = np.full((50, max(len(s) for s in seen)), -1)
+    for u, s in enumerate(seen):
+        padded[u, : len(s)] = s
+    np.testing.assert_array_equal(search_top_k(build_index(items), users, 20, seen=padded).ids, got.ids)
+
+
+@pytest.mark.parametrize(
+    ("factory", "nprobe", "ef_search"), [("IVF16,Flat", 12, None), ("HNSW16", None, 128)]
+)
+def test_ann_with_generous_parameters_matches_exact(factory: str, nprobe, ef_search) -> None:
+    items, users = _vectors(2000), _vectors(100, seed=1)
+    seen = _random_seen(100, 2000)
+    index = build_index(items, factory, nprobe=nprobe, ef_search=ef_search)
+    got = search_top_k(index, users, k=10, seen=seen)
+    want = _exact_top_k(items, users, 10, seen)
+    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got.ids, want, strict=True)])
+    assert recall >= 0.95
+    assert ann_recall(index, items, users, 10, seen) == pytest.approx(recall)
+    assert (got.ids >= 0).all()
+
+
+def test_a_weak_ann_is_reported_by_ann_recall() -> None:
+    items, users = _vectors(2000), _vectors(100, seed=1)
+    index = build_index(items, "IVF32,Flat", nprobe=1)
+    assert ann_recall(index, items, users, 10) < 0.9
+    assert ann_recall(build_index(items), items, users, 10) == 1.0
+
+
+def test_fallback_gives_k_results_to_a_user_who_has_seen_almost_everything() -> None:
+    items, users = _vectors(400), _vectors(3, seed=1)
+    rng = np.random.default_rng(3)
+    unseen = rng.choice(400, size=8, replace=False)
+    seen = [np.setdiff1d(np.arange(400), unseen), np.array([], dtype=np.int64), np.array([0, 1])]
+    index = build_index(items, "IVF16,Flat", nprobe=1)  # a probed list holds ~25 items, ~all seen
+    got = search_top_k(index, users, k=5, seen=seen)
+    assert got.stats["fallback_users"] >= 1 and got.stats["short_users"] == 0
+    np.testing.assert_array_equal(got.ids[0], _exact_top_k(items, users[:1], 5, seen[:1])[0])
+    assert (got.ids >= 0).all() and np.isfinite(got.scores).all()
+    raw = search_top_k(index, users, k=5, seen=seen, fallback=False)  # the ANN alone leaves user 0 short
+    assert raw.stats["short_users"] >= 1 and (raw.ids[0] == -1).any()
+
+
+def test_short_rows_only_when_the_catalogue_runs_out() -> None:
+    items, users = _vectors(50), _vectors(2, seed=1)
+    seen = [np.arange(47), np.arange(10)]  # user 0 has 3 unseen items left
+    got = search_top_k(build_index(items), users, k=5, seen=seen)
+    assert sorted(got.ids[0, :3].tolist()) == [47, 48, 49]
+    assert got.ids[0, 3:].tolist() == [-1, -1] and np.isneginf(got.scores[0, 3:]).all()
+    assert (got.ids[1] >= 10).all() and got.stats["short_users"] == 1
+
+
+def test_progress_is_logged_per_batch(caplog: pytest.LogCaptureFixture) -> None:
+    items, users = _vectors(100), _vectors(10, seed=1)
+    with caplog.at_level(logging.INFO, logger="recsys.retrieval"):
+        search_top_k(build_index(items), users, k=3, batch_size=4)
+    assert sum("candidates: users" in r.message for r in caplog.records if r.name == "recsys.retrieval") == 3
+
+
+def test_bad_inputs_raise_precise_errors() -> None:
+    items = _vectors(100)
+    with pytest.raises(ValueError, match="Bogus"):
+        build_index(items, "Bogus")
+    with pytest.raises(ValueError, match="nprobe"):
+        build_index(items, "Flat", nprobe=4)
+    with pytest.raises(ValueError, match="k=101"):
+        search_top_k(build_index(items), _vectors(2), k=101)
+    with pytest.raises(ValueError, match="dimension"):
+        search_top_k(build_index(items), _vectors(2, dim=8), k=5)
+    with pytest.raises(ValueError, match="position 100"):
+        search_top_k(build_index(items), _vectors(2), k=5, seen=[np.array([100]), np.array([1])])
+    with pytest.raises(ValueError, match="NaN"):
+        build_index(np.full((4, 2), np.nan))
