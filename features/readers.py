@@ -1,0 +1,250 @@
+"""Read an event file in any supported ``data.format`` into the canonical event columns.
+
+:func:`read_events` returns a LazyFrame with ``user_id`` Int64, ``item_id`` Int64, ``timestamp`` Int64
+(epoch seconds, or an order number for formats without time), plus ``event_type`` String / ``weight``
+Float64 when the format or the config provides them. Tables (csv, parquet, MovieLens) are scanned lazily;
+the line formats (``pairs``, ``sequence_lines``) are read eagerly, then made lazy. Every problem with the
+input raises :class:`InputDataError`, never a raw polars error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
+from features.validation import POS, find_problems, typed_exprs
+from recsys.config import ConfigError, DataConfig
+
+logger = logging.getLogger(__name__)
+
+_TOKENS = "_tokens"
+
+# Headerless MovieLens layouts: (separator, field names); "sep*" fields are the empty halves of "::".
+_MOVIELENS_FIELDS = {
+    "movielens_dat": (":", ["user", "sep1", "item", "sep2", "rating", "sep3", "timestamp"]),
+    "movielens_udata": ("\t", ["user", "item", "rating", "timestamp"]),
+}
+_LAYOUTS = {
+    "movielens_dat": "'user::item::rating::timestamp' lines",
+    "movielens_udata": "'user<TAB>item<TAB>rating<TAB>timestamp' lines",
+    "movielens_csv": "a 'userId,movieId,rating,timestamp' header and rows",
+}
+_MOVIELENS_CSV = {USER_ID: "userId", ITEM_ID: "movieId", WEIGHT: "rating", TIMESTAMP: "timestamp"}
+
+
+class InputDataError(ValueError):
+    """The input cannot be used; the message names the file, the column or line, and what to do."""
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """Canonical column names with the file's dtypes, plus ``_pos`` (1-based row or line number)."""
+
+    frame: pl.LazyFrame
+    labels: dict[str, str]  # canonical column -> how the user knows it, e.g. "'uid' (data.user_col)"
+    unit: str  # "data row" (1-based, header not counted) or "line"
+
+
+def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
+    """Lazy canonical events of ``path`` read as ``data.format``, validated by one aggregate pass.
+
+    Raises InputDataError if the file is missing, empty, unreadable (not UTF-8, corrupt parquet, ragged
+    lines), lacks a configured column, or holds a null / non-integer id or an unparsable timestamp.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(
+            f"input file {path} does not exist or is not a file; fix data.path "
+            f"(currently {data.path!r}) or set data.source: synthetic"
+        )
+    with _polars_errors(path, data):
+        raw = _SCANNERS[data.format](data, path)
+        typed = typed_exprs(raw.frame, data.timestamp_format)
+        problems = find_problems(raw.frame, typed, raw.labels, raw.unit)
+    if problems:
+        raise InputDataError(f"{path} (data.format={data.format!r}):\n  - " + "\n  - ".join(problems))
+    logger.info("reading %s as %s", path, data.format)
+    return raw.frame.select(list(typed.values()))
+
+
+def _select(
+    lf: pl.LazyFrame, path: Path, columns: dict[str, tuple[str, str]], unit: str = "data row"
+) -> _Raw:
+    """Rename ``{canonical: (file column, how to configure it)}`` after checking every column exists."""
+    names = lf.collect_schema().names()
+    for source, key in columns.values():
+        if source not in names:
+            hint = " (only one column: is data.separator right?)" if len(names) == 1 else ""
+            raise InputDataError(
+                f"{path}: column '{source}' ({key}) not found; the file has columns {names}{hint}. "
+                f"Set {key} to one of them or fix the file"
+            )
+    frame = lf.with_row_index(POS, offset=1).select(
+        pl.col(POS), *[pl.col(source).alias(name) for name, (source, _) in columns.items()]
+    )
+    return _Raw(frame, {name: f"'{source}' ({key})" for name, (source, key) in columns.items()}, unit)
+
+
+def _scan_table(data: DataConfig, path: Path) -> _Raw:
+    """csv / parquet with column names from the config; no timestamp column means timestamp = row order."""
+    if data.format == "parquet":
+        lf = pl.scan_parquet(path)
+    else:
+        if len(data.separator) != 1:
+            raise ConfigError(f"data.separator must be one character, got {data.separator!r}")
+        lf = pl.scan_csv(path, separator=data.separator, infer_schema=False)
+    optional = {TIMESTAMP: "timestamp_col", EVENT_TYPE: "event_type_col", WEIGHT: "weight_col"}
+    columns = {USER_ID: (data.user_col, "data.user_col"), ITEM_ID: (data.item_col, "data.item_col")}
+    columns |= {
+        name: (getattr(data, key), f"data.{key}") for name, key in optional.items() if getattr(data, key)
+    }
+    raw = _select(lf, path, columns)
+    if data.timestamp_col is not None:
+        return raw
+    order = (pl.col(POS).cast(pl.Int64) - 1).alias(TIMESTAMP)
+    return _Raw(raw.frame.with_columns(order), raw.labels | {TIMESTAMP: "row order"}, raw.unit)
+
+
+def _scan_movielens(data: DataConfig, path: Path) -> _Raw:
+    """ratings.dat (``u::i::r::t``), u.data (tab-separated) or ratings.csv (header); rating -> weight."""
+    if data.format == "movielens_csv":
+        lf = pl.scan_csv(path, infer_schema=False)
+        key = "MovieLens ratings.csv header"
+        return _select(lf, path, {name: (col, key) for name, col in _MOVIELENS_CSV.items()})
+    separator, fields = _MOVIELENS_FIELDS[data.format]
+    lf = pl.scan_csv(
+        path, has_header=False, separator=separator, new_columns=fields, infer_schema=False, quote_char=None
+    )
+    canonical = {USER_ID: "user", ITEM_ID: "item", WEIGHT: "rating", TIMESTAMP: "timestamp"}
+    columns = {
+        name: (field, f"field {fields.index(field) + 1} of data.format={data.format}")
+        for name, field in canonical.items()
+    }
+    return _select(lf, path, columns, unit="line")
+
+
+def _read_lines(path: Path, data: DataConfig) -> pl.DataFrame:
+    """Non-blank lines of a text file: ``_pos`` (1-based line number) and ``_tokens`` (whitespace-split)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _utf8_error(path, data) from exc
+    lines = pl.DataFrame({"line": text.split("\n")}).with_row_index(POS, offset=1)
+    tokens = pl.col("line").str.extract_all(r"\S+").alias(_TOKENS)
+    return lines.select(POS, tokens).filter(pl.col(_TOKENS).list.len() > 0)
+
+
+def _read_pairs(data: DataConfig, path: Path) -> _Raw:
+    """``user item`` per line, already in time order per user: timestamp = line number."""
+    lines = _read_lines(path, data)
+    bad = lines.filter(pl.col(_TOKENS).list.len() != 2)
+    if bad.height:
+        pos, tokens = bad.row(0)
+        raise InputDataError(
+            f"{path}: line {pos} has {len(tokens)} field(s) {tokens} ({bad.height} such line(s)); "
+            "data.format 'pairs' expects exactly 'user item' per line (use csv for other layouts)"
+        )
+    frame = lines.select(
+        POS,
+        pl.col(_TOKENS).list.get(0).alias(USER_ID),
+        pl.col(_TOKENS).list.get(1).alias(ITEM_ID),
+        pl.col(POS).cast(pl.Int64).alias(TIMESTAMP),
+    )
+    labels = {USER_ID: "'user' (field 1)", ITEM_ID: "'item' (field 2)", TIMESTAMP: "line number"}
+    return _Raw(frame.lazy(), labels, "line")
+
+
+def _read_sequence_lines(data: DataConfig, path: Path) -> _Raw:
+    """``user item item ...`` per line: timestamp = position in the user's items (in file order)."""
+    lines = _read_lines(path, data)
+    has_items = pl.col(_TOKENS).list.len() > 1
+    if n_empty := lines.filter(~has_items).height:
+        logger.warning("%s: %d line(s) hold a user but no items; they add no events", path, n_empty)
+    frame = (
+        lines.filter(has_items)
+        .select(
+            POS,
+            pl.col(_TOKENS).list.first().alias(USER_ID),
+            pl.col(_TOKENS).list.slice(1).alias(ITEM_ID),
+        )
+        .explode(ITEM_ID)
+        .with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over(USER_ID).alias(TIMESTAMP))
+    )
+    labels = {USER_ID: "'user' (field 1)", ITEM_ID: "'item' (fields 2..)", TIMESTAMP: "position in line"}
+    return _Raw(frame.lazy(), labels, "line")
+
+
+_SCANNERS: dict[str, Callable[[DataConfig, Path], _Raw]] = {
+    "csv": _scan_table,
+    "parquet": _scan_table,
+    "movielens_dat": _scan_movielens,
+    "movielens_udata": _scan_movielens,
+    "movielens_csv": _scan_movielens,
+    "pairs": _read_pairs,
+    "sequence_lines": _read_sequence_lines,
+}
+
+
+@contextmanager
+def _polars_errors(path: Path, data: DataConfig) -> Iterator[None]:
+    """Turn polars / OS errors raised while reading ``path`` into InputDataError naming the file."""
+    try:
+        yield
+    except pl.exceptions.NoDataError as exc:
+        raise InputDataError(
+            f"{path} is empty (no header, no rows); point data.path at a file with events"
+        ) from exc
+    except pl.exceptions.PolarsError as exc:
+        raise _explain(exc, path, data) from exc
+    except OSError as exc:
+        raise InputDataError(f"{path} cannot be read ({exc}); check the path and its permissions") from exc
+
+
+def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "utf-8" in text.lower() or "utf8" in text.lower():
+        return _utf8_error(path, data)
+    if data.format == "parquet":
+        return InputDataError(
+            f"{path} is not a readable parquet file (truncated or corrupt?): {first}. "
+            "Re-export the file, or set data.format to match it"
+        )
+    layout = _LAYOUTS.get(data.format, f"fields separated by {data.separator!r} (data.separator)")
+    return InputDataError(
+        f"{path} cannot be parsed as data.format={data.format!r}, expected {layout}: {first}. "
+        "Check that data.format matches the file and every line has the same number of fields"
+    )
+
+
+def _utf8_error(path: Path, data: DataConfig) -> InputDataError:
+    """Error naming the line (and, for csv with a header, the column) of the first invalid UTF-8 byte."""
+    raw = path.read_bytes()
+    where = ""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        where = f" (byte 0x{raw[exc.start]:02x} at line {line}"
+        where += _csv_column_at(raw, exc.start, data) + ")"
+    return InputDataError(
+        f"{path} is not valid UTF-8 text{where}. Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+    )
+
+
+def _csv_column_at(raw: bytes, offset: int, data: DataConfig) -> str:
+    """ ", column 'name'" for the header column holding byte ``offset`` of a csv file with a header."""
+    if data.format not in ("csv", "movielens_csv"):
+        return ""
+    separator = ("," if data.format == "movielens_csv" else data.separator).encode()
+    header = raw.split(b"\n", 1)[0].rstrip(b"\r").split(separator)
+    field = raw[raw.rfind(b"\n", 0, offset) + 1 : offset].count(separator)
+    if field >= len(header):
+        return ""
+    return f", column '{header[field].decode('utf-8', 'replace')}'"

@@ -1,0 +1,167 @@
+"""Coerce raw event columns to the canonical dtypes and find every value that does not convert.
+
+The input is a "raw" frame whose columns already carry the canonical names (``user_id``, ``item_id``,
+``timestamp`` and optionally ``event_type``, ``weight``) but still hold the file's dtypes (often String),
+plus ``_pos``: the 1-based data row or line number, used only to point at a bad value. Nothing here raises:
+:func:`find_problems` returns sentences that the reader turns into one ``InputDataError``.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
+
+POS = "_pos"
+
+# Tried in order on string timestamps when data.timestamp_format is not set; `%#z` accepts Z, +02:00, +0200.
+ISO_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%d",
+)
+
+_HOW_TO_FIX = {
+    USER_ID: "ids must be whole numbers; map string ids to integers before reading",
+    ITEM_ID: "ids must be whole numbers; map string ids to integers before reading",
+    TIMESTAMP: "use epoch seconds or ISO-8601, or set data.timestamp_format (e.g. '%d/%m/%Y %H:%M')",
+    WEIGHT: "weights must be numbers",
+}
+
+
+def _floor_to_int(col: pl.Expr) -> pl.Expr:
+    return pl.when(col.is_finite()).then(col.floor()).cast(pl.Int64, strict=False)
+
+
+def id_expr(dtype: pl.DataType, name: str) -> pl.Expr:
+    """Int64 id from an integer, integral-float or string column; null where the value is not an integer."""
+    col = pl.col(name)
+    if dtype.is_integer():
+        return col.cast(pl.Int64, strict=False)
+    if dtype.is_float():
+        return pl.when(col == col.floor()).then(col).cast(pl.Int64, strict=False)
+    return col.cast(pl.String).str.strip_chars().cast(pl.Int64, strict=False)
+
+
+def timestamp_expr(dtype: pl.DataType, timestamp_format: str | None, sample: str | None = None) -> pl.Expr:
+    """Int64 epoch seconds; null where the value cannot be parsed.
+
+    Integers pass through, floats are floored, datetimes/dates become epoch seconds (UTC). Strings are parsed
+    with ``timestamp_format`` if given; else, when ``sample`` (the first value) is an integer, as integers
+    only (the common, fast case); else per value as an integer, a float or one of :data:`ISO_FORMATS`.
+    """
+    col = pl.col(TIMESTAMP)
+    if dtype.is_integer():
+        return col.cast(pl.Int64, strict=False)
+    if dtype.is_float():
+        return _floor_to_int(col)
+    if dtype == pl.Date:
+        return col.cast(pl.Datetime("us")).dt.epoch("s")
+    if isinstance(dtype, pl.Datetime):
+        return col.dt.epoch("s")
+    text = col.cast(pl.String).str.strip_chars()
+    if timestamp_format is not None:
+        return text.str.to_datetime(timestamp_format, strict=False).dt.epoch("s")
+    as_int = text.cast(pl.Int64, strict=False)
+    if sample is not None and pl.Series([sample.strip()]).cast(pl.Int64, strict=False)[0] is not None:
+        return as_int
+    parsed = [text.str.to_datetime(fmt, strict=False).dt.epoch("s") for fmt in ISO_FORMATS]
+    return pl.coalesce(as_int, _floor_to_int(text.cast(pl.Float64, strict=False)), *parsed)
+
+
+def weight_expr(dtype: pl.DataType) -> pl.Expr:
+    """Float64 weight (e.g. a rating); null where a non-null value is not a number."""
+    col = pl.col(WEIGHT)
+    if dtype.is_numeric():
+        return col.cast(pl.Float64)
+    return col.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+
+
+def typed_exprs(raw: pl.LazyFrame, timestamp_format: str | None) -> dict[str, pl.Expr]:
+    """Canonical column name -> expression converting the raw column (only columns present in ``raw``).
+
+    Peeks at the first non-null timestamp when timestamps are strings without a format (see
+    :func:`timestamp_expr`); may raise polars errors (unreadable file), which the caller wraps.
+    """
+    schema = raw.collect_schema()
+    sample = None
+    if schema[TIMESTAMP] == pl.String and timestamp_format is None:
+        sample = raw.select(pl.col(TIMESTAMP).drop_nulls().first()).collect().item()
+    exprs = {
+        USER_ID: id_expr(schema[USER_ID], USER_ID),
+        ITEM_ID: id_expr(schema[ITEM_ID], ITEM_ID),
+        TIMESTAMP: timestamp_expr(schema[TIMESTAMP], timestamp_format, sample),
+    }
+    if EVENT_TYPE in schema:
+        exprs[EVENT_TYPE] = pl.col(EVENT_TYPE).cast(pl.String)
+    if WEIGHT in schema:
+        exprs[WEIGHT] = weight_expr(schema[WEIGHT])
+    return {name: expr.alias(name) for name, expr in exprs.items()}
+
+
+def dtype_problems(schema: pl.Schema, labels: dict[str, str]) -> list[str]:
+    """Columns whose dtype can never convert (e.g. a Boolean or List id column)."""
+    accepted = {
+        USER_ID: lambda d: d.is_integer() or d.is_float() or d == pl.String,
+        ITEM_ID: lambda d: d.is_integer() or d.is_float() or d == pl.String,
+        TIMESTAMP: lambda d: d.is_numeric() or d.is_temporal() or d == pl.String,
+        WEIGHT: lambda d: d.is_numeric() or d == pl.String,
+    }
+    return [
+        f"column {labels[name]} has dtype {schema[name]}, which cannot hold a {name}; {_HOW_TO_FIX[name]}"
+        for name, ok in accepted.items()
+        if name in schema and not ok(schema[name])
+    ]
+
+
+def _stat_exprs(name: str, typed: pl.Expr, required: bool) -> list[pl.Expr]:
+    raw = pl.col(name)
+    bad = raw.is_not_null() & typed.is_null()
+    missing = raw.is_null() if required else pl.lit(False)
+    return [
+        missing.sum().alias(f"{name}:missing"),
+        pl.col(POS).filter(missing).first().alias(f"{name}:missing_pos"),
+        bad.sum().alias(f"{name}:bad"),
+        pl.col(POS).filter(bad).first().alias(f"{name}:bad_pos"),
+        raw.filter(bad).first().cast(pl.String).alias(f"{name}:example"),
+    ]
+
+
+def _describe(stats: dict, name: str, label: str, unit: str) -> list[str]:
+    out = []
+    if stats[f"{name}:missing"]:
+        out.append(
+            f"column {label}: {stats[f'{name}:missing']} row(s) have an empty/null value "
+            f"(first at {unit} {stats[f'{name}:missing_pos']}); every event needs a {name}"
+        )
+    if stats[f"{name}:bad"]:
+        out.append(
+            f"column {label}: {stats[f'{name}:bad']} value(s) cannot be read as {name} "
+            f"(e.g. {stats[f'{name}:example']!r} at {unit} {stats[f'{name}:bad_pos']}); {_HOW_TO_FIX[name]}"
+        )
+    return out
+
+
+def find_problems(
+    raw: pl.LazyFrame, typed: dict[str, pl.Expr], labels: dict[str, str], unit: str
+) -> list[str]:
+    """Every problem with the values of ``raw``, found in ONE aggregate pass over the data.
+
+    ``typed`` comes from :func:`typed_exprs`; ``labels`` maps a canonical column to how the user knows it
+    (e.g. ``"'uid' (data.user_col)"``); ``unit`` names what ``_pos`` counts ("data row" or "line").
+    Returns [] when the input is usable. May raise polars errors (unreadable file); the caller wraps them.
+    """
+    schema = raw.collect_schema()
+    problems = dtype_problems(schema, labels)
+    if problems:
+        return problems
+    checked = [name for name in (USER_ID, ITEM_ID, TIMESTAMP, WEIGHT) if name in schema]
+    aggs = [pl.len().alias("rows")]
+    for name in checked:
+        aggs += _stat_exprs(name, typed[name], required=name != WEIGHT)
+    stats = raw.select(aggs).collect().row(0, named=True)
+    if stats["rows"] == 0:
+        return ["it has no rows (only a header, or only blank lines); point data.path at a file with events"]
+    return [line for name in checked for line in _describe(stats, name, labels[name], unit)]

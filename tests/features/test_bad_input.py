@@ -1,0 +1,139 @@
+"""Bad input raises InputDataError naming the file and the column or line, or is an accounted drop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from features.policies import apply_policies
+from features.readers import InputDataError, read_events
+from recsys.config import DataConfig, FeaturesConfig
+
+HEADER = "user_id,item_id,timestamp\n"
+
+
+def _parquet_bytes(tmp: Path, frame: pl.DataFrame) -> bytes:
+    path = tmp / "source.parquet"
+    frame.write_parquet(path)
+    return path.read_bytes()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    content: str | bytes | None  # None: the file is not written; "parquet:<kind>": built in the test
+    expected: tuple[str, ...]  # substrings of the error message, besides the file name
+    data: dict[str, Any] = field(default_factory=dict)
+    filename: str = "events.csv"
+
+
+CASES = [
+    Case("missing_file", None, ("does not exist", "data.path")),
+    Case("empty_file", "", ("is empty",)),
+    Case("header_only", HEADER, ("no rows",)),
+    Case("missing_user_column", "uid,item_id,timestamp\n1,2,3\n", ("'user_id'", "data.user_col", "'uid'")),
+    Case(
+        "renamed_item_column",
+        "user_id,product,timestamp\n1,2,3\n",
+        ("'item_id'", "data.item_col", "'product'"),
+    ),
+    Case("null_user_id", HEADER + "1,2,3\n,3,4\n", ("'user_id'", "empty/null", "data row 2")),
+    Case("non_integer_item_id", HEADER + "1,2,3\n1,abc,4\n", ("'item_id'", "'abc'", "data row 2")),
+    Case("float_item_id", HEADER + "1,1.5,3\n", ("'item_id'", "'1.5'", "whole numbers")),
+    Case(
+        "unparsable_timestamp", HEADER + "1,2,yesterday\n", ("'timestamp'", "'yesterday'", "timestamp_format")
+    ),
+    Case(
+        "timestamp_not_in_format",
+        HEADER + "1,2,2020-01-02\n",
+        ("'timestamp'", "'2020-01-02'"),
+        {"timestamp_format": "%d/%m/%Y"},
+    ),
+    Case(
+        "non_utf8_bytes", HEADER.encode() + b"1,2,3\n1,caf\xe9,4\n", ("UTF-8", "line 3", "column 'item_id'")
+    ),
+    Case(
+        "mixed_timestamp_kinds",
+        HEADER + "1,2,100\n1,3,2020-01-01\n",
+        ("'timestamp'", "'2020-01-01'", "data row 2"),
+    ),
+    Case("ragged_line", HEADER + "1,2,3\n1,2,3,4\n", ("cannot be parsed", "data.format")),
+    Case("wrong_separator", "user_id\titem_id\ttimestamp\n1\t2\t3\n", ("'user_id'", "data.separator")),
+    Case(
+        "truncated_parquet",
+        "parquet:truncated",
+        ("parquet", "truncated"),
+        {"format": "parquet"},
+        "events.parquet",
+    ),
+    Case(
+        "boolean_id_parquet",
+        "parquet:boolean",
+        ("'user_id'", "Boolean"),
+        {"format": "parquet"},
+        "events.parquet",
+    ),
+    Case(
+        "bad_rating",
+        "userId,movieId,rating,timestamp\n1,2,five,3\n",
+        ("'rating'", "'five'"),
+        {"format": "movielens_csv"},
+    ),
+    Case("pairs_one_field", "1 1\n1\n1 2\n", ("line 2", "1 field"), {"format": "pairs"}, "ml-1m.txt"),
+    Case("pairs_non_utf8", b"1 1\n1 \xff\n", ("UTF-8", "line 2"), {"format": "pairs"}, "ml-1m.txt"),
+    Case(
+        "sequence_bad_token",
+        "1 2 3\n2 4 x9\n",
+        ("'item'", "'x9'", "line 2"),
+        {"format": "sequence_lines"},
+        "Beauty.txt",
+    ),
+]
+
+
+def _content(case: Case, tmp_path: Path) -> str | bytes | None:
+    if not isinstance(case.content, str) or not case.content.startswith("parquet:"):
+        return case.content
+    if case.content == "parquet:truncated":
+        good = _parquet_bytes(tmp_path, pl.DataFrame({"user_id": [1], "item_id": [2], "timestamp": [3]}))
+        return good[: len(good) // 2]
+    return _parquet_bytes(tmp_path, pl.DataFrame({"user_id": [True], "item_id": [2], "timestamp": [3]}))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_raises_a_precise_error(case: Case, tmp_path: Path, write_file):
+    content = _content(case, tmp_path)
+    path = tmp_path / case.filename if content is None else write_file(case.filename, content)
+    with pytest.raises(InputDataError) as info:
+        read_events(DataConfig(**case.data), path).collect()
+    message = str(info.value)
+    assert case.filename in message
+    for expected in case.expected:
+        assert expected in message, f"{expected!r} not in: {message}"
+
+
+ACCOUNTED = [
+    ("duplicated_rows", HEADER + "1,2,3\n1,2,3\n1,4,5\n", FeaturesConfig(), {"duplicate": 1}),
+    (
+        "event_type_filter",
+        "user_id,item_id,timestamp,type\n1,2,3,view\n1,4,5,click\n1,5,6,\n",
+        FeaturesConfig(event_types=("view",)),
+        {"event_type_filtered": 2},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "features", "expected"), [a[1:] for a in ACCOUNTED], ids=[a[0] for a in ACCOUNTED]
+)
+def test_bad_rows_are_accounted_drops(write_file, text, features, expected):
+    path = write_file("events.csv", text)
+    events = read_events(DataConfig(event_type_col="type" if "type" in text else None), path)
+    kept, accounting = apply_policies(events, features)
+    assert {k: v for k, v in accounting.dropped.items() if v} == expected
+    assert accounting.rows_in == 3 == accounting.rows_kept + sum(accounting.dropped.values())
+    assert kept.height == accounting.rows_kept

@@ -1,0 +1,125 @@
+"""Every input format read into the canonical event columns on tiny files with known content."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import polars as pl
+import pytest
+
+from features.readers import read_events
+from features.schema import EVENTS, EVENTS_OPTIONAL
+from recsys.config import DataConfig
+
+
+def _read(data: DataConfig, path) -> pl.DataFrame:
+    lf = read_events(data, path)
+    assert isinstance(lf, pl.LazyFrame)
+    df = lf.collect()
+    for col, dtype in (EVENTS | EVENTS_OPTIONAL).items():
+        if col in df.columns:
+            assert df.schema[col] == dtype, col
+    return df
+
+
+def _triples(df: pl.DataFrame) -> list[tuple[int, int, int]]:
+    return list(df.select("user_id", "item_id", "timestamp").iter_rows())
+
+
+def test_csv_integer_timestamps(write_file):
+    path = write_file("events.csv", "user_id,item_id,timestamp\n1,10,100\n2, 20 ,200\n")
+    df = _read(DataConfig(), path)
+    assert df.columns == ["user_id", "item_id", "timestamp"]
+    assert _triples(df) == [(1, 10, 100), (2, 20, 200)]
+
+
+def test_csv_configured_columns_separator_event_type_and_weight(write_file):
+    text = "ts;kind;uid;iid;w\n5;view;7;70;0.5\n6;buy;8;80;2\n"
+    path = write_file("events.csv", text)
+    data = DataConfig(
+        user_col="uid",
+        item_col="iid",
+        timestamp_col="ts",
+        event_type_col="kind",
+        weight_col="w",
+        separator=";",
+    )
+    df = _read(data, path)
+    assert _triples(df) == [(7, 70, 5), (8, 80, 6)]
+    assert df["event_type"].to_list() == ["view", "buy"]
+    assert df["weight"].to_list() == [0.5, 2.0]
+
+
+def test_csv_timestamp_format(write_file):
+    path = write_file("events.csv", "user_id,item_id,timestamp\n1,2,02/01/2020 10:30\n")
+    df = _read(DataConfig(timestamp_format="%d/%m/%Y %H:%M"), path)
+    assert df["timestamp"].item() == int(datetime(2020, 1, 2, 10, 30, tzinfo=UTC).timestamp())
+
+
+def test_csv_iso_timestamps_without_format(write_file):
+    rows = ["2020-01-01T00:00:00Z", "2020-01-01 00:00:00", "2020-01-01T02:00:00+02:00", "2020-01-01"]
+    path = write_file("events.csv", "user_id,item_id,timestamp\n" + "".join(f"1,2,{r}\n" for r in rows))
+    expected = int(datetime(2020, 1, 1, tzinfo=UTC).timestamp())
+    assert _read(DataConfig(), path)["timestamp"].to_list() == [expected] * 4
+
+
+def test_csv_without_timestamp_column_uses_row_order(write_file):
+    path = write_file("events.csv", "user_id,item_id\n3,1\n1,2\n3,3\n")
+    assert _triples(_read(DataConfig(timestamp_col=None), path)) == [(3, 1, 0), (1, 2, 1), (3, 3, 2)]
+
+
+def test_parquet_native_dtypes(tmp_path):
+    path = tmp_path / "events.parquet"
+    pl.DataFrame(
+        {
+            "user_id": pl.Series([1, 2], dtype=pl.UInt32),
+            "item_id": [10.0, 20.0],  # integral floats (e.g. written by pandas) are accepted
+            "timestamp": [datetime(2020, 1, 1), datetime(2020, 1, 1, 0, 0, 5)],
+        }
+    ).write_parquet(path)
+    df = _read(DataConfig(format="parquet"), path)
+    start = int(datetime(2020, 1, 1, tzinfo=UTC).timestamp())
+    assert _triples(df) == [(1, 10, start), (2, 20, start + 5)]
+
+
+def test_movielens_dat(write_file):
+    path = write_file("ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n")
+    df = _read(DataConfig(format="movielens_dat"), path)
+    assert _triples(df) == [(1, 1193, 978300760), (1, 661, 978302109)]
+    assert df["weight"].to_list() == [5.0, 3.0]
+
+
+def test_movielens_udata(write_file):
+    path = write_file("u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    df = _read(DataConfig(format="movielens_udata"), path)
+    assert _triples(df) == [(196, 242, 881250949), (186, 302, 891717742)]
+    assert df["weight"].to_list() == [3.0, 3.0]
+
+
+def test_movielens_csv(write_file):
+    path = write_file(
+        "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,4.5,964981247\n"
+    )
+    df = _read(DataConfig(format="movielens_csv"), path)
+    assert _triples(df) == [(1, 1, 964982703), (1, 3, 964981247)]
+    assert df["weight"].to_list() == [4.0, 4.5]
+
+
+def test_pairs_timestamp_is_line_number(write_file):
+    path = write_file("ml-1m.txt", "1 1\n1 2\n\n2  5\r\n1\t3\n")
+    assert _triples(_read(DataConfig(format="pairs"), path)) == [(1, 1, 1), (1, 2, 2), (2, 5, 4), (1, 3, 5)]
+
+
+def test_sequence_lines_timestamp_is_position(write_file):
+    path = write_file("Beauty.txt", "1 10 11 12\n2 20\n3\n1 13\n")
+    df = _read(DataConfig(format="sequence_lines"), path)
+    # user 1 continues on its second line; the item-less line of user 3 adds nothing
+    assert _triples(df) == [(1, 10, 0), (1, 11, 1), (1, 12, 2), (2, 20, 0), (1, 13, 3)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "pairs"])
+def test_read_is_lazy_and_repeatable(write_file, fmt):
+    text = "user_id,item_id,timestamp\n1,2,3\n" if fmt == "csv" else "1 2\n"
+    path = write_file("events.txt", text)
+    lf = read_events(DataConfig(format=fmt), path)
+    assert lf.collect().equals(lf.collect())
