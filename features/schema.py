@@ -6,6 +6,9 @@ indices (items: 1..n_items, 0 is reserved for padding; users: 0..n_users-1). Nev
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import polars as pl
 
 # Canonical event columns after reading (any input format is mapped onto these).
@@ -45,7 +48,7 @@ FEATURE_FILES = {
 }
 
 
-def check_schema(df: pl.DataFrame, contract: dict[str, pl.DataType], name: str) -> None:
+def check_schema(df: pl.DataFrame, contract: Mapping[str, Any], name: str) -> None:
     """Raise ``ValueError`` naming the table and column if ``df`` does not match ``contract``."""
     for col, dtype in contract.items():
         if col not in df.columns:

@@ -34,6 +34,12 @@ class SyntheticConfig(_Section):
     duplicate_rate: float = Field(0.01, ge=0.0, le=0.5)
     seed: int = 7
 
+    @model_validator(mode="after")
+    def _lengths(self) -> SyntheticConfig:
+        if self.min_len > self.max_len:
+            raise ValueError(f"data.synthetic.min_len ({self.min_len}) must be <= max_len ({self.max_len})")
+        return self
+
 
 class DataConfig(_Section):
     """Where the events come from and how to read them."""
@@ -49,7 +55,7 @@ class DataConfig(_Section):
     event_type_col: str | None = None
     weight_col: str | None = None
     timestamp_format: str | None = None
-    separator: str = ","
+    separator: str = Field(",", min_length=1, max_length=1)
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -148,6 +154,12 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     candidates: CandidatesConfig = CandidatesConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _event_types(self) -> Config:
+        if self.features.event_types is not None and self.data.event_type_col is None:
+            raise ValueError("features.event_types needs data.event_type_col (the column holding the event type)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

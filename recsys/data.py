@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
+import polars as pl
+import pytorch_lightning as L
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from features.schema import PAD_IDX as PAD
+from features.schema import SEQUENCES, check_schema
 
 
 def pad_lists(lists: Sequence[Sequence[int]], length: int | None = None) -> torch.Tensor:
@@ -20,3 +28,146 @@ def pad_lists(lists: Sequence[Sequence[int]], length: int | None = None) -> torc
         if tail:
             out[row, width - len(tail):] = torch.as_tensor(tail, dtype=torch.long)
     return out
+
+
+class RaggedItems:
+    """Variable-length item lists as one flat int64 tensor plus offsets: row r is ``values[offsets[r]:offsets[r+1]]``."""
+
+    def __init__(self, values: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.values = values  # (total,)
+        self.offsets = offsets  # (R + 1,)
+        self.lengths = offsets[1:] - offsets[:-1]  # (R,)
+
+    @classmethod
+    def from_series(cls, lists: pl.Series) -> RaggedItems:
+        """From a ``List(Int)`` column (null lists count as empty). Raises ``ValueError`` on null items."""
+        lengths = torch.as_tensor(lists.list.len().fill_null(0).to_numpy().astype(np.int64))  # (R,)
+        values = torch.as_tensor(lists.explode().drop_nulls().to_numpy().astype(np.int64))  # (total,)
+        if values.numel() != int(lengths.sum()):
+            raise ValueError(f"column '{lists.name}' holds null items; drop them when building sequences")
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        offsets[1:] = lengths.cumsum(0)
+        return cls(values, offsets)
+
+    def pad(self, rows: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
+        """Left-padded (R, width) int64 tensor of the LAST ``width`` items of the chosen rows.
+
+        ``rows`` None means all rows; ``width`` None means the longest chosen row (at least 1).
+        """
+        rows = torch.arange(len(self.lengths)) if rows is None else rows
+        ends = self.offsets[rows + 1]  # (R,)
+        lengths = self.lengths[rows]  # (R,)
+        width = max(int(lengths.max()) if len(rows) else 0, 1) if width is None else width
+        if self.values.numel() == 0:
+            return torch.zeros(len(rows), width, dtype=torch.long)
+        col = torch.arange(width)  # (W,)
+        real = col >= width - lengths.clamp(max=width).unsqueeze(1)  # (R, W)
+        src = (ends.unsqueeze(1) - width + col).clamp(min=0)  # (R, W) flat index of each slot
+        return torch.where(real, self.values[src], 0)  # (R, W)
+
+
+class IndexBatchSampler(Sampler[torch.Tensor]):
+    """Yields (B,) index tensors: a fresh seeded permutation per epoch if ``shuffle``, else in order."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        yield from order.split(self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+
+class _BatchDataset(Dataset):
+    """Map-style dataset indexed by a whole (B,) index tensor; ``make`` slices prebuilt tensors."""
+
+    def __init__(self, n: int, make: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.make(idx)
+
+
+def _trim_left(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop leading columns where the FIRST tensor (the inputs) is padding in every row.
+
+    Positions are right-aligned, so the model's outputs at real positions do not change.
+    """
+    real_cols = tensors[0].ne(PAD).any(0)  # (T,)
+    start = int(real_cols.int().argmax()) if bool(real_cols.any()) else real_cols.numel() - 1
+    return tuple(t[:, start:].contiguous() for t in tensors)
+
+
+class SequenceDataModule(L.LightningDataModule):
+    """Training and validation batches from the SEQUENCES table, built once as tensors.
+
+    Train batch: ``inputs`` (B, T) and ``targets`` (B, T), the inputs shifted left by one (0 = no target),
+    from the last ``max_len + 1`` train items of each user with at least 2 of them.
+    Val batch (users with val items): ``inputs`` (B, T) last ``max_len`` train items, ``history`` (B, H) ALL
+    train items (to exclude from the ranking), ``targets`` (B, M) the val items. Every tensor is int64,
+    left-padded with 0, and trimmed to the widest row in the batch.
+    """
+
+    def __init__(
+        self,
+        sequences: pl.DataFrame,
+        n_items: int,
+        max_len: int,
+        batch_size: int = 128,
+        val_batch_size: int = 1024,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        check_schema(sequences, SEQUENCES, "sequences")
+        self.n_items, self.max_len = n_items, max_len
+        self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size, seed
+        self._train = RaggedItems.from_series(sequences["train_items"])
+        self._val = RaggedItems.from_series(sequences["val_items"])
+        _check_item_range(self._train, "train_items", n_items)
+        _check_item_range(self._val, "val_items", n_items)
+        self.train_users = torch.nonzero(self._train.lengths >= 2).squeeze(1)  # (U,) row numbers
+        self.train_rows = self._train.pad(self.train_users, max_len + 1)  # (U, max_len + 1)
+        self.val_users = torch.nonzero(self._val.lengths >= 1).squeeze(1)  # (V,) row numbers
+        self.val_inputs = self._train.pad(self.val_users, max_len)  # (V, max_len)
+
+    def _train_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = self.train_rows[idx]  # (B, max_len + 1)
+        inputs, targets = rows[:, :-1], rows[:, 1:]  # (B, max_len) each
+        # The first item of a short sequence follows padding: nothing to predict it from.
+        targets = targets.masked_fill(inputs == PAD, PAD)
+        inputs, targets = _trim_left(inputs, targets)
+        return {"inputs": inputs, "targets": targets}
+
+    def _val_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        users = self.val_users[idx]  # (B,)
+        (inputs,) = _trim_left(self.val_inputs[idx])
+        return {"inputs": inputs, "history": self._train.pad(users), "targets": self._val.pad(users)}
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.train_users) == 0:
+            raise ValueError("sequences: no user has at least 2 train_items; nothing to train on")
+        sampler = IndexBatchSampler(len(self.train_users), self.batch_size, shuffle=True, seed=self.seed)
+        return self._loader(_BatchDataset(len(self.train_users), self._train_batch), sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        if len(self.val_users) == 0:
+            raise ValueError("sequences: no user has val_items; validation needs a val split")
+        sampler = IndexBatchSampler(len(self.val_users), self.val_batch_size, shuffle=False)
+        return self._loader(_BatchDataset(len(self.val_users), self._val_batch), sampler)
+
+    @staticmethod
+    def _loader(dataset: Dataset, sampler: IndexBatchSampler) -> DataLoader:
+        # batch_size=None: the sampler yields whole index batches and the dataset slices tensors once per batch.
+        return DataLoader(dataset, sampler=sampler, batch_size=None, pin_memory=torch.cuda.is_available())
+
+
+def _check_item_range(items: RaggedItems, column: str, n_items: int) -> None:
+    if items.values.numel() and (int(items.values.min()) < 1 or int(items.values.max()) > n_items):
+        lo, hi = int(items.values.min()), int(items.values.max())
+        raise ValueError(f"sequences: column '{column}' has item indices in [{lo}, {hi}], expected 1..{n_items}")
