@@ -23,7 +23,7 @@ def run(cfg: Config) -> Path:
     wd = WorkDir.of(cfg)
     feats = load_features(wd.features)
     with job_run(cfg, "train") as tracker:
-        result = train_model(cfg, feats.sequences, feats.n_items, wd.checkpoints, logger=tracker.lightning_logger())
+        result = train_model(cfg, feats.sequences, feats.n_items, wd.root, logger=tracker.lightning_logger())
         report = {
             "best_val_ndcg_at_10": result.best_val_ndcg,
             "best_epoch": result.best_epoch,

@@ -109,7 +109,7 @@ class SequenceDataModule(L.LightningDataModule):
 
     Train batch: ``inputs`` (B, T) and ``targets`` (B, T), the inputs shifted left by one (0 = no target),
     from the last ``max_len + 1`` train items of each user with at least 2 of them.
-    Val batch (users with val items): ``inputs`` (B, T) last ``max_len`` train items, ``history`` (B, H) ALL
+    Val batch (users with val items, ordered by train length): ``inputs`` (B, T) last ``max_len`` train items, ``history`` (B, H) ALL
     train items (to exclude from the ranking), ``targets`` (B, M) the val items. Every tensor is int64,
     left-padded with 0, and trimmed to the widest row in the batch.
     """
@@ -133,7 +133,9 @@ class SequenceDataModule(L.LightningDataModule):
         _check_item_range(self._val, "val_items", n_items)
         self.train_users = torch.nonzero(self._train.lengths >= 2).squeeze(1)  # (U,) row numbers
         self.train_rows = self._train.pad(self.train_users, max_len + 1)  # (U, max_len + 1)
-        self.val_users = torch.nonzero(self._val.lengths >= 1).squeeze(1)  # (V,) row numbers
+        val_users = torch.nonzero(self._val.lengths >= 1).squeeze(1)  # (V,) row numbers
+        # Ordered by history length, so that val batches are trimmed to little padding.
+        self.val_users = val_users[torch.argsort(self._train.lengths[val_users], stable=True)]  # (V,)
         self.val_inputs = self._train.pad(self.val_users, max_len)  # (V, max_len)
 
     def _train_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:

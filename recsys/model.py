@@ -1,0 +1,164 @@
+"""SASRec: a pre-LayerNorm Transformer over left-padded item sequences (Kang & McAuley, 2018).
+
+The model is plain PyTorch: ``forward`` maps item indices to hidden states and ``score`` ranks the whole
+catalogue by a dot product with the (shared) item embedding table. Loss, optimiser and logging live in
+:mod:`recsys.system`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.storage import read_json, write_json
+
+PAD = 0
+WEIGHTS_FILE = "model.pt"
+KWARGS_FILE = "model.json"
+
+
+class _Block(nn.Module):
+    """Pre-LN block: x + Attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, hidden: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden)
+        # Position-wise FFN of width `hidden`, as in the SASRec paper (not the 4x of language models).
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x: (B, T, D); mask: (B, 1, T, T) bool, True where a query may attend to a key.
+
+        Returns (B, T, D), or (B, 1, D) for the last position only if ``last_only`` (keys still span all T).
+        """
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).split(d, dim=-1)  # 3 x (B, T, D)
+        if last_only:
+            x, q, mask = x[:, -1:], q[:, -1:], mask[:, :, -1:]  # (B, 1, D), (B, 1, D), (B, 1, 1, T)
+        tq = q.shape[1]
+        q = q.reshape(b, tq, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, Tq, Dh)
+        k, v = (z.reshape(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (k, v))  # (B, H, T, Dh)
+        # No dropout on the attention probabilities: on CPU it doubles the attention cost (the fused
+        # kernels do not support it); the residual, FFN and embedding dropout regularise instead.
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tq, Dh)
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, tq, d)))  # (B, Tq, D)
+        return x + self.drop(self.ffn(self.ffn_norm(x)))  # (B, Tq, D)
+
+
+class SASRec(nn.Module):
+    """Self-attentive sequential recommender.
+
+    Inputs are LEFT-padded with 0 and positions are right-aligned (the last column always has position
+    ``max_len - 1``), so extra left padding does not change the outputs at real positions.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        max_len: int,
+        hidden: int,
+        n_blocks: int,
+        n_heads: int,
+        dropout: float,
+        causal: bool = True,
+    ) -> None:
+        super().__init__()
+        if hidden % n_heads:
+            raise ValueError(f"hidden ({hidden}) must be divisible by n_heads ({n_heads})")
+        if n_items < 1 or max_len < 1:
+            raise ValueError(f"n_items ({n_items}) and max_len ({max_len}) must be positive")
+        self.kwargs: dict[str, Any] = dict(
+            n_items=n_items, max_len=max_len, hidden=hidden, n_blocks=n_blocks,
+            n_heads=n_heads, dropout=dropout, causal=causal,
+        )
+        self.n_items, self.max_len, self.causal = n_items, max_len, causal
+        self.item_emb = nn.Embedding(n_items + 1, hidden, padding_idx=PAD)
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(hidden, n_heads, dropout) for _ in range(n_blocks))
+        self.norm = nn.LayerNorm(hidden)
+        self.apply(_init_weights)
+        with torch.no_grad():
+            self.item_emb.weight[PAD].zero_()
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """items: (B, T) int, T <= max_len, 0 = padding. Returns hidden states (B, T, D)."""
+        return self._encode(items, last_only=False)
+
+    def _encode(self, items: torch.Tensor, last_only: bool) -> torch.Tensor:
+        t = items.shape[1]
+        if t > self.max_len:
+            raise ValueError(f"input width {t} exceeds max_len {self.max_len}; keep the last max_len items")
+        keep = items != PAD  # (B, T)
+        pos = torch.arange(self.max_len - t, self.max_len, device=items.device)  # (T,) right-aligned
+        x = self.item_emb(items) + self.pos_emb(pos)  # (B, T, D)
+        x = self.drop(x) * keep.unsqueeze(-1)  # (B, T, D) padded slots carry nothing
+        mask = self._attention_mask(keep)  # (B, 1, T, T)
+        for i, block in enumerate(self.blocks):
+            # Only the last position of the last block is needed for user vectors.
+            x = block(x, mask, last_only=last_only and i == len(self.blocks) - 1)  # (B, T or 1, D)
+        return self.norm(x)  # (B, T or 1, D)
+
+    def _attention_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, T) bool: key is real (and not in the future if causal); the diagonal is always allowed
+        so that a fully padded row still has one key and softmax gives no NaN."""
+        t = keep.shape[1]
+        eye = torch.eye(t, dtype=torch.bool, device=keep.device)  # (T, T)
+        mask = keep[:, None, None, :]  # (B, 1, 1, T)
+        if self.causal:
+            mask = mask & torch.ones_like(eye).tril()  # (B, 1, T, T)
+        return mask | eye  # (B, 1, T, T)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """(n_items + 1, D) item table; row 0 is padding and must be ignored when ranking."""
+        return self.item_emb.weight
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (..., D) -> (..., n_items + 1) dot-product scores against every item."""
+        return hidden @ self.item_emb.weight.T  # (..., I + 1)
+
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """items: (B, T) left-padded -> (B, D) hidden state at the last position (= ``forward(items)[:, -1]``)."""
+        return self._encode(items, last_only=True)[:, -1]  # (B, D)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Small normal init (GPT-2 style): with the tied output table, unit-variance embeddings would give
+    # initial logits of variance D and a needlessly peaked softmax.
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def save_model(model: SASRec, path_dir: str | Path) -> None:
+    """Write ``model.pt`` (state dict) and ``model.json`` (constructor kwargs) into ``path_dir``."""
+    path_dir = Path(path_dir)
+    path_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path_dir / WEIGHTS_FILE)
+    write_json(path_dir / KWARGS_FILE, model.kwargs)
+
+
+def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -> SASRec:
+    """Rebuild a :class:`SASRec` written by :func:`save_model`, in eval mode.
+
+    Raises ``FileNotFoundError`` naming the missing file.
+    """
+    path_dir = Path(path_dir)
+    weights = path_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist; write it with recsys.model.save_model")
+    model = SASRec(**read_json(path_dir / KWARGS_FILE))
+    model.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True))
+    return model.to(map_location).eval()

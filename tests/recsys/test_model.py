@@ -1,0 +1,109 @@
+"""SASRec invariances: causality, padding, no NaN on empty rows, save/load round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys.model import SASRec, load_model, save_model
+
+N_ITEMS, MAX_LEN, HIDDEN = 30, 12, 16
+
+
+def make_model(causal: bool = True, seed: int = 0) -> SASRec:
+    torch.manual_seed(seed)
+    return SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=2, n_heads=2, dropout=0.3, causal=causal).eval()
+
+
+def left_pad(seq: list[int], width: int) -> torch.Tensor:
+    return torch.tensor([[0] * (width - len(seq)) + seq])  # (1, width)
+
+
+def test_shapes_and_user_vectors() -> None:
+    model = make_model()
+    items = torch.randint(0, N_ITEMS + 1, (3, 7))
+    hidden = model(items)
+    assert hidden.shape == (3, 7, HIDDEN)
+    assert model.score(hidden).shape == (3, 7, N_ITEMS + 1)
+    assert model.item_embeddings().shape == (N_ITEMS + 1, HIDDEN)
+    torch.testing.assert_close(model.user_vectors(items), hidden[:, -1])
+
+
+def test_user_vectors_match_forward_without_causal_mask() -> None:
+    model = make_model(causal=False)
+    items = torch.randint(0, N_ITEMS + 1, (4, MAX_LEN))
+    torch.testing.assert_close(model.user_vectors(items), model(items)[:, -1])
+
+
+def test_causal_outputs_ignore_later_items() -> None:
+    model = make_model()
+    items = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
+    changed = items.clone()
+    changed[0, 5] = 11
+    before, after = model(items), model(changed)
+    torch.testing.assert_close(before[:, :5], after[:, :5], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+
+
+def test_non_causal_model_sees_the_future() -> None:
+    model = make_model(causal=False)
+    items = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
+    changed = items.clone()
+    changed[0, -1] = 11
+    assert not torch.allclose(model(items)[:, 2], model(changed)[:, 2])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_extra_left_padding_changes_nothing(causal: bool) -> None:
+    model = make_model(causal)
+    seq = [5, 2, 9, 14, 3]
+    short, wide = model(left_pad(seq, 5)), model(left_pad(seq, MAX_LEN))
+    torch.testing.assert_close(wide[:, -5:], short)
+    # The same row inside a batch with longer neighbours.
+    batch = torch.cat([left_pad(seq, MAX_LEN), torch.randint(1, N_ITEMS + 1, (2, MAX_LEN))])
+    torch.testing.assert_close(model(batch)[:1, -5:], short)
+
+
+def test_padding_embedding_does_not_leak() -> None:
+    model = make_model()
+    items = torch.cat([left_pad([4, 8, 15], MAX_LEN), left_pad([16, 23, 4, 2, 1, 7], MAX_LEN)])
+    real = items != 0
+    before = model(items)
+    with torch.no_grad():
+        model.item_emb.weight[0] = torch.randn(HIDDEN) * 10
+    torch.testing.assert_close(model(items)[real], before[real])
+
+
+def test_fully_padded_rows_give_finite_outputs_and_gradients() -> None:
+    model = make_model().train()
+    items = torch.zeros(3, MAX_LEN, dtype=torch.long)
+    items[1, -2:] = torch.tensor([3, 4])
+    hidden = model(items)
+    assert torch.isfinite(hidden).all()
+    model.score(hidden).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_too_wide_input_is_rejected() -> None:
+    with pytest.raises(ValueError, match="max_len"):
+        make_model()(torch.ones(1, MAX_LEN + 1, dtype=torch.long))
+
+
+def test_bad_head_count_is_rejected() -> None:
+    with pytest.raises(ValueError, match="n_heads"):
+        SASRec(N_ITEMS, MAX_LEN, hidden=10, n_blocks=1, n_heads=3, dropout=0.0)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    model = make_model(causal=False, seed=3)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert not loaded.training
+    assert loaded.kwargs == model.kwargs
+    items = torch.randint(0, N_ITEMS + 1, (4, MAX_LEN))
+    torch.testing.assert_close(loaded(items), model(items), rtol=0, atol=0)
+
+
+def test_load_model_names_missing_file(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_model(tmp_path)

@@ -1,0 +1,171 @@
+"""Data module batches, the Lightning system, and train_model on planted synthetic sequences."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import polars as pl
+import pytest
+import pytorch_lightning as L
+import torch
+
+from features.schema import SEQUENCES
+from recsys.config import Config, build_config
+from recsys.data import SequenceDataModule
+from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
+from recsys.system import SASRecSystem
+from recsys.training import train_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers")
+
+
+def make_sequences(train: list[list[int]], val: list[list[int]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"user_idx": list(range(len(train))), "train_items": train, "val_items": val, "test_items": [[]] * len(train)},
+        schema=SEQUENCES,
+    )
+
+
+def planted_sequences(n_users: int, n_items: int, seed: int = 0) -> pl.DataFrame:
+    """Each next item is (previous + 1) mod n_items (as indices 1..n_items); the val item follows the train ones."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for _ in range(n_users):
+        start, length = rng.randrange(n_items), rng.randint(5, 15)
+        items = [(start + j) % n_items + 1 for j in range(length + 1)]
+        train.append(items[:-1])
+        val.append(items[-1:])
+    return make_sequences(train, val)
+
+
+def small_config(**train: object) -> Config:
+    return build_config({
+        "model": {"max_len": 16, "hidden": 32, "n_blocks": 1, "n_heads": 1, "dropout": 0.1},
+        "train": {"batch_size": 64, "val_batch_size": 256, "lr": 5e-3, "progress": False, "patience": 50, **train},
+    })
+
+
+# --- data module ---------------------------------------------------------------------------------------
+
+TRAIN = [[], [7], [1, 2], [3, 4, 5, 6, 7, 8, 9], [9, 8, 7]]
+VAL = [[5], [], [3, 4], [1], []]
+
+
+def collect_train_rows(dm: SequenceDataModule) -> list[tuple[list[int], list[int]]]:
+    rows = []
+    for batch in dm.train_dataloader():
+        assert batch["inputs"].shape == batch["targets"].shape
+        assert batch["inputs"].dtype == torch.long
+        for inp, tgt in zip(batch["inputs"].tolist(), batch["targets"].tolist(), strict=True):
+            rows.append((inp, tgt))
+    return rows
+
+
+def test_train_batches_shift_targets_and_drop_short_users() -> None:
+    dm = SequenceDataModule(make_sequences(TRAIN, VAL), n_items=9, max_len=4, batch_size=2, seed=0)
+    assert dm.train_users.tolist() == [2, 3, 4]
+    assert dm.train_rows.shape == (3, 5)
+    rows = collect_train_rows(dm)
+    assert len(rows) == 3
+    stripped = {tuple(x for x in inp if x): tuple(x for x in tgt if x) for inp, tgt in rows}
+    # Last max_len + 1 = 5 items; inputs drop the last, targets drop the first.
+    assert stripped == {(1,): (2,), (5, 6, 7, 8): (6, 7, 8, 9), (9, 8): (8, 7)}
+    for inp, tgt in rows:
+        for t in range(len(inp)):
+            assert (tgt[t] == 0) == (inp[t] == 0)  # nothing to predict from padding
+            if t + 1 < len(inp) and inp[t]:
+                assert tgt[t] == inp[t + 1]
+
+
+def test_train_order_is_seeded_and_reshuffled_each_epoch() -> None:
+    seqs = make_sequences([[1, 2, 3]] * 40, [[4]] * 40)
+    loaders = [SequenceDataModule(seqs, 9, 4, batch_size=8, seed=3).train_dataloader() for _ in range(2)]
+    epochs = [[torch.cat(list(loader.sampler)) for _ in range(2)] for loader in loaders]  # 2 epochs each
+    assert all(len(b) <= 8 for b in loaders[0].sampler) and len(loaders[0]) == 5
+    assert sorted(epochs[0][0].tolist()) == list(range(40))
+    assert torch.equal(epochs[0][0], epochs[1][0]) and torch.equal(epochs[0][1], epochs[1][1])
+    assert not torch.equal(epochs[0][0], epochs[0][1])
+
+
+def test_val_batches_hold_inputs_full_history_and_targets() -> None:
+    dm = SequenceDataModule(make_sequences(TRAIN, VAL), n_items=9, max_len=4, val_batch_size=10)
+    (batch,) = list(dm.val_dataloader())
+    got = {
+        tuple(t for t in tgt if t): (tuple(x for x in inp if x), tuple(h for h in hist if h))
+        for inp, hist, tgt in zip(*(batch[k].tolist() for k in ("inputs", "history", "targets")), strict=True)
+    }
+    assert got == {
+        (5,): ((), ()),
+        (3, 4): ((1, 2), (1, 2)),
+        (1,): ((6, 7, 8, 9), (3, 4, 5, 6, 7, 8, 9)),  # history is not truncated to max_len
+    }
+
+
+def test_bad_sequences_are_rejected() -> None:
+    seqs = make_sequences(TRAIN, VAL)
+    with pytest.raises(ValueError, match="train_items"):
+        SequenceDataModule(seqs.with_columns(pl.col("train_items").cast(pl.List(pl.Int64))), 9, 4)
+    with pytest.raises(ValueError, match=r"'train_items'.*1\.\.8"):
+        SequenceDataModule(seqs, n_items=8, max_len=4)
+
+
+# --- system ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_fast_dev_run(loss: str) -> None:
+    L.seed_everything(0)
+    dm = SequenceDataModule(planted_sequences(50, 30), n_items=30, max_len=16, batch_size=16)
+    system = SASRecSystem(n_items=30, max_len=16, hidden=16, n_blocks=1, loss=loss, n_negatives=3)
+    trainer = L.Trainer(
+        fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(system, datamodule=dm)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert 0.0 <= float(metrics["val/ndcg_at_10"]) <= float(metrics["val/hr_at_10"]) <= 1.0
+    assert system.hparams["loss"] == loss
+
+
+def test_train_model_is_reproducible_on_cpu(tmp_path: Path) -> None:
+    seqs, cfg = planted_sequences(120, 40), small_config(max_epochs=2)
+    first = train_model(cfg, seqs, 40, tmp_path / "a")
+    second = train_model(cfg, seqs, 40, tmp_path / "b")
+    assert first.epochs_run == 2 and first.best_epoch in (0, 1)
+    assert first.best_checkpoint.is_file() and first.best_checkpoint.parent == tmp_path / "a" / "checkpoints"
+    assert not first.model.training
+    assert not (tmp_path / "a" / "lightning_logs").exists()
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first.best_val_ndcg == second.best_val_ndcg
+
+
+def test_train_model_needs_val_items(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="val_items"):
+        train_model(small_config(), make_sequences([[1, 2, 3]], [[]]), 5, tmp_path)
+
+
+def popularity_ndcg(seqs: pl.DataFrame, n_items: int) -> float:
+    """Val NDCG@10 of ranking by train popularity, with the same exclusion and tie rules."""
+    counts = torch.bincount(torch.tensor(seqs["train_items"].explode().to_list()), minlength=n_items + 1)
+    dm = SequenceDataModule(seqs, n_items, max_len=16, val_batch_size=10_000)
+    (batch,) = list(dm.val_dataloader())
+    scores = counts.float().expand(len(batch["targets"]), -1)  # (B, I + 1)
+    exclude = exclusion_mask(batch["history"], n_items, keep=batch["targets"])
+    ranks = target_ranks(scores, batch["targets"], exclude)
+    return float(metrics_from_ranks(ranks, (10,))["ndcg_at_10"].mean())
+
+
+def test_training_learns_a_planted_sequence(tmp_path: Path) -> None:
+    n_items = 60
+    seqs = planted_sequences(400, n_items, seed=1)
+    result = train_model(small_config(max_epochs=12), seqs, n_items, tmp_path)
+    baseline = popularity_ndcg(seqs, n_items)
+    assert result.best_val_ndcg > 0.5, result
+    assert result.best_val_ndcg > baseline + 0.3, (result.best_val_ndcg, baseline)
+    # The returned model reproduces the checkpoint's score: the val target is the last train item + 1.
+    last = torch.tensor([s[-1] for s in seqs["train_items"].to_list()])
+    inputs = torch.tensor([([0] * 16 + s)[-16:] for s in seqs["train_items"].to_list()])
+    with torch.no_grad():
+        top = result.model.score(result.model.user_vectors(inputs))[:, 1:].argmax(-1) + 1
+    assert (top == last % n_items + 1).float().mean() > 0.5
