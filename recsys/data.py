@@ -31,7 +31,10 @@ def pad_lists(lists: Sequence[Sequence[int]], length: int | None = None) -> torc
 
 
 class RaggedItems:
-    """Variable-length item lists as one flat int64 tensor plus offsets: row r is ``values[offsets[r]:offsets[r+1]]``."""
+    """Variable-length item lists as one flat int32 tensor plus int64 offsets.
+
+    Row r is ``values[offsets[r]:offsets[r + 1]]``.
+    """
 
     def __init__(self, values: torch.Tensor, offsets: torch.Tensor) -> None:
         self.values = values  # (total,)
@@ -42,7 +45,7 @@ class RaggedItems:
     def from_series(cls, lists: pl.Series) -> RaggedItems:
         """From a ``List(Int)`` column (null lists count as empty). Raises ``ValueError`` on null items."""
         lengths = torch.as_tensor(lists.list.len().fill_null(0).to_numpy().astype(np.int64))  # (R,)
-        values = torch.as_tensor(lists.explode().drop_nulls().to_numpy().astype(np.int64))  # (total,)
+        values = torch.as_tensor(lists.explode().drop_nulls().to_numpy().astype(np.int32))  # (total,)
         if values.numel() != int(lengths.sum()):
             raise ValueError(f"column '{lists.name}' holds null items; drop them when building sequences")
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
@@ -50,7 +53,7 @@ class RaggedItems:
         return cls(values, offsets)
 
     def pad(self, rows: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
-        """Left-padded (R, width) int64 tensor of the LAST ``width`` items of the chosen rows.
+        """Left-padded (R, width) int32 tensor of the LAST ``width`` items of the chosen rows.
 
         ``rows`` None means all rows; ``width`` None means the longest chosen row (at least 1).
         """
@@ -59,7 +62,7 @@ class RaggedItems:
         lengths = self.lengths[rows]  # (R,)
         width = max(int(lengths.max()) if len(rows) else 0, 1) if width is None else width
         if self.values.numel() == 0:
-            return torch.zeros(len(rows), width, dtype=torch.long)
+            return torch.zeros(len(rows), width, dtype=self.values.dtype)
         col = torch.arange(width)  # (W,)
         real = col >= width - lengths.clamp(max=width).unsqueeze(1)  # (R, W)
         src = (ends.unsqueeze(1) - width + col).clamp(min=0)  # (R, W) flat index of each slot
@@ -109,9 +112,10 @@ class SequenceDataModule(L.LightningDataModule):
 
     Train batch: ``inputs`` (B, T) and ``targets`` (B, T), the inputs shifted left by one (0 = no target),
     from the last ``max_len + 1`` train items of each user with at least 2 of them.
-    Val batch (users with val items, ordered by train length): ``inputs`` (B, T) last ``max_len`` train items, ``history`` (B, H) ALL
-    train items (to exclude from the ranking), ``targets`` (B, M) the val items. Every tensor is int64,
-    left-padded with 0, and trimmed to the widest row in the batch.
+    Val batch (users with val items, ordered by train length): ``inputs`` (B, T) last ``max_len`` train
+    items, ``history`` (B, H) ALL train items (to exclude from the ranking), ``targets`` (B, M) the val items.
+    Every tensor is int64, left-padded with 0, and trimmed to the widest row in the batch; the tables behind
+    them are int32.
     """
 
     def __init__(
@@ -139,7 +143,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.val_inputs = self._train.pad(self.val_users, max_len)  # (V, max_len)
 
     def _train_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows = self.train_rows[idx]  # (B, max_len + 1)
+        rows = self.train_rows[idx].long()  # (B, max_len + 1)
         inputs, targets = rows[:, :-1], rows[:, 1:]  # (B, max_len) each
         # The first item of a short sequence follows padding: nothing to predict it from.
         targets = targets.masked_fill(inputs == PAD, PAD)
@@ -148,8 +152,8 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _val_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         users = self.val_users[idx]  # (B,)
-        (inputs,) = _trim_left(self.val_inputs[idx])
-        return {"inputs": inputs, "history": self._train.pad(users), "targets": self._val.pad(users)}
+        (inputs,) = _trim_left(self.val_inputs[idx].long())
+        return {"inputs": inputs, "history": self._train.pad(users).long(), "targets": self._val.pad(users).long()}
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train_users) == 0:

@@ -11,8 +11,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Logits are built this many elements at a time (16 MiB in float32), never as a full (N, n_items) matrix.
+# Logits are built this many elements at a time, never as a full (N, n_items) matrix: 16 MiB of float32 on
+# CPU (cache-friendly), 256 MiB on GPU (large enough matmuls, few kernel launches).
 CE_CHUNK_ELEMENTS = 1 << 22
+CE_CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
 def full_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
@@ -30,7 +32,8 @@ class _ChunkedCE(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden: (N, D); classes: (N,) in 0..I-1; weight: (I, D)."""
         n = hidden.shape[0]
-        chunk = max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
+        budget = CE_CHUNK_ELEMENTS_CUDA if hidden.is_cuda else CE_CHUNK_ELEMENTS
+        chunk = max(1, budget // weight.shape[0])
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         grad_h = torch.zeros_like(hidden) if need_grad else None  # (N, D)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None  # (I, D)

@@ -67,46 +67,26 @@ def resolve_hardware(accelerator: str, precision: str) -> tuple[str, str]:
 def train_model(
     cfg: Config, sequences: pl.DataFrame, n_items: int, out_dir: Path, logger: Logger | None = None
 ) -> TrainResult:
-    """Train on ``sequences`` (the SEQUENCES contract); the best checkpoint goes to ``out_dir / "checkpoints"``
-    (``best-epoch*.ckpt`` files left there by an earlier run are removed first).
+    """Train on ``sequences`` (the SEQUENCES contract); the best checkpoint goes to ``out_dir/checkpoints``
+    (``best-epoch*.ckpt`` files an earlier run left there are removed first).
 
-    On CPU the run is deterministic (seeded by ``cfg.train.seed``); the global deterministic-algorithms flag is
-    restored afterwards. Raises ``ValueError`` if no user can be trained on or no user has val items.
+    On CPU the run is deterministic given ``cfg.train.seed`` (the global deterministic-algorithms flag is
+    restored afterwards); on GPU, float32 matmuls may use TF32. ``logger`` None means no logging at all.
+    Raises ``ValueError`` if no user can be trained on or no user has val items.
     """
     L.seed_everything(cfg.train.seed, workers=True)
-    data = SequenceDataModule(
-        sequences, n_items, cfg.model.max_len, cfg.train.batch_size, cfg.train.val_batch_size, cfg.train.seed
-    )
+    t = cfg.train
+    data = SequenceDataModule(sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed)
     if len(data.train_users) == 0 or len(data.val_users) == 0:
         raise ValueError(
             f"sequences: {len(data.train_users)} users with >= 2 train_items and {len(data.val_users)} with "
             "val_items; training needs both to be non-empty"
         )
     system = SASRecSystem.from_config(cfg, n_items)
-    accelerator, precision = resolve_hardware(cfg.train.accelerator, cfg.train.precision)
-    if accelerator == "gpu":
-        torch.set_float32_matmul_precision("high")
-    ckpt_dir = Path(out_dir) / "checkpoints"
-    for stale in ckpt_dir.glob("best-epoch*.ckpt"):
-        stale.unlink()
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-        monitor=MONITOR, mode="max", save_top_k=1,
-    )
+    checkpoint = _best_checkpoint(Path(out_dir) / "checkpoints")
     timer = _EpochTimer()
-    trainer = L.Trainer(
-        max_epochs=cfg.train.max_epochs,
-        accelerator=accelerator,
-        devices=cfg.train.devices,
-        precision=precision,
-        callbacks=[EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.train.patience), checkpoint, timer],
-        logger=logger if logger is not None else False,
-        enable_progress_bar=cfg.train.progress,
-        enable_model_summary=False,
-        deterministic=accelerator == "cpu",
-        default_root_dir=Path(out_dir),
-        log_every_n_steps=min(50, math.ceil(len(data.train_users) / cfg.train.batch_size)),
-    )
+    callbacks = [EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience), checkpoint, timer]
+    trainer = _trainer(cfg, Path(out_dir), callbacks, logger, math.ceil(len(data.train_users) / t.batch_size))
     start = time.perf_counter()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -118,7 +98,7 @@ def train_model(
         torch.use_deterministic_algorithms(was_deterministic)
     wall = time.perf_counter() - start
     if not checkpoint.best_model_path:
-        raise RuntimeError(f"training stopped before any checkpoint was written to {ckpt_dir}")
+        raise RuntimeError(f"training stopped before any checkpoint was written to {checkpoint.dirpath}")
     best_path = Path(checkpoint.best_model_path)
     state = torch.load(best_path, map_location="cpu", weights_only=True)
     system.load_state_dict(state["state_dict"])
@@ -130,4 +110,34 @@ def train_model(
         best_epoch=int(state["epoch"]),
         wall_time_s=wall,
         seconds_per_epoch=sum(timer.durations) / max(len(timer.durations), 1),
+    )
+
+
+def _best_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
+    for stale in ckpt_dir.glob("best-epoch*.ckpt"):
+        stale.unlink()
+    return ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+        monitor=MONITOR, mode="max", save_top_k=1,
+    )
+
+
+def _trainer(
+    cfg: Config, out_dir: Path, callbacks: list[Callback], logger: Logger | None, n_batches: int
+) -> L.Trainer:
+    accelerator, precision = resolve_hardware(cfg.train.accelerator, cfg.train.precision)
+    if accelerator == "gpu":
+        torch.set_float32_matmul_precision("high")
+    return L.Trainer(
+        max_epochs=cfg.train.max_epochs,
+        accelerator=accelerator,
+        devices=cfg.train.devices,
+        precision=precision,
+        callbacks=callbacks,
+        logger=logger if logger is not None else False,
+        enable_progress_bar=cfg.train.progress,
+        enable_model_summary=False,
+        deterministic=accelerator == "cpu",
+        default_root_dir=out_dir,
+        log_every_n_steps=min(50, n_batches),
     )

@@ -12,12 +12,22 @@ import torch
 
 from features.schema import SEQUENCES
 from recsys.config import Config, build_config
-from recsys.data import SequenceDataModule
+from recsys.data import RaggedItems, SequenceDataModule, pad_lists
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.system import SASRecSystem
 from recsys.training import train_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads that
+    wait for each other make these runs many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_sequences(train: list[list[int]], val: list[list[int]]) -> pl.DataFrame:
@@ -60,6 +70,16 @@ def collect_train_rows(dm: SequenceDataModule) -> list[tuple[list[int], list[int
         for inp, tgt in zip(batch["inputs"].tolist(), batch["targets"].tolist(), strict=True):
             rows.append((inp, tgt))
     return rows
+
+
+@pytest.mark.parametrize("width", [None, 1, 3, 8])
+def test_ragged_pad_matches_pad_lists(width: int | None) -> None:
+    rng = random.Random(0)
+    lists = [[rng.randint(1, 50) for _ in range(rng.randint(0, 6))] for _ in range(30)]
+    ragged = RaggedItems.from_series(pl.Series(lists, dtype=pl.List(pl.Int32)))
+    assert torch.equal(ragged.pad(width=width).long(), pad_lists(lists, width))
+    rows = torch.tensor([3, 0, 17])
+    assert torch.equal(ragged.pad(rows, width).long(), pad_lists([lists[i] for i in rows], width))
 
 
 def test_train_batches_shift_targets_and_drop_short_users() -> None:
@@ -159,7 +179,7 @@ def popularity_ndcg(seqs: pl.DataFrame, n_items: int) -> float:
 def test_training_learns_a_planted_sequence(tmp_path: Path) -> None:
     n_items = 60
     seqs = planted_sequences(400, n_items, seed=1)
-    result = train_model(small_config(max_epochs=12), seqs, n_items, tmp_path)
+    result = train_model(small_config(max_epochs=3), seqs, n_items, tmp_path)
     baseline = popularity_ndcg(seqs, n_items)
     assert result.best_val_ndcg > 0.5, result
     assert result.best_val_ndcg > baseline + 0.3, (result.best_val_ndcg, baseline)
