@@ -26,17 +26,17 @@ def run(cfg: Config) -> Path:
         manifest = {
             "rows": table.height,
             "users": table["user_id"].n_unique(),
+            "search": stats,
             "k": cfg.candidates.k,
             "index": cfg.candidates.index,
             "model_dir": str(wd.model),
             "features_manifest": str(wd.features / "manifest.json"),
-            **stats,
         }
         with atomic_dir(wd.candidates) as tmp:
             table.write_parquet(tmp / "candidates.parquet")
             write_json(tmp / "manifest.json", manifest)
             save_config(cfg, tmp / "config.yaml")
-        tracker.log_metrics({k: v for k, v in manifest.items() if isinstance(v, int | float)})
+        tracker.log_metrics({k: v for k, v in {**manifest, **stats}.items() if isinstance(v, int | float)})
         tracker.log_artifact(wd.candidates / "manifest.json", "candidates")
     log.info("candidates: %d rows for %d users → %s", manifest["rows"], manifest["users"], wd.candidates)
     return wd.candidates
