@@ -1,6 +1,6 @@
 """Sequential-recommendation benchmark under ../shared/PROTOCOL.md; appends a row to BENCHMARKS.md.
 
-    python -m benchmarks.sequential --dataset ml-1m [--seeds 42 43 44] [--data-root ../shared/data] [KEY=VALUE ...]
+    python -m benchmarks.sequential --dataset ml-1m [--seeds 42,43,44] [--data-root ../shared/data] [KEY=VALUE ...]
 
 Runs the pipeline's own jobs (features → train → evaluate on the test split) once per seed with
 ``conf/benchmarks/<dataset>.yaml`` and records test NDCG@10 / HR@10 (mean ± std over seeds), the popularity
@@ -106,7 +106,8 @@ def append_row(path: Path, row: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42],
+                        help="comma-separated, e.g. 42,43,44")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--work-root", type=Path, default=ROOT / "work" / "bench")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
