@@ -31,7 +31,7 @@ from features.schema import (
 )
 from features.sequences import SPLIT, SPLIT_LISTS, assign_split, build_sequences
 from features.synthetic import generate_events
-from recsys.config import Config, DataConfig, FeaturesConfig, SyntheticConfig, save_config
+from recsys.config import Config, ConfigError, DataConfig, FeaturesConfig, SyntheticConfig, save_config
 from recsys.storage import atomic_dir, fingerprint, write_json
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,15 @@ def build_features(cfg: Config) -> dict[str, Any]:
     """Run the whole feature job for ``cfg`` and return the manifest it wrote.
 
     Raises InputDataError for unusable input (including no rows left after the policies) and ConfigError
-    for settings that do not fit the data (e.g. features.event_types without an event_type column).
+    for settings that do not fit the data (``data.path`` not a file, features.event_types without an
+    event_type column).
     """
     data, path = resolve_input(cfg)
     kept, accounting = apply_policies(read_events(data, path), cfg.features)
     if kept.is_empty():
         raise InputDataError(
-            f"{path}: no events left after the row policies (dropped {accounting.dropped}); relax "
-            "features.event_types, features.min_user_events or features.min_item_events"
+            f"{path}: no events left after the row policies ({accounting.rows_in} rows in, dropped "
+            f"{accounting.dropped}); relax {_settings_that_dropped(accounting, cfg.features)}"
         )
     tables = encode_and_split(kept, cfg.features)
     manifest = build_manifest(cfg, path, accounting, tables)
@@ -76,10 +77,31 @@ def build_features(cfg: Config) -> dict[str, Any]:
     return manifest
 
 
+def _settings_that_dropped(accounting: Accounting, features: FeaturesConfig) -> str:
+    """The settings (with their values) behind the drop reasons that removed rows, for an error message."""
+    settings = {
+        "event_type_filtered": f"features.event_types (now {list(features.event_types or [])})",
+        "user_kcore": f"features.min_user_events (now {features.min_user_events})",
+        "item_kcore": f"features.min_item_events (now {features.min_item_events})",
+    }
+    named = [text for reason, text in settings.items() if accounting.dropped.get(reason)]
+    return " or ".join(named) or "the row policies under features"
+
+
 def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
-    """The reader settings and file: ``data.path`` as configured, or freshly generated synthetic events."""
+    """The reader settings and file: ``data.path`` as configured, or freshly generated synthetic events.
+
+    Raises ConfigError if ``data.path`` is missing or not a file (a setting to fix, not bad data).
+    """
     if cfg.data.source == "file":
-        return cfg.data, Path(cfg.data.path)
+        path = Path(cfg.data.path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(
+                f"data.path: {path} {what}; set data.path to the events file "
+                "(e.g. `recsys features data.path=events.csv`) or set data.source=synthetic"
+            )
+        return cfg.data, path
     path = Path(cfg.work_dir) / "input" / "events.csv"
     write_synthetic(cfg.data.synthetic, path)
     return DataConfig(source="synthetic", path=str(path), format="csv", event_type_col=EVENT_TYPE), path

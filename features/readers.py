@@ -9,6 +9,7 @@ input raises :class:`InputDataError`, never a raw polars error.
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,7 +67,7 @@ def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
     with _polars_errors(path, data):
         raw = _SCANNERS[data.format](data, path)
         typed = typed_exprs(raw.frame, data.timestamp_format)
-        problems = find_problems(raw.frame, typed, raw.labels, raw.unit)
+        problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path))
     if problems:
         raise InputDataError(f"{path} (data.format={data.format!r}):\n  - " + "\n  - ".join(problems))
     logger.info("reading %s as %s", path, data.format)
@@ -74,9 +75,17 @@ def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
 
 
 def _select(
-    lf: pl.LazyFrame, path: Path, columns: dict[str, tuple[str, str]], unit: str = "data row"
+    lf: pl.LazyFrame,
+    path: Path,
+    columns: dict[str, tuple[str, str]],
+    unit: str = "data row",
+    text: bool = True,
 ) -> _Raw:
-    """Rename ``{canonical: (file column, how to configure it)}`` after checking every column exists."""
+    """Rename ``{canonical: (file column, how to configure it)}`` after checking every column exists.
+
+    In ``text`` files a row with no value in any column (a blank line) holds no event and is skipped, as
+    the line formats skip blank lines; ``_pos`` still counts it, so positions match the file.
+    """
     names = lf.collect_schema().names()
     for source, key in columns.values():
         if source not in names:
@@ -85,9 +94,15 @@ def _select(
                 f"{path}: column '{source}' ({key}) not found; the file has columns {names}{hint}. "
                 f"Set {key} to one of them or fix the file"
             )
-    frame = lf.with_row_index(POS, offset=1).select(
-        pl.col(POS), *[pl.col(source).alias(name) for name, (source, _) in columns.items()]
-    )
+        if f"{source}_duplicated_0" in names:  # how polars renames a repeated header name
+            raise InputDataError(
+                f"{path}: column '{source}' ({key}) appears more than once in the header; "
+                "rename or remove the extra column so the file says which one holds the data"
+            )
+    lf = lf.with_row_index(POS, offset=1)
+    if text:
+        lf = lf.filter(~pl.all_horizontal(pl.exclude(POS).is_null()))
+    frame = lf.select(pl.col(POS), *[pl.col(source).alias(name) for name, (source, _) in columns.items()])
     return _Raw(frame, {name: f"'{source}' ({key})" for name, (source, key) in columns.items()}, unit)
 
 
@@ -104,7 +119,7 @@ def _scan_table(data: DataConfig, path: Path) -> _Raw:
     columns |= {
         name: (getattr(data, key), f"data.{key}") for name, key in optional.items() if getattr(data, key)
     }
-    raw = _select(lf, path, columns)
+    raw = _select(lf, path, columns, text=data.format != "parquet")
     if data.timestamp_col is not None:
         return raw
     order = (pl.col(POS).cast(pl.Int64) - 1).alias(TIMESTAMP)
@@ -217,10 +232,30 @@ def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:
             "Re-export the file, or set data.format to match it"
         )
     layout = _LAYOUTS.get(data.format, f"fields separated by {data.separator!r} (data.separator)")
+    if "new_columns" in first:  # polars' advice (`missing_columns=...`) is not something a user can set
+        first = "the first line has a different number of fields"
+    where = _first_long_line(path, data) if "more fields" in first else ""
     return InputDataError(
-        f"{path} cannot be parsed as data.format={data.format!r}, expected {layout}: {first}. "
+        f"{path} cannot be parsed as data.format={data.format!r}, expected {layout}: {first}{where}. "
         "Check that data.format matches the file and every line has the same number of fields"
     )
+
+
+def _first_long_line(path: Path, data: DataConfig) -> str:
+    """ " (line N has K fields, the first line M)" for the first line with more fields than the first."""
+    separator, quote = {
+        "movielens_dat": (":", None),
+        "movielens_udata": ("\t", None),
+        "movielens_csv": (",", '"'),
+    }.get(data.format, (data.separator, '"'))
+    quoting = csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE
+    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        rows = csv.reader(fh, delimiter=separator, quotechar=quote, quoting=quoting)
+        width = len(next(rows, []))
+        for row in rows:
+            if len(row) > width:
+                return f" (line {rows.line_num} has {len(row)} fields, the first line {width})"
+    return ""
 
 
 def _utf8_error(path: Path, data: DataConfig) -> InputDataError:

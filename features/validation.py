@@ -8,11 +8,17 @@ plus ``_pos``: the 1-based data row or line number, used only to point at a bad 
 
 from __future__ import annotations
 
+import logging
+import time
+
 import polars as pl
 
 from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 
+logger = logging.getLogger(__name__)
+
 POS = "_pos"
+_SECONDS_PER_YEAR = 31_556_952
 
 # Tried in order on string timestamps when data.timestamp_format is not set; `%#z` accepts Z, +02:00, +0200.
 ISO_FORMATS = (
@@ -23,9 +29,10 @@ ISO_FORMATS = (
     "%Y-%m-%d",
 )
 
+_IDS = f"ids must be whole numbers that fit in Int64 (at most {2**63 - 1}); map other ids to integers first"
 _HOW_TO_FIX = {
-    USER_ID: "ids must be whole numbers; map string ids to integers before reading",
-    ITEM_ID: "ids must be whole numbers; map string ids to integers before reading",
+    USER_ID: _IDS,
+    ITEM_ID: _IDS,
     TIMESTAMP: "use epoch seconds or ISO-8601, or set data.timestamp_format (e.g. '%d/%m/%Y %H:%M')",
     WEIGHT: "weights must be numbers",
 }
@@ -144,14 +151,27 @@ def _describe(stats: dict, name: str, label: str, unit: str) -> list[str]:
     return out
 
 
+def _warn_future(stats: dict, label: str, source: str) -> None:
+    """Timestamps after now are kept (only their order matters) but usually mean a wrong unit: say so."""
+    if not stats["future"]:
+        return
+    year = 1970 + stats["latest"] // _SECONDS_PER_YEAR
+    logger.warning(
+        "%s: column %s: %d timestamp(s) lie in the future (latest %d, about year %d as epoch seconds); "
+        "kept as given. If they are milliseconds, use that unit for features.val_cutoff/test_cutoff too",
+        source, label, stats["future"], stats["latest"], year,
+    )
+
+
 def find_problems(
-    raw: pl.LazyFrame, typed: dict[str, pl.Expr], labels: dict[str, str], unit: str
+    raw: pl.LazyFrame, typed: dict[str, pl.Expr], labels: dict[str, str], unit: str, source: str = "input"
 ) -> list[str]:
     """Every problem with the values of ``raw``, found in ONE aggregate pass over the data.
 
     ``typed`` comes from :func:`typed_exprs`; ``labels`` maps a canonical column to how the user knows it
     (e.g. ``"'uid' (data.user_col)"``); ``unit`` names what ``_pos`` counts ("data row" or "line").
-    Returns [] when the input is usable. May raise polars errors (unreadable file); the caller wraps them.
+    Returns [] when the input is usable; then logs a warning (naming ``source``) for timestamps in the
+    future. May raise polars errors (unreadable file); the caller wraps them.
     """
     schema = raw.collect_schema()
     problems = dtype_problems(schema, labels)
@@ -161,7 +181,12 @@ def find_problems(
     aggs = [pl.len().alias("rows")]
     for name in checked:
         aggs += _stat_exprs(name, typed[name], required=name != WEIGHT)
+    ts = typed[TIMESTAMP]
+    aggs += [(ts > int(time.time())).sum().alias("future"), ts.max().alias("latest")]
     stats = raw.select(aggs).collect().row(0, named=True)
     if stats["rows"] == 0:
         return ["it has no rows (only a header, or only blank lines); point data.path at a file with events"]
-    return [line for name in checked for line in _describe(stats, name, labels[name], unit)]
+    problems = [line for name in checked for line in _describe(stats, name, labels[name], unit)]
+    if not problems:
+        _warn_future(stats, labels[TIMESTAMP], source)
+    return problems

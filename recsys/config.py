@@ -6,6 +6,7 @@ The defaults below are the documented defaults; ``conf/base.yaml`` lists them al
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,14 @@ class CandidatesConfig(_Section):
     batch_size: int = Field(4096, ge=1)
     recall_sample: int = Field(1000, ge=1)
     exclude_seen: bool = True
+    # Which model scores: None = <work_dir>/model, else a local directory or an MLflow URI such as
+    # models:/sasrec@champion or models:/sasrec/3 (``recsys candidates --model``).
+    model: str | None = None
+    # The night the candidates are for, the partition date=YYYY-MM-DD; None = today (UTC).
+    date: dt.date | None = None
+    # Drift gate against the previous night's partition; None = never fail on it.
+    min_overlap: float | None = Field(None, ge=0.0, le=1.0)
+    max_new_item_share: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class TrackingConfig(_Section):
@@ -141,6 +150,12 @@ class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str = "recsys"
     registered_model: str = "sasrec"
+    # Promotion gate: a challenger becomes champion if its val NDCG@10 >= champion's - tolerance.
+    promotion_tolerance: float = Field(0.0, ge=0.0)
+    # MLflow HTTP client (a tracking server): per-request timeout, retries and exponential backoff.
+    http_timeout_s: int = Field(30, ge=1)
+    http_max_retries: int = Field(2, ge=0, le=10)
+    http_backoff_factor: int = Field(1, ge=0)
 
 
 class Config(_Section):
@@ -191,6 +206,19 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _parse_value(raw: str) -> Any:
+    """An override value parsed as YAML; text that is not valid YAML (``%d/%m/%Y``, ``[x``) stays a string.
+
+    The typed config then rejects a string where another type is needed, naming the key.
+    """
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError):  # ValueError: a bad explicit tag such as `!!int x`
+        return raw
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["train.lr=0.01", "model.hidden=32"]`` into a nested dict (values parsed as YAML scalars)."""
     tree: dict[str, Any] = {}
@@ -198,7 +226,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key.path=value")
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(tree, key.strip(), _parse_value(raw))
     return tree
 
 
@@ -212,20 +240,30 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with the safe loader; ``extends: other.yaml`` merges another file first."""
+def read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; ``extends: other.yaml`` merges another file first.
+
+    Raises ConfigError naming the file if it is missing, not a file, not YAML, not a mapping, or part of an
+    ``extends`` cycle.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass --config with a YAML file under conf/")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file under conf/")
+        fix = f"fix 'extends' in {_children[-1]}" if _children else "pass --config with a YAML file under conf/"
+        raise ConfigError(f"config file {path} does not exist; {fix}")
+    if path.resolve() in _children:
+        chain = " -> ".join(str(p) for p in (*_children, path.resolve()))
+        raise ConfigError(f"config file {path}: 'extends' forms a cycle ({chain}); remove one 'extends'")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: e.g. `!!int x`
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
     parent = tree.pop("extends", None)
     if parent is not None:
-        tree = _merge(read_yaml(path.parent / str(parent)), tree)
+        tree = _merge(read_yaml(path.parent / str(parent), (*_children, path.resolve())), tree)
     return tree
 
 
@@ -239,6 +277,8 @@ def build_config(tree: dict[str, Any], source: str = "<dict>") -> Config:
             loc = ".".join(str(p) for p in err["loc"]) or "<root>"
             if err["type"] == "extra_forbidden":
                 lines.append(f"  {loc}: unknown key (check the spelling against conf/base.yaml)")
+            elif err["type"] == "value_error":  # our own cross-key checks: the message names the keys
+                lines.append(f"  {loc}: {err.get('ctx', {}).get('error', err['msg'])}")
             else:
                 lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(f"invalid config from {source}:\n" + "\n".join(lines)) from None
