@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import sys
@@ -10,12 +11,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipelines.schedule import LockedError, ScheduledRun, job_lock, parse_run_date, today_utc
 from recsys.config import Config, ConfigError, load_config
+from recsys.faults import fault_point
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INPUT = 3
+EXIT_LOCKED = 4
 
 _OVERRIDES_HELP = "dotted config overrides applied on top of --config, e.g. train.max_epochs=5 model.hidden=32"
 
@@ -27,8 +31,13 @@ _JOBS: dict[str, str] = {
     "run": "features → train → evaluate → candidates, in order",
 }
 
-_EPILOG = """exit codes: 0 success, 1 unexpected failure, 2 bad config or arguments, 3 bad input data.
-outputs: <work_dir>/{features,model,evaluation,candidates,logs}; MLflow store <work_dir>/mlflow.db by default."""
+_EPILOG = """exit codes: 0 success (or already done for --run-date), 1 unexpected failure, 2 bad config or
+arguments, 3 bad input data, 4 locked (the same job is running on this work directory).
+outputs: <work_dir>/{features,model,evaluation,candidates,logs}; MLflow store <work_dir>/mlflow.db by default;
+success markers <work_dir>/runs/<job>/<date>.json (run, train); locks <work_dir>/.locks/<job>.lock."""
+
+# Jobs that take --run-date/--force: they record a success marker and skip a date that already succeeded.
+_SCHEDULED = ("run", "train")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,8 +54,35 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", type=Path, default=None,
                          help="YAML config under conf/ (default: built-in defaults, see conf/base.yaml)")
         cmd.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+        if name in _SCHEDULED:
+            cmd.add_argument("--run-date", type=_run_date, default=None, metavar="YYYY-MM-DD",
+                             help="the date this run is for (default: today, UTC); a date that already "
+                                  "succeeded with the same config is skipped")
+            cmd.add_argument("--force", action="store_true",
+                             help="run even if this date already succeeded; training starts from scratch")
         cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
+        if name == "candidates":
+            cmd.add_argument("--model", default=None, metavar="URI",
+                             help="model to score with: models:/NAME@ALIAS (e.g. models:/sasrec@champion), "
+                                  "models:/NAME/VERSION or a local directory (default: <work_dir>/model); "
+                                  "same as candidates.model=URI")
+            cmd.add_argument("--date", default=None, type=datetime.date.fromisoformat, metavar="YYYY-MM-DD",
+                             help="night to write, the partition candidates/date=YYYY-MM-DD "
+                                  "(default: today, UTC); same as candidates.date=YYYY-MM-DD")
     return parser
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """``candidates --model/--date`` as config overrides (JSON-quoted: read back verbatim as YAML)."""
+    flags = {"candidates.model": getattr(args, "model", None), "candidates.date": getattr(args, "date", None)}
+    return [f"{key}={json.dumps(str(value))}" for key, value in flags.items() if value is not None]
+
+
+def _run_date(text: str) -> datetime.date:
+    try:
+        return parse_run_date(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setup_logging(cfg: Config, job: str, quiet: bool) -> Path:
@@ -67,7 +103,7 @@ def _setup_logging(cfg: Config, job: str, quiet: bool) -> Path:
     return log_file
 
 
-def _job(name: str) -> Callable[[Config], Path]:
+def _job(name: str) -> Callable[..., Path]:
     if name == "features":
         from pipelines.build_features import run
     elif name == "train":
@@ -79,6 +115,32 @@ def _job(name: str) -> Callable[[Config], Path]:
     else:
         from pipelines.run_all import run
     return run
+
+
+def _execute(args: argparse.Namespace, cfg: Config) -> bool:
+    """Run the job; for a scheduled job, skip a date already done and write the success marker.
+
+    Returns False when there was nothing to do.
+    """
+    if args.command not in _SCHEDULED:
+        _job(args.command)(cfg)
+        return True
+    scheduled = ScheduledRun(cfg, args.command, args.run_date or today_utc())
+    prior = None if args.force else scheduled.done()
+    if prior is not None:
+        message = (f"recsys {args.command}: {scheduled.run_date} already succeeded with this config at "
+                   f"{prior['finished_at']} (marker {scheduled.marker}); nothing to do, "
+                   "--force runs it again")
+        logging.getLogger("recsys").info(message)
+        print(message)
+        return False
+    if args.force:
+        scheduled.discard_checkpoints()
+    _job(args.command)(cfg, scheduled.run_date)
+    fault_point("before-marker")
+    scheduled.mark_done()
+    scheduled.prune_checkpoints()
+    return True
 
 
 def _summary(cfg: Config) -> str:
@@ -93,6 +155,9 @@ def _summary(cfg: Config) -> str:
         lines.append(f"  {'metric':<16}" + "".join(f"{n:>12}" for n in names))
         for key in keys:
             lines.append(f"  {key:<16}" + "".join(f"{data[n].get(key, float('nan')):>12.4f}" for n in names))
+    promotion = root / "evaluation" / "promotion.json"
+    if promotion.is_file():
+        lines.append(f"promotion gate: {json.loads(promotion.read_text())['summary']}")
     for name in ("features", "model", "evaluation", "candidates", "logs"):
         if (root / name).exists():
             lines.append(f"  {name + ':':<12} {(root / name).resolve()}")
@@ -107,15 +172,33 @@ def _summary(cfg: Config) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     except ConfigError as exc:
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    log_file = _setup_logging(cfg, args.command, args.quiet)
+    try:
+        log_file = _setup_logging(cfg, args.command, args.quiet)
+    except OSError as exc:
+        print(f"recsys {args.command}: work_dir {cfg.work_dir} is not a writable directory ({exc}); "
+              "set work_dir= to a directory path", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with job_lock(Path(cfg.work_dir), args.command):
+            return _guarded(args, cfg, log_file)
+    except LockedError as exc:
+        logging.getLogger("recsys").error("%s", exc)
+        print(f"recsys {args.command}: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+
+
+def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
+    """Run the job and map its failure to an exit code; prints the summary on success."""
     from features.readers import InputDataError
+    from recsys.drift import DriftError
+    from recsys.tracking import TrackingUnavailableError
 
     try:
-        _job(args.command)(cfg)
+        ran = _execute(args, cfg)
     except InputDataError as exc:
         logging.getLogger("recsys").error("bad input: %s", exc)
         print(f"recsys {args.command}: bad input data: {exc}", file=sys.stderr)
@@ -123,10 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError) as exc:
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (TrackingUnavailableError, DriftError) as exc:
+        # Operational failures whose message says it all: no traceback for the operator.
+        logging.getLogger("recsys").error("recsys %s failed: %s", args.command, exc)
+        return EXIT_FAILED
     except Exception:
         logging.getLogger("recsys").exception("recsys %s failed; full log in %s", args.command, log_file)
         return EXIT_FAILED
-    print(_summary(cfg))
+    if ran:
+        print(_summary(cfg))
     print(f"  {'log:':<12} {log_file.resolve()}")
     return EXIT_OK
 

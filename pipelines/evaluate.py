@@ -1,4 +1,5 @@
-"""Evaluation job: full-catalogue ranking metrics of the model and the popularity baseline."""
+"""Evaluation job: full-catalogue ranking metrics of the model and the popularity baseline, then the
+promotion gate for the model version trained in this work directory (``recsys.registry.promote``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from recsys.baselines import popularity_scores
 from recsys.config import Config, save_config
 from recsys.evaluation import evaluate_all
 from recsys.model import load_model
-from recsys.storage import atomic_dir, write_json
-from recsys.tracking import job_run
+from recsys.registry import promote
+from recsys.storage import atomic_dir, read_json, write_json
+from recsys.tracking import JobRun, job_run
 
 log = logging.getLogger(__name__)
 
@@ -32,5 +34,23 @@ def run(cfg: Config) -> Path:
         for name, metrics in results.items():
             tracker.log_metrics({f"{cfg.evaluate.split}/{name}/{k}": v for k, v in metrics.items()})
         tracker.log_artifacts(wd.evaluation, "evaluation")
+        _promote(cfg, wd, tracker)
     log.info("evaluate: report → %s", wd.evaluation / "report.json")
     return wd.evaluation
+
+
+def _promote(cfg: Config, wd: WorkDir, tracker: JobRun) -> None:
+    """Gate the registered version of ``model/``; the decision goes to ``evaluation/promotion.json``."""
+    report = read_json(wd.model / "train_report.json")
+    version = report.get("registered_version")
+    if version is None:
+        if tracker.active:
+            log.warning("promotion gate skipped: %s names no registered version",
+                        wd.model / "train_report.json")
+        return
+    val_ndcg = float(report["best_val_ndcg_at_10"])
+    result = promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance)
+    if result is not None:
+        payload = {**result.to_dict(), "summary": result.summary()}
+        write_json(wd.evaluation / "promotion.json", payload, atomic=True)
+        tracker.log_artifact(wd.evaluation / "promotion.json", "evaluation")

@@ -1,9 +1,20 @@
 """Nightly candidate generation: user vectors (hidden state at the last position) and item vectors from
-the trained model, a FAISS index, top-K per user with already-seen items excluded, in ORIGINAL ids."""
+a trained model, a FAISS index, top-K per user with already-seen items excluded, in ORIGINAL ids.
+
+Ids go through the MODEL's own id maps (the model may be older than the features): a history is mapped
+``item_id`` → the model's ``item_idx``; items the model never saw are dropped from histories and are never
+recommended (counted as ``unknown_items`` / ``unknown_item_events``). SASRec has no user embedding, so a user
+the model never saw is scored from their history like any other (counted as ``users_unknown_to_model``).
+A user left with NO history the model knows gets the fallback: the model's K most popular items
+(``train_count`` of its item map, ties by ``item_id``), seen items excluded, with ``score`` = the item's
+share of training events (counted as ``fallback_users``).
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,10 +25,54 @@ from features import schema
 from features.artifacts import FeatureSet
 from recsys.config import CandidatesConfig
 from recsys.data import pad_lists
-from recsys.model import SASRec
+from recsys.model import SASRec, load_model
 from recsys.retrieval import ann_recall, build_index, search_top_k
 
 log = logging.getLogger(__name__)
+
+MODEL_IDX = "model_item_idx"  # an item's index in the MODEL's item map (vs the features' item_idx)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model with the id maps it was trained with (schema.USER_MAP, schema.ITEM_MAP)."""
+
+    model: SASRec
+    user_map: pl.DataFrame
+    item_map: pl.DataFrame
+
+
+def load_trained_model(directory: str | Path) -> TrainedModel:
+    """Weights (``weights_only=True``), ``model.json`` and the id maps of a model directory.
+
+    Raises FileNotFoundError naming a missing file, ValueError if the item map does not cover the model's
+    item indices 1..n_items exactly.
+    """
+    directory = Path(directory)
+    model = load_model(directory)
+    maps = {}
+    for name, contract in (("user_map", schema.USER_MAP), ("item_map", schema.ITEM_MAP)):
+        path = directory / schema.FEATURE_FILES[name]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; a model directory holds the id maps it was "
+                                    "trained with (`recsys train` writes them)")
+        maps[name] = pl.read_parquet(path)
+        schema.check_schema(maps[name], contract, str(path))
+    idx = maps["item_map"][schema.ITEM_IDX]
+    if idx.n_unique() != model.n_items or idx.len() != model.n_items or idx.min() != 1:
+        raise ValueError(f"{directory / 'item_map.parquet'}: column 'item_idx' must hold 1..{model.n_items} "
+                         "once each (the model's catalogue); the model and its id maps do not match")
+    return TrainedModel(model, maps["user_map"], maps["item_map"])
+
+
+def read_candidates(path: str | Path) -> pl.DataFrame:
+    """A candidates table (schema.CANDIDATES) from a Parquet file or a partition directory holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "candidates.parquet"
+    table = pl.read_parquet(path)
+    schema.check_schema(table, schema.CANDIDATES, str(path))
+    return table
 
 
 def full_histories(sequences: pl.DataFrame) -> pl.DataFrame:
@@ -26,6 +81,28 @@ def full_histories(sequences: pl.DataFrame) -> pl.DataFrame:
         schema.USER_IDX,
         pl.concat_list("train_items", "val_items", "test_items").alias("items"),
     ).filter(pl.col("items").list.len() > 0)
+
+
+def model_histories(feats: FeatureSet, item_map: pl.DataFrame) -> pl.DataFrame:
+    """One row per user with events, sorted by ``user_id``: ``items`` List(Int32) of the MODEL's item
+    indices in time order (items unknown to the model dropped), ``seen`` List(Int64) of every item_id in the
+    history, ``unknown_events`` (history events of items unknown to the model)."""
+    model_ids = item_map.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias(MODEL_IDX))
+    return (
+        full_histories(feats.sequences)
+        .explode("items")
+        .join(feats.item_map.select(schema.ITEM_ID, schema.ITEM_IDX), left_on="items",
+              right_on=schema.ITEM_IDX, how="left", maintain_order="left")
+        .join(model_ids, on=schema.ITEM_ID, how="left", maintain_order="left")
+        .join(feats.user_map, on=schema.USER_IDX, how="left", maintain_order="left")
+        .sort(schema.USER_ID, maintain_order=True)  # stable: each history stays in time order
+        .group_by(schema.USER_ID, maintain_order=True)
+        .agg(
+            pl.col(MODEL_IDX).drop_nulls().alias("items"),
+            pl.col(schema.ITEM_ID).alias("seen"),
+            pl.col(MODEL_IDX).is_null().sum().alias("unknown_events"),
+        )
+    )
 
 
 @torch.no_grad()
@@ -41,44 +118,99 @@ def user_vectors(model: SASRec, histories: list[list[int]], batch_size: int) -> 
 
 
 def generate_candidates(
-    model: SASRec, feats: FeatureSet, cfg: CandidatesConfig
+    trained: TrainedModel, feats: FeatureSet, cfg: CandidatesConfig
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Top-``cfg.k`` items per user as a schema.CANDIDATES table plus statistics for the manifest."""
-    hist = full_histories(feats.sequences)
-    lists = hist["items"].to_list()
-    users = user_vectors(model, lists, cfg.batch_size)  # (U, D)
+    """Top-``cfg.k`` items per user of ``feats`` as a schema.CANDIDATES table plus counts for the manifest."""
+    hist = model_histories(feats, trained.item_map)
+    k = min(cfg.k, trained.model.n_items)  # a catalogue smaller than K gives every item
+    known = pl.col("items").list.len() > 0
+    scored, fallback = hist.filter(known), hist.filter(~known)
+    model_rows, search = _model_top_k(trained, scored, k, cfg)
+    table = pl.concat([model_rows, popular_top_k(trained.item_map, fallback, k, cfg.exclude_seen)])
+    table = table.sort([schema.USER_ID, "rank"])
+    schema.check_schema(table, schema.CANDIDATES, "candidates")
+    model_items, feature_items = trained.item_map[schema.ITEM_ID], feats.item_map[schema.ITEM_ID]
+    counts = {
+        "k_effective": k,
+        "users": hist.height,
+        "users_scored": scored.height,
+        "fallback_users": fallback.height,
+        "users_unknown_to_model": _count_missing(hist[schema.USER_ID], trained.user_map[schema.USER_ID]),
+        "unknown_items": _count_missing(feature_items, model_items),
+        "unknown_item_events": int(hist["unknown_events"].sum()),
+        "model_items_not_in_features": _count_missing(model_items, feature_items),
+    }
+    log.info("candidates: %d users scored by the model, %d popularity fallbacks, %d items unknown to the "
+             "model", counts["users_scored"], counts["fallback_users"], counts["unknown_items"])
+    return table, {**counts, "search": search}
+
+
+def _model_top_k(
+    trained: TrainedModel, scored: pl.DataFrame, k: int, cfg: CandidatesConfig
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """FAISS top-k over the model's catalogue for users with a history the model knows."""
+    if scored.height == 0:
+        return _empty(), {"users": 0}
+    lists = scored["items"].to_list()
+    users = user_vectors(trained.model, lists, cfg.batch_size)  # (U, D)
     with torch.no_grad():
-        items = model.item_embeddings()[1:].float().cpu().numpy()  # (I, D); row r = item_idx r + 1
+        items = trained.model.item_embeddings()[1:].float().cpu().numpy()  # (I, D); row r = item_idx r + 1
     index = build_index(items, cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
-    seen = [np.asarray(x, dtype=np.int64) - 1 for x in lists] if cfg.exclude_seen else [
-        np.empty(0, dtype=np.int64) for _ in lists]
-    k = min(cfg.k, items.shape[0])  # a catalogue smaller than K gives every item
+    seen = [np.asarray(x, dtype=np.int64) - 1 if cfg.exclude_seen else np.empty(0, dtype=np.int64)
+            for x in lists]
     ids, scores, stats = search_top_k(index, users, k, seen, batch_size=cfg.batch_size, item_vectors=items)
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
     recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
-    table = _to_table(hist[schema.USER_IDX].to_numpy(), ids, scores, feats)
-    return table, {**stats, "k_effective": k, "ann_recall_at_k": recall, "recall_sample": int(len(sample)),
-                   "users_scored": len(lists)}
+    rows = _to_rows(scored[schema.USER_ID].to_numpy(), ids, scores, trained.item_map)
+    search = {"users": stats["users"], "batches": stats["batches"], "short_users": stats["short_users"],
+              "exact_fallback_users": stats["fallback_users"],  # ANN left short: answered by exact search
+              "ann_recall_at_k": recall, "recall_sample": int(len(sample))}
+    return rows, search
 
 
-def _to_table(user_idx: np.ndarray, ids: np.ndarray, scores: np.ndarray, feats: FeatureSet) -> pl.DataFrame:
+def _to_rows(
+    user_id: np.ndarray, ids: np.ndarray, scores: np.ndarray, item_map: pl.DataFrame
+) -> pl.DataFrame:
+    """ids (U, k) row positions of the model's item table (-1 = none) → schema.CANDIDATES rows."""
     k = ids.shape[1]
     valid = ids.reshape(-1) >= 0
-    frame = pl.DataFrame(
-        {
-            schema.USER_IDX: np.repeat(user_idx, k).astype(np.int32)[valid],
-            schema.ITEM_IDX: (ids.reshape(-1)[valid] + 1).astype(np.int32),
-            "score": scores.reshape(-1)[valid].astype(np.float32),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(user_idx))[valid],
-        }
-    )
-    table = (
-        frame.join(feats.user_map, on=schema.USER_IDX, how="left")
-        .join(feats.item_map.select(schema.ITEM_ID, schema.ITEM_IDX), on=schema.ITEM_IDX, how="left")
-        .select(list(schema.CANDIDATES))
-        .sort([schema.USER_ID, "rank"])
-    )
-    schema.check_schema(table, schema.CANDIDATES, "candidates")
-    return table
+    frame = pl.DataFrame({
+        schema.USER_ID: np.repeat(user_id, k).astype(np.int64)[valid],
+        schema.ITEM_IDX: (ids.reshape(-1)[valid] + 1).astype(np.int32),
+        "score": scores.reshape(-1)[valid].astype(np.float32),
+        "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(user_id))[valid],
+    })
+    return (frame.join(item_map.select(schema.ITEM_ID, schema.ITEM_IDX), on=schema.ITEM_IDX, how="left",
+                       maintain_order="left")
+            .select(list(schema.CANDIDATES)))
+
+
+def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_seen: bool) -> pl.DataFrame:
+    """The fallback: per user of ``users`` (user_id, seen List(Int64)), the k items of ``item_map`` with the
+    most training events (ties by item_id), seen ones excluded; score = share of training events."""
+    if users.height == 0:
+        return _empty()
+    total = max(int(item_map["train_count"].sum()), 1)
+    popular = (item_map.sort(["train_count", schema.ITEM_ID], descending=[True, False])
+               .select(schema.ITEM_ID, (pl.col("train_count") / total).cast(pl.Float32).alias("score"))
+               .with_row_index("order"))
+    n_seen = int(users["seen"].list.len().max() or 0) if exclude_seen else 0
+    rows = users.select(schema.USER_ID).join(popular.head(k + n_seen), how="cross")
+    if exclude_seen:
+        seen = users.select(schema.USER_ID, pl.col("seen").alias(schema.ITEM_ID)).explode(schema.ITEM_ID)
+        rows = rows.join(seen, on=[schema.USER_ID, schema.ITEM_ID], how="anti", maintain_order="left")
+    return (rows.sort([schema.USER_ID, "order"])
+            .group_by(schema.USER_ID, maintain_order=True).head(k)
+            .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(schema.USER_ID).alias("rank"))
+            .select(list(schema.CANDIDATES)))
+
+
+def _count_missing(values: pl.Series, known: pl.Series) -> int:
+    """How many of ``values`` are not in ``known``."""
+    return int((~values.is_in(known.implode())).sum())
+
+
+def _empty() -> pl.DataFrame:
+    return pl.DataFrame(schema={c: t for c, t in schema.CANDIDATES.items()})

@@ -89,6 +89,8 @@ class ModelConfig(_Section):
     n_blocks: int = Field(2, ge=1)
     n_heads: int = Field(1, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    # causal: SASRec next-item training; bidirectional: BERT4Rec-style masked-item training (train.mask_prob).
+    attention: Literal["causal", "bidirectional"] = "causal"
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -100,8 +102,16 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation, early stopping and hardware."""
 
-    loss: Literal["ce", "bce"] = "ce"
+    loss: Literal["ce", "bce", "sampled_softmax", "gbce"] = "ce"
     n_negatives: int = Field(1, ge=1)
+    # sampled_softmax only: how the shared negatives are drawn (log-Q corrected either way).
+    negative_sampling: Literal["uniform", "popularity"] = "uniform"
+    # gbce only: calibration t in [0, 1] (0 = plain BCE, 1 = fully calibrated; gSASRec uses 0.75).
+    gbce_t: float = Field(0.75, ge=0.0, le=1.0)
+    # ce only: share of the target's probability mass spread uniformly over the catalogue.
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # model.attention=bidirectional only: probability that a train position is replaced by [MASK].
+    mask_prob: float = Field(0.2, gt=0.0, lt=1.0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -114,6 +124,19 @@ class TrainConfig(_Section):
     val_batch_size: int = Field(1024, ge=1)
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _loss_options(self) -> TrainConfig:
+        if self.label_smoothing > 0 and self.loss != "ce":
+            raise ValueError(
+                f"train.label_smoothing applies to train.loss=ce only (loss is {self.loss!r}); set it to 0"
+            )
+        if self.negative_sampling != "uniform" and self.loss != "sampled_softmax":
+            raise ValueError(
+                f"train.negative_sampling={self.negative_sampling} applies to train.loss=sampled_softmax only "
+                f"(loss is {self.loss!r}); bce and gbce sample uniformly"
+            )
+        return self
+
 
 class EvaluateConfig(_Section):
     """Offline full-catalogue ranking evaluation."""
@@ -121,6 +144,14 @@ class EvaluateConfig(_Section):
     split: Literal["val", "test"] = "test"
     ks: tuple[int, ...] = (10, 20, 50)
     batch_size: int = Field(1024, ge=1)
+    # Baselines scored in the same run as the model (recsys/baselines.py).
+    baselines: tuple[Literal["popularity", "item_knn", "ease"], ...] = ("popularity", "item_knn", "ease")
+    # item_knn: neighbours kept per item; history items summed (None = the whole history).
+    knn_neighbors: int = Field(100, ge=1)
+    knn_history: int | None = Field(None, ge=1)
+    # ease: L2 weight lambda; skipped (with a logged reason) on catalogues larger than ease_max_items.
+    ease_lambda: float = Field(500.0, gt=0.0)
+    ease_max_items: int = Field(20000, ge=1)
 
 
 class CandidatesConfig(_Section):

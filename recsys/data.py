@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from features.schema import PAD_IDX as PAD
 from features.schema import SEQUENCES, check_schema
 
+SHUFFLE_STREAM = 1  # derive_seed stream of the training order (recsys.training uses 0 for each step)
+
 
 def pad_lists(lists: Sequence[Sequence[int]], length: int | None = None) -> torch.Tensor:
     """Left-pad integer lists with 0 into a (N, L) int64 tensor, keeping the LAST ``length`` items.
@@ -69,16 +71,60 @@ class RaggedItems:
         return torch.where(real, self.values[src], 0)  # (R, W)
 
 
+def derive_seed(seed: int, stream: int, *keys: int) -> int:
+    """A 32-bit seed that depends only on its arguments; ``stream`` keeps distinct uses apart."""
+    return int(np.random.SeedSequence([seed % 2**64, stream, *keys]).generate_state(1)[0])
+
+
+def mask_items(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    max_len: int,
+    mask_token: int,
+    mask_prob: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A masked-item (cloze, BERT4Rec) batch from a next-item train batch of :class:`SequenceDataModule`.
+
+    inputs, targets: (B, T) as in a train batch (targets = inputs shifted left). The sequence is the inputs
+    plus the last target column, i.e. each user's last ``max_len`` train items: (B, W), W = min(T + 1, max_len).
+    Each real item is replaced by ``mask_token`` with probability ``mask_prob``; a row left with none masked
+    gets one, chosen uniformly among its real items. Random numbers come from ``generator`` (None = torch's
+    global generator, which training reseeds every epoch). Returns (inputs, targets), both (B, W): the
+    masked sequence, and the hidden item at masked positions with 0 (no target) elsewhere.
+    """
+    seq = torch.cat([inputs, targets[:, -1:]], 1)[:, -max_len:]  # (B, W)
+    real = seq != PAD  # (B, W)
+    device = generator.device if generator is not None else seq.device
+    draws = torch.rand((2, *seq.shape), device=device, generator=generator).to(seq.device)  # (2, B, W)
+    masked = real & (draws[0] < mask_prob)  # (B, W)
+    pick = draws[1].masked_fill(~real, -1.0).argmax(1)  # (B,) a uniform real position
+    forced = torch.zeros_like(masked).scatter_(1, pick.unsqueeze(1), True) & real  # (B, W)
+    masked |= forced & ~masked.any(1, keepdim=True)
+    return seq.masked_fill(masked, mask_token), seq.masked_fill(~masked, PAD)
+
+
 class IndexBatchSampler(Sampler[torch.Tensor]):
-    """Yields (B,) index tensors: a fresh seeded permutation per epoch if ``shuffle``, else in order."""
+    """Yields (B,) index tensors: a seeded permutation if ``shuffle``, else in order.
+
+    The permutation is a function of (``seed``, epoch) only, so a run resumed at any epoch replays the same
+    order. Lightning calls :meth:`set_epoch` before every epoch; without it each pass uses the next epoch.
+    """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
-        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
-        yield from order.split(self.batch_size)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if not self.shuffle:
+            yield from torch.arange(self.n).split(self.batch_size)
+            return
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, SHUFFLE_STREAM, epoch))
+        yield from torch.randperm(self.n, generator=generator).split(self.batch_size)
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -115,7 +161,8 @@ class SequenceDataModule(L.LightningDataModule):
     Val batch (users with val items, ordered by train length): ``inputs`` (B, T) last ``max_len`` train
     items, ``history`` (B, H) ALL train items (to exclude from the ranking), ``targets`` (B, M) the val items.
     Every tensor is int64, left-padded with 0, and trimmed to the widest row in the batch; the tables behind
-    them are int32.
+    them are int32. ``item_counts`` (n_items + 1,) int64: each item's number of train events (all of
+    ``train_items``, not only the last ``max_len + 1``); entry 0 is 0.
     """
 
     def __init__(
@@ -135,6 +182,7 @@ class SequenceDataModule(L.LightningDataModule):
         self._val = RaggedItems.from_series(sequences["val_items"])
         _check_item_range(self._train, "train_items", n_items)
         _check_item_range(self._val, "val_items", n_items)
+        self.item_counts = torch.bincount(self._train.values.long(), minlength=n_items + 1)  # (n_items + 1,)
         self.train_users = torch.nonzero(self._train.lengths >= 2).squeeze(1)  # (U,) row numbers
         self.train_rows = self._train.pad(self.train_users, max_len + 1)  # (U, max_len + 1)
         val_users = torch.nonzero(self._val.lengths >= 1).squeeze(1)  # (V,) row numbers

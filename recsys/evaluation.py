@@ -1,6 +1,7 @@
 """Offline full-catalogue evaluation: every item is ranked, the user's history is excluded, ties are pessimistic.
 
-The same routine scores the model and the baselines, so their numbers are comparable by construction.
+The same routine scores the model and the baselines (``evaluate.baselines``: popularity, item_knn, ease), so
+their numbers are comparable by construction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import polars as pl
 import torch
 
 from features.schema import SEQUENCES, USER_IDX, check_schema
-from recsys.baselines import popularity_scorer, popularity_scores
+from recsys.baselines import ease_scorer, item_knn_scorer, popularity_scorer, popularity_scores
 from recsys.config import EvaluateConfig
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
 
@@ -75,6 +76,17 @@ def _to_long(series: pl.Series) -> torch.Tensor:
     return torch.from_numpy(series.to_numpy().astype(np.int64))  # a writable copy
 
 
+def split_histories(sequences: pl.DataFrame, split: Literal["val", "test"]) -> pl.DataFrame:
+    """(``user_idx``, ``history``) for every user: what is known when ``split`` is predicted.
+
+    val: train_items; test: train_items + val_items. Raises ``ValueError`` on an unknown split.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    history = pl.col("train_items") if split == "val" else pl.concat_list("train_items", "val_items")
+    return sequences.select(pl.col(USER_IDX), history.alias("history"))
+
+
 def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_len: int) -> EvalSet:
     """Eval tensors for ``split`` from a SEQUENCES table.
 
@@ -83,15 +95,10 @@ def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_l
     Raises ``ValueError`` on a schema mismatch, an unknown split or ``max_len`` < 1.
     """
     check_schema(sequences, SEQUENCES, "sequences")
-    if split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
-    history = pl.col("train_items") if split == "val" else pl.concat_list("train_items", "val_items")
-    frame = sequences.select(
-        pl.col(USER_IDX),
-        history.alias("history"),
-        pl.col(f"{split}_items").list.unique(maintain_order=True).alias("targets"),
+    frame = split_histories(sequences, split).with_columns(
+        sequences[f"{split}_items"].list.unique(maintain_order=True).alias("targets"),
     ).filter((pl.col("history").list.len() > 0) & (pl.col("targets").list.len() > 0))
     return EvalSet(
         user_idx=_to_long(frame[USER_IDX]),
@@ -190,6 +197,31 @@ def evaluate_scorers(
     return results
 
 
+def baseline_scorers(
+    sequences: pl.DataFrame, n_items: int, cfg: EvaluateConfig, item_popularity: torch.Tensor | None = None
+) -> dict[str, ScoreFn]:
+    """The scorers of ``cfg.baselines``, item_knn and ease fitted on the histories of ``cfg.split``.
+
+    ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``. ease is
+    skipped, with a logged warning, when ``n_items`` > ``cfg.ease_max_items`` (its dense n_items x n_items
+    inverse).
+    """
+    histories = split_histories(sequences, cfg.split)
+    scorers: dict[str, ScoreFn] = {}
+    for name in dict.fromkeys(cfg.baselines):  # in order, once each
+        if name == "popularity":
+            pop = item_popularity if item_popularity is not None else popularity_scores(sequences, n_items)
+            scorers[name] = popularity_scorer(pop)
+        elif name == "item_knn":
+            scorers[name] = item_knn_scorer(histories, n_items, cfg.knn_neighbors, cfg.knn_history)
+        elif n_items > cfg.ease_max_items:
+            logger.warning("baseline ease skipped: %d items > evaluate.ease_max_items (%d); its dense "
+                           "%d x %d inverse would be too large", n_items, cfg.ease_max_items, n_items, n_items)
+        else:
+            scorers[name] = ease_scorer(histories, n_items, cfg.ease_lambda)
+    return scorers
+
+
 def evaluate_all(
     model: RankingModel,
     sequences: pl.DataFrame,
@@ -198,13 +230,13 @@ def evaluate_all(
     cfg: EvaluateConfig,
     max_len: int,
 ) -> dict[str, dict[str, float]]:
-    """``{"model": metrics, "popularity": metrics}`` on ``cfg.split``.
+    """``{"model": metrics, <baseline>: metrics, ...}`` on ``cfg.split``, baselines as in ``cfg.baselines``
+    (:func:`baseline_scorers`; a skipped one has no key).
 
     ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``.
     """
     eval_set = build_eval_set(sequences, cfg.split, max_len)
-    pop = item_popularity if item_popularity is not None else popularity_scores(sequences, n_items)
-    scorers = {"model": model_scorer(model), "popularity": popularity_scorer(pop)}
+    scorers = {"model": model_scorer(model), **baseline_scorers(sequences, n_items, cfg, item_popularity)}
     return evaluate_scorers(scorers, eval_set, n_items, cfg.ks, cfg.batch_size)
 
 

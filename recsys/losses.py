@@ -1,11 +1,18 @@
 """Next-item losses on flattened real positions.
 
 All functions take ``hidden`` (N, D) at the positions that have a target, ``targets`` (N,) item indices in
-1..n_items, and the item table ``item_emb`` (n_items + 1, D) whose row 0 is padding.
+1..n_items, and the item table ``item_emb`` (n_items + 1, D) whose row 0 is padding (no other rows: a
+[MASK] row must be sliced off by the caller). Each returns the mean over the N positions.
+
+- :func:`full_ce`: softmax over the whole catalogue (optionally label-smoothed).
+- :func:`sampled_softmax`: softmax over the positive and K negatives shared by all N positions, log-Q corrected.
+- :func:`sampled_bce`: binary cross-entropy with K uniform negatives per position (SASRec).
+- :func:`sampled_gbce`: gSASRec's generalised BCE, the positive's probability raised to the power beta.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -17,20 +24,31 @@ CE_CHUNK_ELEMENTS = 1 << 22
 CE_CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
-def full_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+def full_ce(
+    hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean softmax cross-entropy over the whole catalogue; the padding item is not a class.
 
-    Equal to ``F.cross_entropy(hidden @ item_emb[1:].T, targets - 1)`` but computed in row chunks, with the
-    gradients formed in the same pass: peak memory is one chunk of logits instead of (N, n_items) logits,
-    their log-softmax and its gradient. Softmax arithmetic is float32 (also under autocast).
+    Equal to ``F.cross_entropy(hidden @ item_emb[1:].T, targets - 1, label_smoothing=label_smoothing)`` but
+    computed in row chunks, with the gradients formed in the same pass: peak memory is one chunk of logits
+    instead of (N, n_items) logits, their log-softmax and its gradient. Softmax arithmetic is float32 (also
+    under autocast). Raises ``ValueError`` unless 0 <= ``label_smoothing`` < 1.
     """
-    return _ChunkedCE.apply(hidden, targets.long() - 1, item_emb[1:])
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return _ChunkedCE.apply(hidden, targets.long() - 1, item_emb[1:], float(label_smoothing))
 
 
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """hidden: (N, D); classes: (N,) in 0..I-1; weight: (I, D)."""
+    def forward(
+        ctx: Any, hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float
+    ) -> torch.Tensor:
+        """hidden: (N, D); classes: (N,) in 0..I-1; weight: (I, D).
+
+        Row loss: ``lse(s) - (1 - eps) * s[c] - eps * mean(s)``; its logit gradient
+        ``softmax(s) - (1 - eps) * onehot(c) - eps / I``.
+        """
         n = hidden.shape[0]
         budget = CE_CHUNK_ELEMENTS_CUDA if hidden.is_cuda else CE_CHUNK_ELEMENTS
         chunk = max(1, budget // weight.shape[0])
@@ -43,12 +61,16 @@ class _ChunkedCE(torch.autograd.Function):
             logits = (h @ weight.T).float()  # (C, I)
             top = logits.amax(-1, keepdim=True)  # (C, 1)
             target = logits.gather(1, c.unsqueeze(1))  # (C, 1)
+            if smoothing:
+                target = (1.0 - smoothing) * target + smoothing * logits.mean(-1, keepdim=True)  # (C, 1)
             exp = logits.sub_(top).exp_()  # (C, I) in place: one exp pass serves loss and gradient
             norm = exp.sum(-1, keepdim=True)  # (C, 1)
             total += (top + norm.log() - target).sum()
             if need_grad:
                 probs = exp.div_(norm)  # (C, I) softmax
-                probs[torch.arange(len(c), device=c.device), c] -= 1.0  # d(row loss)/d(logits)
+                probs[torch.arange(len(c), device=c.device), c] -= 1.0 - smoothing  # d(row loss)/d(logits)
+                if smoothing:
+                    probs -= smoothing / weight.shape[0]
                 probs = probs.to(hidden.dtype)
                 grad_h[start:start + chunk] = probs @ weight  # (C, D)
                 grad_w += probs.T @ h  # (I, D)
@@ -57,9 +79,45 @@ class _ChunkedCE(torch.autograd.Function):
         return total / n
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+    def backward(
+        ctx: Any, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, None, grad_w * grad_out
+        return grad_h * grad_out, None, grad_w * grad_out, None
+
+
+def sampled_softmax(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_emb: torch.Tensor,
+    n_negatives: int,
+    sampling_probs: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Softmax cross-entropy over the positive and ``n_negatives`` negatives shared by all N positions.
+
+    The negatives are drawn with replacement from ``sampling_probs`` (n_items + 1,) (per-draw probabilities,
+    entry 0 must be 0; None = uniform over 1..n_items) on ``generator``'s device. Every logit, the positive's
+    included, is corrected by ``- log Q(item)`` (sampled softmax with log-Q correction, Jean et al. 2015;
+    Yi et al. 2019), so that the loss estimates the full softmax without the popularity bias of the sampler.
+    A negative equal to the row's positive (an accidental hit) gets logit -inf. Logits are float32.
+    """
+    n_items = item_emb.shape[0] - 1
+    device = generator.device if generator is not None else hidden.device
+    if sampling_probs is None:
+        negatives = torch.randint(1, n_items + 1, (n_negatives,), device=device, generator=generator)  # (K,)
+        log_q = torch.full((n_items + 1,), -math.log(n_items), device=hidden.device)  # (I + 1,)
+    else:
+        if sampling_probs.shape != (n_items + 1,):
+            raise ValueError(f"sampling_probs has shape {tuple(sampling_probs.shape)}, expected ({n_items + 1},)")
+        negatives = torch.multinomial(sampling_probs.to(device), n_negatives, replacement=True, generator=generator)
+        log_q = sampling_probs.to(hidden.device, torch.float32).log()  # (I + 1,)
+    negatives = negatives.to(hidden.device)  # (K,)
+    targets = targets.long()
+    pos = (hidden * item_emb[targets]).sum(-1).float() - log_q[targets]  # (N,)
+    neg = (hidden @ item_emb[negatives].T).float() - log_q[negatives]  # (N, K)
+    neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))  # (N, K)
+    return (torch.logsumexp(torch.cat([pos.unsqueeze(1), neg], 1), 1) - pos).mean()
 
 
 def sampled_bce(
@@ -75,10 +133,55 @@ def sampled_bce(
     negative this is the SASRec paper's loss), averaged over positions. Negatives are drawn uniformly from
     1..n_items on ``generator``'s device (then moved to ``hidden``'s) and may hit the positive.
     """
+    return _binary_loss(hidden, targets, item_emb, n_negatives, 1.0, generator)
+
+
+def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
+    """gSASRec's power beta = alpha * (t * (1 - 1/alpha) + 1/alpha), alpha = n_negatives / (n_items - 1).
+
+    Petrov & Macdonald, "gSASRec: Reducing Overconfidence in Sequential Recommendation Trained with Negative
+    Sampling", RecSys 2023 (as in ``gbce.py`` of github.com/asash/gSASRec-pytorch). t = 0 gives
+    beta = 1 (plain BCE), t = 1 gives beta = alpha (fully calibrated). Raises ``ValueError`` unless
+    1 <= n_negatives <= n_items - 1 and 0 <= t <= 1.
+    """
+    if not 1 <= n_negatives <= n_items - 1:
+        raise ValueError(f"gbce needs 1 <= n_negatives <= n_items - 1 = {n_items - 1}, got {n_negatives}")
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"gbce calibration t must be in [0, 1], got {t}")
+    alpha = n_negatives / (n_items - 1)
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def sampled_gbce(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_emb: torch.Tensor,
+    n_negatives: int,
+    t: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """gSASRec's generalised BCE: :func:`sampled_bce` with the positive's probability raised to ``beta``.
+
+    Per position: ``-beta * log sigmoid(s+) - sum_j log(1 - sigmoid(s-_j))`` with ``beta`` =
+    :func:`gbce_beta` (``n_negatives``, n_items, ``t``); the same uniform negatives as :func:`sampled_bce`.
+    """
+    beta = gbce_beta(n_negatives, item_emb.shape[0] - 1, t)
+    return _binary_loss(hidden, targets, item_emb, n_negatives, beta, generator)
+
+
+def _binary_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_emb: torch.Tensor,
+    n_negatives: int,
+    beta: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``mean(beta * softplus(-s+) + sum_j softplus(s-_j))`` with per-position uniform negatives."""
     n_items = item_emb.shape[0] - 1
     device = generator.device if generator is not None else hidden.device
     negatives = torch.randint(1, n_items + 1, (hidden.shape[0], n_negatives), device=device, generator=generator)
     negatives = negatives.to(hidden.device)  # (N, K)
     pos = (hidden * item_emb[targets.long()]).sum(-1)  # (N,)
     neg = torch.einsum("nd,nkd->nk", hidden, item_emb[negatives])  # (N, K)
-    return (F.softplus(-pos.float()) + F.softplus(neg.float()).sum(-1)).mean()
+    return (beta * F.softplus(-pos.float()) + F.softplus(neg.float()).sum(-1)).mean()

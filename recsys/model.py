@@ -3,12 +3,18 @@
 The model is plain PyTorch: ``forward`` maps item indices to hidden states and ``score`` ranks the whole
 catalogue by a dot product with the (shared) item embedding table. Loss, optimiser and logging live in
 :mod:`recsys.system`.
+
+``attention="causal"`` is SASRec (each position sees itself and the past; trained on the next item).
+``attention="bidirectional"`` is the BERT4Rec recipe (Sun et al., 2019) in the same code: every real position
+sees every other, the table has an extra [MASK] row (index ``n_items + 1``, never a candidate), training
+predicts masked items (:func:`recsys.data.mask_items`), and :meth:`SASRec.user_vectors` appends a [MASK]
+after the history and reads the hidden state there.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,7 @@ from torch import nn
 from recsys.storage import read_json, write_json
 
 PAD = 0
+ATTENTION = ("causal", "bidirectional")
 WEIGHTS_FILE = "model.pt"
 KWARGS_FILE = "model.json"
 
@@ -61,6 +68,7 @@ class SASRec(nn.Module):
 
     Inputs are LEFT-padded with 0 and positions are right-aligned (the last column always has position
     ``max_len - 1``), so extra left padding does not change the outputs at real positions.
+    ``mask_token`` is ``n_items + 1`` for bidirectional attention, None for causal.
     """
 
     def __init__(
@@ -71,19 +79,23 @@ class SASRec(nn.Module):
         n_blocks: int,
         n_heads: int,
         dropout: float,
-        causal: bool = True,
+        attention: Literal["causal", "bidirectional"] = "causal",
     ) -> None:
         super().__init__()
         if hidden % n_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by n_heads ({n_heads})")
         if n_items < 1 or max_len < 1:
             raise ValueError(f"n_items ({n_items}) and max_len ({max_len}) must be positive")
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         self.kwargs: dict[str, Any] = dict(
             n_items=n_items, max_len=max_len, hidden=hidden, n_blocks=n_blocks,
-            n_heads=n_heads, dropout=dropout, causal=causal,
+            n_heads=n_heads, dropout=dropout, attention=attention,
         )
-        self.n_items, self.max_len, self.causal = n_items, max_len, causal
-        self.item_emb = nn.Embedding(n_items + 1, hidden, padding_idx=PAD)
+        self.n_items, self.max_len, self.attention = n_items, max_len, attention
+        self.causal = attention == "causal"
+        self.mask_token: int | None = None if self.causal else n_items + 1
+        self.item_emb = nn.Embedding(n_items + (1 if self.causal else 2), hidden, padding_idx=PAD)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(hidden, n_heads, dropout) for _ in range(n_blocks))
@@ -121,15 +133,23 @@ class SASRec(nn.Module):
         return mask | eye  # (B, 1, T, T)
 
     def item_embeddings(self) -> torch.Tensor:
-        """(n_items + 1, D) item table; row 0 is padding and must be ignored when ranking."""
-        return self.item_emb.weight
+        """(n_items + 1, D) item table; row 0 is padding and must be ignored when ranking. No [MASK] row."""
+        return self.item_emb.weight[: self.n_items + 1]
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (..., D) -> (..., n_items + 1) dot-product scores against every item."""
-        return hidden @ self.item_emb.weight.T  # (..., I + 1)
+        """hidden: (..., D) -> (..., n_items + 1) dot-product scores against every item ([MASK] is no item)."""
+        return hidden @ self.item_embeddings().T  # (..., I + 1)
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """items: (B, T) left-padded -> (B, D) hidden state at the last position (= ``forward(items)[:, -1]``)."""
+        """items: (B, T) left-padded history -> (B, D) user vectors.
+
+        Causal: the hidden state at the last position (= ``forward(items)[:, -1]``). Bidirectional: a [MASK]
+        is appended after the history (the oldest column dropped if that exceeds ``max_len``) and its hidden
+        state is returned, i.e. the state that predicts the next item.
+        """
+        if self.mask_token is not None:
+            mask = torch.full_like(items[:, :1], self.mask_token)  # (B, 1)
+            items = torch.cat([items, mask], 1)[:, -self.max_len:]  # (B, min(T + 1, max_len))
         return self._encode(items, last_only=True)[:, -1]  # (B, D)
 
 
@@ -153,12 +173,19 @@ def save_model(model: SASRec, path_dir: str | Path) -> None:
 def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -> SASRec:
     """Rebuild a :class:`SASRec` written by :func:`save_model`, in eval mode.
 
-    Raises ``FileNotFoundError`` naming the missing file.
+    Raises ``FileNotFoundError`` naming the missing file. ``model.json`` of older versions (``causal: true``
+    instead of ``attention``) still loads.
     """
     path_dir = Path(path_dir)
     weights = path_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist; write it with recsys.model.save_model")
-    model = SASRec(**read_json(path_dir / KWARGS_FILE))
+    kwargs = read_json(path_dir / KWARGS_FILE)
+    if "causal" in kwargs:
+        if not kwargs.pop("causal"):
+            raise ValueError(f"{path_dir / KWARGS_FILE}: 'causal: false' models (no [MASK] token) are no "
+                             "longer supported; retrain with model.attention=bidirectional")
+        kwargs["attention"] = "causal"
+    model = SASRec(**kwargs)
     model.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True))
     return model.to(map_location).eval()

@@ -5,22 +5,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from recsys.faults import fault_point
+
+TMP_TAG = ".tmp-"
+OLD_TAG = ".old-"
+_STALE = re.compile(r"\.(?P<name>.+)(?P<tag>\.tmp-|\.old-)(?P<pid>\d+)")
+
 
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` only if the block succeeds.
 
-    On any exception the temporary directory is removed and ``target`` keeps its previous content.
+    On any exception the temporary directory is removed and ``target`` keeps its previous content. Leftovers
+    of a process killed inside the block (or between the two renames) are cleared first, see
+    :func:`remove_stale_temps`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    remove_stale_temps(target.parent)
+    tmp = target.parent / f".{target.name}{TMP_TAG}{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -29,7 +39,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    old = target.parent / f".{target.name}{OLD_TAG}{os.getpid()}"
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
@@ -37,8 +47,70 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old)
 
 
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) -> None:
+    """Write ``path`` via a temporary sibling, fsync and ``os.replace``: readers see old or new, never half.
+
+    ``fault`` names a :func:`recsys.faults.fault_point` reached once the bytes are written, before the rename.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}"
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if fault is not None:
+            fault_point(fault)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` entries in ``directory`` whose process is gone.
+
+    An ``.old-`` entry whose ``<name>`` is missing (killed between the two renames of :func:`atomic_dir`) is
+    renamed back to ``<name>``: the previous complete output wins over an unfinished one. Returns what was
+    removed or restored. Entries of live processes are left alone.
+    """
+    directory = Path(directory)
+    touched = []
+    for entry in sorted(directory.glob(".*")):
+        match = _STALE.fullmatch(entry.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        target = directory / match["name"]
+        if match["tag"] == OLD_TAG and not target.exists():
+            os.replace(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        touched.append(entry)
+    return touched
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_json(path: str | Path, payload: dict[str, Any], atomic: bool = False) -> None:
+    """Write ``payload`` as indented JSON; ``atomic`` goes through :func:`atomic_write_bytes`."""
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+    if atomic:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    else:
+        Path(path).write_text(text, encoding="utf-8")
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -8,9 +8,12 @@ import pytorch_lightning as L
 import torch
 
 from recsys.config import Config
-from recsys.losses import full_ce, sampled_bce
+from recsys.data import mask_items
+from recsys.losses import full_ce, gbce_beta, sampled_bce, sampled_gbce, sampled_softmax
 from recsys.metrics import PAD, exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.model import SASRec
+
+LOSSES = ("ce", "bce", "sampled_softmax", "gbce")
 
 VAL_K = 10
 MONITOR = f"val/ndcg_at_{VAL_K}"
@@ -19,8 +22,13 @@ MONITOR = f"val/ndcg_at_{VAL_K}"
 class SASRecSystem(L.LightningModule):
     """Trains SASRec on next-item prediction; validates by full-catalogue ranking of the val items.
 
-    Batches follow :class:`recsys.data.SequenceDataModule`. Logs ``train/loss`` and, per epoch as the mean
-    over users, ``val/ndcg_at_10`` and ``val/hr_at_10`` (history excluded, pessimistic ties).
+    Batches follow :class:`recsys.data.SequenceDataModule`. Causal attention trains on the next item at every
+    position; bidirectional attention masks items of the same batch (:func:`recsys.data.mask_items`) and
+    trains on the masked positions only. Either way the loss is ``loss`` (see :mod:`recsys.losses`).
+    Popularity sampling (``negative_sampling="popularity"``) needs the train item counts: taken from the
+    datamodule's ``item_counts`` at ``setup``, or given with :meth:`set_item_counts`.
+    Logs ``train/loss`` and, per epoch as the mean over users, ``val/ndcg_at_10`` and ``val/hr_at_10``
+    (history excluded, pessimistic ties).
     """
 
     def __init__(
@@ -31,16 +39,29 @@ class SASRecSystem(L.LightningModule):
         n_blocks: int = 2,
         n_heads: int = 1,
         dropout: float = 0.2,
-        loss: Literal["ce", "bce"] = "ce",
+        loss: Literal["ce", "bce", "sampled_softmax", "gbce"] = "ce",
         n_negatives: int = 1,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        attention: Literal["causal", "bidirectional"] = "causal",
+        mask_prob: float = 0.2,
+        negative_sampling: Literal["uniform", "popularity"] = "uniform",
+        gbce_t: float = 0.75,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if loss not in ("ce", "bce"):
-            raise ValueError(f"loss must be 'ce' or 'bce', got {loss!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if negative_sampling not in ("uniform", "popularity"):
+            raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {negative_sampling!r}")
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        if loss == "gbce":
+            gbce_beta(n_negatives, n_items, gbce_t)  # raises on a bad combination before training starts
         self.save_hyperparameters()
-        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout)
+        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention)
+        # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
+        self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
 
     @classmethod
     def from_config(cls, cfg: Config, n_items: int) -> SASRecSystem:
@@ -48,7 +69,31 @@ class SASRecSystem(L.LightningModule):
         return cls(
             n_items=n_items, max_len=m.max_len, hidden=m.hidden, n_blocks=m.n_blocks, n_heads=m.n_heads,
             dropout=m.dropout, loss=t.loss, n_negatives=t.n_negatives, lr=t.lr, weight_decay=t.weight_decay,
+            attention=m.attention, mask_prob=t.mask_prob, negative_sampling=t.negative_sampling,
+            gbce_t=t.gbce_t, label_smoothing=t.label_smoothing,
         )
+
+    def set_item_counts(self, counts: torch.Tensor) -> None:
+        """Popularity sampling ∝ max(train count, 1) over items 1..n_items (every item stays drawable).
+
+        counts: (n_items + 1,) train events per item (entry 0, padding, is ignored).
+        """
+        n_items = self.hparams["n_items"]
+        if counts.shape != (n_items + 1,):
+            raise ValueError(f"item counts have shape {tuple(counts.shape)}, expected ({n_items + 1},)")
+        weights = counts.double().clamp(min=1.0)
+        weights[PAD] = 0.0
+        self.sampling_probs.copy_(weights / weights.sum())
+
+    def setup(self, stage: str) -> None:
+        if self.hparams["negative_sampling"] != "popularity" or stage != "fit":
+            return
+        counts = getattr(self.trainer.datamodule, "item_counts", None)
+        if counts is None and not bool(self.sampling_probs.sum() > 0):
+            raise ValueError("train.negative_sampling=popularity needs item counts: fit with a SequenceDataModule "
+                             "or call set_item_counts first")
+        if counts is not None:
+            self.set_item_counts(counts)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -58,8 +103,9 @@ class SASRecSystem(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         if stage == "train":
-            hidden = self.model(batch["inputs"])  # (B, T, D)
-            loss = self._next_item_loss(hidden, batch["targets"])
+            inputs, targets = self._training_inputs(batch)  # (B, W) each
+            hidden = self.model(inputs)  # (B, W, D)
+            loss = self._next_item_loss(hidden, targets)
             self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(hidden))
             return loss
         user = self.model.user_vectors(batch["inputs"])  # (B, D)
@@ -70,13 +116,28 @@ class SASRecSystem(L.LightningModule):
                      batch_size=len(user), sync_dist=True)
         return metrics[f"ndcg_at_{VAL_K}"].mean()
 
+    def _training_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal: the batch as it is (next-item targets). Bidirectional: a masked-item batch."""
+        if self.model.mask_token is None:
+            return batch["inputs"], batch["targets"]
+        return mask_items(
+            batch["inputs"], batch["targets"], self.model.max_len, self.model.mask_token, self.hparams["mask_prob"]
+        )
+
     def _next_item_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss at the positions with a target (targets != 0): next items, or masked items if bidirectional."""
         real = targets != PAD  # (B, T)
         h, t = hidden[real], targets[real]  # (N, D), (N,)
-        item_emb = self.model.item_embeddings()  # (I + 1, D)
-        if self.hparams["loss"] == "ce":
-            return full_ce(h, t, item_emb)
-        return sampled_bce(h, t, item_emb, self.hparams["n_negatives"])
+        item_emb = self.model.item_embeddings()  # (I + 1, D), no [MASK] row
+        hp = self.hparams
+        if hp["loss"] == "ce":
+            return full_ce(h, t, item_emb, hp["label_smoothing"])
+        if hp["loss"] == "sampled_softmax":
+            probs = self.sampling_probs if hp["negative_sampling"] == "popularity" else None
+            return sampled_softmax(h, t, item_emb, hp["n_negatives"], probs)
+        if hp["loss"] == "gbce":
+            return sampled_gbce(h, t, item_emb, hp["n_negatives"], hp["gbce_t"])
+        return sampled_bce(h, t, item_emb, hp["n_negatives"])
 
     def _ranking_metrics(
         self, user: torch.Tensor, history: torch.Tensor, targets: torch.Tensor

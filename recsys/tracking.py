@@ -1,12 +1,19 @@
 """MLflow tracking: one run per job, params from the flattened config, metrics, artifacts, model registry.
 
-This is the only module of ours that imports mlflow. With ``tracking.uri`` unset the store is an embedded
-SQLite database in the work directory (no server needed); artifacts go to ``<work_dir>/mlartifacts``.
+This module and :mod:`recsys.registry` are the only ones of ours that import mlflow. With ``tracking.uri``
+unset the store is an embedded SQLite database in the work directory (no server needed); artifacts go to
+``<work_dir>/mlartifacts``.
+
+A tracking SERVER that cannot be reached never costs a job its work: the HTTP client's timeout and retries
+come from ``tracking.http_*`` (so a dead server is detected in bounded time, see :func:`configure_http`),
+the job then runs with tracking off, writes its local outputs as usual, and fails at the end with a
+:class:`TrackingUnavailableError` naming the URI.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +25,10 @@ from recsys.config import Config
 log = logging.getLogger(__name__)
 
 
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server did not answer; the message names the URI and what was kept locally."""
+
+
 def tracking_uri(cfg: Config) -> str:
     """The configured URI, or the embedded SQLite store in the work directory."""
     if cfg.tracking.uri:
@@ -25,13 +36,38 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{Path(cfg.work_dir).resolve() / 'mlflow.db'}"
 
 
+def configure_http(cfg: Config) -> None:
+    """Set MLflow's HTTP client timeout, retries and backoff (process-wide) from ``tracking.http_*``.
+
+    One request to an unreachable server then gives up after at most about
+    ``(http_max_retries + 1) * http_timeout_s + http_backoff_factor * 2 ** http_max_retries`` seconds
+    (a refused connection fails at once, so only the backoff counts there). MLflow's own defaults
+    (7 retries, backoff factor 2, 120 s timeout) would wait for many minutes.
+    """
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.tracking.http_timeout_s)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.tracking.http_max_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(cfg.tracking.http_backoff_factor)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in job logs
+
+
 @dataclass
 class JobRun:
-    """Handle on an active MLflow run (a no-op when tracking is disabled)."""
+    """Handle on an active MLflow run (a no-op when tracking is disabled or its server is unreachable)."""
 
     run_id: str | None
     uri: str | None
     registered_model: str
+    unavailable: TrackingUnavailableError | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def require(self) -> None:
+        """Raise now if tracking was asked for but its server is unreachable (before work that needs it)."""
+        if self.unavailable is not None:
+            raise self.unavailable
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.run_id is None:
@@ -99,18 +135,47 @@ def _experiment_id(cfg: Config) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
 
 
+def _unavailable(cfg: Config, uri: str, exc: Exception) -> TrackingUnavailableError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    error = TrackingUnavailableError(
+        f"MLflow tracking server {uri} is unavailable: {first_line}. Nothing was logged or registered; "
+        f"whatever the job could do without the server is kept under {Path(cfg.work_dir).resolve()}. "
+        f"Check tracking.uri and the server (gave up after {cfg.tracking.http_max_retries} retries, "
+        f"{cfg.tracking.http_timeout_s} s timeout per request: tracking.http_*)."
+    )
+    error.__cause__ = exc
+    return error
+
+
 @contextmanager
 def job_run(cfg: Config, job: str, tags: dict[str, Any] | None = None) -> Iterator[JobRun]:
-    """Start one MLflow run for ``job`` with the flattened config as params; ends FAILED on error."""
+    """Start one MLflow run for ``job`` with the flattened config as params; ends FAILED on error.
+
+    If the tracking server cannot be reached, the block runs with a no-op handle (``unavailable`` set) and
+    :class:`TrackingUnavailableError` is raised once it has finished, so local outputs are never lost.
+    """
     if not cfg.tracking.enabled:
         yield JobRun(None, None, cfg.tracking.registered_model)
         return
     import mlflow
+    from mlflow.exceptions import MlflowException
 
+    configure_http(cfg)
     uri = tracking_uri(cfg)
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(cfg)
+    try:
+        experiment_id = _experiment_id(cfg)
+    except MlflowException as exc:
+        if not uri.startswith(("http://", "https://")):
+            raise
+        error = _unavailable(cfg, uri, exc)
+    else:
+        error = None
+    if error is not None:
+        log.error("%s", error)
+        yield JobRun(None, uri, cfg.tracking.registered_model, unavailable=error)
+        raise error
     with mlflow.start_run(experiment_id=experiment_id, run_name=job) as run:
         mlflow.set_tags({"job": job, **{k: str(v) for k, v in (tags or {}).items()}})
         mlflow.log_params({k: str(v)[:6000] for k, v in cfg.flat().items()})

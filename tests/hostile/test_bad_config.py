@@ -110,10 +110,6 @@ def test_bad_arguments_are_usage_errors(argv: list[str], expected: str, capsys):
     assert_user_error(run_cli(capsys, *argv), EXIT_USAGE, "usage: recsys", expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipelines/cli.py creates <work_dir>/logs before its error handling: NotADirectoryError escapes",
-)
 def test_work_dir_that_is_a_file(tmp_path: Path, capsys):
     events = tmp_path / "events.csv"
     events.write_text(EVENTS, encoding="utf-8")

@@ -28,8 +28,11 @@ def test_run_succeeds_and_writes_every_artifact(demo_run):
     code, work = demo_run
     assert code == EXIT_OK
     for rel in ("features/manifest.json", "features/sequences.parquet", "model/model.pt", "model/config.yaml",
-                "evaluation/report.json", "candidates/candidates.parquet", "candidates/manifest.json"):
+                "evaluation/report.json", "evaluation/promotion.json"):
         assert (work / rel).is_file(), rel
+    (night,) = (work / "candidates").glob("date=*")  # today's partition (UTC)
+    for name in ("candidates.parquet", "manifest.json", "drift.json"):
+        assert (night / name).is_file(), name
 
 
 def test_model_beats_popularity_by_a_wide_margin(demo_run):
@@ -48,7 +51,8 @@ def test_manifest_accounts_for_every_row(demo_run):
 
 def test_candidates_are_k_unseen_items_in_original_ids(demo_run):
     _, work = demo_run
-    cands = pl.read_parquet(work / "candidates" / "candidates.parquet")
+    (night,) = (work / "candidates").glob("date=*")
+    cands = pl.read_parquet(night / "candidates.parquet")
     item_map = pl.read_parquet(work / "features" / "item_map.parquet")
     events = pl.read_csv(work / "input" / "events.csv")
     assert cands.group_by("user_id").len()["len"].min() == 10
@@ -76,6 +80,8 @@ def test_mlflow_has_a_run_per_job_and_a_registered_version(demo_run):
     assert train_run.data.params["model.hidden"] == "32"
     versions = client.search_model_versions("name = 'sasrec'")
     assert len(versions) == 1 and versions[0].run_id == train_run.info.run_id
+    aliases = client.get_registered_model("sasrec").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "1", "challenger": "1"}  # the first model
 
 
 def test_missing_features_gives_a_clear_error(tmp_path, capsys):

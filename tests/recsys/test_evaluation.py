@@ -1,16 +1,28 @@
-"""Eval-set building, full-catalogue evaluation and the popularity baseline."""
+"""Eval-set building, full-catalogue evaluation and the baselines (popularity, item-kNN, EASE)."""
 
 from __future__ import annotations
 
+import logging
+import random
+
+import numpy as np
 import polars as pl
 import pytest
 import torch
 from torch import nn
 
 from features.schema import SEQUENCES
-from recsys.baselines import popularity_scorer, popularity_scores
+from recsys.baselines import (
+    ease_scorer,
+    ease_weights,
+    history_matrix,
+    item_knn_scorer,
+    item_knn_similarity,
+    popularity_scorer,
+    popularity_scores,
+)
 from recsys.config import EvaluateConfig
-from recsys.evaluation import EvalSet, build_eval_set, evaluate_all, evaluate_scorer
+from recsys.evaluation import EvalSet, build_eval_set, evaluate_all, evaluate_scorer, split_histories
 
 N_ITEMS = 8
 
@@ -153,7 +165,7 @@ def test_evaluate_all_runs_model_and_popularity(sequences: pl.DataFrame) -> None
     model = _MeanModel(N_ITEMS).train()
     cfg = EvaluateConfig(split="test", ks=(1, 5), batch_size=2)
     got = evaluate_all(model, sequences, N_ITEMS, None, cfg, max_len=3)
-    assert set(got) == {"model", "popularity"}
+    assert list(got) == ["model", "popularity", "item_knn", "ease"]
     assert model.training  # the mode is restored
     assert got["popularity"] == evaluate_scorer(
         popularity_scorer(popularity_scores(sequences, N_ITEMS)),
@@ -165,3 +177,100 @@ def test_evaluate_all_runs_model_and_popularity(sequences: pl.DataFrame) -> None
         assert metrics["n_users"] == 5.0
         assert {"ndcg_at_5", "hr_at_5", "recall_at_5", "mrr_at_5", "coverage_at_5"} <= set(metrics)
         assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "n_users")
+
+
+def test_evaluate_all_runs_the_configured_baselines(sequences: pl.DataFrame, caplog) -> None:
+    model = _MeanModel(N_ITEMS)
+    cfg = EvaluateConfig(split="val", ks=(5,), baselines=("ease", "popularity"))
+    assert list(evaluate_all(model, sequences, N_ITEMS, None, cfg, max_len=3)) == ["model", "ease", "popularity"]
+    cfg = EvaluateConfig(ks=(5,), baselines=("ease",), ease_max_items=N_ITEMS - 1)
+    with caplog.at_level(logging.WARNING, logger="recsys.evaluation"):
+        assert list(evaluate_all(model, sequences, N_ITEMS, None, cfg, max_len=3)) == ["model"]
+    assert "ease skipped" in caplog.text and "ease_max_items" in caplog.text
+
+
+def test_split_histories_and_history_matrix(sequences: pl.DataFrame) -> None:
+    assert split_histories(sequences, "val")["history"].to_list()[4] == [8, 1, 2]
+    test = split_histories(sequences, "test")
+    assert test["history"].to_list()[4] == [8, 1, 2, 3]
+    rows = _sequences([(0, [1, 2, 1], [], []), (2, [3], [], [])])
+    matrix = history_matrix(split_histories(rows, "val"), 4).toarray()
+    assert matrix.tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0]]  # binary, row = user_idx
+    assert history_matrix(split_histories(rows, "val"), 4, last_n=1).toarray()[0].tolist() == [0, 1, 0, 0, 0]
+    with pytest.raises(ValueError, match="1..2"):
+        history_matrix(split_histories(rows, "val"), 2)
+
+
+# Users 0, 1, 2 with histories [1, 2], [1, 2, 3], [3, 4]: item 1 and 2 share users {0, 1}, 3 is {1, 2}, 4 {2}.
+KNN_ROWS = [(0, [1, 2], [], []), (1, [1, 2, 3], [], []), (2, [3, 4], [], [])]
+R = 1 / np.sqrt(2)
+KNN_COSINE = np.array([  # cosine between the item columns, diagonal 0; row/column 0 is padding
+    [0, 0, 0, 0, 0],
+    [0, 0, 1.0, 0.5, 0],
+    [0, 1.0, 0, 0.5, 0],
+    [0, 0.5, 0.5, 0, R],
+    [0, 0, 0, R, 0],
+])
+
+
+def test_item_knn_similarity_on_a_hand_case() -> None:
+    matrix = history_matrix(split_histories(_sequences(KNN_ROWS), "val"), 4)
+    np.testing.assert_allclose(item_knn_similarity(matrix, 10).toarray(), KNN_COSINE, rtol=1e-6)
+    top1 = np.zeros_like(KNN_COSINE)  # each item keeps its single most similar item
+    top1[1, 2] = top1[2, 1] = 1.0
+    top1[3, 4] = top1[4, 3] = R
+    np.testing.assert_allclose(item_knn_similarity(matrix, 1).toarray(), top1, rtol=1e-6)
+
+
+def test_item_knn_scores_sum_similarities_to_the_history() -> None:
+    histories = split_histories(_sequences(KNN_ROWS), "val")
+    users = torch.tensor([2, 0])
+    full = item_knn_scorer(histories, 4, n_neighbors=10)(torch.zeros(2, 1, dtype=torch.long), users)
+    assert full[:, 0].tolist() == [float("-inf")] * 2
+    np.testing.assert_allclose(full[:, 1:].numpy(), [[0.5, 0.5, R, R], [1.0, 1.0, 1.0, 0.0]], rtol=1e-6)
+    last = item_knn_scorer(histories, 4, n_neighbors=10, last_n=1)(torch.zeros(2, 1, dtype=torch.long), users)
+    np.testing.assert_allclose(last[:, 1:].numpy(), [[0, 0, R, 0], [1.0, 0, 0.5, 0]], rtol=1e-6)
+
+
+def test_ease_equals_a_direct_numpy_computation() -> None:
+    rng = np.random.default_rng(0)
+    n_users, n_items, lam = 30, 7, 3.0
+    x = (rng.random((n_users, n_items)) < 0.4).astype(np.float64)  # (U, I) items 1..I as columns 0..I-1
+    p = np.linalg.inv(x.T @ x + lam * np.eye(n_items))
+    b = np.eye(n_items) - p / np.diag(p)  # column j divided by P_jj
+    histories = pl.DataFrame(
+        {"user_idx": list(range(n_users)), "history": [list(np.flatnonzero(row) + 1) for row in x]},
+        schema={"user_idx": pl.Int32, "history": pl.List(pl.Int32)},
+    )
+    weights = ease_weights(history_matrix(histories, n_items), lam)
+    assert weights.shape == (n_items + 1, n_items + 1) and not weights[0].any() and not weights[:, 0].any()
+    np.testing.assert_allclose(weights[1:, 1:].numpy(), b, atol=1e-6)
+    assert np.allclose(np.diag(b), 0)
+    users = torch.tensor([4, 0, 17])
+    scores = ease_scorer(histories, n_items, lam)(torch.zeros(3, 1, dtype=torch.long), users)
+    np.testing.assert_allclose(scores[:, 1:].numpy(), x[users.numpy()] @ b, atol=1e-5)
+    assert bool((scores[:, 0] == float("-inf")).all())
+
+
+def planted_group_sequences(n_users: int = 300, n_groups: int = 6, group_size: int = 20, seed: int = 0):
+    """Items come in groups; each user draws 8 items from one group plus 2 globally popular ones (Zipf);
+    the val and test targets are further items of the user's group."""
+    rng = random.Random(seed)
+    n_items = n_groups * group_size
+    popular = [1.0 / (i + 1) for i in range(n_items)]
+    rows = []
+    for u in range(n_users):
+        g = rng.randrange(n_groups)
+        own = rng.sample(range(g * group_size + 1, (g + 1) * group_size + 1), 10)
+        noise = rng.choices(range(1, n_items + 1), weights=popular, k=2)
+        rows.append((u, own[:4] + noise + own[4:8], [own[8]], [own[9]]))
+    return _sequences(rows), n_items
+
+
+def test_item_knn_and_ease_beat_popularity_on_planted_groups() -> None:
+    seqs, n_items = planted_group_sequences()
+    cfg = EvaluateConfig(ks=(10,), knn_neighbors=20, ease_lambda=10.0)
+    got = evaluate_all(_MeanModel(n_items), seqs, n_items, None, cfg, max_len=10)
+    pop = got["popularity"]["ndcg_at_10"]
+    assert got["item_knn"]["ndcg_at_10"] > pop + 0.2, got
+    assert got["ease"]["ndcg_at_10"] > pop + 0.2, got

@@ -1,13 +1,16 @@
-"""Losses against direct computations: explicit-logit cross-entropy and hand-written sampled BCE."""
+"""Losses against direct computations: explicit-logit cross-entropy, hand-written sampled softmax, BCE and
+gBCE (two forms: the beta-weighted positive term and gSASRec's transformed positive logit)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from recsys import losses
-from recsys.losses import full_ce, sampled_bce
+from recsys.losses import full_ce, gbce_beta, sampled_bce, sampled_gbce, sampled_softmax
 
 N, D, N_ITEMS = 300, 8, 40
 
@@ -20,15 +23,19 @@ def make_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return hidden, targets, item_emb
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 64 * N_ITEMS])  # one chunk; five, the last ragged
-def test_full_ce_equals_cross_entropy_without_padding_column(monkeypatch, chunk_elements: int) -> None:
+# One chunk; 5 chunks of 64 rows (the last 44); 43 chunks of 7 rows (the last 6).
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 64 * N_ITEMS, 7 * N_ITEMS + 3])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_full_ce_equals_cross_entropy_without_padding_column(
+    monkeypatch, chunk_elements: int, label_smoothing: float
+) -> None:
     monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", chunk_elements)
     hidden, targets, item_emb = make_inputs()
-    loss = full_ce(hidden, targets, item_emb)
+    loss = full_ce(hidden, targets, item_emb, label_smoothing)
     grads = torch.autograd.grad(loss * 3.0, (hidden, item_emb))
 
     logits = hidden @ item_emb.T  # (N, I + 1)
-    expected = F.cross_entropy(logits[:, 1:], targets - 1)
+    expected = F.cross_entropy(logits[:, 1:], targets - 1, label_smoothing=label_smoothing)
     expected_grads = torch.autograd.grad(expected * 3.0, (hidden, item_emb))
 
     torch.testing.assert_close(loss, expected)
@@ -64,3 +71,112 @@ def test_sampled_bce_never_samples_padding() -> None:
         item_emb[0] = float("nan")  # any use of row 0 would poison the loss
     loss = sampled_bce(hidden, targets, item_emb, 50, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
+
+
+def test_chunked_full_ce_equals_unchunked(monkeypatch) -> None:
+    hidden, targets, item_emb = make_inputs(4)
+    results = []
+    for rows in (N, 64, 7, 1):  # one chunk, then ragged chunks, then one row per chunk
+        monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", rows * N_ITEMS)
+        loss = full_ce(hidden, targets, item_emb, 0.05)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, item_emb))))
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_full_ce_rejects_bad_label_smoothing() -> None:
+    hidden, targets, item_emb = make_inputs()
+    with pytest.raises(ValueError, match="label_smoothing"):
+        full_ce(hidden, targets, item_emb, 1.0)
+
+
+def reference_sampled_softmax(
+    hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, negatives: torch.Tensor, q: torch.Tensor
+) -> torch.Tensor:
+    """Row by row: softmax over [positive, negatives] with logits - log q, hits of the positive dropped."""
+    rows = []
+    for h, t in zip(hidden, targets, strict=True):
+        keep = negatives[negatives != t]
+        items = torch.cat([t.view(1), keep])
+        logits = item_emb[items] @ h - q[items].log()
+        rows.append(-torch.log_softmax(logits, 0)[0])
+    return torch.stack(rows).mean()
+
+
+def test_sampled_softmax_uniform_equals_direct_computation() -> None:
+    hidden, targets, item_emb = make_inputs(5)
+    k = 64
+    loss = sampled_softmax(hidden, targets, item_emb, k, generator=torch.Generator().manual_seed(3))
+    negatives = torch.randint(1, N_ITEMS + 1, (k,), generator=torch.Generator().manual_seed(3))
+    assert bool((negatives.unsqueeze(0) == targets.unsqueeze(1)).any())  # the case has accidental hits
+    q = torch.full((N_ITEMS + 1,), 1.0 / N_ITEMS)
+    torch.testing.assert_close(loss, reference_sampled_softmax(hidden, targets, item_emb, negatives, q))
+    # Uniform log-Q is a constant: the loss is the uncorrected sampled softmax.
+    plain = reference_sampled_softmax(hidden, targets, item_emb, negatives, torch.ones(N_ITEMS + 1))
+    torch.testing.assert_close(loss, plain)
+
+
+def test_sampled_softmax_popularity_equals_direct_computation() -> None:
+    hidden, targets, item_emb = make_inputs(6)
+    k = 32
+    counts = torch.arange(N_ITEMS + 1.0) ** 2  # strongly skewed; item 0 (padding) has probability 0
+    probs = counts / counts.sum()
+    loss = sampled_softmax(hidden, targets, item_emb, k, probs, generator=torch.Generator().manual_seed(9))
+    negatives = torch.multinomial(probs, k, replacement=True, generator=torch.Generator().manual_seed(9))
+    assert 0 not in negatives.tolist()
+    expected = reference_sampled_softmax(hidden, targets, item_emb, negatives, probs)
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss, (hidden, item_emb))
+    expected_grads = torch.autograd.grad(expected, (hidden, item_emb))
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_sampled_softmax_where_every_negative_is_a_hit_is_zero() -> None:
+    hidden, _, item_emb = make_inputs(7)
+    targets = torch.ones(N, dtype=torch.long)
+    probs = torch.zeros(N_ITEMS + 1)
+    probs[1] = 1.0  # only the positive can be drawn
+    loss = sampled_softmax(hidden, targets, item_emb, 5, probs)
+    assert loss.item() == 0.0
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert torch.isfinite(grad).all()
+
+
+def test_gbce_beta_hand_values() -> None:
+    # alpha = 1 / (3 - 1) = 0.5; beta = 0.5 * (t * (1 - 2) + 2).
+    assert gbce_beta(1, 3, 0.5) == pytest.approx(0.75)
+    assert gbce_beta(1, 3, 0.0) == pytest.approx(1.0)  # t = 0: plain BCE
+    assert gbce_beta(256, 3417, 1.0) == pytest.approx(256 / 3416)  # t = 1: beta = alpha
+    for bad in ((0, 10, 0.5), (10, 10, 0.5), (1, 10, 1.5)):
+        with pytest.raises(ValueError):
+            gbce_beta(*bad)
+
+
+def test_sampled_gbce_equals_direct_computation() -> None:
+    hidden, targets, item_emb = make_inputs(8)
+    k, t = 4, 0.75
+    loss = sampled_gbce(hidden, targets, item_emb, k, t, generator=torch.Generator().manual_seed(2))
+
+    negatives = torch.randint(1, N_ITEMS + 1, (N, k), generator=torch.Generator().manual_seed(2))
+    alpha = k / (N_ITEMS - 1)
+    beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+    h, e = hidden.double(), item_emb.double()
+    pos = (h * e[targets]).sum(-1)  # (N,)
+    neg = torch.einsum("nd,nkd->nk", h, e[negatives])  # (N, K)
+    # gSASRec's form: BCE on the logit of sigmoid(s+) ** beta, i.e. -log(sigmoid(s+) ** beta).
+    transformed = torch.log(1.0 / (torch.sigmoid(pos) ** -beta - 1.0))  # logit(p ** beta)
+    expected = (
+        F.binary_cross_entropy_with_logits(transformed, torch.ones(N), reduction="none")
+        + F.binary_cross_entropy_with_logits(neg, torch.zeros(N, k, dtype=torch.double), reduction="none").sum(1)
+    ).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not math.isclose(beta, 1.0)
+
+
+def test_sampled_gbce_with_t_zero_is_sampled_bce() -> None:
+    hidden, targets, item_emb = make_inputs(9)
+    gbce = sampled_gbce(hidden, targets, item_emb, 3, 0.0, generator=torch.Generator().manual_seed(1))
+    bce = sampled_bce(hidden, targets, item_emb, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gbce, bce)

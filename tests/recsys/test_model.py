@@ -1,6 +1,8 @@
-"""SASRec invariances: causality, padding, no NaN on empty rows, save/load round trip."""
+"""SASRec invariances: causality, padding, no NaN on empty rows, [MASK] handling, save/load round trip."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ N_ITEMS, MAX_LEN, HIDDEN = 30, 12, 16
 
 def make_model(causal: bool = True, seed: int = 0) -> SASRec:
     torch.manual_seed(seed)
-    return SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=2, n_heads=2, dropout=0.3, causal=causal).eval()
+    attention = "causal" if causal else "bidirectional"
+    return SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=2, n_heads=2, dropout=0.3, attention=attention).eval()
 
 
 def left_pad(seq: list[int], width: int) -> torch.Tensor:
@@ -29,10 +32,38 @@ def test_shapes_and_user_vectors() -> None:
     torch.testing.assert_close(model.user_vectors(items), hidden[:, -1])
 
 
-def test_user_vectors_match_forward_without_causal_mask() -> None:
+def test_bidirectional_user_vectors_read_an_appended_mask() -> None:
     model = make_model(causal=False)
-    items = torch.randint(0, N_ITEMS + 1, (4, MAX_LEN))
-    torch.testing.assert_close(model.user_vectors(items), model(items)[:, -1])
+    mask = N_ITEMS + 1
+    assert model.mask_token == mask and model.item_emb.num_embeddings == N_ITEMS + 2
+    # A full window: the oldest item makes room for the [MASK].
+    items = torch.randint(1, N_ITEMS + 1, (4, MAX_LEN))
+    appended = torch.cat([items[:, 1:], torch.full((4, 1), mask)], 1)
+    torch.testing.assert_close(model.user_vectors(items), model(appended)[:, -1])
+    # A short window grows by one column.
+    short = items[:, -5:]
+    torch.testing.assert_close(model.user_vectors(short), model(torch.cat([short, torch.full((4, 1), mask)], 1))[:, -1])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_user_vectors_ignore_extra_left_padding(causal: bool) -> None:
+    model = make_model(causal)
+    seq = [5, 2, 9, 14, 3]
+    widths = [left_pad(seq, w) for w in (5, 8, MAX_LEN)]
+    vectors = [model.user_vectors(x) for x in widths]
+    for v in vectors[1:]:
+        torch.testing.assert_close(v, vectors[0])
+
+
+def test_mask_is_never_a_candidate() -> None:
+    model = make_model(causal=False)
+    with torch.no_grad():
+        model.item_emb.weight[N_ITEMS + 1] = 100.0  # a [MASK] row that would win every ranking
+    user = model.user_vectors(torch.randint(1, N_ITEMS + 1, (3, MAX_LEN)))
+    scores = model.score(user)
+    assert scores.shape == (3, N_ITEMS + 1)
+    assert model.item_embeddings().shape == (N_ITEMS + 1, HIDDEN)
+    torch.testing.assert_close(scores, user @ model.item_emb.weight[: N_ITEMS + 1].T)
 
 
 def test_causal_outputs_ignore_later_items() -> None:
@@ -45,7 +76,7 @@ def test_causal_outputs_ignore_later_items() -> None:
     assert not torch.allclose(before[:, 5:], after[:, 5:])
 
 
-def test_non_causal_model_sees_the_future() -> None:
+def test_bidirectional_model_sees_the_future() -> None:
     model = make_model(causal=False)
     items = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
     changed = items.clone()
@@ -94,14 +125,28 @@ def test_bad_head_count_is_rejected() -> None:
         SASRec(N_ITEMS, MAX_LEN, hidden=10, n_blocks=1, n_heads=3, dropout=0.0)
 
 
-def test_save_load_round_trip(tmp_path) -> None:
-    model = make_model(causal=False, seed=3)
+@pytest.mark.parametrize("causal", [True, False])
+def test_save_load_round_trip(tmp_path, causal: bool) -> None:
+    model = make_model(causal=causal, seed=3)
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert not loaded.training
-    assert loaded.kwargs == model.kwargs
+    assert loaded.kwargs == model.kwargs and loaded.mask_token == model.mask_token
     items = torch.randint(0, N_ITEMS + 1, (4, MAX_LEN))
     torch.testing.assert_close(loaded(items), model(items), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.user_vectors(items), model.user_vectors(items), rtol=0, atol=0)
+
+
+def test_model_json_of_older_versions_loads(tmp_path) -> None:
+    model = make_model(seed=4)
+    save_model(model, tmp_path)
+    kwargs = json.loads((tmp_path / "model.json").read_text())
+    kwargs.pop("attention")
+    (tmp_path / "model.json").write_text(json.dumps({**kwargs, "causal": True}))
+    assert load_model(tmp_path).attention == "causal"
+    (tmp_path / "model.json").write_text(json.dumps({**kwargs, "causal": False}))
+    with pytest.raises(ValueError, match="attention=bidirectional"):
+        load_model(tmp_path)
 
 
 def test_load_model_names_missing_file(tmp_path) -> None:

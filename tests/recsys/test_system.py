@@ -11,8 +11,8 @@ import pytorch_lightning as L
 import torch
 
 from features.schema import SEQUENCES
-from recsys.config import Config, build_config
-from recsys.data import RaggedItems, SequenceDataModule, pad_lists
+from recsys.config import Config, ConfigError, build_config
+from recsys.data import RaggedItems, SequenceDataModule, mask_items, pad_lists
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.system import SASRecSystem
 from recsys.training import train_model
@@ -130,13 +130,104 @@ def test_bad_sequences_are_rejected() -> None:
         SequenceDataModule(seqs, n_items=8, max_len=4)
 
 
+def test_item_counts_count_all_train_events() -> None:
+    dm = SequenceDataModule(make_sequences(TRAIN, VAL), n_items=9, max_len=2)
+    assert dm.item_counts.tolist() == [0, 1, 1, 1, 1, 1, 1, 3, 2, 2]
+
+
+# --- masked-item batches (bidirectional) -------------------------------------------------------------------
+
+MASK = 10  # n_items + 1 for n_items = 9
+
+
+def test_mask_items_rebuilds_the_last_max_len_items() -> None:
+    dm = SequenceDataModule(make_sequences(TRAIN, VAL), n_items=9, max_len=4, batch_size=10)
+    (batch,) = list(dm.train_dataloader())
+    inputs, targets = mask_items(batch["inputs"], batch["targets"], 4, MASK, 0.5, torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (3, 4)
+    masked = inputs == MASK
+    assert bool((targets[masked] != 0).all()) and bool((targets[~masked] == 0).all())
+    assert bool(masked.any(1).all())  # at least one masked position per row
+    original = torch.where(masked, targets, inputs)  # the unmasked sequence
+    assert sorted(tuple(x for x in row if x) for row in original.tolist()) == [(1, 2), (6, 7, 8, 9), (9, 8, 7)]
+    assert bool((inputs[original == 0] == 0).all())  # padding is never masked
+
+
+def test_mask_items_masks_about_mask_prob_of_the_positions() -> None:
+    seq = torch.randint(1, 10, (400, 21))
+    inputs, targets = mask_items(seq[:, :-1], seq[:, 1:], 20, MASK, 0.2, torch.Generator().manual_seed(1))
+    rate = (inputs == MASK).float().mean().item()
+    assert 0.17 < rate < 0.23
+    assert torch.equal(torch.where(inputs == MASK, targets, inputs), seq[:, 1:])
+    # With a tiny probability almost every row gets its one forced masked position, at a uniform place.
+    inputs, _ = mask_items(seq[:, :-1], seq[:, 1:], 20, MASK, 1e-6, torch.Generator().manual_seed(2))
+    assert (inputs == MASK).sum(1).tolist() == [1] * 400
+    assert len(set((inputs == MASK).int().argmax(1).tolist())) == 20
+
+
+def bidirectional_system(**kwargs: object) -> SASRecSystem:
+    torch.manual_seed(0)
+    return SASRecSystem(n_items=9, max_len=8, hidden=16, n_blocks=2, n_heads=2, attention="bidirectional",
+                        mask_prob=0.3, **kwargs).eval()
+
+
+def masked_outputs(system: SASRecSystem, seqs: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The system's training inputs for raw sequences (B, T) and the model's hidden states on them."""
+    torch.manual_seed(seed)
+    inputs, targets = system._training_inputs({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]})
+    return inputs, system.model(inputs)
+
+
+def test_masked_position_never_sees_its_own_item() -> None:
+    system = bidirectional_system()
+    seqs = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2, 5], [6, 5, 4, 3, 2, 1, 9, 8, 7]])  # (B, max_len + 1)
+    inputs, hidden = masked_outputs(system, seqs, seed=3)
+    masked = inputs == MASK
+    assert bool(masked.any())
+    for row, col in masked.nonzero().tolist():
+        changed = seqs.clone()
+        changed[row, col + 1] = changed[row, col + 1] % 9 + 1  # a different hidden item (inputs = seqs[:, 1:])
+        new_inputs, new_hidden = masked_outputs(system, changed, seed=3)
+        assert torch.equal(new_inputs, inputs)  # the item appears nowhere in the input
+        torch.testing.assert_close(new_hidden[row, col], hidden[row, col], rtol=0, atol=0)
+    # Whereas a visible item on either side changes the output at a masked position.
+    row, col = masked.nonzero()[0].tolist()
+    for other in (c for c in range(inputs.shape[1]) if not masked[row, c] and inputs[row, c] != 0):
+        changed = seqs.clone()
+        changed[row, other + 1] = changed[row, other + 1] % 9 + 1
+        _, new_hidden = masked_outputs(system, changed, seed=3)
+        assert not torch.allclose(new_hidden[row, col], hidden[row, col])
+
+
+@pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")
+def test_bidirectional_loss_is_on_masked_positions_only() -> None:
+    system = bidirectional_system()
+    seqs = torch.randint(1, 10, (4, 9))
+    torch.manual_seed(5)
+    inputs, targets = system._training_inputs({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]})
+    torch.manual_seed(5)
+    loss = system._shared_step({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]}, "train")
+    hidden = system.model(inputs)
+    masked = inputs == MASK
+    expected = torch.nn.functional.cross_entropy(system.model.score(hidden[masked])[:, 1:], targets[masked] - 1)
+    torch.testing.assert_close(loss, expected)
+
+
 # --- system ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss", ["ce", "bce"])
-def test_fast_dev_run(loss: str) -> None:
+@pytest.mark.parametrize(
+    "loss, attention, sampling",
+    [
+        ("ce", "causal", "uniform"), ("bce", "causal", "uniform"), ("gbce", "causal", "uniform"),
+        ("sampled_softmax", "causal", "uniform"), ("sampled_softmax", "causal", "popularity"),
+        ("ce", "bidirectional", "uniform"), ("sampled_softmax", "bidirectional", "popularity"),
+    ],
+)
+def test_fast_dev_run(loss: str, attention: str, sampling: str) -> None:
     L.seed_everything(0)
     dm = SequenceDataModule(planted_sequences(50, 30), n_items=30, max_len=16, batch_size=16)
-    system = SASRecSystem(n_items=30, max_len=16, hidden=16, n_blocks=1, loss=loss, n_negatives=3)
+    system = SASRecSystem(n_items=30, max_len=16, hidden=16, n_blocks=1, loss=loss, n_negatives=3,
+                          attention=attention, negative_sampling=sampling)
     trainer = L.Trainer(
         fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
@@ -144,7 +235,48 @@ def test_fast_dev_run(loss: str) -> None:
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"])
     assert 0.0 <= float(metrics["val/ndcg_at_10"]) <= float(metrics["val/hr_at_10"]) <= 1.0
-    assert system.hparams["loss"] == loss
+    assert system.hparams["loss"] == loss and system.model.attention == attention
+    if sampling == "popularity":  # taken from the datamodule's counts at setup
+        weights = dm.item_counts.double().clamp(min=1)
+        weights[0] = 0
+        torch.testing.assert_close(system.sampling_probs, (weights / weights.sum()).float())
+
+
+def test_from_config_passes_the_loss_and_attention_keys() -> None:
+    cfg = build_config({
+        "model": {"attention": "bidirectional"},
+        "train": {"loss": "sampled_softmax", "n_negatives": 7, "negative_sampling": "popularity", "mask_prob": 0.4},
+    })
+    system = SASRecSystem.from_config(cfg, n_items=20)
+    assert system.model.mask_token == 21
+    hp = system.hparams
+    assert (hp["loss"], hp["n_negatives"], hp["negative_sampling"], hp["mask_prob"]) == (
+        "sampled_softmax", 7, "popularity", 0.4)
+    with pytest.raises(ValueError, match="n_negatives"):
+        SASRecSystem.from_config(build_config({"train": {"loss": "gbce", "n_negatives": 20}}), n_items=20)
+
+
+@pytest.mark.parametrize(
+    "train, needle",
+    [
+        ({"loss": "bce", "label_smoothing": 0.1}, "train.label_smoothing applies to train.loss=ce"),
+        ({"loss": "gbce", "negative_sampling": "popularity"}, "train.negative_sampling=popularity applies"),
+        ({"loss": "focal"}, "train.loss"),
+        ({"mask_prob": 1.0}, "train.mask_prob"),
+    ],
+)
+def test_config_rejects_loss_options_that_do_not_apply(train: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        build_config({"train": train})
+
+
+def test_popularity_sampling_needs_item_counts() -> None:
+    system = SASRecSystem(n_items=9, max_len=4, loss="sampled_softmax", negative_sampling="popularity")
+    with pytest.raises(ValueError, match="shape"):
+        system.set_item_counts(torch.ones(5))
+    system.set_item_counts(torch.tensor([5, 0, 1, 2, 3, 4, 5, 6, 7, 8]))
+    assert system.sampling_probs[0] == 0 and system.sampling_probs[1] == system.sampling_probs[2]
+    torch.testing.assert_close(system.sampling_probs.sum(), torch.tensor(1.0))
 
 
 def test_train_model_is_reproducible_on_cpu(tmp_path: Path) -> None:
@@ -152,7 +284,7 @@ def test_train_model_is_reproducible_on_cpu(tmp_path: Path) -> None:
     first = train_model(cfg, seqs, 40, tmp_path / "a")
     second = train_model(cfg, seqs, 40, tmp_path / "b")
     assert first.epochs_run == 2 and first.best_epoch in (0, 1)
-    assert first.best_checkpoint.is_file() and first.best_checkpoint.parent == tmp_path / "a" / "checkpoints"
+    assert first.best_checkpoint.is_file() and first.best_checkpoint.parent == tmp_path / "a"
     assert not first.model.training
     assert not (tmp_path / "a" / "lightning_logs").exists()
     a, b = first.model.state_dict(), second.model.state_dict()
@@ -189,3 +321,15 @@ def test_training_learns_a_planted_sequence(tmp_path: Path) -> None:
     with torch.no_grad():
         top = result.model.score(result.model.user_vectors(inputs))[:, 1:].argmax(-1) + 1
     assert (top == last % n_items + 1).float().mean() > 0.5
+
+
+def test_bidirectional_training_learns_a_planted_sequence(tmp_path: Path) -> None:
+    n_items = 60
+    seqs = planted_sequences(400, n_items, seed=2)
+    tree = small_config(max_epochs=4, mask_prob=0.4).to_dict()
+    tree["model"]["attention"] = "bidirectional"
+    cfg = build_config(tree)
+    result = train_model(cfg, seqs, n_items, tmp_path)
+    baseline = popularity_ndcg(seqs, n_items)
+    assert result.model.mask_token == n_items + 1
+    assert result.best_val_ndcg > baseline + 0.3, (result.best_val_ndcg, baseline)

@@ -1,0 +1,138 @@
+"""Unattended runs: the run date, success markers, per-job locks, and the training checkpoint directory.
+
+A run is identified by (job, run date, config hash). Its success marker is
+``<work_dir>/runs/<job>/<YYYY-MM-DD>.json``; a run whose marker holds the same config hash is done. A
+different config for the same date is a different run (and its marker replaces the old one).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.workdir import WorkDir
+from recsys.config import Config
+from recsys.storage import read_json, remove_stale_temps, write_json
+
+# What each scheduled job produces, as WorkDir attributes (recorded in the marker).
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "train": ("model",),
+    "run": ("features", "model", "evaluation", "candidates"),
+}
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+class LockedError(RuntimeError):
+    """Another process holds the job's lock on this work directory."""
+
+
+def today_utc() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+def parse_run_date(text: str) -> dt.date:
+    """``YYYY-MM-DD`` → date; raises ``ValueError`` naming the expected format."""
+    if _DATE.fullmatch(text):
+        try:
+            return dt.date.fromisoformat(text)
+        except ValueError:
+            pass  # e.g. 2024-02-30: reported below like any other malformed date
+    raise ValueError(f"run date {text!r} is not a valid date of the form YYYY-MM-DD")
+
+
+def config_hash(cfg: Config) -> str:
+    """SHA-256 of the resolved config without ``work_dir`` (the marker already lives inside it)."""
+    tree = cfg.to_dict()
+    tree.pop("work_dir", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_dir(cfg: Config, run_date: dt.date) -> Path:
+    """``<work_dir>/checkpoints/<YYYY-MM-DD>-<config hash[:12]>``: a new date or config starts afresh."""
+    return WorkDir.of(cfg).checkpoints / f"{run_date.isoformat()}-{config_hash(cfg)[:12]}"
+
+
+@contextmanager
+def job_lock(work_dir: Path, job: str) -> Iterator[Path]:
+    """Hold ``<work_dir>/.locks/<job>.lock`` (``flock``, non-blocking) for the block; the kernel releases it
+    when the process dies. Raises :class:`LockedError` naming the file and the holder's pid."""
+    path = Path(work_dir) / ".locks" / f"{job}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockedError(
+            f"{path} is held by pid {holder}: another `recsys {job}` is running on this work directory; "
+            "wait for it to finish (the lock is released when that process exits)"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ScheduledRun:
+    """One (job, run date, config) of a work directory."""
+
+    cfg: Config
+    job: str
+    run_date: dt.date
+
+    @property
+    def marker(self) -> Path:
+        return Path(self.cfg.work_dir) / "runs" / self.job / f"{self.run_date.isoformat()}.json"
+
+    def done(self) -> dict[str, Any] | None:
+        """The success marker if this date already succeeded with this config, else None."""
+        if not self.marker.is_file():
+            return None
+        payload = read_json(self.marker)
+        return payload if payload.get("config_hash") == config_hash(self.cfg) else None
+
+    def mark_done(self) -> dict[str, Any]:
+        """Write the success marker atomically: date, config hash, outputs, registered model version."""
+        wd = WorkDir.of(self.cfg)
+        report = wd.model / "train_report.json"
+        payload = {
+            "job": self.job,
+            "run_date": self.run_date.isoformat(),
+            "config_hash": config_hash(self.cfg),
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "outputs": {name: str(getattr(wd, name).resolve()) for name in OUTPUTS.get(self.job, ())},
+            "model_version": read_json(report).get("registered_version") if report.is_file() else None,
+        }
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.marker.parent)
+        write_json(self.marker, payload, atomic=True)
+        return payload
+
+    def discard_checkpoints(self) -> None:
+        """Forget this run's resume point (``--force`` redoes the run from scratch)."""
+        shutil.rmtree(checkpoint_dir(self.cfg, self.run_date), ignore_errors=True)
+
+    def prune_checkpoints(self) -> None:
+        """After success: keep only this run's best checkpoint, drop other finished runs' directories, and
+        keep unfinished ones (with a ``last.ckpt``) so that they can still resume."""
+        from recsys.checkpoint import LAST  # here, not at the top: it imports Lightning, the CLI should not
+
+        current = checkpoint_dir(self.cfg, self.run_date)
+        (current / f"{LAST}.ckpt").unlink(missing_ok=True)
+        for other in WorkDir.of(self.cfg).checkpoints.glob("*"):
+            if other.is_dir() and other != current and not (other / f"{LAST}.ckpt").exists():
+                shutil.rmtree(other)

@@ -1,0 +1,115 @@
+"""Crash-safe Lightning checkpoints: atomic files, a run-identity stamp, and the choice of what to resume.
+
+A checkpoint counts only if it is complete and was written by the same run: :class:`AtomicCheckpointIO`
+makes every file appear whole or not at all, and :class:`RunStamp` writes :func:`run_identity` into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytorch_lightning as L
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from recsys.config import Config
+from recsys.storage import atomic_write_bytes, remove_stale_temps
+
+log = logging.getLogger(__name__)
+
+LAST = "last"  # file stem of the checkpoint written at the end of every epoch: the resume point
+IDENTITY_KEY = "recsys_run_identity"
+STOPPED_KEY = "recsys_should_stop"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary sibling, fsyncs it and renames it into place.
+
+    Lightning's own save stages the file with ``tempfile.mkstemp()`` (usually under /tmp) and moves it: when
+    /tmp is another filesystem that move is a copy into place, and a killed process leaves the staged file.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getvalue(), fault=f"checkpoint-write-e{checkpoint.get('epoch')}")
+
+
+class RunStamp(Callback):
+    """Stamps every checkpoint with the run identity and whether training had decided to stop.
+
+    On resume the stop decision is restored, so a run killed after early stopping does not train on.
+    """
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[IDENTITY_KEY] = self.identity
+        checkpoint[STOPPED_KEY] = bool(trainer.should_stop)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        trainer.should_stop = trainer.should_stop or bool(checkpoint.get(STOPPED_KEY, False))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    epoch: int  # 0-based epoch at whose end the checkpoint was written
+
+
+def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int) -> str:
+    """SHA-256 of what decides the training outcome: ``model`` and ``train`` config (less ``train.progress``),
+    the catalogue size and the contents of ``sequences``."""
+    settings = {
+        "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude={"progress"}),
+        "n_items": n_items,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name in sequences.columns:
+        column = sequences[name]
+        if isinstance(column.dtype, pl.List):
+            digest.update(column.list.len().fill_null(0).to_numpy().tobytes())
+            column = column.explode()
+        digest.update(column.fill_null(0).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resume_point(directory: Path, identity: str) -> ResumePoint | None:
+    """``directory/last.ckpt`` if a run with this ``identity`` wrote it, else None.
+
+    Leftover temporary files of killed writers are removed first; when there is nothing to resume, every
+    ``*.ckpt`` in ``directory`` is removed too (they belong to another run), so the run starts clean.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(directory)
+    last = directory / f"{LAST}.ckpt"
+    state = _read(last) if last.is_file() else None
+    if state is not None and state.get(IDENTITY_KEY) == identity:
+        return ResumePoint(last, int(state["epoch"]))
+    if state is not None:
+        log.warning("%s was written by another run (different config or data); starting afresh", last)
+    for stale in directory.glob("*.ckpt"):
+        stale.unlink()
+    return None
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is simply not resumable
+        log.warning("%s cannot be read (%s: %s); starting afresh", path, type(exc).__name__, exc)
+        return None

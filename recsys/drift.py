@@ -1,0 +1,70 @@
+"""Night-over-night drift of candidate lists, and the gate that refuses to publish a drifted night.
+
+Both inputs are schema.CANDIDATES tables; only each user's top K (by ``rank``) counts.
+
+- overlap@K of a user present both nights = |today ∩ previous| / max(|today|, |previous|) (= / K for full
+  lists); ``mean_overlap_at_k`` averages it over those users;
+- ``new_item_share`` = distinct items in today's lists that are in no list of the previous night, over the
+  distinct items in today's lists;
+- ``users_lost`` / ``users_gained``: users with a list only the previous night / only today.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from features import schema
+from recsys.config import CandidatesConfig
+
+
+class DriftError(RuntimeError):
+    """Tonight's candidates drifted past ``candidates.min_overlap`` / ``candidates.max_new_item_share``."""
+
+
+def drift_report(today: pl.DataFrame, previous: pl.DataFrame | None, k: int) -> dict[str, Any]:
+    """Drift statistics of ``today`` against ``previous`` (None: no earlier night; statistics are null)."""
+    a = _top(today, k)
+    users_today = a[schema.USER_ID].n_unique()
+    if previous is None:
+        return {"k": k, "users_today": users_today, "users_previous": None, "users_common": None,
+                "users_lost": None, "users_gained": None, "mean_overlap_at_k": None,
+                "new_items": None, "new_item_share": None}
+    b = _top(previous, k)
+    sizes_a = a.group_by(schema.USER_ID).len("n_today")
+    sizes_b = b.group_by(schema.USER_ID).len("n_previous")
+    hits = a.join(b, on=[schema.USER_ID, schema.ITEM_ID], how="inner").group_by(schema.USER_ID).len("hits")
+    common = (
+        sizes_a.join(sizes_b, on=schema.USER_ID, how="inner")
+        .join(hits, on=schema.USER_ID, how="left")
+        .select((pl.col("hits").fill_null(0) / pl.max_horizontal("n_today", "n_previous")).alias("overlap"))
+    )
+    items_today = a[schema.ITEM_ID].unique()
+    new_items = int((~items_today.is_in(b[schema.ITEM_ID].unique().implode())).sum())
+    return {
+        "k": k,
+        "users_today": users_today,
+        "users_previous": b[schema.USER_ID].n_unique(),
+        "users_common": common.height,
+        "users_lost": sizes_b.join(sizes_a, on=schema.USER_ID, how="anti").height,
+        "users_gained": sizes_a.join(sizes_b, on=schema.USER_ID, how="anti").height,
+        "mean_overlap_at_k": float(common["overlap"].mean()) if common.height else None,
+        "new_items": new_items,
+        "new_item_share": new_items / items_today.len() if items_today.len() else None,
+    }
+
+
+def drift_violations(report: dict[str, Any], cfg: CandidatesConfig) -> list[str]:
+    """Human-readable reasons the night fails the gate; empty = publish. No previous night never fails."""
+    out = []
+    overlap, share = report["mean_overlap_at_k"], report["new_item_share"]
+    if cfg.min_overlap is not None and overlap is not None and overlap < cfg.min_overlap:
+        out.append(f"mean overlap@{report['k']} {overlap:.4f} < candidates.min_overlap {cfg.min_overlap}")
+    if cfg.max_new_item_share is not None and share is not None and share > cfg.max_new_item_share:
+        out.append(f"new item share {share:.4f} > candidates.max_new_item_share {cfg.max_new_item_share}")
+    return out
+
+
+def _top(table: pl.DataFrame, k: int) -> pl.DataFrame:
+    return table.filter(pl.col("rank") <= k).select(schema.USER_ID, schema.ITEM_ID)

@@ -1,0 +1,26 @@
+"""Test hook for crash-safety tests: SIGKILL this process at a named point.
+
+Set ``RECSYS_FAULT=<point>`` in the environment and the process kills itself (SIGKILL: no cleanup, no
+``finally``, no atexit) when it reaches :func:`fault_point` with that name. Unset, every call is a no-op
+(one environment lookup). Named points, in the order a ``recsys train`` run reaches them:
+
+- ``train-batch-e<E>b<B>``: after training batch ``B`` of epoch ``E`` (0-based), before its checkpoint;
+- ``epoch-start-e<E>``: at the start of epoch ``E``, i.e. after epoch ``E - 1``'s checkpoints were written;
+- ``checkpoint-write-e<E>``: while writing the first checkpoint file of epoch ``E`` (bytes written to the
+  temporary file, not yet renamed into place);
+- ``model-write``: inside the model directory's temporary copy, after the weights were written;
+- ``before-marker``: after the job's outputs are complete, before the success marker is written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+FAULT_ENV = "RECSYS_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL the current process if ``RECSYS_FAULT`` equals ``name``; otherwise do nothing."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

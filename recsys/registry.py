@@ -1,0 +1,186 @@
+"""MLflow model registry: the promotion gate (``challenger`` → ``champion``) and fetching a version's files.
+
+With :mod:`recsys.tracking`, the only module of ours that imports mlflow. Every function here runs inside
+:func:`recsys.tracking.job_run`, which has set the tracking URI and the HTTP client's limits.
+
+Promotion gate: the version trained in a work directory always gets the alias ``challenger``; it also gets
+``champion`` if its validation NDCG@10 is at least the current champion's minus ``tolerance`` (the first
+version of a model has no champion to beat and is promoted). Rolling back is moving the alias by hand:
+``MlflowClient().set_registered_model_alias(name, "champion", old_version)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from recsys.tracking import JobRun
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+VAL_METRIC = "best_val_ndcg_at_10"  # logged by the train job; also model/train_report.json
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The gate's decision for one model version and the numbers it was taken on."""
+
+    model: str
+    version: str
+    promoted: bool
+    reason: str
+    challenger_val_ndcg_at_10: float
+    champion_version: str | None  # the champion BEFORE the gate ran
+    champion_val_ndcg_at_10: float | None
+    tolerance: float
+
+    def summary(self) -> str:
+        """One line for the CLI summary."""
+        after = self.version if self.promoted else self.champion_version
+        verdict = "promoted to champion" if self.promoted else "stays challenger"
+        return f"{self.model} v{self.version} {verdict} ({self.reason}); champion is v{after}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(
+    challenger: float, champion: float | None, tolerance: float, has_champion: bool = True
+) -> tuple[bool, str]:
+    """(promote?, reason): promote iff there is no champion or ``challenger >= champion - tolerance``.
+
+    A champion without a recorded validation NDCG@10 is never replaced automatically.
+    """
+    if not has_champion:
+        return True, "first model: no champion yet"
+    if champion is None:
+        return False, "the champion has no validation NDCG@10 recorded; move the alias by hand"
+    bar = champion - tolerance
+    if challenger >= bar:
+        return True, f"val NDCG@10 {challenger:.4f} >= {champion:.4f} - {tolerance:g}"
+    return False, f"val NDCG@10 {challenger:.4f} < {champion:.4f} - {tolerance:g}"
+
+
+def _val_ndcg(client: Any, name: str, version: str) -> float | None:
+    """The version's validation NDCG@10: its train run's metric, else its ``val_ndcg_at_10`` tag."""
+    mv = client.get_model_version(name, version)
+    if mv.run_id:
+        value = client.get_run(mv.run_id).data.metrics.get(VAL_METRIC)
+        if value is not None:
+            return float(value)
+    tag = mv.tags.get("val_ndcg_at_10")
+    return float(tag) if tag is not None else None
+
+
+def promote(tracker: JobRun, version: str, val_ndcg: float, tolerance: float) -> Promotion | None:
+    """Run the gate for ``version`` of the tracker's registered model; log it on the run and the version.
+
+    Returns None (and does nothing) when tracking is off.
+    """
+    if not tracker.active:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracker.uri)
+    name = tracker.registered_model
+    before = client.get_registered_model(name).aliases.get(CHAMPION)
+    before = None if before is None else str(before)  # the SQL store gives ints, the REST API strings
+    if before == version:
+        promoted, reason, champion = True, "already the champion", val_ndcg
+    else:
+        champion = _val_ndcg(client, name, before) if before is not None else None
+        promoted, reason = decide(val_ndcg, champion, tolerance, has_champion=before is not None)
+    result = Promotion(name, version, promoted, reason, val_ndcg, before, champion, tolerance)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    _log_promotion(client, tracker, result)
+    log.info("promotion gate: %s", result.summary())
+    return result
+
+
+def _log_promotion(client: Any, tracker: JobRun, p: Promotion) -> None:
+    tags = {
+        "promotion.promoted": str(p.promoted).lower(),
+        "promotion.reason": p.reason,
+        "promotion.champion_version": str(p.champion_version),
+        "promotion.champion_val_ndcg_at_10": str(p.champion_val_ndcg_at_10),
+        "promotion.tolerance": str(p.tolerance),
+    }
+    for key, value in {**tags, "val_ndcg_at_10": str(p.challenger_val_ndcg_at_10),
+                       "promotion.run_id": str(tracker.run_id)}.items():
+        client.set_model_version_tag(p.model, p.version, key, value)
+    tracker.set_tags({**tags, "promotion.version": p.version})
+    tracker.log_metrics({
+        "promotion/promoted": float(p.promoted),
+        "promotion/challenger_val_ndcg_at_10": p.challenger_val_ndcg_at_10,
+        "promotion/champion_val_ndcg_at_10": p.champion_val_ndcg_at_10,  # None is dropped
+        "promotion/tolerance": p.tolerance,
+    })
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model a job used: the URI asked for and, for the registry, the version it resolved to."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_mlflow_uri(spec: str) -> bool:
+    """``models:/…``, ``runs:/…`` or another ``scheme:/…`` URI (as opposed to a local directory)."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", spec) is not None
+
+
+def fetch_model(tracker: JobRun, uri: str, dst: Path) -> tuple[ModelRef, Path]:
+    """Download the files of ``uri`` (``models:/name@alias``, ``models:/name/version``, ``runs:/id/model``)
+    under ``dst``; returns what it resolved to and the local directory holding the files. A registry URI
+    is pinned to the version its alias points to before downloading (an alias moved meanwhile is no race).
+
+    Raises TrackingUnavailableError if the server is unreachable, ValueError on a malformed models:/ URI.
+    """
+    tracker.require()
+    if not tracker.active:
+        raise ValueError(f"model {uri} is an MLflow URI but tracking is disabled; set tracking.enabled=true")
+    import mlflow
+    from mlflow import MlflowClient
+
+    ref = ModelRef(uri)
+    if uri.startswith("models:/"):
+        match = _MODELS_URI.match(uri)
+        if match is None:
+            raise ValueError(f"model URI {uri!r}: expected models:/<name>@<alias> or "
+                             "models:/<name>/<version>")
+        client = MlflowClient(tracking_uri=tracker.uri)
+        name, alias = match["name"], match["alias"]
+        mv = (client.get_model_version_by_alias(name, alias) if alias
+              else client.get_model_version(name, match["version"]))
+        ref = ModelRef(uri, name, str(mv.version), alias, mv.run_id)
+        uri = f"models:/{name}/{mv.version}"
+    dst.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracker.uri)
+    log.info("downloaded model %s (version %s, run %s) into %s", ref.uri, ref.version, ref.run_id, local)
+    return ref, Path(local)
+
+
+def describe_version(tracker: JobRun, uri: str, name: str, version: str | None) -> ModelRef:
+    """A ModelRef for a model saved at ``uri`` (a local directory) and registered as ``version`` of ``name``;
+    the version's run id is looked up when tracking is on."""
+    run_id = None
+    if tracker.active and version is not None:
+        from mlflow import MlflowClient
+
+        run_id = MlflowClient(tracking_uri=tracker.uri).get_model_version(name, version).run_id
+    return ModelRef(uri, name, version, None, run_id)

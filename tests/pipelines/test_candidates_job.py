@@ -1,0 +1,76 @@
+"""`recsys candidates` with the local model: date partitions, manifest, drift report and the drift gate."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipelines.cli import EXIT_OK, EXIT_USAGE, main
+from tests.pipelines.conftest import leftovers, tiny
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> Path:
+    work = tmp_path_factory.mktemp("candidates-job") / "work"
+    shutil.copytree(tiny_features, work / "features")
+    assert main(["train", "--quiet", *tiny(work)]) == EXIT_OK
+    return work
+
+
+def _night(work: Path, date: str) -> Path:
+    return work / "candidates" / f"date={date}"
+
+
+def test_partition_holds_candidates_manifest_and_drift(trained):
+    assert main(["candidates", "--quiet", "--date", "2024-05-01", *tiny(trained)]) == EXIT_OK
+    night = _night(trained, "2024-05-01")
+    assert sorted(p.name for p in night.iterdir()) == ["candidates.parquet", "config.yaml", "drift.json",
+                                                        "manifest.json"]
+    manifest = json.loads((night / "manifest.json").read_text())
+    table = pl.read_parquet(night / "candidates.parquet")
+    assert manifest["date"] == "2024-05-01" and manifest["rows"] == table.height
+    assert manifest["users"] == table["user_id"].n_unique() == 200
+    assert manifest["model"]["uri"] == str((trained / "model").resolve())
+    assert manifest["index"]["factory"] == "Flat" and manifest["k"] == 5
+    features = json.loads((trained / "features" / "manifest.json").read_text())
+    assert manifest["features"]["inputs"] == features["inputs"]
+    assert len(manifest["features"]["manifest"]["sha256"]) == 64
+    for key in ("fallback_users", "unknown_items", "users_unknown_to_model", "unknown_item_events"):
+        assert manifest[key] == 0, key  # model and features are the same build here
+    drift = json.loads((night / "drift.json").read_text())
+    assert drift["previous"] is None and drift["passed"] is True
+    assert leftovers(trained) == []
+
+
+def test_drift_gate_failure_is_loud_and_publishes_nothing(trained, capsys):
+    assert main(["candidates", "--quiet", "--date", "2024-05-02", *tiny(trained)]) == EXIT_OK
+    published = pl.read_parquet(_night(trained, "2024-05-02") / "candidates.parquet")
+    # The night before held items nobody would recommend: tonight's overlap with it is 0.
+    fake = _night(trained, "2024-05-01") / "candidates.parquet"
+    pl.read_parquet(fake).with_columns(pl.col("item_id") + 10**9).write_parquet(fake)
+
+    gate = "candidates.min_overlap=0.5"
+    code = main(["candidates", "--quiet", "--date", "2024-05-02", gate, *tiny(trained)])
+    assert code != EXIT_OK
+    err = capsys.readouterr().err
+    assert "not published" in err and "candidates.min_overlap 0.5" in err
+    # The published partition of that night is untouched; the rejected one is kept aside for inspection.
+    assert pl.read_parquet(_night(trained, "2024-05-02") / "candidates.parquet").equals(published)
+    rejected = trained / "candidates" / "rejected" / "date=2024-05-02"
+    drift = json.loads((rejected / "drift.json").read_text())
+    assert drift["passed"] is False and drift["mean_overlap_at_k"] == 0.0
+    assert drift["previous"].endswith("date=2024-05-01") and drift["new_item_share"] == 1.0
+    assert leftovers(trained) == []
+
+
+def test_date_defaults_to_today_utc_and_a_bad_date_is_a_usage_error(trained, capsys):
+    assert main(["candidates", "--quiet", *tiny(trained)]) == EXIT_OK
+    assert (_night(trained, dt.datetime.now(dt.UTC).date().isoformat()) / "candidates.parquet").is_file()
+    with pytest.raises(SystemExit) as exc:
+        main(["candidates", "--date", "2024-13-01", *tiny(trained)])
+    assert exc.value.code == EXIT_USAGE and "YYYY-MM-DD" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Crash safety of `recsys train`: SIGKILL at named points, then a rerun resumes and ends with the weights
+of an uninterrupted run, leaving nothing temporary behind.
+
+The kills use the test hook of ``recsys/faults.py`` (``RECSYS_FAULT=<point>``) in real
+``python -m pipelines.cli train`` processes, all started at once (each one pays for importing torch and
+Lightning); the reruns run in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import EXIT_OK, main
+from recsys.faults import FAULT_ENV
+from recsys.storage import read_json
+from tests.pipelines.conftest import leftovers, same_weights, tiny, weights
+
+RUN_DATE = "2024-03-01"
+ROOT = Path(__file__).resolve().parents[2]
+
+# point → the epoch whose checkpoint a rerun resumes from (None: nothing was checkpointed yet)
+POINTS: dict[str, int | None] = {
+    "train-batch-e0b0": None,  # during the first epoch
+    "train-batch-e2b1": 1,  # mid-way: in the middle of epoch 2, after epoch 1's checkpoint
+    "checkpoint-write-e3": 2,  # while a checkpoint file of the last epoch is being written
+    "model-write": 3,  # inside the model directory's temporary copy
+    "before-marker": 3,  # model directory complete, success marker not yet written
+}
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> tuple[dict[str, Path], dict]:
+    """One work directory per fault point, each with a `recsys train` SIGKILLed at that point; and the
+    weights of an uninterrupted run with the same seed (trained here while those processes start up)."""
+    root = tmp_path_factory.mktemp("faults")
+    procs = {point: _start_killed_train(root / point, tiny_features, point) for point in POINTS}
+    reference = root / "reference"
+    shutil.copytree(tiny_features, reference / "features")
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(reference)]) == EXIT_OK
+    for point, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, err.decode()[-2000:])
+    return {point: root / point for point in POINTS}, weights(reference)
+
+
+def _start_killed_train(work: Path, features: Path, point: str) -> subprocess.Popen:
+    shutil.copytree(features, work / "features")
+    env = {**os.environ, FAULT_ENV: point, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--quiet", "--run-date", RUN_DATE, *tiny(work)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _evidence(work: Path, point: str) -> None:
+    """What the kill left, so that each point is known to have been reached where it claims."""
+    ckpts = [p for p in (work / "checkpoints").rglob("*") if p.is_file()]
+    if point == "train-batch-e0b0":
+        assert ckpts == []
+    if point == "checkpoint-write-e3":
+        assert any(".tmp-" in p.name for p in ckpts), ckpts
+    if point == "model-write":
+        assert any(p.name.startswith(".model.tmp-") for p in work.iterdir())
+    if point in ("model-write", "before-marker"):
+        assert not (work / "runs").exists()
+    if point == "before-marker":
+        assert (work / "model" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_rerun_after_sigkill_resumes_to_the_same_weights(crashed, point: str) -> None:
+    works, reference = crashed
+    work = works[point]
+    _evidence(work, point)
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(work)]) == EXIT_OK
+    report = read_json(work / "model" / "train_report.json")
+    assert report["resumed_from_epoch"] == POINTS[point]
+    assert report["epochs_run"] == 4
+    assert same_weights(weights(work), reference)
+    assert leftovers(work) == []
+    assert (work / "runs" / "train" / f"{RUN_DATE}.json").is_file()
+    assert [p.name for p in (work / "checkpoints").rglob("*.ckpt")] == [Path(report["checkpoint"]).name]

@@ -1,0 +1,149 @@
+"""Through a real MLflow server: train → register → promotion gate → nightly candidates from
+``models:/<name>@champion`` in another work directory whose features are NEWER than the model → rollback.
+
+Tests run in file order and build on each other (one server, one registered model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+
+from pipelines.cli import EXIT_OK, main
+from recsys.storage import read_json
+from tests.pipelines.conftest import tiny
+
+NAME = "sasrec-flow"
+CHAMPION_URI = f"models:/{NAME}@champion"
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([args[0], "--quiet", *args[1:]])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def flow(mlflow_server, tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> dict:
+    """Work dir ``train`` (trains and evaluates v1) and work dir ``nightly`` (newer features, no model)."""
+    root = tmp_path_factory.mktemp("registry-flow")
+    track = [f"tracking.uri={mlflow_server.url}", "tracking.enabled=true",
+             f"tracking.registered_model={NAME}"]
+    train = root / "train"
+    shutil.copytree(tiny_features, train / "features")
+    assert _cli("train", *tiny(train), *track)[0] == EXIT_OK
+    code, summary = _cli("evaluate", *tiny(train), *track)
+    assert code == EXIT_OK
+
+    # Newer events: user 9001 (new) with known items, user 9002 with only new items 99991 and 99992, user 1
+    # with one more event, of new item 99991.
+    events = pl.read_csv(tiny_features.parent / "input" / "events.csv")
+    known = events.filter(pl.col("user_id") == 2)["item_id"].to_list()[:4]
+    t0 = events["timestamp"].max() + 1
+    extra = pl.DataFrame(
+        {"user_id": [9001] * 4 + [9002, 9002, 1], "item_id": [*known, 99991, 99992, 99991],
+         "timestamp": list(range(t0, t0 + 7))},
+        schema={"user_id": pl.Int64, "item_id": pl.Int64, "timestamp": pl.Int64},
+    )
+    nightly = root / "nightly"
+    (nightly / "input").mkdir(parents=True)
+    pl.concat([events.select(extra.columns), extra]).write_csv(nightly / "input" / "events.csv")
+    newer = [*tiny(nightly), "data.source=file", f"data.path={nightly / 'input' / 'events.csv'}"]
+    assert _cli("features", *newer)[0] == EXIT_OK
+    return {"train": train, "nightly": nightly, "track": track, "newer": newer, "summary": summary,
+            "client": MlflowClient(tracking_uri=mlflow_server.url)}
+
+
+def _nightly(flow: dict, date: str, *extra: str) -> tuple[int, Path]:
+    code, _ = _cli("candidates", "--date", date, *flow["newer"], *flow["track"], *extra)
+    return code, flow["nightly"] / "candidates" / f"date={date}"
+
+
+def test_first_version_is_promoted_and_the_decision_logged(flow):
+    client = flow["client"]
+    assert client.get_registered_model(NAME).aliases == {"champion": "1", "challenger": "1"}
+    ndcg = read_json(flow["train"] / "model" / "train_report.json")["best_val_ndcg_at_10"]
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags["promotion.promoted"] == "true" and "first model" in tags["promotion.reason"]
+    assert float(tags["val_ndcg_at_10"]) == pytest.approx(ndcg)
+    run = client.get_run(tags["promotion.run_id"])
+    assert run.data.tags["job"] == "evaluate" and run.data.tags["promotion.version"] == "1"
+    assert run.data.metrics["promotion/promoted"] == 1.0
+    assert run.data.metrics["promotion/challenger_val_ndcg_at_10"] == pytest.approx(ndcg)
+    assert f"promotion gate: {NAME} v1 promoted to champion" in flow["summary"]
+
+
+def test_candidates_from_the_champion_map_ids_through_the_models_maps(flow):
+    assert not (flow["nightly"] / "model").exists()  # the only model is the registry's
+    code, night = _nightly(flow, "2024-05-01", "--model", CHAMPION_URI)
+    assert code == EXIT_OK
+    manifest = json.loads((night / "manifest.json").read_text())
+    version = flow["client"].get_model_version(NAME, "1")
+    assert manifest["model"] == {"uri": CHAMPION_URI, "name": NAME, "version": "1", "alias": "champion",
+                                 "run_id": version.run_id}
+    table = pl.read_parquet(night / "candidates.parquet")
+    model_items = pl.read_parquet(flow["train"] / "model" / "item_map.parquet")
+    assert set(table["item_id"].to_list()) <= set(model_items["item_id"].to_list())  # never 99991/99992
+    assert manifest["unknown_items"] == 2 and manifest["unknown_item_events"] == 3
+    assert manifest["users_unknown_to_model"] == 2 and manifest["fallback_users"] == 1
+    popular = model_items.sort(["train_count", "item_id"], descending=[True, False])["item_id"].head(5)
+    assert table.filter(pl.col("user_id") == 9002)["item_id"].to_list() == popular.to_list()
+    assert table.filter(pl.col("user_id") == 9001).height == 5  # scored from its history by the model
+    assert manifest["users"] == table["user_id"].n_unique() == 202
+
+
+def test_rerun_of_a_night_replaces_it_with_identical_output(flow):
+    night = flow["nightly"] / "candidates" / "date=2024-05-01"
+    before = {p.name: p.read_bytes() for p in night.iterdir()}
+    table = pl.read_parquet(night / "candidates.parquet")
+    code, night = _nightly(flow, "2024-05-01", "--model", CHAMPION_URI)
+    assert code == EXIT_OK
+    assert pl.read_parquet(night / "candidates.parquet").equals(table)
+    assert {p.name: p.read_bytes() for p in night.iterdir()} == before  # every file, byte for byte
+
+
+def test_second_version_goes_through_the_gate(flow):
+    train, client = flow["train"], flow["client"]
+    v1 = read_json(train / "model" / "train_report.json")["best_val_ndcg_at_10"]
+    # A barely trained second model: whatever its score, the decision must follow the rule.
+    assert _cli("train", *tiny(train), *flow["track"], "train.max_epochs=1", "train.lr=1e-5")[0] == EXIT_OK
+    code, summary = _cli("evaluate", *tiny(train), *flow["track"])
+    assert code == EXIT_OK
+    v2 = read_json(train / "model" / "train_report.json")["best_val_ndcg_at_10"]
+    promoted = v2 >= v1
+    aliases = client.get_registered_model(NAME).aliases
+    assert aliases == {"challenger": "2", "champion": "2" if promoted else "1"}
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["promotion.promoted"] == str(promoted).lower() and tags["promotion.champion_version"] == "1"
+    assert float(tags["promotion.champion_val_ndcg_at_10"]) == pytest.approx(v1)
+    assert float(tags["val_ndcg_at_10"]) == pytest.approx(v2)
+    verdict = "promoted to champion" if promoted else "stays challenger"
+    assert f"{NAME} v2 {verdict}" in summary
+
+
+def test_next_night_reports_drift_and_rollback_restores_the_old_lists(flow, mlflow_server):
+    client = flow["client"]
+    code, night2 = _nightly(flow, "2024-05-02", "--model", f"models:/{NAME}/2")
+    assert code == EXIT_OK
+    drift = json.loads((night2 / "drift.json").read_text())
+    assert drift["previous"].endswith("date=2024-05-01") and drift["users_common"] == 202
+    assert 0.0 <= drift["mean_overlap_at_k"] <= 1.0 and drift["users_lost"] == drift["users_gained"] == 0
+    experiment = client.get_experiment_by_name("recsys").experiment_id
+    night = "tags.job = 'candidates' and tags.`candidates.date` = '2024-05-02'"
+    (run,) = client.search_runs([experiment], night)
+    assert run.data.metrics["drift/mean_overlap_at_k"] == pytest.approx(drift["mean_overlap_at_k"])
+
+    client.set_registered_model_alias(NAME, "champion", "1")  # the documented rollback
+    code, night3 = _nightly(flow, "2024-05-03", "--model", CHAMPION_URI)
+    assert code == EXIT_OK
+    assert json.loads((night3 / "manifest.json").read_text())["model"]["version"] == "1"
+    first = pl.read_parquet(flow["nightly"] / "candidates" / "date=2024-05-01" / "candidates.parquet")
+    assert pl.read_parquet(night3 / "candidates.parquet").equals(first)

@@ -1,0 +1,128 @@
+"""Scheduled runs: --run-date and success markers, --force, the config hash, the per-job lock (exit 4)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import EXIT_LOCKED, EXIT_OK, EXIT_USAGE, main
+from pipelines.schedule import config_hash, parse_run_date
+from recsys.config import load_config
+from recsys.storage import read_json
+from tests.pipelines.conftest import TINY, leftovers, tiny
+
+DATE = "2024-05-01"
+
+
+def _train(work: Path, *extra: str, date: str = DATE, flags: tuple[str, ...] = ()) -> int:
+    return main(["train", "--quiet", "--run-date", date, *flags, *tiny(work, *extra)])
+
+
+def _model_mtime(work: Path) -> int:
+    return (work / "model" / "model.pt").stat().st_mtime_ns
+
+
+def test_same_date_twice_is_a_noop_that_says_so(new_work, capsys) -> None:
+    work = new_work()
+    assert _train(work) == EXIT_OK
+    marker = read_json(work / "runs" / "train" / f"{DATE}.json")
+    assert marker["run_date"] == DATE and marker["outputs"]["model"] == str((work / "model").resolve())
+    assert marker["config_hash"] == config_hash(load_config(None, tiny(work)))
+    assert "model_version" in marker
+    before = _model_mtime(work)
+    capsys.readouterr()
+    assert _train(work) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"{DATE} already succeeded" in out and "nothing to do" in out
+    assert _model_mtime(work) == before
+    log = sorted((work / "logs").glob("train-*.log"))[-1].read_text()
+    assert "already succeeded" in log
+
+
+def test_force_reruns_a_date_that_succeeded(new_work, capsys) -> None:
+    work = new_work()
+    assert _train(work) == EXIT_OK
+    first = read_json(work / "runs" / "train" / f"{DATE}.json")
+    before = _model_mtime(work)
+    capsys.readouterr()
+    assert _train(work, flags=("--force",)) == EXIT_OK
+    assert "nothing to do" not in capsys.readouterr().out
+    assert _model_mtime(work) != before
+    assert read_json(work / "model" / "train_report.json")["resumed_from_epoch"] is None  # from scratch
+    assert read_json(work / "runs" / "train" / f"{DATE}.json")["config_hash"] == first["config_hash"]
+
+
+def test_changed_config_for_the_same_date_reruns(new_work, capsys) -> None:
+    work = new_work()
+    assert _train(work) == EXIT_OK
+    first = read_json(work / "runs" / "train" / f"{DATE}.json")
+    capsys.readouterr()
+    assert _train(work, "train.lr=0.002") == EXIT_OK
+    assert "nothing to do" not in capsys.readouterr().out
+    second = read_json(work / "runs" / "train" / f"{DATE}.json")
+    assert second["config_hash"] != first["config_hash"]
+    assert read_json(work / "model" / "train_report.json")["resumed_from_epoch"] is None
+    # Only the latest run's best checkpoint is kept; the previous (finished) run's directory is gone.
+    kept = [p.parent.name for p in (work / "checkpoints").rglob("*.ckpt")]
+    assert kept == [f"{DATE}-{second['config_hash'][:12]}"]
+
+
+def test_lock_held_by_another_process_exits_4_until_that_process_dies(new_work, capsys) -> None:
+    work = new_work()
+    lock = work / ".locks" / "train.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _train(work) == EXIT_LOCKED
+        err = capsys.readouterr().err
+        assert str(lock) in err and f"pid {holder.pid}" in err
+        assert not (work / "model").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert _train(work) == EXIT_OK  # the kernel released the dead holder's lock
+    assert leftovers(work) == []
+
+
+# Holds an exclusive flock on argv[1] the way `recsys` does (pid in the file) until killed.
+_HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_run_writes_its_marker_and_skips_a_done_date(tmp_path, capsys) -> None:
+    work = tmp_path / "work"
+    args = ["run", "--quiet", "--run-date", DATE, *tiny(work)]
+    assert main(args) == EXIT_OK
+    marker = read_json(work / "runs" / "run" / f"{DATE}.json")
+    assert set(marker["outputs"]) == {"features", "model", "evaluation", "candidates"}
+    assert (work / ".locks" / "run.lock").is_file()
+    capsys.readouterr()
+    assert main(args) == EXIT_OK
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["2024-13-01", "2024-02-30", "20240501", "yesterday"])
+def test_bad_run_date_is_a_usage_error(text: str, capsys) -> None:
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        parse_run_date(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--run-date", text, *TINY])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_config_hash_ignores_work_dir_only(tmp_path) -> None:
+    a = load_config(None, tiny(tmp_path / "a"))
+    assert config_hash(a) == config_hash(load_config(None, tiny(tmp_path / "b")))
+    assert config_hash(a) != config_hash(load_config(None, tiny(tmp_path / "a", "train.seed=1")))

@@ -1,0 +1,68 @@
+"""A tracking server that does not answer (a closed port): jobs fail in bounded time, name the URI, and
+keep their local outputs (a trained model is never lost)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+
+import pytest
+
+from pipelines.cli import EXIT_OK, main
+from recsys.storage import read_json
+from tests.conftest import free_port
+from tests.pipelines.conftest import tiny
+
+# Default tracking.http_* (2 retries, backoff factor 1): a refused connection gives up after ~3 s. The bound
+# leaves room for the job's own work on a loaded machine; MLflow's defaults would retry for minutes.
+BOUND_S = 25.0
+
+
+@pytest.fixture(scope="module")
+def dead_uri() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def _timed(*args: str) -> tuple[int, float]:
+    start = time.monotonic()
+    code = main([args[0], "--quiet", *args[1:]])
+    return code, time.monotonic() - start
+
+
+def test_train_fails_in_bounded_time_naming_the_uri_and_keeps_the_model(
+    dead_uri, tiny_features, tmp_path, capsys
+):
+    work = tmp_path / "work"
+    shutil.copytree(tiny_features, work / "features")
+    code, elapsed = _timed("train", *tiny(work), "tracking.enabled=true", f"tracking.uri={dead_uri}")
+    assert code != EXIT_OK and elapsed < BOUND_S, elapsed
+    err = capsys.readouterr().err
+    assert f"MLflow tracking server {dead_uri} is unavailable" in err
+    assert (work / "model" / "model.pt").is_file()  # nothing lost
+    assert read_json(work / "model" / "train_report.json")["registered_version"] is None
+
+
+def test_candidates_from_the_registry_fail_fast_naming_the_uri(dead_uri, tiny_features, tmp_path, capsys):
+    work = tmp_path / "work"
+    shutil.copytree(tiny_features, work / "features")
+    code, elapsed = _timed("candidates", "--model", "models:/sasrec@champion", "--date", "2024-05-01",
+                           *tiny(work), "tracking.enabled=true", f"tracking.uri={dead_uri}")
+    assert code != EXIT_OK and elapsed < BOUND_S, elapsed
+    assert dead_uri in capsys.readouterr().err
+    assert not (work / "candidates" / "date=2024-05-01").exists()
+
+
+def test_a_silent_server_times_out_after_tracking_http_timeout_s(tiny_features, tmp_path, capsys):
+    work = tmp_path / "work"
+    shutil.copytree(tiny_features, work / "features")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        code, elapsed = _timed("candidates", "--model", "models:/sasrec@champion", *tiny(work),
+                               "tracking.enabled=true", f"tracking.uri={uri}", "tracking.http_timeout_s=1",
+                               "tracking.http_max_retries=1")
+    # 2 attempts of 1 s plus a backoff of at most ~1.5 s; without the setting MLflow would wait 8 x 120 s.
+    assert code != EXIT_OK and 2.0 <= elapsed < 15.0, elapsed
+    assert uri in capsys.readouterr().err

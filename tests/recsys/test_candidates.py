@@ -1,0 +1,89 @@
+"""Candidates from a model OLDER than the features: ids mapped through the model's own maps, exact top-K
+checked against a direct scoring of the catalogue, unknown items never recommended, popularity fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from features.artifacts import FeatureSet
+from recsys.candidates import TrainedModel, generate_candidates, popular_top_k
+from recsys.config import CandidatesConfig
+from recsys.model import SASRec
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[TrainedModel, FeatureSet]:
+    torch.manual_seed(0)
+    model = SASRec(n_items=6, max_len=4, hidden=8, n_blocks=1, n_heads=1, dropout=0.0).eval()
+    # The model's catalogue: item_id 10..60 at item_idx 1..6; users 1 and 2.
+    model_items = pl.DataFrame({"item_id": [10, 20, 30, 40, 50, 60], "item_idx": [1, 2, 3, 4, 5, 6],
+                                "train_count": [5, 9, 9, 1, 3, 2]},
+                               schema={"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
+    model_users = pl.DataFrame({"user_id": [1, 2], "user_idx": [0, 1]},
+                               schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    # Newer features: other indices for the same ids, items 70 and 80 the model never saw, users 3 and 4.
+    item_map = pl.DataFrame({"item_id": [30, 20, 10, 70, 80], "item_idx": [1, 2, 3, 4, 5],
+                             "train_count": [1, 1, 1, 1, 1]},
+                            schema={"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
+    user_map = pl.DataFrame({"user_id": [1, 2, 3, 4], "user_idx": [0, 1, 2, 3]},
+                            schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    lists = pl.List(pl.Int32)
+    sequences = pl.DataFrame(
+        {"user_idx": [0, 1, 2, 3],
+         "train_items": [[3], [1], [2, 3], [4]],  # user 1: 10, then 20 (val), then 70 (test)
+         "val_items": [[2], [], [], [5]],
+         "test_items": [[4], [], [], []]},
+        schema={"user_idx": pl.Int32, "train_items": lists, "val_items": lists, "test_items": lists},
+    )
+    feats = FeatureSet(sequences, user_map, item_map, {"n_users": 4, "n_items": 5})
+    return TrainedModel(model, model_users, model_items), feats
+
+
+def _oracle(model: SASRec, history: list[int]) -> list[int]:
+    """Top-K model item_idx by a direct dot product with every item, seen ones excluded."""
+    with torch.no_grad():
+        h = model(torch.tensor([history]))[0, -1]  # (D,)
+        scores = model.score(h)[1:].numpy()  # (I,) row r = item_idx r + 1
+    scores[np.asarray(history) - 1] = -np.inf
+    return [int(i) + 1 for i in np.argsort(-scores, kind="stable")[:K]]
+
+
+def test_ids_go_through_the_models_own_maps(setup):
+    trained, feats = setup
+    table, stats = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10))
+    to_id = dict(zip(trained.item_map["item_idx"], trained.item_map["item_id"], strict=True))
+    got = {u: g["item_id"].to_list() for (u,), g in table.group_by("user_id")}
+    # Histories in the MODEL's indices, unknown 70 dropped: user 1 → [10, 20], 2 → [30], 3 → [20, 10].
+    for user, history in ((1, [1, 2]), (2, [3]), (3, [2, 1])):
+        assert got[user] == [to_id[i] for i in _oracle(trained.model, history)], user
+    assert not set(table["item_id"].to_list()) & {70, 80}
+    assert table.filter(pl.col("user_id") == 1)["item_id"].is_in([10, 20]).sum() == 0  # seen excluded
+    assert stats["users"] == 4 and stats["users_scored"] == 3
+    assert stats["users_unknown_to_model"] == 2  # 3 is scored from its history, 4 falls back
+    assert stats["unknown_items"] == 2 and stats["unknown_item_events"] == 3
+    assert stats["model_items_not_in_features"] == 3
+
+
+def test_user_without_known_history_gets_the_popular_fallback(setup):
+    trained, feats = setup
+    table, stats = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10))
+    fallback = table.filter(pl.col("user_id") == 4)
+    # train_count 9, 9 (tie broken by item_id), 5; score = share of the model's 29 training events.
+    assert fallback["item_id"].to_list() == [20, 30, 10]
+    assert fallback["rank"].to_list() == [1, 2, 3]
+    assert fallback["score"].to_list() == pytest.approx([9 / 29, 9 / 29, 5 / 29])
+    assert stats["fallback_users"] == 1
+    assert table.group_by("user_id").len()["len"].to_list() == [K] * 4
+
+
+def test_popular_fallback_excludes_seen_items(setup):
+    trained, _ = setup
+    users = pl.DataFrame({"user_id": [7], "seen": [[20, 10]]},
+                         schema={"user_id": pl.Int64, "seen": pl.List(pl.Int64)})
+    assert popular_top_k(trained.item_map, users, K, exclude_seen=True)["item_id"].to_list() == [30, 50, 60]
+    assert popular_top_k(trained.item_map, users, K, exclude_seen=False)["item_id"].to_list() == [20, 30, 10]

@@ -1,0 +1,48 @@
+"""Night-over-night drift on hand-made lists with a known answer, and the gate's thresholds."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from recsys.config import CandidatesConfig
+from recsys.drift import drift_report, drift_violations
+
+
+def _lists(rows: dict[int, list[int]]) -> pl.DataFrame:
+    data = [(u, i, float(-r), r) for u, items in rows.items() for r, i in enumerate(items, start=1)]
+    return pl.DataFrame(data, schema={"user_id": pl.Int64, "item_id": pl.Int64, "score": pl.Float32,
+                                      "rank": pl.Int32}, orient="row")
+
+
+PREVIOUS = _lists({1: [1, 2, 3], 2: [4, 5, 6], 3: [7, 8, 9]})
+TODAY = _lists({1: [1, 2, 10], 2: [6, 5, 4], 4: [1, 11, 12]})
+
+
+def test_drift_against_the_previous_night():
+    report = drift_report(TODAY, PREVIOUS, k=3)
+    assert report["users_common"] == 2 and report["users_lost"] == 1 and report["users_gained"] == 1
+    assert report["mean_overlap_at_k"] == pytest.approx((2 / 3 + 1.0) / 2)  # order within the list is ignored
+    assert report["new_items"] == 3  # 10, 11, 12 of the 8 distinct items today
+    assert report["new_item_share"] == pytest.approx(3 / 8)
+
+
+def test_only_the_top_k_counts():
+    report = drift_report(TODAY, PREVIOUS, k=1)
+    assert report["mean_overlap_at_k"] == pytest.approx((1.0 + 0.0) / 2)  # user 1: 1 vs 1; user 2: 6 vs 4
+
+
+def test_first_night_has_no_drift_and_never_fails():
+    report = drift_report(TODAY, None, k=3)
+    assert report["users_today"] == 3 and report["mean_overlap_at_k"] is None
+    assert drift_violations(report, CandidatesConfig(min_overlap=1.0, max_new_item_share=0.0)) == []
+
+
+@pytest.mark.parametrize(
+    "min_overlap, max_share, n_violations",
+    [(None, None, 0), (0.8, None, 0), (0.9, None, 1), (0.5, 0.4, 0), (None, 0.3, 1), (0.9, 0.3, 2)],
+)
+def test_gate_thresholds(min_overlap, max_share, n_violations):
+    report = drift_report(TODAY, PREVIOUS, k=3)  # mean overlap 0.833, new item share 0.375
+    cfg = CandidatesConfig(min_overlap=min_overlap, max_new_item_share=max_share)
+    assert len(drift_violations(report, cfg)) == n_violations
