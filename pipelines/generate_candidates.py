@@ -16,6 +16,7 @@ from pipelines.workdir import WorkDir
 from recsys.candidates import TrainedModel, generate_candidates, load_trained_model, read_candidates
 from recsys.config import Config, save_config
 from recsys.drift import DriftError, drift_report, drift_violations
+from recsys.faults import fault_point
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
 from recsys.storage import atomic_dir, fingerprint, read_json, write_json
 from recsys.tracking import JobRun, job_run
@@ -40,6 +41,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
         trained, ref = _resolve_model(cfg, spec, local, tracker, Path(tmp))
         table, stats = generate_candidates(trained, feats, cfg.candidates)
+        fault_point("candidates-scored")
         previous = wd.previous_candidates(day)
         drift = drift_report(table, read_candidates(previous) if previous else None, stats["k_effective"])
         violations = drift_violations(drift, cfg.candidates)
@@ -49,9 +51,13 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
         target = wd.rejected_candidates(day) if violations else wd.candidates_partition(day)
         with atomic_dir(target) as out:
             table.write_parquet(out / "candidates.parquet")
+            fault_point("candidates-parquet-written")
             write_json(out / "manifest.json", manifest)
             write_json(out / "drift.json", drift)
+            fault_point("candidates-manifest-written")
             save_config(cfg, out / "config.yaml")
+            fault_point("candidates-before-publish")
+        fault_point("candidates-published")
         _track(tracker, manifest, drift, target)
         if violations:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)

@@ -10,6 +10,15 @@ Set ``RECSYS_FAULT=<point>`` in the environment and the process kills itself (SI
   temporary file, not yet renamed into place);
 - ``model-write``: inside the model directory's temporary copy, after the weights were written;
 - ``before-marker``: after the job's outputs are complete, before the success marker is written.
+
+and in a ``recsys candidates`` run:
+
+- ``candidates-scored``: top-K computed, nothing written yet;
+- ``candidates-parquet-written`` / ``candidates-manifest-written`` / ``candidates-before-publish``: inside the
+  partition's temporary directory, after the Parquet file / the manifest and drift report / everything;
+- ``atomic-swap:<dir name>`` (any :func:`recsys.storage.atomic_dir`, e.g. ``atomic-swap:date=2024-03-01``):
+  the previous output moved aside, the new one not yet renamed into place;
+- ``candidates-published``: the partition renamed into place, before MLflow logging.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     old = target.parent / f".{target.name}{OLD_TAG}{os.getpid()}"
     if target.exists():
         os.replace(target, old)
+        fault_point(f"atomic-swap:{target.name}")
     os.replace(tmp, target)
     if old.exists():
         shutil.rmtree(old)
