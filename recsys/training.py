@@ -181,7 +181,9 @@ def _fit(
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             # Resuming into the directory the checkpoints came from is the point.
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-            trainer.fit(system, datamodule=data, ckpt_path=None if resume is None else resume.path)
+            # weights_only=True: a resumed checkpoint is never unpickled as arbitrary objects.
+            trainer.fit(system, datamodule=data, ckpt_path=None if resume is None else resume.path,
+                        weights_only=True)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
