@@ -43,9 +43,13 @@ def new_work(tiny_features: Path, tmp_path: Path) -> Callable[[str], Path]:
     return make
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def one_thread():
-    """Same thread count as the `OMP_NUM_THREADS=1` subprocesses, so weights compare bit for bit."""
+    """Same thread count as the `OMP_NUM_THREADS=1` subprocesses, so weights compare bit for bit.
+
+    Package scope: it must already hold when module-scoped fixtures train their reference runs (a
+    function-scoped fixture would only start after them, and a 2-thread reference differs in the last bits).
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
