@@ -24,7 +24,7 @@ import torch
 from features import schema
 from features.artifacts import FeatureSet
 from recsys.config import CandidatesConfig
-from recsys.data import pad_lists
+from recsys.data import RaggedItems
 from recsys.model import SASRec, load_model
 from recsys.retrieval import ann_recall, build_index, search_top_k
 
@@ -106,13 +106,18 @@ def model_histories(feats: FeatureSet, item_map: pl.DataFrame) -> pl.DataFrame:
 
 
 @torch.no_grad()
-def user_vectors(model: SASRec, histories: list[list[int]], batch_size: int) -> np.ndarray:
-    """(U, D) float32 hidden state at each user's last position (the last ``model.max_len`` items)."""
+def user_vectors(model: SASRec, histories: pl.Series, batch_size: int) -> np.ndarray:
+    """(U, D) float32 hidden state at each user's last position (the last ``model.max_len`` items).
+
+    ``histories`` is a List(Int) column of item indices; padding is vectorised (no per-user Python).
+    """
     model.eval()
     device = next(model.parameters()).device
+    ragged = RaggedItems.from_series(histories)
     out = []
     for start in range(0, len(histories), batch_size):
-        batch = pad_lists(histories[start:start + batch_size], model.max_len).to(device)  # (B, T)
+        rows = torch.arange(start, min(start + batch_size, len(histories)))
+        batch = ragged.pad(rows, model.max_len).long().to(device)  # (B, T)
         out.append(model.user_vectors(batch).float().cpu())  # (B, D)
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
@@ -152,7 +157,7 @@ def _model_top_k(
     if scored.height == 0:
         return _empty(), {"users": 0}
     lists = scored["items"].to_list()
-    users = user_vectors(trained.model, lists, cfg.batch_size)  # (U, D)
+    users = user_vectors(trained.model, scored["items"], cfg.batch_size)  # (U, D)
     with torch.no_grad():
         items = trained.model.item_embeddings()[1:].float().cpu().numpy()  # (I, D); row r = item_idx r + 1
     index = build_index(items, cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
