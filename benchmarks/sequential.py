@@ -1,10 +1,14 @@
-"""Sequential-recommendation benchmark under ../shared/PROTOCOL.md; appends a row to BENCHMARKS.md.
+"""Sequential-recommendation benchmark under ../shared/PROTOCOL.md; writes a markdown table to BENCHMARKS.md.
 
-    python -m benchmarks.sequential --dataset ml-1m [--seeds 42,43,44] [--data-root ../shared/data] [KEY=VALUE ...]
+    python -m benchmarks.sequential --dataset ml-1m [--seeds 42,43,44] [--config conf/benchmarks/ml-1m.yaml]
+                                    [--data-root ../shared/data] [KEY=VALUE ...]
+    python -m benchmarks.sequential --from-json results.jsonl [...]   # table from runs made elsewhere (a GPU)
 
-Runs the pipeline's own jobs (features → train → evaluate on the test split) once per seed with
-``conf/benchmarks/<dataset>.yaml`` and records test NDCG@10 / HR@10 (mean ± std over seeds), the popularity
-baseline from the same run, epochs, wall time, hardware and commit.
+Runs the pipeline's own jobs (features → train → evaluate on the test split, baselines in the same
+evaluation run) once per seed and records test NDCG@10 / HR@10 (mean ± std over seeds), the best validation
+NDCG@10 the model was chosen by, the baselines, the published anchors, epochs, wall time, hardware and commit.
+Each finished seed is also appended as one JSON line to ``--json-out`` at once, so an interrupted run keeps
+the seeds it finished. The test split is scored once per seed, for the best-validation checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import platform
 import statistics
 import subprocess
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,11 +37,18 @@ DATASETS = {
     "beauty-s3rec": "amazon-beauty-s3rec/Beauty.txt",
     "beauty-bert4rec": "amazon-beauty-bert4rec/beauty.txt",
 }
+# Best published NDCG@10 / HR@10 under the same protocol (../shared/PROTOCOL.md) and the issue's targets.
+ANCHORS = {
+    "ml-1m": ("LRURec 0.1930 / 0.3264; SASRec full CE 0.1902 / 0.3181", "≥ 0.200 / ≥ 0.335"),
+    "beauty-s3rec": ("SASRec + sampled softmax 0.0531 / 0.0921; eSASRec 0.0523 / 0.0928", "≥ 0.056 / ≥ 0.096"),
+    "beauty-bert4rec": ("RecTools SASRec 0.0359 / 0.0595", "≥ 0.038 / ≥ 0.062"),
+}
+BASELINES = ("popularity", "item_knn", "ease")
 
 
 def hardware() -> str:
     if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)}"
+        return f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     model = platform.processor() or "cpu"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -51,15 +64,18 @@ def commit() -> str:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
+        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
 
 
-def run_seed(dataset: str, seed: int, data_root: Path, overrides: list[str], work_root: Path) -> dict:
+def run_seed(
+    dataset: str, config: Path, seed: int, data_root: Path, overrides: list[str], work_root: Path, tag: str
+) -> dict[str, Any]:
+    """One seed through the features, train and evaluate jobs; a JSON-able record of it."""
     cfg = load_config(
-        ROOT / "conf" / "benchmarks" / f"{dataset}.yaml",
-        [f"data.path={data_root / DATASETS[dataset]}", f"work_dir={work_root / f'{dataset}-seed{seed}'}",
+        config,
+        [f"data.path={data_root / DATASETS[dataset]}", f"work_dir={work_root / f'{tag}-seed{seed}'}",
          f"train.seed={seed}", "train.progress=false", *overrides],
     )
     start = time.perf_counter()
@@ -69,8 +85,13 @@ def run_seed(dataset: str, seed: int, data_root: Path, overrides: list[str], wor
     wall = time.perf_counter() - start
     trained = json.loads((model_dir / "train_report.json").read_text())
     report = json.loads((eval_dir / "report.json").read_text())
-    return {"seed": seed, "wall_s": wall, "train": trained, "model": report["model"],
-            "popularity": report["popularity"], "cfg": cfg}
+    return {
+        "date": dt.date.today().isoformat(), "dataset": dataset, "tag": tag, "seed": seed,
+        "config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
+        "overrides": overrides, "wall_s": wall, "train": trained,
+        "results": {name: report[name] for name in ("model", *BASELINES) if name in report},
+        "hardware": hardware(), "commit": commit(),
+    }
 
 
 def _ms(values: list[float]) -> str:
@@ -79,50 +100,112 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def table_row(dataset: str, results: list[dict], overrides: list[str]) -> str:
-    get = lambda part, key: [r[part][key] for r in results]  # noqa: E731
-    epochs = "/".join(f"{r['train']['best_epoch']}({r['train']['epochs_run']})" for r in results)
+def _metric(records: list[dict[str, Any]], name: str, key: str) -> str:
+    values = [r["results"][name][key] for r in records if name in r["results"]]
+    return _ms(values) if len(values) == len(records) else "—"
+
+
+HEADER = (
+    "| date | dataset | config + overrides | seeds | test NDCG@10 | test HR@10 | val NDCG@10 | popularity | "
+    "item-kNN | EASE | best published (target) | best epoch (run) | s/epoch train (+val) | train s | total s | "
+    "hardware | commit |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(records: list[dict[str, Any]]) -> str:
+    """One markdown row for the seeds of one (dataset, config, overrides); baselines give NDCG@10."""
+    first = records[0]
+    trains = [r["train"] for r in records]
+    epochs = "/".join(f"{t['best_epoch']}({t['epochs_run']})" for t in trains)
+    per_epoch = (f"{statistics.mean(t.get('train_seconds_per_epoch', float('nan')) for t in trains):.3f} "
+                 f"({statistics.mean(t['seconds_per_epoch'] for t in trains):.3f})")
+    anchor, target = ANCHORS[first["dataset"]]
     cells = [
-        dt.date.today().isoformat(), dataset, f"conf/benchmarks/{dataset}.yaml {' '.join(overrides)}".strip(),
-        ",".join(str(r["seed"]) for r in results), _ms(get("model", "ndcg_at_10")), _ms(get("model", "hr_at_10")),
-        _ms(get("popularity", "ndcg_at_10")), epochs, f"{statistics.mean(get('train', 'seconds_per_epoch')):.1f}",
-        f"{statistics.mean(get('train', 'wall_time_s')):.0f}", f"{statistics.mean([r['wall_s'] for r in results]):.0f}",
-        hardware(), commit(),
+        first["date"], first["dataset"], f"`{first['config']} {' '.join(first['overrides'])}`".replace(" `", "`"),
+        ",".join(str(r["seed"]) for r in records),
+        _metric(records, "model", "ndcg_at_10"), _metric(records, "model", "hr_at_10"),
+        _ms([t["best_val_ndcg_at_10"] for t in trains]),
+        *(_metric(records, name, "ndcg_at_10") for name in BASELINES),
+        f"{anchor} ({target})", epochs + ", 0-based", per_epoch,
+        f"{statistics.mean(t['wall_time_s'] for t in trains):.0f}",
+        f"{statistics.mean(r['wall_s'] for r in records):.0f}", first["hardware"], first["commit"],
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-HEADER = """| date | dataset | config + overrides | seeds | test NDCG@10 | test HR@10 | popularity NDCG@10 | best epoch (run) | s/epoch | train s | total s | hardware | commit |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|"""
-
-
-def append_row(path: Path, row: str) -> None:
+def append_rows(path: Path, rows: list[str]) -> None:
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if HEADER.splitlines()[0] not in text:
+    header_line = HEADER.splitlines()[0]
+    if header_line not in text:
         text = text.rstrip("\n") + "\n\n## Sequential recommendation (PROTOCOL.md, test split)\n\n" + HEADER + "\n"
-    path.write_text(text.rstrip("\n") + "\n" + row + "\n")
+    lines = text.rstrip("\n").split("\n")
+    # Rows go right under the table they belong to (the table ends at the first non-row line after its header).
+    at = lines.index(header_line) + 2
+    while at < len(lines) and lines[at].startswith("| "):
+        at += 1
+    lines[at:at] = rows
+    path.write_text("\n".join(lines) + "\n")
+
+
+def group_records(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Records grouped by (dataset, config, overrides, tag), in first-seen order."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"], r["config"], tuple(r["overrides"]), r["tag"])].append(r)
+    return list(groups.values())
+
+
+def read_records(paths: list[Path]) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise SystemExit(f"{path}:{n}: not a JSON record ({err}); was the run cut off mid-line?")
+    return records
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    parser.add_argument("--dataset", choices=sorted(DATASETS))
+    parser.add_argument("--config", type=Path, help="default conf/benchmarks/<dataset>.yaml")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42],
                         help="comma-separated, e.g. 42,43,44")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--work-root", type=Path, default=ROOT / "work" / "bench")
+    parser.add_argument("--tag", help="work directory prefix (default: the config file's stem)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--json-out", type=Path, help="append one JSON line per finished seed")
+    parser.add_argument("--no-table", action="store_true", help="do not write BENCHMARKS.md")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="only write the table rows of these records")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = []
-    for seed in args.seeds:
-        results.append(run_seed(args.dataset, seed, args.data_root.resolve(), args.overrides, args.work_root))
-        r = results[-1]
-        print(f"seed {seed}: test NDCG@10 {r['model']['ndcg_at_10']:.4f} HR@10 {r['model']['hr_at_10']:.4f} "
-              f"(popularity {r['popularity']['ndcg_at_10']:.4f}), {r['wall_s']:.0f} s", flush=True)
-    row = table_row(args.dataset, results, args.overrides)
-    append_row(args.output, row)
-    print(row)
+    if args.from_json:
+        records = read_records(args.from_json)
+    else:
+        if args.dataset is None:
+            parser.error("--dataset is required unless --from-json is given")
+        config = (args.config or ROOT / "conf" / "benchmarks" / f"{args.dataset}.yaml").resolve()
+        tag = args.tag or config.stem
+        records = []
+        for seed in args.seeds:
+            record = run_seed(args.dataset, config, seed, args.data_root.resolve(), args.overrides,
+                              args.work_root, tag)
+            records.append(record)
+            if args.json_out:
+                with args.json_out.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            m = record["results"]["model"]
+            print(f"{tag} seed {seed}: test NDCG@10 {m['ndcg_at_10']:.4f} HR@10 {m['hr_at_10']:.4f} "
+                  f"val NDCG@10 {record['train']['best_val_ndcg_at_10']:.4f}, {record['wall_s']:.0f} s", flush=True)
+    rows = [table_row(group) for group in group_records(records)]
+    if not args.no_table:
+        append_rows(args.output, rows)
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             "resumed_from_epoch": result.resumed_from_epoch,
             "wall_time_s": result.wall_time_s,
             "seconds_per_epoch": result.seconds_per_epoch,
+            "train_seconds_per_epoch": result.train_seconds_per_epoch,
+            "history": result.history,
             "n_items": feats.n_items,
             "n_users": feats.n_users,
             "features_manifest": str(wd.features / schema.FEATURE_FILES["manifest"]),

@@ -120,9 +120,20 @@ class TrainConfig(_Section):
     seed: int = 42
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    # DDP: `devices` processes on each of `num_nodes` nodes. batch_size and val_batch_size are GLOBAL (split
+    # evenly across the processes), so the optimisation does not change with the device count.
+    # strategy auto = no DDP for one process, ddp otherwise.
     devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp"] = "auto"
     val_batch_size: int = Field(1024, ge=1)
     progress: bool = True
+    # Wall-clock budget for fitting; training stops after the epoch that crosses it (best checkpoint kept).
+    max_time_s: float | None = Field(None, gt=0.0)
+    # Learning rate: linear warm-up over the first warmup_epochs, then constant or cosine decay to 0 at
+    # max_epochs (per optimiser step).
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     @model_validator(mode="after")
     def _loss_options(self) -> TrainConfig:
@@ -135,6 +146,13 @@ class TrainConfig(_Section):
                 f"train.negative_sampling={self.negative_sampling} applies to train.loss=sampled_softmax only "
                 f"(loss is {self.loss!r}); bce and gbce sample uniformly"
             )
+        world = self.devices * self.num_nodes
+        for key in ("batch_size", "val_batch_size"):
+            if getattr(self, key) < world:
+                raise ValueError(
+                    f"train.{key} ({getattr(self, key)}) is the global batch, split across train.devices x "
+                    f"train.num_nodes = {world} processes; it must be at least {world}"
+                )
         return self
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Literal
 
 import pytorch_lightning as L
@@ -48,12 +50,16 @@ class SASRecSystem(L.LightningModule):
         negative_sampling: Literal["uniform", "popularity"] = "uniform",
         gbce_t: float = 0.75,
         label_smoothing: float = 0.0,
+        warmup_epochs: float = 0.0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if negative_sampling not in ("uniform", "popularity"):
             raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {negative_sampling!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
         if loss == "gbce":
@@ -70,7 +76,8 @@ class SASRecSystem(L.LightningModule):
             n_items=n_items, max_len=m.max_len, hidden=m.hidden, n_blocks=m.n_blocks, n_heads=m.n_heads,
             dropout=m.dropout, loss=t.loss, n_negatives=t.n_negatives, lr=t.lr, weight_decay=t.weight_decay,
             attention=m.attention, mask_prob=t.mask_prob, negative_sampling=t.negative_sampling,
-            gbce_t=t.gbce_t, label_smoothing=t.label_smoothing,
+            gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
+            lr_schedule=t.lr_schedule,
         )
 
     def set_item_counts(self, counts: torch.Tensor) -> None:
@@ -149,11 +156,34 @@ class SASRecSystem(L.LightningModule):
         ranks = target_ranks(scores, targets, exclude)  # (B, M)
         return metrics_from_ranks(ranks, (VAL_K,))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict:
         # Decay matrices and embeddings only; biases and LayerNorm gains are left alone.
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams["weight_decay"]},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=self.hparams["lr"], fused=self.device.type == "cuda")
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams["lr"], fused=self.device.type == "cuda")
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        factor = lr_factor(self.hparams["lr_schedule"], round(self.hparams["warmup_epochs"] * per_epoch), total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(schedule: Literal["constant", "cosine"], warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based).
+
+    Linear warm-up from 1/(warmup_steps + 1) to 1 over ``warmup_steps``, then 1 (constant) or a cosine from 1
+    down to 0 at ``total_steps``.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from pytorch_lightning.loggers import Logger
 from recsys.checkpoint import LAST, AtomicCheckpointIO, ResumePoint, RunStamp, resume_point, run_identity
 from recsys.config import Config
 from recsys.data import SequenceDataModule, derive_seed
+from recsys.distributed import RankShardedData
 from recsys.faults import fault_point
 from recsys.model import SASRec
 from recsys.system import MONITOR, SASRecSystem
@@ -35,8 +37,10 @@ class TrainResult:
     """``model`` has the best checkpoint's weights, is on CPU and in eval mode.
 
     ``best_epoch`` is 0-based (as in Lightning); ``seconds_per_epoch`` is the mean wall time of an epoch
-    (training plus validation) over all epochs, those before a resume included; ``wall_time_s`` covers this
-    call only; ``resumed_from_epoch`` is the epoch of the checkpoint training resumed from, if any.
+    (training plus validation) over all epochs, those before a resume included, and
+    ``train_seconds_per_epoch`` the same without validation; ``wall_time_s`` covers this call only;
+    ``resumed_from_epoch`` is the epoch of the checkpoint training resumed from, if any; ``history`` has one
+    row per epoch (epoch, elapsed_s, train_s: that epoch without validation, val_ndcg_at_10).
     """
 
     model: SASRec
@@ -47,27 +51,52 @@ class TrainResult:
     wall_time_s: float
     seconds_per_epoch: float
     resumed_from_epoch: int | None = None
+    train_seconds_per_epoch: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 class _EpochTimer(Callback):
-    """Wall time per epoch; stateful, so the durations survive a resume."""
+    """Wall time per epoch (with and without validation) and the validation curve; survives a resume.
+
+    ``history`` rows: epoch (0-based), seconds since fitting started (this call and the calls before a resume,
+    summed), that epoch's val NDCG@10. On CUDA the clock is read after a device synchronise.
+    """
 
     def __init__(self) -> None:
         self.durations: list[float] = []
+        self.train_durations: list[float] = []
+        self.history: list[dict[str, float]] = []
         self._start = 0.0
 
+    @staticmethod
+    def _now(pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start = self._now(pl_module)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.train_durations.append(self._now(pl_module) - self._start)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # In Lightning 2.x this hook runs after the epoch's validation loop (and before checkpointing).
-        self.durations.append(time.perf_counter() - self._start)
+        self.durations.append(self._now(pl_module) - self._start)
+        val = trainer.callback_metrics.get(MONITOR)
+        train_s = self.train_durations[-1] if len(self.train_durations) == len(self.durations) else float("nan")
+        self.history.append({"epoch": trainer.current_epoch, "elapsed_s": sum(self.durations), "train_s": train_s,
+                             "val_ndcg_at_10": float(val) if val is not None else float("nan")})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"durations": list(self.durations)}
+        return {"durations": list(self.durations), "train_durations": list(self.train_durations),
+                "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.durations = list(state_dict["durations"])
+        self.train_durations = list(state_dict.get("train_durations", []))
+        self.history = [dict(h) for h in state_dict.get("history", [])]
 
 
 class _StepSeed(Callback):
@@ -75,7 +104,8 @@ class _StepSeed(Callback):
 
     Lightning does not restore the global RNG on resume, and what draws from it between steps (a new
     DataLoader iterator draws a base seed) differs between a fresh and a resumed epoch; with this a resumed
-    run draws the same dropout masks and negatives as an uninterrupted one.
+    run draws the same dropout masks and negatives as an uninterrupted one. Under DDP the rank is part of the
+    seed, so that the processes do not draw the same masks for different users.
     """
 
     def __init__(self, seed: int) -> None:
@@ -84,7 +114,8 @@ class _StepSeed(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        seed = derive_seed(self.seed, STEP_STREAM, trainer.current_epoch, batch_idx)
+        keys = (trainer.current_epoch, batch_idx) + ((trainer.global_rank,) if trainer.world_size > 1 else ())
+        seed = derive_seed(self.seed, STEP_STREAM, *keys)
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
@@ -117,7 +148,12 @@ def resolve_hardware(accelerator: str, precision: str) -> tuple[str, str]:
 
 
 def train_model(
-    cfg: Config, sequences: pl.DataFrame, n_items: int, checkpoint_dir: Path, logger: Logger | None = None
+    cfg: Config,
+    sequences: pl.DataFrame,
+    n_items: int,
+    checkpoint_dir: Path,
+    logger: Logger | None = None,
+    allow_resume: bool = True,
 ) -> TrainResult:
     """Train on ``sequences`` (the SEQUENCES contract), checkpointing into ``checkpoint_dir``.
 
@@ -128,11 +164,18 @@ def train_model(
     (order, dropout, negatives) depends only on (``cfg.train.seed``, epoch, batch), so on CPU a resumed run
     ends with the same weights as an uninterrupted one (the global deterministic-algorithms flag is restored
     afterwards); on GPU, float32 matmuls may use TF32. ``logger`` None means no logging at all.
-    Raises ``ValueError`` if no user can be trained on or no user has val items.
+
+    With ``train.devices`` x ``train.num_nodes`` > 1 this is one process of a DDP run (every process calls
+    it, see README "Scale-out"): each takes its share of every global batch (:class:`RankShardedData`),
+    validation metrics are reduced over all of them, and only global rank 0 writes checkpoints or cleans
+    ``checkpoint_dir``; every process returns the same best checkpoint's weights. ``allow_resume`` False
+    never resumes (a non-zero rank of a ``--force`` run, whose rank 0 discarded the directory).
+    Raises ``ValueError`` if no user can be trained on, no user has val items, or fewer users than processes
+    have val items.
     """
     L.seed_everything(cfg.train.seed, workers=True)
     t = cfg.train
-    data = SequenceDataModule(sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed)
+    data = RankShardedData(sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed)
     if len(data.train_users) == 0 or len(data.val_users) == 0:
         raise ValueError(
             f"sequences: {len(data.train_users)} users with >= 2 train_items and {len(data.val_users)} with "
@@ -141,7 +184,6 @@ def train_model(
     system = SASRecSystem.from_config(cfg, n_items)
     checkpoint_dir = Path(checkpoint_dir)
     identity = run_identity(cfg, sequences, n_items)
-    resume = resume_point(checkpoint_dir, identity)
     best, timer = _best_checkpoint(checkpoint_dir), _EpochTimer()
     callbacks = [
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience), best,
@@ -149,6 +191,11 @@ def train_model(
     ]
     n_batches = math.ceil(len(data.train_users) / t.batch_size)
     trainer = _trainer(cfg, checkpoint_dir, callbacks, logger, n_batches)
+    if trainer.world_size > len(data.val_users):
+        raise ValueError(f"sequences: {len(data.val_users)} users with val_items, fewer than the "
+                         f"{trainer.world_size} DDP processes; validate on more users or use fewer devices")
+    # Every rank reads the same decision from the same directory; only rank 0 removes what it does not resume.
+    resume = resume_point(checkpoint_dir, identity, clean=trainer.is_global_zero) if allow_resume else None
     if resume is not None:
         log.info("resuming from %s (end of epoch %d)", resume.path, resume.epoch)
     start = time.perf_counter()
@@ -168,6 +215,8 @@ def train_model(
         wall_time_s=wall,
         seconds_per_epoch=sum(timer.durations) / max(len(timer.durations), 1),
         resumed_from_epoch=None if resume is None else resume.epoch,
+        train_seconds_per_epoch=sum(timer.train_durations) / max(len(timer.train_durations), 1),
+        history=list(timer.history),
     )
 
 
@@ -186,6 +235,8 @@ def _fit(
                         weights_only=True)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # DDP is over; a later fit in this process starts anew
 
 
 def _best_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
@@ -210,10 +261,21 @@ def _trainer(
     accelerator, precision = resolve_hardware(cfg.train.accelerator, cfg.train.precision)
     if accelerator == "gpu":
         torch.set_float32_matmul_precision("high")
+    t = cfg.train
+    # ddp: one process per device, launched by Lightning (it re-runs the command line with LOCAL_RANK set)
+    # or by torchrun/SLURM. Not ddp_spawn: it hands the launching process only the weights back, not the
+    # callbacks' state (best score, epoch times), and would pickle the MLflow logger.
+    strategy = "ddp" if t.strategy == "auto" and t.devices * t.num_nodes > 1 else t.strategy
     return L.Trainer(
         max_epochs=cfg.train.max_epochs,
+        max_time=None if cfg.train.max_time_s is None else dt.timedelta(seconds=cfg.train.max_time_s),
         accelerator=accelerator,
-        devices=cfg.train.devices,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        # RankShardedData splits the batches itself: Lightning's DistributedSampler would shard whole batches
+        # and repeat validation batches to even out the ranks, counting some users twice.
+        use_distributed_sampler=False,
         precision=precision,
         callbacks=callbacks,
         logger=logger if logger is not None else False,

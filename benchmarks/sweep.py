@@ -1,0 +1,108 @@
+"""Run a list of benchmark configurations in parallel processes (one machine, e.g. one GPU shared by all).
+
+    python -m benchmarks.sweep benchmarks/sweeps/<name>.txt --parallel 8 --json-out results.jsonl \\
+        [--seeds 42] [--log-dir logs/] [--data-root ../shared/data] [--set KEY=VALUE ...]
+
+Each non-comment line of the sweep file is ``<tag> <dataset> [KEY=VALUE ...]``; it runs
+``python -m benchmarks.sequential --dataset <dataset> --tag <tag> --seeds ... --no-table`` with the line's
+overrides after the common ones, so every finished seed lands in ``--json-out`` as a JSON line (see
+benchmarks/sequential.py). Configurations are compared on validation NDCG@10 only; ``--rank`` prints them
+ranked by it from a results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_sweep(path: Path) -> list[tuple[str, str, list[str]]]:
+    """(tag, dataset, overrides) per line; raises ``SystemExit`` naming the line on a malformed one."""
+    runs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        tag, *rest = line.split()
+        if not rest or "=" in rest[0] or any("=" not in x for x in rest[1:]):
+            raise SystemExit(f"{path}:{n}: expected '<tag> <dataset> [KEY=VALUE ...]', got {line!r}")
+        runs.append((tag, rest[0], rest[1:]))
+    tags = [t for t, _, _ in runs]
+    if len(set(tags)) != len(tags):
+        raise SystemExit(f"{path}: tags must be unique, got {tags}")
+    return runs
+
+
+def rank(paths: list[Path]) -> str:
+    """Configurations ranked by mean validation NDCG@10, with their test numbers alongside."""
+    by_tag: dict[str, list[dict]] = defaultdict(list)
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_tag[record["tag"]].append(record)
+    rows = []
+    for tag, records in by_tag.items():
+        val = statistics.mean(r["train"]["best_val_ndcg_at_10"] for r in records)
+        test = statistics.mean(r["results"]["model"]["ndcg_at_10"] for r in records)
+        hr = statistics.mean(r["results"]["model"]["hr_at_10"] for r in records)
+        epochs = "/".join(f"{r['train']['best_epoch']}({r['train']['epochs_run']})" for r in records)
+        rows.append((records[0]["dataset"], -val, f"{records[0]['dataset']:16s} {tag:24s} val {val:.4f}  "
+                     f"test {test:.4f} / {hr:.4f}  n={len(records)} epochs {epochs}  "
+                     f"{' '.join(records[0]['overrides'])}"))
+    return "\n".join(text for *_, text in sorted(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path, nargs="?")
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--seeds", default="42")
+    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--log-dir", type=Path, default=ROOT / "work" / "sweep-logs")
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--work-root", type=Path, default=ROOT / "work" / "bench")
+    parser.add_argument("--rank", type=Path, nargs="+", help="only rank the records of these results files")
+    parser.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run (before each line's own)")
+    args = parser.parse_args(argv)
+    if args.rank:
+        print(rank(args.rank))
+        return
+    if args.sweep is None or args.json_out is None:
+        parser.error("a sweep file and --json-out are required unless --rank is given")
+    runs = read_sweep(args.sweep)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < args.parallel:
+            tag, dataset, overrides = pending.pop(0)
+            cmd = [sys.executable, "-m", "benchmarks.sequential", "--dataset", dataset, "--tag", tag,
+                   "--seeds", args.seeds, "--json-out", str(args.json_out.resolve()), "--no-table",
+                   "--data-root", str(args.data_root.resolve()), "--work-root", str(args.work_root.resolve()),
+                   *args.common, *overrides]
+            log = (args.log_dir / f"{tag}.log").open("w")
+            active.append((tag, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}), log))
+            print(f"started {tag}", flush=True)
+        time.sleep(2)
+        for item in list(active):
+            tag, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                active.remove(item)
+                print(f"finished {tag}: exit {proc.returncode}", flush=True)
+    print(rank([args.json_out]) if args.json_out.is_file() else "no results")
+
+
+if __name__ == "__main__":
+    main()
