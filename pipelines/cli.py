@@ -6,14 +6,19 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.schedule import LockedError, ScheduledRun, job_lock, parse_run_date, today_utc
 from recsys.config import Config, ConfigError, load_config
 from recsys.faults import fault_point
+
+if TYPE_CHECKING:
+    from recsys.sharding import Shard
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -38,6 +43,9 @@ success markers <work_dir>/runs/<job>/<date>.json (run, train); locks <work_dir>
 
 # Jobs that take --run-date/--force: they record a success marker and skip a date that already succeeded.
 _SCHEDULED = ("run", "train")
+# Set by distributed launchers: torchrun (RANK, LOCAL_RANK, GROUP_RANK), SLURM (SLURM_PROCID), Lightning's
+# own launcher and a manual multi-node start (LOCAL_RANK, NODE_RANK). Any of them non-zero: not global rank 0.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--date", default=None, type=datetime.date.fromisoformat, metavar="YYYY-MM-DD",
                              help="night to write, the partition candidates/date=YYYY-MM-DD "
                                   "(default: today, UTC); same as candidates.date=YYYY-MM-DD")
+            cmd.add_argument("--shard", default=None, type=_shard, metavar="i/N",
+                             help="score only the users of shard i of N (0-based; by a hash of user_id) into "
+                                  "candidates/shard=i-of-N/date=YYYY-MM-DD/; the N shards are independent "
+                                  "jobs and their union is the unsharded night")
     return parser
 
 
@@ -76,6 +88,26 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     """``candidates --model/--date`` as config overrides (JSON-quoted: read back verbatim as YAML)."""
     flags = {"candidates.model": getattr(args, "model", None), "candidates.date": getattr(args, "date", None)}
     return [f"{key}={json.dumps(str(value))}" for key, value in flags.items() if value is not None]
+
+
+def _shard(text: str) -> Shard:
+    from recsys.sharding import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _lock_name(args: argparse.Namespace) -> str:
+    """The job's lock (and log file) name: shards of a night run side by side, so each has its own."""
+    shard = getattr(args, "shard", None)
+    return args.command if shard is None else f"{args.command}.shard-{shard.index}-of-{shard.count}"
+
+
+def _is_worker() -> bool:
+    """Whether a distributed launcher started this process as anything but global rank 0."""
+    return any(os.environ.get(name, "0").strip() not in ("", "0") for name in _RANK_VARIABLES)
 
 
 def _run_date(text: str) -> datetime.date:
@@ -122,6 +154,9 @@ def _execute(args: argparse.Namespace, cfg: Config) -> bool:
 
     Returns False when there was nothing to do.
     """
+    if args.command == "candidates":
+        _job(args.command)(cfg, shard=args.shard)
+        return True
     if args.command not in _SCHEDULED:
         _job(args.command)(cfg)
         return True
@@ -176,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if _is_worker():
+        return _worker(args, cfg)
     try:
-        log_file = _setup_logging(cfg, args.command, args.quiet)
+        log_file = _setup_logging(cfg, _lock_name(args), args.quiet)
     except OSError as exc:
         print(f"recsys {args.command}: work_dir {cfg.work_dir} is not a writable directory ({exc}); "
               "set work_dir= to a directory path", file=sys.stderr)
         return EXIT_USAGE
     try:
-        with job_lock(Path(cfg.work_dir), args.command):
+        with job_lock(Path(cfg.work_dir), _lock_name(args)):
             return _guarded(args, cfg, log_file)
     except LockedError as exc:
         logging.getLogger("recsys").error("%s", exc)
@@ -191,10 +228,34 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LOCKED
 
 
+def _worker(args: argparse.Namespace, cfg: Config) -> int:
+    """A DDP process other than global rank 0 (see README "Scale-out"): it trains its share, and takes no lock
+    and writes no model, marker or MLflow run; a date rank 0 skips as done is skipped here too."""
+    ranks = " ".join(f"{name}={os.environ[name]}" for name in _RANK_VARIABLES if name in os.environ)
+    if args.command not in _SCHEDULED:
+        print(f"recsys {args.command}: started as a distributed process other than rank 0 ({ranks}); only "
+              "`recsys train` (and `recsys run`'s training) run on several processes", file=sys.stderr)
+        return EXIT_USAGE
+    log_file = _setup_logging(cfg, f"{args.command}-worker-{os.getpid()}", quiet=True)
+    run_date = args.run_date or today_utc()
+    if not args.force and ScheduledRun(cfg, args.command, run_date).done() is not None:
+        return EXIT_OK
+    from pipelines import train_worker
+
+    try:
+        train_worker.run(cfg, run_date, allow_resume=not args.force)
+    except Exception:
+        logging.getLogger("recsys").exception("recsys %s worker (%s) failed; full log in %s", args.command,
+                                              ranks, log_file)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
     """Run the job and map its failure to an exit code; prints the summary on success."""
     from features.readers import InputDataError
     from recsys.drift import DriftError
+    from recsys.sharding import ShardLayoutError
     from recsys.tracking import TrackingUnavailableError
 
     try:
@@ -203,7 +264,7 @@ def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
         logging.getLogger("recsys").error("bad input: %s", exc)
         print(f"recsys {args.command}: bad input data: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except (FileNotFoundError, ConfigError) as exc:
+    except (FileNotFoundError, ConfigError, ShardLayoutError) as exc:
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (TrackingUnavailableError, DriftError) as exc:

@@ -1,6 +1,7 @@
 """Candidate job: a model (local or from the MLflow registry) scores the users of the current features;
 top-K per user goes to the date partition ``<work_dir>/candidates/date=YYYY-MM-DD/``, with a manifest and
-a drift report against the previous night."""
+a drift report against the previous night. With a shard (``--shard i/N``) only that shard's users are scored,
+into ``candidates/shard=i-of-N/date=YYYY-MM-DD/``, and drift is measured on those users only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from features import schema
 from features.artifacts import FeatureSet, load_features
 from pipelines.workdir import WorkDir
@@ -18,37 +21,44 @@ from recsys.config import Config, save_config
 from recsys.drift import DriftError, drift_report, drift_violations
 from recsys.faults import fault_point
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
+from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_rows
 from recsys.storage import atomic_dir, fingerprint, read_json, write_json
 from recsys.tracking import JobRun, job_run
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, run_date: dt.date | None = None) -> Path:
+def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None) -> Path:
     """Write the partition of ``candidates.date`` (else ``run_date``, else today UTC) atomically (a rerun
-    replaces it) and return it.
+    replaces it) and return it; with ``shard``, that shard's partition inside it, for its users only.
 
     Raises DriftError when the drift gate fails: the lists then go to ``candidates/rejected/date=…`` for
-    inspection and the published partition of that date, if any, is left as it was.
+    inspection and the published partition of that date, if any, is left as it was. Raises ShardLayoutError
+    if the night already holds the other layout (whole vs sharded, or shards of another N).
     """
     wd = WorkDir.of(cfg)
     day = cfg.candidates.date or run_date or dt.datetime.now(dt.UTC).date()
+    part = None if shard is None else shard.name
+    _check_layout(wd, day, shard)
     feats = load_features(wd.features)
+    if shard is not None:
+        feats = select_shard(feats, shard)
     spec = cfg.candidates.model or str(wd.model)
     # A local model is read before an MLflow run is opened, so a missing one fails at once.
     local = None if is_mlflow_uri(spec) else load_trained_model(spec)
-    with job_run(cfg, "candidates", tags={"candidates.date": day}) as tracker, \
+    tags = {"candidates.date": day, **({} if shard is None else {"candidates.shard": str(shard)})}
+    with job_run(cfg, "candidates", tags=tags) as tracker, \
             tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
         trained, ref = _resolve_model(cfg, spec, local, tracker, Path(tmp))
         table, stats = generate_candidates(trained, feats, cfg.candidates)
         fault_point("candidates-scored")
-        previous = wd.previous_candidates(day)
-        drift = drift_report(table, read_candidates(previous) if previous else None, stats["k_effective"])
+        previous = wd.previous_candidates(day, part)
+        drift = drift_report(table, _previous_lists(previous, shard), stats["k_effective"])
         violations = drift_violations(drift, cfg.candidates)
         drift = {"date": day.isoformat(), "previous": str(previous) if previous else None, **drift,
                  "passed": not violations, "violations": violations}
-        manifest = _manifest(cfg, day, table.height, stats, ref, feats, wd)
-        target = wd.rejected_candidates(day) if violations else wd.candidates_partition(day)
+        manifest = _manifest(cfg, day, table.height, stats, ref, feats, wd, shard)
+        target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
         with atomic_dir(target) as out:
             table.write_parquet(out / "candidates.parquet")
             fault_point("candidates-parquet-written")
@@ -58,7 +68,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             save_config(cfg, out / "config.yaml")
             fault_point("candidates-before-publish")
         fault_point("candidates-published")
-        _track(tracker, manifest, drift, target)
+        _track(tracker, manifest, drift, target, shard)
         if violations:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)
                              + f" (against {previous}); the lists are in {target} for inspection")
@@ -80,11 +90,40 @@ def _resolve_model(
     return local, describe_version(tracker, str(Path(spec).resolve()), cfg.tracking.registered_model, version)
 
 
+def _check_layout(wd: WorkDir, day: dt.date, shard: Shard | None) -> None:
+    """A night is written whole or by the shards of ONE split; raises ShardLayoutError naming what is there."""
+    whole, shards = wd.candidates_partition(day), wd.candidate_shards(day)
+    if shard is None and shards:
+        raise ShardLayoutError(f"{day} is already split into shards ({', '.join(shards)} under {wd.candidates}): "
+                               "a night is written whole or by shards, not both; run with --shard, or remove "
+                               "them to write the night whole")
+    if shard is None:
+        return
+    if (whole / "candidates.parquet").is_file():
+        raise ShardLayoutError(f"{whole} holds the whole night: a night is written whole or by shards, not "
+                               "both; run without --shard, or remove it to split the night")
+    other = [name for name in shards if not name.endswith(f"-of-{shard.count}")]
+    if other:
+        raise ShardLayoutError(f"{day} is already split another way ({', '.join(other)} under {wd.candidates}), "
+                               f"not as --shard {shard}; use the same N for every shard of a night, or remove "
+                               "them")
+
+
+def _previous_lists(previous: Path | None, shard: Shard | None) -> pl.DataFrame | None:
+    """The previous night's lists to measure drift against: of ``shard``'s users only, for a shard (the
+    previous night may have been written whole)."""
+    if previous is None:
+        return None
+    table = read_candidates(previous)
+    return table if shard is None else shard_rows(table, shard)
+
+
 def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], ref: ModelRef, feats: FeatureSet,
-              wd: WorkDir) -> dict[str, Any]:
+              wd: WorkDir, shard: Shard | None) -> dict[str, Any]:
     c = cfg.candidates
     return {
         "date": day.isoformat(),
+        "shard": None if shard is None else {"index": shard.index, "count": shard.count},
         "rows": rows,
         **{k: v for k, v in stats.items() if k != "search"},
         "k": c.k,
@@ -102,11 +141,13 @@ def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], ref: 
     }
 
 
-def _track(tracker: JobRun, manifest: dict[str, Any], drift: dict[str, Any], target: Path) -> None:
+def _track(tracker: JobRun, manifest: dict[str, Any], drift: dict[str, Any], target: Path,
+           shard: Shard | None) -> None:
     model = manifest["model"]
     tracker.set_tags({**{f"model.{k}": v for k, v in model.items()}, "drift.passed": drift["passed"]})
     numbers = {k: v for k, v in {**manifest, **manifest["search"]}.items() if isinstance(v, int | float)}
     numbers |= {f"drift/{k}": v for k, v in drift.items() if isinstance(v, int | float) and k != "passed"}
     tracker.log_metrics(numbers)
+    where = f"candidates/{target.name}" if shard is None else f"candidates/{shard.name}/{target.name}"
     for name in ("manifest.json", "drift.json"):
-        tracker.log_artifact(target / name, f"candidates/{target.name}")
+        tracker.log_artifact(target / name, where)

@@ -37,25 +37,43 @@ class WorkDir:
     def candidates(self) -> Path:
         return self.root / "candidates"
 
-    def candidates_partition(self, day: dt.date) -> Path:
-        """The published candidates of one night: ``candidates/date=YYYY-MM-DD``."""
-        return self.candidates / f"date={day.isoformat()}"
+    def candidates_partition(self, day: dt.date, shard: str | None = None) -> Path:
+        """The published candidates of one night, ``candidates/date=YYYY-MM-DD``, or of one shard of a split
+        night, ``candidates/<shard>/date=YYYY-MM-DD`` (``shard`` is a directory name such as ``shard=0-of-4``).
 
-    def rejected_candidates(self, day: dt.date) -> Path:
-        """Where a night that failed the drift gate is kept for inspection (never read by consumers)."""
-        return self.candidates / "rejected" / f"date={day.isoformat()}"
+        Shard first: each shard writes (and cleans temporary files) only in its own directory, so shards
+        running at the same time, on other hosts too, never touch each other's files.
+        """
+        base = self.candidates if shard is None else self.candidates / shard
+        return base / f"date={day.isoformat()}"
 
-    def previous_candidates(self, day: dt.date) -> Path | None:
-        """The latest published partition dated strictly before ``day``, or None."""
+    def rejected_candidates(self, day: dt.date, shard: str | None = None) -> Path:
+        """Where a night (or a shard of it) that failed the drift gate is kept for inspection (never read by
+        consumers): ``candidates/rejected[/<shard>]/date=YYYY-MM-DD``."""
+        base = self.candidates / "rejected"
+        return (base if shard is None else base / shard) / f"date={day.isoformat()}"
+
+    def candidate_shards(self, day: dt.date) -> list[str]:
+        """Names of the shard directories (``shard=i-of-N``) holding a published partition of ``day``."""
+        return sorted(p.parent.name for p in self.candidates.glob(f"shard=*/date={day.isoformat()}"))
+
+    def previous_candidates(self, day: dt.date, shard: str | None = None) -> Path | None:
+        """The latest published partition dated strictly before ``day``, or None.
+
+        For a ``shard``: the latest earlier night of that shard (split the same way) or written whole; the
+        caller keeps only the shard's users of the latter.
+        """
+        roots = [self.candidates] if shard is None else [self.candidates, self.candidates / shard]
         dated = []
-        for path in self.candidates.glob("date=*"):
-            try:
-                when = dt.date.fromisoformat(path.name.removeprefix("date="))
-            except ValueError:
-                continue
-            if when < day and (path / "candidates.parquet").is_file():
-                dated.append((when, path))
-        return max(dated)[1] if dated else None
+        for preference, root in enumerate(roots):
+            for path in root.glob("date=*"):
+                try:
+                    when = dt.date.fromisoformat(path.name.removeprefix("date="))
+                except ValueError:
+                    continue
+                if when < day and (path / "candidates.parquet").is_file():
+                    dated.append((when, preference, path))
+        return max(dated)[2] if dated else None
 
     @property
     def logs(self) -> Path:

@@ -88,18 +88,22 @@ def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int) -> str:
     return digest.hexdigest()
 
 
-def resume_point(directory: Path, identity: str) -> ResumePoint | None:
+def resume_point(directory: Path, identity: str, clean: bool = True) -> ResumePoint | None:
     """``directory/last.ckpt`` if a run with this ``identity`` wrote it, else None.
 
-    Leftover temporary files of killed writers are removed first; when there is nothing to resume, every
-    ``*.ckpt`` in ``directory`` is removed too (they belong to another run), so the run starts clean.
+    With ``clean`` (the default; under DDP only on rank 0, the only writer), leftover temporary files of
+    killed writers are removed first, and when there is nothing to resume every ``*.ckpt`` in ``directory``
+    is removed too (they belong to another run), so the run starts clean.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(directory)
+    if clean:
+        remove_stale_temps(directory)
     last = directory / f"{LAST}.ckpt"
     state = _read(last) if last.is_file() else None
     if state is not None and state.get(IDENTITY_KEY) == identity:
         return ResumePoint(last, int(state["epoch"]))
+    if not clean:
+        return None
     if state is not None:
         log.warning("%s was written by another run (different config or data); starting afresh", last)
     for stale in directory.glob("*.ckpt"):

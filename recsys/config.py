@@ -70,6 +70,17 @@ class FeaturesConfig(_Section):
     split: Literal["leave_one_out", "time"] = "leave_one_out"
     val_cutoff: int | None = None
     test_cutoff: int | None = None
+    # > 1: out of core, the events split into this many user ranges processed one at a time (features.build)
+    partitions: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _partitions(self) -> FeaturesConfig:
+        if self.partitions > 1 and self.min_item_events > 1:
+            raise ValueError(
+                "features.partitions > 1 needs features.min_item_events = 1: the item k-core counts every "
+                "user's events at once; build with features.partitions=1 or drop the item k-core"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cutoffs(self) -> FeaturesConfig:

@@ -1,0 +1,28 @@
+"""Training on a DDP process other than global rank 0: it trains its share of every batch and writes nothing.
+
+Rank 0 runs the ordinary train job (lock, checkpoints, model directory, MLflow run, marker); the others run
+this, started by Lightning's launcher (which re-runs the command line with ``LOCAL_RANK`` set), by torchrun
+or by SLURM. See README "Scale-out".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from features.artifacts import load_features
+from pipelines.schedule import checkpoint_dir
+from pipelines.workdir import WorkDir
+from recsys.config import Config
+from recsys.training import train_model
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, run_date: dt.date, allow_resume: bool = True) -> None:
+    """Join the DDP run of ``run_date`` (the same features and checkpoint directory as rank 0)."""
+    feats = load_features(WorkDir.of(cfg).features)
+    result = train_model(cfg, feats.sequences, feats.n_items, checkpoint_dir(cfg, run_date),
+                         allow_resume=allow_resume)
+    log.info("train worker: done (best val NDCG@10 %.4f at epoch %d; rank 0 writes the model)",
+             result.best_val_ndcg, result.best_epoch)

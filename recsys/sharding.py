@@ -1,0 +1,84 @@
+"""User shards: candidate generation split into N independent jobs (``recsys candidates --shard i/N``).
+
+A user's shard is a function of the EXTERNAL ``user_id`` alone (a 64-bit mix of the id, modulo N), so a user
+stays in the same shard night after night, whatever the feature job's internal indices or the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import polars as pl
+
+from features import schema
+from features.artifacts import FeatureSet
+
+# splitmix64's finaliser (Steele et al., 2014): every input bit moves every output bit, so ids that share a
+# pattern (all even, steps of 1000) still spread evenly over the shards.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_SHARD = re.compile(r"(?P<index>\d+)/(?P<count>\d+)")
+
+
+class ShardLayoutError(ValueError):
+    """A night's candidates would mix layouts: unsharded and sharded, or shards of two different N."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (0-based) of ``count``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index must be in 0..count-1, got {self.index}/{self.count}")
+
+    @property
+    def name(self) -> str:
+        """Directory name of the shard's output: ``shard=i-of-N``."""
+        return f"shard={self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str) -> Shard:
+    """``"i/N"`` (0 <= i < N) → :class:`Shard`; raises ``ValueError`` saying what is expected."""
+    match = _SHARD.fullmatch(text.strip())
+    if match is None or not 0 <= int(match["index"]) < int(match["count"]):
+        raise ValueError(f"{text!r} is not a shard: expected i/N with 0 <= i < N (0-based), e.g. 0/4 … 3/4")
+    return Shard(int(match["index"]), int(match["count"]))
+
+
+def shard_of(user_id: pl.Expr, count: int) -> pl.Expr:
+    """0-based shard (UInt64) of each external user id: splitmix64's finaliser of the id, modulo ``count``.
+
+    The id's 64 bits are read as unsigned (negative ids included); UInt64 arithmetic wraps around, and
+    ``x // 2**s`` is the right shift ``x >> s``.
+    """
+    z = user_id.cast(pl.UInt64, wrap_numerical=True) + pl.lit(_GOLDEN, dtype=pl.UInt64)
+    z = z.xor(z // 2**30) * pl.lit(_MIX1, dtype=pl.UInt64)
+    z = z.xor(z // 2**27) * pl.lit(_MIX2, dtype=pl.UInt64)
+    return z.xor(z // 2**31) % count
+
+
+def in_shard(shard: Shard) -> pl.Expr:
+    """Filter predicate: the row's ``user_id`` belongs to ``shard``."""
+    return shard_of(pl.col(schema.USER_ID), shard.count) == shard.index
+
+
+def select_shard(feats: FeatureSet, shard: Shard) -> FeatureSet:
+    """``feats`` with only the sequences of the users of ``shard`` (id maps and manifest unchanged)."""
+    users = feats.user_map.filter(in_shard(shard))[schema.USER_IDX]
+    sequences = feats.sequences.filter(pl.col(schema.USER_IDX).is_in(users.implode()))
+    return dataclasses.replace(feats, sequences=sequences)
+
+
+def shard_rows(table: pl.DataFrame, shard: Shard) -> pl.DataFrame:
+    """The rows of ``table`` (any table with a ``user_id`` column) whose user belongs to ``shard``."""
+    return table.filter(in_shard(shard))
+

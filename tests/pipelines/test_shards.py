@@ -1,0 +1,111 @@
+"""`recsys candidates --shard i/N`: the union of the N shards is the unsharded night, row for row and score for
+score; a shard rerun is idempotent and leaves the other shards alone; bad values and mixed layouts fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipelines.cli import EXIT_OK, EXIT_USAGE, main
+from tests.hostile.cli_run import run_cli, snapshot
+from tests.pipelines.conftest import leftovers, tiny
+
+WHOLE = "2024-05-01"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> Path:
+    """A trained tiny work directory with the whole (unsharded) night of 2024-05-01."""
+    work = tmp_path_factory.mktemp("shards") / "work"
+    shutil.copytree(tiny_features, work / "features")
+    assert main(["train", "--quiet", *tiny(work)]) == EXIT_OK
+    assert main(["candidates", "--quiet", "--date", WHOLE, *tiny(work)]) == EXIT_OK
+    return work
+
+
+def _shard(work: Path, date: str, i: int, n: int) -> int:
+    return main(["candidates", "--quiet", "--date", date, "--shard", f"{i}/{n}", *tiny(work)])
+
+
+def _night(work: Path, date: str, shard: str | None = None) -> Path:
+    return work / "candidates" / (f"{shard}/date={date}" if shard else f"date={date}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_union_of_the_shards_is_the_unsharded_night(trained: Path, n: int) -> None:
+    date = f"2024-05-0{n + 1}"  # a night per split: one night is never split two ways
+    for i in range(n):
+        assert _shard(trained, date, i, n) == EXIT_OK
+    assert not _night(trained, date).exists()
+    shards = [_night(trained, date, f"shard={i}-of-{n}") for i in range(n)]
+    whole = pl.read_parquet(_night(trained, WHOLE) / "candidates.parquet")
+    union = pl.read_parquet(trained / "candidates" / f"shard=*-of-{n}" / f"date={date}" / "candidates.parquet")
+    assert union.sort(["user_id", "rank"]).equals(whole)  # same rows, float32 scores and ranks: disjoint shards
+
+    manifests = [json.loads((shard / "manifest.json").read_text()) for shard in shards]
+    assert [m["shard"] for m in manifests] == [{"index": i, "count": n} for i in range(n)]
+    assert sum(m["users"] for m in manifests) == whole["user_id"].n_unique() == 200
+    assert sum(m["rows"] for m in manifests) == whole.height
+    for shard, manifest in zip(shards, manifests, strict=True):
+        # Drift against the same users of the night before (written whole): same model, same features.
+        drift = json.loads((shard / "drift.json").read_text())
+        assert drift["previous"] == str(_night(trained, WHOLE))
+        assert drift["users_previous"] == drift["users_today"] == manifest["users"]
+        assert drift["mean_overlap_at_k"] == 1.0
+    assert leftovers(trained) == []
+
+
+def test_a_shard_rerun_is_idempotent_and_leaves_the_other_shards_alone(trained: Path) -> None:
+    date = "2024-05-20"
+    for i in range(2):
+        assert _shard(trained, date, i, 2) == EXIT_OK
+    before = snapshot(trained / "candidates")
+    other = _night(trained, date, "shard=1-of-2") / "candidates.parquet"
+    mtime = other.stat().st_mtime_ns
+    assert _shard(trained, date, 0, 2) == EXIT_OK
+    assert snapshot(trained / "candidates") == before
+    assert other.stat().st_mtime_ns == mtime
+    # Each shard has its own lock: N shards of a night can run at the same time.
+    assert {"candidates.shard-0-of-2.lock", "candidates.shard-1-of-2.lock"} <= {
+        p.name for p in (trained / ".locks").iterdir()}
+
+
+def test_the_drift_gate_of_a_shard_compares_with_the_same_shard(trained: Path, capsys) -> None:
+    assert _shard(trained, "2024-05-21", 0, 2) == EXIT_OK
+    assert _shard(trained, "2024-05-22", 0, 2) == EXIT_OK
+    drift = json.loads((_night(trained, "2024-05-22", "shard=0-of-2") / "drift.json").read_text())
+    assert drift["previous"] == str(_night(trained, "2024-05-21", "shard=0-of-2"))
+    # The shard's night before held items nobody would recommend: tonight's overlap with it is 0.
+    fake = _night(trained, "2024-05-21", "shard=0-of-2") / "candidates.parquet"
+    pl.read_parquet(fake).with_columns(pl.col("item_id") + 10**9).write_parquet(fake)
+    published = snapshot(_night(trained, "2024-05-22", "shard=0-of-2"))
+    outcome = run_cli(capsys, "candidates", "--quiet", "--date", "2024-05-22", "--shard", "0/2",
+                      "candidates.min_overlap=0.5", *tiny(trained))
+    assert outcome.code != EXIT_OK and "not published" in outcome.err
+    rejected = trained / "candidates" / "rejected" / "shard=0-of-2" / "date=2024-05-22"
+    assert json.loads((rejected / "drift.json").read_text())["passed"] is False
+    assert snapshot(_night(trained, "2024-05-22", "shard=0-of-2")) == published
+
+
+@pytest.mark.parametrize("value", ["2/2", "-1/2", "0/0", "1", "a/b", "1/2/3"])
+def test_a_bad_shard_is_a_usage_error_naming_the_flag(trained: Path, capsys, value: str) -> None:
+    outcome = run_cli(capsys, "candidates", "--date", "2024-05-11", f"--shard={value}", *tiny(trained))
+    assert outcome.code == EXIT_USAGE
+    assert "argument --shard" in outcome.err and "expected i/N with 0 <= i < N" in outcome.err
+    assert not list((trained / "candidates").glob("*/date=2024-05-11"))
+
+
+def test_a_night_is_never_written_two_ways(trained: Path, capsys) -> None:
+    assert _shard(trained, "2024-05-12", 0, 2) == EXIT_OK
+    other_split = run_cli(capsys, "candidates", "--date", "2024-05-12", "--shard", "0/3", *tiny(trained))
+    assert other_split.code == EXIT_USAGE and "already split another way (shard=0-of-2" in other_split.err
+    assert "--shard 0/3" in other_split.err
+    whole = run_cli(capsys, "candidates", "--date", "2024-05-12", *tiny(trained))
+    assert whole.code == EXIT_USAGE and "run with --shard, or remove them" in whole.err
+    onto_whole = run_cli(capsys, "candidates", "--date", WHOLE, "--shard", "0/2", *tiny(trained))
+    assert onto_whole.code == EXIT_USAGE and "holds the whole night" in onto_whole.err
+    assert [p.parent.name for p in (trained / "candidates").glob("*/date=2024-05-12")] == ["shard=0-of-2"]
