@@ -115,6 +115,7 @@ HEADER = (
 
 def table_row(records: list[dict[str, Any]]) -> str:
     """One markdown row for the seeds of one (dataset, config, overrides); baselines give NDCG@10."""
+    records = sorted(records, key=lambda r: r["seed"])
     first = records[0]
     trains = [r["train"] for r in records]
     epochs = "/".join(f"{t['best_epoch']}({t['epochs_run']})" for t in trains)
@@ -164,7 +165,7 @@ def read_records(paths: list[Path]) -> list[dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise SystemExit(f"{path}:{n}: not a JSON record ({err}); was the run cut off mid-line?")
+                    raise SystemExit(f"{path}:{n}: not a JSON record ({err}); was the run cut off mid-line?") from err
     return records
 
 

@@ -80,20 +80,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.sweep is None or args.json_out is None:
         parser.error("a sweep file and --json-out are required unless --rank is given")
-    runs = read_sweep(args.sweep)
+    # One process per (line, seed), so that the seeds of a configuration run side by side too.
+    runs = [(tag, dataset, overrides, seed) for tag, dataset, overrides in read_sweep(args.sweep)
+            for seed in args.seeds.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
     pending, active = list(runs), []
     while pending or active:
         while pending and len(active) < args.parallel:
-            tag, dataset, overrides = pending.pop(0)
+            tag, dataset, overrides, seed = pending.pop(0)
             cmd = [sys.executable, "-m", "benchmarks.sequential", "--dataset", dataset, "--tag", tag,
-                   "--seeds", args.seeds, "--json-out", str(args.json_out.resolve()), "--no-table",
+                   "--seeds", seed, "--json-out", str(args.json_out.resolve()), "--no-table",
                    "--data-root", str(args.data_root.resolve()), "--work-root", str(args.work_root.resolve()),
                    *args.common, *overrides]
-            log = (args.log_dir / f"{tag}.log").open("w")
-            active.append((tag, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            log = (args.log_dir / f"{tag}-seed{seed}.log").open("w")
+            active.append((f"{tag} seed {seed}", subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}), log))
-            print(f"started {tag}", flush=True)
+            print(f"started {tag} seed {seed}", flush=True)
         time.sleep(2)
         for item in list(active):
             tag, proc, log = item
