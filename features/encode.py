@@ -13,15 +13,15 @@ from features.schema import ITEM_ID, ITEM_IDX, PAD_IDX, USER_ID, USER_IDX
 from features.sequences import SPLIT, TRAIN
 
 
-def build_user_map(events: pl.DataFrame) -> pl.DataFrame:
+def build_user_map(events: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     """``user_id`` Int64 -> ``user_idx`` Int32 in 0..n-1, ordered by user_id."""
-    users = events.select(pl.col(USER_ID).unique().sort())
+    users = events.lazy().select(pl.col(USER_ID).unique().sort()).collect()
     return users.with_columns(pl.int_range(pl.len(), dtype=pl.Int32).alias(USER_IDX))
 
 
-def build_item_index(events: pl.DataFrame) -> pl.DataFrame:
+def build_item_index(events: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     """``item_id`` Int64 -> ``item_idx`` Int32 in 1..n (0 stays free for padding), ordered by item_id."""
-    items = events.select(pl.col(ITEM_ID).unique().sort())
+    items = events.lazy().select(pl.col(ITEM_ID).unique().sort()).collect()
     return items.with_columns((pl.int_range(pl.len(), dtype=pl.Int32) + PAD_IDX + 1).alias(ITEM_IDX))
 
 
@@ -36,12 +36,14 @@ def encode_events(events: pl.LazyFrame, user_map: pl.DataFrame, item_map: pl.Dat
     return events.select(user_idx.alias(USER_IDX), item_idx.alias(ITEM_IDX), pl.exclude(USER_ID, ITEM_ID))
 
 
-def add_train_count(item_index: pl.DataFrame, split_events: pl.DataFrame) -> pl.DataFrame:
+def add_train_count(item_index: pl.DataFrame, split_events: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     """schema.ITEM_MAP: ``item_index`` + ``train_count`` Int64, TRAIN-split events per item (0 if none)."""
     counts = (
-        split_events.filter(pl.col(SPLIT) == TRAIN)
+        split_events.lazy()
+        .filter(pl.col(SPLIT) == TRAIN)
         .group_by(ITEM_IDX)
         .agg(pl.len().cast(pl.Int64).alias("train_count"))
+        .collect()
     )
     joined = item_index.join(counts, on=ITEM_IDX, how="left", maintain_order="left")
     return joined.with_columns(pl.col("train_count").fill_null(0))

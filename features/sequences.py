@@ -31,14 +31,17 @@ def split_leave_one_out(events: Frame) -> Frame:
 
     Users with fewer than 3 events keep everything in train. Expects :func:`sort_events` order.
     """
-    n = pl.len().over(USER_IDX)
-    position = pl.int_range(pl.len()).over(USER_IDX)
+
+    # each user's rows are contiguous, so comparing with the rows up to two places away says where a row
+    # sits in its user's sequence: no per-user window (a hash group-by) is needed
+    def same_user(offset: int) -> pl.Expr:
+        return (pl.col(USER_IDX).shift(offset) == pl.col(USER_IDX)).fill_null(False)
+
+    last, second_last = ~same_user(-1), same_user(-1) & ~same_user(-2)
     split = (
-        pl.when(n < 3)
-        .then(pl.lit(TRAIN))
-        .when(position == n - 1)
+        pl.when(last & same_user(2))  # the last of >= 3 events
         .then(pl.lit(TEST))
-        .when(position == n - 2)
+        .when(second_last & same_user(1))  # the second-to-last of >= 3 events
         .then(pl.lit(VAL))
         .otherwise(pl.lit(TRAIN))
     )
@@ -58,13 +61,17 @@ def split_by_time(events: Frame, val_cutoff: int, test_cutoff: int) -> Frame:
     return events.with_columns(split.alias(SPLIT))
 
 
-def assign_split(events: Frame, features: FeaturesConfig) -> Frame:
-    """:func:`sort_events`, then the split named by ``features.split``; adds the String column ``split``."""
-    ordered = sort_events(events)
+def add_split(events: Frame, features: FeaturesConfig) -> Frame:
+    """The split named by ``features.split`` (String column ``split``); expects :func:`sort_events` order."""
     if features.split == "leave_one_out":
-        return split_leave_one_out(ordered)
+        return split_leave_one_out(events)
     assert features.val_cutoff is not None and features.test_cutoff is not None  # FeaturesConfig checks this
-    return split_by_time(ordered, features.val_cutoff, features.test_cutoff)
+    return split_by_time(events, features.val_cutoff, features.test_cutoff)
+
+
+def assign_split(events: Frame, features: FeaturesConfig) -> Frame:
+    """:func:`sort_events`, then :func:`add_split`."""
+    return add_split(sort_events(events), features)
 
 
 def build_sequences(split_events: Frame) -> Frame:

@@ -1,0 +1,166 @@
+"""Out-of-core build (features.partitions > 1) and the sorted-row policies, against in-memory and pandas oracles.
+
+The data: the scale benchmark's generator (skewed, ties, exact duplicates), rows shuffled so that input order
+matters, written as parquet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from benchmarks.features_scale import generate_skewed_events, run_pandas
+from features.build import build_features, partition_by_user
+from features.policies import apply_policies
+from features.schema import FEATURE_FILES, ITEM_ID, TIMESTAMP, USER_ID
+from features.sequences import SPLIT, split_leave_one_out
+from recsys.config import ConfigError, FeaturesConfig, load_config
+
+TABLES = ("events", "sequences", "user_map", "item_map")
+
+
+@pytest.fixture(scope="module")
+def shuffled_events(tmp_path_factory) -> Path:
+    """20,000 generated rows in a seeded random order, with an ``event_type`` column; as parquet."""
+    directory = tmp_path_factory.mktemp("events")
+    generate_skewed_events(20_000, directory / "generated.parquet", seed=5)
+    events = pl.read_parquet(directory / "generated.parquet").sample(fraction=1.0, shuffle=True, seed=1)
+    kinds = np.random.default_rng(2).choice(["view", "click"], size=events.height)
+    events.with_columns(pl.Series("kind", kinds)).write_parquet(directory / "events.parquet")
+    return directory / "events.parquet"
+
+
+def _build(source: Path, work: Path, *overrides: str) -> tuple[dict, dict[str, pl.DataFrame]]:
+    base = [f"data.path={source}", "data.format=parquet", "data.event_type_col=kind", f"work_dir={work}"]
+    manifest = build_features(load_config(overrides=[*base, *overrides]))
+    return manifest, {name: pl.read_parquet(work / "features" / FEATURE_FILES[name]) for name in TABLES}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["features.dedup=user_item", "features.min_user_events=4"],
+        ["features.event_types=[view]", "features.dedup=none"],
+        ["features.split=time", "features.val_cutoff=1615000000", "features.test_cutoff=1625000000"],
+    ],
+    ids=["default", "user_item_kcore", "event_types", "time_split"],
+)
+def test_partitioned_build_equals_in_memory_build(shuffled_events, tmp_path, overrides):
+    whole, expected = _build(shuffled_events, tmp_path / "p1", *overrides)
+    parted, got = _build(shuffled_events, tmp_path / "p4", *overrides, "features.partitions=4")
+    for name in TABLES:
+        assert got[name].equals(expected[name]), name
+    ignore = {"config", "created_at"}
+    assert {k: v for k, v in parted.items() if k not in ignore} == {
+        k: v for k, v in whole.items() if k not in ignore
+    }
+    assert parted["config"]["features"]["partitions"] == 4
+    assert sorted(p.name for p in (tmp_path / "p4" / "features").iterdir()) == sorted(
+        p.name for p in (tmp_path / "p1" / "features").iterdir()
+    )
+
+
+def test_pandas_reference_gives_the_same_sequences(shuffled_events, tmp_path):
+    pytest.importorskip("pandas")
+    _, ours = _build(shuffled_events, tmp_path / "polars", "features.partitions=3")
+    run_pandas(shuffled_events, tmp_path / "pandas")
+    for name in ("sequences", "user_map", "item_map", "events"):
+        theirs = pl.read_parquet(tmp_path / "pandas" / FEATURE_FILES[name])
+        assert theirs.cast(ours[name].schema).equals(ours[name]), name  # type: ignore[arg-type]
+    manifest = json.loads((tmp_path / "polars" / "features" / FEATURE_FILES["manifest"]).read_text())
+    assert manifest["dropped"]["duplicate"] > 0
+
+
+def test_partition_by_user_keeps_users_whole_in_order(shuffled_events, tmp_path):
+    events = pl.scan_parquet(shuffled_events).with_row_index("row")
+    ranges = partition_by_user(events, 5, tmp_path / "ranges")
+    parts = [pl.read_parquet(files) for files in ranges if files]
+    assert sum(part.height for part in parts) == 20_000
+    largest_user = events.group_by(USER_ID).len().select(pl.col("len").max()).collect().item()
+    for before, after in zip(parts[:-1], parts[1:], strict=True):
+        assert before[USER_ID].max() < after[USER_ID].min()  # ranges of user_id, in order
+    for part in parts:
+        assert part["row"].is_sorted()  # input order kept within a range
+        assert part.height <= 20_000 / 5 + largest_user  # about equal row counts
+    assert "_range" not in parts[0].columns
+
+
+def test_partitions_refuse_the_item_kcore():
+    with pytest.raises(ConfigError, match="features.partitions"):
+        load_config(overrides=["features.partitions=2", "features.min_item_events=2"])
+
+
+def _brute_force_kept(rows: list[tuple[int, int, int, str]], features: FeaturesConfig) -> list[int]:
+    """Positions kept by the event-type filter and dedup, by the definitions in plain Python."""
+    allowed = [
+        i for i, row in enumerate(rows) if features.event_types is None or row[3] in features.event_types
+    ]
+    if features.dedup == "none":
+        return allowed
+    width = 3 if features.dedup == "exact" else 2
+    first: dict[tuple[int, ...], int] = {}
+    for i in allowed:  # earliest timestamp, then first in the input
+        key = rows[i][:width]
+        if key not in first or rows[i][2] < rows[first[key]][2]:
+            first[key] = i
+    return sorted(first.values())
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        FeaturesConfig(dedup="exact"),
+        FeaturesConfig(dedup="user_item"),
+        FeaturesConfig(dedup="exact", event_types=("view",)),
+        FeaturesConfig(dedup="user_item", event_types=("view",)),
+    ],
+    ids=["exact", "user_item", "exact_filtered", "user_item_filtered"],
+)
+def test_policies_on_sorted_rows_match_the_definitions(features):
+    # few users, items and timestamps: many ties and duplicates, in random order
+    rng = np.random.default_rng(11)
+    n = 3_000
+    columns = {
+        USER_ID: rng.integers(0, 20, n),
+        ITEM_ID: rng.integers(0, 8, n),
+        TIMESTAMP: rng.integers(0, 30, n),
+        "event_type": rng.choice(["view", "click"], n),
+    }
+    events = pl.DataFrame(columns).with_row_index("tag")
+    kept, accounting = apply_policies(events.lazy(), features)
+    rows = list(zip(*(columns[c].tolist() for c in columns), strict=True))
+    assert kept["tag"].to_list() == _brute_force_kept(rows, features)
+    assert accounting.rows_kept == kept.height
+
+
+def test_leave_one_out_matches_the_window_definition():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 7, 200)
+    events = pl.DataFrame({"user_idx": np.repeat(np.arange(200), lengths).astype(np.int32)})
+    n, position = pl.len().over("user_idx"), pl.int_range(pl.len()).over("user_idx")
+    expected = (
+        pl.when((n >= 3) & (position == n - 1))
+        .then(pl.lit("test"))
+        .when((n >= 3) & (position == n - 2))
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("train"))
+    )
+    assert split_leave_one_out(events)[SPLIT].equals(events.select(expected.alias(SPLIT)).to_series())
+
+
+def test_generator_is_seeded_exact_and_ordered_per_user(tmp_path):
+    first = generate_skewed_events(5_000, tmp_path / "a.parquet", seed=3)
+    generate_skewed_events(5_000, tmp_path / "b.parquet", seed=3)
+    events = pl.read_parquet(tmp_path / "a.parquet")
+    assert events.equals(pl.read_parquet(tmp_path / "b.parquet"))
+    assert events.height == 5_000 and events.schema == pl.Schema(
+        {c: pl.Int64 for c in (USER_ID, ITEM_ID, TIMESTAMP)}
+    )
+    assert events.select(pl.col(TIMESTAMP).diff().over(USER_ID).min()).item() >= 0  # file order = time order
+    assert events.is_duplicated().any()
+    assert events[USER_ID].n_unique() == first["users"]
