@@ -26,7 +26,7 @@ from features.artifacts import FeatureSet
 from recsys.config import CandidatesConfig
 from recsys.data import RaggedItems
 from recsys.model import SASRec, load_model
-from recsys.retrieval import ann_recall, build_index, search_top_k
+from recsys.retrieval import ann_recall, build_index, search_top_k, tune_index
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +163,21 @@ def _model_top_k(
     index = build_index(items, cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     seen = [np.asarray(x, dtype=np.int64) - 1 if cfg.exclude_seen else np.empty(0, dtype=np.int64)
             for x in lists]
-    ids, scores, stats = search_top_k(index, users, k, seen, batch_size=cfg.batch_size, item_vectors=items)
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
+    tuned: dict[str, Any] = {}
+    if cfg.target_recall is not None:  # before the search: it sets nprobe / efSearch on the index
+        tuning = tune_index(index, items, users[sample], k, cfg.target_recall, [seen[i] for i in sample])
+        tuned = {"tuned_parameter": tuning.parameter, "tuned_value": tuning.value,
+                 "target_recall": cfg.target_recall, "target_reached": tuning.reached,
+                 "tuning_tried": [list(t) for t in tuning.tried]}
+    ids, scores, stats = search_top_k(index, users, k, seen, batch_size=cfg.batch_size, item_vectors=items)
     recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
     rows = _to_rows(scored[schema.USER_ID].to_numpy(), ids, scores, trained.item_map)
     search = {"users": stats["users"], "batches": stats["batches"], "short_users": stats["short_users"],
               "exact_fallback_users": stats["fallback_users"],  # ANN left short: answered by exact search
-              "ann_recall_at_k": recall, "recall_sample": int(len(sample))}
+              "ann_recall_at_k": recall, "recall_sample": int(len(sample)), **tuned}
     return rows, search
 
 

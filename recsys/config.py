@@ -181,6 +181,9 @@ class EvaluateConfig(_Section):
     # ease: L2 weight lambda; skipped (with a logged reason) on catalogues larger than ease_max_items.
     ease_lambda: float = Field(500.0, gt=0.0)
     ease_max_items: int = Field(20000, ge=1)
+    # Model scored in blocks of this many items with a running top-K merge (recsys/topk.py), so memory is
+    # O(batch_size * item_block_size) instead of O(batch_size * n_items); None = one dense score matrix.
+    item_block_size: int | None = Field(None, ge=1)
 
 
 class CandidatesConfig(_Section):
@@ -190,6 +193,9 @@ class CandidatesConfig(_Section):
     index: str = "Flat"
     nprobe: int | None = Field(None, ge=1)
     ef_search: int | None = Field(None, ge=1)
+    # Auto-tune: nprobe (IVF) / efSearch (HNSW) doubled from the smallest until ANN recall@k against exact
+    # search on recall_sample users reaches this (recsys/retrieval.tune_index); None = nprobe / ef_search as given.
+    target_recall: float | None = Field(None, gt=0.0, le=1.0)
     batch_size: int = Field(4096, ge=1)
     recall_sample: int = Field(1000, ge=1)
     exclude_seen: bool = True

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import polars as pl
@@ -18,7 +19,9 @@ import torch
 from features.schema import SEQUENCES, USER_IDX, check_schema
 from recsys.baselines import ease_scorer, item_knn_scorer, popularity_scorer, popularity_scores
 from recsys.config import EvaluateConfig
+from recsys.data import RaggedItems
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
+from recsys.topk import select_top_k, top_k_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,13 @@ class RankingModel(Protocol):
     def train(self, mode: bool = True) -> Any: ...
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor: ...  # (B, T) -> (B, D)
     def score(self, hidden: torch.Tensor) -> torch.Tensor: ...  # (..., D) -> (..., n_items + 1)
+
+
+@runtime_checkable
+class BlockRankingModel(RankingModel, Protocol):
+    """A model whose scores are ``user_vectors @ item_embeddings().T`` (what blocked evaluation needs)."""
+
+    def item_embeddings(self) -> torch.Tensor: ...  # (n_items + 1, D), row 0 = padding
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,41 @@ def _check_items(eval_set: EvalSet, n_items: int) -> None:
             )
 
 
+class MetricAccumulator:
+    """Per-user metrics and catalogue coverage gathered batch by batch; the result does not depend on batching."""
+
+    def __init__(self, n_items: int, ks: tuple[int, ...]) -> None:
+        self.ks = ks
+        self.per_user: dict[str, list[torch.Tensor]] = {}
+        self.covered = {k: torch.zeros(n_items + 1, dtype=torch.bool) for k in ks}
+        self.n_users = 0
+
+    def add(self, ranks: torch.Tensor, top: torch.Tensor) -> None:
+        """ranks (B, M) pessimistic 0-based target ranks, -1 = no target; top (B, K) each user's best item
+        indices, best first, 0 = none (K >= max(ks) unless the catalogue is smaller)."""
+        for key, values in metrics_from_ranks(ranks, self.ks).items():
+            self.per_user.setdefault(key, []).append(values.cpu())
+        for k in self.ks:
+            self.covered[k][top[:, :k].cpu()] = True
+        self.n_users += ranks.shape[0]
+
+    def result(self) -> dict[str, float]:
+        """Mean ``ndcg/hr/recall/mrr_at_K`` over users, ``coverage_at_K`` (share of the catalogue in at least
+        one user's top K) and ``n_users``."""
+        out = {key: torch.cat(values).double().mean().item() for key, values in self.per_user.items()}
+        out.update({f"coverage_at_{k}": self.covered[k][1:].double().mean().item() for k in self.ks})
+        out["n_users"] = float(self.n_users)
+        return out
+
+
+def _check_eval_args(eval_set: EvalSet, n_items: int, ks: tuple[int, ...], batch_size: int) -> None:
+    if len(eval_set) == 0:
+        raise ValueError("eval set has no users with both a history and a target; check the split")
+    if not ks or min(ks) < 1 or batch_size < 1:
+        raise ValueError(f"ks must be positive and batch_size >= 1, got ks={ks}, batch_size={batch_size}")
+    _check_items(eval_set, n_items)
+
+
 def evaluate_scorer(
     score_fn: ScoreFn,
     eval_set: EvalSet,
@@ -131,13 +176,8 @@ def evaluate_scorer(
     the catalogue in at least one user's top K. The result does not depend on ``batch_size``.
     Raises ``ValueError`` on an empty eval set, out-of-range items or a wrong score shape.
     """
-    if len(eval_set) == 0:
-        raise ValueError("eval set has no users with both a history and a target; check the split")
-    if not ks or min(ks) < 1 or batch_size < 1:
-        raise ValueError(f"ks must be positive and batch_size >= 1, got ks={ks}, batch_size={batch_size}")
-    _check_items(eval_set, n_items)
-    per_user: dict[str, list[torch.Tensor]] = {}
-    covered = {k: torch.zeros(n_items + 1, dtype=torch.bool) for k in ks}
+    _check_eval_args(eval_set, n_items, ks, batch_size)
+    totals = MetricAccumulator(n_items, ks)
     for start in range(0, len(eval_set), batch_size):
         rows = slice(start, start + batch_size)
         scores = score_fn(eval_set.inputs[rows], eval_set.user_idx[rows])  # (B, n_items + 1)
@@ -145,39 +185,77 @@ def evaluate_scorer(
             raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected (B, {n_items + 1})")
         targets = eval_set.targets[rows].to(scores.device)  # (B, M)
         exclude = exclusion_mask(eval_set.history[rows].to(scores.device), n_items, keep=targets)
-        for key, values in metrics_from_ranks(target_ranks(scores, targets, exclude), ks).items():
-            per_user.setdefault(key, []).append(values.cpu())
-        top, top_ok = _top_items(scores, exclude, max(ks))  # (B, K_max) each
-        for k in ks:
-            covered[k][top[:, :k][top_ok[:, :k]].cpu()] = True
-    out = {key: torch.cat(values).double().mean().item() for key, values in per_user.items()}
-    out.update({f"coverage_at_{k}": covered[k][1:].double().mean().item() for k in ks})
-    out["n_users"] = float(len(eval_set))
-    return out
+        totals.add(target_ranks(scores, targets, exclude), _top_items(scores, exclude, max(ks)))
+    return totals.result()
 
 
-def _top_items(scores: torch.Tensor, exclude: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's top ``k`` item indices after exclusion (B, k) and whether each is a real candidate.
+def _top_items(scores: torch.Tensor, exclude: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) each row's best item indices after exclusion by (score desc, index asc), 0 = none.
 
-    A row with fewer than ``k`` non-excluded items is filled with excluded items, flagged False.
+    Excluded items and NaN or -inf scores are no candidates (as in :func:`evaluate_model_blocked`).
     """
-    masked = scores.float().masked_fill(exclude, float("-inf"))  # (B, I)
-    top = masked.topk(min(k, masked.shape[1]), dim=1).indices  # (B, k)
-    return top, ~exclude.gather(1, top)
+    masked = scores.float().masked_fill(exclude | scores.isnan(), float("-inf"))  # (B, I)
+    index = torch.arange(masked.shape[1], device=masked.device)  # (I,)
+    return select_top_k(masked, index, min(k, masked.shape[1]))[1].clamp(min=0)  # (B, k)
+
+
+def evaluate_model_blocked(
+    model: BlockRankingModel,
+    eval_set: EvalSet,
+    n_items: int,
+    ks: tuple[int, ...] = (10, 20, 50),
+    batch_size: int = 1024,
+    item_block_size: int = 16384,
+) -> dict[str, float]:
+    """:func:`evaluate_scorer` of :func:`model_scorer`, without a (B, n_items + 1) score matrix.
+
+    Each batch of user vectors is ranked against ``model.item_embeddings()`` in blocks of
+    ``item_block_size`` items with a running top-K merge (:func:`recsys.topk.top_k_blocked`), so memory is
+    O(batch_size * item_block_size). Same metrics as the dense path; raises as :func:`evaluate_scorer`, and
+    ``ValueError`` if the model's user or item vectors hold NaN or inf (the dense path would rank NaN last).
+    """
+    _check_eval_args(eval_set, n_items, ks, batch_size)
+    totals = MetricAccumulator(n_items, ks)
+    with _inference(model) as device:
+        items = model.item_embeddings()[1:]  # (n_items, D), row r = item index r + 1
+        for start in range(0, len(eval_set), batch_size):
+            rows = slice(start, start + batch_size)
+            users = model.user_vectors(eval_set.inputs[rows].to(device))  # (B, D)
+            found = top_k_blocked(
+                users, items, min(max(ks), n_items), _positions(eval_set.history[rows]),
+                eval_set.targets[rows] - 1, batch_size, item_block_size, device,
+            )
+            assert found.ranks is not None
+            totals.add(found.ranks, found.ids + 1)  # ids -1 (none) -> 0
+    return totals.result()
+
+
+def _positions(padded: torch.Tensor) -> RaggedItems:
+    """(B, H) item indices, 0 = padding, as ragged 0-based row positions (item index - 1) of the item table."""
+    real = padded > 0  # (B, H)
+    offsets = torch.zeros(padded.shape[0] + 1, dtype=torch.long)
+    offsets[1:] = real.sum(1).cumsum(0)
+    return RaggedItems((padded[real] - 1).int(), offsets)
+
+
+@contextmanager
+def _inference(model: RankingModel) -> Iterator[torch.device]:
+    """Eval mode and no_grad for the block (the mode is restored after); yields the model's device."""
+    was_training = model.training
+    model.train(False)
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
 
 
 def model_scorer(model: RankingModel) -> ScoreFn:
     """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored)."""
 
     def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.train(False)
-        try:
-            with torch.no_grad():
-                return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
-        finally:
-            model.train(was_training)
+        with _inference(model) as device:
+            return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
 
     return score
 
@@ -231,13 +309,23 @@ def evaluate_all(
     max_len: int,
 ) -> dict[str, dict[str, float]]:
     """``{"model": metrics, <baseline>: metrics, ...}`` on ``cfg.split``, baselines as in ``cfg.baselines``
-    (:func:`baseline_scorers`; a skipped one has no key).
+    (:func:`baseline_scorers`; a skipped one has no key). With ``cfg.item_block_size`` set, the model is
+    scored in item blocks (:func:`evaluate_model_blocked`, same metrics); the baselines keep the dense path.
 
     ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``.
     """
     eval_set = build_eval_set(sequences, cfg.split, max_len)
-    scorers = {"model": model_scorer(model), **baseline_scorers(sequences, n_items, cfg, item_popularity)}
-    return evaluate_scorers(scorers, eval_set, n_items, cfg.ks, cfg.batch_size)
+    baselines = baseline_scorers(sequences, n_items, cfg, item_popularity)
+    if cfg.item_block_size is None:
+        return evaluate_scorers({"model": model_scorer(model), **baselines}, eval_set, n_items, cfg.ks,
+                                cfg.batch_size)
+    if not isinstance(model, BlockRankingModel):
+        raise ValueError("evaluate.item_block_size needs a model with item_embeddings() (such as SASRec); "
+                         "set it to null for this model")
+    result = evaluate_model_blocked(model, eval_set, n_items, cfg.ks, cfg.batch_size, cfg.item_block_size)
+    logger.info("model on %d users (item blocks of %d): %s", len(eval_set), cfg.item_block_size,
+                _summary(result, cfg.ks))
+    return {"model": result, **evaluate_scorers(baselines, eval_set, n_items, cfg.ks, cfg.batch_size)}
 
 
 def _summary(metrics: dict[str, float], ks: tuple[int, ...]) -> str:

@@ -9,7 +9,7 @@ search leaves short of ``k`` unseen items is answered by exact search instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import faiss
@@ -212,13 +212,110 @@ def ann_recall(
     seen_sample: SeenItems = None,
 ) -> float:
     """Recall@k of ``index`` (no exact fallback) against exact inner-product search on a user sample."""
-    exact = _exact_index(index, item_vectors)
-    truth = search_top_k(exact, user_vectors_sample, k, seen_sample, fallback=False).ids
+    truth = _exact_ids(index, item_vectors, user_vectors_sample, k, seen_sample)
     approx = search_top_k(index, user_vectors_sample, k, seen_sample, fallback=False).ids
+    return _recall(truth, approx)
+
+
+def _exact_ids(
+    index: faiss.Index, item_vectors: np.ndarray | None, users: np.ndarray, k: int, seen: SeenItems
+) -> np.ndarray:
+    """(U, k) exact top-k row positions (-1 = none) over ``item_vectors`` (default: what ``index`` holds)."""
+    return search_top_k(_exact_index(index, item_vectors), users, k, seen, fallback=False).ids
+
+
+def _recall(truth: np.ndarray, approx: np.ndarray) -> float:
+    """Share of the real (>= 0) ids of truth (U, k) that approx (U, k') holds in the same row."""
     rows = np.arange(truth.shape[0])[:, None]
-    n = index.ntotal
+    n = int(max(truth.max(initial=0), approx.max(initial=0))) + 1
     truth_keys = (rows * n + truth)[truth >= 0]
     approx_keys = (rows * n + approx)[approx >= 0]
     if truth_keys.size == 0:
         raise ValueError("no user in the sample has an unseen item; recall is undefined")
     return float(np.isin(truth_keys, approx_keys).mean())
+
+
+class Tuning(NamedTuple):
+    """What :func:`tune_index` chose: ``parameter`` ("nprobe", "efSearch", or None for an index with nothing to
+    tune), its ``value``, the ``recall`` at that value, whether the target was ``reached``, and every
+    (value, recall) ``tried``, in the order tried."""
+
+    parameter: str | None
+    value: int | None
+    recall: float
+    reached: bool
+    tried: tuple[tuple[int, float], ...]
+
+
+def _search_parameter(index: faiss.Index, k: int, max_value: int | None) -> tuple[str, list[int]] | None:
+    """The search-time knob of an IVF (nprobe: 1, 2, 4, ... nlist) or HNSW index (efSearch: from the first
+    power of two >= k, doubling to ``max_value``, default 4096); None for any other index."""
+    try:
+        name, low, high = "nprobe", 1, faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        if not isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+            return None
+        name, low, high = "efSearch", 1 << max(k - 1, 0).bit_length(), 4096
+    high = min(high, max_value) if max_value is not None else high
+    values = [low << i for i in range(64) if low << i < high]
+    return name, [*values, high] if high >= low else [low]
+
+
+def tune_index(
+    index: faiss.Index,
+    item_vectors: np.ndarray,
+    user_sample: np.ndarray,
+    k: int,
+    target_recall: float,
+    seen_sample: SeenItems = None,
+    exact_ids: np.ndarray | None = None,
+    max_value: int | None = None,
+) -> Tuning:
+    """Raise nprobe (IVF) or efSearch (HNSW) step by step, doubling, until recall@k against exact search on
+    ``user_sample`` reaches ``target_recall``, then bisect between the last value that missed and the first
+    that reached (to 1/8 of the former); the index is left set to the SMALLEST value tried that reaches it.
+
+    ``exact_ids`` (S, k) row positions (-1 = none) of the exact top-k of the sample with ``seen_sample``
+    excluded, e.g. from :func:`recsys.topk.top_k_blocked`; default an exact FAISS search over
+    ``item_vectors``. If no value reaches the target, the largest tried is kept and a warning logged. An index
+    with no such parameter (Flat) is measured once and left as is. Raises ``ValueError`` on a target outside
+    (0, 1] or an ``exact_ids`` of the wrong shape.
+    """
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    users = _as_matrix(user_sample, "user_sample")
+    truth = exact_ids if exact_ids is not None else _exact_ids(index, item_vectors, users, k, seen_sample)
+    if truth.shape != (users.shape[0], k):
+        raise ValueError(f"exact_ids has shape {truth.shape}, expected {(users.shape[0], k)}")
+    knob = _search_parameter(index, k, max_value)
+    if knob is None:
+        recall = _recall(truth, search_top_k(index, users, k, seen_sample, fallback=False).ids)
+        return Tuning(None, None, recall, recall >= target_recall, ())
+    name, values = knob
+    tried: dict[int, float] = {}
+
+    def reaches(value: int) -> bool:
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+        tried[value] = _recall(truth, search_top_k(index, users, k, seen_sample, fallback=False).ids)
+        logger.info("tune %s=%d: recall@%d %.4f (target %.4f)", name, value, k, tried[value], target_recall)
+        return tried[value] >= target_recall
+
+    missed: int | None = None
+    for value in values:
+        if reaches(value):
+            best = value if missed is None else _bisect(reaches, missed, value)
+            faiss.ParameterSpace().set_index_parameter(index, name, best)
+            return Tuning(name, best, tried[best], True, tuple(tried.items()))
+        missed = value
+    logger.warning("%s up to %d reaches recall@%d %.4f < target %.4f; keeping %s=%d", name, values[-1], k,
+                   tried[values[-1]], target_recall, name, values[-1])
+    return Tuning(name, values[-1], tried[values[-1]], False, tuple(tried.items()))
+
+
+def _bisect(reaches: Callable[[int], bool], low: int, high: int) -> int:
+    """Smallest value in (low, high] that ``reaches`` (known: low misses, high reaches), to within 1/8 of low:
+    doubling overshoots by up to 2x, and the search cost grows with the value."""
+    while high - low > max(1, low // 8):
+        mid = (low + high) // 2
+        low, high = (low, mid) if reaches(mid) else (mid, high)
+    return high

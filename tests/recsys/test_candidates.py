@@ -87,3 +87,15 @@ def test_popular_fallback_excludes_seen_items(setup):
                          schema={"user_id": pl.Int64, "seen": pl.List(pl.Int64)})
     assert popular_top_k(trained.item_map, users, K, exclude_seen=True)["item_id"].to_list() == [30, 50, 60]
     assert popular_top_k(trained.item_map, users, K, exclude_seen=False)["item_id"].to_list() == [20, 30, 10]
+
+
+def test_target_recall_tunes_the_index_before_the_search(setup):
+    trained, feats = setup
+    cfg = CandidatesConfig(k=K, index="HNSW4", target_recall=1.0, recall_sample=10)
+    table, stats = generate_candidates(trained, feats, cfg)
+    search = stats["search"]
+    assert search["tuned_parameter"] == "efSearch" and search["target_reached"]
+    assert search["tuned_value"] == search["tuning_tried"][-1][0] and search["ann_recall_at_k"] == 1.0
+    exact, _ = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10))
+    assert table.equals(exact)
+    assert "tuned_parameter" not in generate_candidates(trained, feats, CandidatesConfig(k=K))[1]["search"]

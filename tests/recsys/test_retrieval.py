@@ -6,8 +6,11 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
-from recsys.retrieval import ann_recall, build_index, search_top_k
+from recsys.data import RaggedItems
+from recsys.retrieval import ann_recall, build_index, search_top_k, tune_index
+from recsys.topk import top_k_blocked
 
 
 def _vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -115,3 +118,42 @@ def test_bad_inputs_raise_precise_errors() -> None:
         search_top_k(build_index(items), _vectors(2), k=5, seen=[np.array([100]), np.array([1])])
     with pytest.raises(ValueError, match="NaN"):
         build_index(np.full((4, 2), np.nan))
+
+
+@pytest.mark.parametrize(("factory", "parameter"), [("IVF64,Flat", "nprobe"), ("HNSW4", "efSearch")])
+def test_tune_index_keeps_the_smallest_value_that_reaches_the_target(factory: str, parameter: str) -> None:
+    items, users = _vectors(3000), _vectors(200, seed=1)
+    seen = _random_seen(200, 3000)
+    index = build_index(items, factory)
+    got = tune_index(index, items, users, 10, 0.95, seen)
+    assert got.parameter == parameter and got.reached and got.recall >= 0.95
+    recall = dict(got.tried)
+    assert recall[got.value] == got.recall
+    assert got.value == min(v for v, r in got.tried if r >= 0.95)  # the smallest tried that reaches it
+    assert all(r < 0.95 for v, r in got.tried if v < got.value)
+    values = [v for v, _ in got.tried]
+    hit = next(i for i, (_, r) in enumerate(got.tried) if r >= 0.95)
+    assert hit >= 2 and values[1 : hit + 1] == [2 * v for v in values[:hit]]  # doubled to the first hit
+    assert len(values) > hit + 1 and all(values[hit - 1] < v < values[hit] for v in values[hit + 1 :])  # bisected
+    assert ann_recall(index, items, users, 10, seen) == pytest.approx(got.recall)  # left at the chosen value
+
+
+def test_tune_index_takes_exact_ids_from_blocked_top_k_and_reports_an_unreachable_target() -> None:
+    items, users = _vectors(2000), _vectors(100, seed=1)
+    seen = _random_seen(100, 2000)
+    lengths = torch.tensor([len(s) for s in seen])
+    ragged = RaggedItems(torch.from_numpy(np.concatenate(seen)).int(),
+                         torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
+    exact = top_k_blocked(torch.from_numpy(users), torch.from_numpy(items), 10, ragged).ids.numpy()
+    np.testing.assert_array_equal(exact, _exact_top_k(items, users, 10, seen))
+    index = build_index(items, "IVF32,Flat")
+    assert tune_index(index, items, users, 10, 0.9, seen, exact_ids=exact) == tune_index(
+        index, items, users, 10, 0.9, seen)
+    capped = tune_index(index, items, users, 10, 1.0, seen, max_value=4)
+    assert not capped.reached and capped.value == 4 and [v for v, _ in capped.tried] == [1, 2, 4]
+    flat = tune_index(build_index(items), items, users, 10, 0.99, seen)
+    assert flat.parameter is None and flat.recall == 1.0 and flat.reached
+    with pytest.raises(ValueError, match="target_recall"):
+        tune_index(index, items, users, 10, 1.5)
+    with pytest.raises(ValueError, match="exact_ids has shape"):
+        tune_index(index, items, users, 10, 0.9, exact_ids=exact[:, :5])

@@ -1,0 +1,64 @@
+"""Where and at which commit a scale benchmark ran, its peak memory, and appending its row to BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine(device: torch.device | None = None) -> str:
+    """CPU model, cores this process may use, RAM and torch version; plus the GPU on a CUDA device."""
+    model = platform.processor() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    text = f"CPU {model}, {len(os.sched_getaffinity(0))} cores, {ram:.0f} GiB RAM, torch {torch.__version__}"
+    if device is not None and device.type == "cuda":
+        text = f"GPU {torch.cuda.get_device_name(device)}; {text}"
+    return text
+
+
+def commit() -> str:
+    """Short HEAD hash, ``+dirty`` when tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    try:
+        return (git("rev-parse", "--short", "HEAD") or "unknown") + (
+            "+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except OSError:
+        return "unknown"
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss``, KiB on Linux), in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def load_1min() -> float:
+    """1-minute load average: above ~0.5 per spare core, other jobs shared the machine."""
+    return os.getloadavg()[0]
+
+
+def append_row(path: Path, title: str, intro: str, header: str, row: str) -> None:
+    """Append ``row`` to the table under ``## title`` in ``path``, creating section and table if missing."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    marker = f"## {title}\n"
+    if marker not in text:
+        text = text.rstrip("\n") + f"\n\n{marker}\n{intro.strip()}\n\n{header}\n"
+    head, _, tail = text.partition(marker)
+    section, later, rest = tail.partition("\n## ")  # only this section's table, not a later one
+    lines = section.rstrip("\n").split("\n")
+    last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+    lines.insert(last + 1, row)
+    path.write_text(head + marker + "\n".join(lines) + "\n" + (f"\n## {rest}" if later else ""))

@@ -1,0 +1,184 @@
+"""Blocked exact top-K against a brute-force oracle (full score matrix + stable sort) and recsys.metrics' ranks;
+blocked model evaluation against the dense path."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+from torch import nn
+
+from features.schema import SEQUENCES
+from recsys.config import EvaluateConfig
+from recsys.data import RaggedItems
+from recsys.evaluation import (
+    EvalSet,
+    evaluate_all,
+    evaluate_model_blocked,
+    evaluate_scorer,
+    model_scorer,
+)
+from recsys.metrics import target_ranks
+from recsys.topk import select_top_k, top_k_blocked
+
+BLOCKS = [(1, 997), (3, 13), (7, 64), (16, 100), (37, 129), (5, 333), (1000, 500), (11, 4096)]
+
+
+def _ragged(rows: list[list[int]]) -> RaggedItems:
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor([len(r) for r in rows]).cumsum(0)
+    return RaggedItems(torch.tensor([i for r in rows for i in r], dtype=torch.int32), offsets)
+
+
+def _problem(n_users: int, n_items: int, dim: int, integer: bool, seed: int = 0):
+    """Random seen items (duplicates included) and 3 targets per user: one padding (-1), one repeated, some
+    also seen. Integer vectors plant ties (small values, and ten copies of item 5) and make every score exact
+    in fp32, so any GEMM kernel gives the same scores; float vectors have no ties but the last bit of a score
+    may depend on the BLAS kernel."""
+    g = torch.Generator().manual_seed(seed)
+    if integer:
+        users = torch.randint(-3, 4, (n_users, dim), generator=g).float()
+        items = torch.randint(-3, 4, (n_items, dim), generator=g).float()
+        items[100:110] = items[5]
+    else:
+        users, items = torch.randn(n_users, dim, generator=g), torch.randn(n_items, dim, generator=g)
+    seen = [torch.randint(0, n_items, (int(n),), generator=g).tolist()
+            for n in torch.randint(0, 30, (n_users,), generator=g)]
+    targets = torch.randint(-1, n_items, (n_users, 3), generator=g)
+    targets[:, 2] = targets[:, 0]
+    for u in range(0, n_users, 4):  # a target also in the history stays ranked and recommendable
+        seen[u].append(max(int(targets[u, 1]), 0))
+    return users, items, seen, targets
+
+
+def _oracle(users, items, seen, targets, k):
+    """Full fp32 score matrix, exclusion like recsys.metrics.exclusion_mask(keep=targets), stable sort."""
+    scores = users @ items.T  # (U, I)
+    exclude = torch.zeros_like(scores, dtype=torch.bool)
+    for u, s in enumerate(seen):
+        exclude[u, s] = True
+        exclude[u, targets[u][targets[u] >= 0]] = False
+    masked = scores.masked_fill(exclude, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True)  # ties: item index ascending
+    top_s, top_i = order.values[:, :k], order.indices[:, :k]
+    # recsys.metrics expects column 0 = padding and 1-based items.
+    padded = torch.cat([torch.zeros(len(users), 1), scores], 1)
+    excl = torch.cat([torch.ones(len(users), 1, dtype=torch.bool), exclude], 1)
+    ranks = target_ranks(padded, (targets + 1).clamp(min=0), excl)
+    return top_i.masked_fill(top_s == float("-inf"), -1), top_s, ranks
+
+
+@pytest.mark.parametrize(("integer", "k"), [(True, 50), (True, 3), (False, 50), (False, 3)])
+def test_equals_brute_force_for_any_block_sizes(integer: bool, k: int) -> None:
+    users, items, seen, targets = _problem(37, 3000, 8, integer)
+    users[3:5] = 0  # every item scores exactly 0 for these two users
+    want_ids, want_scores, want_ranks = _oracle(users, items, seen, targets, k)
+    assert (want_ids >= 0).all() and (want_ranks >= 0).any()
+    for user_block, item_block in BLOCKS:
+        got = top_k_blocked(users, items, k, _ragged(seen), targets, user_block, item_block)
+        assert torch.equal(got.ids, want_ids), (user_block, item_block)
+        assert got.ranks is not None and torch.equal(got.ranks, want_ranks), (user_block, item_block)
+        if integer:
+            assert torch.equal(got.scores, want_scores), (user_block, item_block)
+        else:  # identical with MKL (GEMMs padded to 16 rows); another BLAS may differ in the last bit
+            torch.testing.assert_close(got.scores, want_scores, rtol=1e-6, atol=1e-5)
+
+
+def test_ties_at_the_k_boundary_go_to_the_smaller_item_index() -> None:
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
+    top_s, top_i = select_top_k(scores, torch.arange(5), k=2)
+    assert top_i.tolist() == [[1, 2], [0, 1]] and top_s.tolist() == [[2.0, 2.0], [3.0, 3.0]]
+    users = torch.ones(1, 2)
+    items = torch.tensor([[0.0, 0.0]] * 3 + [[1.0, 1.0]] * 200)  # 200 tied best items from position 3
+    for item_block in (1, 5, 64, 150, 1000):
+        got = top_k_blocked(users, items, 7, item_block_size=item_block)
+        assert got.ids.tolist() == [[3, 4, 5, 6, 7, 8, 9]]
+
+
+def test_a_user_with_fewer_than_k_unseen_items_gets_minus_one() -> None:
+    users, items = torch.randn(2, 4), torch.randn(6, 4)
+    got = top_k_blocked(users, items, 4, _ragged([[0, 1, 2, 3], []]), item_block_size=4)
+    assert sorted(got.ids[0, :2].tolist()) == [4, 5] and got.ids[0, 2:].tolist() == [-1, -1]
+    assert torch.isneginf(got.scores[0, 2:]).all() and (got.ids[1] >= 0).all()
+    assert got.ranks is None
+
+
+def test_bad_inputs_raise_precise_errors() -> None:
+    users, items = torch.randn(3, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="k=11"):
+        top_k_blocked(users, items, 11)
+    with pytest.raises(ValueError, match="share D"):
+        top_k_blocked(users, torch.randn(10, 5), 2)
+    with pytest.raises(ValueError, match="item_vectors holds NaN"):
+        top_k_blocked(users, items.masked_fill(items > 1, float("nan")), 2)
+    with pytest.raises(ValueError, match="seen has 2 rows"):
+        top_k_blocked(users, items, 2, _ragged([[1], [2]]))
+    with pytest.raises(ValueError, match="outside 0..9"):
+        top_k_blocked(users, items, 2, _ragged([[1], [10], []]))
+    with pytest.raises(ValueError, match="targets hold position 10"):
+        top_k_blocked(users, items, 2, targets=torch.tensor([[1], [10], [2]]))
+    with pytest.raises(ValueError, match="block sizes"):
+        top_k_blocked(users, items, 2, item_block_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_equals_cpu_on_exact_scores() -> None:
+    users, items, seen, targets = _problem(300, 5000, 16, integer=True)
+    want = top_k_blocked(users, items, 100, _ragged(seen), targets, 64, 1000)
+    got = top_k_blocked(users, items, 100, _ragged(seen), targets, 128, 2048, device="cuda")
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    assert got.ranks is not None and want.ranks is not None and torch.equal(got.ranks, want.ranks)
+
+
+class _DotModel(nn.Module):
+    """SASRec's scoring contract: user vector = mean input embedding, scores = vector @ item table."""
+
+    def __init__(self, n_items: int, dim: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        return self.emb(items).mean(1)  # (B, D)
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.emb.weight  # (n_items + 1, D)
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.item_embeddings().T  # (B, n_items + 1)
+
+
+def _eval_set(n_users: int, n_items: int, seed: int = 0) -> EvalSet:
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(0, n_items + 1, (n_users, 12), generator=g)  # 0 = padding
+    history[:, -1] = torch.randint(1, n_items + 1, (n_users,), generator=g)
+    targets = torch.randint(0, n_items + 1, (n_users, 2), generator=g)
+    targets[:, 0] = torch.where(targets[:, 0] == 0, 1, targets[:, 0])
+    targets[::3, 1] = history[::3, -1]  # a target in the history
+    return EvalSet(torch.arange(n_users), history[:, -4:], history, targets)
+
+
+def test_blocked_evaluation_equals_the_dense_path() -> None:
+    torch.manual_seed(0)
+    n_items = 700
+    model, es = _DotModel(n_items).train(), _eval_set(90, n_items)
+    ks = (1, 10, 50)
+    want = evaluate_scorer(model_scorer(model), es, n_items, ks, batch_size=32)
+    assert 0.0 < want["hr_at_50"] < 1.0 and want["coverage_at_50"] > 0.0
+    for batch_size, item_block in ((32, 64), (7, 100), (90, 333), (1000, 5000)):
+        assert evaluate_model_blocked(model, es, n_items, ks, batch_size, item_block) == want
+    assert model.training  # the mode is restored
+
+
+def test_evaluate_all_with_item_blocks_gives_the_same_metrics() -> None:
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(2)
+    rows = [(u, torch.randint(1, 41, (6,), generator=g).tolist(), [int(torch.randint(1, 41, (1,), generator=g))],
+             [int(torch.randint(1, 41, (1,), generator=g))]) for u in range(25)]
+    users, train, val, test = zip(*rows, strict=True)
+    sequences = pl.DataFrame({"user_idx": users, "train_items": train, "val_items": val, "test_items": test},
+                             schema=SEQUENCES)
+    model = _DotModel(40)
+    dense = evaluate_all(model, sequences, 40, None, EvaluateConfig(ks=(5, 10), batch_size=8), max_len=4)
+    blocked = evaluate_all(model, sequences, 40, None,
+                           EvaluateConfig(ks=(5, 10), batch_size=8, item_block_size=16), max_len=4)
+    assert blocked == dense
