@@ -37,8 +37,8 @@ INTRO = """
 `benchmarks/candidates_scale.py`: the synthetic clustered catalogue of `benchmarks/catalogue.py` (10-50 seen
 items per user). The index is built over the item vectors (`recsys.retrieval.build_index`), then
 `recsys.retrieval.tune_index` doubles nprobe (IVF) / efSearch (HNSW) from the smallest until recall@k against
-EXACT search (top-k of `recsys.topk.top_k_blocked`, seen items excluded) on a user sample reaches the target;
-then every user is searched for its top-k unseen items (`recsys.retrieval.search_top_k`, exact fallback for a
+EXACT search (top-k of `recsys.topk.top_k_blocked`, seen items excluded) on a user sample reaches the target,
+then bisects down to the smallest value that reaches it (to 1/8 of the last miss); then every user is searched for its top-k unseen items (`recsys.retrieval.search_top_k`, exact fallback for a
 user the index leaves short). Search time excludes user generation; peak RSS is `ru_maxrss` of the whole
 process (catalogue and index included). A row with fewer users done than users extrapolates the full search
 linearly (marked "extrapolated"). Load: 1-minute load average before and after.
