@@ -23,6 +23,8 @@ from recsys.config import ConfigError, load_config
 from recsys.data import IndexBatchSampler
 from recsys.distributed import RankBatches
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DATE = "2024-06-01"
 
@@ -42,15 +44,6 @@ SETTINGS = [
 # NDCG@10 gets 1e-3 because a score difference that small can still swap two near-tied items of a user.
 WEIGHT_ATOL = 1e-4
 NDCG_ATOL = 1e-3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The same thread count as the OMP_NUM_THREADS=1 subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _sampler(n: int, batch_size: int, shuffle: bool = False) -> IndexBatchSampler:

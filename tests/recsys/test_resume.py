@@ -15,15 +15,8 @@ from recsys.checkpoint import IDENTITY_KEY
 from recsys.training import train_model
 from tests.recsys.test_system import planted_sequences, small_config
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def test_an_early_stopped_run_is_not_trained_further_on_resume(tmp_path: Path) -> None:

@@ -12,13 +12,7 @@ from recsys.system import lr_factor
 from recsys.training import train_model
 from tests.recsys.test_system import planted_sequences, small_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_constant_schedule_warms_up_linearly_then_stays_at_one() -> None:
