@@ -17,10 +17,7 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import commit, machine
 from pipelines import build_features, evaluate, train
 from recsys.config import load_config
 
@@ -47,26 +45,8 @@ BASELINES = ("popularity", "item_knn", "ease")
 
 
 def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    model = platform.processor() or "cpu"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"CPU {model}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+    """The machine of this run: the GPU when training can use one, else the CPU (benchmarks.machine)."""
+    return machine(torch.device("cuda") if torch.cuda.is_available() else None)
 
 
 def run_seed(
