@@ -145,6 +145,13 @@ class TrainConfig(_Section):
     # max_epochs (per optimiser step).
     warmup_epochs: float = Field(0.0, ge=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Histories longer than model.max_len + 1: None trains on the last max_len + 1 items of each user only;
+    # S (1..model.max_len) also trains on the windows ending S, 2S, ... items earlier, so every train item
+    # is a target (S = max_len: exactly once). More rows per epoch.
+    window_stride: int | None = Field(None, ge=1)
+    # Exponential moving average of the weights (Lightning's EMAWeightAveraging, updated after every step):
+    # validation, early stopping, checkpoints and the returned model use the averaged weights. None = off.
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _loss_options(self) -> TrainConfig:
@@ -240,6 +247,12 @@ class Config(_Section):
     def _event_types(self) -> Config:
         if self.features.event_types is not None and self.data.event_type_col is None:
             raise ValueError("features.event_types needs data.event_type_col (the column holding the event type)")
+        stride = self.train.window_stride
+        if stride is not None and stride > self.model.max_len:
+            raise ValueError(
+                f"train.window_stride ({stride}) must be at most model.max_len ({self.model.max_len}), or items "
+                "between windows would never be targets; use model.max_len for non-overlapping windows"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,14 +54,18 @@ class RaggedItems:
         offsets[1:] = lengths.cumsum(0)
         return cls(values, offsets)
 
-    def pad(self, rows: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
+    def pad(
+        self, rows: torch.Tensor | None = None, width: int | None = None, upto: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Left-padded (R, width) int32 tensor of the LAST ``width`` items of the chosen rows.
 
-        ``rows`` None means all rows; ``width`` None means the longest chosen row (at least 1).
+        ``rows`` None means all rows; ``width`` None means the longest chosen row (at least 1). ``upto`` (R,)
+        cuts each chosen row to its first ``upto`` items before taking the last ``width`` (a window that
+        ends earlier in the row); None means whole rows. Values must lie in [0, row length].
         """
         rows = torch.arange(len(self.lengths)) if rows is None else rows
-        ends = self.offsets[rows + 1]  # (R,)
-        lengths = self.lengths[rows]  # (R,)
+        lengths = self.lengths[rows] if upto is None else upto.long()  # (R,)
+        ends = self.offsets[rows] + lengths  # (R,)
         width = max(int(lengths.max()) if len(rows) else 0, 1) if width is None else width
         if self.values.numel() == 0:
             return torch.zeros(len(rows), width, dtype=self.values.dtype)
@@ -157,7 +161,11 @@ class SequenceDataModule(L.LightningDataModule):
     """Training and validation batches from the SEQUENCES table, built once as tensors.
 
     Train batch: ``inputs`` (B, T) and ``targets`` (B, T), the inputs shifted left by one (0 = no target),
-    from the last ``max_len + 1`` train items of each user with at least 2 of them.
+    from the last ``max_len + 1`` train items of each user with at least 2 of them. With ``window_stride``
+    S (1..max_len), a user with more train items also gives the windows of ``max_len + 1`` items that end S,
+    2S, ... items earlier, down to the first window that reaches the start of the history, so every train
+    item after the first is a target at least once (exactly once when S = max_len); ``train_rows`` holds one
+    row per window and an epoch goes through all of them.
     Val batch (users with val items, ordered by train length): ``inputs`` (B, T) last ``max_len`` train
     items, ``history`` (B, H) ALL train items (to exclude from the ranking), ``targets`` (B, M) the val items.
     Every tensor is int64, left-padded with 0, and trimmed to the widest row in the batch; the tables behind
@@ -173,8 +181,11 @@ class SequenceDataModule(L.LightningDataModule):
         batch_size: int = 128,
         val_batch_size: int = 1024,
         seed: int = 42,
+        window_stride: int | None = None,
     ) -> None:
         super().__init__()
+        if window_stride is not None and not 1 <= window_stride <= max_len:
+            raise ValueError(f"window_stride must be in [1, max_len = {max_len}], got {window_stride}")
         check_schema(sequences, SEQUENCES, "sequences")
         self.n_items, self.max_len = n_items, max_len
         self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size, seed
@@ -184,11 +195,24 @@ class SequenceDataModule(L.LightningDataModule):
         _check_item_range(self._val, "val_items", n_items)
         self.item_counts = torch.bincount(self._train.values.long(), minlength=n_items + 1)  # (n_items + 1,)
         self.train_users = torch.nonzero(self._train.lengths >= 2).squeeze(1)  # (U,) row numbers
-        self.train_rows = self._train.pad(self.train_users, max_len + 1)  # (U, max_len + 1)
+        self.train_rows = self._train_windows(max_len + 1, window_stride)  # (N, max_len + 1), N >= U
         val_users = torch.nonzero(self._val.lengths >= 1).squeeze(1)  # (V,) row numbers
         # Ordered by history length, so that val batches are trimmed to little padding.
         self.val_users = val_users[torch.argsort(self._train.lengths[val_users], stable=True)]  # (V,)
         self.val_inputs = self._train.pad(self.val_users, max_len)  # (V, max_len)
+
+    def _train_windows(self, width: int, stride: int | None) -> torch.Tensor:
+        """One row per training window: the last ``width`` items, then (with a stride) earlier windows."""
+        if stride is None:
+            return self._train.pad(self.train_users, width)
+        lengths = self._train.lengths[self.train_users]  # (U,)
+        extra = torch.div((lengths - width).clamp(min=0) + stride - 1, stride, rounding_mode="floor")  # (U,)
+        counts = extra + 1  # (U,) windows per user
+        users = torch.repeat_interleave(self.train_users, counts)  # (N,)
+        first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # (N,) index of the user's 1st window
+        back = torch.arange(len(users)) - first  # (N,) 0 = the last window, 1 = S items earlier, ...
+        upto = torch.repeat_interleave(lengths, counts) - back * stride  # (N,) each window's end in the history
+        return self._train.pad(users, width, upto)
 
     def _train_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = self.train_rows[idx].long()  # (B, max_len + 1)
@@ -206,8 +230,8 @@ class SequenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if len(self.train_users) == 0:
             raise ValueError("sequences: no user has at least 2 train_items; nothing to train on")
-        sampler = IndexBatchSampler(len(self.train_users), self.batch_size, shuffle=True, seed=self.seed)
-        return self._loader(_BatchDataset(len(self.train_users), self._train_batch), sampler)
+        sampler = IndexBatchSampler(len(self.train_rows), self.batch_size, shuffle=True, seed=self.seed)
+        return self._loader(_BatchDataset(len(self.train_rows), self._train_batch), sampler)
 
     def val_dataloader(self) -> DataLoader:
         if len(self.val_users) == 0:

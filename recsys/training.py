@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import pytorch_lightning as L
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 
 from recsys.checkpoint import LAST, AtomicCheckpointIO, ResumePoint, RunStamp, resume_point, run_identity
@@ -175,7 +175,9 @@ def train_model(
     """
     L.seed_everything(cfg.train.seed, workers=True)
     t = cfg.train
-    data = RankShardedData(sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed)
+    data = RankShardedData(
+        sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed, t.window_stride
+    )
     if len(data.train_users) == 0 or len(data.val_users) == 0:
         raise ValueError(
             f"sequences: {len(data.train_users)} users with >= 2 train_items and {len(data.val_users)} with "
@@ -189,7 +191,10 @@ def train_model(
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience), best,
         _last_checkpoint(checkpoint_dir), timer, _StepSeed(t.seed), RunStamp(identity), _FaultPoints(),
     ]
-    n_batches = math.ceil(len(data.train_users) / t.batch_size)
+    if t.ema_decay is not None:
+        # Parameters only: the model has no statistics buffers, and sampling_probs must stay the module's own.
+        callbacks.append(EMAWeightAveraging(decay=t.ema_decay, use_buffers=False))
+    n_batches = math.ceil(len(data.train_rows) / t.batch_size)
     trainer = _trainer(cfg, checkpoint_dir, callbacks, logger, n_batches)
     if trainer.world_size > len(data.val_users):
         raise ValueError(f"sequences: {len(data.val_users)} users with val_items, fewer than the "

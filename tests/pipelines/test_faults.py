@@ -85,3 +85,26 @@ def test_rerun_after_sigkill_resumes_to_the_same_weights(crashed, point: str) ->
     assert leftovers(work) == []
     assert (work / "runs" / "train" / f"{RUN_DATE}.json").is_file()
     assert [p.name for p in (work / "checkpoints").rglob("*.ckpt")] == [Path(report["checkpoint"]).name]
+
+
+def test_rerun_after_sigkill_with_weight_averaging_resumes_to_the_same_weights(
+    tmp_path: Path, tiny_features: Path
+) -> None:
+    """train.ema_decay: the averaged weights and the raw ones both come back from the checkpoint."""
+    ema = ("train.ema_decay=0.9",)
+    killed = tmp_path / "killed"
+    shutil.copytree(tiny_features, killed / "features")
+    env = {**os.environ, FAULT_ENV: "train-batch-e2b1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--quiet", "--run-date", RUN_DATE, *tiny(killed, *ema)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_features, reference / "features")
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(reference, *ema)]) == EXIT_OK
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_features, plain / "features")
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(plain)]) == EXIT_OK
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(killed, *ema)]) == EXIT_OK
+    assert read_json(killed / "model" / "train_report.json")["resumed_from_epoch"] == 1
+    assert same_weights(weights(killed), weights(reference))
+    assert not same_weights(weights(plain), weights(reference))  # the averaging is in the weights compared
