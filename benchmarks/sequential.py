@@ -102,8 +102,11 @@ def table_row(records: list[dict[str, Any]]) -> str:
     per_epoch = (f"{statistics.mean(t.get('train_seconds_per_epoch', float('nan')) for t in trains):.3f} "
                  f"({statistics.mean(t['seconds_per_epoch'] for t in trains):.3f})")
     anchor, target = ANCHORS[first["dataset"]]
+    common = [o for o in first["overrides"] if all(o in r["overrides"] for r in records)]
+    extra = "".join(f"; seed {r['seed']} also: {' '.join(o for o in r['overrides'] if o not in common)}"
+                    for r in records if set(r["overrides"]) - set(common))
     cells = [
-        first["date"], first["dataset"], f"`{first['config']} {' '.join(first['overrides'])}`".replace(" `", "`"),
+        first["date"], first["dataset"], f"`{first['config']} {' '.join(common)}`".replace(" `", "`") + extra,
         ",".join(str(r["seed"]) for r in records),
         _metric(records, "model", "ndcg_at_10"), _metric(records, "model", "hr_at_10"),
         _ms([t["best_val_ndcg_at_10"] for t in trains]),
@@ -129,11 +132,14 @@ def append_rows(path: Path, rows: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def group_records(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Records grouped by (dataset, config, overrides, tag), in first-seen order."""
+def group_records(records: list[dict[str, Any]], by_tag: bool = False) -> list[list[dict[str, Any]]]:
+    """Records grouped by (dataset, config, overrides, tag), or by (dataset, config, tag) only with ``by_tag``
+    (seeds of one configuration run with different safety settings, listed per seed in the row), in
+    first-seen order."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["config"], tuple(r["overrides"]), r["tag"])].append(r)
+        key = (r["dataset"], r["config"], r["tag"]) if by_tag else (r["dataset"], r["config"], tuple(r["overrides"]), r["tag"])
+        groups[key].append(r)
     return list(groups.values())
 
 
@@ -162,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json-out", type=Path, help="append one JSON line per finished seed")
     parser.add_argument("--no-table", action="store_true", help="do not write BENCHMARKS.md")
     parser.add_argument("--from-json", type=Path, nargs="+", help="only write the table rows of these records")
+    parser.add_argument("--group-by-tag", action="store_true",
+                        help="one row per (dataset, config, tag) even if the seeds' overrides differ")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             m = record["results"]["model"]
             print(f"{tag} seed {seed}: test NDCG@10 {m['ndcg_at_10']:.4f} HR@10 {m['hr_at_10']:.4f} "
                   f"val NDCG@10 {record['train']['best_val_ndcg_at_10']:.4f}, {record['wall_s']:.0f} s", flush=True)
-    rows = [table_row(group) for group in group_records(records)]
+    rows = [table_row(group) for group in group_records(records, args.group_by_tag)]
     if not args.no_table:
         append_rows(args.output, rows)
     print("\n".join(rows))
