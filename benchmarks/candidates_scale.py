@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.catalogue import ClusteredCatalogue
+from benchmarks.catalogue import ClusteredCatalogue, add_catalogue_args
 from benchmarks.machine import ROOT, append_row, commit, load_1min, machine, peak_rss_gb
 from recsys.data import RaggedItems
 from recsys.retrieval import Tuning, build_index, search_top_k, tune_index
@@ -49,10 +49,7 @@ HEADER = """| date | users x items x d, k | index, threads | build s | tuned (re
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--users", type=int, default=1_000_000)
-    p.add_argument("--items", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--clusters", type=int, default=1000)
+    add_catalogue_args(p)
     p.add_argument("--index", default="IVF4096,Flat", help="FAISS factory string (IVF or HNSW)")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--target-recall", type=float, default=0.95)
@@ -61,7 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4096, help="users per FAISS search call")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--time-limit", type=float, default=None, help="seconds of search; stop early, extrapolate")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-append", action="store_true", help="print the summary only")
     return p.parse_args(argv)

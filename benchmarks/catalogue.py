@@ -9,6 +9,7 @@ block can be regenerated alone and memory stays bounded by the block.
 
 from __future__ import annotations
 
+import argparse
 from typing import NamedTuple
 
 import torch
@@ -62,3 +63,12 @@ class ClusteredCatalogue:
         pick = (torch.rand(cluster.shape[0], generator=g) * self.size[cluster]).long()  # (N,)
         slot = self.first[cluster] + pick.clamp(max=self.size[cluster] - 1)  # (N,)
         return self.members[slot.clamp(max=len(self.members) - 1)]
+
+
+def add_catalogue_args(p: argparse.ArgumentParser) -> None:
+    """The size and seed of the synthetic catalogue, shared by the scale benchmarks' command lines."""
+    p.add_argument("--users", type=int, default=1_000_000)
+    p.add_argument("--items", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)

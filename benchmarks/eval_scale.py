@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.catalogue import ClusteredCatalogue
+from benchmarks.catalogue import ClusteredCatalogue, add_catalogue_args
 from benchmarks.machine import ROOT, append_row, commit, load_1min, machine, peak_rss_gb
 from recsys.evaluation import MetricAccumulator
 from recsys.topk import top_k_blocked
@@ -49,10 +49,7 @@ HEADER = """| date | users x items x d | device, threads | blocks (user / item /
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--users", type=int, default=1_000_000)
-    p.add_argument("--items", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--clusters", type=int, default=1000)
+    add_catalogue_args(p)
     p.add_argument("--user-block", type=int, default=1024, help="users per score block")
     p.add_argument("--item-block", type=int, default=16384, help="items per score block")
     p.add_argument("--gen-block", type=int, default=16384, help="users generated and ranked per call")
@@ -60,7 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop early and extrapolate")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-append", action="store_true", help="print the summary only")
     return p.parse_args(argv)
