@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     sequences = pl.read_parquet(a.features / FEATURE_FILES["sequences"])
     t = cfg.train
     data = SequenceDataModule(sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed,
-                              t.window_stride)
+                              t.window_stride, t.group_by_length)
     system = SASRecSystem.from_config(cfg, n_items).to(device)
     system.set_item_counts(data.item_counts)
     system.train()

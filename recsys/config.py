@@ -149,6 +149,10 @@ class TrainConfig(_Section):
     # S (1..model.max_len) also trains on the windows ending S, 2S, ... items earlier, so every train item
     # is a target (S = max_len: exactly once). More rows per epoch.
     window_stride: int | None = Field(None, ge=1)
+    # Batches of similar history length: each run of group_by_length x batch_size shuffled rows is sorted by
+    # length and cut into batches, and the batches are shuffled. Batches are trimmed to their longest row,
+    # so with many short histories an epoch does far less work on padding. None = plain shuffled batches.
+    group_by_length: int | None = Field(None, ge=1)
     # Exponential moving average of the weights (Lightning's EMAWeightAveraging, updated after every step):
     # validation, early stopping, checkpoints and the returned model use the averaged weights. None = off.
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)

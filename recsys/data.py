@@ -113,10 +113,25 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
 
     The permutation is a function of (``seed``, epoch) only, so a run resumed at any epoch replays the same
     order. Lightning calls :meth:`set_epoch` before every epoch; without it each pass uses the next epoch.
+    ``group`` G (with ``lengths`` (n,), shuffle only) batches rows of similar length: the permutation is cut
+    into runs of G x ``batch_size`` rows, each run is sorted by length (longest first) and cut into batches,
+    and the batches are shuffled. Every row still comes once per epoch in ``ceil(n / batch_size)`` batches,
+    but a batch holds rows of similar length, so trimming it to its longest row leaves little padding.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        lengths: torch.Tensor | None = None,
+        group: int | None = None,
+    ) -> None:
+        if group is not None and (group < 1 or lengths is None or len(lengths) != n or not shuffle):
+            raise ValueError("group needs group >= 1, shuffle and one length per row")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.lengths, self.group = lengths, group
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -128,7 +143,16 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
             yield from torch.arange(self.n).split(self.batch_size)
             return
         generator = torch.Generator().manual_seed(derive_seed(self.seed, SHUFFLE_STREAM, epoch))
-        yield from torch.randperm(self.n, generator=generator).split(self.batch_size)
+        order = torch.randperm(self.n, generator=generator)  # (n,)
+        if self.group is None:
+            yield from order.split(self.batch_size)
+            return
+        batches: list[torch.Tensor] = []
+        for run in order.split(self.group * self.batch_size):  # each run but the last: a multiple of B
+            by_length = torch.argsort(self.lengths[run], descending=True, stable=True)
+            batches.extend(run[by_length].split(self.batch_size))
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b]
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -165,7 +189,8 @@ class SequenceDataModule(L.LightningDataModule):
     S (1..max_len), a user with more train items also gives the windows of ``max_len + 1`` items that end S,
     2S, ... items earlier, down to the first window that reaches the start of the history, so every train
     item after the first is a target at least once (exactly once when S = max_len); ``train_rows`` holds one
-    row per window and an epoch goes through all of them.
+    row per window and an epoch goes through all of them. ``group_by_length`` G batches rows of similar
+    length (see :class:`IndexBatchSampler`), so short histories are not padded to the batch's longest.
     Val batch (users with val items, ordered by train length): ``inputs`` (B, T) last ``max_len`` train
     items, ``history`` (B, H) ALL train items (to exclude from the ranking), ``targets`` (B, M) the val items.
     Every tensor is int64, left-padded with 0, and trimmed to the widest row in the batch; the tables behind
@@ -182,13 +207,17 @@ class SequenceDataModule(L.LightningDataModule):
         val_batch_size: int = 1024,
         seed: int = 42,
         window_stride: int | None = None,
+        group_by_length: int | None = None,
     ) -> None:
         super().__init__()
         if window_stride is not None and not 1 <= window_stride <= max_len:
             raise ValueError(f"window_stride must be in [1, max_len = {max_len}], got {window_stride}")
+        if group_by_length is not None and group_by_length < 1:
+            raise ValueError(f"group_by_length must be at least 1, got {group_by_length}")
         check_schema(sequences, SEQUENCES, "sequences")
         self.n_items, self.max_len = n_items, max_len
         self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size, seed
+        self.group_by_length = group_by_length
         self._train = RaggedItems.from_series(sequences["train_items"])
         self._val = RaggedItems.from_series(sequences["val_items"])
         _check_item_range(self._train, "train_items", n_items)
@@ -230,7 +259,11 @@ class SequenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if len(self.train_users) == 0:
             raise ValueError("sequences: no user has at least 2 train_items; nothing to train on")
-        sampler = IndexBatchSampler(len(self.train_rows), self.batch_size, shuffle=True, seed=self.seed)
+        lengths = None if self.group_by_length is None else self.train_rows.ne(PAD).sum(1)  # (N,)
+        sampler = IndexBatchSampler(
+            len(self.train_rows), self.batch_size, shuffle=True, seed=self.seed, lengths=lengths,
+            group=self.group_by_length,
+        )
         return self._loader(_BatchDataset(len(self.train_rows), self._train_batch), sampler)
 
     def val_dataloader(self) -> DataLoader:

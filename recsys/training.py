@@ -176,7 +176,8 @@ def train_model(
     L.seed_everything(cfg.train.seed, workers=True)
     t = cfg.train
     data = RankShardedData(
-        sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed, t.window_stride
+        sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed, t.window_stride,
+        t.group_by_length,
     )
     if len(data.train_users) == 0 or len(data.val_users) == 0:
         raise ValueError(
