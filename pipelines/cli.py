@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_LOCKED = 4
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
 
 _OVERRIDES_HELP = "dotted config overrides applied on top of --config, e.g. train.max_epochs=5 model.hidden=32"
 
@@ -244,11 +246,29 @@ def _worker(args: argparse.Namespace, cfg: Config) -> int:
 
     try:
         train_worker.run(cfg, run_date, allow_resume=not args.force)
+    except SystemExit as exc:
+        return _terminated(args, exc)
     except Exception:
         logging.getLogger("recsys").exception("recsys %s worker (%s) failed; full log in %s", args.command,
                                               ranks, log_file)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _terminated(args: argparse.Namespace, exc: SystemExit) -> int:
+    """Exit status of a job stopped by SIGTERM during training; any other ``SystemExit`` goes on up.
+
+    Lightning turns SIGTERM into ``SIGTERMException``, a ``SystemExit`` without a code, which Python would
+    report as status 0: a scheduler would take the stopped job for a success.
+    """
+    lightning = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    if lightning is None or not isinstance(exc, lightning.SIGTERMException):
+        raise exc
+    logging.getLogger("recsys").error(
+        "recsys %s stopped by SIGTERM before it finished: nothing was marked done; run the same command "
+        "again to resume from the last checkpoint", args.command,
+    )
+    return EXIT_TERMINATED
 
 
 def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
@@ -271,6 +291,8 @@ def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
         # Operational failures whose message says it all: no traceback for the operator.
         logging.getLogger("recsys").error("recsys %s failed: %s", args.command, exc)
         return EXIT_FAILED
+    except SystemExit as exc:
+        return _terminated(args, exc)
     except Exception:
         logging.getLogger("recsys").exception("recsys %s failed; full log in %s", args.command, log_file)
         return EXIT_FAILED

@@ -2,7 +2,8 @@
 
 Set ``RECSYS_FAULT=<point>`` in the environment and the process kills itself (SIGKILL: no cleanup, no
 ``finally``, no atexit) when it reaches :func:`fault_point` with that name. Unset, every call is a no-op
-(one environment lookup). Named points, in the order a ``recsys train`` run reaches them:
+(one environment lookup). ``RECSYS_FAULT_SIGNAL=TERM`` sends SIGTERM instead (what a scheduler sends to
+stop a job): the process goes on to whatever its SIGTERM handling does. Named points, in the order a ``recsys train`` run reaches them:
 
 - ``train-batch-e<E>b<B>``: after training batch ``B`` of epoch ``E`` (0-based), before its checkpoint;
 - ``epoch-start-e<E>``: at the start of epoch ``E``, i.e. after epoch ``E - 1``'s checkpoints were written;
@@ -27,9 +28,10 @@ import os
 import signal
 
 FAULT_ENV = "RECSYS_FAULT"
+SIGNAL_ENV = "RECSYS_FAULT_SIGNAL"
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL the current process if ``RECSYS_FAULT`` equals ``name``; otherwise do nothing."""
+    """Signal the current process (SIGKILL, or ``RECSYS_FAULT_SIGNAL``) if ``RECSYS_FAULT`` equals ``name``."""
     if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(SIGNAL_ENV, "KILL")))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import EXIT_OK, main
-from recsys.faults import FAULT_ENV
+from pipelines.cli import EXIT_OK, EXIT_TERMINATED, main
+from recsys.faults import FAULT_ENV, SIGNAL_ENV
 from recsys.storage import read_json
 from tests.pipelines.conftest import leftovers, same_weights, tiny, weights
 
@@ -108,3 +108,37 @@ def test_rerun_after_sigkill_with_weight_averaging_resumes_to_the_same_weights(
     assert read_json(killed / "model" / "train_report.json")["resumed_from_epoch"] == 1
     assert same_weights(weights(killed), weights(reference))
     assert not same_weights(weights(plain), weights(reference))  # the averaging is in the weights compared
+
+
+def test_sigterm_during_training_exits_143_marks_nothing_done_and_the_rerun_resumes(
+    tmp_path: Path, tiny_features: Path
+) -> None:
+    """What a scheduler sends to stop a job: Lightning turns it into a SystemExit whose status would be 0."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tiny_features, stopped / "features")
+    track = ("tracking.enabled=true",)
+    env = {**os.environ, FAULT_ENV: "train-batch-e2b0", SIGNAL_ENV: "TERM", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--quiet", "--run-date", RUN_DATE, *tiny(stopped, *track)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == EXIT_TERMINATED == 143, (proc.returncode, proc.stderr.decode()[-2000:])
+    log = next((stopped / "logs").glob("train-*.log")).read_text()
+    assert "stopped by SIGTERM before it finished" in log
+    assert not (stopped / "runs").exists()
+    assert not (stopped / "model").exists()
+    assert leftovers(stopped) == []
+    client = MlflowClient(tracking_uri=f"sqlite:///{stopped / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    mlflow.set_tracking_uri(None)
+
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_features, reference / "features")
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(reference)]) == EXIT_OK
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(stopped, *track)]) == EXIT_OK
+    mlflow.set_tracking_uri(None)
+    assert read_json(stopped / "model" / "train_report.json")["resumed_from_epoch"] == 1
+    assert same_weights(weights(stopped), weights(reference))
+    assert (stopped / "runs" / "train" / f"{RUN_DATE}.json").is_file()
