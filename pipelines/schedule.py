@@ -50,16 +50,26 @@ def parse_run_date(text: str) -> dt.date:
     raise ValueError(f"run date {text!r} is not a valid date of the form YYYY-MM-DD")
 
 
-def config_hash(cfg: Config) -> str:
-    """SHA-256 of the resolved config without ``work_dir`` (the marker already lives inside it)."""
+def config_hash(cfg: Config, with_budget: bool = True) -> str:
+    """SHA-256 of the resolved config without ``work_dir`` (the marker already lives inside it).
+
+    ``with_budget=False`` hashes ``train.max_time_s`` as unset (see :func:`checkpoint_dir`).
+    """
     tree = cfg.to_dict()
     tree.pop("work_dir", None)
+    if not with_budget:
+        tree["train"]["max_time_s"] = None
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
 def checkpoint_dir(cfg: Config, run_date: dt.date) -> Path:
-    """``<work_dir>/checkpoints/<YYYY-MM-DD>-<config hash[:12]>``: a new date or config starts afresh."""
-    return WorkDir.of(cfg).checkpoints / f"{run_date.isoformat()}-{config_hash(cfg)[:12]}"
+    """``<work_dir>/checkpoints/<YYYY-MM-DD>-<config hash[:12]>``: a new date or config starts afresh.
+
+    The time budget ``train.max_time_s`` is left out of the hash (as in
+    :func:`recsys.checkpoint.run_identity`): a run stopped under one budget resumes under another. For a
+    config without a budget the name is the marker's config hash.
+    """
+    return WorkDir.of(cfg).checkpoints / f"{run_date.isoformat()}-{config_hash(cfg, with_budget=False)[:12]}"
 
 
 @contextmanager

@@ -72,12 +72,15 @@ class ResumePoint:
 
 def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int) -> str:
     """SHA-256 of what decides the training outcome: ``model`` and ``train`` config (less ``train.progress``),
-    the catalogue size and the contents of ``sequences``."""
-    settings = {
-        "model": cfg.model.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", exclude={"progress"}),
-        "n_items": n_items,
-    }
+    the catalogue size and the contents of ``sequences``.
+
+    ``train.max_time_s`` is a budget, not a setting of the run: it is hashed as unset, so a run stopped (or
+    killed) under one budget resumes under another, e.g. a larger one to let it finish, or a small one to stop
+    it after one more step and keep its best checkpoint.
+    """
+    train = cfg.train.model_dump(mode="json", exclude={"progress"})
+    train["max_time_s"] = None  # as unset: identities of runs without a budget are unchanged
+    settings = {"model": cfg.model.model_dump(mode="json"), "train": train, "n_items": n_items}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in sequences.columns:
         column = sequences[name]

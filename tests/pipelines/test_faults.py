@@ -110,7 +110,7 @@ def test_rerun_after_sigkill_with_weight_averaging_resumes_to_the_same_weights(
     assert not same_weights(weights(plain), weights(reference))  # the averaging is in the weights compared
 
 
-def test_sigterm_during_training_exits_143_marks_nothing_done_and_the_rerun_resumes(
+def test_sigterm_during_training_exits_143_marks_nothing_done_and_a_rerun_resumes(
     tmp_path: Path, tiny_features: Path
 ) -> None:
     """What a scheduler sends to stop a job: Lightning turns it into a SystemExit whose status would be 0."""
@@ -137,7 +137,9 @@ def test_sigterm_during_training_exits_143_marks_nothing_done_and_the_rerun_resu
     reference = tmp_path / "reference"
     shutil.copytree(tiny_features, reference / "features")
     assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(reference)]) == EXIT_OK
-    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(stopped, *track)]) == EXIT_OK
+    # The rerun may carry a time budget: train.max_time_s is not part of the run's identity.
+    budget = ("train.max_time_s=3600",)
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, *tiny(stopped, *track, *budget)]) == EXIT_OK
     mlflow.set_tracking_uri(None)
     assert read_json(stopped / "model" / "train_report.json")["resumed_from_epoch"] == 1
     assert same_weights(weights(stopped), weights(reference))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recsys.checkpoint import IDENTITY_KEY
+from recsys.checkpoint import IDENTITY_KEY, run_identity
 from recsys.training import train_model
 from tests.recsys.test_system import planted_sequences, small_config
 
@@ -40,3 +40,15 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path: Path, caplog) -> N
     assert other.resumed_from_epoch is None
     assert "written by another run" in caplog.text
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["best-epoch000.ckpt", "last.ckpt"]
+
+
+def test_the_time_budget_is_not_part_of_the_run_identity(tmp_path: Path) -> None:
+    seqs = planted_sequences(120, 40)
+    base = run_identity(small_config(max_epochs=2), seqs, 40)
+    assert run_identity(small_config(max_epochs=2, max_time_s=5.0), seqs, 40) == base
+    assert run_identity(small_config(max_epochs=2, lr=2e-3), seqs, 40) != base
+    first = train_model(small_config(max_epochs=2), seqs, 40, tmp_path)
+    # Continued under a budget: resumes the same run (finished, so nothing more is trained).
+    again = train_model(small_config(max_epochs=2, max_time_s=3600.0), seqs, 40, tmp_path)
+    assert again.resumed_from_epoch == 1 and again.epochs_run == 2
+    assert again.best_checkpoint == first.best_checkpoint
