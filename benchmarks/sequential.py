@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.machine import commit, machine
 from pipelines import build_features, evaluate, train
+from pipelines.schedule import today_utc
 from recsys.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +51,15 @@ def hardware() -> str:
 
 
 def run_seed(
-    dataset: str, config: Path, seed: int, data_root: Path, overrides: list[str], work_root: Path, tag: str
+    dataset: str, config: Path, seed: int, data_root: Path, overrides: list[str], work_root: Path, tag: str,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """One seed through the features, train and evaluate jobs; a JSON-able record of it."""
+    """One seed through the features, train and evaluate jobs; a JSON-able record of it.
+
+    ``resume``: training continues today's killed run of the same work directory and config from its last
+    checkpoint (``train.max_time_s`` may differ: a small one ends it after one more epoch), instead of
+    starting afresh; ``wall_s`` then covers this call only, the train report's history all epochs.
+    """
     cfg = load_config(
         config,
         [f"data.path={data_root / DATASETS[dataset]}", f"work_dir={work_root / f'{tag}-seed{seed}'}",
@@ -60,7 +67,7 @@ def run_seed(
     )
     start = time.perf_counter()
     build_features.run(cfg)
-    model_dir = train.run(cfg)
+    model_dir = train.run(cfg, today_utc() if resume else None)
     eval_dir = evaluate.run(cfg)
     wall = time.perf_counter() - start
     trained = json.loads((model_dir / "train_report.json").read_text())
@@ -167,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--json-out", type=Path, help="append one JSON line per finished seed")
     parser.add_argument("--no-table", action="store_true", help="do not write BENCHMARKS.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue today's killed run of each seed from its last checkpoint (same config; "
+                             "train.max_time_s may differ) instead of starting afresh")
     parser.add_argument("--from-json", type=Path, nargs="+", help="only write the table rows of these records")
     parser.add_argument("--group-by-tag", action="store_true",
                         help="one row per (dataset, config, tag) even if the seeds' overrides differ")
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         records = []
         for seed in args.seeds:
             record = run_seed(args.dataset, config, seed, args.data_root.resolve(), args.overrides,
-                              args.work_root, tag)
+                              args.work_root, tag, resume=args.resume)
             records.append(record)
             if args.json_out:
                 with args.json_out.open("a") as f:
