@@ -3,7 +3,8 @@
 Set ``RECSYS_FAULT=<point>`` in the environment and the process kills itself (SIGKILL: no cleanup, no
 ``finally``, no atexit) when it reaches :func:`fault_point` with that name. Unset, every call is a no-op
 (one environment lookup). ``RECSYS_FAULT_SIGNAL=TERM`` sends SIGTERM instead (what a scheduler sends to
-stop a job): the process goes on to whatever its SIGTERM handling does. Named points, in the order a ``recsys train`` run reaches them:
+stop a job): the process goes on to whatever its SIGTERM handling does. Named points, in the order a
+``recsys train`` run reaches them:
 
 - ``train-batch-e<E>b<B>``: after training batch ``B`` of epoch ``E`` (0-based), before its checkpoint;
 - ``epoch-start-e<E>``: at the start of epoch ``E``, i.e. after epoch ``E - 1``'s checkpoints were written;
