@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.workdir import WorkDir
-from recsys.config import Config
+from recsys.config import Config, without_budget
 from recsys.storage import read_json, remove_stale_temps, write_json
 
 # What each scheduled job produces, as WorkDir attributes (recorded in the marker).
@@ -53,12 +53,13 @@ def parse_run_date(text: str) -> dt.date:
 def config_hash(cfg: Config, with_budget: bool = True) -> str:
     """SHA-256 of the resolved config without ``work_dir`` (the marker already lives inside it).
 
-    ``with_budget=False`` hashes ``train.max_time_s`` as unset (see :func:`checkpoint_dir`).
+    ``with_budget=False`` hashes the time budget as unset (:func:`recsys.config.without_budget`; see
+    :func:`checkpoint_dir`).
     """
     tree = cfg.to_dict()
     tree.pop("work_dir", None)
     if not with_budget:
-        tree["train"]["max_time_s"] = None
+        tree["train"] = without_budget(tree["train"])
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 

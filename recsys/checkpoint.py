@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from recsys.config import Config
+from recsys.config import Config, without_budget
 from recsys.storage import atomic_write_bytes, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int) -> str:
     killed) under one budget resumes under another, e.g. a larger one to let it finish, or a small one to stop
     it after one more step and keep its best checkpoint.
     """
-    train = cfg.train.model_dump(mode="json", exclude={"progress"})
-    train["max_time_s"] = None  # as unset: identities of runs without a budget are unchanged
+    train = without_budget(cfg.train.model_dump(mode="json", exclude={"progress"}))
     settings = {"model": cfg.model.model_dump(mode="json"), "train": train, "n_items": n_items}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in sequences.columns:

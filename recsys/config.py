@@ -178,6 +178,17 @@ class TrainConfig(_Section):
         return self
 
 
+# Train keys that bound a run's duration without changing its trajectory: hashed as unset in the run's
+# identity (recsys.checkpoint.run_identity) and checkpoint directory (pipelines.schedule.checkpoint_dir), so a
+# run stopped under one budget resumes under another.
+BUDGET_KEYS = ("max_time_s",)
+
+
+def without_budget(train: dict) -> dict:
+    """A copy of a ``train`` config dict with :data:`BUDGET_KEYS` set to None (unset)."""
+    return {**train, **dict.fromkeys(BUDGET_KEYS)}
+
+
 class EvaluateConfig(_Section):
     """Offline full-catalogue ranking evaluation."""
 
