@@ -7,7 +7,10 @@ Each non-comment line of the sweep file is ``<tag> <dataset> [KEY=VALUE ...]``; 
 ``python -m benchmarks.sequential --dataset <dataset> --tag <tag> --seeds ... --no-table`` with the line's
 overrides after the common ones, so every finished seed lands in ``--json-out`` as a JSON line (see
 benchmarks/sequential.py). Configurations are compared on validation NDCG@10 only; ``--rank`` prints them
-ranked by it from a results file.
+ranked by it from a results file, and ``--best RESULTS`` prints the lines of the sweep file whose tags have the
+highest mean validation NDCG@10 in RESULTS, ``--top`` per dataset (a sweep file for the seeds of the chosen ones):
+
+    python -m benchmarks.sweep benchmarks/sweeps/round3.txt --best round3.jsonl --top 1 > chosen.txt
 """
 
 from __future__ import annotations
@@ -62,6 +65,26 @@ def rank(paths: list[Path]) -> str:
     return "\n".join(text for *_, text in sorted(rows))
 
 
+def best_lines(sweep: Path, results: Path, top: int) -> list[str]:
+    """The lines of ``sweep`` whose tags rank in the ``top`` of their dataset by mean validation NDCG@10.
+
+    Tags of the sweep file without a record in ``results`` (failed runs) are left out; raises ``SystemExit``
+    if no tag of the file has one.
+    """
+    val: dict[str, list[float]] = defaultdict(list)
+    for line in results.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            val[record["tag"]].append(record["train"]["best_val_ndcg_at_10"])
+    by_dataset: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for tag, dataset, overrides in read_sweep(sweep):
+        if val[tag]:
+            by_dataset[dataset].append((statistics.mean(val[tag]), f"{tag} {dataset} {' '.join(overrides)}".strip()))
+    if not by_dataset:
+        raise SystemExit(f"{results}: no record of any tag of {sweep}")
+    return [line for runs in by_dataset.values() for _, line in sorted(runs, key=lambda r: -r[0])[:top]]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, nargs="?")
@@ -72,11 +95,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--work-root", type=Path, default=ROOT / "work" / "bench")
     parser.add_argument("--rank", type=Path, nargs="+", help="only rank the records of these results files")
+    parser.add_argument("--best", type=Path, metavar="RESULTS",
+                        help="print the sweep file's lines with the best validation NDCG@10 in RESULTS")
+    parser.add_argument("--top", type=int, default=1, help="with --best: lines per dataset")
     parser.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run (before each line's own)")
     args = parser.parse_args(argv)
     if args.rank:
         print(rank(args.rank))
+        return
+    if args.best:
+        if args.sweep is None:
+            parser.error("--best needs the sweep file whose lines it picks")
+        print("\n".join(best_lines(args.sweep, args.best, args.top)))
         return
     if args.sweep is None or args.json_out is None:
         parser.error("a sweep file and --json-out are required unless --rank is given")
