@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     sequences = pl.read_parquet(a.features / FEATURE_FILES["sequences"])
     t = cfg.train
     data = SequenceDataModule(sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed,
-                              t.window_stride, t.group_by_length)
+                              t.window_stride, t.group_by_length, t.static_shapes)
     system = SASRecSystem.from_config(cfg, n_items).to(device)
     system.set_item_counts(data.item_counts)
     system.train()
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            inputs, targets = system._training_inputs(batch)
-            loss = system._next_item_loss(system.model(inputs), targets)
+            loss = system._train_loss(*system._training_inputs(batch))
         loss.backward()
         optimizer.step()
 
