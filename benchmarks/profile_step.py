@@ -1,7 +1,8 @@
 """Where one training step's time goes: a bare PyTorch loop over the system's own step, with torch.profiler.
 
     python -m benchmarks.profile_step --features work/bench/ml-1m-seed42/features [--config conf/benchmarks/ml-1m.yaml]
-                                      [--steps 40] [--warmup 5] [--device cuda] [--json-out F] [KEY=VALUE ...]
+                                      [--steps 40] [--warmup 5] [--device cuda] [--json-out F]
+                                      [--trainer-epochs N] [KEY=VALUE ...]
 
 Loads a feature set written by the features job (``sequences.parquet`` and ``manifest.json``), builds the
 model, the data module and the loss exactly as training does (:class:`recsys.system.SASRecSystem`,
@@ -12,6 +13,9 @@ median, synchronised), steps per epoch and the bare epoch time they imply, and t
 expensive operators (self device time on CUDA, self CPU time otherwise). The gap between the bare epoch and
 the epoch Lightning reports (``train_s`` in the train report) is the training loop's own overhead; the
 operator table says whether a step is bound by arithmetic or by launches and synchronisations.
+``--trainer-epochs N`` also trains N epochs with :func:`recsys.training.train_model` (Lightning, the same
+config, no tracking) and reports its milliseconds per training step: each epoch's training time without
+validation over its steps, median over the epochs after the first (the first pays start-up and compiling).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from recsys.config import load_config
 from recsys.data import SequenceDataModule
 from recsys.storage import read_json
 from recsys.system import SASRecSystem
-from recsys.training import resolve_hardware
+from recsys.training import resolve_hardware, train_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json-out", type=Path)
+    p.add_argument("--trainer-epochs", type=int, default=0, help="also time N epochs of Lightning training")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     sequences = pl.read_parquet(a.features / FEATURE_FILES["sequences"])
     t = cfg.train
     data = SequenceDataModule(sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed,
-                              t.window_stride, t.group_by_length)
+                              t.window_stride, t.group_by_length, t.static_shapes)
     system = SASRecSystem.from_config(cfg, n_items).to(device)
     system.set_item_counts(data.item_counts)
     system.train()
@@ -77,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            inputs, targets = system._training_inputs(batch)
-            loss = system._next_item_loss(system.model(inputs), targets)
+            loss = system._train_loss(*system._training_inputs(batch))
         loss.backward()
         optimizer.step()
 
@@ -107,12 +112,27 @@ def main(argv: list[str] | None = None) -> dict:
         "steps_per_epoch": steps_per_epoch,
         "bare_epoch_s": statistics.fmean(times) * steps_per_epoch,
     }
+    if a.trainer_epochs:
+        result |= _trainer_step_ms(a, sequences, n_items, steps_per_epoch)
     print(table)
     print(json.dumps(result))
     if a.json_out:
         with a.json_out.open("a") as f:
             f.write(json.dumps(result | {"profile": table}) + "\n")
     return result
+
+
+def _trainer_step_ms(a: argparse.Namespace, sequences: pl.DataFrame, n_items: int, steps: int) -> dict:
+    """Milliseconds per step of Lightning training (train time of an epoch without validation / steps)."""
+    accelerator = "gpu" if a.device.startswith("cuda") else "cpu"
+    overrides = [*a.overrides, f"train.max_epochs={a.trainer_epochs}", f"train.patience={a.trainer_epochs}",
+                 f"train.accelerator={accelerator}", "train.progress=false"]
+    cfg = load_config(a.config, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = train_model(cfg, sequences, n_items, Path(tmp))
+    per_epoch = [row["train_s"] for row in report.history]
+    later = per_epoch[1:] or per_epoch
+    return {"trainer_epoch_train_s": per_epoch, "trainer_step_ms_median": 1000 * statistics.median(later) / steps}
 
 
 if __name__ == "__main__":

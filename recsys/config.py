@@ -156,6 +156,12 @@ class TrainConfig(_Section):
     # Exponential moving average of the weights (Lightning's EMAWeightAveraging, updated after every step):
     # validation, early stopping, checkpoints and the returned model use the averaged weights. None = off.
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    # Training batches padded to model.max_len instead of trimmed to their longest row: every step has the
+    # same shape (what torch.compile and CUDA graphs need); more work on padding, the same loss.
+    static_shapes: bool = False
+    # Each training batch's forward and loss through torch.compile (default mode); the first steps pay the
+    # compile time (tens of seconds), and every new batch shape another, so use it with static_shapes.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _loss_options(self) -> TrainConfig:

@@ -193,7 +193,8 @@ class SequenceDataModule(L.LightningDataModule):
     length (see :class:`IndexBatchSampler`), so short histories are not padded to the batch's longest.
     Val batch (users with val items, ordered by train length): ``inputs`` (B, T) last ``max_len`` train
     items, ``history`` (B, H) ALL train items (to exclude from the ranking), ``targets`` (B, M) the val items.
-    Every tensor is int64, left-padded with 0, and trimmed to the widest row in the batch; the tables behind
+    Every tensor is int64, left-padded with 0, and trimmed to the widest row in the batch (train batches
+    stay ``max_len`` wide with ``static_shapes``, so that every step has one shape); the tables behind
     them are int32. ``item_counts`` (n_items + 1,) int64: each item's number of train events (all of
     ``train_items``, not only the last ``max_len + 1``); entry 0 is 0.
     """
@@ -208,6 +209,7 @@ class SequenceDataModule(L.LightningDataModule):
         seed: int = 42,
         window_stride: int | None = None,
         group_by_length: int | None = None,
+        static_shapes: bool = False,
     ) -> None:
         super().__init__()
         if window_stride is not None and not 1 <= window_stride <= max_len:
@@ -217,7 +219,7 @@ class SequenceDataModule(L.LightningDataModule):
         check_schema(sequences, SEQUENCES, "sequences")
         self.n_items, self.max_len = n_items, max_len
         self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size, seed
-        self.group_by_length = group_by_length
+        self.group_by_length, self.static_shapes = group_by_length, static_shapes
         self._train = RaggedItems.from_series(sequences["train_items"])
         self._val = RaggedItems.from_series(sequences["val_items"])
         _check_item_range(self._train, "train_items", n_items)
@@ -248,7 +250,8 @@ class SequenceDataModule(L.LightningDataModule):
         inputs, targets = rows[:, :-1], rows[:, 1:]  # (B, max_len) each
         # The first item of a short sequence follows padding: nothing to predict it from.
         targets = targets.masked_fill(inputs == PAD, PAD)
-        inputs, targets = _trim_left(inputs, targets)
+        if not self.static_shapes:
+            inputs, targets = _trim_left(inputs, targets)
         return {"inputs": inputs, "targets": targets}
 
     def _val_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -29,7 +29,9 @@ class SASRecSystem(L.LightningModule):
     trains on the masked positions only. Either way the loss is ``loss`` (see :mod:`recsys.losses`).
     Popularity sampling (``negative_sampling="popularity"``) needs the train item counts: taken from the
     datamodule's ``item_counts`` at ``setup``, or given with :meth:`set_item_counts`.
-    Logs ``train/loss`` and, per epoch as the mean over users, ``val/ndcg_at_10`` and ``val/hr_at_10``
+    ``compile`` runs each training batch's forward and loss through ``torch.compile`` (validation stays eager).
+    Logs ``train/loss`` (per epoch: the mean of the batch losses weighted by batch rows) and, per epoch as
+    the mean over users, ``val/ndcg_at_10`` and ``val/hr_at_10``
     (history excluded, pessimistic ties).
     """
 
@@ -52,6 +54,7 @@ class SASRecSystem(L.LightningModule):
         label_smoothing: float = 0.0,
         warmup_epochs: float = 0.0,
         lr_schedule: Literal["constant", "cosine"] = "constant",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -68,6 +71,9 @@ class SASRecSystem(L.LightningModule):
         self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention)
         # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
         self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
+        self._compiled_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._loss_sum: torch.Tensor | None = None  # this epoch's sum of batch loss x batch rows, on the device
+        self._loss_rows = 0
 
     @classmethod
     def from_config(cls, cfg: Config, n_items: int) -> SASRecSystem:
@@ -77,7 +83,7 @@ class SASRecSystem(L.LightningModule):
             dropout=m.dropout, loss=t.loss, n_negatives=t.n_negatives, lr=t.lr, weight_decay=t.weight_decay,
             attention=m.attention, mask_prob=t.mask_prob, negative_sampling=t.negative_sampling,
             gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
-            lr_schedule=t.lr_schedule,
+            lr_schedule=t.lr_schedule, compile=t.compile,
         )
 
     def set_item_counts(self, counts: torch.Tensor) -> None:
@@ -108,12 +114,22 @@ class SASRecSystem(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
 
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum, self._loss_rows = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        # train/loss: the epoch's mean over batches weighted by their rows (what self.log(on_epoch=True) gives),
+        # logged once per epoch instead of per step: Lightning's per-step logging costs more than a tiny step.
+        if self._loss_sum is not None:
+            self.log("train/loss", self._loss_sum / self._loss_rows, prog_bar=True)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         if stage == "train":
             inputs, targets = self._training_inputs(batch)  # (B, W) each
-            hidden = self.model(inputs)  # (B, W, D)
-            loss = self._next_item_loss(hidden, targets)
-            self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(hidden))
+            loss = self._train_loss(inputs, targets)
+            weighted = loss.detach() * len(inputs)  # () on the device: no host synchronisation
+            self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
+            self._loss_rows += len(inputs)
             return loss
         user = self.model.user_vectors(batch["inputs"])  # (B, D)
         metrics = self._ranking_metrics(user, batch["history"], batch["targets"])
@@ -131,14 +147,33 @@ class SASRecSystem(L.LightningModule):
             batch["inputs"], batch["targets"], self.model.max_len, self.model.mask_token, self.hparams["mask_prob"]
         )
 
+    def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and loss of a training batch, through ``torch.compile`` with ``compile`` (compiled once)."""
+        if not self.hparams["compile"]:
+            return self._forward_loss(inputs, targets)
+        if self._compiled_loss is None:
+            self._compiled_loss = torch.compile(self._forward_loss)
+        return self._compiled_loss(inputs, targets)
+
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._next_item_loss(self.model(inputs), targets)  # hidden: (B, T, D)
+
     def _next_item_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Loss at the positions with a target (targets != 0): next items, or masked items if bidirectional."""
-        real = targets != PAD  # (B, T)
-        h, t = hidden[real], targets[real]  # (N, D), (N,)
+        """Loss at the positions with a target (targets != 0): next items, or masked items if bidirectional.
+
+        Full CE on GPU or under torch.compile runs on all B*T positions, padding weighted 0 (static shapes, no
+        host synchronisation); on CPU the positions with a target are gathered first (less work, and a
+        synchronisation costs nothing there). The sampled losses always gather.
+        """
         item_emb = self.model.item_embeddings()  # (I + 1, D), no [MASK] row
         hp = self.hparams
         if hp["loss"] == "ce":
+            h, t = hidden.flatten(0, 1), targets.flatten()  # (B*T, D), (B*T,)
+            if not (h.is_cuda or torch.compiler.is_compiling()):
+                h, t = h[t != PAD], t[t != PAD]  # (N, D), (N,)
             return full_ce(h, t, item_emb, hp["label_smoothing"])
+        real = targets != PAD  # (B, T)
+        h, t = hidden[real], targets[real]  # (N, D), (N,)
         if hp["loss"] == "sampled_softmax":
             probs = self.sampling_probs if hp["negative_sampling"] == "popularity" else None
             return sampled_softmax(h, t, item_emb, hp["n_negatives"], probs)

@@ -177,7 +177,7 @@ def train_model(
     t = cfg.train
     data = RankShardedData(
         sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed, t.window_stride,
-        t.group_by_length,
+        t.group_by_length, t.static_shapes,
     )
     if len(data.train_users) == 0 or len(data.val_users) == 0:
         raise ValueError(

@@ -180,3 +180,50 @@ def test_sampled_gbce_with_t_zero_is_sampled_bce() -> None:
     gbce = sampled_gbce(hidden, targets, item_emb, 3, 0.0, generator=torch.Generator().manual_seed(1))
     bce = sampled_bce(hidden, targets, item_emb, 3, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(gbce, bce)
+
+
+def with_padding(targets: torch.Tensor, seed: int) -> torch.Tensor:
+    """``targets`` with about a third of the positions set to 0 (no target), the first one included."""
+    pad = torch.rand(len(targets), generator=torch.Generator().manual_seed(seed)) < 0.33
+    pad[0] = True
+    return targets.masked_fill(pad, 0)
+
+
+# CPU: one chunk, then ragged chunks of 64 and 7 rows; and the one-matrix path that full_ce takes on GPU.
+@pytest.mark.parametrize("path", ["one_chunk", "chunks_of_64", "chunks_of_7", "dense"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_full_ce_over_all_positions_equals_full_ce_on_the_gathered_ones(
+    monkeypatch, path: str, label_smoothing: float
+) -> None:
+    hidden, targets, item_emb = make_inputs(10)
+    targets = with_padding(targets, seed=10)
+    real = targets != 0
+
+    def all_positions() -> torch.Tensor:
+        if path == "dense":
+            classes = targets - 1
+            return losses._dense_ce(hidden, classes, item_emb[1:], label_smoothing, (classes >= 0).sum())
+        rows = {"one_chunk": N, "chunks_of_64": 64, "chunks_of_7": 7}[path]
+        monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", rows * N_ITEMS)
+        return full_ce(hidden, targets, item_emb, label_smoothing)
+
+    loss = all_positions()
+    grads = torch.autograd.grad(loss * 3.0, (hidden, item_emb))
+    monkeypatch.undo()
+    gathered = full_ce(hidden[real], targets[real], item_emb, label_smoothing)  # the gathered positions only
+    want = torch.autograd.grad(gathered * 3.0, (hidden, item_emb))
+    reference = F.cross_entropy((hidden @ item_emb.T)[real][:, 1:], targets[real] - 1, label_smoothing=label_smoothing)
+
+    torch.testing.assert_close(loss, gathered)
+    torch.testing.assert_close(loss, reference)
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert torch.all(grads[0][~real] == 0)  # positions without a target get no gradient
+    assert torch.all(grads[1][0] == 0)  # nor does the padding row
+
+
+def test_full_ce_with_no_target_at_all_is_zero_not_nan() -> None:
+    hidden, _, item_emb = make_inputs(11)
+    loss = full_ce(hidden, torch.zeros(N, dtype=torch.long), item_emb)
+    assert loss.item() == 0.0
+    assert torch.all(torch.autograd.grad(loss, hidden)[0] == 0)
