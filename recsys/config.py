@@ -160,7 +160,8 @@ class TrainConfig(_Section):
     # same shape (what torch.compile and CUDA graphs need); more work on padding, the same loss.
     static_shapes: bool = False
     # Each training batch's forward and loss through torch.compile (default mode); the first steps pay the
-    # compile time (tens of seconds), and every new batch shape another, so use it with static_shapes.
+    # compile time (tens of seconds), and every new batch shape another, so use it with static_shapes. Compiled
+    # CE scores every position, padding too: for dense histories (ML-1M), not for short ones (Amazon).
     compile: bool = False
 
     @model_validator(mode="after")
