@@ -163,6 +163,9 @@ class TrainConfig(_Section):
     # compile time (tens of seconds), and every new batch shape another, so use it with static_shapes. Compiled
     # CE scores every position, padding too: for dense histories (ML-1M), not for short ones (Amazon).
     compile: bool = False
+    # torch.compile's mode with compile: "reduce-overhead" also captures the step as CUDA graphs on GPU (the
+    # launch overhead of a small model's step; needs static_shapes, else every shape records its own graph).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
     @model_validator(mode="after")
     def _loss_options(self) -> TrainConfig:

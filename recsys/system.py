@@ -29,7 +29,8 @@ class SASRecSystem(L.LightningModule):
     trains on the masked positions only. Either way the loss is ``loss`` (see :mod:`recsys.losses`).
     Popularity sampling (``negative_sampling="popularity"``) needs the train item counts: taken from the
     datamodule's ``item_counts`` at ``setup``, or given with :meth:`set_item_counts`.
-    ``compile`` runs each training batch's forward and loss through ``torch.compile`` (validation stays eager).
+    ``compile`` runs each training batch's forward and loss through ``torch.compile`` in ``compile_mode``
+    (validation stays eager).
     Logs ``train/loss`` (per epoch: the mean of the batch losses weighted by batch rows) and, per epoch as
     the mean over users, ``val/ndcg_at_10`` and ``val/hr_at_10``
     (history excluded, pessimistic ties).
@@ -55,6 +56,7 @@ class SASRecSystem(L.LightningModule):
         warmup_epochs: float = 0.0,
         lr_schedule: Literal["constant", "cosine"] = "constant",
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default",
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -84,6 +86,7 @@ class SASRecSystem(L.LightningModule):
             attention=m.attention, mask_prob=t.mask_prob, negative_sampling=t.negative_sampling,
             gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
             lr_schedule=t.lr_schedule, compile=t.compile,
+            compile_mode=t.compile_mode,
         )
 
     def set_item_counts(self, counts: torch.Tensor) -> None:
@@ -152,7 +155,7 @@ class SASRecSystem(L.LightningModule):
         if not self.hparams["compile"]:
             return self._forward_loss(inputs, targets)
         if self._compiled_loss is None:
-            self._compiled_loss = torch.compile(self._forward_loss)
+            self._compiled_loss = torch.compile(self._forward_loss, mode=self.hparams["compile_mode"])
         return self._compiled_loss(inputs, targets)
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -88,3 +88,31 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert [h["val_ndcg_at_10"] for h in compiled_history] == pytest.approx(
         [h["val_ndcg_at_10"] for h in eager_history], abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_mode_reaches_torch_compile_and_the_step_uses_the_compiled_function(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+
+    def fake_compile(fn, mode: str):  # records the mode, returns a wrapper that counts its calls
+        seen.append(mode)
+        return lambda *args: (seen.append("called"), fn(*args))[1]
+
+    monkeypatch.setattr("recsys.system.torch.compile", fake_compile)
+    cfg = small_config(static_shapes=True, compile=True).to_dict()
+    cfg["train"]["compile_mode"] = mode
+    system = SASRecSystem.from_config(build_config(cfg), N_ITEMS)
+    batch = next(iter(SequenceDataModule(planted_sequences(16, N_ITEMS), N_ITEMS, MAX_LEN, batch_size=8,
+                                         static_shapes=True).train_dataloader()))
+    for _ in range(2):
+        system._train_loss(batch["inputs"], batch["targets"])
+    assert seen == [mode, "called", "called"]  # compiled once, in the configured mode
+
+
+def test_compile_mode_rejects_an_unknown_mode() -> None:
+    cfg = small_config().to_dict()
+    cfg["train"]["compile_mode"] = "fast"
+    with pytest.raises(ValueError, match="compile_mode"):
+        build_config(cfg)
