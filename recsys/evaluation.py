@@ -254,7 +254,8 @@ def _inference(model: RankingModel) -> Iterator[torch.device]:
 
 
 def model_scorer(model: RankingModel) -> ScoreFn:
-    """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored)."""
+    """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored), in
+    exact float32 on the model's device: the scores stay there (the metrics move them back to the CPU)."""
 
     def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
         with _inference(model) as device:
