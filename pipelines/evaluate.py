@@ -10,6 +10,7 @@ from features.artifacts import load_features
 from pipelines.workdir import WorkDir
 from recsys.baselines import popularity_scores
 from recsys.config import Config, save_config
+from recsys.device import resolve_device
 from recsys.evaluation import evaluate_all
 from recsys.model import load_model
 from recsys.registry import promote
@@ -20,14 +21,20 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> Path:
-    """Evaluate on ``cfg.evaluate.split``; writes ``<work_dir>/evaluation/report.json``."""
+    """Evaluate on ``cfg.evaluate.split``; writes ``<work_dir>/evaluation/report.json``.
+
+    Raises ConfigError before reading anything if ``evaluate.device`` names a GPU this machine lacks.
+    """
+    device = resolve_device(cfg.evaluate.device, "evaluate.device")
     wd = WorkDir.of(cfg)
     feats = load_features(wd.features)
-    model = load_model(wd.model)
-    with job_run(cfg, "evaluate") as tracker:
+    model = load_model(wd.model, device)
+    log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
+    with job_run(cfg, "evaluate", tags={"device": str(device)}) as tracker:
         pop = popularity_scores(feats.sequences, feats.n_items)
         results = evaluate_all(model, feats.sequences, feats.n_items, pop, cfg.evaluate, model.max_len)
-        report = {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks), "model_dir": str(wd.model), **results}
+        report = {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks), "model_dir": str(wd.model),
+                  "device": str(device), **results}
         with atomic_dir(wd.evaluation) as tmp:
             write_json(tmp / "report.json", report)
             save_config(cfg, tmp / "config.yaml")

@@ -9,7 +9,7 @@ import datetime as dt
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -18,12 +18,16 @@ from features.artifacts import FeatureSet, load_features
 from pipelines.workdir import WorkDir
 from recsys.candidates import TrainedModel, generate_candidates, load_trained_model, read_candidates
 from recsys.config import Config, save_config
+from recsys.device import resolve_device
 from recsys.drift import DriftError, drift_report, drift_violations
 from recsys.faults import fault_point
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
 from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_rows
 from recsys.storage import atomic_dir, fingerprint, read_json, write_json
 from recsys.tracking import JobRun, job_run
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,10 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
 
     Raises DriftError when the drift gate fails: the lists then go to ``candidates/rejected/date=…`` for
     inspection and the published partition of that date, if any, is left as it was. Raises ShardLayoutError
-    if the night already holds the other layout (whole vs sharded, or shards of another N).
+    if the night already holds the other layout (whole vs sharded, or shards of another N), and ConfigError
+    before reading anything if ``candidates.device`` names a GPU this machine lacks.
     """
+    device = resolve_device(cfg.candidates.device, "candidates.device")
     wd = WorkDir.of(cfg)
     day = cfg.candidates.date or run_date or dt.datetime.now(dt.UTC).date()
     part = None if shard is None else shard.name
@@ -45,11 +51,14 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         feats = select_shard(feats, shard)
     spec = cfg.candidates.model or str(wd.model)
     # A local model is read before an MLflow run is opened, so a missing one fails at once.
-    local = None if is_mlflow_uri(spec) else load_trained_model(spec)
-    tags = {"candidates.date": day, **({} if shard is None else {"candidates.shard": str(shard)})}
+    local = None if is_mlflow_uri(spec) else load_trained_model(spec, device)
+    log.info("candidates: user vectors on %s (candidates.device=%s), FAISS on the CPU", device,
+             cfg.candidates.device)
+    tags = {"candidates.date": day, "device": str(device),
+            **({} if shard is None else {"candidates.shard": str(shard)})}
     with job_run(cfg, "candidates", tags=tags) as tracker, \
             tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
-        trained, ref = _resolve_model(cfg, spec, local, tracker, Path(tmp))
+        trained, ref = _resolve_model(cfg, spec, local, tracker, Path(tmp), device)
         table, stats = generate_candidates(trained, feats, cfg.candidates)
         fault_point("candidates-scored")
         previous = wd.previous_candidates(day, part)
@@ -57,7 +66,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         violations = drift_violations(drift, cfg.candidates)
         drift = {"date": day.isoformat(), "previous": str(previous) if previous else None, **drift,
                  "passed": not violations, "violations": violations}
-        manifest = _manifest(cfg, day, table.height, stats, ref, feats, wd, shard)
+        manifest = _manifest(cfg, day, table.height, stats, ref, feats, wd, shard, device)
         target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
         with atomic_dir(target) as out:
             table.write_parquet(out / "candidates.parquet")
@@ -78,12 +87,12 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
 
 
 def _resolve_model(
-    cfg: Config, spec: str, local: TrainedModel | None, tracker: JobRun, tmp: Path
+    cfg: Config, spec: str, local: TrainedModel | None, tracker: JobRun, tmp: Path, device: torch.device
 ) -> tuple[TrainedModel, ModelRef]:
-    """The model of ``spec``: ``local`` (already loaded) or downloaded from MLflow into ``tmp``."""
+    """The model of ``spec``: ``local`` (already loaded) or downloaded from MLflow into ``tmp``, on ``device``."""
     if local is None:
         ref, files = fetch_model(tracker, spec, tmp)
-        return load_trained_model(files), ref
+        return load_trained_model(files, device), ref
     report_path = Path(spec) / "train_report.json"
     version = read_json(report_path).get("registered_version") if report_path.is_file() else None
     version = None if version is None else str(version)
@@ -119,7 +128,7 @@ def _previous_lists(previous: Path | None, shard: Shard | None) -> pl.DataFrame 
 
 
 def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], ref: ModelRef, feats: FeatureSet,
-              wd: WorkDir, shard: Shard | None) -> dict[str, Any]:
+              wd: WorkDir, shard: Shard | None, device: torch.device) -> dict[str, Any]:
     c = cfg.candidates
     return {
         "date": day.isoformat(),
@@ -128,6 +137,7 @@ def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], ref: 
         **{k: v for k, v in stats.items() if k != "search"},
         "k": c.k,
         "model": ref.to_dict(),
+        "device": str(device),  # where the user vectors were computed; FAISS searched on the CPU
         "index": {"factory": c.index, "nprobe": c.nprobe, "ef_search": c.ef_search,
                   "exclude_seen": c.exclude_seen},
         "search": stats["search"],

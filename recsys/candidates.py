@@ -25,6 +25,7 @@ from features import schema
 from features.artifacts import FeatureSet
 from recsys.config import CandidatesConfig
 from recsys.data import RaggedItems
+from recsys.device import exact_float32
 from recsys.model import SASRec, load_model
 from recsys.retrieval import ann_recall, build_index, search_top_k, tune_index
 
@@ -42,14 +43,14 @@ class TrainedModel:
     item_map: pl.DataFrame
 
 
-def load_trained_model(directory: str | Path) -> TrainedModel:
-    """Weights (``weights_only=True``), ``model.json`` and the id maps of a model directory.
+def load_trained_model(directory: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
+    """Weights (``weights_only=True``, onto ``device``), ``model.json`` and the id maps of a model directory.
 
     Raises FileNotFoundError naming a missing file, ValueError if the item map does not cover the model's
     item indices 1..n_items exactly.
     """
     directory = Path(directory)
-    model = load_model(directory)
+    model = load_model(directory, device)
     maps = {}
     for name, contract in (("user_map", schema.USER_MAP), ("item_map", schema.ITEM_MAP)):
         path = directory / schema.FEATURE_FILES[name]
@@ -109,16 +110,18 @@ def model_histories(feats: FeatureSet, item_map: pl.DataFrame) -> pl.DataFrame:
 def user_vectors(model: SASRec, histories: pl.Series, batch_size: int) -> np.ndarray:
     """(U, D) float32 hidden state at each user's last position (the last ``model.max_len`` items).
 
-    ``histories`` is a List(Int) column of item indices; padding is vectorised (no per-user Python).
+    ``histories`` is a List(Int) column of item indices; padding is vectorised (no per-user Python). The model
+    runs on its own device in exact float32; the vectors come back to the CPU (for FAISS).
     """
     model.eval()
     device = next(model.parameters()).device
     ragged = RaggedItems.from_series(histories)
     out = []
-    for start in range(0, len(histories), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(histories)))
-        batch = ragged.pad(rows, model.max_len).long().to(device)  # (B, T)
-        out.append(model.user_vectors(batch).float().cpu())  # (B, D)
+    with exact_float32(device):
+        for start in range(0, len(histories), batch_size):
+            rows = torch.arange(start, min(start + batch_size, len(histories)))
+            batch = ragged.pad(rows, model.max_len).long().to(device)  # (B, T)
+            out.append(model.user_vectors(batch).float().cpu())  # (B, D)
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -21,6 +22,17 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_device(value: str) -> str:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (N = a GPU index), got {value!r}")
+    return value
+
+
+# Where a job runs the model: auto = CUDA when torch sees a GPU, else CPU; cuda / cuda:N fail at the start of
+# the job when there is no such GPU (recsys.device.resolve_device).
+Device = Annotated[str, AfterValidator(_check_device)]
 
 
 class SyntheticConfig(_Section):
@@ -216,6 +228,8 @@ class EvaluateConfig(_Section):
     # Model scored in blocks of this many items with a running top-K merge (recsys/topk.py), so memory is
     # O(batch_size * item_block_size) instead of O(batch_size * n_items); None = one dense score matrix.
     item_block_size: int | None = Field(None, ge=1)
+    # Where the model scores (the baselines stay on the CPU); recorded in report.json as "device".
+    device: Device = "auto"
 
 
 class CandidatesConfig(_Section):
@@ -239,6 +253,8 @@ class CandidatesConfig(_Section):
     # Drift gate against the previous night's partition; None = never fail on it.
     min_overlap: float | None = Field(None, ge=0.0, le=1.0)
     max_new_item_share: float | None = Field(None, ge=0.0, le=1.0)
+    # Where the user vectors are computed (FAISS always searches on the CPU); recorded in the manifest.
+    device: Device = "auto"
 
 
 class TrackingConfig(_Section):

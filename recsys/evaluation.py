@@ -20,6 +20,7 @@ from features.schema import SEQUENCES, USER_IDX, check_schema
 from recsys.baselines import ease_scorer, item_knn_scorer, popularity_scorer, popularity_scores
 from recsys.config import EvaluateConfig
 from recsys.data import RaggedItems
+from recsys.device import exact_float32
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.topk import select_top_k, top_k_blocked
 
@@ -240,18 +241,21 @@ def _positions(padded: torch.Tensor) -> RaggedItems:
 
 @contextmanager
 def _inference(model: RankingModel) -> Iterator[torch.device]:
-    """Eval mode and no_grad for the block (the mode is restored after); yields the model's device."""
+    """Eval mode, no_grad and exact float32 (:func:`recsys.device.exact_float32`: ties are not favoured) for
+    the block (the mode is restored after); yields the model's device, where the inputs must go."""
     was_training = model.training
     model.train(False)
+    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            yield next(model.parameters()).device
+        with torch.no_grad(), exact_float32(device):
+            yield device
     finally:
         model.train(was_training)
 
 
 def model_scorer(model: RankingModel) -> ScoreFn:
-    """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored)."""
+    """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored), in
+    exact float32 on the model's device: the scores stay there (the metrics move them back to the CPU)."""
 
     def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
         with _inference(model) as device:

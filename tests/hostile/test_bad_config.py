@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines.cli import EXIT_USAGE
-from tests.hostile.cli_run import assert_no_output, assert_user_error, run_cli
+from tests.hostile.cli_run import assert_no_output, assert_user_error, half_written, run_cli
 
 EVENTS = "user_id,item_id,timestamp\n1,2,3\n1,3,4\n1,4,5\n"
 
@@ -55,6 +56,12 @@ CASES = [
     Case("override_bad_choice", None, ("data.format", "'xlsx'"), ("data.format=xlsx",)),
     Case("separator_two_chars", None, ("data.separator", "at most 1 character"), ("data.separator=;;",)),
     Case(
+        "device_unknown_value",
+        None,
+        ("evaluate.device", "must be auto, cpu, cuda or cuda:N", "'gpu'"),
+        ("evaluate.device=gpu",),
+    ),
+    Case(
         "event_types_without_column",
         None,
         ("features.event_types needs data.event_type_col",),
@@ -86,6 +93,17 @@ def test_bad_config_is_a_usage_error_naming_the_key(case: Case, tmp_path: Path, 
     outcome = run_cli(capsys, *argv)
     assert_user_error(outcome, EXIT_USAGE, *(text.format(config=config) for text in case.expected))
     assert_no_output(work)
+
+
+@pytest.mark.parametrize("job", ["evaluate", "candidates"])
+def test_cuda_device_without_a_gpu_is_a_usage_error(job: str, tmp_path: Path, capsys, monkeypatch):
+    """Checked before the job reads anything: the work directory need not even hold features or a model."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    work = tmp_path / "work"
+    outcome = run_cli(capsys, job, "--quiet", f"work_dir={work}", "tracking.enabled=false", f"{job}.device=cuda")
+    assert_user_error(outcome, EXIT_USAGE, f"{job}.device is 'cuda'", "no CUDA GPU", f"{job}.device=cpu")
+    assert not (work / "evaluation").exists() and not (work / "candidates").exists()
+    assert half_written(work) == []
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory"])

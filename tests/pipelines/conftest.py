@@ -24,6 +24,13 @@ def tiny(work: Path, *extra: str) -> list[str]:
     return [f"work_dir={work}", *TINY, *extra]
 
 
+def train_tiny(work: Path, features: Path) -> Path:
+    """``work`` with a copy of the tiny ``features`` and a model trained on them (``recsys train``)."""
+    shutil.copytree(features, work / "features")
+    assert main(["train", "--quiet", *tiny(work)]) == EXIT_OK
+    return work
+
+
 @pytest.fixture(scope="session")
 def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("features") / "work"

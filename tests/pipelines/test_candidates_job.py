@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from pipelines.cli import EXIT_OK, EXIT_USAGE, main
-from tests.pipelines.conftest import leftovers, tiny
+from tests.pipelines.conftest import leftovers, tiny, train_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> Path:
-    work = tmp_path_factory.mktemp("candidates-job") / "work"
-    shutil.copytree(tiny_features, work / "features")
-    assert main(["train", "--quiet", *tiny(work)]) == EXIT_OK
-    return work
+    return train_tiny(tmp_path_factory.mktemp("candidates-job") / "work", tiny_features)
 
 
 def _night(work: Path, date: str) -> Path:

@@ -4,7 +4,6 @@ score; a shard rerun is idempotent and leaves the other shards alone; bad values
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -12,7 +11,7 @@ import pytest
 
 from pipelines.cli import EXIT_OK, EXIT_USAGE, main
 from tests.hostile.cli_run import run_cli, snapshot
-from tests.pipelines.conftest import leftovers, tiny
+from tests.pipelines.conftest import leftovers, tiny, train_tiny
 
 WHOLE = "2024-05-01"
 
@@ -20,9 +19,7 @@ WHOLE = "2024-05-01"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> Path:
     """A trained tiny work directory with the whole (unsharded) night of 2024-05-01."""
-    work = tmp_path_factory.mktemp("shards") / "work"
-    shutil.copytree(tiny_features, work / "features")
-    assert main(["train", "--quiet", *tiny(work)]) == EXIT_OK
+    work = train_tiny(tmp_path_factory.mktemp("shards") / "work", tiny_features)
     assert main(["candidates", "--quiet", "--date", WHOLE, *tiny(work)]) == EXIT_OK
     return work
 
