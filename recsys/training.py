@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, EMAWeightAverag
 from pytorch_lightning.loggers import Logger
 
 from recsys.checkpoint import LAST, AtomicCheckpointIO, ResumePoint, RunStamp, resume_point, run_identity
-from recsys.config import Config
+from recsys.config import Config, ConfigError
 from recsys.data import SequenceDataModule, derive_seed
 from recsys.distributed import RankShardedData
 from recsys.faults import fault_point
@@ -136,11 +136,13 @@ class _FaultPoints(Callback):
 def resolve_hardware(accelerator: str, precision: str) -> tuple[str, str]:
     """Map ``"auto"`` settings to concrete ones: GPU and bf16-mixed when CUDA is present, else CPU and 32-true.
 
-    Raises ``ValueError`` if ``"gpu"`` is asked for without CUDA.
+    Raises :class:`ConfigError` (a usage error, exit 2 from the CLI) if ``"gpu"`` is asked for without CUDA.
     """
     has_cuda = torch.cuda.is_available()
     if accelerator == "gpu" and not has_cuda:
-        raise ValueError("train.accelerator is 'gpu' but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError("train.accelerator is 'gpu' but torch sees no CUDA GPU on this machine (CPU-only "
+                          "build, no driver, or CUDA_VISIBLE_DEVICES empty); set train.accelerator=auto (the "
+                          "GPU when there is one, else the CPU) or train.accelerator=cpu")
     accelerator = ("gpu" if has_cuda else "cpu") if accelerator == "auto" else accelerator
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"

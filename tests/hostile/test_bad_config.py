@@ -106,6 +106,17 @@ def test_cuda_device_without_a_gpu_is_a_usage_error(job: str, tmp_path: Path, ca
     assert half_written(work) == []
 
 
+def test_gpu_accelerator_without_a_gpu_is_a_usage_error(tmp_path: Path, capsys, monkeypatch):
+    """Checked before training reads anything: no features are needed to get the usage error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    work = tmp_path / "work"
+    outcome = run_cli(capsys, "train", "--quiet", f"work_dir={work}", "tracking.enabled=false",
+                      "train.accelerator=gpu")
+    assert_user_error(outcome, EXIT_USAGE, "train.accelerator is 'gpu'", "no CUDA GPU", "train.accelerator=cpu")
+    assert not (work / "model").exists()
+    assert half_written(work) == []
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory"])
 def test_config_path_that_is_not_a_file(kind: str, tmp_path: Path, capsys):
     config = tmp_path / "nope.yaml" if kind == "missing" else tmp_path
