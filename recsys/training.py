@@ -116,9 +116,21 @@ class _StepSeed(Callback):
     ) -> None:
         keys = (trainer.current_epoch, batch_idx) + ((trainer.global_rank,) if trainer.world_size > 1 else ())
         seed = derive_seed(self.seed, STEP_STREAM, *keys)
-        torch.manual_seed(seed)
+        seed_step_generators(seed, pl_module.device)
         np.random.seed(seed)
         random.seed(seed)
+
+
+def seed_step_generators(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for the generators a training step on ``device`` draws from: the CPU's and,
+    on a GPU, that device's. ``torch.manual_seed`` also seeds every other device and backend through lazy
+    calls that format the Python stack each time: 0.37 ms per call against 4 µs on the 2-core CPU, paid on
+    every step.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 class _FaultPoints(Callback):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from recsys.checkpoint import IDENTITY_KEY, run_identity
-from recsys.training import train_model
+from recsys.training import seed_step_generators, train_model
 from tests.recsys.test_system import planted_sequences, small_config
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
@@ -52,3 +52,13 @@ def test_the_time_budget_is_not_part_of_the_run_identity(tmp_path: Path) -> None
     again = train_model(small_config(max_epochs=2, max_time_s=3600.0), seqs, 40, tmp_path)
     assert again.resumed_from_epoch == 1 and again.epochs_run == 2
     assert again.best_checkpoint == first.best_checkpoint
+
+
+def test_step_seeding_draws_what_torch_manual_seed_draws() -> None:
+    """The step's reseed touches only the generators the step uses, and they draw as after torch.manual_seed."""
+    torch.manual_seed(123)
+    expected = (torch.rand(5), torch.randint(0, 1000, (5,)))
+    torch.manual_seed(999)  # another state in between
+    seed_step_generators(123, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), expected[0])
+    assert torch.equal(torch.randint(0, 1000, (5,)), expected[1])
