@@ -16,7 +16,7 @@ from recsys.faults import fault_point
 from recsys.model import save_model
 from recsys.storage import atomic_dir, write_json
 from recsys.tracking import job_run
-from recsys.training import resolve_hardware, train_model
+from recsys.training import check_compile_toolchain, resolve_hardware, train_model
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     With a ``run_date`` (a scheduled run) training resumes from ``checkpoint_dir(cfg, run_date)`` if a crash
     left a resume point there; without one it starts from scratch.
     """
-    resolve_hardware(cfg.train.accelerator, cfg.train.precision)  # a GPU asked for but missing: fail before reading
+    # A GPU asked for but missing, or compiling on a CPU without a C++ compiler: fail before reading anything.
+    accelerator, _ = resolve_hardware(cfg.train.accelerator, cfg.train.precision)
+    check_compile_toolchain(cfg.train.compile, accelerator)
     wd = WorkDir.of(cfg)
     feats = load_features(wd.features)
     ckpt_dir = checkpoint_dir(cfg, run_date or today_utc())

@@ -161,6 +161,23 @@ def resolve_hardware(accelerator: str, precision: str) -> tuple[str, str]:
     return accelerator, precision
 
 
+def check_compile_toolchain(compile_step: bool, accelerator: str) -> None:
+    """``train.compile`` on the CPU needs a C++ compiler (inductor builds the step as C++): without one the
+    first training step would fail deep inside torch. Raises :class:`ConfigError` naming the key instead.
+    ``accelerator`` is the resolved one (``"cpu"`` or ``"gpu"``); GPU steps compile to Triton kernels.
+    """
+    if not compile_step or accelerator != "cpu":
+        return
+    # Inductor's own search (its cpp.cxx setting from CXX, then g++ / clang++), imported only when compiling.
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # InvalidCxxCompiler, or whatever a torch version raises for "none found"
+        raise ConfigError(f"train.compile is true on the CPU, but torch.compile finds no C++ compiler ({e}); "
+                          "install one (g++ or clang++, or set CXX), or set train.compile=false") from None
+
+
 def train_model(
     cfg: Config,
     sequences: pl.DataFrame,

@@ -117,6 +117,27 @@ def test_gpu_accelerator_without_a_gpu_is_a_usage_error(tmp_path: Path, capsys, 
     assert half_written(work) == []
 
 
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_a_usage_error(tmp_path: Path, capsys, monkeypatch):
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # Inductor reads CXX once, at import, and caches its search: point its setting at a missing compiler.
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ either
+    work = tmp_path / "work"
+    cpp_builder.cpp_compiler_search.cache_clear()
+    try:
+        outcome = run_cli(capsys, "train", "--quiet", f"work_dir={work}", "tracking.enabled=false",
+                          "train.compile=true")
+    finally:
+        cpp_builder.cpp_compiler_search.cache_clear()  # later compiled tests search again, with PATH back
+    assert_user_error(outcome, EXIT_USAGE, "train.compile is true on the CPU", "no C++ compiler",
+                      "train.compile=false")
+    assert not (work / "model").exists()
+    assert half_written(work) == []
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory"])
 def test_config_path_that_is_not_a_file(kind: str, tmp_path: Path, capsys):
     config = tmp_path / "nope.yaml" if kind == "missing" else tmp_path
