@@ -1,0 +1,77 @@
+"""The training loop's own cost per step: a model so small that its arithmetic is negligible, trained by
+:func:`recsys.training.train_model` (Lightning, callbacks, optimiser, data path), so that milliseconds per step
+are what any model pays on top of its arithmetic on this machine.
+
+    python -m benchmarks.loop_overhead [--epochs 4] [--threads 1] [--json-out F] [KEY=VALUE ...]
+
+Synthetic planted sequences (2,000 users, 5-15 items each out of 50, each next item the successor of the
+last), d = 8, one block, batch 8, max length 16: 250 steps per epoch. Prints each epoch's training time
+(validation excluded) and the median milliseconds per step over the epochs after the first. The script
+depends only on ``recsys.training.train_model`` and ``recsys.config.build_config``, so the same file can be
+run against an older commit for a before/after (copy it into that checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from features.schema import SEQUENCES
+from recsys.config import build_config
+from recsys.training import train_model
+
+N_USERS, N_ITEMS = 2000, 50
+
+
+def planted(n_users: int, n_items: int, seed: int = 1) -> pl.DataFrame:
+    rng = random.Random(seed)
+    train, val = [], []
+    for _ in range(n_users):
+        start, length = rng.randrange(n_items), rng.randint(5, 15)
+        items = [(start + j) % n_items + 1 for j in range(length + 1)]
+        train.append(items[:-1])
+        val.append(items[-1:])
+    return pl.DataFrame({"user_idx": list(range(n_users)), "train_items": train, "val_items": val,
+                         "test_items": [[]] * n_users}, schema=SEQUENCES)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json-out", type=Path)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="train.* / model.* values, e.g. train.batch_size=16")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    tree: dict[str, dict] = {
+        "model": {"max_len": 16, "hidden": 8, "n_blocks": 1, "n_heads": 1, "dropout": 0.1},
+        "train": {"batch_size": 8, "val_batch_size": 256, "lr": 5e-3, "progress": False, "patience": a.epochs,
+                  "max_epochs": a.epochs, "accelerator": "cpu"},
+    }
+    for kv in a.overrides:
+        key, value = kv.split("=", 1)
+        section, name = key.split(".", 1)
+        tree[section][name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_model(build_config(tree), planted(N_USERS, N_ITEMS), N_ITEMS, Path(tmp))
+    train_s = [h["train_s"] for h in result.history]
+    steps = -(-N_USERS // tree["train"]["batch_size"])
+    record = {"epoch_train_s": train_s, "steps_per_epoch": steps,
+              "step_ms_median": 1000 * statistics.median(train_s[1:] or train_s) / steps,
+              "threads": a.threads, "overrides": a.overrides, "torch": torch.__version__}
+    print(json.dumps(record))
+    if a.json_out:
+        with a.json_out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
