@@ -122,14 +122,15 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_a_usage_error(tmp_path: Path
     from torch._inductor import cpp_builder
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    # Inductor reads CXX once, at import, and caches its search: point its setting at a missing compiler.
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ either
     work = tmp_path / "work"
+    # Inductor reads CXX once, at import, and caches its search: point its own setting (inductor's patch, not
+    # monkeypatch, whose undo would delete the entry) at a missing compiler, and forget the search around it.
     cpp_builder.cpp_compiler_search.cache_clear()
     try:
-        outcome = run_cli(capsys, "train", "--quiet", f"work_dir={work}", "tracking.enabled=false",
-                          "train.compile=true")
+        with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-compiler"))}):
+            outcome = run_cli(capsys, "train", "--quiet", f"work_dir={work}", "tracking.enabled=false",
+                              "train.compile=true")
     finally:
         cpp_builder.cpp_compiler_search.cache_clear()  # later compiled tests search again, with PATH back
     assert_user_error(outcome, EXIT_USAGE, "train.compile is true on the CPU", "no C++ compiler",
