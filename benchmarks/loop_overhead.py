@@ -15,31 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 from pathlib import Path
 
-import polars as pl
 import torch
 
-from features.schema import SEQUENCES
+from features.synthetic import planted_sequences
 from recsys.config import build_config
 from recsys.training import train_model
 
 N_USERS, N_ITEMS = 2000, 50
-
-
-def planted(n_users: int, n_items: int, seed: int = 1) -> pl.DataFrame:
-    rng = random.Random(seed)
-    train, val = [], []
-    for _ in range(n_users):
-        start, length = rng.randrange(n_items), rng.randint(5, 15)
-        items = [(start + j) % n_items + 1 for j in range(length + 1)]
-        train.append(items[:-1])
-        val.append(items[-1:])
-    return pl.DataFrame({"user_idx": list(range(n_users)), "train_items": train, "val_items": val,
-                         "test_items": [[]] * n_users}, schema=SEQUENCES)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         section, name = key.split(".", 1)
         tree[section][name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_model(build_config(tree), planted(N_USERS, N_ITEMS), N_ITEMS, Path(tmp))
+        result = train_model(build_config(tree), planted_sequences(N_USERS, N_ITEMS, seed=1), N_ITEMS, Path(tmp))
     train_s = [h["train_s"] for h in result.history]
     steps = -(-N_USERS // tree["train"]["batch_size"])
     record = {"epoch_train_s": train_s, "steps_per_epoch": steps,

@@ -9,10 +9,12 @@ A ``duplicate_rate`` fraction of rows is appended as exact copies, to exercise d
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import polars as pl
 
-from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID
+from features.schema import EVENT_TYPE, ITEM_ID, SEQUENCES, TIMESTAMP, USER_ID
 from recsys.config import SyntheticConfig
 
 EVENT_TYPES = ("view", "click", "purchase")
@@ -85,3 +87,19 @@ def add_duplicates(events: pl.DataFrame, rate: float, rng: np.random.Generator) 
     n_copies = round(rate * events.height)
     copies = events[np.sort(rng.choice(events.height, size=n_copies, replace=False))]
     return pl.concat([events, copies]).sort([USER_ID, TIMESTAMP], maintain_order=True)
+
+
+def planted_sequences(n_users: int, n_items: int, seed: int = 0) -> pl.DataFrame:
+    """A ``SEQUENCES`` table (what the features job writes) whose next item is always the previous one + 1,
+    cyclically over item indices 1..n_items: per user a random start, 5-15 train items, the val item next,
+    no test items. Model input with a planted answer, without events or the features job (tests, benchmarks).
+    """
+    rng = random.Random(seed)
+    train, val = [], []
+    for _ in range(n_users):
+        start, length = rng.randrange(n_items), rng.randint(5, 15)
+        items = [(start + j) % n_items + 1 for j in range(length + 1)]
+        train.append(items[:-1])
+        val.append(items[-1:])
+    return pl.DataFrame({"user_idx": list(range(n_users)), "train_items": train, "val_items": val,
+                         "test_items": [[]] * n_users}, schema=SEQUENCES)

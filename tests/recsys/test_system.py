@@ -11,6 +11,7 @@ import pytorch_lightning as L
 import torch
 
 from features.schema import SEQUENCES
+from features.synthetic import planted_sequences  # noqa: F401  (also imported from here by other tests)
 from recsys.config import Config, ConfigError, build_config
 from recsys.data import RaggedItems, SequenceDataModule, mask_items, pad_lists
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
@@ -35,18 +36,6 @@ def make_sequences(train: list[list[int]], val: list[list[int]]) -> pl.DataFrame
         {"user_idx": list(range(len(train))), "train_items": train, "val_items": val, "test_items": [[]] * len(train)},
         schema=SEQUENCES,
     )
-
-
-def planted_sequences(n_users: int, n_items: int, seed: int = 0) -> pl.DataFrame:
-    """Each next item is (previous + 1) mod n_items (as indices 1..n_items); the val item follows the train ones."""
-    rng = random.Random(seed)
-    train, val = [], []
-    for _ in range(n_users):
-        start, length = rng.randrange(n_items), rng.randint(5, 15)
-        items = [(start + j) % n_items + 1 for j in range(length + 1)]
-        train.append(items[:-1])
-        val.append(items[-1:])
-    return make_sequences(train, val)
 
 
 def small_config(**train: object) -> Config:
