@@ -25,7 +25,7 @@ from features import schema
 from features.artifacts import FeatureSet
 from recsys.config import CandidatesConfig
 from recsys.data import RaggedItems
-from recsys.device import exact_float32
+from recsys.device import inference
 from recsys.model import SASRec, load_model
 from recsys.retrieval import ann_recall, build_index, search_top_k, tune_index
 
@@ -106,18 +106,15 @@ def model_histories(feats: FeatureSet, item_map: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-@torch.no_grad()
 def user_vectors(model: SASRec, histories: pl.Series, batch_size: int) -> np.ndarray:
     """(U, D) float32 hidden state at each user's last position (the last ``model.max_len`` items).
 
     ``histories`` is a List(Int) column of item indices; padding is vectorised (no per-user Python). The model
     runs on its own device in exact float32; the vectors come back to the CPU (for FAISS).
     """
-    model.eval()
-    device = next(model.parameters()).device
     ragged = RaggedItems.from_series(histories)
     out = []
-    with exact_float32(device):
+    with inference(model) as device:
         for start in range(0, len(histories), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(histories)))
             batch = ragged.pad(rows, model.max_len).long().to(device)  # (B, T)

@@ -52,3 +52,17 @@ def exact_float32(device: torch.device) -> Iterator[None]:
             yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+@contextmanager
+def inference(model: torch.nn.Module) -> Iterator[torch.device]:
+    """Eval mode, no_grad and :func:`exact_float32` (ties are not favoured) for the block, the mode restored
+    after; yields the model's device, where the inputs must go. What evaluation and candidates score under."""
+    was_training = model.training
+    model.train(False)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), exact_float32(device):
+            yield device
+    finally:
+        model.train(was_training)

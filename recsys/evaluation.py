@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -20,7 +19,7 @@ from features.schema import SEQUENCES, USER_IDX, check_schema
 from recsys.baselines import ease_scorer, item_knn_scorer, popularity_scorer, popularity_scores
 from recsys.config import EvaluateConfig
 from recsys.data import RaggedItems
-from recsys.device import exact_float32
+from recsys.device import inference
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.topk import select_top_k, top_k_blocked
 
@@ -217,7 +216,7 @@ def evaluate_model_blocked(
     """
     _check_eval_args(eval_set, n_items, ks, batch_size)
     totals = MetricAccumulator(n_items, ks)
-    with _inference(model) as device:
+    with inference(model) as device:
         items = model.item_embeddings()[1:]  # (n_items, D), row r = item index r + 1
         for start in range(0, len(eval_set), batch_size):
             rows = slice(start, start + batch_size)
@@ -239,26 +238,12 @@ def _positions(padded: torch.Tensor) -> RaggedItems:
     return RaggedItems((padded[real] - 1).int(), offsets)
 
 
-@contextmanager
-def _inference(model: RankingModel) -> Iterator[torch.device]:
-    """Eval mode, no_grad and exact float32 (:func:`recsys.device.exact_float32`: ties are not favoured) for
-    the block (the mode is restored after); yields the model's device, where the inputs must go."""
-    was_training = model.training
-    model.train(False)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad(), exact_float32(device):
-            yield device
-    finally:
-        model.train(was_training)
-
-
 def model_scorer(model: RankingModel) -> ScoreFn:
     """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored), in
     exact float32 on the model's device: the scores stay there (the metrics move them back to the CPU)."""
 
     def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
-        with _inference(model) as device:
+        with inference(model) as device:
             return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
 
     return score

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recsys.config import ConfigError, load_config
-from recsys.device import exact_float32, resolve_device
+from recsys.device import exact_float32, inference, resolve_device
 from recsys.evaluation import evaluate_model_blocked, evaluate_scorer, model_scorer
 from tests.recsys.test_topk import _DotModel, _eval_set
 
@@ -104,3 +104,14 @@ def test_evaluation_on_cuda_equals_the_cpu_on_exact_scores() -> None:
     model.to(resolve_device("cuda", "evaluate.device"))
     assert evaluate_scorer(model_scorer(model), es, n_items, ks, batch_size=32) == want
     assert evaluate_model_blocked(model, es, n_items, ks, 32, 100) == want
+
+
+def test_inference_scores_without_grad_in_eval_mode_and_restores_the_mode() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    model.train()
+    x = torch.ones(2, 4)
+    with inference(model) as device:
+        assert device == torch.device("cpu") and not model.training
+        y1, y2 = model(x), model(x)
+    assert torch.equal(y1, y2) and not y1.requires_grad  # no dropout, no graph
+    assert model.training  # the caller's mode is back
