@@ -140,8 +140,10 @@ class MetricAccumulator:
     def add(self, ranks: torch.Tensor, top: torch.Tensor) -> None:
         """ranks (B, M) pessimistic 0-based target ranks, -1 = no target; top (B, K) each user's best item
         indices, best first, 0 = none (K >= max(ks) unless the catalogue is smaller)."""
-        for key, values in metrics_from_ranks(ranks, self.ks).items():
-            self.per_user.setdefault(key, []).append(values.cpu())
+        # Ranks are exact integers on any device; the metric arithmetic runs on the CPU so that the values do
+        # not depend on the device's float32 log2 (CUDA and CPU differ in the last bit).
+        for key, values in metrics_from_ranks(ranks.cpu(), self.ks).items():
+            self.per_user.setdefault(key, []).append(values)
         for k in self.ks:
             self.covered[k][top[:, :k].cpu()] = True
         self.n_users += ranks.shape[0]
