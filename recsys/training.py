@@ -40,7 +40,10 @@ class TrainResult:
     (training plus validation) over all epochs, those before a resume included, and
     ``train_seconds_per_epoch`` the same without validation; ``wall_time_s`` covers this call only;
     ``resumed_from_epoch`` is the epoch of the checkpoint training resumed from, if any; ``history`` has one
-    row per epoch (epoch, elapsed_s, train_s: that epoch without validation, val_ndcg_at_10).
+    row per epoch (epoch, elapsed_s, train_s: that epoch without validation, val_ndcg_at_10, fit_s: seconds
+    from the start of training in the call that ran the epoch to the end of its validation, before its
+    checkpoints are written: the clock that ``train.max_time_s`` bounds, checkpoint writes between epochs
+    included, which ``elapsed_s`` leaves out).
     """
 
     model: SASRec
@@ -67,12 +70,16 @@ class _EpochTimer(Callback):
         self.train_durations: list[float] = []
         self.history: list[dict[str, float]] = []
         self._start = 0.0
+        self._fit_start = 0.0
 
     @staticmethod
     def _now(pl_module: L.LightningModule) -> float:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = self._now(pl_module)  # where Lightning's Timer (max_time) starts counting
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._now(pl_module)
@@ -83,11 +90,13 @@ class _EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # In Lightning 2.x this hook runs after the epoch's validation loop (and before checkpointing).
-        self.durations.append(self._now(pl_module) - self._start)
+        now = self._now(pl_module)
+        self.durations.append(now - self._start)
         val = trainer.callback_metrics.get(MONITOR)
         train_s = self.train_durations[-1] if len(self.train_durations) == len(self.durations) else float("nan")
         self.history.append({"epoch": trainer.current_epoch, "elapsed_s": sum(self.durations), "train_s": train_s,
-                             "val_ndcg_at_10": float(val) if val is not None else float("nan")})
+                             "val_ndcg_at_10": float(val) if val is not None else float("nan"),
+                             "fit_s": now - self._fit_start})
 
     def state_dict(self) -> dict[str, Any]:
         return {"durations": list(self.durations), "train_durations": list(self.train_durations),

@@ -53,4 +53,11 @@ def test_a_time_budget_stops_training_and_keeps_a_checkpoint(tmp_path: Path) -> 
     assert result.best_checkpoint.is_file()
     assert len(result.history) == result.epochs_run
     assert all(row["train_s"] <= row["elapsed_s"] + 1e-9 for row in result.history)
+    # fit_s: the budget's clock, which also counts the time between epochs (checkpoint writes) that elapsed_s
+    # leaves out; it grows every epoch and ends within the call.
+    fit_s = [row["fit_s"] for row in result.history]
+    assert all(a < b for a, b in zip(fit_s, fit_s[1:]))
+    assert all(row["fit_s"] >= row["elapsed_s"] - 1e-9 for row in result.history)
+    assert fit_s[-1] > result.history[-1]["elapsed_s"]  # start-up and checkpoint writes are outside the epochs
+    assert fit_s[-1] <= result.wall_time_s
     assert result.train_seconds_per_epoch <= result.seconds_per_epoch
