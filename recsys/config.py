@@ -151,7 +151,8 @@ class TrainConfig(_Section):
     strategy: Literal["auto", "ddp"] = "auto"
     val_batch_size: int = Field(1024, ge=1)
     progress: bool = True
-    # Wall-clock budget for fitting; training stops after the epoch that crosses it (best checkpoint kept).
+    # Wall-clock budget for training (Lightning's Timer, counted from the start of training, checked after every
+    # step): at the limit the running epoch stops after its current batch and is validated; best checkpoint kept.
     max_time_s: float | None = Field(None, gt=0.0)
     # Learning rate: linear warm-up over the first warmup_epochs, then constant or cosine decay to 0 at
     # max_epochs (per optimiser step).
