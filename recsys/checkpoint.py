@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from recsys.storage import atomic_write_bytes, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
-LAST = "last"  # file stem of the checkpoint written at the end of every epoch: the resume point
+LAST = "last"  # file stem of the resume point, written at the end of an epoch (train.checkpoint_interval_s)
+BEST = "best-epoch"  # file stem prefix of the best checkpoint, followed by its 0-based epoch (3 digits)
 IDENTITY_KEY = "recsys_run_identity"
 STOPPED_KEY = "recsys_should_stop"
 
@@ -103,7 +105,10 @@ def resume_point(directory: Path, identity: str, clean: bool = True) -> ResumePo
     last = directory / f"{LAST}.ckpt"
     state = _read(last) if last.is_file() else None
     if state is not None and state.get(IDENTITY_KEY) == identity:
-        return ResumePoint(last, int(state["epoch"]))
+        epoch = int(state["epoch"])
+        if clean:
+            _remove_later_best(directory, epoch)
+        return ResumePoint(last, epoch)
     if not clean:
         return None
     if state is not None:
@@ -111,6 +116,16 @@ def resume_point(directory: Path, identity: str, clean: bool = True) -> ResumePo
     for stale in directory.glob("*.ckpt"):
         stale.unlink()
     return None
+
+
+def _remove_later_best(directory: Path, epoch: int) -> None:
+    """Best checkpoints of epochs after the resume point: written before the kill, and the resumed run does not
+    know them (its best callback's state is that of ``epoch``); it writes them again if those epochs improve."""
+    for path in directory.glob(f"{BEST}*.ckpt"):
+        match = re.match(rf"{BEST}(\d+)", path.stem)
+        if match and int(match[1]) > epoch:
+            log.info("removing %s: written after the resume point (end of epoch %d)", path, epoch)
+            path.unlink()
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -19,7 +19,15 @@ import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 
-from recsys.checkpoint import LAST, AtomicCheckpointIO, ResumePoint, RunStamp, resume_point, run_identity
+from recsys.checkpoint import (
+    BEST,
+    LAST,
+    AtomicCheckpointIO,
+    ResumePoint,
+    RunStamp,
+    resume_point,
+    run_identity,
+)
 from recsys.config import Config, ConfigError
 from recsys.data import SequenceDataModule, derive_seed
 from recsys.distributed import RankShardedData
@@ -230,7 +238,7 @@ def train_model(
     best, timer = _best_checkpoint(checkpoint_dir), _EpochTimer()
     callbacks = [
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience), best,
-        _last_checkpoint(checkpoint_dir), timer, _StepSeed(t.seed), RunStamp(identity), _FaultPoints(),
+        _LastCheckpoint(checkpoint_dir, t.checkpoint_interval_s), timer, _StepSeed(t.seed), RunStamp(identity), _FaultPoints(),
     ]
     if t.ema_decay is not None:
         # Parameters only: the model has no statistics buffers, and sampling_probs must stay the module's own.
@@ -287,18 +295,40 @@ def _fit(
 
 def _best_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
     return ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+        dirpath=ckpt_dir, filename=BEST + "{epoch:03d}", auto_insert_metric_name=False,
         monitor=MONITOR, mode="max", save_top_k=1,
     )
 
 
-def _last_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
-    # Not ``save_last=True`` on the best callback: that writes last.ckpt only in epochs where the best one
-    # improved, so a resumed run would redo up to ``patience`` epochs. It must come after the best callback,
-    # so that last.ckpt holds the best callback's state of the same epoch.
-    return ModelCheckpoint(
-        dirpath=ckpt_dir, filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False,
-    )
+class _LastCheckpoint(ModelCheckpoint):
+    """last.ckpt, the resume point: at the end of every epoch, or with ``interval_s`` at the end of an epoch once
+    that many seconds passed since the previous write, and always at the epoch where training stops (early
+    stopping and the time budget have decided by then; so has max_epochs), so that a finished run resumes as
+    finished.
+
+    Not ``save_last=True`` on the best callback: that writes last.ckpt only in epochs where the best one
+    improved, so a resumed run would redo up to ``patience`` epochs. It must come after the best callback,
+    so that last.ckpt holds the best callback's state of the same epoch.
+    """
+
+    def __init__(self, ckpt_dir: Path, interval_s: float | None) -> None:
+        super().__init__(dirpath=ckpt_dir, filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False)
+        self.interval_s = interval_s
+        self._written_at = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._written_at = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        due = self.interval_s is None or time.perf_counter() - self._written_at >= self.interval_s
+        if self.interval_s is not None:
+            # Under DDP saving is collective (a barrier): every rank takes rank 0's decision, not its own clock's.
+            due = bool(trainer.strategy.broadcast(due, src=0))
+        if due or last_epoch or trainer.should_stop:
+            super().on_train_epoch_end(trainer, pl_module)
+            self._written_at = time.perf_counter()
 
 
 def _trainer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def test_a_time_budget_stops_training_and_keeps_a_checkpoint(tmp_path: Path) -> 
     # fit_s: the budget's clock, which also counts the time between epochs (checkpoint writes) that elapsed_s
     # leaves out; it grows every epoch and ends within the call.
     fit_s = [row["fit_s"] for row in result.history]
-    assert all(a < b for a, b in zip(fit_s, fit_s[1:]))
+    assert all(a < b for a, b in itertools.pairwise(fit_s))
     assert all(row["fit_s"] >= row["elapsed_s"] - 1e-9 for row in result.history)
     assert fit_s[-1] > result.history[-1]["elapsed_s"]  # start-up and checkpoint writes are outside the epochs
     assert fit_s[-1] <= result.wall_time_s
