@@ -90,9 +90,11 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     assert main(["features", "--quiet", f"work_dir={tmp_path / 'one'}", *SETTINGS,
                  "tracking.enabled=false"]) == EXIT_OK
     shutil.copytree(tmp_path / "one" / "features", tmp_path / "two" / "features")
-    # Tracking on in the DDP run: it must record exactly one MLflow run and one model version.
+    # Tracking on in the DDP run: it must record exactly one MLflow run and one model version. A checkpoint
+    # interval (0: due every epoch) takes the path where rank 0's decision is broadcast before the collective
+    # save; the weights must not change with it.
     cmd = [sys.executable, "-m", "pipelines.cli", "train", "--quiet", "--run-date", RUN_DATE,
-           f"work_dir={tmp_path / 'two'}", *SETTINGS, "train.devices=2"]
+           f"work_dir={tmp_path / 'two'}", *SETTINGS, "train.devices=2", "train.checkpoint_interval_s=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert main(["train", "--quiet", "--run-date", RUN_DATE, f"work_dir={tmp_path / 'one'}", *SETTINGS,
