@@ -114,6 +114,8 @@ class ModelConfig(_Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     # causal: SASRec next-item training; bidirectional: BERT4Rec-style masked-item training (train.mask_prob).
     attention: Literal["causal", "bidirectional"] = "causal"
+    # Width of each block's position-wise feed-forward layer, in multiples of hidden (SASRec: 1).
+    ffn_mult: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:

@@ -31,16 +31,17 @@ KWARGS_FILE = "model.json"
 class _Block(nn.Module):
     """Pre-LN block: x + Attn(LN(x)), then x + FFN(LN(x))."""
 
-    def __init__(self, hidden: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, hidden: int, n_heads: int, dropout: float, ffn_mult: int = 1) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.attn_norm = nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.ffn_norm = nn.LayerNorm(hidden)
-        # Position-wise FFN of width `hidden`, as in the SASRec paper (not the 4x of language models).
+        # Position-wise FFN of width ffn_mult x hidden: 1 as in the SASRec paper, 4 as in language models.
+        width = ffn_mult * hidden
         self.ffn = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+            nn.Linear(hidden, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, hidden)
         )
         self.drop = nn.Dropout(dropout)
 
@@ -80,8 +81,11 @@ class SASRec(nn.Module):
         n_heads: int,
         dropout: float,
         attention: Literal["causal", "bidirectional"] = "causal",
+        ffn_mult: int = 1,
     ) -> None:
         super().__init__()
+        if ffn_mult < 1:
+            raise ValueError(f"ffn_mult must be >= 1, got {ffn_mult}")
         if hidden % n_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by n_heads ({n_heads})")
         if n_items < 1 or max_len < 1:
@@ -90,7 +94,7 @@ class SASRec(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         self.kwargs: dict[str, Any] = dict(
             n_items=n_items, max_len=max_len, hidden=hidden, n_blocks=n_blocks,
-            n_heads=n_heads, dropout=dropout, attention=attention,
+            n_heads=n_heads, dropout=dropout, attention=attention, ffn_mult=ffn_mult,
         )
         self.n_items, self.max_len, self.attention = n_items, max_len, attention
         self.causal = attention == "causal"
@@ -98,7 +102,7 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(n_items + (1 if self.causal else 2), hidden, padding_idx=PAD)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(hidden, n_heads, dropout) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(_Block(hidden, n_heads, dropout, ffn_mult) for _ in range(n_blocks))
         self.norm = nn.LayerNorm(hidden)
         self.apply(_init_weights)
         with torch.no_grad():

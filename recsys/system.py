@@ -57,6 +57,7 @@ class SASRecSystem(L.LightningModule):
         lr_schedule: Literal["constant", "cosine"] = "constant",
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default",
+        ffn_mult: int = 1,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -70,7 +71,7 @@ class SASRecSystem(L.LightningModule):
         if loss == "gbce":
             gbce_beta(n_negatives, n_items, gbce_t)  # raises on a bad combination before training starts
         self.save_hyperparameters()
-        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention)
+        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention, ffn_mult)
         # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
         self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
         self._compiled_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -86,7 +87,7 @@ class SASRecSystem(L.LightningModule):
             attention=m.attention, mask_prob=t.mask_prob, negative_sampling=t.negative_sampling,
             gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
             lr_schedule=t.lr_schedule, compile=t.compile,
-            compile_mode=t.compile_mode,
+            compile_mode=t.compile_mode, ffn_mult=m.ffn_mult,
         )
 
     def set_item_counts(self, counts: torch.Tensor) -> None:

@@ -149,6 +149,32 @@ def test_model_json_of_older_versions_loads(tmp_path) -> None:
         load_model(tmp_path)
 
 
+def test_a_model_json_without_ffn_mult_loads_as_the_paper_width(tmp_path) -> None:
+    model = make_model(seed=5)
+    save_model(model, tmp_path)
+    kwargs = json.loads((tmp_path / "model.json").read_text())
+    assert kwargs.pop("ffn_mult") == 1
+    (tmp_path / "model.json").write_text(json.dumps(kwargs))  # as written before model.ffn_mult existed
+    loaded = load_model(tmp_path)
+    items = torch.randint(0, N_ITEMS + 1, (3, MAX_LEN))
+    torch.testing.assert_close(loaded(items), model(items), rtol=0, atol=0)
+
+
+def test_ffn_mult_widens_every_feed_forward_layer_and_round_trips(tmp_path) -> None:
+    torch.manual_seed(6)
+    wide = SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=2, n_heads=2, dropout=0.0, ffn_mult=4).eval()
+    narrow = SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=2, n_heads=2, dropout=0.0).eval()
+    for block in wide.blocks:
+        assert block.ffn[0].weight.shape == (4 * HIDDEN, HIDDEN) and block.ffn[3].weight.shape == (HIDDEN, 4 * HIDDEN)
+    extra = sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in narrow.parameters())
+    assert extra == 2 * (2 * 3 * HIDDEN * HIDDEN + 3 * HIDDEN)  # per block: two (H x 4H) matrices grow by 3H^2, one bias by 3H
+    save_model(wide, tmp_path / "m")
+    items = torch.randint(0, N_ITEMS + 1, (3, MAX_LEN))
+    torch.testing.assert_close(load_model(tmp_path / "m")(items), wide(items), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ffn_mult"):
+        SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=1, n_heads=1, dropout=0.0, ffn_mult=0)
+
+
 def test_load_model_names_missing_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="model.pt"):
         load_model(tmp_path)

@@ -322,3 +322,9 @@ def test_bidirectional_training_learns_a_planted_sequence(tmp_path: Path) -> Non
     baseline = popularity_ndcg(seqs, n_items)
     assert result.model.mask_token == n_items + 1
     assert result.best_val_ndcg > baseline + 0.3, (result.best_val_ndcg, baseline)
+
+
+def test_model_ffn_mult_reaches_the_model() -> None:
+    cfg = build_config({"model": {"max_len": 8, "hidden": 16, "ffn_mult": 2}})
+    model = SASRecSystem.from_config(cfg, 30).model
+    assert model.kwargs["ffn_mult"] == 2 and model.blocks[0].ffn[0].out_features == 32
