@@ -20,8 +20,14 @@ from recsys.baselines import ease_scorer, item_knn_scorer, popularity_scorer, po
 from recsys.config import EvaluateConfig
 from recsys.data import RaggedItems
 from recsys.device import inference
-from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
-from recsys.topk import select_top_k, top_k_blocked
+from recsys.metrics import (
+    distinct_targets,
+    exclusion_mask,
+    metrics_from_ranks,
+    ranks_among_targets,
+    target_ranks,
+)
+from recsys.topk import count_at_least, select_top_k, top_k_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +193,35 @@ def evaluate_scorer(
             raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected (B, {n_items + 1})")
         targets = eval_set.targets[rows].to(scores.device)  # (B, M)
         exclude = exclusion_mask(eval_set.history[rows].to(scores.device), n_items, keep=targets)
-        totals.add(target_ranks(scores, targets, exclude), _top_items(scores, exclude, max(ks)))
+        totals.add(*_ranks_and_top(scores, targets, exclude, max(ks)))
     return totals.result()
+
+
+def _ranks_and_top(
+    scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target_ranks(scores, targets, exclude)`` and ``_top_items(scores, exclude, k)``, the targets never
+    excluded (``exclusion_mask(..., keep=targets)``).
+
+    Without NaN scores or -inf target scores (the usual case) both come from one copy of the scores with the
+    excluded items at -inf: a target's rank is the number of entries of that copy at or above its score,
+    less the distinct targets there, plus the other targets ranked above it; the (B, I) passes are one copy,
+    one word-packed count per target column and one top-k, instead of about ten. Otherwise the reference path.
+    """
+    scores = scores.float()
+    targets = targets.long()
+    t_scores = scores.gather(1, targets)  # (B, M)
+    distinct = distinct_targets(targets)  # (B, M)
+    if bool(scores.isnan().any()) or bool((t_scores.isneginf() & distinct).any()):
+        return target_ranks(scores, targets, exclude), _top_items(scores, exclude, k)
+    masked = scores.masked_fill(exclude, float("-inf"))  # (B, I) the candidates; padding column 0 is excluded
+    ahead = torch.empty_like(targets)  # (B, M) non-excluded, non-target items scoring >= each target
+    for j in range(targets.shape[1]):
+        at_least = t_scores >= t_scores[:, j : j + 1]  # (B, M) targets scoring >= target j (j itself too)
+        ahead[:, j] = count_at_least(masked, t_scores[:, j : j + 1]) - (at_least & distinct).sum(1)
+    index = torch.arange(masked.shape[1], device=masked.device)  # (I,)
+    top = select_top_k(masked, index, min(k, masked.shape[1]))[1].clamp(min=0)  # (B, k)
+    return ranks_among_targets(ahead, t_scores, targets), top
 
 
 def _top_items(scores: torch.Tensor, exclude: torch.Tensor, k: int) -> torch.Tensor:

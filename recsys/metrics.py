@@ -35,10 +35,6 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
     """
     scores = scores.float()
     targets = targets.long()
-    m = targets.shape[1]
-    first = torch.ones(m, m, dtype=torch.bool, device=targets.device).tril(-1)  # (M, M): j < i
-    repeat = ((targets.unsqueeze(2) == targets.unsqueeze(1)) & first).any(-1)  # (B, M) duplicate of earlier
-    valid = (targets != PAD) & ~repeat  # (B, M)
     t_scores = scores.gather(1, targets)  # (B, M)
     t_scores = t_scores.masked_fill(t_scores.isnan() | exclude.gather(1, targets), float("-inf"))
     is_target = torch.zeros_like(exclude)
@@ -46,9 +42,23 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
     competitor = ~(exclude | is_target)  # (B, I) non-excluded, non-target items
     others = scores.masked_fill(scores.isnan(), float("inf"))  # (B, I)
     ahead = torch.zeros_like(targets)  # (B, M) competitors scoring >= the target
-    for j in range(m):
+    for j in range(targets.shape[1]):
         ahead[:, j] = ((others >= t_scores[:, j : j + 1]) & competitor).sum(-1)
-    # Other targets strictly above, or tied with a smaller item index.
+    return ranks_among_targets(ahead, t_scores, targets)
+
+
+def distinct_targets(targets: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: the target is an item (not padding) and not a repeat of an earlier target of the row."""
+    m = targets.shape[1]
+    first = torch.ones(m, m, dtype=torch.bool, device=targets.device).tril(-1)  # (M, M): j < i
+    repeat = ((targets.unsqueeze(2) == targets.unsqueeze(1)) & first).any(-1)  # (B, M) duplicate of earlier
+    return (targets != PAD) & ~repeat
+
+
+def ranks_among_targets(ahead: torch.Tensor, t_scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Ranks (B, M) from ``ahead`` (competitors scoring >= each target) plus the other targets strictly above
+    it or tied with a smaller item index; -1 where the target is padding or a repeat."""
+    valid = distinct_targets(targets)  # (B, M)
     ts_i, ts_j = t_scores.unsqueeze(2), t_scores.unsqueeze(1)  # (B, M, 1), (B, 1, M)
     idx_i, idx_j = targets.unsqueeze(2), targets.unsqueeze(1)
     above = (ts_j > ts_i) | ((ts_j == ts_i) & (idx_j < idx_i))

@@ -24,7 +24,7 @@ from recsys.data import RaggedItems
 NEG_INF = float("-inf")
 CHUNK = 64  # items per chunk whose maximum decides whether the chunk can enter a user's running top-K
 MIN_GEMM = 16  # both sides of every score GEMM are padded to at least this many rows (see _scores)
-WORD_GROUP = 128  # int64 words summed per byte lane in _count_at_least (a lane holds up to 255)
+WORD_GROUP = 128  # int64 words summed per byte lane in count_at_least (a lane holds up to 255)
 
 
 class BlockedTopK(NamedTuple):
@@ -55,12 +55,31 @@ def _select(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tens
     """
     top_s, pos = scores.topk(k, dim=1, sorted=False)  # (B, k)
     kth = top_s.amin(1, keepdim=True)  # (B, 1)
-    tied_out = (_count_at_least(scores, kth) > k) & (kth.squeeze(1) > NEG_INF)  # (B,) ambiguous boundary
+    tied_out = (count_at_least(scores, kth) > k) & (kth.squeeze(1) > NEG_INF)  # (B,) ambiguous boundary
     top_i = ids.gather(1, pos)  # (B, k)
     rows = tied_out.nonzero().squeeze(1)  # (R,)
     if rows.numel():
-        top_s[rows], top_i[rows] = (x[:, :k] for x in _order(scores[rows], ids[rows]))
+        top_s[rows], top_i[rows] = _select_tied(scores[rows], ids[rows], kth[rows], k)
     return top_s, top_i
+
+
+def _select_tied(
+    scores: torch.Tensor, ids: torch.Tensor, kth: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of rows (R, N) whose k-th score ``kth`` (R, 1) is shared by entries left out: every entry above
+    it, then the entries equal to it with the smallest ids (ids are distinct within a row), in row order.
+
+    No sort of the rows (a catalogue with many equal scores, e.g. popularity, has such a boundary in every row):
+    the smallest tied ids come from a top-k over the ids, and exactly k entries per row are then gathered."""
+    above = scores > kth  # (R, N)
+    tied = scores == kth  # (R, N)
+    need = k - above.sum(1, keepdim=True)  # (R, 1) tied entries to take, 1..k
+    tied_ids = ids.masked_fill(~tied, torch.iinfo(ids.dtype).max)  # (R, N)
+    smallest = tied_ids.topk(int(need.max()), dim=1, largest=False).values  # (R, max need) ascending
+    last_id = smallest.gather(1, need - 1)  # (R, 1) the largest id taken
+    take = above | (tied & (ids <= last_id))  # (R, N) exactly k per row
+    cols = take.nonzero()[:, 1].view(-1, k)  # (R, k)
+    return scores.gather(1, cols), ids.gather(1, cols)
 
 
 def _order(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +196,7 @@ def _scores(users: torch.Tensor, items: torch.Tensor, buffer: torch.Tensor | Non
     return torch.mm(users, items.T, out=buffer[: b * w].view(b, w))  # (B, W)
 
 
-def _count_at_least(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def count_at_least(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """(B,) int64 number of entries of each row of scores (B, W) that are >= thresholds (B, 1).
 
     The boolean mask is summed as int64 words, 8 entries per word; a group of WORD_GROUP words puts at most
@@ -215,7 +234,7 @@ class _Ranks:
     def count(self, block: torch.Tensor) -> None:
         """block (B, W): scores with seen and target columns already at -inf."""
         for j in range(self.targets.shape[1]):
-            self.ahead[:, j] += _count_at_least(block, self.scores[:, j : j + 1])
+            self.ahead[:, j] += count_at_least(block, self.scores[:, j : j + 1])
 
     def result(self) -> torch.Tensor:
         """(B, M) ranks: competitors ahead plus the other targets above (ties: smaller position first)."""

@@ -274,3 +274,32 @@ def test_item_knn_and_ease_beat_popularity_on_planted_groups() -> None:
     pop = got["popularity"]["ndcg_at_10"]
     assert got["item_knn"]["ndcg_at_10"] > pop + 0.2, got
     assert got["ease"]["ndcg_at_10"] > pop + 0.2, got
+
+
+@pytest.mark.parametrize("case", ["ties", "inf", "nan", "neg_inf_target"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_shared_ranking_pass_equals_the_reference(case: str, seed: int) -> None:
+    """evaluate_scorer's one-copy path (ranks and top items from one masked copy of the scores) against
+    target_ranks and _top_items computed separately: heavily tied integer scores, repeated and padding targets,
+    targets also in the history; +inf scores; and the NaN / -inf-target cases that take the reference path."""
+    from recsys.evaluation import _ranks_and_top, _top_items
+    from recsys.metrics import exclusion_mask, target_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    b, n_items, m = 41, 70, 4
+    scores = torch.randint(0, 6, (b, n_items + 1), generator=g).float()  # ~12 items per score value
+    targets = torch.randint(0, n_items + 1, (b, m), generator=g)  # 0 = padding; repeats happen
+    targets[:, 1] = targets[:, 0].roll(1)  # some rows repeat a target
+    history = torch.randint(0, n_items + 1, (b, 9), generator=g)
+    history[:, 0] = targets[:, 0]  # a target in the history stays a candidate (keep)
+    if case == "inf":
+        scores[torch.rand(scores.shape, generator=g) < 0.05] = float("inf")
+    if case == "nan":
+        scores[torch.rand(scores.shape, generator=g) < 0.05] = float("nan")
+    if case == "neg_inf_target":
+        scores[0, targets[0, 0]] = float("-inf")
+    exclude = exclusion_mask(history, n_items, keep=targets)
+    ranks, top = _ranks_and_top(scores, targets, exclude, 10)
+    assert torch.equal(ranks, target_ranks(scores, targets, exclude))
+    assert torch.equal(top, _top_items(scores, exclude, 10))
+    assert (ranks >= 0).any() and (ranks == -1).any()  # both valid and padding / repeated targets occur
