@@ -21,6 +21,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from benchmarks.machine import append_record, commit, machine
 from recsys.config import EvaluateConfig
 from recsys.evaluation import baseline_scorers, build_eval_set, evaluate_scorer
 
@@ -46,12 +47,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result = evaluate_scorer(scorer, eval_set, n_items, (10, 20, 50), a.batch_size)
         record = {"baseline": name, "seconds": time.perf_counter() - start, "users": len(eval_set),
                   "n_items": n_items, "threads": a.threads, "batch_size": a.batch_size,
-                  "ndcg_at_10": result["ndcg_at_10"], "features": str(a.features), "torch": torch.__version__}
+                  "ndcg_at_10": result["ndcg_at_10"], "features": str(a.features), "machine": machine(),
+                  "commit": commit()}
         print(json.dumps(record), flush=True)
         records.append(record)
-        if a.json_out:
-            with a.json_out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        append_record(a.json_out, record)
     return records
 
 

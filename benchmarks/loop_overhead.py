@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.machine import append_record
 from features.synthetic import planted_sequences
 from recsys.config import build_config
 from recsys.training import train_model
@@ -60,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
               "items": a.items,
               "threads": a.threads, "overrides": a.overrides, "torch": torch.__version__}
     print(json.dumps(record))
-    if a.json_out:
-        with a.json_out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    append_record(a.json_out, record)
     return record
 
 

@@ -1,7 +1,9 @@
-"""Where and at which commit a scale benchmark ran, its peak memory, and appending its row to BENCHMARKS.md."""
+"""Where and at which commit a scale benchmark ran, its peak memory, and appending its row to BENCHMARKS.md
+or its record to a JSON-lines file."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -62,3 +64,10 @@ def append_row(path: Path, title: str, intro: str, header: str, row: str) -> Non
     last = max(i for i, line in enumerate(lines) if line.startswith("|"))
     lines.insert(last + 1, row)
     path.write_text(head + marker + "\n".join(lines) + "\n" + (f"\n## {rest}" if later else ""))
+
+
+def append_record(path: Path | None, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``path`` (nothing when None): finished runs survive a killed batch."""
+    if path is not None:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -31,6 +31,7 @@ import polars as pl
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.machine import append_record
 from features.schema import FEATURE_FILES
 from recsys.config import load_config
 from recsys.data import SequenceDataModule
@@ -116,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         result |= _trainer_step_ms(a, sequences, n_items, steps_per_epoch)
     print(table)
     print(json.dumps(result))
-    if a.json_out:
-        with a.json_out.open("a") as f:
-            f.write(json.dumps(result | {"profile": table}) + "\n")
+    append_record(a.json_out, result | {"profile": table})
     return result
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.machine import commit, machine
+from benchmarks.machine import append_record, commit, machine
 from pipelines import build_features, evaluate, train
 from pipelines.schedule import today_utc
 from recsys.config import load_config
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             record = run_seed(args.dataset, config, seed, args.data_root.resolve(), args.overrides,
                               args.work_root, tag, resume=args.resume)
             records.append(record)
-            if args.json_out:
-                with args.json_out.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+            append_record(args.json_out, record)
             m = record["results"]["model"]
             print(f"{tag} seed {seed}: test NDCG@10 {m['ndcg_at_10']:.4f} HR@10 {m['hr_at_10']:.4f} "
                   f"val NDCG@10 {record['train']['best_val_ndcg_at_10']:.4f}, {record['wall_s']:.0f} s", flush=True)
