@@ -51,7 +51,8 @@ def _select(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tens
     """The right SET of k per row (B, N) -> (B, k), in no particular order.
 
     ``torch.topk`` breaks ties arbitrarily, so rows whose k-th value is tied with an entry left out are
-    redone with a stable sort (rare unless scores tie; ties at -inf need no care: -inf is no candidate).
+    redone by :func:`_select_tied`, smallest ids first among the tied (rare unless scores tie; ties at -inf
+    need no care: -inf is no candidate). Ids must be distinct within a row (every caller's are).
     """
     top_s, pos = scores.topk(k, dim=1, sorted=False)  # (B, k)
     kth = top_s.amin(1, keepdim=True)  # (B, 1)
