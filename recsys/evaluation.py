@@ -219,9 +219,7 @@ def _ranks_and_top(
     for j in range(targets.shape[1]):
         at_least = t_scores >= t_scores[:, j : j + 1]  # (B, M) targets scoring >= target j (j itself too)
         ahead[:, j] = count_at_least(masked, t_scores[:, j : j + 1]) - (at_least & distinct).sum(1)
-    index = torch.arange(masked.shape[1], device=masked.device)  # (I,)
-    top = select_top_k(masked, index, min(k, masked.shape[1]))[1].clamp(min=0)  # (B, k)
-    return ranks_among_targets(ahead, t_scores, targets), top
+    return ranks_among_targets(ahead, t_scores, targets), _top_of_candidates(masked, k)
 
 
 def _top_items(scores: torch.Tensor, exclude: torch.Tensor, k: int) -> torch.Tensor:
@@ -229,7 +227,11 @@ def _top_items(scores: torch.Tensor, exclude: torch.Tensor, k: int) -> torch.Ten
 
     Excluded items and NaN or -inf scores are no candidates (as in :func:`evaluate_model_blocked`).
     """
-    masked = scores.float().masked_fill(exclude | scores.isnan(), float("-inf"))  # (B, I)
+    return _top_of_candidates(scores.float().masked_fill(exclude | scores.isnan(), float("-inf")), k)
+
+
+def _top_of_candidates(masked: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) best item indices of float32 scores (B, I) whose non-candidates are -inf, 0 = none."""
     index = torch.arange(masked.shape[1], device=masked.device)  # (I,)
     return select_top_k(masked, index, min(k, masked.shape[1]))[1].clamp(min=0)  # (B, k)
 

@@ -205,7 +205,7 @@ def train_model(
 ) -> TrainResult:
     """Train on ``sequences`` (the SEQUENCES contract), checkpointing into ``checkpoint_dir``.
 
-    Checkpoints: ``best-epochNNN.ckpt`` (best val NDCG@10) and ``last.ckpt`` (end of the latest epoch), each
+    Checkpoints: ``best-epochNNN.ckpt`` (best val NDCG@10) and ``last.ckpt`` (end of the latest epoch, or of the latest one ``train.checkpoint_interval_s`` let write), each
     written atomically and stamped with :func:`recsys.checkpoint.run_identity`. If ``last.ckpt`` is there and
     carries this run's identity, training resumes from it (and returns at once if the run had finished);
     otherwise the directory's checkpoints are removed and training starts afresh. Every step's randomness
@@ -238,7 +238,8 @@ def train_model(
     best, timer = _best_checkpoint(checkpoint_dir), _EpochTimer()
     callbacks = [
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience), best,
-        _LastCheckpoint(checkpoint_dir, t.checkpoint_interval_s), timer, _StepSeed(t.seed), RunStamp(identity), _FaultPoints(),
+        _LastCheckpoint(checkpoint_dir, t.checkpoint_interval_s), timer, _StepSeed(t.seed), RunStamp(identity),
+        _FaultPoints(),
     ]
     if t.ema_decay is not None:
         # Parameters only: the model has no statistics buffers, and sampling_probs must stay the module's own.
