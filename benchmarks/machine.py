@@ -71,3 +71,16 @@ def append_record(path: Path | None, record: dict) -> None:
     if path is not None:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def read_records(paths: list[Path]) -> list[dict]:
+    """The JSON-lines records of ``paths``, in order; a line that is not JSON stops with its file and line."""
+    records = []
+    for path in paths:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise SystemExit(f"{path}:{n}: not a JSON record ({err}); was the run cut off mid-line?") from err
+    return records

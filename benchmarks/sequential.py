@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.machine import append_record, commit, machine
+from benchmarks.machine import append_record, commit, machine, read_records
 from pipelines import build_features, evaluate, train
 from pipelines.schedule import today_utc
 from recsys.config import load_config
@@ -148,18 +148,6 @@ def group_records(records: list[dict[str, Any]], by_tag: bool = False) -> list[l
         key = (r["dataset"], r["config"], r["tag"]) if by_tag else (r["dataset"], r["config"], tuple(r["overrides"]), r["tag"])
         groups[key].append(r)
     return list(groups.values())
-
-
-def read_records(paths: list[Path]) -> list[dict[str, Any]]:
-    records = []
-    for path in paths:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise SystemExit(f"{path}:{n}: not a JSON record ({err}); was the run cut off mid-line?") from err
-    return records
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ highest mean validation NDCG@10 in RESULTS, ``--top`` per dataset (a sweep file 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from benchmarks.machine import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,11 +49,8 @@ def read_sweep(path: Path) -> list[tuple[str, str, list[str]]]:
 def rank(paths: list[Path]) -> str:
     """Configurations ranked by mean validation NDCG@10, with their test numbers alongside."""
     by_tag: dict[str, list[dict]] = defaultdict(list)
-    for path in paths:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                by_tag[record["tag"]].append(record)
+    for record in read_records(paths):
+        by_tag[record["tag"]].append(record)
     rows = []
     for tag, records in by_tag.items():
         val = statistics.mean(r["train"]["best_val_ndcg_at_10"] for r in records)
@@ -72,10 +70,8 @@ def best_lines(sweep: Path, results: Path, top: int) -> list[str]:
     if no tag of the file has one.
     """
     val: dict[str, list[float]] = defaultdict(list)
-    for line in results.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            val[record["tag"]].append(record["train"]["best_val_ndcg_at_10"])
+    for record in read_records([results]):
+        val[record["tag"]].append(record["train"]["best_val_ndcg_at_10"])
     by_dataset: dict[str, list[tuple[float, str]]] = defaultdict(list)
     for tag, dataset, overrides in read_sweep(sweep):
         if val[tag]:
