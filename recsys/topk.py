@@ -24,6 +24,7 @@ from recsys.data import RaggedItems
 NEG_INF = float("-inf")
 CHUNK = 64  # items per chunk whose maximum decides whether the chunk can enter a user's running top-K
 MIN_GEMM = 16  # both sides of every score GEMM are padded to at least this many rows (see _scores)
+TIED_PREFIX = 1024  # columns first searched for a tied top-k boundary's entries (see _first_tied)
 WORD_GROUP = 128  # int64 words summed per byte lane in count_at_least (a lane holds up to 255)
 
 
@@ -43,25 +44,65 @@ def select_top_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch
     scores (B, N) float, ids (B, N) int64 (or broadcastable to it), k <= N. Returns scores (B, k) and
     ids (B, k), id -1 where the row has fewer than k entries above -inf.
     """
-    top_s, top_i = _order(*_select(scores, ids.expand_as(scores), k))
+    ascending = ids.ndim == 1 and bool((ids[1:] > ids[:-1]).all())  # one id row, in column order
+    top_s, top_i = _order(*_select(scores, ids.expand_as(scores), k, ascending))
     return top_s, top_i.masked_fill(top_s == NEG_INF, -1)
 
 
-def _select(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _select(
+    scores: torch.Tensor, ids: torch.Tensor, k: int, ascending: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The right SET of k per row (B, N) -> (B, k), in no particular order.
 
     ``torch.topk`` breaks ties arbitrarily, so rows whose k-th value is tied with an entry left out are
-    redone by :func:`_select_tied`, smallest ids first among the tied (rare unless scores tie; ties at -inf
-    need no care: -inf is no candidate). Ids must be distinct within a row (every caller's are).
+    redone, smallest ids first among the tied (rare unless scores tie; ties at -inf need no care: -inf is no
+    candidate). Ids must be distinct within a row (every caller's are); ``ascending``: ids increase along every
+    row, so the smallest tied ids are the first tied columns (:func:`_first_tied`), else :func:`_select_tied`.
     """
     top_s, pos = scores.topk(k, dim=1, sorted=False)  # (B, k)
     kth = top_s.amin(1, keepdim=True)  # (B, 1)
     tied_out = (count_at_least(scores, kth) > k) & (kth.squeeze(1) > NEG_INF)  # (B,) ambiguous boundary
     top_i = ids.gather(1, pos)  # (B, k)
     rows = tied_out.nonzero().squeeze(1)  # (R,)
-    if rows.numel():
-        top_s[rows], top_i[rows] = _select_tied(scores[rows], ids[rows], kth[rows], k)
+    if not rows.numel():
+        return top_s, top_i
+    done = _first_tied(scores, ids, rows, top_s[rows], top_i[rows], kth[rows]) if ascending else None
+    top_s[rows], top_i[rows] = done or _select_tied(scores[rows], ids[rows], kth[rows], k)
     return top_s, top_i
+
+
+def _first_tied(
+    scores: torch.Tensor,
+    ids: torch.Tensor,
+    rows: torch.Tensor,
+    top_s: torch.Tensor,
+    top_i: torch.Tensor,
+    kth: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`_select_tied` of ``rows`` (R,) of scores (B, N), for ids ascending along each row, from a prefix.
+
+    The entries above a row's k-th score ``kth`` (R, 1) are all in torch.topk's result ``top_s``, ``top_i``
+    (R, k); the tied ones to take are the first ``need`` columns equal to ``kth``. When every row has that many
+    within the first TIED_PREFIX columns (or 8, 64, ... times more, up to half the row) they are found
+    there, e.g. an item-kNN row whose boundary is one of thousands of items scored 0; otherwise None (ties
+    spread over the row: the full-row path).
+    """
+    k, n = top_s.shape[1], scores.shape[1]
+    above = top_s > kth  # (R, k)
+    need = k - above.sum(1, keepdim=True)  # (R, 1) tied entries to take, 1..k
+    width = min(n, max(TIED_PREFIX, 16 * int(need.max())))
+    while True:
+        tied = scores[rows, :width] == kth  # (R, W)
+        if bool((tied.sum(1, keepdim=True) >= need).all()):
+            break
+        if 8 * width > n // 2:  # a prefix that long would not save much over the full row
+            return None
+        width *= 8
+    take = tied & (tied.cumsum(1) <= need)  # (R, W) the first `need` tied columns of each row
+    cols = torch.cat([above, take], 1).nonzero()[:, 1].view(-1, k)  # (R, k): exactly k per row
+    cand_s = torch.cat([top_s, scores[rows, :width]], 1)  # (R, k + W)
+    cand_i = torch.cat([top_i, ids[rows, :width]], 1)  # (R, k + W)
+    return cand_s.gather(1, cols), cand_i.gather(1, cols)
 
 
 def _select_tied(

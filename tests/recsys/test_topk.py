@@ -95,6 +95,60 @@ def test_ties_at_the_k_boundary_go_to_the_smaller_item_index() -> None:
         assert got.ids.tolist() == [[3, 4, 5, 6, 7, 8, 9]]
 
 
+@pytest.mark.parametrize("ids_kind", ["arange", "spaced", "per_row"])
+def test_select_top_k_equals_a_stable_sort_on_wide_tied_rows(ids_kind: str, monkeypatch) -> None:
+    """Rows of 20,000 entries whose k-th score is tied: with thousands of zeros from the first columns (an
+    item-kNN row: found in the first columns), with zeros only after column 3,000 (found in a longer prefix),
+    with entries in the last columns only and with entries spread over the row (the full-row path); untied
+    rows, -inf entries, a row with fewer than k candidates. The oracle is a stable sort by score of rows whose
+    ids ascend. Both tie paths must be taken (counted) for 1-D ascending ids; per-row ids (B, N), ascending
+    too, always take the full-row path."""
+    import recsys.topk as topk
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 20000, 50
+    scores = torch.zeros(8, n)
+    scores[:, ::97] = torch.rand(8, len(range(0, n, 97)), generator=g) + 1  # ~206 positives per row
+    scores[0:2, 30:] = 0.0  # rows 0-1: 30 positives, then only zeros (boundary at 0: the first zeros)
+    scores[2] = -1.0
+    scores[2, 100:140] = 5.0  # 40 above the boundary, 30 tied in the last columns
+    scores[2, n - 30 :] = 2.0
+    scores[3] = torch.randint(0, 400, (n,), generator=g).float()  # ~50 per value: ties spread out
+    scores[4] = torch.where(torch.arange(n) < 3000, -1.0, 0.0)  # zeros only after column 3,000
+    scores[4, 5000:5020] = 5.0  # 20 above the boundary at 0
+    scores[5] = torch.randperm(n, generator=g).float()  # no ties
+    scores[6, torch.randperm(n, generator=g)[:2000]] = float("-inf")
+    scores[7, : n - 10] = float("-inf")  # fewer than k candidates
+    ids_1d = torch.arange(n) if ids_kind == "arange" else 3 * torch.arange(n) + 5
+    ids = ids_1d.expand(8, n).clone() if ids_kind == "per_row" else ids_1d
+
+    calls = {"prefix": 0, "full": 0, "prefix_found": 0}
+    first_tied, select_tied = topk._first_tied, topk._select_tied
+
+    def counted_first(*args):
+        calls["prefix"] += 1
+        out = first_tied(*args)
+        calls["prefix_found"] += out is not None
+        return out
+
+    def counted_full(*args):
+        calls["full"] += 1
+        return select_tied(*args)
+
+    monkeypatch.setattr(topk, "_first_tied", counted_first)
+    monkeypatch.setattr(topk, "_select_tied", counted_full)
+    for rows in ([0, 1, 4, 5, 6, 7], [2, 3], list(range(8))):  # prefix, full, full
+        got_s, got_i = select_top_k(scores[rows], ids if ids.ndim == 1 else ids[rows], k)
+        order = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]  # ids ascend
+        want_s = scores[rows].gather(1, order)
+        want_i = ids_1d[order].masked_fill(want_s == float("-inf"), -1)
+        assert torch.equal(got_s, want_s) and torch.equal(got_i, want_i), rows
+    if ids_kind == "per_row":
+        assert calls["prefix"] == 0 and calls["full"] == 3
+    else:  # rows 0, 1, 4 from the prefix; 2, 3 (alone and with the others) on the full row
+        assert calls == {"prefix": 3, "prefix_found": 1, "full": 2}
+
+
 def test_a_user_with_fewer_than_k_unseen_items_gets_minus_one() -> None:
     users, items = torch.randn(2, 4), torch.randn(6, 4)
     got = top_k_blocked(users, items, 4, _ragged([[0, 1, 2, 3], []]), item_block_size=4)
