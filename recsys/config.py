@@ -116,6 +116,8 @@ class ModelConfig(_Section):
     attention: Literal["causal", "bidirectional"] = "causal"
     # Width of each block's position-wise feed-forward layer, in multiples of hidden (SASRec: 1).
     ffn_mult: int = Field(1, ge=1)
+    # Transformer block: sasrec (pre-LN, GELU FFN) or ligr (eSASRec's LiGR layer: gated residuals, SwiGLU FFN).
+    block: Literal["sasrec", "ligr"] = "sasrec"
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:

@@ -24,14 +24,33 @@ from recsys.storage import read_json, write_json
 
 PAD = 0
 ATTENTION = ("causal", "bidirectional")
+BLOCKS = ("sasrec", "ligr")
 WEIGHTS_FILE = "model.pt"
 KWARGS_FILE = "model.json"
 
 
-class _Block(nn.Module):
-    """Pre-LN block: x + Attn(LN(x)), then x + FFN(LN(x))."""
+class _SwiGLU(nn.Module):
+    """Gated feed-forward layer (Shazeer, 2020): W_out(silu(W_a h) * W_b h), no biases, width ``width``."""
 
-    def __init__(self, hidden: int, n_heads: int, dropout: float, ffn_mult: int = 1) -> None:
+    def __init__(self, hidden: int, width: int, dropout: float) -> None:
+        super().__init__()
+        self.inner = nn.Linear(hidden, 2 * width, bias=False)  # W_a and W_b in one GEMM
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a, b = self.inner(h).chunk(2, dim=-1)  # 2 x (..., width)
+        return self.out(self.drop(F.silu(a) * b))  # (..., hidden)
+
+
+class _Block(nn.Module):
+    """Pre-LN block. ``sasrec``: x + Attn(LN(x)), then x + FFN(LN(x)) with a GELU FFN. ``ligr`` (the LiGR layer
+    of eSASRec, Tikhonov et al. 2025): each residual branch is scaled by a gate sigmoid(W x + b) computed from
+    the block's input, and the FFN is a SwiGLU."""
+
+    def __init__(
+        self, hidden: int, n_heads: int, dropout: float, ffn_mult: int = 1, block: str = "sasrec"
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.attn_norm = nn.LayerNorm(hidden)
@@ -40,9 +59,14 @@ class _Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(hidden)
         # Position-wise FFN of width ffn_mult x hidden: 1 as in the SASRec paper, 4 as in language models.
         width = ffn_mult * hidden
-        self.ffn = nn.Sequential(
-            nn.Linear(hidden, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, hidden)
-        )
+        self.gates: nn.ModuleList | None = None
+        if block == "ligr":
+            self.ffn: nn.Module = _SwiGLU(hidden, width, dropout)
+            self.gates = nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)])  # attention, FFN
+        else:
+            self.ffn = nn.Sequential(
+                nn.Linear(hidden, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, hidden)
+            )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -60,8 +84,12 @@ class _Block(nn.Module):
         # No dropout on the attention probabilities: on CPU it doubles the attention cost (the fused
         # kernels do not support it); the residual, FFN and embedding dropout regularise instead.
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tq, Dh)
-        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, tq, d)))  # (B, Tq, D)
-        return x + self.drop(self.ffn(self.ffn_norm(x)))  # (B, Tq, D)
+        x = self._residual(0, x, self.drop(self.proj(att.transpose(1, 2).reshape(b, tq, d))))  # (B, Tq, D)
+        return self._residual(1, x, self.drop(self.ffn(self.ffn_norm(x))))  # (B, Tq, D)
+
+    def _residual(self, i: int, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + branch; for ligr x + sigmoid(gate_i(x)) * branch (i: 0 attention, 1 FFN)."""
+        return x + branch if self.gates is None else x + torch.sigmoid(self.gates[i](x)) * branch
 
 
 class SASRec(nn.Module):
@@ -82,8 +110,11 @@ class SASRec(nn.Module):
         dropout: float,
         attention: Literal["causal", "bidirectional"] = "causal",
         ffn_mult: int = 1,
+        block: Literal["sasrec", "ligr"] = "sasrec",
     ) -> None:
         super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
         if ffn_mult < 1:
             raise ValueError(f"ffn_mult must be >= 1, got {ffn_mult}")
         if hidden % n_heads:
@@ -94,7 +125,7 @@ class SASRec(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         self.kwargs: dict[str, Any] = dict(
             n_items=n_items, max_len=max_len, hidden=hidden, n_blocks=n_blocks,
-            n_heads=n_heads, dropout=dropout, attention=attention, ffn_mult=ffn_mult,
+            n_heads=n_heads, dropout=dropout, attention=attention, ffn_mult=ffn_mult, block=block,
         )
         self.n_items, self.max_len, self.attention = n_items, max_len, attention
         self.causal = attention == "causal"
@@ -102,7 +133,7 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(n_items + (1 if self.causal else 2), hidden, padding_idx=PAD)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(hidden, n_heads, dropout, ffn_mult) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(_Block(hidden, n_heads, dropout, ffn_mult, block) for _ in range(n_blocks))
         self.norm = nn.LayerNorm(hidden)
         self.apply(_init_weights)
         with torch.no_grad():

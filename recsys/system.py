@@ -58,6 +58,7 @@ class SASRecSystem(L.LightningModule):
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default",
         ffn_mult: int = 1,
+        block: Literal["sasrec", "ligr"] = "sasrec",
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -71,7 +72,7 @@ class SASRecSystem(L.LightningModule):
         if loss == "gbce":
             gbce_beta(n_negatives, n_items, gbce_t)  # raises on a bad combination before training starts
         self.save_hyperparameters()
-        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention, ffn_mult)
+        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention, ffn_mult, block)
         # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
         self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
         self._compiled_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -87,7 +88,7 @@ class SASRecSystem(L.LightningModule):
             attention=m.attention, mask_prob=t.mask_prob, negative_sampling=t.negative_sampling,
             gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
             lr_schedule=t.lr_schedule, compile=t.compile,
-            compile_mode=t.compile_mode, ffn_mult=m.ffn_mult,
+            compile_mode=t.compile_mode, ffn_mult=m.ffn_mult, block=m.block,
         )
 
     def set_item_counts(self, counts: torch.Tensor) -> None:

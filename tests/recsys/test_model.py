@@ -1,4 +1,5 @@
-"""SASRec invariances: causality, padding, no NaN on empty rows, [MASK] handling, save/load round trip."""
+"""SASRec invariances: causality, padding, no NaN on empty rows, [MASK] handling, save/load round trip; for
+both block types (sasrec, ligr) where the block could break them."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import json
 import pytest
 import torch
 
-from recsys.model import SASRec, load_model, save_model
+from recsys.model import BLOCKS, SASRec, load_model, save_model
 
 N_ITEMS, MAX_LEN, HIDDEN = 30, 12, 16
 
 
-def make_model(causal: bool = True, seed: int = 0) -> SASRec:
+def make_model(causal: bool = True, seed: int = 0, block: str = "sasrec") -> SASRec:
     torch.manual_seed(seed)
     attention = "causal" if causal else "bidirectional"
-    return SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=2, n_heads=2, dropout=0.3, attention=attention).eval()
+    ffn_mult = 4 if block == "ligr" else 1
+    return SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=2, n_heads=2, dropout=0.3, attention=attention,
+                  ffn_mult=ffn_mult, block=block).eval()  # type: ignore[arg-type]
 
 
 def left_pad(seq: list[int], width: int) -> torch.Tensor:
@@ -45,9 +48,10 @@ def test_bidirectional_user_vectors_read_an_appended_mask() -> None:
     torch.testing.assert_close(model.user_vectors(short), model(torch.cat([short, torch.full((4, 1), mask)], 1))[:, -1])
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_user_vectors_ignore_extra_left_padding(causal: bool) -> None:
-    model = make_model(causal)
+def test_user_vectors_ignore_extra_left_padding(causal: bool, block: str) -> None:
+    model = make_model(causal, block=block)
     seq = [5, 2, 9, 14, 3]
     widths = [left_pad(seq, w) for w in (5, 8, MAX_LEN)]
     vectors = [model.user_vectors(x) for x in widths]
@@ -66,8 +70,9 @@ def test_mask_is_never_a_candidate() -> None:
     torch.testing.assert_close(scores, user @ model.item_emb.weight[: N_ITEMS + 1].T)
 
 
-def test_causal_outputs_ignore_later_items() -> None:
-    model = make_model()
+@pytest.mark.parametrize("block", BLOCKS)
+def test_causal_outputs_ignore_later_items(block: str) -> None:
+    model = make_model(block=block)
     items = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
     changed = items.clone()
     changed[0, 5] = 11
@@ -84,9 +89,10 @@ def test_bidirectional_model_sees_the_future() -> None:
     assert not torch.allclose(model(items)[:, 2], model(changed)[:, 2])
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_extra_left_padding_changes_nothing(causal: bool) -> None:
-    model = make_model(causal)
+def test_extra_left_padding_changes_nothing(causal: bool, block: str) -> None:
+    model = make_model(causal, block=block)
     seq = [5, 2, 9, 14, 3]
     short, wide = model(left_pad(seq, 5)), model(left_pad(seq, MAX_LEN))
     torch.testing.assert_close(wide[:, -5:], short)
@@ -95,8 +101,9 @@ def test_extra_left_padding_changes_nothing(causal: bool) -> None:
     torch.testing.assert_close(model(batch)[:1, -5:], short)
 
 
-def test_padding_embedding_does_not_leak() -> None:
-    model = make_model()
+@pytest.mark.parametrize("block", BLOCKS)
+def test_padding_embedding_does_not_leak(block: str) -> None:
+    model = make_model(block=block)
     items = torch.cat([left_pad([4, 8, 15], MAX_LEN), left_pad([16, 23, 4, 2, 1, 7], MAX_LEN)])
     real = items != 0
     before = model(items)
@@ -105,8 +112,9 @@ def test_padding_embedding_does_not_leak() -> None:
     torch.testing.assert_close(model(items)[real], before[real])
 
 
-def test_fully_padded_rows_give_finite_outputs_and_gradients() -> None:
-    model = make_model().train()
+@pytest.mark.parametrize("block", BLOCKS)
+def test_fully_padded_rows_give_finite_outputs_and_gradients(block: str) -> None:
+    model = make_model(block=block).train()
     items = torch.zeros(3, MAX_LEN, dtype=torch.long)
     items[1, -2:] = torch.tensor([3, 4])
     hidden = model(items)
@@ -125,9 +133,10 @@ def test_bad_head_count_is_rejected() -> None:
         SASRec(N_ITEMS, MAX_LEN, hidden=10, n_blocks=1, n_heads=3, dropout=0.0)
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_save_load_round_trip(tmp_path, causal: bool) -> None:
-    model = make_model(causal=causal, seed=3)
+def test_save_load_round_trip(tmp_path, causal: bool, block: str) -> None:
+    model = make_model(causal=causal, seed=3, block=block)
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert not loaded.training
@@ -149,12 +158,12 @@ def test_model_json_of_older_versions_loads(tmp_path) -> None:
         load_model(tmp_path)
 
 
-def test_a_model_json_without_ffn_mult_loads_as_the_paper_width(tmp_path) -> None:
+def test_a_model_json_without_ffn_mult_or_block_loads_as_the_paper_model(tmp_path) -> None:
     model = make_model(seed=5)
     save_model(model, tmp_path)
     kwargs = json.loads((tmp_path / "model.json").read_text())
-    assert kwargs.pop("ffn_mult") == 1
-    (tmp_path / "model.json").write_text(json.dumps(kwargs))  # as written before model.ffn_mult existed
+    assert kwargs.pop("ffn_mult") == 1 and kwargs.pop("block") == "sasrec"
+    (tmp_path / "model.json").write_text(json.dumps(kwargs))  # as written before model.ffn_mult / block existed
     loaded = load_model(tmp_path)
     items = torch.randint(0, N_ITEMS + 1, (3, MAX_LEN))
     torch.testing.assert_close(loaded(items), model(items), rtol=0, atol=0)
@@ -178,3 +187,29 @@ def test_ffn_mult_widens_every_feed_forward_layer_and_round_trips(tmp_path) -> N
 def test_load_model_names_missing_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="model.pt"):
         load_model(tmp_path)
+
+
+def test_ligr_gates_each_residual_branch_and_uses_a_swiglu_feed_forward() -> None:
+    """The LiGR block against a direct computation of x + sigmoid(G_a x) * Attn(LN(x)), then
+    x + sigmoid(G_f x) * W_out(silu(W_a LN(x)) * W_b LN(x)), with the block's own weights."""
+    torch.manual_seed(8)
+    model = SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=1, n_heads=2, dropout=0.0, ffn_mult=3, block="ligr").eval()
+    blk = model.blocks[0]
+    x = torch.randn(2, 5, HIDDEN)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    q, k, v = blk.qkv(blk.attn_norm(x)).split(HIDDEN, -1)
+    heads = [z.view(2, 5, 2, HIDDEN // 2).transpose(1, 2) for z in (q, k, v)]  # (B, H, T, Dh) each
+    logits = heads[0] @ heads[1].transpose(-1, -2) / (HIDDEN // 2) ** 0.5
+    att = logits.masked_fill(~mask, float("-inf")).softmax(-1) @ heads[2]  # (B, H, T, Dh)
+    y = x + torch.sigmoid(x @ blk.gates[0].weight.T + blk.gates[0].bias) * blk.proj(att.transpose(1, 2).reshape(2, 5, HIDDEN))
+    h = blk.ffn_norm(y)
+    w_a, w_b = blk.ffn.inner.weight.chunk(2, 0)  # (3H, H) each
+    ffn = (torch.nn.functional.silu(h @ w_a.T) * (h @ w_b.T)) @ blk.ffn.out.weight.T
+    want = y + torch.sigmoid(y @ blk.gates[1].weight.T + blk.gates[1].bias) * ffn
+    torch.testing.assert_close(blk(x, mask), want, rtol=1e-5, atol=1e-6)
+    plain = SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=1, n_heads=2, dropout=0.0, ffn_mult=3)
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    # two gates (H x H + H each); SwiGLU 3 x (3H x H) without biases against GELU 2 x (3H x H) + 3H + H
+    assert extra == 2 * (HIDDEN * HIDDEN + HIDDEN) + 3 * HIDDEN * HIDDEN - 4 * HIDDEN
+    with pytest.raises(ValueError, match="block must be one of"):
+        SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=1, n_heads=1, dropout=0.0, block="gru")  # type: ignore[arg-type]

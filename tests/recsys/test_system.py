@@ -328,3 +328,20 @@ def test_model_ffn_mult_reaches_the_model() -> None:
     cfg = build_config({"model": {"max_len": 8, "hidden": 16, "ffn_mult": 2}})
     model = SASRecSystem.from_config(cfg, 30).model
     assert model.kwargs["ffn_mult"] == 2 and model.blocks[0].ffn[0].out_features == 32
+
+
+def test_ligr_training_learns_a_planted_sequence(tmp_path: Path) -> None:
+    n_items = 60
+    seqs = planted_sequences(400, n_items, seed=3)
+    tree = small_config(max_epochs=3).to_dict()
+    tree["model"].update(block="ligr", ffn_mult=4)
+    result = train_model(build_config(tree), seqs, n_items, tmp_path)
+    baseline = popularity_ndcg(seqs, n_items)
+    assert result.best_val_ndcg > 0.5, result
+    assert result.best_val_ndcg > baseline + 0.3, (result.best_val_ndcg, baseline)
+
+
+def test_model_block_reaches_the_model() -> None:
+    cfg = build_config({"model": {"max_len": 8, "hidden": 16, "block": "ligr"}})
+    model = SASRecSystem.from_config(cfg, n_items=20).model
+    assert model.kwargs["block"] == "ligr" and all(b.gates is not None for b in model.blocks)
