@@ -24,7 +24,7 @@ from recsys.data import RaggedItems
 NEG_INF = float("-inf")
 CHUNK = 64  # items per chunk whose maximum decides whether the chunk can enter a user's running top-K
 MIN_GEMM = 16  # both sides of every score GEMM are padded to at least this many rows (see _scores)
-TIED_PREFIX = 1024  # columns first searched for a tied top-k boundary's entries (see _first_tied)
+TIED_BUDGET = 1 << 22  # tied entries (16 bytes each) up to which _first_tied resolves a top-k boundary
 WORD_GROUP = 128  # int64 words summed per byte lane in count_at_least (a lane holds up to 255)
 
 
@@ -56,18 +56,23 @@ def _select(
 
     ``torch.topk`` breaks ties arbitrarily, so rows whose k-th value is tied with an entry left out are
     redone, smallest ids first among the tied (rare unless scores tie; ties at -inf need no care: -inf is no
-    candidate). Ids must be distinct within a row (every caller's are); ``ascending``: ids increase along every
-    row, so the smallest tied ids are the first tied columns (:func:`_first_tied`), else :func:`_select_tied`.
+    candidate). Ids must be distinct within a row (every caller's are); ``ascending``: ids (one row, broadcast)
+    increase along the row, so the smallest tied ids are the first tied columns (:func:`_first_tied`, when the
+    tied entries number at most TIED_BUDGET), else :func:`_select_tied`.
     """
     top_s, pos = scores.topk(k, dim=1, sorted=False)  # (B, k)
     kth = top_s.amin(1, keepdim=True)  # (B, 1)
-    tied_out = (count_at_least(scores, kth) > k) & (kth.squeeze(1) > NEG_INF)  # (B,) ambiguous boundary
+    at_least = count_at_least(scores, kth)  # (B,) entries >= the k-th score
+    tied_out = (at_least > k) & (kth.squeeze(1) > NEG_INF)  # (B,) ambiguous boundary
     top_i = ids.gather(1, pos)  # (B, k)
     rows = tied_out.nonzero().squeeze(1)  # (R,)
     if not rows.numel():
         return top_s, top_i
-    done = _first_tied(scores, ids, rows, top_s[rows], top_i[rows], kth[rows]) if ascending else None
-    top_s[rows], top_i[rows] = done or _select_tied(scores[rows], ids[rows], kth[rows], k)
+    n_tied = int(at_least[rows].sum()) - int((top_s[rows] > kth[rows]).sum())  # tied entries in those rows
+    if ascending and n_tied <= TIED_BUDGET:
+        top_s[rows], top_i[rows] = _first_tied(scores, ids[0], rows, top_s[rows], top_i[rows], kth[rows])
+    else:
+        top_s[rows], top_i[rows] = _select_tied(scores[rows], ids[rows], kth[rows], k)
     return top_s, top_i
 
 
@@ -78,30 +83,35 @@ def _first_tied(
     top_s: torch.Tensor,
     top_i: torch.Tensor,
     kth: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`_select_tied` of ``rows`` (R,) of scores (B, N), for ids ascending along each row, from a prefix.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_select_tied` of ``rows`` (R,) of scores (B, N) whose ids ``ids`` (N,) ascend along the row.
 
     The entries above a row's k-th score ``kth`` (R, 1) are all in torch.topk's result ``top_s``, ``top_i``
-    (R, k); the tied ones to take are the first ``need`` columns equal to ``kth``. When every row has that many
-    within the first TIED_PREFIX columns (or 8, 64, ... times more, up to half the row) they are found
-    there, e.g. an item-kNN row whose boundary is one of thousands of items scored 0; otherwise None (ties
-    spread over the row: the full-row path).
+    (R, k); the tied ones to take are the first ``need`` columns equal to ``kth``: the tied entries' (row,
+    column) pairs come out of ``nonzero`` in row-major order, so each row's first ``need`` are its smallest
+    ids. One comparison and one scan of the (B, N) scores, memory O(tied entries): the caller bounds them
+    (TIED_BUDGET), e.g. an item-kNN batch whose boundaries are scattered ties of small similarity sums.
     """
-    k, n = top_s.shape[1], scores.shape[1]
+    (b, _), (n_rows, k) = scores.shape, top_s.shape
     above = top_s > kth  # (R, k)
-    need = k - above.sum(1, keepdim=True)  # (R, 1) tied entries to take, 1..k
-    width = min(n, max(TIED_PREFIX, 16 * int(need.max())))
-    while True:
-        tied = scores[rows, :width] == kth  # (R, W)
-        if bool((tied.sum(1, keepdim=True) >= need).all()):
-            break
-        if 8 * width > n // 2:  # a prefix that long would not save much over the full row
-            return None
-        width *= 8
-    take = tied & (tied.cumsum(1) <= need)  # (R, W) the first `need` tied columns of each row
-    cols = torch.cat([above, take], 1).nonzero()[:, 1].view(-1, k)  # (R, k): exactly k per row
-    cand_s = torch.cat([top_s, scores[rows, :width]], 1)  # (R, k + W)
-    cand_i = torch.cat([top_i, ids[rows, :width]], 1)  # (R, k + W)
+    need = k - above.sum(1)  # (R,) tied entries to take, 1..k
+    probe = torch.full((b, 1), float("nan"), device=scores.device)  # NaN equals nothing: other rows find none
+    probe[rows] = kth
+    r, c = (scores == probe).nonzero(as_tuple=True)  # (T,) each, columns ascending within a row
+    counts = torch.bincount(r, minlength=b)  # (B,)
+    slot = torch.arange(r.numel(), device=r.device) - (torch.cumsum(counts, 0) - counts)[r]  # (T,) rank in row
+    which = torch.full((b,), -1, dtype=torch.long, device=r.device)
+    which[rows] = torch.arange(n_rows, device=r.device)
+    j = which[r]  # (T,) row among ``rows``
+    take = slot < need[j]  # (T,) exactly need[j] per row
+    j, c, slot = j[take], c[take], slot[take]
+    width = int(need.max())
+    cand_s = torch.cat([top_s, torch.full((n_rows, width), NEG_INF, device=top_s.device)], 1)  # (R, k + W)
+    cand_i = torch.cat([top_i, torch.full((n_rows, width), -1, dtype=top_i.dtype, device=top_i.device)], 1)
+    cand_s[j, k + slot] = kth[j, 0]
+    cand_i[j, k + slot] = ids[c]
+    keep = torch.cat([above, torch.arange(width, device=need.device) < need.unsqueeze(1)], 1)  # k per row
+    cols = keep.nonzero()[:, 1].view(-1, k)  # (R, k)
     return cand_s.gather(1, cols), cand_i.gather(1, cols)
 
 

@@ -96,13 +96,14 @@ def test_ties_at_the_k_boundary_go_to_the_smaller_item_index() -> None:
 
 
 @pytest.mark.parametrize("ids_kind", ["arange", "spaced", "per_row"])
-def test_select_top_k_equals_a_stable_sort_on_wide_tied_rows(ids_kind: str, monkeypatch) -> None:
+@pytest.mark.parametrize("budget", [1 << 22, 0])
+def test_select_top_k_equals_a_stable_sort_on_wide_tied_rows(ids_kind: str, budget: int, monkeypatch) -> None:
     """Rows of 20,000 entries whose k-th score is tied: with thousands of zeros from the first columns (an
-    item-kNN row: found in the first columns), with zeros only after column 3,000 (found in a longer prefix),
-    with entries in the last columns only and with entries spread over the row (the full-row path); untied
-    rows, -inf entries, a row with fewer than k candidates. The oracle is a stable sort by score of rows whose
-    ids ascend. Both tie paths must be taken (counted) for 1-D ascending ids; per-row ids (B, N), ascending
-    too, always take the full-row path."""
+    item-kNN row of few neighbours), with zeros only after column 3,000, with entries in the last columns only
+    and with entries spread over the row; untied rows, -inf entries, a row with fewer than k candidates. The
+    oracle is a stable sort by score of rows whose ids ascend. 1-D ascending ids take the nonzero path while
+    the tied entries fit TIED_BUDGET and the full-row path otherwise (both counted); per-row ids (B, N),
+    ascending too, always take the full-row path."""
     import recsys.topk as topk
 
     g = torch.Generator().manual_seed(3)
@@ -122,14 +123,12 @@ def test_select_top_k_equals_a_stable_sort_on_wide_tied_rows(ids_kind: str, monk
     ids_1d = torch.arange(n) if ids_kind == "arange" else 3 * torch.arange(n) + 5
     ids = ids_1d.expand(8, n).clone() if ids_kind == "per_row" else ids_1d
 
-    calls = {"prefix": 0, "full": 0, "prefix_found": 0}
+    calls = {"nonzero": 0, "full": 0}
     first_tied, select_tied = topk._first_tied, topk._select_tied
 
     def counted_first(*args):
-        calls["prefix"] += 1
-        out = first_tied(*args)
-        calls["prefix_found"] += out is not None
-        return out
+        calls["nonzero"] += 1
+        return first_tied(*args)
 
     def counted_full(*args):
         calls["full"] += 1
@@ -137,16 +136,15 @@ def test_select_top_k_equals_a_stable_sort_on_wide_tied_rows(ids_kind: str, monk
 
     monkeypatch.setattr(topk, "_first_tied", counted_first)
     monkeypatch.setattr(topk, "_select_tied", counted_full)
-    for rows in ([0, 1, 4, 5, 6, 7], [2, 3], list(range(8))):  # prefix, full, full
+    monkeypatch.setattr(topk, "TIED_BUDGET", budget)
+    for rows in ([0, 1, 4, 5, 6, 7], [2, 3], list(range(8))):
         got_s, got_i = select_top_k(scores[rows], ids if ids.ndim == 1 else ids[rows], k)
         order = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]  # ids ascend
         want_s = scores[rows].gather(1, order)
         want_i = ids_1d[order].masked_fill(want_s == float("-inf"), -1)
         assert torch.equal(got_s, want_s) and torch.equal(got_i, want_i), rows
-    if ids_kind == "per_row":
-        assert calls["prefix"] == 0 and calls["full"] == 3
-    else:  # rows 0, 1, 4 from the prefix; 2, 3 (alone and with the others) on the full row
-        assert calls == {"prefix": 3, "prefix_found": 1, "full": 2}
+    nonzero_path = ids_kind != "per_row" and budget > 0
+    assert calls == {"nonzero": 3 * nonzero_path, "full": 3 * (not nonzero_path)}
 
 
 def test_a_user_with_fewer_than_k_unseen_items_gets_minus_one() -> None:
