@@ -89,20 +89,15 @@ def _first_tied(
     The entries above a row's k-th score ``kth`` (R, 1) are all in torch.topk's result ``top_s``, ``top_i``
     (R, k); the tied ones to take are the first ``need`` columns equal to ``kth``: the tied entries' (row,
     column) pairs come out of ``nonzero`` in row-major order, so each row's first ``need`` are its smallest
-    ids. One comparison and one scan of the (B, N) scores, memory O(tied entries): the caller bounds them
+    ids. One comparison and one scan of the R rows, memory O(R x N / 8 + tied entries): the caller bounds them
     (TIED_BUDGET), e.g. an item-kNN batch whose boundaries are scattered ties of small similarity sums.
     """
-    (b, _), (n_rows, k) = scores.shape, top_s.shape
+    n_rows, k = top_s.shape
     above = top_s > kth  # (R, k)
     need = k - above.sum(1)  # (R,) tied entries to take, 1..k
-    probe = torch.full((b, 1), float("nan"), device=scores.device)  # NaN equals nothing: other rows find none
-    probe[rows] = kth
-    r, c = (scores == probe).nonzero(as_tuple=True)  # (T,) each, columns ascending within a row
-    counts = torch.bincount(r, minlength=b)  # (B,)
-    slot = torch.arange(r.numel(), device=r.device) - (torch.cumsum(counts, 0) - counts)[r]  # (T,) rank in row
-    which = torch.full((b,), -1, dtype=torch.long, device=r.device)
-    which[rows] = torch.arange(n_rows, device=r.device)
-    j = which[r]  # (T,) row among ``rows``
+    j, c = (scores.index_select(0, rows) == kth).nonzero(as_tuple=True)  # (T,) each, columns ascending in a row
+    counts = torch.bincount(j, minlength=n_rows)  # (R,)
+    slot = torch.arange(j.numel(), device=j.device) - (torch.cumsum(counts, 0) - counts)[j]  # (T,) rank in row
     take = slot < need[j]  # (T,) exactly need[j] per row
     j, c, slot = j[take], c[take], slot[take]
     width = int(need.max())
