@@ -44,9 +44,9 @@ class _SwiGLU(nn.Module):
 
 
 class _Block(nn.Module):
-    """Pre-LN block. ``sasrec``: x + Attn(LN(x)), then x + FFN(LN(x)) with a GELU FFN. ``ligr`` (the LiGR layer
-    of eSASRec, Tikhonov et al. 2025): each residual branch is scaled by a gate sigmoid(W x + b) computed from
-    the block's input, and the FFN is a SwiGLU."""
+    """Pre-LN block. ``sasrec``: x + Attn(LN(x)), then x + FFN(LN(x)) with a GELU FFN. ``ligr``: the LiGR layer
+    ("From Features to Transformers", 2025, as eSASRec uses it): each residual branch is scaled by a gate
+    sigmoid(W x + b) computed from the block's input, and the FFN is a SwiGLU."""
 
     def __init__(
         self, hidden: int, n_heads: int, dropout: float, ffn_mult: int = 1, block: str = "sasrec"
