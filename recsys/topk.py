@@ -99,15 +99,13 @@ def _first_tied(
     counts = torch.bincount(j, minlength=n_rows)  # (R,)
     slot = torch.arange(j.numel(), device=j.device) - (torch.cumsum(counts, 0) - counts)[j]  # (T,) rank in row
     take = slot < need[j]  # (T,) exactly need[j] per row
-    j, c, slot = j[take], c[take], slot[take]
-    width = int(need.max())
-    cand_s = torch.cat([top_s, torch.full((n_rows, width), NEG_INF, device=top_s.device)], 1)  # (R, k + W)
-    cand_i = torch.cat([top_i, torch.full((n_rows, width), -1, dtype=top_i.dtype, device=top_i.device)], 1)
-    cand_s[j, k + slot] = kth[j, 0]
-    cand_i[j, k + slot] = ids[c]
-    keep = torch.cat([above, torch.arange(width, device=need.device) < need.unsqueeze(1)], 1)  # k per row
-    cols = keep.nonzero()[:, 1].view(-1, k)  # (R, k)
-    return cand_s.gather(1, cols), cand_i.gather(1, cols)
+    j, c = j[take], c[take]  # row-major, need[j] per row
+    # The not-above slots of each row (need of them, row-major too) take the row's chosen tied entries in order.
+    free_r, free_c = (~above).nonzero(as_tuple=True)  # (sum need,) each
+    top_s, top_i = top_s.clone(), top_i.clone()
+    top_s[free_r, free_c] = kth[j, 0]
+    top_i[free_r, free_c] = ids[c]
+    return top_s, top_i
 
 
 def _select_tied(
