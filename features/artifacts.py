@@ -49,3 +49,22 @@ def load_features(directory: str | Path) -> FeatureSet:
         schema.check_schema(tables[name], contract, str(path))
     manifest = read_json(directory / schema.FEATURE_FILES["manifest"])
     return FeatureSet(tables["sequences"], tables["user_map"], tables["item_map"], manifest)
+
+
+def last_event_times(directory: str | Path) -> pl.DataFrame:
+    """(``user_idx`` Int32, ``last_timestamp`` Int64): each user's newest event in ``directory``'s
+    ``events.parquet`` (every kept event, all splits), read by a streaming scan.
+
+    Raises FileNotFoundError naming the file, ValueError naming a missing column.
+    """
+    path = Path(directory) / schema.FEATURE_FILES["events"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `recsys features` first")
+    columns = pl.read_parquet_schema(path)
+    for col in (schema.USER_IDX, schema.TIMESTAMP):
+        if col not in columns:
+            raise ValueError(f"{path}: missing column '{col}'; rebuild the features with `recsys features`")
+    return (pl.scan_parquet(path)
+            .group_by(schema.USER_IDX)
+            .agg(pl.col(schema.TIMESTAMP).max().alias("last_timestamp"))
+            .collect(engine="streaming"))

@@ -1,7 +1,8 @@
 """Candidate job: a model (local or from the MLflow registry) scores the users of the current features;
 top-K per user goes to the date partition ``<work_dir>/candidates/date=YYYY-MM-DD/``, with a manifest and
 a drift report against the previous night. With a shard (``--shard i/N``) only that shard's users are scored,
-into ``candidates/shard=i-of-N/date=YYYY-MM-DD/``, and drift is measured on those users only."""
+into ``candidates/shard=i-of-N/date=YYYY-MM-DD/``, and drift is measured on those users only. With
+``candidates.active_window`` only the users with a recent event (in data time) are scored."""
 
 from __future__ import annotations
 
@@ -14,9 +15,15 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from features import schema
-from features.artifacts import FeatureSet, load_features
+from features.artifacts import FeatureSet, last_event_times, load_features
 from pipelines.workdir import WorkDir
-from recsys.candidates import TrainedModel, generate_candidates, load_trained_model, read_candidates
+from recsys.candidates import (
+    TrainedModel,
+    generate_candidates,
+    load_trained_model,
+    read_candidates,
+    select_active,
+)
 from recsys.config import Config, save_config
 from recsys.device import resolve_device
 from recsys.drift import DriftError, drift_report, drift_violations
@@ -49,6 +56,9 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
     feats = load_features(wd.features)
     if shard is not None:
         feats = select_shard(feats, shard)
+    activity: dict[str, Any] = {"active_window": None, "active_since": None, "users_inactive": 0}
+    if cfg.candidates.active_window is not None:  # the newest event of ALL users: every shard the same
+        feats, activity = select_active(feats, last_event_times(wd.features), cfg.candidates.active_window)
     spec = cfg.candidates.model or str(wd.model)
     # A local model is read before an MLflow run is opened, so a missing one fails at once.
     local = None if is_mlflow_uri(spec) else load_trained_model(spec, device)
@@ -66,7 +76,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         violations = drift_violations(drift, cfg.candidates)
         drift = {"date": day.isoformat(), "previous": str(previous) if previous else None, **drift,
                  "passed": not violations, "violations": violations}
-        manifest = _manifest(cfg, day, table.height, stats, ref, feats, wd, shard, device)
+        manifest = _manifest(cfg, day, table.height, {**stats, **activity}, ref, feats, wd, shard, device)
         target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
         with atomic_dir(target) as out:
             table.write_parquet(out / "candidates.parquet")

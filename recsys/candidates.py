@@ -13,7 +13,7 @@ share of training events (counted as ``fallback_users``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,26 @@ def read_candidates(path: str | Path) -> pl.DataFrame:
     table = pl.read_parquet(path)
     schema.check_schema(table, schema.CANDIDATES, str(path))
     return table
+
+
+def select_active(
+    feats: FeatureSet, last_times: pl.DataFrame, window: int
+) -> tuple[FeatureSet, dict[str, Any]]:
+    """``feats`` with only the sequences of users whose newest event (``last_times``: user_idx,
+    last_timestamp) is at or after ``newest - window``, newest = the latest event of all users; plus the
+    counts for the manifest (``active_window``, ``active_since``, ``users_inactive``)."""
+    newest = last_times["last_timestamp"].max()
+    if newest is None:  # no events at all: nobody is active
+        since, active = None, last_times[schema.USER_IDX].clear()
+    else:
+        since = int(newest) - window
+        active = last_times.filter(pl.col("last_timestamp") >= since)[schema.USER_IDX]
+    sequences = feats.sequences.filter(pl.col(schema.USER_IDX).is_in(active.implode()))
+    stats = {"active_window": window, "active_since": since,
+             "users_inactive": feats.sequences.height - sequences.height}
+    log.info("candidates: %d active users (an event at or after %s), %d inactive ones skipped",
+             sequences.height, since, stats["users_inactive"])
+    return replace(feats, sequences=sequences), stats
 
 
 def full_histories(sequences: pl.DataFrame) -> pl.DataFrame:

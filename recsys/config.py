@@ -265,6 +265,10 @@ class CandidatesConfig(_Section):
     max_new_item_share: float | None = Field(None, ge=0.0, le=1.0)
     # Where the user vectors are computed (FAISS always searches on the CPU); recorded in the manifest.
     device: Device = "auto"
+    # Score only the ACTIVE users: those with an event at or after (the newest event timestamp in the
+    # features - active_window), in the timestamps' own unit (epoch seconds: 604800 = 7 days). Data time,
+    # not the clock, so a backfill sees the same users. None = every user of the features.
+    active_window: int | None = Field(None, ge=0)
 
 
 class TrackingConfig(_Section):

@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from features.artifacts import last_event_times
 from features.build import ENCODED_EVENTS, build_features
 from features.readers import InputDataError
 from features.schema import FEATURE_FILES, ITEM_MAP, SEQUENCES, USER_MAP, check_schema
@@ -125,3 +126,17 @@ def test_nothing_left_after_policies_is_an_error(tmp_path, write_file):
     cfg = load_config(overrides=[f"work_dir={tmp_path}", f"data.path={path}", "features.min_user_events=2"])
     with pytest.raises(InputDataError, match="no events left"):
         build_features(cfg)
+
+
+def test_last_event_times_per_user_and_clear_errors(synthetic_build, tmp_path):
+    _, features_dir = synthetic_build
+    events = _read(features_dir, "events")
+    got = last_event_times(features_dir).sort("user_idx")
+    expected = events.group_by("user_idx").agg(pl.col("timestamp").max()).sort("user_idx")
+    assert got["user_idx"].equals(expected["user_idx"])
+    assert got["last_timestamp"].to_list() == expected["timestamp"].to_list()
+    with pytest.raises(FileNotFoundError, match="events.parquet does not exist; run `recsys features`"):
+        last_event_times(tmp_path)
+    events.drop("timestamp").write_parquet(tmp_path / FEATURE_FILES["events"])
+    with pytest.raises(ValueError, match="events.parquet: missing column 'timestamp'"):
+        last_event_times(tmp_path)

@@ -70,3 +70,49 @@ def test_date_defaults_to_today_utc_and_a_bad_date_is_a_usage_error(trained, cap
     with pytest.raises(SystemExit) as exc:
         main(["candidates", "--date", "2024-13-01", *tiny(trained)])
     assert exc.value.code == EXIT_USAGE and "YYYY-MM-DD" in capsys.readouterr().err
+
+
+def _last_events(tiny_features: Path) -> pl.DataFrame:
+    """Oracle from the raw input (external ids): each user's newest event timestamp."""
+    events = pl.read_csv(tiny_features.parent / "input" / "events.csv")
+    return events.group_by("user_id").agg(pl.col("timestamp").max().alias("last"))
+
+
+def test_active_window_scores_only_users_with_a_recent_event(trained, tiny_features):
+    last = _last_events(tiny_features)
+    newest = int(last["last"].max())
+    window = int(newest - last["last"].median())  # about half of the users are active
+    expected = set(last.filter(pl.col("last") >= newest - window)["user_id"].to_list())
+    assert 0 < len(expected) < 200
+
+    active = f"candidates.active_window={window}"
+    assert main(["candidates", "--quiet", "--date", "2024-06-01", active, *tiny(trained)]) == EXIT_OK
+    table = pl.read_parquet(_night(trained, "2024-06-01") / "candidates.parquet")
+    assert set(table["user_id"].to_list()) == expected
+    manifest = json.loads((_night(trained, "2024-06-01") / "manifest.json").read_text())
+    assert manifest["active_window"] == window and manifest["active_since"] == newest - window
+    assert manifest["users"] == len(expected) and manifest["users_inactive"] == 200 - len(expected)
+    # An active user's list is the one the unfiltered night gives them (same model, same features).
+    assert main(["candidates", "--quiet", "--date", "2024-06-02", *tiny(trained)]) == EXIT_OK
+    whole = pl.read_parquet(_night(trained, "2024-06-02") / "candidates.parquet")
+    assert whole.filter(pl.col("user_id").is_in(list(expected))).equals(table)
+    unfiltered = json.loads((_night(trained, "2024-06-02") / "manifest.json").read_text())
+    assert unfiltered["active_window"] is None and unfiltered["users_inactive"] == 0
+
+
+def test_active_shards_union_is_the_active_night(trained, tiny_features):
+    last = _last_events(tiny_features)
+    window = int(last["last"].max() - last["last"].quantile(0.7))
+    active = f"candidates.active_window={window}"
+    assert main(["candidates", "--quiet", "--date", "2024-06-03", active, *tiny(trained)]) == EXIT_OK
+    for i in range(2):
+        assert main(["candidates", "--quiet", "--date", "2024-06-04", "--shard", f"{i}/2", active,
+                     *tiny(trained)]) == EXIT_OK
+    whole = pl.read_parquet(_night(trained, "2024-06-03") / "candidates.parquet")
+    union = pl.read_parquet(trained / "candidates" / "shard=*-of-2" / "date=2024-06-04" / "candidates.parquet")
+    assert union.sort(["user_id", "rank"]).equals(whole)
+    shards = [json.loads((trained / "candidates" / f"shard={i}-of-2" / "date=2024-06-04" / "manifest.json")
+                         .read_text()) for i in range(2)]
+    assert {m["active_since"] for m in shards} == {json.loads(
+        (_night(trained, "2024-06-03") / "manifest.json").read_text())["active_since"]}
+    assert sum(m["users_inactive"] for m in shards) == 200 - whole["user_id"].n_unique()

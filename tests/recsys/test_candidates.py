@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from features.artifacts import FeatureSet
-from recsys.candidates import TrainedModel, generate_candidates, popular_top_k
+from recsys.candidates import TrainedModel, generate_candidates, popular_top_k, select_active
 from recsys.config import CandidatesConfig
 from recsys.model import SASRec
 
@@ -99,3 +99,26 @@ def test_target_recall_tunes_the_index_before_the_search(setup):
     exact, _ = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10))
     assert table.equals(exact)
     assert "tuned_parameter" not in generate_candidates(trained, feats, CandidatesConfig(k=K))[1]["search"]
+
+
+def test_active_window_keeps_users_with_an_event_at_or_after_newest_minus_window(setup):
+    _, feats = setup
+    # Newest event 1,000; users' last events 1,000 / 900 / 899 / 100.
+    last = pl.DataFrame({"user_idx": [0, 1, 2, 3], "last_timestamp": [1_000, 900, 899, 100]},
+                        schema={"user_idx": pl.Int32, "last_timestamp": pl.Int64})
+    for window, kept in ((100, [0, 1]), (101, [0, 1, 2]), (0, [0]), (900, [0, 1, 2, 3])):
+        active, stats = select_active(feats, last, window)
+        assert sorted(active.sequences["user_idx"].to_list()) == kept, window
+        assert stats == {"active_window": window, "active_since": 1_000 - window,
+                         "users_inactive": 4 - len(kept)}
+        assert active.user_map.equals(feats.user_map) and active.item_map.equals(feats.item_map)
+
+
+def test_active_window_threshold_comes_from_all_users_not_the_selected_ones(setup):
+    _, feats = setup
+    # user_idx 9 is in no sequence of these features (another shard's user) but holds the newest event.
+    last = pl.DataFrame({"user_idx": [0, 1, 2, 3, 9], "last_timestamp": [50, 40, 30, 20, 100]},
+                        schema={"user_idx": pl.Int32, "last_timestamp": pl.Int64})
+    active, stats = select_active(feats, last, 60)
+    assert sorted(active.sequences["user_idx"].to_list()) == [0, 1]
+    assert stats["active_since"] == 40 and stats["users_inactive"] == 2
