@@ -5,18 +5,22 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from features import schema
-from features.artifacts import load_features
+from features.artifacts import FeatureSet, load_features
 from pipelines.schedule import checkpoint_dir, today_utc
 from pipelines.workdir import WorkDir
+from recsys.candidates import TrainedModel, load_trained_model
 from recsys.config import Config, save_config
 from recsys.faults import fault_point
 from recsys.model import save_model
+from recsys.registry import ModelRef, fetch_model, is_mlflow_uri
 from recsys.storage import atomic_dir, write_json
-from recsys.tracking import job_run
+from recsys.tracking import JobRun, job_run
 from recsys.training import check_compile_toolchain, resolve_hardware, train_model
+from recsys.warmstart import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +37,16 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     check_compile_toolchain(cfg.train.compile, accelerator)
     wd = WorkDir.of(cfg)
     feats = load_features(wd.features)
+    spec = cfg.train.init_from
+    # A local earlier model is read before an MLflow run is opened, so a missing one fails at once.
+    local = None if spec is None or is_mlflow_uri(spec) else load_trained_model(spec)
     ckpt_dir = checkpoint_dir(cfg, run_date or today_utc())
     if run_date is None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    with job_run(cfg, "train") as tracker:
-        result = train_model(cfg, feats.sequences, feats.n_items, ckpt_dir, logger=tracker.lightning_logger())
+    with job_run(cfg, "train") as tracker, tempfile.TemporaryDirectory(prefix="recsys-init-") as tmp:
+        warm, source = warm_start(cfg, feats, Path(tmp), tracker, local)
+        result = train_model(cfg, feats.sequences, feats.n_items, ckpt_dir, logger=tracker.lightning_logger(),
+                             warm_start=warm)
         report = {
             "best_val_ndcg_at_10": result.best_val_ndcg,
             "best_epoch": result.best_epoch,
@@ -51,8 +60,11 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             "n_users": feats.n_users,
             "features_manifest": str(wd.features / schema.FEATURE_FILES["manifest"]),
             "checkpoint": str(result.best_checkpoint),
+            "warm_start": None if source is None else {**source.to_dict(), **(result.warm_start or {})},
         }
         tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, int | float)})
+        if result.warm_start is not None:
+            tracker.log_metrics({f"warm_start/{k}": v for k, v in result.warm_start.items()})
         with atomic_dir(wd.model) as tmp:
             save_model(result.model, tmp)
             fault_point("model-write")
@@ -66,3 +78,21 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     log.info("train: best val NDCG@10 %.4f at epoch %d (%d epochs, %.1f s) → %s",
              result.best_val_ndcg, result.best_epoch, result.epochs_run, result.wall_time_s, wd.model)
     return wd.model
+
+
+def warm_start(
+    cfg: Config, feats: FeatureSet, tmp: Path, tracker: JobRun, local: TrainedModel | None
+) -> tuple[WarmStart | None, ModelRef | None]:
+    """The earlier model of ``train.init_from`` (None: train from scratch) and where it came from: ``local``
+    (a directory, already loaded) or an MLflow URI downloaded into ``tmp`` through the job's ``tracker``.
+
+    Only this process (global rank 0) loads it: DDP broadcasts rank 0's weights to the other processes when it
+    wraps the model, and weight averaging takes its first copy at the first step, after that.
+    """
+    spec = cfg.train.init_from
+    if spec is None:
+        return None, None
+    if local is not None:
+        return WarmStart(local, spec, feats.item_map), ModelRef(str(Path(spec).resolve()))
+    ref, files = fetch_model(tracker, spec, tmp)
+    return WarmStart(load_trained_model(files), spec, feats.item_map), ref

@@ -188,6 +188,10 @@ class TrainConfig(_Section):
     # torch.compile's mode with compile: "reduce-overhead" also captures the step as CUDA graphs on GPU (the
     # launch overhead of a small model's step; needs static_shapes, else every shape records its own graph).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # Warm start: begin from an earlier model's weights instead of a random init (recsys/warmstart.py): a local
+    # model directory or an MLflow URI (models:/sasrec@champion, models:/sasrec/3). Same architecture needed;
+    # items matched by item_id, new items initialised at random. None = from scratch.
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _loss_options(self) -> TrainConfig:

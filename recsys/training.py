@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -34,6 +34,9 @@ from recsys.distributed import RankShardedData
 from recsys.faults import fault_point
 from recsys.model import SASRec
 from recsys.system import MONITOR, SASRecSystem
+
+if TYPE_CHECKING:
+    from recsys.warmstart import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class TrainResult:
     resumed_from_epoch: int | None = None
     train_seconds_per_epoch: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    warm_start: dict[str, int] | None = None  # WarmStart.apply's counts; None = a random initialisation
 
 
 class _EpochTimer(Callback):
@@ -202,6 +206,7 @@ def train_model(
     checkpoint_dir: Path,
     logger: Logger | None = None,
     allow_resume: bool = True,
+    warm_start: WarmStart | None = None,
 ) -> TrainResult:
     """Train on ``sequences`` (the SEQUENCES contract), checkpointing into ``checkpoint_dir``.
 
@@ -218,6 +223,8 @@ def train_model(
     validation metrics are reduced over all of them, and only global rank 0 writes checkpoints or cleans
     ``checkpoint_dir``; every process returns the same best checkpoint's weights. ``allow_resume`` False
     never resumes (a non-zero rank of a ``--force`` run, whose rank 0 discarded the directory).
+    ``warm_start`` loads an earlier model's weights into the new model before training (a resumed run then
+    continues from its checkpoint, as always).
     Raises ``ValueError`` if no user can be trained on, no user has val items, or fewer users than processes
     have val items.
     """
@@ -233,6 +240,7 @@ def train_model(
             "val_items; training needs both to be non-empty"
         )
     system = SASRecSystem.from_config(cfg, n_items)
+    warm = None if warm_start is None else warm_start.apply(system.model)
     checkpoint_dir = Path(checkpoint_dir)
     identity = run_identity(cfg, sequences, n_items)
     best, timer = _best_checkpoint(checkpoint_dir), _EpochTimer()
@@ -272,6 +280,7 @@ def train_model(
         resumed_from_epoch=None if resume is None else resume.epoch,
         train_seconds_per_epoch=sum(timer.train_durations) / max(len(timer.train_durations), 1),
         history=list(timer.history),
+        warm_start=warm,
     )
 
 

@@ -147,3 +147,22 @@ def test_next_night_reports_drift_and_rollback_restores_the_old_lists(flow, mlfl
     assert json.loads((night3 / "manifest.json").read_text())["model"]["version"] == "1"
     first = pl.read_parquet(flow["nightly"] / "candidates" / "date=2024-05-01" / "candidates.parquet")
     assert pl.read_parquet(night3 / "candidates.parquet").equals(first)
+
+
+def test_nightly_training_warm_starts_from_the_champion(flow):
+    # After the rollback the champion is v1; the nightly features hold two items it never saw.
+    nightly, client = flow["nightly"], flow["client"]
+    code, _ = _cli("train", *flow["newer"], *flow["track"], f"train.init_from={CHAMPION_URI}",
+                   "train.max_epochs=1", "train.lr=1e-12")
+    assert code == EXIT_OK
+    report = read_json(nightly / "model" / "train_report.json")
+    v1 = client.get_model_version(NAME, "1")
+    model_items = pl.read_parquet(flow["train"] / "model" / "item_map.parquet").height
+    assert report["warm_start"] == {"uri": CHAMPION_URI, "name": NAME, "version": "1", "alias": "champion",
+                                    "run_id": v1.run_id, "items_from_source": model_items, "items_new": 2,
+                                    "source_items_dropped": 0}
+    assert report["n_items"] == model_items + 2
+    # Its run logged the counts; the champion did not move (this job trains and registers, nothing else).
+    run = client.get_run(client.get_model_version(NAME, report["registered_version"]).run_id)
+    assert run.data.metrics["warm_start/items_new"] == 2.0
+    assert client.get_registered_model(NAME).aliases["champion"] == "1"

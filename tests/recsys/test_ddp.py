@@ -120,3 +120,23 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "two" / "mlflow.db") as db:
         assert db.execute("select count(*) from runs").fetchone() == (1,)
         assert db.execute("select count(*) from model_versions").fetchone() == (1,)
+
+
+def test_every_process_of_a_ddp_run_warm_starts(tmp_path: Path) -> None:
+    """Only rank 0 loads the earlier model; the other process gets its weights from DDP's broadcast (weight
+    averaging's first copy is taken at the first step, after it). An epoch at a learning rate that moves no
+    weight must then validate, over both processes' users, what the source validated."""
+    source = tmp_path / "source"
+    assert main(["features", "--quiet", f"work_dir={source}", *SETTINGS, "tracking.enabled=false"]) == EXIT_OK
+    assert main(["train", "--quiet", f"work_dir={source}", *SETTINGS, "tracking.enabled=false"]) == EXIT_OK
+    best = json.loads((source / "model" / "train_report.json").read_text())["best_val_ndcg_at_10"]
+    shutil.copytree(source / "features", tmp_path / "warm" / "features")
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--quiet", f"work_dir={tmp_path / 'warm'}", *SETTINGS,
+           "tracking.enabled=false", "train.devices=2", "train.max_epochs=1", "train.lr=1e-12",
+           "train.ema_decay=0.999", f"train.init_from={source / 'model'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == EXIT_OK, proc.stderr.decode()[-3000:]
+    warm = json.loads((tmp_path / "warm" / "model" / "train_report.json").read_text())
+    assert abs(warm["history"][0]["val_ndcg_at_10"] - best) <= NDCG_ATOL
+    assert warm["warm_start"]["items_new"] == 0

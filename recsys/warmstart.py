@@ -1,0 +1,68 @@
+"""Warm start (``train.init_from``): a new model starts from an earlier model's weights instead of a random
+initialisation, for nightly retraining on a catalogue that has grown or changed since.
+
+Every weight but the item table is copied as is, so the architecture must be the same (the model keys of
+:data:`SAME_ARCHITECTURE`; dropout may differ). Item rows are matched by EXTERNAL ``item_id`` through both
+id maps: an item the earlier model knew starts from its old row, an item it never saw keeps the random
+initialisation of the new model (seeded by ``train.seed``), and an old item missing from the current
+features is left out. Optimiser state is not carried over: training starts a fresh AdamW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+
+from features import schema
+from recsys.candidates import TrainedModel
+from recsys.config import ConfigError
+from recsys.model import PAD, SASRec
+
+# model.json keys that fix the shape or meaning of a weight other than the item table.
+SAME_ARCHITECTURE = ("max_len", "hidden", "n_blocks", "n_heads", "attention", "ffn_mult", "block")
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """An earlier model (``source``, with the id maps it was trained with), where it came from (``spec``:
+    the ``train.init_from`` value), and the CURRENT features' item map (schema.ITEM_MAP)."""
+
+    source: TrainedModel
+    spec: str
+    item_map: pl.DataFrame
+
+    def apply(self, model: SASRec) -> dict[str, int]:
+        """Load the source's weights into ``model`` (in place; its item rows by ``item_id``) and return the
+        counts for the train report: ``items_from_source``, ``items_new``, ``source_items_dropped``.
+
+        Raises ConfigError naming ``train.init_from`` and every architecture key that differs.
+        """
+        old = self.source.model
+        differ = [f"model.{k} is {old.kwargs.get(k)!r} there, {model.kwargs[k]!r} here"
+                  for k in SAME_ARCHITECTURE if old.kwargs.get(k) != model.kwargs[k]]
+        if differ:
+            raise ConfigError(f"train.init_from ({self.spec}): the earlier model has another architecture ("
+                              + "; ".join(differ) + "); set those keys to the earlier model's values, or "
+                              "train from scratch with train.init_from=null")
+        pairs = self.item_map.select(schema.ITEM_ID, schema.ITEM_IDX).join(
+            self.source.item_map.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("source_idx")),
+            on=schema.ITEM_ID, how="inner",
+        )
+        new_idx = pairs[schema.ITEM_IDX].to_torch().long()
+        old_idx = pairs["source_idx"].to_torch().long()
+        state = {k: v for k, v in old.state_dict().items() if k != "item_emb.weight"}
+        with torch.no_grad():
+            table = model.item_emb.weight.detach().clone()  # (I + 1 [+ 1 MASK], D): new items keep their init
+            source = old.item_emb.weight.detach().to(table)
+            table[new_idx] = source[old_idx]
+            table[PAD] = 0.0
+            if model.mask_token is not None:  # bidirectional: the [MASK] row is a learned token too
+                table[model.mask_token] = source[old.mask_token]
+        model.load_state_dict({**state, "item_emb.weight": table}, strict=True)
+        return {
+            "items_from_source": pairs.height,
+            "items_new": model.n_items - pairs.height,
+            "source_items_dropped": old.n_items - pairs.height,
+        }

@@ -1,0 +1,85 @@
+"""Warm start: every weight copied, item rows matched by external item_id (new items keep their random init,
+old ones missing from the features are left out), the [MASK] row carried over, other architectures refused."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+
+from recsys.candidates import TrainedModel
+from recsys.config import ConfigError
+from recsys.model import SASRec
+from recsys.warmstart import WarmStart
+
+ARCH = dict(max_len=6, hidden=8, n_blocks=2, n_heads=2)
+
+
+def _item_map(ids: list[int]) -> pl.DataFrame:
+    return pl.DataFrame({"item_id": ids, "item_idx": list(range(1, len(ids) + 1)), "train_count": [1] * len(ids)},
+                        schema={"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
+
+
+def _source(ids: list[int], attention: str = "causal", seed: int = 0) -> TrainedModel:
+    torch.manual_seed(seed)
+    model = SASRec(n_items=len(ids), dropout=0.1, attention=attention, **ARCH)
+    with torch.no_grad():  # make every weight distinct from a fresh init (LayerNorms start at 1 / 0)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model.item_emb.weight[0].zero_()
+    users = pl.DataFrame({"user_id": [1], "user_idx": [0]}, schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    return TrainedModel(model.eval(), users, _item_map(ids))
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_item_rows_follow_the_item_id_and_every_other_weight_is_copied(attention):
+    source = _source([10, 20, 30], attention)
+    torch.manual_seed(1)
+    new = SASRec(n_items=4, dropout=0.3, attention=attention, **ARCH)  # another dropout is fine
+    fresh = new.item_emb.weight.detach().clone()
+    counts = WarmStart(source, "old/model", _item_map([30, 40, 10, 50])).apply(new)
+
+    assert counts == {"items_from_source": 2, "items_new": 2, "source_items_dropped": 1}  # 20 left out
+    old_rows, rows = source.model.item_emb.weight, new.item_emb.weight
+    assert torch.equal(rows[1], old_rows[3]) and torch.equal(rows[3], old_rows[1])  # 30 and 10
+    assert torch.equal(rows[2], fresh[2]) and torch.equal(rows[4], fresh[4])  # 40 and 50: their new init
+    assert torch.equal(rows[0], torch.zeros(8))
+    if attention == "bidirectional":
+        assert torch.equal(rows[new.mask_token], old_rows[source.model.mask_token])
+    old_state, state = source.model.state_dict(), new.state_dict()
+    assert old_state.keys() == state.keys()
+    for key in state:
+        if key != "item_emb.weight":
+            assert torch.equal(state[key], old_state[key]), key
+
+
+def test_same_catalogue_gives_the_same_scores():
+    source = _source([10, 20, 30, 40])
+    torch.manual_seed(5)
+    new = SASRec(n_items=4, dropout=0.0, **ARCH)
+    WarmStart(source, "old/model", _item_map([10, 20, 30, 40])).apply(new)
+    items = torch.tensor([[0, 0, 1, 3, 2, 4], [0, 0, 0, 0, 4, 4]])
+    with torch.no_grad():
+        assert torch.equal(new.eval()(items), source.model(items))
+
+
+def test_same_items_in_another_order_give_the_same_scores_per_item_id():
+    source = _source([10, 20, 30])
+    new = SASRec(n_items=3, dropout=0.0, **ARCH)
+    WarmStart(source, "old/model", _item_map([30, 10, 20])).apply(new)
+    # History 10, 20 is [1, 2] in the source's indices and [2, 3] in the new ones; item 30 is 3 / 1.
+    with torch.no_grad():
+        old = source.model.score(source.model(torch.tensor([[1, 2]]))[0, -1])  # (4,) by source idx
+        got = new.eval().score(new(torch.tensor([[2, 3]]))[0, -1])  # (4,) by new idx
+    assert torch.equal(got[[2, 3, 1]], old[[1, 2, 3]])
+
+
+def test_another_architecture_is_a_config_error_naming_every_key():
+    source = _source([10, 20])
+    new = SASRec(n_items=2, max_len=6, hidden=16, n_blocks=1, n_heads=2, dropout=0.1)
+    with pytest.raises(ConfigError) as exc:
+        WarmStart(source, "models:/sasrec@champion", _item_map([10, 20])).apply(new)
+    message = str(exc.value)
+    assert "train.init_from (models:/sasrec@champion)" in message
+    assert "model.hidden is 8 there, 16 here" in message and "model.n_blocks is 2 there, 1 here" in message
+    assert "model.max_len" not in message and "train.init_from=null" in message
