@@ -180,6 +180,23 @@ def _execute(args: argparse.Namespace, cfg: Config) -> bool:
     return True
 
 
+def _deltas(report: dict, names: list[str]) -> list[str]:
+    """Two table rows: the model's paired NDCG@k gain over each baseline (model - baseline, same users) and
+    its 95 % normal interval half-width (1.96 s.e.); blank under the model itself."""
+    key = f"ndcg_at_{report['ks'][0]}"
+    if not any(f"delta_{key}_se" in report[n] for n in names):
+        return []
+
+    def cell(name: str, value: str) -> str:
+        return f"{report[name][value]:>+12.4f}" if value in report[name] else " " * 12
+
+    gain = f"  {key + ' gain':<16}" + "".join(cell(n, f"delta_{key}") for n in names)
+    width = f"  {'± 95 % (paired)':<16}" + "".join(
+        f"{1.96 * report[n][f'delta_{key}_se']:>12.4f}" if f"delta_{key}_se" in report[n] else " " * 12
+        for n in names)
+    return [gain, width]
+
+
 def _summary(cfg: Config) -> str:
     root = Path(cfg.work_dir)
     lines = [f"work directory: {root.resolve()}"]
@@ -192,6 +209,7 @@ def _summary(cfg: Config) -> str:
         lines.append(f"  {'metric':<16}" + "".join(f"{n:>12}" for n in names))
         for key in keys:
             lines.append(f"  {key:<16}" + "".join(f"{data[n].get(key, float('nan')):>12.4f}" for n in names))
+        lines.extend(_deltas(data, names))
     promotion = root / "evaluation" / "promotion.json"
     if promotion.is_file():
         lines.append(f"promotion gate: {json.loads(promotion.read_text())['summary']}")

@@ -7,6 +7,7 @@ their numbers are comparable by construction.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -154,13 +155,43 @@ class MetricAccumulator:
             self.covered[k][top[:, :k].cpu()] = True
         self.n_users += ranks.shape[0]
 
+    def values(self) -> dict[str, torch.Tensor]:
+        """Per-user ``ndcg/hr/recall/mrr_at_K`` (float64, users in the order they were added)."""
+        return {key: torch.cat(parts).double() for key, parts in self.per_user.items()}
+
     def result(self) -> dict[str, float]:
-        """Mean ``ndcg/hr/recall/mrr_at_K`` over users, ``coverage_at_K`` (share of the catalogue in at least
-        one user's top K) and ``n_users``."""
-        out = {key: torch.cat(values).double().mean().item() for key, values in self.per_user.items()}
+        """Mean ``ndcg/hr/recall/mrr_at_K`` over users, their standard errors ``…_se`` (sample standard
+        deviation over users / sqrt(users); with 2 users or more), ``coverage_at_K`` (share of the catalogue in
+        at least one user's top K) and ``n_users``."""
+        out = {}
+        for key, values in self.values().items():
+            out[key] = values.mean().item()
+            if len(values) > 1:
+                out[f"{key}_se"] = standard_error(values)
         out.update({f"coverage_at_{k}": self.covered[k][1:].double().mean().item() for k in self.ks})
         out["n_users"] = float(self.n_users)
         return out
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of ``values`` (1-D float64, at least 2): sample std (n - 1) / sqrt(n)."""
+    return (values.std(correction=1) / math.sqrt(len(values))).item()
+
+
+def paired_deltas(model: MetricAccumulator, other: MetricAccumulator) -> dict[str, float]:
+    """``delta_<metric>`` = mean over users of (model - other) on the same users, and ``delta_<metric>_se``
+    its standard error (paired: user-to-user variation shared by both cancels). Raises ValueError if the two
+    were not gathered on the same number of users."""
+    a, b = model.values(), other.values()
+    if model.n_users != other.n_users:
+        raise ValueError(f"paired deltas need the same users: {model.n_users} vs {other.n_users}")
+    out = {}
+    for key in a:
+        diff = a[key] - b[key]
+        out[f"delta_{key}"] = diff.mean().item()
+        if len(diff) > 1:
+            out[f"delta_{key}_se"] = standard_error(diff)
+    return out
 
 
 def _check_eval_args(eval_set: EvalSet, n_items: int, ks: tuple[int, ...], batch_size: int) -> None:
@@ -184,6 +215,13 @@ def evaluate_scorer(
     the catalogue in at least one user's top K. The result does not depend on ``batch_size``.
     Raises ``ValueError`` on an empty eval set, out-of-range items or a wrong score shape.
     """
+    return accumulate_scorer(score_fn, eval_set, n_items, ks, batch_size).result()
+
+
+def accumulate_scorer(
+    score_fn: ScoreFn, eval_set: EvalSet, n_items: int, ks: tuple[int, ...], batch_size: int
+) -> MetricAccumulator:
+    """:func:`evaluate_scorer`'s per-user metrics, before they are averaged."""
     _check_eval_args(eval_set, n_items, ks, batch_size)
     totals = MetricAccumulator(n_items, ks)
     for start in range(0, len(eval_set), batch_size):
@@ -194,7 +232,7 @@ def evaluate_scorer(
         targets = eval_set.targets[rows].to(scores.device)  # (B, M)
         exclude = exclusion_mask(eval_set.history[rows].to(scores.device), n_items, keep=targets)
         totals.add(*_ranks_and_top(scores, targets, exclude, max(ks)))
-    return totals.result()
+    return totals
 
 
 def _ranks_and_top(
@@ -251,6 +289,14 @@ def evaluate_model_blocked(
     O(batch_size * item_block_size). Same metrics as the dense path; raises as :func:`evaluate_scorer`, and
     ``ValueError`` if the model's user or item vectors hold NaN or inf (the dense path would rank NaN last).
     """
+    return accumulate_model_blocked(model, eval_set, n_items, ks, batch_size, item_block_size).result()
+
+
+def accumulate_model_blocked(
+    model: BlockRankingModel, eval_set: EvalSet, n_items: int, ks: tuple[int, ...], batch_size: int,
+    item_block_size: int,
+) -> MetricAccumulator:
+    """:func:`evaluate_model_blocked`'s per-user metrics, before they are averaged."""
     _check_eval_args(eval_set, n_items, ks, batch_size)
     totals = MetricAccumulator(n_items, ks)
     with inference(model) as device:
@@ -264,7 +310,7 @@ def evaluate_model_blocked(
             )
             assert found.ranks is not None
             totals.add(found.ranks, found.ids + 1)  # ids -1 (none) -> 0
-    return totals.result()
+    return totals
 
 
 def _positions(padded: torch.Tensor) -> RaggedItems:
@@ -284,21 +330,6 @@ def model_scorer(model: RankingModel) -> ScoreFn:
             return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
 
     return score
-
-
-def evaluate_scorers(
-    scorers: dict[str, ScoreFn],
-    eval_set: EvalSet,
-    n_items: int,
-    ks: tuple[int, ...],
-    batch_size: int,
-) -> dict[str, dict[str, float]]:
-    """:func:`evaluate_scorer` for each named scorer on the same eval set."""
-    results = {}
-    for name, score_fn in scorers.items():
-        results[name] = evaluate_scorer(score_fn, eval_set, n_items, ks, batch_size)
-        logger.info("%s on %d users: %s", name, len(eval_set), _summary(results[name], ks))
-    return results
 
 
 def baseline_scorers(
@@ -337,21 +368,30 @@ def evaluate_all(
     """``{"model": metrics, <baseline>: metrics, ...}`` on ``cfg.split``, baselines as in ``cfg.baselines``
     (:func:`baseline_scorers`; a skipped one has no key). With ``cfg.item_block_size`` set, the model is
     scored in item blocks (:func:`evaluate_model_blocked`, same metrics); the baselines keep the dense path.
+    Every scorer's metrics hold their standard errors (``…_se``); a baseline's also hold the model's paired
+    difference from it (:func:`paired_deltas`: ``delta_<metric>`` = model - baseline, ``delta_<metric>_se``).
 
     ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``.
     """
     eval_set = build_eval_set(sequences, cfg.split, max_len)
     baselines = baseline_scorers(sequences, n_items, cfg, item_popularity)
     if cfg.item_block_size is None:
-        return evaluate_scorers({"model": model_scorer(model), **baselines}, eval_set, n_items, cfg.ks,
-                                cfg.batch_size)
-    if not isinstance(model, BlockRankingModel):
+        model_totals = accumulate_scorer(model_scorer(model), eval_set, n_items, cfg.ks, cfg.batch_size)
+        how = "dense"
+    elif isinstance(model, BlockRankingModel):
+        model_totals = accumulate_model_blocked(model, eval_set, n_items, cfg.ks, cfg.batch_size,
+                                                cfg.item_block_size)
+        how = f"item blocks of {cfg.item_block_size}"
+    else:
         raise ValueError("evaluate.item_block_size needs a model with item_embeddings() (such as SASRec); "
                          "set it to null for this model")
-    result = evaluate_model_blocked(model, eval_set, n_items, cfg.ks, cfg.batch_size, cfg.item_block_size)
-    logger.info("model on %d users (item blocks of %d): %s", len(eval_set), cfg.item_block_size,
-                _summary(result, cfg.ks))
-    return {"model": result, **evaluate_scorers(baselines, eval_set, n_items, cfg.ks, cfg.batch_size)}
+    results = {"model": model_totals.result()}
+    logger.info("model on %d users (%s): %s", len(eval_set), how, _summary(results["model"], cfg.ks))
+    for name, score_fn in baselines.items():
+        totals = accumulate_scorer(score_fn, eval_set, n_items, cfg.ks, cfg.batch_size)
+        results[name] = {**totals.result(), **paired_deltas(model_totals, totals)}
+        logger.info("%s on %d users: %s", name, len(eval_set), _summary(results[name], cfg.ks))
+    return results
 
 
 def _summary(metrics: dict[str, float], ks: tuple[int, ...]) -> str:

@@ -7,7 +7,8 @@ import json
 import polars as pl
 import pytest
 
-from pipelines.cli import EXIT_OK, EXIT_USAGE, main
+from pipelines.cli import EXIT_OK, EXIT_USAGE, _summary, main
+from recsys.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,13 @@ def test_model_beats_popularity_by_a_wide_margin(demo_run):
     report = json.loads((work / "evaluation" / "report.json").read_text())
     model, pop = report["model"]["ndcg_at_10"], report["popularity"]["ndcg_at_10"]
     assert model > 2 * pop and model - pop > 0.2, (model, pop)
+    # The paired difference is the difference of the means, and its 95 % interval lies well above 0.
+    gain, se = report["popularity"]["delta_ndcg_at_10"], report["popularity"]["delta_ndcg_at_10_se"]
+    assert gain == pytest.approx(model - pop, abs=1e-9) and gain - 1.96 * se > 0.1
+    assert 0 < se < report["model"]["ndcg_at_10_se"] + report["popularity"]["ndcg_at_10_se"]
+    lines = _summary(load_config(overrides=[f"work_dir={work}"])).splitlines()
+    row = next(line for line in lines if line.strip().startswith("ndcg_at_10 gain")).split()
+    assert row[2:] == [f"{report[n]['delta_ndcg_at_10']:+.4f}" for n in ("popularity", "item_knn", "ease")]
 
 
 def test_manifest_accounts_for_every_row(demo_run):

@@ -22,7 +22,15 @@ from recsys.baselines import (
     popularity_scores,
 )
 from recsys.config import EvaluateConfig
-from recsys.evaluation import EvalSet, build_eval_set, evaluate_all, evaluate_scorer, split_histories
+from recsys.evaluation import (
+    EvalSet,
+    accumulate_scorer,
+    build_eval_set,
+    evaluate_all,
+    evaluate_scorer,
+    paired_deltas,
+    split_histories,
+)
 
 N_ITEMS = 8
 
@@ -167,16 +175,20 @@ def test_evaluate_all_runs_model_and_popularity(sequences: pl.DataFrame) -> None
     got = evaluate_all(model, sequences, N_ITEMS, None, cfg, max_len=3)
     assert list(got) == ["model", "popularity", "item_knn", "ease"]
     assert model.training  # the mode is restored
-    assert got["popularity"] == evaluate_scorer(
+    popularity = evaluate_scorer(
         popularity_scorer(popularity_scores(sequences, N_ITEMS)),
         build_eval_set(sequences, "test", 3),
         N_ITEMS,
         (1, 5),
     )
-    for metrics in got.values():
+    assert {k: v for k, v in got["popularity"].items() if not k.startswith("delta_")} == popularity
+    for name, metrics in got.items():
         assert metrics["n_users"] == 5.0
-        assert {"ndcg_at_5", "hr_at_5", "recall_at_5", "mrr_at_5", "coverage_at_5"} <= set(metrics)
-        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "n_users")
+        assert {"ndcg_at_5", "hr_at_5", "recall_at_5", "mrr_at_5", "coverage_at_5", "ndcg_at_5_se"} <= set(metrics)
+        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "n_users" and not k.startswith("delta_"))
+        assert (name == "model") == ("delta_ndcg_at_5" not in metrics)
+        if name != "model":  # the model's paired difference from this baseline
+            assert metrics["delta_ndcg_at_5"] == pytest.approx(got["model"]["ndcg_at_5"] - metrics["ndcg_at_5"])
 
 
 def test_evaluate_all_runs_the_configured_baselines(sequences: pl.DataFrame, caplog) -> None:
@@ -303,3 +315,38 @@ def test_the_shared_ranking_pass_equals_the_reference(case: str, seed: int) -> N
     assert torch.equal(ranks, target_ranks(scores, targets, exclude))
     assert torch.equal(top, _top_items(scores, exclude, 10))
     assert (ranks >= 0).any() and (ranks == -1).any()  # both valid and padding / repeated targets occur
+
+
+def test_standard_errors_and_paired_deltas_against_planted_ranks() -> None:
+    # Users 0-5 saw item 8; their val targets 1, 2, 3, 5, 6, 7. Scorer A ranks item i at i - 1 among the
+    # unseen items (score -i), scorer B at 7 - i (score +i): planted 0-based ranks, so per-user NDCG@5 is known.
+    targets = [1, 2, 3, 5, 6, 7]
+    es = build_eval_set(_sequences([(u, [8], [t], []) for u, t in enumerate(targets)]), "val", max_len=2)
+    items = torch.arange(N_ITEMS + 1.0)
+    a = accumulate_scorer(_table_scorer((-items).repeat(6, 1)), es, N_ITEMS, (5,), batch_size=4)
+    b = accumulate_scorer(_table_scorer(items.repeat(6, 1)), es, N_ITEMS, (5,), batch_size=2)
+
+    def ndcg(ranks: list[int]) -> np.ndarray:
+        return np.array([1 / np.log2(r + 2) if r < 5 else 0.0 for r in ranks])
+
+    na, nb = ndcg([t - 1 for t in targets]), ndcg([7 - t for t in targets])
+    got = a.result()
+    assert got["ndcg_at_5"] == pytest.approx(na.mean(), rel=1e-6)
+    assert got["ndcg_at_5_se"] == pytest.approx(na.std(ddof=1) / np.sqrt(6), rel=1e-6)
+    assert got["hr_at_5_se"] == pytest.approx(np.array([1, 1, 1, 1, 0, 0]).std(ddof=1) / np.sqrt(6), rel=1e-6)
+    deltas = paired_deltas(a, b)
+    assert deltas["delta_ndcg_at_5"] == pytest.approx((na - nb).mean(), rel=1e-6)
+    assert deltas["delta_ndcg_at_5_se"] == pytest.approx((na - nb).std(ddof=1) / np.sqrt(6), rel=1e-6)
+    # Pairing matters: the unpaired error of the difference would be sqrt(se_a^2 + se_b^2).
+    unpaired = np.sqrt(na.var(ddof=1) / 6 + nb.var(ddof=1) / 6)
+    assert abs(deltas["delta_ndcg_at_5_se"] - unpaired) > 1e-3
+
+
+def test_one_user_has_no_standard_error_and_other_users_cannot_be_paired(sequences: pl.DataFrame) -> None:
+    es = build_eval_set(_sequences([(0, [8], [1], [])]), "val", max_len=2)
+    one = accumulate_scorer(_table_scorer(torch.zeros(1, N_ITEMS + 1)), es, N_ITEMS, (5,), batch_size=1)
+    assert "ndcg_at_5" in one.result() and "ndcg_at_5_se" not in one.result()
+    five = build_eval_set(sequences, "test", max_len=3)
+    other = accumulate_scorer(_table_scorer(torch.zeros(5, N_ITEMS + 1)), five, N_ITEMS, (5,), batch_size=2)
+    with pytest.raises(ValueError, match="same users: 1 vs 5"):
+        paired_deltas(one, other)
