@@ -92,7 +92,8 @@ def warm_start(
     spec = cfg.train.init_from
     if spec is None:
         return None, None
+    blend = {"shrink": cfg.train.init_shrink, "perturb": cfg.train.init_perturb}
     if local is not None:
-        return WarmStart(local, spec, feats.item_map), ModelRef(str(Path(spec).resolve()))
+        return WarmStart(local, spec, feats.item_map, **blend), ModelRef(str(Path(spec).resolve()))
     ref, files = fetch_model(tracker, spec, tmp)
-    return WarmStart(load_trained_model(files), spec, feats.item_map), ref
+    return WarmStart(load_trained_model(files), spec, feats.item_map, **blend), ref

@@ -192,6 +192,10 @@ class TrainConfig(_Section):
     # model directory or an MLflow URI (models:/sasrec@champion, models:/sasrec/3). Same architecture needed;
     # items matched by item_id, new items initialised at random. None = from scratch.
     init_from: str | None = None
+    # Shrink and perturb (Ash & Adams 2020) with init_from: each carried-over weight = init_shrink * earlier +
+    # init_perturb * the new model's fresh seeded init. 1 and 0 = a plain copy; no effect without init_from.
+    init_shrink: float = Field(1.0, gt=0.0, le=1.0)
+    init_perturb: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _loss_options(self) -> TrainConfig:

@@ -67,7 +67,7 @@ class TrainResult:
     resumed_from_epoch: int | None = None
     train_seconds_per_epoch: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
-    warm_start: dict[str, int] | None = None  # WarmStart.apply's counts; None = a random initialisation
+    warm_start: dict[str, int | float] | None = None  # WarmStart.apply's counts; None = a random initialisation
 
 
 class _EpochTimer(Callback):

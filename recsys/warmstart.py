@@ -6,6 +6,12 @@ Every weight but the item table is copied as is, so the architecture must be the
 id maps: an item the earlier model knew starts from its old row, an item it never saw keeps the random
 initialisation of the new model (seeded by ``train.seed``), and an old item missing from the current
 features is left out. Optimiser state is not carried over: training starts a fresh AdamW.
+
+Shrink and perturb (Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020): with
+``train.init_shrink`` = s and ``train.init_perturb`` = p, every carried-over weight becomes
+``s * earlier + p * fresh``, fresh = the new model's own seeded initialisation (s = 1, p = 0: a plain copy).
+Shrinking towards and mixing in a fresh init is their remedy for the generalisation a warm-started network
+loses against one trained from scratch. New items keep their fresh rows as they are.
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ class WarmStart:
     source: TrainedModel
     spec: str
     item_map: pl.DataFrame
+    shrink: float = 1.0
+    perturb: float = 0.0
 
-    def apply(self, model: SASRec) -> dict[str, int]:
+    def apply(self, model: SASRec) -> dict[str, int | float]:
         """Load the source's weights into ``model`` (in place; its item rows by ``item_id``) and return the
-        counts for the train report: ``items_from_source``, ``items_new``, ``source_items_dropped``.
+        counts for the train report: ``items_from_source``, ``items_new``, ``source_items_dropped``, with the
+        ``shrink`` and ``perturb`` factors used.
 
         Raises ConfigError naming ``train.init_from`` and every architecture key that differs.
         """
@@ -52,17 +61,27 @@ class WarmStart:
         )
         new_idx = pairs[schema.ITEM_IDX].to_torch().long()
         old_idx = pairs["source_idx"].to_torch().long()
-        state = {k: v for k, v in old.state_dict().items() if k != "item_emb.weight"}
+        fresh = model.state_dict()
+        state = {k: self._blend(v.to(fresh[k]), fresh[k])
+                 for k, v in old.state_dict().items() if k != "item_emb.weight"}
         with torch.no_grad():
             table = model.item_emb.weight.detach().clone()  # (I + 1 [+ 1 MASK], D): new items keep their init
             source = old.item_emb.weight.detach().to(table)
-            table[new_idx] = source[old_idx]
+            table[new_idx] = self._blend(source[old_idx], table[new_idx])
             table[PAD] = 0.0
             if model.mask_token is not None:  # bidirectional: the [MASK] row is a learned token too
-                table[model.mask_token] = source[old.mask_token]
+                table[model.mask_token] = self._blend(source[old.mask_token], table[model.mask_token])
         model.load_state_dict({**state, "item_emb.weight": table}, strict=True)
         return {
             "items_from_source": pairs.height,
             "items_new": model.n_items - pairs.height,
             "source_items_dropped": old.n_items - pairs.height,
+            "shrink": self.shrink,
+            "perturb": self.perturb,
         }
+
+    def _blend(self, earlier: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """``shrink * earlier + perturb * fresh`` for floating-point weights (exactly ``earlier`` by default)."""
+        if not earlier.is_floating_point() or (self.shrink == 1.0 and self.perturb == 0.0):
+            return earlier
+        return self.shrink * earlier + self.perturb * fresh

@@ -160,7 +160,7 @@ def test_nightly_training_warm_starts_from_the_champion(flow):
     model_items = pl.read_parquet(flow["train"] / "model" / "item_map.parquet").height
     assert report["warm_start"] == {"uri": CHAMPION_URI, "name": NAME, "version": "1", "alias": "champion",
                                     "run_id": v1.run_id, "items_from_source": model_items, "items_new": 2,
-                                    "source_items_dropped": 0}
+                                    "source_items_dropped": 0, "shrink": 1.0, "perturb": 0.0}
     assert report["n_items"] == model_items + 2
     # Its run logged the counts; the champion did not move (this job trains and registers, nothing else).
     run = client.get_run(client.get_model_version(NAME, report["registered_version"]).run_id)

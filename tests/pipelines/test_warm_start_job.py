@@ -39,7 +39,7 @@ def test_training_starts_from_the_earlier_models_weights(source, new_work):
     n_items = report["n_items"]
     assert report["warm_start"] == {"uri": str((source / "model").resolve()), "name": None, "version": None,
                                     "alias": None, "run_id": None, "items_from_source": n_items,
-                                    "items_new": 0, "source_items_dropped": 0}
+                                    "items_new": 0, "source_items_dropped": 0, "shrink": 1.0, "perturb": 0.0}
     assert _report(scratch)["warm_start"] is None
 
 

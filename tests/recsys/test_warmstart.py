@@ -39,7 +39,8 @@ def test_item_rows_follow_the_item_id_and_every_other_weight_is_copied(attention
     fresh = new.item_emb.weight.detach().clone()
     counts = WarmStart(source, "old/model", _item_map([30, 40, 10, 50])).apply(new)
 
-    assert counts == {"items_from_source": 2, "items_new": 2, "source_items_dropped": 1}  # 20 left out
+    assert counts == {"items_from_source": 2, "items_new": 2, "source_items_dropped": 1,  # 20 left out
+                      "shrink": 1.0, "perturb": 0.0}
     old_rows, rows = source.model.item_emb.weight, new.item_emb.weight
     assert torch.equal(rows[1], old_rows[3]) and torch.equal(rows[3], old_rows[1])  # 30 and 10
     assert torch.equal(rows[2], fresh[2]) and torch.equal(rows[4], fresh[4])  # 40 and 50: their new init
@@ -51,6 +52,29 @@ def test_item_rows_follow_the_item_id_and_every_other_weight_is_copied(attention
     for key in state:
         if key != "item_emb.weight":
             assert torch.equal(state[key], old_state[key]), key
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_shrink_and_perturb_mixes_each_carried_weight_with_the_fresh_init(attention):
+    source = _source([10, 20, 30], attention)
+    torch.manual_seed(1)
+    new = SASRec(n_items=3, dropout=0.1, attention=attention, **ARCH)
+    fresh = {k: v.clone() for k, v in new.state_dict().items()}
+    counts = WarmStart(source, "old/model", _item_map([30, 40, 10]), shrink=0.4, perturb=0.1).apply(new)
+
+    assert counts["shrink"] == 0.4 and counts["perturb"] == 0.1
+    old, state = source.model.state_dict(), new.state_dict()
+    for key in state:
+        if key != "item_emb.weight":
+            torch.testing.assert_close(state[key], 0.4 * old[key] + 0.1 * fresh[key], msg=key)
+    rows, old_rows, fresh_rows = state["item_emb.weight"], old["item_emb.weight"], fresh["item_emb.weight"]
+    torch.testing.assert_close(rows[1], 0.4 * old_rows[3] + 0.1 * fresh_rows[1])  # 30
+    torch.testing.assert_close(rows[3], 0.4 * old_rows[1] + 0.1 * fresh_rows[3])  # 10
+    assert torch.equal(rows[2], fresh_rows[2])  # 40 is new: its fresh row, not shrunk
+    assert torch.equal(rows[0], torch.zeros(8))
+    if attention == "bidirectional":
+        torch.testing.assert_close(rows[new.mask_token],
+                                   0.4 * old_rows[source.model.mask_token] + 0.1 * fresh_rows[new.mask_token])
 
 
 def test_same_catalogue_gives_the_same_scores():
