@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             began = time.perf_counter()
             extra = [*a.overrides, *([init, *warm] if start == "warm" else [])]
-            name = "-".join([start, *(w.rpartition(".")[2].replace("=", "") for w in warm), str(seed)])
+            name = "-".join([start, *(_leaf(w) for w in warm), str(seed)])
             result = _train_and_evaluate(a.work / f"today-{name}", features["today"], seed, extra)
             record = {"bench": "warm_start", "start": start, "warm_overrides": warm, "seed": seed, **result,
                       **cut, "yesterday": {k: yesterday[k] for k in ("epochs_run", "best_val_ndcg_at_10")},
@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not a.no_table:
         _table(records)
     return records
+
+
+def _leaf(override: str) -> str:
+    """``train.init_shrink=0.5`` → ``init_shrink0.5`` (a directory name part)."""
+    key, _, value = override.partition("=")
+    return key.rpartition(".")[2] + value
 
 
 def _line(record: dict) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
-from features.validation import POS, find_problems, typed_exprs
+from features.validation import POS, find_problems, id_expr, typed_exprs
 from recsys.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -204,6 +204,40 @@ _SCANNERS: dict[str, Callable[[DataConfig, Path], _Raw]] = {
     "pairs": _read_pairs,
     "sequence_lines": _read_sequence_lines,
 }
+
+
+def read_item_ids(path: str | Path, key: str) -> pl.Series:
+    """The distinct ``item_id`` values (Int64, sorted) of a CSV (with a header) or Parquet file that lists
+    items, e.g. ``candidates.allowed_items``; ``key`` names the config key in messages.
+
+    Raises FileNotFoundError (a config problem) if there is no such file, InputDataError naming the file and
+    column if it cannot be read, lacks an ``item_id`` column, holds a value that is not a whole number in the
+    Int64 range (with its data row), or lists no item.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist or is not a file; fix {key} (a CSV or Parquet file "
+                                f"with an {ITEM_ID} column) or set it to null")
+    kind = "Parquet" if path.suffix == ".parquet" else "CSV"
+    try:
+        frame = pl.read_parquet(path) if kind == "Parquet" else pl.read_csv(path, infer_schema=False)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputDataError(f"{path} ({key}) cannot be read as {kind} with a header: {first}; write one "
+                             f"{ITEM_ID} per row under an '{ITEM_ID}' header") from exc
+    if ITEM_ID not in frame.columns:
+        raise InputDataError(f"{path} ({key}) has no column '{ITEM_ID}' (it has {frame.columns}); name the "
+                             f"column of item ids '{ITEM_ID}'")
+    raw = frame[ITEM_ID]
+    ids = frame.select(id_expr(raw.dtype, ITEM_ID))[ITEM_ID]
+    if ids.null_count():
+        row = int(ids.is_null().arg_true()[0])
+        raise InputDataError(f"{path} ({key}), column '{ITEM_ID}', data row {row + 1}: {raw[row]!r} is not an "
+                             f"item id; ids are whole numbers in the Int64 range, as in the events")
+    if ids.len() == 0:
+        raise InputDataError(f"{path} ({key}) lists no items, which would leave no candidate for anyone; list "
+                             f"the items to allow, or set {key}=null to allow every item")
+    return ids.unique().sort()
 
 
 @contextmanager

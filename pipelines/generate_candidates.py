@@ -2,7 +2,8 @@
 top-K per user goes to the date partition ``<work_dir>/candidates/date=YYYY-MM-DD/``, with a manifest and
 a drift report against the previous night. With a shard (``--shard i/N``) only that shard's users are scored,
 into ``candidates/shard=i-of-N/date=YYYY-MM-DD/``, and drift is measured on those users only. With
-``candidates.active_window`` only the users with a recent event (in data time) are scored."""
+``candidates.active_window`` only the users with a recent event (in data time) are scored; with
+``candidates.allowed_items`` only the items of that list are candidates."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import polars as pl
 
 from features import schema
 from features.artifacts import FeatureSet, last_event_times, load_features
+from features.readers import read_item_ids
 from pipelines.workdir import WorkDir
 from recsys.candidates import (
     TrainedModel,
@@ -59,6 +61,10 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
     activity: dict[str, Any] = {"active_window": None, "active_since": None, "users_inactive": 0}
     if cfg.candidates.active_window is not None:  # the newest event of ALL users: every shard the same
         feats, activity = select_active(feats, last_event_times(wd.features), cfg.candidates.active_window)
+    allowed, allow_file = None, None
+    if cfg.candidates.allowed_items is not None:  # read (and checked) before any model or MLflow run
+        allowed = read_item_ids(cfg.candidates.allowed_items, "candidates.allowed_items")
+        allow_file = fingerprint(cfg.candidates.allowed_items)
     spec = cfg.candidates.model or str(wd.model)
     # A local model is read before an MLflow run is opened, so a missing one fails at once.
     local = None if is_mlflow_uri(spec) else load_trained_model(spec, device)
@@ -69,14 +75,15 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
     with job_run(cfg, "candidates", tags=tags) as tracker, \
             tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
         trained, ref = _resolve_model(cfg, spec, local, tracker, Path(tmp), device)
-        table, stats = generate_candidates(trained, feats, cfg.candidates)
+        table, stats = generate_candidates(trained, feats, cfg.candidates, allowed)
         fault_point("candidates-scored")
         previous = wd.previous_candidates(day, part)
         drift = drift_report(table, _previous_lists(previous, shard), stats["k_effective"])
         violations = drift_violations(drift, cfg.candidates)
         drift = {"date": day.isoformat(), "previous": str(previous) if previous else None, **drift,
                  "passed": not violations, "violations": violations}
-        manifest = _manifest(cfg, day, table.height, {**stats, **activity}, ref, feats, wd, shard, device)
+        manifest = _manifest(cfg, day, table.height, {**stats, **activity, "allowed_items": allow_file}, ref,
+                             feats, wd, shard, device)
         target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
         with atomic_dir(target) as out:
             table.write_parquet(out / "candidates.parquet")

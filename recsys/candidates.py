@@ -8,6 +8,11 @@ the model never saw is scored from their history like any other (counted as ``us
 A user left with NO history the model knows gets the fallback: the model's K most popular items
 (``train_count`` of its item map, ties by ``item_id``), seen items excluded, with ``score`` = the item's
 share of training events (counted as ``fallback_users``).
+
+With an allow list (``candidates.allowed_items``) only its items can be candidates, for the model's lists
+and the fallback alike: the index holds the allowed rows of the item table only, so every user still gets K
+allowed items whenever there are K (``items_allowed`` in the manifest; listed ids the model does not know
+cannot be scored and are counted as ``allowed_items_unknown``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from features import schema
 from features.artifacts import FeatureSet
+from features.readers import InputDataError
 from recsys.config import CandidatesConfig
 from recsys.data import RaggedItems
 from recsys.device import inference
@@ -143,15 +149,27 @@ def user_vectors(model: SASRec, histories: pl.Series, batch_size: int) -> np.nda
 
 
 def generate_candidates(
-    trained: TrainedModel, feats: FeatureSet, cfg: CandidatesConfig
+    trained: TrainedModel, feats: FeatureSet, cfg: CandidatesConfig, allowed: pl.Series | None = None
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Top-``cfg.k`` items per user of ``feats`` as a schema.CANDIDATES table plus counts for the manifest."""
+    """Top-``cfg.k`` items per user of ``feats`` as a schema.CANDIDATES table plus counts for the manifest;
+    with ``allowed`` (item ids, from ``cfg.allowed_items``) only those items are candidates.
+
+    Raises InputDataError naming ``candidates.allowed_items`` if the model knows none of the allowed items.
+    """
     hist = model_histories(feats, trained.item_map)
-    k = min(cfg.k, trained.model.n_items)  # a catalogue smaller than K gives every item
+    pool = trained.item_map  # the items that may be candidates
+    if allowed is not None:
+        pool = pool.filter(pl.col(schema.ITEM_ID).is_in(allowed.implode()))
+        if pool.height == 0:
+            raise InputDataError(f"{cfg.allowed_items} (candidates.allowed_items): none of its {allowed.len()} "
+                                 "item ids is in the model's catalogue, so nothing could be recommended; "
+                                 "check that it lists the same item ids as the events")
+    k = min(cfg.k, pool.height)  # a catalogue smaller than K gives every item
     known = pl.col("items").list.len() > 0
     scored, fallback = hist.filter(known), hist.filter(~known)
-    model_rows, search = _model_top_k(trained, scored, k, cfg)
-    table = pl.concat([model_rows, popular_top_k(trained.item_map, fallback, k, cfg.exclude_seen)])
+    rows = None if allowed is None else pool[schema.ITEM_IDX].to_numpy().astype(np.int64) - 1
+    model_rows, search = _model_top_k(trained, scored, k, cfg, rows)
+    table = pl.concat([model_rows, popular_top_k(pool, fallback, k, cfg.exclude_seen)])
     table = table.sort([schema.USER_ID, "rank"])
     schema.check_schema(table, schema.CANDIDATES, "candidates")
     model_items, feature_items = trained.item_map[schema.ITEM_ID], feats.item_map[schema.ITEM_ID]
@@ -164,6 +182,8 @@ def generate_candidates(
         "unknown_items": _count_missing(feature_items, model_items),
         "unknown_item_events": int(hist["unknown_events"].sum()),
         "model_items_not_in_features": _count_missing(model_items, feature_items),
+        "items_allowed": pool.height,
+        "allowed_items_unknown": 0 if allowed is None else allowed.len() - pool.height,
     }
     log.info("candidates: %d users scored by the model, %d popularity fallbacks, %d items unknown to the "
              "model", counts["users_scored"], counts["fallback_users"], counts["unknown_items"])
@@ -171,18 +191,24 @@ def generate_candidates(
 
 
 def _model_top_k(
-    trained: TrainedModel, scored: pl.DataFrame, k: int, cfg: CandidatesConfig
+    trained: TrainedModel, scored: pl.DataFrame, k: int, cfg: CandidatesConfig, rows: np.ndarray | None
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """FAISS top-k over the model's catalogue for users with a history the model knows."""
+    """FAISS top-k over the model's catalogue (only its item table ``rows``, sorted, when not None) for users
+    with a history the model knows."""
     if scored.height == 0:
         return _empty(), {"users": 0}
     lists = scored["items"].to_list()
     users = user_vectors(trained.model, scored["items"], cfg.batch_size)  # (U, D)
     with torch.no_grad():
         items = trained.model.item_embeddings()[1:].float().cpu().numpy()  # (I, D); row r = item_idx r + 1
+    position = None  # item table row -> index row (-1: not in the index)
+    if rows is not None:
+        items = np.ascontiguousarray(items[rows])
+        position = np.full(trained.model.n_items, -1, dtype=np.int64)
+        position[rows] = np.arange(len(rows))
+    seen = [_index_rows(np.asarray(x, dtype=np.int64) - 1, position) if cfg.exclude_seen
+            else np.empty(0, dtype=np.int64) for x in lists]
     index = build_index(items, cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
-    seen = [np.asarray(x, dtype=np.int64) - 1 if cfg.exclude_seen else np.empty(0, dtype=np.int64)
-            for x in lists]
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
     tuned: dict[str, Any] = {}
@@ -192,6 +218,8 @@ def _model_top_k(
                  "target_recall": cfg.target_recall, "target_reached": tuning.reached,
                  "tuning_tried": [list(t) for t in tuning.tried]}
     ids, scores, stats = search_top_k(index, users, k, seen, batch_size=cfg.batch_size, item_vectors=items)
+    if rows is not None:  # index rows -> item table rows
+        ids = np.where(ids >= 0, rows[np.maximum(ids, 0)], -1)
     recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
     rows = _to_rows(scored[schema.USER_ID].to_numpy(), ids, scores, trained.item_map)
@@ -199,6 +227,15 @@ def _model_top_k(
               "exact_fallback_users": stats["fallback_users"],  # ANN left short: answered by exact search
               "ann_recall_at_k": recall, "recall_sample": int(len(sample)), **tuned}
     return rows, search
+
+
+def _index_rows(table_rows: np.ndarray, position: np.ndarray | None) -> np.ndarray:
+    """Item table rows → rows of an index holding a subset of them (``position``; None = all), dropping
+    the rows it does not hold."""
+    if position is None:
+        return table_rows
+    mapped = position[table_rows]
+    return mapped[mapped >= 0]
 
 
 def _to_rows(

@@ -277,6 +277,10 @@ class CandidatesConfig(_Section):
     # features - active_window), in the timestamps' own unit (epoch seconds: 604800 = 7 days). Data time,
     # not the clock, so a backfill sees the same users. None = every user of the features.
     active_window: int | None = Field(None, ge=0)
+    # The only items that may be candidates tonight (in stock, licensed, not withdrawn): a CSV (with a header)
+    # or Parquet file with an item_id column, read at every run. The popularity fallback obeys it too.
+    # None = every item the model knows.
+    allowed_items: str | None = None
 
 
 class TrackingConfig(_Section):

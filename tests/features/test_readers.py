@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
-from features.readers import read_events
+from features.readers import InputDataError, read_events, read_item_ids
 from features.schema import EVENTS, EVENTS_OPTIONAL
 from recsys.config import DataConfig
 
@@ -123,3 +123,35 @@ def test_read_is_lazy_and_repeatable(write_file, fmt):
     path = write_file("events.txt", text)
     lf = read_events(DataConfig(format=fmt), path)
     assert lf.collect().equals(lf.collect())
+
+
+# ---- item lists (candidates.allowed_items) ------------------------------------------------------------
+
+
+def test_item_list_from_csv_or_parquet_is_distinct_and_sorted(tmp_path):
+    csv_file = tmp_path / "allowed.csv"
+    csv_file.write_text("item_id,in_stock\n30,1\n 10 ,1\n30,1\n-5,1\n")
+    got = read_item_ids(csv_file, "candidates.allowed_items")
+    assert got.dtype == pl.Int64 and got.to_list() == [-5, 10, 30]
+    pq = tmp_path / "allowed.parquet"
+    pl.DataFrame({"item_id": [7, 3, 7]}, schema={"item_id": pl.Int64}).write_parquet(pq)
+    assert read_item_ids(pq, "candidates.allowed_items").to_list() == [3, 7]
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("item,x\n1,2\n", r"allowed\.csv \(candidates\.allowed_items\) has no column 'item_id'"),
+    ("item_id\n1\nabc\n", r"allowed\.csv \(candidates\.allowed_items\), column 'item_id', data row 2: 'abc'"),
+    ("item_id\n1\n2\n1.5\n", r"column 'item_id', data row 3: '1.5' is not an item id"),
+    ("item_id\n", r"lists no items.*candidates\.allowed_items=null"),
+    ("", r"allowed\.csv \(candidates\.allowed_items\) cannot be read as CSV"),
+])
+def test_bad_item_list_names_the_file_key_and_column(tmp_path, text, match):
+    path = tmp_path / "allowed.csv"
+    path.write_text(text)
+    with pytest.raises(InputDataError, match=match):
+        read_item_ids(path, "candidates.allowed_items")
+
+
+def test_missing_item_list_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothere\.csv does not exist.*fix candidates\.allowed_items"):
+        read_item_ids(tmp_path / "nothere.csv", "candidates.allowed_items")

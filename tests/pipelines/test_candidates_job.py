@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipelines.cli import EXIT_OK, EXIT_USAGE, main
+from pipelines.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
 from tests.pipelines.conftest import leftovers, tiny, train_tiny
 
 
@@ -116,3 +116,47 @@ def test_active_shards_union_is_the_active_night(trained, tiny_features):
     assert {m["active_since"] for m in shards} == {json.loads(
         (_night(trained, "2024-06-03") / "manifest.json").read_text())["active_since"]}
     assert sum(m["users_inactive"] for m in shards) == 200 - whole["user_id"].n_unique()
+
+
+def test_allowed_items_restrict_the_night_and_shards_agree(trained, tmp_path):
+    items = pl.read_parquet(trained / "model" / "item_map.parquet")["item_id"].sort()
+    allowed = items.gather_every(3)  # a third of the catalogue
+    path = tmp_path / "in-stock.csv"
+    pl.DataFrame({"item_id": [*allowed.to_list(), 10**12]}).write_csv(path)  # one id nobody knows
+    allow = f"candidates.allowed_items={path}"
+    assert main(["candidates", "--quiet", "--date", "2024-07-01", allow, *tiny(trained)]) == EXIT_OK
+    night = _night(trained, "2024-07-01")
+    table = pl.read_parquet(night / "candidates.parquet")
+    assert set(table["item_id"].to_list()) <= set(allowed.to_list())
+    manifest = json.loads((night / "manifest.json").read_text())
+    assert manifest["items_allowed"] == allowed.len() and manifest["allowed_items_unknown"] == 1
+    assert manifest["allowed_items"]["path"] == str(path) and len(manifest["allowed_items"]["sha256"]) == 64
+    # Oracle: the unrestricted night with K = the whole catalogue ranks every unseen item; a user's allowed
+    # list is its allowed items in that order, the first 5 (fewer when fewer allowed ones are unseen).
+    wide_k = f"candidates.k={items.len()}"
+    assert main(["candidates", "--quiet", "--date", "2024-07-02", *tiny(trained, wide_k)]) == EXIT_OK
+    wide = pl.read_parquet(_night(trained, "2024-07-02") / "candidates.parquet")
+    expected = (wide.filter(pl.col("item_id").is_in(allowed.implode())).sort(["user_id", "rank"])
+                .group_by("user_id", maintain_order=True).head(5))
+    assert table.select("user_id", "item_id").equals(expected.select("user_id", "item_id"))
+    assert table["user_id"].n_unique() == 200 and (table.group_by("user_id").len()["len"] == 5).mean() > 0.5
+    unrestricted = json.loads((_night(trained, "2024-07-02") / "manifest.json").read_text())
+    assert unrestricted["allowed_items"] is None and unrestricted["items_allowed"] == items.len()
+    for i in range(2):
+        assert main(["candidates", "--quiet", "--date", "2024-07-03", "--shard", f"{i}/2", allow,
+                     *tiny(trained)]) == EXIT_OK
+    union = pl.read_parquet(trained / "candidates" / "shard=*-of-2" / "date=2024-07-03" / "candidates.parquet")
+    assert union.sort(["user_id", "rank"]).equals(table)
+
+
+def test_a_bad_allowed_items_file_stops_before_writing(trained, tmp_path, capsys):
+    path = tmp_path / "in-stock.csv"
+    path.write_text("sku\n1\n")
+    code = main(["candidates", "--quiet", "--date", "2024-07-09", f"candidates.allowed_items={path}",
+                 *tiny(trained)])
+    assert code == EXIT_INPUT
+    assert f"{path} (candidates.allowed_items) has no column 'item_id'" in capsys.readouterr().err
+    missing = f"candidates.allowed_items={tmp_path / 'gone.csv'}"
+    assert main(["candidates", "--quiet", "--date", "2024-07-09", missing, *tiny(trained)]) == EXIT_USAGE
+    assert "fix candidates.allowed_items" in capsys.readouterr().err
+    assert not _night(trained, "2024-07-09").exists() and leftovers(trained) == []

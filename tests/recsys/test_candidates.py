@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from features.artifacts import FeatureSet
+from features.readers import InputDataError
 from recsys.candidates import TrainedModel, generate_candidates, popular_top_k, select_active
 from recsys.config import CandidatesConfig
 from recsys.model import SASRec
@@ -122,3 +123,52 @@ def test_active_window_threshold_comes_from_all_users_not_the_selected_ones(setu
     active, stats = select_active(feats, last, 60)
     assert sorted(active.sequences["user_idx"].to_list()) == [0, 1]
     assert stats["active_since"] == 40 and stats["users_inactive"] == 2
+
+
+def _allowed_oracle(model: SASRec, history: list[int], allowed: list[int]) -> list[int]:
+    """Top-K model item_idx among ``allowed`` (model item_idx) by a direct dot product, seen ones excluded."""
+    with torch.no_grad():
+        scores = model.score(model(torch.tensor([history]))[0, -1])[1:].numpy()
+    keep = np.full(scores.shape, -np.inf)
+    keep[np.asarray(allowed) - 1] = 0.0
+    scores = scores + keep
+    scores[np.asarray(history) - 1] = -np.inf
+    return [int(i) + 1 for i in np.argsort(-scores, kind="stable")[:K] if np.isfinite(scores[i])]
+
+
+@pytest.mark.parametrize("index", ["Flat", "HNSW4"])
+def test_allowed_items_are_the_only_candidates_for_model_lists_and_fallback(setup, index):
+    trained, feats = setup
+    # Model items 20, 30, 40, 50 (item_idx 2..5) are allowed; 70 is known to the features only, 99 to nobody.
+    allowed = pl.Series("item_id", [20, 30, 40, 50, 70, 99], dtype=pl.Int64)
+    cfg = CandidatesConfig(k=K, index=index, recall_sample=10, allowed_items="allowed.csv",
+                           target_recall=1.0 if index != "Flat" else None)
+    table, stats = generate_candidates(trained, feats, cfg, allowed)
+    to_id = dict(zip(trained.item_map["item_idx"], trained.item_map["item_id"], strict=True))
+    got = {u: g["item_id"].to_list() for (u,), g in table.group_by("user_id")}
+    for user, history in ((1, [1, 2]), (2, [3]), (3, [2, 1])):
+        want = [to_id[i] for i in _allowed_oracle(trained.model, history, [2, 3, 4, 5])]
+        assert got[user] == want, user
+    assert len(got[1]) == K and len(got[3]) == K  # seen 10 / 20 do not use up allowed slots
+    assert got[4] == [20, 30, 50]  # the fallback: the most popular ALLOWED items (10 has 5 events, not allowed)
+    assert set(table["item_id"].to_list()) <= {20, 30, 40, 50}
+    assert stats["items_allowed"] == 4 and stats["allowed_items_unknown"] == 2
+    everything, unrestricted = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10))
+    assert unrestricted["items_allowed"] == 6 and unrestricted["allowed_items_unknown"] == 0
+    assert set(everything["item_id"].to_list()) - {20, 30, 40, 50}  # the list does change something here
+
+
+def test_allowed_items_smaller_than_k_give_every_allowed_unseen_item(setup):
+    trained, feats = setup
+    allowed = pl.Series("item_id", [10, 60], dtype=pl.Int64)
+    table, stats = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10), allowed)
+    assert stats["k_effective"] == 2
+    got = {u: sorted(g["item_id"].to_list()) for (u,), g in table.group_by("user_id")}
+    assert got == {1: [60], 2: [10, 60], 3: [60], 4: [10, 60]}  # users 1 and 3 have seen 10
+
+
+def test_allowed_items_the_model_does_not_know_is_an_input_error(setup):
+    trained, feats = setup
+    allowed = pl.Series("item_id", [70, 99], dtype=pl.Int64)
+    with pytest.raises(InputDataError, match=r"stock\.csv \(candidates\.allowed_items\): none of its 2 item ids"):
+        generate_candidates(trained, feats, CandidatesConfig(k=K, allowed_items="stock.csv"), allowed)
