@@ -13,9 +13,12 @@ into the same files as P = 1 writes. Peak memory follows the largest range, not 
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,22 +64,24 @@ _CONTRACTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_features(cfg: Config) -> dict[str, Any]:
-    """Run the whole feature job for ``cfg`` and return the manifest it wrote.
+def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, Any]:
+    """Run the whole feature job for ``cfg`` and return the manifest it wrote; ``run_date`` (default today,
+    UTC) is the reference of ``features.max_event_age``.
 
-    Raises InputDataError for unusable input (including no rows left after the policies) and ConfigError
-    for settings that do not fit the data (``data.path`` not a file, features.event_types without an
-    event_type column).
+    Raises InputDataError for unusable input (including no rows left after the policies, and a failed input
+    gate: the previous features are kept then) and ConfigError for settings that do not fit the data
+    (``data.path`` not a file, features.event_types without an event_type column).
     """
     data, path = resolve_input(cfg)
     events, target = read_events(data, path), Path(cfg.work_dir) / "features"
+    gate = InputGate.of(cfg.features, target, run_date or datetime.now(UTC).date())
     if cfg.features.partitions > 1:
-        manifest = build_out_of_core(cfg, events, path, target)
+        manifest = build_out_of_core(cfg, events, path, target, gate)
     else:
         kept, accounting = select_rows(events, cfg.features)
         _check_kept(accounting, path, cfg.features)
         tables = encode_and_split(kept, cfg.features)
-        manifest = build_manifest(cfg, path, accounting, tables)
+        manifest = gate.check(build_manifest(cfg, path, accounting, tables), path)
         write_features(target, tables, manifest, cfg)
     logger.info(
         "features: %d users, %d items, %d events kept",
@@ -85,6 +90,45 @@ def build_features(cfg: Config) -> dict[str, Any]:
         manifest["rows_kept"],
     )
     return manifest
+
+
+@dataclass(frozen=True)
+class InputGate:
+    """``features.min_rows_ratio`` / ``max_event_age``: this build against the previous build of the same
+    work directory and the run date, checked before anything is written."""
+
+    min_rows_ratio: float | None
+    max_event_age: int | None
+    previous_rows_in: int | None  # None: no previous build (or one without a manifest)
+    reference: int  # end of the run date, epoch seconds (UTC)
+
+    @classmethod
+    def of(cls, features: FeaturesConfig, target: Path, run_date: dt.date) -> InputGate:
+        previous = target / FEATURE_FILES["manifest"]
+        rows = json.loads(previous.read_text()).get("rows_in") if previous.is_file() else None
+        end = datetime.combine(run_date + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
+        return cls(features.min_rows_ratio, features.max_event_age, rows, int(end.timestamp()))
+
+    def check(self, manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+        """``manifest`` with ``input_gate`` added; raises InputDataError naming the file, the key and the
+        numbers if the input is shorter than the ratio allows or its newest event is too old."""
+        rows, newest = manifest["rows_in"], manifest["newest_timestamp"]
+        kept = "the previous features are kept"
+        if (self.min_rows_ratio is not None and self.previous_rows_in is not None
+                and rows < self.min_rows_ratio * self.previous_rows_in):
+            raise InputDataError(
+                f"{path}: {rows} rows, {rows / self.previous_rows_in:.1%} of the previous build's "
+                f"{self.previous_rows_in} (features.min_rows_ratio {self.min_rows_ratio}): a truncated or "
+                f"partial export? {kept}; rerun once the input is complete, or lower features.min_rows_ratio")
+        since = None if self.max_event_age is None else self.reference - self.max_event_age
+        if since is not None and newest < since:
+            raise InputDataError(
+                f"{path}: the newest event (timestamp {newest}) is older than {since} = end of the run date "
+                f"({self.reference}) - features.max_event_age {self.max_event_age}: a stale export? {kept}; "
+                "rerun once new events arrived, or raise features.max_event_age")
+        return {**manifest, "input_gate": {"min_rows_ratio": self.min_rows_ratio,
+                                           "previous_rows_in": self.previous_rows_in,
+                                           "max_event_age": self.max_event_age, "newest_since": since}}
 
 
 def _check_kept(accounting: Accounting, path: Path, features: FeaturesConfig) -> None:
@@ -158,11 +202,13 @@ def split_events(
     return encoded.pipe(add_split, features).select(list(ENCODED_EVENTS)).collect()
 
 
-def build_out_of_core(cfg: Config, events: pl.LazyFrame, path: Path, target: Path) -> dict[str, Any]:
+def build_out_of_core(
+    cfg: Config, events: pl.LazyFrame, path: Path, target: Path, gate: InputGate
+) -> dict[str, Any]:
     """The feature job over ``features.partitions`` user ranges (module docstring); returns the manifest.
 
     Writes the same files as :func:`write_features`, atomically. Raises InputDataError if the row policies
-    leave no events.
+    leave no events or the input gate fails (nothing is published then).
     """
     features = cfg.features
     with atomic_dir(target) as out:
@@ -185,7 +231,7 @@ def build_out_of_core(cfg: Config, events: pl.LazyFrame, path: Path, target: Pat
         shutil.rmtree(scratch)
         written = {name: pl.scan_parquet(out / FEATURE_FILES[name]) for name in parts}
         maps = {"user_map": user_map, "item_map": add_train_count(item_index, written["events"])}
-        manifest = build_manifest(cfg, path, accounting, written | maps)
+        manifest = gate.check(build_manifest(cfg, path, accounting, written | maps), path)
         for name, table in maps.items():
             check_schema(table, _CONTRACTS[name], FEATURE_FILES[name])
         write_tables(out, maps, manifest, cfg)
@@ -243,6 +289,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Counts, accounting, resolved config and input fingerprint describing one feature build."""
     per_split = dict(tables["events"].lazy().group_by(SPLIT).len().collect().iter_rows())
+    newest = tables["events"].lazy().select(pl.col(TIMESTAMP).max()).collect().item()
     with_items = [(pl.col(SPLIT_LISTS[split]).list.len() > 0).sum().alias(split) for split in ("val", "test")]
     n_with = tables["sequences"].lazy().select(with_items).collect().row(0, named=True)
     return {
@@ -254,6 +301,7 @@ def build_manifest(
         "n_users_with_val": int(n_with["val"]),
         "n_users_with_test": int(n_with["test"]),
         "n_events_per_split": {split: per_split.get(split, 0) for split in SPLIT_LISTS},
+        "newest_timestamp": newest,  # of the kept events
         "split": cfg.features.split,
         "config": cfg.to_dict(),
         "inputs": {"events": fingerprint(path)},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from pathlib import Path
 
@@ -13,11 +14,12 @@ from recsys.tracking import job_run
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> Path:
-    """Build features into ``<work_dir>/features`` and track the run; returns that directory."""
+def run(cfg: Config, run_date: dt.date | None = None) -> Path:
+    """Build features into ``<work_dir>/features`` and track the run; returns that directory. ``run_date``
+    (default today, UTC) is the reference of ``features.max_event_age``."""
     out = WorkDir.of(cfg).features
     with job_run(cfg, "features") as tracker:
-        manifest = build_features(cfg)
+        manifest = build_features(cfg, run_date)
         dropped = {f"dropped.{k}": v for k, v in manifest["dropped"].items()}
         tracker.log_metrics(
             {

@@ -12,9 +12,10 @@ from recsys.config import Config
 def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     """Run every job in order with the same config; returns the work directory.
 
-    ``run_date`` ties training's resume point to the run (see ``pipelines.schedule.checkpoint_dir``).
+    ``run_date`` ties training's resume point to the run (see ``pipelines.schedule.checkpoint_dir``) and is
+    the reference of ``features.max_event_age``.
     """
-    build_features.run(cfg)
+    build_features.run(cfg, run_date)
     train.run(cfg, run_date)
     evaluate.run(cfg)
     generate_candidates.run(cfg, run_date)

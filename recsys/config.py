@@ -84,6 +84,13 @@ class FeaturesConfig(_Section):
     test_cutoff: int | None = None
     # > 1: out of core, the events split into this many user ranges processed one at a time (features.build)
     partitions: int = Field(1, ge=1)
+    # Input gate, for unattended nightly builds (a failure is exit 3 and keeps the previous features): the
+    # input must hold at least this share of the rows of the previous build in this work directory (a
+    # truncated export); None = no check. The first build has nothing to compare with and passes.
+    min_rows_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    # ... and its newest event must be at most this old at the END of the run date (UTC; --run-date of
+    # `recsys run`, else today), in the timestamps' unit (epoch seconds: 172800 = 2 days): a stale export.
+    max_event_age: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _partitions(self) -> FeaturesConfig:

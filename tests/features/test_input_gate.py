@@ -1,0 +1,90 @@
+"""Input gate of the feature job (features.min_rows_ratio, features.max_event_age): a truncated or stale
+export fails before anything is written and the previous features stay as they were; the boundaries are
+exact, in memory and out of core, and `recsys run --run-date` is the age's reference."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from features.build import build_features
+from features.readers import InputDataError
+from pipelines.cli import EXIT_INPUT, main
+from recsys.config import load_config
+
+DAY = 86_400
+RUN_DATE = dt.date(2024, 5, 1)
+END = int(dt.datetime(2024, 5, 2, tzinfo=dt.UTC).timestamp())  # the end of RUN_DATE, UTC
+
+
+def _events(path: Path, users: int, newest: int) -> Path:
+    """``users`` users with 4 events each (10 rows apart by user), the newest at timestamp ``newest``."""
+    rows = [(u, 100 + (u * 3 + j) % 17, newest - (users - 1 - u) * 10 - (3 - j) * DAY)
+            for u in range(users) for j in range(4)]
+    pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row").write_csv(path)
+    return path
+
+
+def _build(path: Path, work: Path, *overrides: str, run_date: dt.date = RUN_DATE) -> dict:
+    cfg = load_config(overrides=[f"data.path={path}", f"work_dir={work}", "tracking.enabled=false", *overrides])
+    return build_features(cfg, run_date)
+
+
+def _snapshot(work: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((work / "features").iterdir())}
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_too_few_rows_against_the_previous_build_fail_and_keep_it(tmp_path, partitions):
+    work, part = tmp_path / "work", f"features.partitions={partitions}"
+    first = _build(_events(tmp_path / "full.csv", 50, END), work, part, "features.min_rows_ratio=0.8")
+    assert first["rows_in"] == 200 and first["newest_timestamp"] == END
+    assert first["input_gate"] == {"min_rows_ratio": 0.8, "previous_rows_in": None, "max_event_age": None,
+                                   "newest_since": None}  # the first build has nothing to compare with
+    before = _snapshot(work)
+    short = _events(tmp_path / "short.csv", 39, END)  # 156 rows: 78 % of 200
+    with pytest.raises(InputDataError, match=r"short\.csv: 156 rows, 78\.0% of the previous build's 200 "
+                                             r"\(features\.min_rows_ratio 0\.8\).*previous features are kept"):
+        _build(short, work, part, "features.min_rows_ratio=0.8")
+    assert _snapshot(work) == before
+    assert sorted(p.name for p in work.iterdir()) == ["features"]  # no temporary directory left behind
+    exact = _build(_events(tmp_path / "exact.csv", 40, END), work, part, "features.min_rows_ratio=0.8")
+    assert exact["rows_in"] == 160 and exact["input_gate"]["previous_rows_in"] == 200  # 160 = 0.8 * 200 passes
+    again = _build(short, work, part)  # no ratio set: nothing checked, the previous count still recorded
+    assert again["rows_in"] == 156 and again["input_gate"]["previous_rows_in"] == 160
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_a_newest_event_older_than_the_age_allows_fails(tmp_path, partitions):
+    work, part = tmp_path / "work", f"features.partitions={partitions}"
+    newest = END - 2 * DAY
+    events = _events(tmp_path / "events.csv", 30, newest)
+    ok = _build(events, work, part, f"features.max_event_age={2 * DAY}")  # exactly 2 days old: allowed
+    assert ok["input_gate"]["newest_since"] == newest and ok["newest_timestamp"] == newest
+    before = _snapshot(work)
+    with pytest.raises(InputDataError, match=rf"events\.csv: the newest event \(timestamp {newest}\) is older "
+                                             rf"than {newest + 1} = end of the run date \({END}\) - "
+                                             rf"features\.max_event_age {2 * DAY - 1}: a stale export"):
+        _build(events, work, part, f"features.max_event_age={2 * DAY - 1}")
+    with pytest.raises(InputDataError, match="stale export"):  # a day later, the same file is 3 days old
+        _build(events, work, part, f"features.max_event_age={2 * DAY}", run_date=RUN_DATE + dt.timedelta(1))
+    assert _snapshot(work) == before
+
+
+def test_recsys_run_checks_the_age_against_its_run_date(tmp_path, capsys):
+    events = _events(tmp_path / "events.csv", 30, END - DAY)
+    work = tmp_path / "work"
+    common = ["--quiet", f"data.path={events}", f"work_dir={work}", "tracking.enabled=false",
+              f"features.max_event_age={DAY}"]
+    code = main(["run", "--run-date", "2024-05-02", *common])  # 2 days old at the end of 2024-05-02
+    assert code == EXIT_INPUT
+    assert "stale export" in capsys.readouterr().err
+    assert not (work / "features").exists() and not (work / "model").exists()
+    assert not (work / "runs").exists()  # no success marker
+    manifest_of = work / "features" / "manifest.json"
+    assert main(["features", *common, f"features.max_event_age={10**9}"]) == 0  # today: any age this big
+    assert json.loads(manifest_of.read_text())["input_gate"]["max_event_age"] == 10**9
