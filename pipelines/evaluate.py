@@ -39,7 +39,11 @@ def run(cfg: Config) -> Path:
             write_json(tmp / "report.json", report)
             save_config(cfg, tmp / "config.yaml")
         for name, metrics in results.items():
-            tracker.log_metrics({f"{cfg.evaluate.split}/{name}/{k}": v for k, v in metrics.items()})
+            split = cfg.evaluate.split
+            tracker.log_metrics({f"{split}/{name}/{k}": v for k, v in metrics.items() if k != "segments"})
+            for label, segment in metrics.get("segments", {}).items():  # test/model/history_5-19/ndcg_at_10
+                where = f"{split}/{name}/history_{label.replace('+', '_plus')}"  # MLflow refuses "+"
+                tracker.log_metrics({f"{where}/{k}": v for k, v in segment.items()})
         tracker.log_artifacts(wd.evaluation, "evaluation")
         _promote(cfg, wd, tracker)
     log.info("evaluate: report → %s", wd.evaluation / "report.json")

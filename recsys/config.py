@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -255,6 +263,17 @@ class EvaluateConfig(_Section):
     item_block_size: int | None = Field(None, ge=1)
     # Where the model scores (the baselines stay on the CPU); recorded in report.json as "device".
     device: Device = "auto"
+    # Metrics per segment of users by history length (events before the split's target), e.g. [5, 20]:
+    # 1-4, 5-19 and 20+ events; in report.json under "segments". Empty = no segments.
+    history_segments: tuple[int, ...] = ()
+
+    @field_validator("history_segments")
+    @classmethod
+    def _ascending(cls, bounds: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 2 for b in bounds) or list(bounds) != sorted(set(bounds)):
+            raise ValueError("evaluate.history_segments must be strictly ascending bounds of at least 2 "
+                             f"(e.g. [5, 20]), got {list(bounds)}")
+        return bounds
 
 
 class CandidatesConfig(_Section):

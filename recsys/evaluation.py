@@ -163,11 +163,7 @@ class MetricAccumulator:
         """Mean ``ndcg/hr/recall/mrr_at_K`` over users, their standard errors ``…_se`` (sample standard
         deviation over users / sqrt(users); with 2 users or more), ``coverage_at_K`` (share of the catalogue in
         at least one user's top K) and ``n_users``."""
-        out = {}
-        for key, values in self.values().items():
-            out[key] = values.mean().item()
-            if len(values) > 1:
-                out[f"{key}_se"] = standard_error(values)
+        out = means(self.values())
         out.update({f"coverage_at_{k}": self.covered[k][1:].double().mean().item() for k in self.ks})
         out["n_users"] = float(self.n_users)
         return out
@@ -185,12 +181,18 @@ def paired_deltas(model: MetricAccumulator, other: MetricAccumulator) -> dict[st
     a, b = model.values(), other.values()
     if model.n_users != other.n_users:
         raise ValueError(f"paired deltas need the same users: {model.n_users} vs {other.n_users}")
+    return means({key: a[key] - b[key] for key in a}, "delta_")
+
+
+def means(values: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    """``<prefix><metric>``: the mean of each per-user tensor of ``values`` (when not empty), and
+    ``<prefix><metric>_se`` its standard error (2 users or more)."""
     out = {}
-    for key in a:
-        diff = a[key] - b[key]
-        out[f"delta_{key}"] = diff.mean().item()
-        if len(diff) > 1:
-            out[f"delta_{key}_se"] = standard_error(diff)
+    for key, per_user in values.items():
+        if len(per_user):
+            out[f"{prefix}{key}"] = per_user.mean().item()
+        if len(per_user) > 1:
+            out[f"{prefix}{key}_se"] = standard_error(per_user)
     return out
 
 
@@ -385,13 +387,48 @@ def evaluate_all(
     else:
         raise ValueError("evaluate.item_block_size needs a model with item_embeddings() (such as SASRec); "
                          "set it to null for this model")
-    results = {"model": model_totals.result()}
+    results: dict[str, dict[str, Any]] = {"model": model_totals.result()}
     logger.info("model on %d users (%s): %s", len(eval_set), how, _summary(results["model"], cfg.ks))
+    segments = history_segments(eval_set, cfg.history_segments)
+    if segments:
+        results["model"]["segments"] = segment_results(model_totals, None, segments)
     for name, score_fn in baselines.items():
         totals = accumulate_scorer(score_fn, eval_set, n_items, cfg.ks, cfg.batch_size)
         results[name] = {**totals.result(), **paired_deltas(model_totals, totals)}
+        if segments:
+            results[name]["segments"] = segment_results(totals, model_totals, segments)
         logger.info("%s on %d users: %s", name, len(eval_set), _summary(results[name], cfg.ks))
     return results
+
+
+def history_segments(eval_set: EvalSet, bounds: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Users by history length (events before the target, the whole history): for bounds (5, 20) the masks
+    of "1-4", "5-19" and "20+" over the eval set's users ("1" for a segment of one length); {} without
+    bounds."""
+    if not bounds:
+        return {}
+    lengths = (eval_set.history > 0).sum(dim=1)
+    edges = [1, *bounds]
+    out = {(f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"): (lengths >= lo) & (lengths < hi)
+           for lo, hi in zip(edges, edges[1:], strict=False)}
+    out[f"{edges[-1]}+"] = lengths >= edges[-1]
+    return out
+
+
+def segment_results(
+    totals: MetricAccumulator, model: MetricAccumulator | None, segments: dict[str, torch.Tensor]
+) -> dict[str, dict[str, float]]:
+    """Per segment (masks over the users in the order they were added): ``n_users``, the mean of every
+    per-user metric with its standard error (``…_se``, 2 users or more), and, against ``model`` (a baseline's
+    segments), the paired ``delta_<metric>`` / ``delta_<metric>_se``. Coverage is not split by segment."""
+    values = totals.values()
+    theirs = None if model is None else model.values()
+    out = {}
+    for label, mask in segments.items():
+        out[label] = {"n_users": float(mask.sum()), **means({k: v[mask] for k, v in values.items()})}
+        if theirs is not None:
+            out[label] |= means({k: theirs[k][mask] - v[mask] for k, v in values.items()}, "delta_")
+    return out
 
 
 def _summary(metrics: dict[str, float], ks: tuple[int, ...]) -> str:

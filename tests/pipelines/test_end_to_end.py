@@ -20,6 +20,7 @@ def demo_run(tmp_path_factory):
         "features.min_user_events=5", "features.min_item_events=3",
         "model.max_len=30", "model.hidden=32", "train.max_epochs=25", "train.patience=4",
         "train.batch_size=64", "train.progress=false", "candidates.k=10", "candidates.recall_sample=100",
+        "evaluate.history_segments=[10,20]",
     ]
     code = main(["run", "--quiet", *overrides])
     return code, work
@@ -48,6 +49,18 @@ def test_model_beats_popularity_by_a_wide_margin(demo_run):
     lines = _summary(load_config(overrides=[f"work_dir={work}"])).splitlines()
     row = next(line for line in lines if line.strip().startswith("ndcg_at_10 gain")).split()
     assert row[2:] == [f"{report[n]['delta_ndcg_at_10']:+.4f}" for n in ("popularity", "item_knn", "ease")]
+
+
+def test_report_splits_every_scorer_by_history_length(demo_run):
+    _, work = demo_run
+    report = json.loads((work / "evaluation" / "report.json").read_text())
+    for name in ("model", "popularity", "item_knn", "ease"):
+        parts = report[name]["segments"]
+        assert list(parts) == ["1-9", "10-19", "20+"]
+        assert sum(p["n_users"] for p in parts.values()) == report[name]["n_users"]
+        weighted = sum(p["ndcg_at_10"] * p["n_users"] for p in parts.values() if p["n_users"])
+        assert weighted / report[name]["n_users"] == pytest.approx(report[name]["ndcg_at_10"], rel=1e-9)
+    assert report["model"]["segments"]["20+"]["n_users"] > 0
 
 
 def test_manifest_accounts_for_every_row(demo_run):
@@ -85,6 +98,11 @@ def test_mlflow_has_a_run_per_job_and_a_registered_version(demo_run):
     assert all(r.info.status == "FINISHED" for r in runs)
     train_run = next(r for r in runs if r.data.tags["job"] == "train")
     assert "val/ndcg_at_10" in train_run.data.metrics
+    eval_run = next(r for r in runs if r.data.tags["job"] == "evaluate")
+    report = json.loads((work / "evaluation" / "report.json").read_text())
+    assert eval_run.data.metrics["test/model/history_10-19/ndcg_at_10"] == pytest.approx(
+        report["model"]["segments"]["10-19"]["ndcg_at_10"])
+    assert "test/ease/history_20_plus/delta_ndcg_at_10" in eval_run.data.metrics
     assert train_run.data.params["model.hidden"] == "32"
     versions = client.search_model_versions("name = 'sasrec'")
     assert len(versions) == 1 and versions[0].run_id == train_run.info.run_id

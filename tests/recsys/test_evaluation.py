@@ -28,7 +28,9 @@ from recsys.evaluation import (
     build_eval_set,
     evaluate_all,
     evaluate_scorer,
+    history_segments,
     paired_deltas,
+    segment_results,
     split_histories,
 )
 
@@ -350,3 +352,58 @@ def test_one_user_has_no_standard_error_and_other_users_cannot_be_paired(sequenc
     other = accumulate_scorer(_table_scorer(torch.zeros(5, N_ITEMS + 1)), five, N_ITEMS, (5,), batch_size=2)
     with pytest.raises(ValueError, match="same users: 1 vs 5"):
         paired_deltas(one, other)
+
+
+def test_history_segments_against_planted_ranks() -> None:
+    # (history, val target): history lengths 1, 1, 2, 3, 4, 5, 5. Scorer A scores item i by -i, B by +i, so a
+    # target's 0-based rank is the number of unseen items scored above it: a direct count is the oracle.
+    rows = [([8], 1), ([8], 3), ([8, 2], 5), ([8, 1, 2], 6), ([8, 1, 2, 3], 7), ([8, 1, 2, 3, 4], 6),
+            ([8, 7, 6, 5, 4], 2)]
+    es = build_eval_set(_sequences([(u, h, [t], []) for u, (h, t) in enumerate(rows)]), "val", max_len=6)
+    items = torch.arange(N_ITEMS + 1.0)
+    a = accumulate_scorer(_table_scorer((-items).repeat(7, 1)), es, N_ITEMS, (5,), batch_size=3)
+    b = accumulate_scorer(_table_scorer(items.repeat(7, 1)), es, N_ITEMS, (5,), batch_size=7)
+
+    def ndcg(above) -> np.ndarray:  # above(i, t): item i scores above target t
+        ranks = [sum(1 for i in range(1, N_ITEMS + 1) if i not in h and i != t and above(i, t)) for h, t in rows]
+        return np.array([1 / np.log2(r + 2) if r < 5 else 0.0 for r in ranks])
+
+    na, nb = ndcg(lambda i, t: i < t), ndcg(lambda i, t: i > t)
+    segments = history_segments(es, (2, 4))
+    assert list(segments) == ["1", "2-3", "4+"]
+    groups = {"1": [0, 1], "2-3": [2, 3], "4+": [4, 5, 6]}
+    for label, users in groups.items():
+        assert segments[label].nonzero().flatten().tolist() == users
+    got = segment_results(a, None, segments)
+    versus_a = segment_results(b, a, segments)  # B as a baseline of model A
+    for label, users in groups.items():
+        assert got[label]["n_users"] == len(users)
+        assert got[label]["ndcg_at_5"] == pytest.approx(na[users].mean(), rel=1e-6), label
+        assert got[label]["ndcg_at_5_se"] == pytest.approx(na[users].std(ddof=1) / np.sqrt(len(users)), rel=1e-6)
+        assert "delta_ndcg_at_5" not in got[label]
+        diff = na[users] - nb[users]
+        assert versus_a[label]["ndcg_at_5"] == pytest.approx(nb[users].mean(), rel=1e-6)
+        assert versus_a[label]["delta_ndcg_at_5"] == pytest.approx(diff.mean(), rel=1e-6, abs=1e-12)
+        assert versus_a[label]["delta_ndcg_at_5_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(len(users)),
+                                                                      rel=1e-6, abs=1e-12)
+    assert history_segments(es, ()) == {}
+
+
+def test_evaluate_all_segments_add_up_to_the_whole(sequences: pl.DataFrame) -> None:
+    cfg = EvaluateConfig(ks=(5,), baselines=("popularity",), history_segments=(2, 4))
+    got = evaluate_all(_MeanModel(N_ITEMS), sequences, N_ITEMS, None, cfg, max_len=3)
+    for name in ("model", "popularity"):
+        parts = got[name]["segments"]
+        assert sum(p["n_users"] for p in parts.values()) == got[name]["n_users"]
+        for key in ("ndcg_at_5", "hr_at_5", "mrr_at_5"):
+            total = sum(p[key] * p["n_users"] for p in parts.values() if p["n_users"])
+            assert total / got[name]["n_users"] == pytest.approx(got[name][key], rel=1e-9), (name, key)
+    assert "delta_ndcg_at_5" in got["popularity"]["segments"]["4+"]
+    assert "segments" not in evaluate_all(_MeanModel(N_ITEMS), sequences, N_ITEMS, None,
+                                          EvaluateConfig(ks=(5,), baselines=()), max_len=3)["model"]
+
+
+def test_history_segments_must_ascend() -> None:
+    for bad in ((5, 5), (20, 5), (1, 5)):
+        with pytest.raises(ValueError, match="evaluate.history_segments must be strictly ascending"):
+            EvaluateConfig(history_segments=bad)
