@@ -146,6 +146,7 @@ def _settings_that_dropped(accounting: Accounting, features: FeaturesConfig) -> 
         "event_type_filtered": f"features.event_types (now {list(features.event_types or [])})",
         "user_kcore": f"features.min_user_events (now {features.min_user_events})",
         "item_kcore": f"features.min_item_events (now {features.min_item_events})",
+        "user_too_active": f"features.max_user_events (now {features.max_user_events})",
     }
     named = [text for reason, text in settings.items() if accounting.dropped.get(reason)]
     return " or ".join(named) or "the row policies under features"

@@ -1,4 +1,5 @@
-"""Row policies with accounting: event-type filter, de-duplication and the iterative k-core.
+"""Row policies with accounting: event-type filter, de-duplication, per-user limits (too active users, only
+the newest events) and the iterative k-core.
 
 Every dropped row is counted under exactly one reason of :data:`DROP_REASONS`, so
 ``rows_in == rows_kept + sum(dropped.values())`` always holds. The event-type filter and de-duplication only
@@ -22,7 +23,8 @@ from recsys.config import ConfigError, FeaturesConfig
 logger = logging.getLogger(__name__)
 
 DROP_REASON = "drop_reason"
-DROP_REASONS = ("event_type_filtered", "duplicate", "user_kcore", "item_kcore")
+DROP_REASONS = ("event_type_filtered", "duplicate", "user_too_active", "older_than_last_n", "user_kcore",
+                "item_kcore")
 _REASON = pl.Enum(DROP_REASONS)  # cheaper to fill and filter than String
 _ROW = "_row"  # input position, to restore input order
 _DEDUP_KEYS = {"exact": [USER_ID, ITEM_ID, TIMESTAMP], "user_item": [USER_ID, ITEM_ID]}
@@ -109,12 +111,28 @@ def mark_duplicates(events: pl.LazyFrame, dedup: str) -> pl.LazyFrame:
     return events.with_columns(_mark(candidate & ~key.is_first_distinct(), "duplicate"))
 
 
+def mark_user_limits(events: pl.LazyFrame, max_user_events: int | None, keep_last: int | None) -> pl.LazyFrame:
+    """Per user, on the rows still kept and in :func:`sort_by_user_time` order: every row of a user with more
+    than ``max_user_events`` of them is marked ``user_too_active`` (bots, crawlers, shared accounts); then all
+    but each user's newest ``keep_last`` rows are marked ``older_than_last_n``. None = no limit."""
+    if max_user_events is not None:
+        count = _kept().cast(pl.Int64).sum().over(USER_ID)
+        events = events.with_columns(_mark(count > max_user_events, "user_too_active"))
+    if keep_last is not None:  # kept rows at or after this one (newer, or tied and later in the input)
+        newer = _kept().cast(pl.Int64).cum_sum(reverse=True).over(USER_ID)
+        events = events.with_columns(_mark(newer > keep_last, "older_than_last_n"))
+    return events
+
+
 def mark_rows(events: pl.LazyFrame, features: FeaturesConfig) -> pl.DataFrame:
-    """``events`` in :func:`sort_by_user_time` order, ``drop_reason`` set by the event-type filter and dedup."""
+    """``events`` in :func:`sort_by_user_time` order, ``drop_reason`` set by the event-type filter, dedup and
+    the per-user limits."""
     # the in-memory engine: the streaming one (polars 2.1) sorts about twice as slowly, in no less memory
     typed = events.pipe(start_marking).pipe(mark_event_types, features.event_types)
     ordered = sort_by_user_time(typed.collect(engine="in-memory"))
-    return ordered.lazy().pipe(mark_duplicates, features.dedup).collect(engine="in-memory")
+    return (ordered.lazy().pipe(mark_duplicates, features.dedup)
+            .pipe(mark_user_limits, features.max_user_events, features.keep_last_events)
+            .collect(engine="in-memory"))
 
 
 def filter_kcore(events: pl.DataFrame, min_user: int, min_item: int) -> tuple[pl.DataFrame, dict[str, int]]:

@@ -90,6 +90,11 @@ class FeaturesConfig(_Section):
     split: Literal["leave_one_out", "time"] = "leave_one_out"
     val_cutoff: int | None = None
     test_cutoff: int | None = None
+    # Per-user limits, after the event-type filter and dedup, before the k-core (dropped rows counted): users
+    # with more events than max_user_events are dropped whole (bots, crawlers, shared accounts), and only each
+    # user's newest keep_last_events events are kept. None = no limit.
+    max_user_events: int | None = Field(None, ge=1)
+    keep_last_events: int | None = Field(None, ge=1)
     # > 1: out of core, the events split into this many user ranges processed one at a time (features.build)
     partitions: int = Field(1, ge=1)
     # Input gate, for unattended nightly builds (a failure is exit 3 and keeps the previous features): the
@@ -107,6 +112,14 @@ class FeaturesConfig(_Section):
                 "features.partitions > 1 needs features.min_item_events = 1: the item k-core counts every "
                 "user's events at once; build with features.partitions=1 or drop the item k-core"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _user_limits(self) -> FeaturesConfig:
+        if self.max_user_events is not None and self.min_user_events > self.max_user_events:
+            raise ValueError(f"features.min_user_events ({self.min_user_events}) is above features."
+                             f"max_user_events ({self.max_user_events}): no user could be kept; lower the first "
+                             "or raise the second")
         return self
 
     @model_validator(mode="after")

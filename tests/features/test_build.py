@@ -13,7 +13,7 @@ from features.artifacts import last_event_times
 from features.build import ENCODED_EVENTS, build_features
 from features.readers import InputDataError
 from features.schema import FEATURE_FILES, ITEM_MAP, SEQUENCES, USER_MAP, check_schema
-from recsys.config import load_config
+from recsys.config import ConfigError, load_config
 
 SYNTHETIC = ["data.source=synthetic", "data.synthetic.n_users=300", "data.synthetic.n_items=100"]
 
@@ -100,7 +100,8 @@ def test_build_from_a_csv_file_with_policies(tmp_path, write_file):
         ]
     )
     manifest = build_features(cfg)
-    assert manifest["dropped"] == {"event_type_filtered": 1, "duplicate": 1, "user_kcore": 1, "item_kcore": 0}
+    assert manifest["dropped"] == {"event_type_filtered": 1, "duplicate": 1, "user_too_active": 0,
+                                   "older_than_last_n": 0, "user_kcore": 1, "item_kcore": 0}
     assert (manifest["rows_in"], manifest["rows_kept"], manifest["n_users"], manifest["n_items"]) == (
         15,
         12,
@@ -126,6 +127,18 @@ def test_nothing_left_after_policies_is_an_error(tmp_path, write_file):
     cfg = load_config(overrides=[f"work_dir={tmp_path}", f"data.path={path}", "features.min_user_events=2"])
     with pytest.raises(InputDataError, match="no events left"):
         build_features(cfg)
+
+
+def test_user_limits_name_their_keys_when_nothing_is_left(tmp_path, write_file):
+    path = write_file("events.csv", "user_id,item_id,timestamp\n1,2,3\n1,3,4\n2,3,4\n2,5,6\n")
+    cfg = load_config(overrides=[f"work_dir={tmp_path}", f"data.path={path}", "features.max_user_events=1"])
+    with pytest.raises(InputDataError, match=r"4 rows in.*'user_too_active': 4.*features\.max_user_events \(now 1\)"):
+        build_features(cfg)
+    kept = build_features(load_config(overrides=[f"work_dir={tmp_path}", f"data.path={path}",
+                                                 "features.keep_last_events=1"]))
+    assert kept["rows_kept"] == 2 and kept["dropped"]["older_than_last_n"] == 2
+    with pytest.raises(ConfigError, match=r"features\.min_user_events \(3\) is above features\.max_user_events"):
+        load_config(overrides=["features.min_user_events=3", "features.max_user_events=2"])
 
 
 def test_last_event_times_per_user_and_clear_errors(synthetic_build, tmp_path):

@@ -47,8 +47,9 @@ def _build(source: Path, work: Path, *overrides: str) -> tuple[dict, dict[str, p
         ["features.dedup=user_item", "features.min_user_events=4"],
         ["features.event_types=[view]", "features.dedup=none"],
         ["features.split=time", "features.val_cutoff=1615000000", "features.test_cutoff=1625000000"],
+        ["features.max_user_events=60", "features.keep_last_events=20"],
     ],
-    ids=["default", "user_item_kcore", "event_types", "time_split"],
+    ids=["default", "user_item_kcore", "event_types", "time_split", "user_limits"],
 )
 def test_partitioned_build_equals_in_memory_build(shuffled_events, tmp_path, overrides):
     whole, expected = _build(shuffled_events, tmp_path / "p1", *overrides)
@@ -101,14 +102,25 @@ def _brute_force_kept(rows: list[tuple[int, int, int, str]], features: FeaturesC
         i for i, row in enumerate(rows) if features.event_types is None or row[3] in features.event_types
     ]
     if features.dedup == "none":
-        return allowed
-    width = 3 if features.dedup == "exact" else 2
-    first: dict[tuple[int, ...], int] = {}
-    for i in allowed:  # earliest timestamp, then first in the input
-        key = rows[i][:width]
-        if key not in first or rows[i][2] < rows[first[key]][2]:
-            first[key] = i
-    return sorted(first.values())
+        kept = allowed
+    else:
+        width = 3 if features.dedup == "exact" else 2
+        first: dict[tuple[int, ...], int] = {}
+        for i in allowed:  # earliest timestamp, then first in the input
+            key = rows[i][:width]
+            if key not in first or rows[i][2] < rows[first[key]][2]:
+                first[key] = i
+        kept = sorted(first.values())
+    by_user: dict[int, list[int]] = {}
+    for i in kept:
+        by_user.setdefault(rows[i][0], []).append(i)
+    out = []
+    for positions in by_user.values():
+        if features.max_user_events is not None and len(positions) > features.max_user_events:
+            continue  # a too active user: every row goes
+        newest_last = sorted(positions, key=lambda i: (rows[i][2], i))  # time, then input order
+        out += newest_last[-features.keep_last_events:] if features.keep_last_events else newest_last
+    return sorted(out)
 
 
 @pytest.mark.parametrize(
@@ -118,8 +130,12 @@ def _brute_force_kept(rows: list[tuple[int, int, int, str]], features: FeaturesC
         FeaturesConfig(dedup="user_item"),
         FeaturesConfig(dedup="exact", event_types=("view",)),
         FeaturesConfig(dedup="user_item", event_types=("view",)),
+        FeaturesConfig(dedup="exact", max_user_events=105),
+        FeaturesConfig(dedup="user_item", event_types=("view",), keep_last_events=3),
+        FeaturesConfig(dedup="none", event_types=("view",), max_user_events=75, keep_last_events=40),
     ],
-    ids=["exact", "user_item", "exact_filtered", "user_item_filtered"],
+    ids=["exact", "user_item", "exact_filtered", "user_item_filtered", "too_active", "last_n",
+         "too_active_last_n"],
 )
 def test_policies_on_sorted_rows_match_the_definitions(features):
     # few users, items and timestamps: many ties and duplicates, in random order
@@ -136,6 +152,10 @@ def test_policies_on_sorted_rows_match_the_definitions(features):
     rows = list(zip(*(columns[c].tolist() for c in columns), strict=True))
     assert kept["tag"].to_list() == _brute_force_kept(rows, features)
     assert accounting.rows_kept == kept.height
+    assert accounting.rows_in == kept.height + sum(accounting.dropped.values())
+    for key, limit in (("user_too_active", features.max_user_events), ("older_than_last_n",
+                                                                       features.keep_last_events)):
+        assert (accounting.dropped[key] > 0) == (limit is not None), key  # the case exercises the limit
 
 
 def test_leave_one_out_matches_the_window_definition():
