@@ -197,6 +197,18 @@ def _deltas(report: dict, names: list[str]) -> list[str]:
     return [gain, width]
 
 
+def _segments(report: dict, names: list[str]) -> list[str]:
+    """One row per history-length segment (evaluate.history_segments): each scorer's NDCG@k there, and the
+    segment's user count."""
+    key = f"ndcg_at_{report['ks'][0]}"
+    parts = report["model"].get("segments", {})
+    rows = []
+    for label, segment in parts.items():
+        cells = "".join(f"{report[n]['segments'][label].get(key, float('nan')):>12.4f}" for n in names)
+        rows.append(f"  {key + ' h ' + label:<16}" + cells + f"   ({int(segment['n_users'])} users)")
+    return rows
+
+
 def _summary(cfg: Config) -> str:
     root = Path(cfg.work_dir)
     lines = [f"work directory: {root.resolve()}"]
@@ -210,6 +222,7 @@ def _summary(cfg: Config) -> str:
         for key in keys:
             lines.append(f"  {key:<16}" + "".join(f"{data[n].get(key, float('nan')):>12.4f}" for n in names))
         lines.extend(_deltas(data, names))
+        lines.extend(_segments(data, names))
     promotion = root / "evaluation" / "promotion.json"
     if promotion.is_file():
         lines.append(f"promotion gate: {json.loads(promotion.read_text())['summary']}")
