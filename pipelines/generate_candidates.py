@@ -32,7 +32,7 @@ from recsys.drift import DriftError, drift_report, drift_violations
 from recsys.faults import fault_point
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
 from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_rows
-from recsys.storage import atomic_dir, fingerprint, read_json, write_json
+from recsys.storage import atomic_dir, fingerprint, read_json, remove_dir, write_json
 from recsys.tracking import JobRun, job_run
 
 if TYPE_CHECKING:
@@ -82,8 +82,11 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         violations = drift_violations(drift, cfg.candidates)
         drift = {"date": day.isoformat(), "previous": str(previous) if previous else None, **drift,
                  "passed": not violations, "violations": violations}
-        manifest = _manifest(cfg, day, table.height, {**stats, **activity, "allowed_items": allow_file}, ref,
-                             feats, wd, shard, device)
+        keep = cfg.candidates.keep_days
+        expired = [] if keep is None or violations else wd.expired_candidates(day, keep, part)
+        retention = {"keep_days": keep, "removed": [str(p.relative_to(wd.candidates)) for p in expired]}
+        manifest = _manifest(cfg, day, table.height, {**stats, **activity, "allowed_items": allow_file,
+                                                      "retention": retention}, ref, feats, wd, shard, device)
         target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
         with atomic_dir(target) as out:
             table.write_parquet(out / "candidates.parquet")
@@ -94,6 +97,11 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
             save_config(cfg, out / "config.yaml")
             fault_point("candidates-before-publish")
         fault_point("candidates-published")
+        for path in expired:  # only once tonight is published; a rejected night removes nothing
+            remove_dir(path)
+        if expired:
+            log.info("candidates: removed %d partitions older than %d days: %s", len(expired), keep,
+                     ", ".join(retention["removed"]))
         _track(tracker, manifest, drift, target, shard)
         if violations:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)
@@ -174,6 +182,7 @@ def _track(tracker: JobRun, manifest: dict[str, Any], drift: dict[str, Any], tar
     tracker.set_tags({**{f"model.{k}": v for k, v in model.items()}, "drift.passed": drift["passed"]})
     numbers = {k: v for k, v in {**manifest, **manifest["search"]}.items() if isinstance(v, int | float)}
     numbers |= {f"drift/{k}": v for k, v in drift.items() if isinstance(v, int | float) and k != "passed"}
+    numbers["retention/removed"] = len(manifest["retention"]["removed"])
     tracker.log_metrics(numbers)
     where = f"candidates/{target.name}" if shard is None else f"candidates/{shard.name}/{target.name}"
     for name in ("manifest.json", "drift.json"):

@@ -75,6 +75,24 @@ class WorkDir:
                     dated.append((when, preference, path))
         return max(dated)[2] if dated else None
 
+    def expired_candidates(self, day: dt.date, keep_days: int, shard: str | None = None) -> list[Path]:
+        """Partitions, published and rejected, dated ``keep_days`` days or more before ``day``: of the whole
+        nights (``shard`` None) or of that shard only (each shard prunes its own directory). Sorted."""
+        oldest_kept = day - dt.timedelta(days=keep_days - 1)
+        roots = [self.candidates, self.candidates / "rejected"]
+        if shard is not None:
+            roots = [root / shard for root in roots]
+        expired = []
+        for root in roots:
+            for path in root.glob("date=*"):
+                try:
+                    when = dt.date.fromisoformat(path.name.removeprefix("date="))
+                except ValueError:
+                    continue
+                if when < oldest_kept and path.is_dir():
+                    expired.append(path)
+        return sorted(expired)
+
     @property
     def logs(self) -> Path:
         return self.root / "logs"

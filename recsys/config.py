@@ -320,6 +320,10 @@ class CandidatesConfig(_Section):
     # or Parquet file with an item_id column, read at every run. The popularity fallback obeys it too.
     # None = every item the model knows.
     allowed_items: str | None = None
+    # Retention: after a night is published, its partitions (published and rejected) dated keep_days days or
+    # more before it are deleted (for a shard: that shard's own). 7 = tonight and the 6 nights before. None = keep
+    # everything.
+    keep_days: int | None = Field(None, ge=1)
 
 
 class TrackingConfig(_Section):

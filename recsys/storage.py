@@ -48,6 +48,16 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old)
 
 
+def remove_dir(path: str | Path) -> None:
+    """Remove the directory ``path`` so that it is never seen half-deleted: renamed to a temporary sibling
+    first (one atomic step), then deleted; if the process dies in between, :func:`remove_stale_temps`
+    finishes the job on the next atomic write into that directory."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}"
+    os.replace(path, tmp)
+    shutil.rmtree(tmp)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) -> None:
     """Write ``path`` via a temporary sibling, fsync and ``os.replace``: readers see old or new, never half.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -160,3 +161,55 @@ def test_a_bad_allowed_items_file_stops_before_writing(trained, tmp_path, capsys
     assert main(["candidates", "--quiet", "--date", "2024-07-09", missing, *tiny(trained)]) == EXIT_USAGE
     assert "fix candidates.allowed_items" in capsys.readouterr().err
     assert not _night(trained, "2024-07-09").exists() and leftovers(trained) == []
+
+
+def _copy(trained: Path, work: Path) -> Path:
+    """A work directory of its own with the trained model and its features (its nights do not mix in)."""
+    for name in ("features", "model"):
+        shutil.copytree(trained / name, work / name)
+    return work
+
+
+def _dates(root: Path) -> list[str]:
+    return sorted(p.name.removeprefix("date=") for p in root.glob("date=*"))
+
+
+def test_keep_days_removes_older_nights_once_tonight_is_published(trained, tmp_path, capsys):
+    work = _copy(trained, tmp_path / "work")
+    for day in ("2024-08-01", "2024-08-02", "2024-08-03", "2024-08-09"):
+        assert main(["candidates", "--quiet", "--date", day, *tiny(work)]) == EXIT_OK
+    rejected = work / "candidates" / "rejected" / "date=2024-08-01"
+    shutil.copytree(_night(work, "2024-08-01"), rejected)
+    # A night that fails the drift gate removes nothing.
+    fake = _night(work, "2024-08-03") / "candidates.parquet"  # items nobody would recommend: overlap 0
+    pl.read_parquet(fake).with_columns(pl.col("item_id") + 10**9).write_parquet(fake)
+    gate = ["candidates.keep_days=3", "candidates.min_overlap=0.5"]
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, *gate)]) != EXIT_OK
+    assert _dates(work / "candidates") == ["2024-08-01", "2024-08-02", "2024-08-03", "2024-08-09"]
+    capsys.readouterr()
+
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, "candidates.keep_days=3")]) == EXIT_OK
+    # Kept: 2024-08-03 .. 2024-08-05 (3 days) and a later night; removed: older ones, rejected included.
+    assert _dates(work / "candidates") == ["2024-08-03", "2024-08-05", "2024-08-09"]
+    assert _dates(work / "candidates" / "rejected") == ["2024-08-05"]  # tonight's earlier rejected try
+    manifest = json.loads((_night(work, "2024-08-05") / "manifest.json").read_text())
+    assert manifest["retention"] == {"keep_days": 3, "removed": ["date=2024-08-01", "date=2024-08-02",
+                                                                 "rejected/date=2024-08-01"]}
+    drift = json.loads((_night(work, "2024-08-05") / "drift.json").read_text())
+    assert drift["previous"] == str(_night(work, "2024-08-03"))
+    assert leftovers(work) == []
+    assert not list((work / "candidates").glob(".*"))  # nothing half-removed
+
+
+def test_keep_days_on_a_shard_prunes_that_shard_only(trained, tmp_path):
+    work = _copy(trained, tmp_path / "work")
+    assert main(["candidates", "--quiet", "--date", "2024-08-01", *tiny(work)]) == EXIT_OK
+    for i in range(2):
+        assert main(["candidates", "--quiet", "--date", "2024-08-02", "--shard", f"{i}/2", *tiny(work)]) == EXIT_OK
+    keep = "candidates.keep_days=1"
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", "--shard", "0/2", *tiny(work, keep)]) == EXIT_OK
+    assert _dates(work / "candidates" / "shard=0-of-2") == ["2024-08-05"]
+    assert _dates(work / "candidates" / "shard=1-of-2") == ["2024-08-02"]  # another shard's files: untouched
+    assert _dates(work / "candidates") == ["2024-08-01"]  # whole nights: not a shard's to remove
+    manifest = json.loads((work / "candidates" / "shard=0-of-2" / "date=2024-08-05" / "manifest.json").read_text())
+    assert manifest["retention"]["removed"] == ["shard=0-of-2/date=2024-08-02"]
