@@ -17,6 +17,7 @@ from recsys.config import Config, save_config
 from recsys.faults import fault_point
 from recsys.model import save_model
 from recsys.registry import ModelRef, fetch_model, is_mlflow_uri
+from recsys.serving import write_mlmodel
 from recsys.storage import atomic_dir, write_json
 from recsys.tracking import JobRun, job_run
 from recsys.training import check_compile_toolchain, resolve_hardware, train_model
@@ -67,6 +68,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             tracker.log_metrics({f"warm_start/{k}": v for k, v in result.warm_start.items()})
         with atomic_dir(wd.model) as tmp:
             save_model(result.model, tmp)
+            write_mlmodel(tmp)  # the directory is an MLflow pyfunc model too (recsys/serving.py)
             fault_point("model-write")
             for name in ("user_map", "item_map"):
                 shutil.copy2(wd.features / schema.FEATURE_FILES[name], tmp / schema.FEATURE_FILES[name])

@@ -81,7 +81,7 @@ def test_first_version_is_promoted_and_the_decision_logged(flow):
     assert f"promotion gate: {NAME} v1 promoted to champion" in flow["summary"]
 
 
-def test_candidates_from_the_champion_map_ids_through_the_models_maps(flow):
+def test_candidates_from_the_champion_map_ids_through_the_models_maps(flow, mlflow_server):
     assert not (flow["nightly"] / "model").exists()  # the only model is the registry's
     code, night = _nightly(flow, "2024-05-01", "--model", CHAMPION_URI)
     assert code == EXIT_OK
@@ -98,6 +98,19 @@ def test_candidates_from_the_champion_map_ids_through_the_models_maps(flow):
     assert table.filter(pl.col("user_id") == 9002)["item_id"].to_list() == popular.to_list()
     assert table.filter(pl.col("user_id") == 9001).height == 5  # scored from its history by the model
     assert manifest["users"] == table["user_id"].n_unique() == 202
+    # The registered version is an MLflow pyfunc model: it gives user 9001 the same list from the same history.
+    import mlflow.pyfunc
+    import pandas as pd
+
+    history = pl.read_csv(flow["nightly"] / "input" / "events.csv").filter(pl.col("user_id") == 9001)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server.url)
+    try:
+        served = mlflow.pyfunc.load_model(CHAMPION_URI).predict(
+            pd.DataFrame({"history": [history["item_id"].to_list()]}), params={"k": 5})
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert list(served["item_ids"][0]) == table.filter(pl.col("user_id") == 9001)["item_id"].to_list()
 
 
 def test_rerun_of_a_night_replaces_it_with_identical_output(flow):

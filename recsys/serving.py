@@ -1,0 +1,110 @@
+"""A trained model directory as an MLflow pyfunc model, for scoring outside the pipeline's jobs.
+
+`recsys train` writes an ``MLmodel`` file (MLflow's own ``Model`` / ``pyfunc.add_to_model``) into the model
+directory, so the directory, the run's ``model`` artifact and every registered version load with MLflow::
+
+    model = mlflow.pyfunc.load_model("models:/sasrec@champion")    # or a local <work_dir>/model
+    model.predict(pd.DataFrame({"history": [[10, 20, 30], [7]]}), params={"k": 5})
+
+Input: a ``history`` column, each row a user's item ids (the ORIGINAL ids), oldest first. Output: one row per
+input row with ``item_ids`` (the top ``k`` items, best first, the history's items excluded) and ``scores``.
+Items the model never saw are ignored; a history with no item the model knows gets the model's most popular
+items (``score`` = share of training events), as `recsys candidates` does. The serving environment needs
+this package installed (the ``loader_module`` is ``recsys.serving``); the model runs on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from features import schema
+from recsys.candidates import TrainedModel, load_trained_model, popular_top_k, user_vectors
+
+HISTORY = "history"
+DEFAULT_K = 10
+
+
+def write_mlmodel(directory: str | Path) -> None:
+    """Make ``directory`` (a model directory) loadable by ``mlflow.pyfunc.load_model``."""
+    import mlflow.pyfunc
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(Array(DataType.long), HISTORY)]),
+        outputs=Schema([ColSpec(Array(DataType.long), "item_ids"), ColSpec(Array(DataType.float), "scores")]),
+        params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]),
+    )
+    model = Model(signature=signature)
+    mlflow.pyfunc.add_to_model(model, loader_module="recsys.serving", data=".")
+    model.save(str(Path(directory) / "MLmodel"))
+
+
+def _load_pyfunc(path: str) -> Recommender:
+    """MLflow's entry point for ``loader_module``: ``path`` is the model directory."""
+    return Recommender(load_trained_model(path))
+
+
+class Recommender:
+    """Top-k items for item-id histories from a :class:`TrainedModel` (exact scores over the catalogue)."""
+
+    def __init__(self, trained: TrainedModel, batch_size: int = 1024) -> None:
+        self.trained = trained
+        self.batch_size = batch_size
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        """``model_input``: a pandas DataFrame with a ``history`` column; returns a pandas DataFrame."""
+        import pandas as pd
+
+        k = int((params or {}).get("k", DEFAULT_K))
+        if k < 1:
+            raise ValueError(f"params k must be at least 1, got {k}")
+        if HISTORY not in model_input.columns:
+            raise ValueError(f"the input needs a '{HISTORY}' column (a list of item ids per row, oldest first); "
+                             f"it has {list(model_input.columns)}")
+        rows = self.top_k([list(h) for h in model_input[HISTORY]], k)
+        return pd.DataFrame({"item_ids": [r[0] for r in rows], "scores": [r[1] for r in rows]})
+
+    def top_k(self, histories: list[list[int]], k: int) -> list[tuple[list[int], list[float]]]:
+        """Per history: (item ids, scores) of the best ``min(k, catalogue)`` unseen items, best first."""
+        model, item_map = self.trained.model, self.trained.item_map
+        k = min(k, model.n_items)
+        frame = pl.DataFrame({"row": np.arange(len(histories), dtype=np.int64), HISTORY: histories},
+                             schema={"row": pl.Int64, HISTORY: pl.List(pl.Int64)})
+        mapped = (frame.explode(HISTORY)
+                  .join(item_map.select(pl.col(schema.ITEM_ID).alias(HISTORY), schema.ITEM_IDX), on=HISTORY,
+                        how="left", maintain_order="left")
+                  .group_by("row", maintain_order=True)
+                  .agg(pl.col(schema.ITEM_IDX).drop_nulls().alias("items"), pl.col(HISTORY).drop_nulls()
+                       .alias("seen")))
+        # every input row, an empty history too (explode may drop its row): no known item, nothing seen
+        mapped = frame.select("row").join(mapped, on="row", how="left", maintain_order="left").with_columns(
+            pl.col("items").fill_null([]), pl.col("seen").fill_null([]))
+        known = mapped.filter(pl.col("items").list.len() > 0)
+        out: dict[int, tuple[list[int], list[float]]] = {}
+        if known.height:
+            with torch.no_grad():
+                table = model.item_embeddings().float().cpu()[: model.n_items + 1]  # (I + 1, D), row = item_idx
+            to_id = np.zeros(model.n_items + 1, dtype=np.int64)
+            to_id[item_map[schema.ITEM_IDX].to_numpy()] = item_map[schema.ITEM_ID].to_numpy()
+            for start in range(0, known.height, self.batch_size):  # a (batch, catalogue) score block at a time
+                part = known.slice(start, self.batch_size)
+                scores = torch.from_numpy(user_vectors(model, part["items"], self.batch_size)) @ table.T
+                scores[:, 0] = float("-inf")
+                for i, items in enumerate(part["items"].to_list()):
+                    scores[i, items] = float("-inf")  # seen items
+                best, idx = scores.topk(k, dim=1)
+                for i, row in enumerate(part["row"].to_list()):
+                    finite = torch.isfinite(best[i])  # fewer unseen items than k: the rest is -inf
+                    out[row] = (to_id[idx[i][finite].numpy()].tolist(), best[i][finite].tolist())
+        unknown = mapped.filter(pl.col("items").list.len() == 0).select(pl.col("row").alias(schema.USER_ID), "seen")
+        popular = popular_top_k(item_map, unknown, k, exclude_seen=True)
+        for (row,), group in popular.group_by(schema.USER_ID, maintain_order=True):
+            out[int(row)] = (group["item_id"].to_list(), group["score"].to_list())
+        return [out.get(i, ([], [])) for i in range(len(histories))]

@@ -1,0 +1,61 @@
+"""The trained model directory loads with mlflow.pyfunc and recommends what `recsys candidates` does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+import polars as pl
+import pytest
+
+from pipelines.cli import EXIT_OK, main
+from tests.pipelines.conftest import tiny, train_tiny
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("pyfunc") / "work", tiny_features)
+
+
+def test_pyfunc_gives_the_candidates_of_the_job(trained):
+    # Oracle: the candidates job (exact Flat index) for every user, with its histories in original ids.
+    assert main(["candidates", "--quiet", "--date", "2024-09-01", *tiny(trained)]) == EXIT_OK
+    night = trained / "candidates" / "date=2024-09-01"
+    expected = pl.read_parquet(night / "candidates.parquet")
+    seq = pl.read_parquet(trained / "features" / "sequences.parquet")
+    items = pl.read_parquet(trained / "features" / "item_map.parquet")
+    users = pl.read_parquet(trained / "features" / "user_map.parquet")
+    to_id = dict(zip(items["item_idx"].to_list(), items["item_id"].to_list(), strict=True))
+    seq = seq.join(users, on="user_idx").sort("user_id")
+    histories = [[to_id[i] for i in t + v + s] for t, v, s in
+                 zip(seq["train_items"].to_list(), seq["val_items"].to_list(), seq["test_items"].to_list(),
+                     strict=True)]
+
+    model = mlflow.pyfunc.load_model(str(trained / "model"))
+    got = model.predict(pd.DataFrame({"history": histories}), params={"k": 5})
+    assert list(got.columns) == ["item_ids", "scores"] and len(got) == len(histories)
+    want = expected.group_by("user_id", maintain_order=True).agg("item_id", "score")
+    assert want["user_id"].to_list() == seq["user_id"].to_list()
+    assert [list(x) for x in got["item_ids"]] == want["item_id"].to_list()
+    for ours, theirs in zip(got["scores"], want["score"].to_list(), strict=True):
+        assert list(ours) == pytest.approx(theirs, rel=1e-4, abs=1e-5)
+
+
+def test_pyfunc_fallback_unknown_items_and_bad_input(trained):
+    model = mlflow.pyfunc.load_model(str(trained / "model"))
+    items = pl.read_parquet(trained / "model" / "item_map.parquet")
+    popular = items.sort(["train_count", "item_id"], descending=[True, False])["item_id"].to_list()
+    first = popular[0]
+    got = model.predict(pd.DataFrame({"history": [[10**15], [], [first, 10**15]]}), params={"k": 3})
+    assert list(got["item_ids"][0]) == popular[:3] and list(got["item_ids"][1]) == popular[:3]  # fallback
+    assert first not in list(got["item_ids"][2]) and len(got["item_ids"][2]) == 3  # seen item excluded
+    total = items["train_count"].sum()
+    counts = dict(zip(items["item_id"].to_list(), items["train_count"].to_list(), strict=True))
+    assert list(got["scores"][0]) == pytest.approx([counts[i] / total for i in popular[:3]])
+    assert len(model.predict(pd.DataFrame({"history": [[first]]}))["item_ids"][0]) == 10  # default k
+    with pytest.raises(Exception, match="history"):
+        model.predict(pd.DataFrame({"items": [[first]]}))
+    meta = json.loads(json.dumps(model.metadata.get_input_schema().to_dict()))
+    assert meta[0]["name"] == "history"
