@@ -208,7 +208,18 @@ def _model_top_k(
         position[rows] = np.arange(len(rows))
     seen = [_index_rows(np.asarray(x, dtype=np.int64) - 1, position) if cfg.exclude_seen
             else np.empty(0, dtype=np.int64) for x in lists]
-    index = build_index(items, cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    factory = cfg.index
+    try:
+        index = build_index(items, factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    except ValueError:
+        if rows is None:
+            raise
+        # an allow list too short to train the configured index (e.g. fewer items than IVF lists): exact
+        # search over so few items is cheap, and the night goes on
+        log.warning("candidates: index %r cannot be built over the %d allowed items; searching them exactly",
+                    factory, len(rows))
+        factory = "Flat"
+        index = build_index(items, factory)
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
     tuned: dict[str, Any] = {}
@@ -223,7 +234,8 @@ def _model_top_k(
     recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
     rows = _to_rows(scored[schema.USER_ID].to_numpy(), ids, scores, trained.item_map)
-    search = {"users": stats["users"], "batches": stats["batches"], "short_users": stats["short_users"],
+    search = {"index_used": factory,
+              "users": stats["users"], "batches": stats["batches"], "short_users": stats["short_users"],
               "exact_fallback_users": stats["fallback_users"],  # ANN left short: answered by exact search
               "ann_recall_at_k": recall, "recall_sample": int(len(sample)), **tuned}
     return rows, search

@@ -172,3 +172,16 @@ def test_allowed_items_the_model_does_not_know_is_an_input_error(setup):
     allowed = pl.Series("item_id", [70, 99], dtype=pl.Int64)
     with pytest.raises(InputDataError, match=r"stock\.csv \(candidates\.allowed_items\): none of its 2 item ids"):
         generate_candidates(trained, feats, CandidatesConfig(k=K, allowed_items="stock.csv"), allowed)
+
+
+def test_an_allow_list_too_short_for_the_index_is_searched_exactly(setup):
+    trained, feats = setup
+    allowed = pl.Series("item_id", [20, 30, 40], dtype=pl.Int64)
+    ivf = CandidatesConfig(k=K, index="IVF4,Flat", nprobe=4, recall_sample=10)  # 4 lists need 4 vectors
+    table, stats = generate_candidates(trained, feats, ivf, allowed)
+    exact, _ = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10), allowed)
+    assert table.equals(exact) and stats["search"]["index_used"] == "Flat"
+    whole = generate_candidates(trained, feats, ivf)[1]  # the whole catalogue (6 items) trains IVF4
+    assert whole["search"]["index_used"] == "IVF4,Flat"
+    with pytest.raises(ValueError, match="IVF8,Flat"):  # without an allow list a bad index stays an error
+        generate_candidates(trained, feats, CandidatesConfig(k=K, index="IVF8,Flat", recall_sample=10))
