@@ -30,6 +30,9 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a proces
 
 _OVERRIDES_HELP = "dotted config overrides applied on top of --config, e.g. train.max_epochs=5 model.hidden=32"
 
+_STATUS_HELP = ("where the work directory stands: last successes, features, model, evaluation, candidate "
+                "nights and running jobs, read from its files (changes nothing; exit 2 if it does not exist)")
+
 _JOBS: dict[str, str] = {
     "features": "read events, validate, filter, encode ids, build sequences and splits (Polars)",
     "train": "train the SASRec model with Lightning; save it and register a new model version",
@@ -83,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                              help="score only the users of shard i of N (0-based; by a hash of user_id) into "
                                   "candidates/shard=i-of-N/date=YYYY-MM-DD/; the N shards are independent "
                                   "jobs and their union is the unsharded night")
+    status = sub.add_parser("status", help=_STATUS_HELP, description=_STATUS_HELP)
+    status.add_argument("--config", type=Path, default=None, help="YAML config (for work_dir)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     return parser
 
 
@@ -244,6 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "status":
+        if not Path(cfg.work_dir).is_dir():
+            print(f"recsys status: work_dir {cfg.work_dir} does not exist; set work_dir= (or --config) to the "
+                  "pipeline's work directory", file=sys.stderr)
+            return EXIT_USAGE
+        from pipelines.status import run as status
+
+        print(status(cfg, args.json))
+        return EXIT_OK
     if _is_worker():
         return _worker(args, cfg)
     try:

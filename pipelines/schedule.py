@@ -97,6 +97,21 @@ def job_lock(work_dir: Path, job: str) -> Iterator[Path]:
         os.close(fd)
 
 
+def lock_holders(work_dir: Path) -> dict[str, str]:
+    """``{job lock name: holder pid}`` for every lock of ``work_dir`` held right now (probed with a
+    non-blocking ``flock`` that is released at once; a free lock is left as it was)."""
+    held = {}
+    for path in sorted((Path(work_dir) / ".locks").glob("*.lock")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held[path.stem] = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # releases a lock we got
+    return held
+
+
 @dataclass(frozen=True)
 class ScheduledRun:
     """One (job, run date, config) of a work directory."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import polars as pl
 import pytest
@@ -124,3 +125,34 @@ def test_missing_features_gives_a_clear_error(tmp_path, capsys):
 def test_bad_config_key_exit_code(capsys):
     assert main(["run", "train.epochz=3"]) == EXIT_USAGE
     assert "train.epochz" in capsys.readouterr().err
+
+
+def test_status_reports_what_the_files_say_and_who_holds_a_lock(demo_run, capsys, tmp_path):
+    from pipelines.schedule import job_lock
+
+    _, work = demo_run
+    capsys.readouterr()
+    assert main(["status", "--json", f"work_dir={work}"]) == EXIT_OK
+    status = json.loads(capsys.readouterr().out)
+    features = json.loads((work / "features" / "manifest.json").read_text())
+    train = json.loads((work / "model" / "train_report.json").read_text())
+    report = json.loads((work / "evaluation" / "report.json").read_text())
+    (night,) = (work / "candidates").glob("date=*")
+    manifest = json.loads((night / "manifest.json").read_text())
+    assert status["runs"]["run"]["run_date"] == night.name.removeprefix("date=")  # today, UTC
+    assert status["features"]["rows_in"] == features["rows_in"]
+    assert status["features"]["newest_timestamp"] == features["newest_timestamp"]
+    assert status["model"]["best_val_ndcg_at_10"] == train["best_val_ndcg_at_10"]
+    assert status["evaluation"]["scores"] == {n: report[n]["ndcg_at_10"] for n in ("model", "popularity",
+                                                                                    "item_knn", "ease")}
+    latest = status["candidates"]["latest"]
+    assert latest["date"] == night.name.removeprefix("date=") and latest["rows"] == manifest["rows"]
+    assert latest["users"] == manifest["users"] and status["candidates"]["rejected"] == []
+    assert status["running"] == {}
+    with job_lock(work, "train"):  # held by this process: status names it
+        assert main(["status", f"work_dir={work}"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert f"running now: train (pid {os.getpid()})" in text
+    assert f"best val NDCG@10 {train['best_val_ndcg_at_10']:.4f}" in text
+    assert main(["status", f"work_dir={tmp_path / 'nowhere'}"]) == EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
