@@ -27,7 +27,7 @@ import polars as pl
 
 from features.encode import add_train_count, build_item_index, build_user_map, encode_events
 from features.policies import DROP_REASONS, Accounting, select_rows
-from features.readers import InputDataError, read_events
+from features.readers import InputDataError, input_files, read_events
 from features.schema import (
     EVENT_TYPE,
     FEATURE_FILES,
@@ -155,15 +155,16 @@ def _settings_that_dropped(accounting: Accounting, features: FeaturesConfig) -> 
 def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
     """The reader settings and file: ``data.path`` as configured, or freshly generated synthetic events.
 
-    Raises ConfigError if ``data.path`` is missing or not a file (a setting to fix, not bad data).
+    Raises ConfigError if ``data.path`` matches no file (a setting to fix, not bad data).
     """
     if cfg.data.source == "file":
         path = Path(cfg.data.path)
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
+        files = input_files(cfg.data, path)  # a directory or glob of csv / parquet files: checked there
+        if len(files) == 1 and not files[0].is_file():
             raise ConfigError(
-                f"data.path: {path} {what}; set data.path to the events file "
-                "(e.g. `recsys features data.path=events.csv`) or set data.source=synthetic"
+                f"data.path: {path} does not exist; set data.path to the events file, a directory of csv / "
+                "parquet files or a glob (e.g. `recsys features data.path=events.csv`) or set "
+                "data.source=synthetic"
             )
         return cfg.data, path
     path = Path(cfg.work_dir) / "input" / "events.csv"
@@ -305,10 +306,18 @@ def build_manifest(
         "newest_timestamp": newest,  # of the kept events
         "split": cfg.features.split,
         "config": cfg.to_dict(),
-        "inputs": {"events": fingerprint(path)},
+        "inputs": {"events": _fingerprint(cfg, path)},
         "polars_version": pl.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _fingerprint(cfg: Config, path: Path) -> dict[str, Any]:
+    """The input's fingerprint: of the file, or ``{"path", "files": [fingerprint per file]}`` for several."""
+    files = input_files(cfg.data, path) if cfg.data.source == "file" else [path]
+    if len(files) == 1:
+        return fingerprint(files[0])
+    return {"path": str(path), "files": [fingerprint(file) for file in files]}
 
 
 def write_features(

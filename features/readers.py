@@ -10,6 +10,7 @@ input raises :class:`InputDataError`, never a raw polars error.
 from __future__ import annotations
 
 import csv
+import glob
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,13 +53,55 @@ class _Raw:
     unit: str  # "data row" (1-based, header not counted) or "line"
 
 
+_MANY = ("csv", "parquet")  # formats that read a directory or a glob of files
+_GLOB = set("*?[")
+
+
+def input_files(data: DataConfig, path: str | Path) -> list[Path]:
+    """The files behind ``data.path``: the file itself; for ``csv`` / ``parquet``, also every ``*.csv`` /
+    ``*.parquet`` file under a directory (recursively, e.g. ``date=…/part-0.parquet`` partitions) or matching a
+    glob (``events/2024-*.parquet``), sorted by path.
+
+    Raises ConfigError (a setting to fix) naming ``data.path`` when nothing matches, or when a directory or
+    glob is given for a format that reads one file.
+    """
+    path = Path(path)
+    pattern = bool(_GLOB & set(str(path)))
+    if path.is_file() or not (path.is_dir() or pattern):
+        return [path]
+    if data.format not in _MANY:
+        raise ConfigError(f"data.path: {path} is a {'glob' if pattern else 'directory'}; data.format="
+                          f"{data.format!r} reads one file: set data.path to that file")
+    suffix = f".{data.format}"
+    if pattern:
+        files = [Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file()]
+    else:
+        files = [f for f in path.rglob(f"*{suffix}") if f.is_file() and not f.name.startswith(".")]
+    if not files:
+        where = "matches no file" if pattern else f"is a directory with no *{suffix} file under it"
+        raise ConfigError(f"data.path: {path} {where} (data.format={data.format}); set data.path to the events "
+                          "file, a directory of them or a glob such as events/*.parquet")
+    return sorted(files)
+
+
 def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
     """Lazy canonical events of ``path`` read as ``data.format``, validated by one aggregate pass.
+
+    ``path`` may also be a directory or a glob of ``csv`` / ``parquet`` files (:func:`input_files`): each file
+    is read and validated on its own (an error names the file and its row), then they are concatenated in path
+    order; several files need ``data.timestamp_col`` (their row order is no time order).
 
     Raises InputDataError if the file is missing, empty, unreadable (not UTF-8, corrupt parquet, ragged
     lines), lacks a configured column, or holds a null / non-integer id or an unparsable timestamp.
     """
-    path = Path(path)
+    files = input_files(data, path)
+    if len(files) > 1:
+        if data.timestamp_col is None:
+            raise ConfigError(f"data.path: {path} holds {len(files)} files; reading several files needs "
+                              "data.timestamp_col (their row order is not a time order)")
+        logger.info("reading %d files of %s as %s", len(files), path, data.format)
+        return pl.concat([read_events(data, file) for file in files], how="vertical")
+    path = files[0]
     if not path.is_file():
         raise InputDataError(
             f"input file {path} does not exist or is not a file; fix data.path "

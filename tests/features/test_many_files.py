@@ -1,0 +1,85 @@
+"""data.path as a directory or a glob of csv / parquet files: the same features as one file holding all rows,
+every file validated on its own (errors name the file and row), one fingerprint per file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.build import build_features
+from features.readers import InputDataError
+from features.schema import FEATURE_FILES
+from recsys.config import ConfigError, load_config
+
+TABLES = ("events", "sequences", "user_map", "item_map")
+
+
+def _events(seed: int = 0, n: int = 3_000) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pl.DataFrame({"user_id": rng.integers(0, 150, n), "item_id": rng.integers(0, 60, n),
+                         "timestamp": rng.integers(1_700_000_000, 1_700_000_000 + 30 * 86_400, n)})
+
+
+def _build(path: Path | str, work: Path, fmt: str, *extra: str) -> tuple[dict, dict[str, pl.DataFrame]]:
+    cfg = load_config(overrides=[f"data.path={path}", f"data.format={fmt}", f"work_dir={work}",
+                                 "tracking.enabled=false", *extra])
+    manifest = build_features(cfg)
+    return manifest, {name: pl.read_parquet(work / "features" / FEATURE_FILES[name]) for name in TABLES}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_partitioned_directory_gives_the_features_of_one_file(tmp_path, fmt):
+    events = _events()
+    whole = tmp_path / f"all.{fmt}"
+    getattr(events, f"write_{fmt}")(whole)
+    parts = tmp_path / "events"
+    day = (events["timestamp"] - 1_700_000_000) // 86_400
+    for d in range(30):  # daily partitions, hive style, rows of a day in their original order
+        (parts / f"date=2024-05-{d + 1:02d}").mkdir(parents=True)
+        getattr(events.filter(day == d), f"write_{fmt}")(parts / f"date=2024-05-{d + 1:02d}" / f"part-0.{fmt}")
+    (parts / "_SUCCESS").write_text("")  # what Spark leaves beside the files: not an events file
+    one, expected = _build(whole, tmp_path / "one", fmt)
+    many, got = _build(parts, tmp_path / "many", fmt)
+    for name in TABLES:
+        assert got[name].equals(expected[name]), name
+    assert many["rows_in"] == one["rows_in"] == events.height
+    files = many["inputs"]["events"]["files"]
+    assert len(files) == 30 and files[0]["path"].endswith(f"date=2024-05-01/part-0.{fmt}")
+    assert all(len(f["sha256"]) == 64 for f in files)
+    globbed, by_glob = _build(f"{parts}/date=2024-05-*/*.{fmt}", tmp_path / "glob", fmt)
+    for name in TABLES:
+        assert by_glob[name].equals(expected[name]), name
+    assert [f["sha256"] for f in globbed["inputs"]["events"]["files"]] == [f["sha256"] for f in files]
+    _, out_of_core = _build(parts, tmp_path / "ooc", fmt, "features.partitions=3")  # streaming passes too
+    for name in TABLES:
+        assert out_of_core[name].equals(expected[name]), name
+
+
+def test_a_bad_value_names_its_file_and_row(tmp_path):
+    parts = tmp_path / "events"
+    parts.mkdir()
+    (parts / "a.csv").write_text("user_id,item_id,timestamp\n1,2,100\n1,3,101\n")
+    (parts / "b.csv").write_text("user_id,item_id,timestamp\n2,4,100\n2,x7,101\n")
+    with pytest.raises(InputDataError, match=r"(?s)b\.csv.*data row 2"):
+        _build(parts, tmp_path / "work", "csv")
+    assert not (tmp_path / "work" / "features").exists()
+
+
+def test_several_files_need_timestamps_and_a_format_that_reads_them(tmp_path):
+    parts = tmp_path / "events"
+    parts.mkdir()
+    for name in ("a", "b"):
+        (parts / f"{name}.csv").write_text("user_id,item_id\n1,2\n")
+    cfg = load_config(overrides=[f"data.path={parts}", "data.timestamp_col=null", f"work_dir={tmp_path / 'w'}"])
+    with pytest.raises(ConfigError, match=r"holds 2 files; reading several files needs data\.timestamp_col"):
+        build_features(cfg)
+    pairs = load_config(overrides=[f"data.path={parts}", "data.format=pairs", f"work_dir={tmp_path / 'w'}"])
+    with pytest.raises(ConfigError, match=r"is a directory; data\.format='pairs' reads one file"):
+        build_features(pairs)
+    nothing = load_config(overrides=[f"data.path={parts}/*.parquet", "data.format=parquet",
+                                     f"work_dir={tmp_path / 'w'}"])
+    with pytest.raises(ConfigError, match=r"matches no file"):
+        build_features(nothing)
