@@ -33,7 +33,6 @@ from recsys.config import CandidatesConfig
 from recsys.data import RaggedItems
 from recsys.device import inference
 from recsys.model import SASRec, load_model
-from recsys.retrieval import ann_recall, build_index, search_top_k, tune_index
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +194,10 @@ def _model_top_k(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """FAISS top-k over the model's catalogue (only its item table ``rows``, sorted, when not None) for users
     with a history the model knows."""
+    # FAISS is imported here, not with the module: training imports this module (TrainedModel, warm start)
+    # and must not need FAISS (GPU images without it); tests/test_imports.py checks that.
+    from recsys.retrieval import ann_recall, build_index, search_top_k, tune_index
+
     if scored.height == 0:
         return _empty(), {"users": 0}
     lists = scored["items"].to_list()

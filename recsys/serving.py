@@ -15,6 +15,7 @@ this package installed (the ``loader_module`` is ``recsys.serving``); the model 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,21 @@ import torch
 from features import schema
 from recsys.candidates import TrainedModel, load_trained_model, popular_top_k, user_vectors
 
+log = logging.getLogger(__name__)
+
 HISTORY = "history"
 DEFAULT_K = 10
 
 
-def write_mlmodel(directory: str | Path) -> None:
-    """Make ``directory`` (a model directory) loadable by ``mlflow.pyfunc.load_model``."""
-    import mlflow.pyfunc
+def write_mlmodel(directory: str | Path) -> bool:
+    """Make ``directory`` (a model directory) loadable by ``mlflow.pyfunc.load_model``; returns whether it
+    did. Without MLflow installed (a stripped environment: it is a dependency of this package) it logs a
+    warning and writes nothing, so training does not depend on it when tracking is off."""
+    try:
+        import mlflow.pyfunc
+    except ImportError:
+        log.warning("mlflow is not installed: %s is not written as an MLflow pyfunc model", directory)
+        return False
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
@@ -44,6 +53,7 @@ def write_mlmodel(directory: str | Path) -> None:
     model = Model(signature=signature)
     mlflow.pyfunc.add_to_model(model, loader_module="recsys.serving", data=".")
     model.save(str(Path(directory) / "MLmodel"))
+    return True
 
 
 def _load_pyfunc(path: str) -> Recommender:

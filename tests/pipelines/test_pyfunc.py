@@ -59,3 +59,15 @@ def test_pyfunc_fallback_unknown_items_and_bad_input(trained):
         model.predict(pd.DataFrame({"items": [[first]]}))
     meta = json.loads(json.dumps(model.metadata.get_input_schema().to_dict()))
     assert meta[0]["name"] == "history"
+
+
+def test_without_mlflow_the_model_directory_is_written_without_mlmodel(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from recsys.serving import write_mlmodel
+
+    monkeypatch.setitem(sys.modules, "mlflow.pyfunc", None)  # `import mlflow.pyfunc` raises ImportError
+    assert write_mlmodel(tmp_path) is False
+    assert not (tmp_path / "MLmodel").exists() and "mlflow is not installed" in caplog.text
+    monkeypatch.undo()
+    assert write_mlmodel(tmp_path) is True and (tmp_path / "MLmodel").is_file()
