@@ -179,7 +179,7 @@ def _table(records: list[dict]) -> None:
 def _ms(values: list[float], fmt: str) -> str:
     """Mean ± sample standard deviation; one value as is."""
     if len(values) == 1:
-        return format(values[0], fmt)
+        return str(values[0]) if isinstance(values[0], int) else format(values[0], fmt)
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
