@@ -209,10 +209,10 @@ def _segments(report: dict, names: list[str]) -> list[str]:
     segment's user count."""
     key = f"ndcg_at_{report['ks'][0]}"
     parts = report["model"].get("segments", {})
-    rows = []
+    rows = [f"  {key} by history length (events before the target):"] if parts else []
     for label, segment in parts.items():
         cells = "".join(f"{report[n]['segments'][label].get(key, float('nan')):>12.4f}" for n in names)
-        rows.append(f"  {key + ' h ' + label:<16}" + cells + f"   ({int(segment['n_users'])} users)")
+        rows.append(f"    {label:<14}" + cells + f"   ({int(segment['n_users'])} users)")
     return rows
 
 

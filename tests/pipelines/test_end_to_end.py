@@ -63,10 +63,11 @@ def test_report_splits_every_scorer_by_history_length(demo_run):
         assert weighted / report[name]["n_users"] == pytest.approx(report[name]["ndcg_at_10"], rel=1e-9)
     assert report["model"]["segments"]["20+"]["n_users"] > 0
     lines = _summary(load_config(overrides=[f"work_dir={work}"])).splitlines()
-    row = next(line for line in lines if line.strip().startswith("ndcg_at_10 h 10-19")).split()
-    assert row[3:7] == [f"{report[n]['segments']['10-19']['ndcg_at_10']:.4f}"
+    assert "  ndcg_at_10 by history length (events before the target):" in lines
+    row = next(line for line in lines if line.strip().startswith("10-19 ")).split()
+    assert row[1:5] == [f"{report[n]['segments']['10-19']['ndcg_at_10']:.4f}"
                         for n in ("model", "popularity", "item_knn", "ease")]
-    assert row[7] == f"({int(report['model']['segments']['10-19']['n_users'])}"
+    assert row[5] == f"({int(report['model']['segments']['10-19']['n_users'])}"
 
 
 def test_manifest_accounts_for_every_row(demo_run):
