@@ -1,0 +1,114 @@
+"""Champion against challenger on the SAME users and targets: tonight's validation split, scored by both.
+
+The promotion gate's recorded numbers (each version's best val NDCG@10 at training time) come from the data
+each model was trained on; after a night of new events they are not comparable. Here the older model (the
+champion, with its own item map) is scored on the current features: its histories and targets are mapped
+through ``item_id`` into its own indices, history items it never saw are dropped, and a target it never saw
+counts as a miss (it cannot recommend it). Users with no history item the champion knows are left out of the
+comparison (counted), so both models rank for exactly the same users, and the difference is paired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import torch
+
+from features import schema
+from recsys.candidates import TrainedModel
+from recsys.evaluation import (
+    RankingModel,
+    ScoreFn,
+    accumulate_scorer,
+    build_eval_set,
+    model_scorer,
+    paired_deltas,
+)
+
+_ROW = "_row"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Validation NDCG@k of both models on the same users, and the paired difference."""
+
+    challenger: float
+    champion: float
+    delta: float  # challenger - champion, mean over users
+    delta_se: float | None
+    users_compared: int
+    users_without_known_history: int
+    targets_unknown_to_champion: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"challenger_ndcg": self.challenger, "champion_ndcg": self.champion, "delta": self.delta,
+                "delta_se": self.delta_se, "users_compared": self.users_compared,
+                "users_without_known_history": self.users_without_known_history,
+                "targets_unknown_to_champion": self.targets_unknown_to_champion}
+
+
+def _map_lists(sequences: pl.DataFrame, column: str, mapping: pl.DataFrame, missing: int | None) -> pl.Series:
+    """``column`` (List of the features' item_idx) through ``mapping`` (item_idx -> target); an item with no
+    target is dropped (``missing`` None) or becomes ``missing``. Order within each list is kept."""
+    exploded = (sequences.select(pl.int_range(pl.len()).alias(_ROW), column).explode(column)
+                .join(mapping, left_on=column, right_on=schema.ITEM_IDX, how="left", maintain_order="left"))
+    mapped = pl.col("target") if missing is None else pl.col("target").fill_null(missing)
+    mapped = pl.when(pl.col(column).is_null()).then(None).otherwise(mapped)  # an empty list stays empty
+    lists = exploded.group_by(_ROW, maintain_order=True).agg(mapped.drop_nulls().cast(pl.Int32).alias(column))
+    full = sequences.select(pl.int_range(pl.len()).alias(_ROW)).join(lists, on=_ROW, how="left",
+                                                                      maintain_order="left")
+    return full[column].fill_null([]).cast(pl.List(pl.Int32))
+
+
+def compare_on_validation(
+    challenger: RankingModel,
+    champion: TrainedModel,
+    sequences: pl.DataFrame,
+    item_map: pl.DataFrame,
+    max_len: int,
+    k: int = 10,
+    batch_size: int = 1024,
+) -> Comparison:
+    """Score both models on the validation targets of ``sequences`` (the CURRENT features, whose item map is
+    ``item_map``; ``challenger`` uses those indices) for the users with a history item the champion knows."""
+    model_idx = champion.item_map.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("target"))
+    mapping = item_map.select(schema.ITEM_ID, schema.ITEM_IDX).join(model_idx, on=schema.ITEM_ID, how="left")
+    mapping = mapping.select(schema.ITEM_IDX, "target")
+    n_champion = champion.model.n_items
+    # A target the champion never saw becomes item n + 1, scored -inf, with k more -inf columns after it: the
+    # pessimistic rank counts those k as ahead of it, so it is a miss at k even on a tiny catalogue.
+    unknown = n_champion + 1
+    n_eval = n_champion + 1 + k
+    history = _map_lists(sequences, "train_items", mapping, None)
+    known = history.list.len() > 0
+    with_val = sequences["val_items"].list.len() > 0
+    kept = sequences.filter(known)
+    remapped = kept.with_columns(
+        history.filter(known).alias("train_items"),
+        _map_lists(kept, "val_items", mapping, unknown).alias("val_items"),
+        pl.lit([], dtype=pl.List(pl.Int32)).alias("test_items"),
+    )
+    ours = accumulate_scorer(model_scorer(challenger), build_eval_set(kept, "val", max_len),
+                             int(item_map.height), (k,), batch_size)
+    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model), 1 + k),
+                               build_eval_set(remapped, "val", champion.model.max_len), n_eval, (k,), batch_size)
+    deltas = paired_deltas(ours, theirs)
+    key = f"ndcg_at_{k}"
+    unknown_targets = int((remapped["val_items"].explode() == unknown).sum())
+    return Comparison(
+        challenger=ours.result()[key], champion=theirs.result()[key], delta=deltas[f"delta_{key}"],
+        delta_se=deltas.get(f"delta_{key}_se"), users_compared=ours.n_users,
+        users_without_known_history=int((~known & with_val).sum()), targets_unknown_to_champion=unknown_targets,
+    )
+
+
+def _with_columns(score_fn: ScoreFn, extra: int) -> ScoreFn:
+    """Scores with ``extra`` more item indices after the catalogue, all scored -inf."""
+
+    def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
+        scores = score_fn(inputs, user_idx)
+        return torch.cat([scores, scores.new_full((scores.shape[0], extra), float("-inf"))], dim=1)
+
+    return score

@@ -1,0 +1,86 @@
+"""Champion vs challenger on the same users: ids mapped through each model's own item map, items the champion
+never saw dropped from histories and counted as misses as targets; checked against direct scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from features.schema import SEQUENCES
+from recsys.candidates import TrainedModel
+from recsys.comparison import compare_on_validation
+from recsys.model import SASRec
+
+K = 3
+USERS = pl.DataFrame({"user_id": [1], "user_idx": [0]}, schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+
+
+def _item_map(ids: list[int]) -> pl.DataFrame:
+    return pl.DataFrame({"item_id": ids, "item_idx": list(range(1, len(ids) + 1)), "train_count": [1] * len(ids)},
+                        schema={"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
+
+
+def _model(n_items: int, seed: int) -> SASRec:
+    torch.manual_seed(seed)
+    return SASRec(n_items=n_items, max_len=4, hidden=8, n_blocks=1, n_heads=1, dropout=0.0).eval()
+
+
+# Current features: items 10..60 at item_idx 1..6; (train history, val target) per user.
+FEATURE_IDS = [10, 20, 30, 40, 50, 60]
+ROWS = [([1, 2], 3), ([2], 6), ([6], 1), ([4, 5, 1], 2), ([3, 6], 5), ([5], 4), ([2, 3], 6)]
+
+
+def _sequences() -> pl.DataFrame:
+    return pl.DataFrame({"user_idx": list(range(len(ROWS))), "train_items": [h for h, _ in ROWS],
+                         "val_items": [[t] for _, t in ROWS], "test_items": [[] for _ in ROWS]}, schema=SEQUENCES)
+
+
+def _direct_ndcg(model: SASRec, history: list[int], target: int | None) -> float:
+    """NDCG@K of ``target`` (the model's own index; None = an item it never saw: a miss) by direct scoring."""
+    if target is None:
+        return 0.0
+    with torch.no_grad():
+        scores = model.score(model(torch.tensor([history]))[0, -1])[1:].numpy()
+    others = [i for i in range(1, model.n_items + 1) if i not in history and i != target]
+    rank = sum(1 for i in others if scores[i - 1] >= scores[target - 1])
+    return 1 / np.log2(rank + 2) if rank < K else 0.0
+
+
+def test_same_weights_under_another_item_order_compare_equal():
+    challenger = _model(6, seed=0)
+    # The champion: the same network with its item table in another order and an item map saying so.
+    order = [4, 1, 6, 2, 5, 3]  # champion item_idx r+1 holds feature item order[r]
+    champion = _model(6, seed=1)
+    champion.load_state_dict(challenger.state_dict())
+    with torch.no_grad():
+        champion.item_emb.weight[1:] = challenger.item_emb.weight[order]
+    ids = [FEATURE_IDS[i - 1] for i in order]
+    got = compare_on_validation(challenger, TrainedModel(champion, USERS, _item_map(ids)), _sequences(),
+                                _item_map(FEATURE_IDS), max_len=4, k=K)
+    assert got.users_compared == 7 and got.users_without_known_history == 0
+    assert got.challenger == pytest.approx(got.champion, abs=1e-6) and got.delta == pytest.approx(0, abs=1e-6)
+    want = np.mean([_direct_ndcg(challenger, h, t) for h, t in ROWS])
+    assert got.challenger == pytest.approx(want, rel=1e-5)
+
+
+def test_items_the_champion_never_saw_are_dropped_from_histories_and_missed_as_targets():
+    challenger, champion = _model(6, seed=0), _model(4, seed=2)
+    champion_ids = [20, 30, 40, 50]  # never saw 10 (feature idx 1) nor 60 (feature idx 6)
+    to_champion = {2: 1, 3: 2, 4: 3, 5: 4}
+    got = compare_on_validation(challenger, TrainedModel(champion, USERS, _item_map(champion_ids)), _sequences(),
+                                _item_map(FEATURE_IDS), max_len=4, k=K)
+    # User 2's only history item (60) is unknown to the champion: left out of the comparison.
+    kept = [r for r in ROWS if any(i in to_champion for i in r[0])]
+    assert got.users_compared == len(kept) == 6 and got.users_without_known_history == 1
+    # Users 1 and 6 have target 60 (user 2's 10 is not compared). User 6 has seen 2 of the champion's 4 items:
+    # only 2 competitors are left, yet the unknown target must be a miss at K = 3.
+    assert got.targets_unknown_to_champion == 2
+    theirs = [_direct_ndcg(champion, [to_champion[i] for i in h if i in to_champion], to_champion.get(t))
+              for h, t in kept]
+    ours = [_direct_ndcg(challenger, h, t) for h, t in kept]
+    assert got.champion == pytest.approx(np.mean(theirs), rel=1e-5, abs=1e-9)
+    assert got.challenger == pytest.approx(np.mean(ours), rel=1e-5)
+    assert got.delta == pytest.approx(np.mean(ours) - np.mean(theirs), rel=1e-5, abs=1e-9)
+    assert got.delta_se == pytest.approx(np.std(np.array(ours) - np.array(theirs), ddof=1) / np.sqrt(6), rel=1e-5)
