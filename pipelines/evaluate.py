@@ -9,6 +9,8 @@ from pathlib import Path
 from features.artifacts import load_features
 from pipelines.workdir import WorkDir
 from recsys.baselines import popularity_scores
+from recsys.candidates import load_trained_model
+from recsys.comparison import Comparison, compare_on_validation
 from recsys.config import Config, save_config
 from recsys.device import resolve_device
 from recsys.evaluation import evaluate_all
@@ -60,7 +62,13 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun) -> None:
                         wd.model / "train_report.json")
         return
     val_ndcg = float(report["best_val_ndcg_at_10"])
-    result = promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance)
+    rescore = None
+    if cfg.tracking.promotion_basis == "rescored":
+        def rescore(champion_dir: Path) -> Comparison:  # both models on tonight's validation users, on the CPU
+            feats, model = load_features(wd.features), load_model(wd.model)
+            return compare_on_validation(model, load_trained_model(champion_dir), feats.sequences,
+                                         feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size)
+    result = promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance, rescore)
     if result is not None:
         payload = {**result.to_dict(), "summary": result.summary()}
         write_json(wd.evaluation / "promotion.json", payload, atomic=True)

@@ -335,6 +335,10 @@ class TrackingConfig(_Section):
     registered_model: str = "sasrec"
     # Promotion gate: a challenger becomes champion if its val NDCG@10 >= champion's - tolerance.
     promotion_tolerance: float = Field(0.0, ge=0.0)
+    # What the gate compares: "recorded" = each version's best val NDCG@10 from its own training (on the data
+    # it was trained on); "rescored" = the champion and the challenger both scored tonight on the same
+    # validation users of the current features (recsys/comparison.py), with the paired difference.
+    promotion_basis: Literal["recorded", "rescored"] = "recorded"
     # MLflow HTTP client (a tracking server): per-request timeout, retries and exponential backoff.
     http_timeout_s: int = Field(30, ge=1)
     http_max_retries: int = Field(2, ge=0, le=10)

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recsys.tracking import JobRun
+
+if TYPE_CHECKING:
+    from recsys.comparison import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ class Promotion:
     champion_version: str | None  # the champion BEFORE the gate ran
     champion_val_ndcg_at_10: float | None
     tolerance: float
+    basis: str = "recorded"  # "rescored": both numbers measured tonight on the same users
+    comparison: dict[str, Any] | None = None  # recsys.comparison.Comparison.to_dict() when rescored
 
     def summary(self) -> str:
         """One line for the CLI summary."""
@@ -78,10 +85,16 @@ def _val_ndcg(client: Any, name: str, version: str) -> float | None:
     return float(tag) if tag is not None else None
 
 
-def promote(tracker: JobRun, version: str, val_ndcg: float, tolerance: float) -> Promotion | None:
+def promote(
+    tracker: JobRun, version: str, val_ndcg: float, tolerance: float,
+    rescore: Callable[[Path], Comparison] | None = None,
+) -> Promotion | None:
     """Run the gate for ``version`` of the tracker's registered model; log it on the run and the version.
 
-    Returns None (and does nothing) when tracking is off.
+    With ``rescore`` (``tracking.promotion_basis=rescored``) the champion's files are downloaded and
+    ``rescore(directory)`` measures both models on the same users tonight; the gate then compares those two
+    numbers instead of the ones recorded at training time. Returns None (and does nothing) when tracking is
+    off.
     """
     if not tracker.active:
         return None
@@ -91,12 +104,24 @@ def promote(tracker: JobRun, version: str, val_ndcg: float, tolerance: float) ->
     name = tracker.registered_model
     before = client.get_registered_model(name).aliases.get(CHAMPION)
     before = None if before is None else str(before)  # the SQL store gives ints, the REST API strings
+    comparison = None
     if before == version:
         promoted, reason, champion = True, "already the champion", val_ndcg
+    elif before is not None and rescore is not None:
+        with tempfile.TemporaryDirectory(prefix="recsys-champion-") as tmp:
+            _, files = fetch_model(tracker, f"models:/{name}/{before}", Path(tmp))
+            comparison = rescore(files)
+        val_ndcg, champion = comparison.challenger, comparison.champion
+        promoted, reason = decide(val_ndcg, champion, tolerance)
+        se = "" if comparison.delta_se is None else f" ± {1.96 * comparison.delta_se:.4f}"
+        reason += (f", both rescored on tonight's {comparison.users_compared} validation users (paired "
+                   f"difference {comparison.delta:+.4f}{se})")
     else:
         champion = _val_ndcg(client, name, before) if before is not None else None
         promoted, reason = decide(val_ndcg, champion, tolerance, has_champion=before is not None)
-    result = Promotion(name, version, promoted, reason, val_ndcg, before, champion, tolerance)
+    result = Promotion(name, version, promoted, reason, val_ndcg, before, champion, tolerance,
+                       "recorded" if comparison is None else "rescored",
+                       None if comparison is None else comparison.to_dict())
     client.set_registered_model_alias(name, CHALLENGER, version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -112,6 +137,7 @@ def _log_promotion(client: Any, tracker: JobRun, p: Promotion) -> None:
         "promotion.champion_version": str(p.champion_version),
         "promotion.champion_val_ndcg_at_10": str(p.champion_val_ndcg_at_10),
         "promotion.tolerance": str(p.tolerance),
+        "promotion.basis": p.basis,
     }
     for key, value in {**tags, "val_ndcg_at_10": str(p.challenger_val_ndcg_at_10),
                        "promotion.run_id": str(tracker.run_id)}.items():

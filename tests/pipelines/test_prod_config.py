@@ -48,6 +48,9 @@ def test_two_nights_of_the_production_config(tmp_path, capsys):
     report2 = json.loads((work / "model" / "train_report.json").read_text())
     assert report2["warm_start"]["uri"] == "models:/sasrec@champion" and report2["warm_start"]["version"] == "1"
     assert report2["registered_version"] == "2"
+    promotion = json.loads((work / "evaluation" / "promotion.json").read_text())
+    assert promotion["basis"] == "rescored" and promotion["champion_version"] == "1"
+    assert promotion["comparison"]["users_compared"] > 0
     features = json.loads((work / "features" / "manifest.json").read_text())
     assert features["input_gate"]["previous_rows_in"] < features["rows_in"] == events.height
     assert len(features["inputs"]["events"]["files"]) == len(list(data.glob("date=*/*.parquet")))

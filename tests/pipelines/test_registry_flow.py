@@ -179,3 +179,38 @@ def test_nightly_training_warm_starts_from_the_champion(flow):
     run = client.get_run(client.get_model_version(NAME, report["registered_version"]).run_id)
     assert run.data.metrics["warm_start/items_new"] == 2.0
     assert client.get_registered_model(NAME).aliases["champion"] == "1"
+
+
+def test_rescored_gate_scores_the_champion_on_tonights_users(flow, mlflow_server, tmp_path):
+    # The nightly model (trained by the test above, not yet gated) against champion v1, both scored on the
+    # nightly validation users: v1 never saw items 99991 / 99992.
+    nightly, client = flow["nightly"], flow["client"]
+    version = read_json(nightly / "model" / "train_report.json")["registered_version"]
+    code, summary = _cli("evaluate", *flow["newer"], *flow["track"], "tracking.promotion_basis=rescored")
+    assert code == EXIT_OK
+    decision = read_json(nightly / "evaluation" / "promotion.json")
+    assert decision["basis"] == "rescored" and decision["version"] == version
+    assert decision["champion_version"] == "1"
+    # Oracle: the same comparison made here from v1's registered files and the nightly files.
+    import mlflow.artifacts
+
+    from features.artifacts import load_features
+    from recsys.candidates import load_trained_model
+    from recsys.comparison import compare_on_validation
+    from recsys.model import load_model
+
+    v1_dir = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}/1", dst_path=str(tmp_path),
+                                                 tracking_uri=mlflow_server.url)
+    feats, model = load_features(nightly / "features"), load_model(nightly / "model")
+    want = compare_on_validation(model, load_trained_model(v1_dir), feats.sequences, feats.item_map,
+                                 model.max_len)
+    assert decision["comparison"] == pytest.approx(want.to_dict())
+    # User 9002 (only items v1 never saw) has 2 events, so no validation target: not among the counted.
+    assert decision["comparison"]["users_without_known_history"] == 0
+    assert decision["comparison"]["users_compared"] > 0
+    assert decision["challenger_val_ndcg_at_10"] == pytest.approx(want.challenger)
+    assert decision["champion_val_ndcg_at_10"] == pytest.approx(want.champion)
+    promoted = want.challenger >= want.champion
+    assert decision["promoted"] == promoted and "rescored on tonight's" in decision["reason"]
+    assert client.get_registered_model(NAME).aliases["champion"] == (version if promoted else "1")
+    assert client.get_model_version(NAME, version).tags["promotion.basis"] == "rescored"
