@@ -8,6 +8,7 @@ import os
 import platform
 import resource
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -71,6 +72,17 @@ def append_record(path: Path | None, record: dict) -> None:
     if path is not None:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def emit(record: dict, path: Path | None, records: list[dict]) -> dict:
+    """Stamp ``record`` with the machine's load, the machine, the commit and the date; print it, append it
+    to ``path`` (see :func:`append_record`) and to ``records``; return it."""
+    record = {**record, "load_1min": load_1min(), "machine": machine(), "commit": commit(),
+              "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(record), flush=True)
+    append_record(path, record)
+    records.append(record)
+    return record
 
 
 def read_records(paths: list[Path]) -> list[dict]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from benchmarks.machine import append_record, append_row, commit, load_1min, machine
+from benchmarks.machine import append_row, emit
 from pipelines.cli import EXIT_OK
 from pipelines.cli import main as cli
 
@@ -96,12 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         events.filter(pl.col("day") == day).drop("day").write_parquet(part / "part-0.parquet")
         if day < a.first:
             continue
-        record = {"bench": "nightly", **_night(a.work, day, not records, a.overrides), "overrides": a.overrides,
-                  "load_1min": load_1min(), "machine": machine(), "commit": commit(),
-                  "date": time.strftime("%Y-%m-%d")}
-        print(json.dumps(record), flush=True)
-        append_record(a.json_out, record)
-        records.append(record)
+        emit({"bench": "nightly", **_night(a.work, day, not records, a.overrides), "overrides": a.overrides},
+             a.json_out, records)
     if not a.no_table:
         _table(records)
     return records

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import polars as pl
 
-from benchmarks.machine import append_record, append_row, commit, load_1min, machine
+from benchmarks.machine import append_row, emit
 from pipelines.cli import EXIT_OK
 from pipelines.cli import main as cli
 
@@ -131,13 +131,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             extra = [*a.overrides, *([init, *warm] if start == "warm" else [])]
             name = "-".join([start, *(_leaf(w) for w in warm), str(seed)])
             result = _train_and_evaluate(a.work / f"today-{name}", features["today"], seed, extra)
-            record = {"bench": "warm_start", "start": start, "warm_overrides": warm, "seed": seed, **result,
-                      **cut, "yesterday": {k: yesterday[k] for k in ("epochs_run", "best_val_ndcg_at_10")},
-                      "job_s": time.perf_counter() - began, "overrides": a.overrides, "load_1min": load_1min(),
-                      "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d")}
-            print(json.dumps(record), flush=True)
-            append_record(a.json_out, record)
-            records.append(record)
+            emit({"bench": "warm_start", "start": start, "warm_overrides": warm, "seed": seed, **result, **cut,
+                  "yesterday": {k: yesterday[k] for k in ("epochs_run", "best_val_ndcg_at_10")},
+                  "job_s": time.perf_counter() - began, "overrides": a.overrides}, a.json_out, records)
     if not a.no_table:
         _table(records)
     return records
