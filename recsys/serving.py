@@ -25,6 +25,8 @@ import torch
 
 from features import schema
 from recsys.candidates import TrainedModel, load_trained_model, popular_top_k, user_vectors
+from recsys.data import RaggedItems
+from recsys.metrics import exclusion_mask
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +108,8 @@ class Recommender:
             for start in range(0, known.height, self.batch_size):  # a (batch, catalogue) score block at a time
                 part = known.slice(start, self.batch_size)
                 scores = torch.from_numpy(user_vectors(model, part["items"], self.batch_size)) @ table.T
-                scores[:, 0] = float("-inf")
-                for i, items in enumerate(part["items"].to_list()):
-                    scores[i, items] = float("-inf")  # seen items
+                seen = RaggedItems.from_series(part["items"]).pad().long()  # (B, longest history)
+                scores.masked_fill_(exclusion_mask(seen, model.n_items), float("-inf"))  # padding and seen
                 best, idx = scores.topk(k, dim=1)
                 for i, row in enumerate(part["row"].to_list()):
                     finite = torch.isfinite(best[i])  # fewer unseen items than k: the rest is -inf
