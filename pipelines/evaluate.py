@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from features.artifacts import load_features
+from features.artifacts import FeatureSet, load_features
 from pipelines.workdir import WorkDir
 from recsys.baselines import popularity_scores
 from recsys.candidates import load_trained_model
@@ -14,7 +14,7 @@ from recsys.comparison import Comparison, compare_on_validation
 from recsys.config import Config, save_config
 from recsys.device import resolve_device
 from recsys.evaluation import evaluate_all
-from recsys.model import load_model
+from recsys.model import SASRec, load_model
 from recsys.registry import promote
 from recsys.storage import atomic_dir, read_json, write_json
 from recsys.tracking import JobRun, job_run
@@ -47,13 +47,14 @@ def run(cfg: Config) -> Path:
                 where = f"{split}/{name}/history_{label.replace('+', '_plus')}"  # MLflow refuses "+"
                 tracker.log_metrics({f"{where}/{k}": v for k, v in segment.items()})
         tracker.log_artifacts(wd.evaluation, "evaluation")
-        _promote(cfg, wd, tracker)
+        _promote(cfg, wd, tracker, feats, model)
     log.info("evaluate: report → %s", wd.evaluation / "report.json")
     return wd.evaluation
 
 
-def _promote(cfg: Config, wd: WorkDir, tracker: JobRun) -> None:
-    """Gate the registered version of ``model/``; the decision goes to ``evaluation/promotion.json``."""
+def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec) -> None:
+    """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores);
+    the decision goes to ``evaluation/promotion.json``."""
     report = read_json(wd.model / "train_report.json")
     version = report.get("registered_version")
     if version is None:
@@ -64,8 +65,7 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun) -> None:
     val_ndcg = float(report["best_val_ndcg_at_10"])
     rescore = None
     if cfg.tracking.promotion_basis == "rescored":
-        def rescore(champion_dir: Path) -> Comparison:  # both models on tonight's validation users, on the CPU
-            feats, model = load_features(wd.features), load_model(wd.model)
+        def rescore(champion_dir: Path) -> Comparison:  # both models on tonight's validation users
             return compare_on_validation(model, load_trained_model(champion_dir), feats.sequences,
                                          feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size)
     result = promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance, rescore)
