@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.schedule import lock_holders
-from pipelines.workdir import WorkDir
+from pipelines.workdir import WorkDir, dated_partitions
 from recsys.config import Config
 from recsys.storage import read_json
 
@@ -77,9 +77,9 @@ def _evaluation(directory: Path) -> dict[str, Any] | None:
 def _candidates(root: Path) -> dict[str, Any]:
     """Published and rejected nights (whole or by shard) and the latest published night's manifest counts
     (summed over its shards)."""
-    nights = sorted({p.name.removeprefix("date=") for p in root.glob("date=*")} |
-                    {p.name.removeprefix("date=") for p in root.glob("shard=*/date=*")}) if root.is_dir() else []
-    rejected = sorted({p.name.removeprefix("date=") for p in root.glob("rejected/**/date=*")}) if root.is_dir() else []
+    published = [*root.glob("date=*"), *root.glob("shard=*/date=*")]
+    nights = sorted({when.isoformat() for when, _ in dated_partitions(published)})
+    rejected = sorted({when.isoformat() for when, _ in dated_partitions(root.glob("rejected/**/date=*"))})
     latest = None
     if nights:
         day = nights[-1]

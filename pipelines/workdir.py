@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from recsys.config import Config
+
+
+def dated_partitions(paths: Iterable[Path]) -> list[tuple[dt.date, Path]]:
+    """``(date, path)`` of the ``date=YYYY-MM-DD`` directories among ``paths``; other names are skipped."""
+    out = []
+    for path in paths:
+        try:
+            out.append((dt.date.fromisoformat(path.name.removeprefix("date=")), path))
+        except ValueError:
+            continue
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,15 +76,9 @@ class WorkDir:
         caller keeps only the shard's users of the latter.
         """
         roots = [self.candidates] if shard is None else [self.candidates, self.candidates / shard]
-        dated = []
-        for preference, root in enumerate(roots):
-            for path in root.glob("date=*"):
-                try:
-                    when = dt.date.fromisoformat(path.name.removeprefix("date="))
-                except ValueError:
-                    continue
-                if when < day and (path / "candidates.parquet").is_file():
-                    dated.append((when, preference, path))
+        dated = [(when, preference, path) for preference, root in enumerate(roots)
+                 for when, path in dated_partitions(root.glob("date=*"))
+                 if when < day and (path / "candidates.parquet").is_file()]
         return max(dated)[2] if dated else None
 
     def expired_candidates(self, day: dt.date, keep_days: int, shard: str | None = None) -> list[Path]:
@@ -82,16 +88,8 @@ class WorkDir:
         roots = [self.candidates, self.candidates / "rejected"]
         if shard is not None:
             roots = [root / shard for root in roots]
-        expired = []
-        for root in roots:
-            for path in root.glob("date=*"):
-                try:
-                    when = dt.date.fromisoformat(path.name.removeprefix("date="))
-                except ValueError:
-                    continue
-                if when < oldest_kept and path.is_dir():
-                    expired.append(path)
-        return sorted(expired)
+        return sorted(path for root in roots for when, path in dated_partitions(root.glob("date=*"))
+                      if when < oldest_kept and path.is_dir())
 
     @property
     def logs(self) -> Path:
