@@ -1,6 +1,7 @@
 """Read an event file in any supported ``data.format`` into the canonical event columns.
 
-:func:`read_events` returns a LazyFrame with ``user_id`` Int64, ``item_id`` Int64, ``timestamp`` Int64
+:func:`read_events` returns a LazyFrame with ``user_id`` and ``item_id`` (Int64, or String where
+``data.user_id_type`` / ``data.item_id_type`` is ``string``), ``timestamp`` Int64
 (epoch seconds, or an order number for formats without time), plus ``event_type`` String / ``weight``
 Float64 when the format or the config provides them. Tables (csv, parquet, MovieLens) are scanned lazily;
 the line formats (``pairs``, ``sequence_lines``) are read eagerly, then made lazy. Every problem with the
@@ -20,7 +21,7 @@ from pathlib import Path
 import polars as pl
 
 from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
-from features.validation import POS, find_problems, id_expr, typed_exprs
+from features.validation import POS, find_problems, how_to_fix, id_expr, typed_exprs
 from recsys.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,11 @@ def input_files(data: DataConfig, path: str | Path) -> list[Path]:
     return sorted(files)
 
 
+def id_types(data: DataConfig) -> dict[str, str]:
+    """``{"user_id": data.user_id_type, "item_id": data.item_id_type}`` (``int`` or ``string``)."""
+    return {USER_ID: data.user_id_type, ITEM_ID: data.item_id_type}
+
+
 def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
     """Lazy canonical events of ``path`` read as ``data.format``, validated by one aggregate pass.
 
@@ -109,8 +115,9 @@ def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
         )
     with _polars_errors(path, data):
         raw = _SCANNERS[data.format](data, path)
-        typed = typed_exprs(raw.frame, data.timestamp_format)
-        problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path))
+        typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
+        problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path),
+                                 id_types=id_types(data))
     if problems:
         raise InputDataError(f"{path} (data.format={data.format!r}):\n  - " + "\n  - ".join(problems))
     logger.info("reading %s as %s", path, data.format)
@@ -249,34 +256,35 @@ _SCANNERS: dict[str, Callable[[DataConfig, Path], _Raw]] = {
 }
 
 
-def read_item_ids(path: str | Path, key: str) -> pl.Series:
-    """The distinct ``item_id`` values (Int64, sorted) of a CSV (with a header) or Parquet file that lists
-    items, e.g. ``candidates.allowed_items``; ``key`` names the config key in messages.
+def read_item_ids(path: str | Path, key: str, kind: str = "int") -> pl.Series:
+    """The distinct ``item_id`` values (sorted; Int64, or String for ``kind`` ``string`` as
+    data.item_id_type says) of a CSV (with a header) or Parquet file that lists items, e.g.
+    ``candidates.allowed_items``; ``key`` names the config key in messages.
 
     Raises FileNotFoundError (a config problem) if there is no such file, InputDataError naming the file and
-    column if it cannot be read, lacks an ``item_id`` column, holds a value that is not a whole number in the
-    Int64 range (with its data row), or lists no item.
+    column if it cannot be read, lacks an ``item_id`` column, holds a value that is not an item id of that
+    type (with its data row), or lists no item.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file; fix {key} (a CSV or Parquet file "
                                 f"with an {ITEM_ID} column) or set it to null")
-    kind = "Parquet" if path.suffix == ".parquet" else "CSV"
+    file_kind = "Parquet" if path.suffix == ".parquet" else "CSV"
     try:
-        frame = pl.read_parquet(path) if kind == "Parquet" else pl.read_csv(path, infer_schema=False)
+        frame = pl.read_parquet(path) if file_kind == "Parquet" else pl.read_csv(path, infer_schema=False)
     except (pl.exceptions.PolarsError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputDataError(f"{path} ({key}) cannot be read as {kind} with a header: {first}; write one "
+        raise InputDataError(f"{path} ({key}) cannot be read as {file_kind} with a header: {first}; write one "
                              f"{ITEM_ID} per row under an '{ITEM_ID}' header") from exc
     if ITEM_ID not in frame.columns:
         raise InputDataError(f"{path} ({key}) has no column '{ITEM_ID}' (it has {frame.columns}); name the "
                              f"column of item ids '{ITEM_ID}'")
     raw = frame[ITEM_ID]
-    ids = frame.select(id_expr(raw.dtype, ITEM_ID))[ITEM_ID]
+    ids = frame.select(id_expr(raw.dtype, ITEM_ID, kind))[ITEM_ID]
     if ids.null_count():
         row = int(ids.is_null().arg_true()[0])
         raise InputDataError(f"{path} ({key}), column '{ITEM_ID}', data row {row + 1}: {raw[row]!r} is not an "
-                             f"item id; ids are whole numbers in the Int64 range, as in the events")
+                             f"item id; {how_to_fix(ITEM_ID, {ITEM_ID: kind})}, as in the events")
     if ids.len() == 0:
         raise InputDataError(f"{path} ({key}) lists no items, which would leave no candidate for anyone; list "
                              f"the items to allow, or set {key}=null to allow every item")

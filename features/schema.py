@@ -20,11 +20,16 @@ WEIGHT = "weight"
 USER_IDX = "user_idx"
 ITEM_IDX = "item_idx"
 
-EVENTS = {USER_ID: pl.Int64, ITEM_ID: pl.Int64, TIMESTAMP: pl.Int64}
+# External ids are whole numbers (Int64) or text (String), per column: data.user_id_type / data.item_id_type.
+# A contract entry that is a tuple accepts any of its dtypes.
+ID_DTYPES = {"int": pl.Int64, "string": pl.String}
+ANY_ID = (pl.Int64, pl.String)
+
+EVENTS = {USER_ID: ANY_ID, ITEM_ID: ANY_ID, TIMESTAMP: pl.Int64}
 EVENTS_OPTIONAL = {EVENT_TYPE: pl.String, WEIGHT: pl.Float64}
 
-USER_MAP = {USER_ID: pl.Int64, USER_IDX: pl.Int32}
-ITEM_MAP = {ITEM_ID: pl.Int64, ITEM_IDX: pl.Int32, "train_count": pl.Int64}
+USER_MAP = {USER_ID: ANY_ID, USER_IDX: pl.Int32}
+ITEM_MAP = {ITEM_ID: ANY_ID, ITEM_IDX: pl.Int32, "train_count": pl.Int64}
 
 # One row per user; lists are internal item indices in time order (stable sort).
 # val history = train_items; test history = train_items + val_items; full history = all three.
@@ -35,7 +40,7 @@ SEQUENCES = {
     "test_items": pl.List(pl.Int32),
 }
 
-CANDIDATES = {USER_ID: pl.Int64, ITEM_ID: pl.Int64, "score": pl.Float32, "rank": pl.Int32}
+CANDIDATES = {USER_ID: ANY_ID, ITEM_ID: ANY_ID, "score": pl.Float32, "rank": pl.Int32}
 
 PAD_IDX = 0
 
@@ -51,7 +56,24 @@ FEATURE_FILES = {
 def check_schema(df: pl.DataFrame, contract: Mapping[str, Any], name: str) -> None:
     """Raise ``ValueError`` naming the table and column if ``df`` does not match ``contract``."""
     for col, dtype in contract.items():
+        accepted = dtype if isinstance(dtype, tuple) else (dtype,)
+        expected = " or ".join(str(d) for d in accepted)
         if col not in df.columns:
-            raise ValueError(f"{name}: missing column '{col}' (expected {dtype})")
-        if df.schema[col] != dtype:
-            raise ValueError(f"{name}: column '{col}' has dtype {df.schema[col]}, expected {dtype}")
+            raise ValueError(f"{name}: missing column '{col}' (expected {expected})")
+        if df.schema[col] not in accepted:
+            raise ValueError(f"{name}: column '{col}' has dtype {df.schema[col]}, expected {expected}")
+
+
+def empty_candidates(user_dtype: pl.DataType, item_dtype: pl.DataType) -> pl.DataFrame:
+    """A CANDIDATES table with no rows, with these id dtypes."""
+    return pl.DataFrame(schema={USER_ID: user_dtype, ITEM_ID: item_dtype, "score": pl.Float32, "rank": pl.Int32})
+
+
+def with_id_dtype(frame: pl.DataFrame, column: str, dtype: pl.DataType) -> pl.DataFrame:
+    """``frame`` with its id ``column`` cast to ``dtype``, to match ids across artifacts written with different
+    id types (e.g. a model trained before data.item_id_type changed). Int64 → String writes the number in
+    decimal (123 → "123"); String → Int64 parses it, and text that is not a whole number becomes null (an id
+    the other side cannot hold, so it matches nothing)."""
+    if frame.schema[column] == dtype:
+        return frame
+    return frame.with_columns(pl.col(column).cast(dtype, strict=False))

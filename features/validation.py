@@ -29,27 +29,43 @@ ISO_FORMATS = (
     "%Y-%m-%d",
 )
 
-_IDS = f"ids must be whole numbers that fit in Int64 (at most {2**63 - 1}); map other ids to integers first"
+_INT_IDS = (f"ids must be whole numbers that fit in Int64 (at most {2**63 - 1}); for text ids (SKUs, UUIDs) set "
+            "data.{key}: string")
+_TEXT_IDS = "ids must not be blank"
 _HOW_TO_FIX = {
-    USER_ID: _IDS,
-    ITEM_ID: _IDS,
     TIMESTAMP: "use epoch seconds or ISO-8601, or set data.timestamp_format (e.g. '%d/%m/%Y %H:%M')",
     WEIGHT: "weights must be numbers",
 }
+_ID_KEYS = {USER_ID: "user_id_type", ITEM_ID: "item_id_type"}
+
+
+def how_to_fix(name: str, id_types: dict[str, str] | None = None) -> str:
+    """What to do about a bad value of canonical column ``name`` (ids: by their type, int unless said)."""
+    if name in _ID_KEYS:
+        kind = (id_types or {}).get(name, "int")
+        return _TEXT_IDS if kind == "string" else _INT_IDS.format(key=_ID_KEYS[name])
+    return _HOW_TO_FIX[name]
 
 
 def _floor_to_int(col: pl.Expr) -> pl.Expr:
     return pl.when(col.is_finite()).then(col.floor()).cast(pl.Int64, strict=False)
 
 
-def id_expr(dtype: pl.DataType, name: str) -> pl.Expr:
-    """Int64 id from an integer, integral-float or string column; null where the value is not an integer."""
+def id_expr(dtype: pl.DataType, name: str, kind: str = "int") -> pl.Expr:
+    """The id column ``name`` as ``kind`` (schema.ID_DTYPES) from an integer, integral-float or string column;
+    null where the value is not an id: for ``int`` not a whole number in the Int64 range, for ``string`` a
+    blank text or a float with a fraction (integers and integral floats are written in decimal: 7.0 → "7")."""
     col = pl.col(name)
     if dtype.is_integer():
-        return col.cast(pl.Int64, strict=False)
-    if dtype.is_float():
-        return pl.when(col == col.floor()).then(col).cast(pl.Int64, strict=False)
-    return col.cast(pl.String).str.strip_chars().cast(pl.Int64, strict=False)
+        as_int = col.cast(pl.Int64, strict=False)
+    elif dtype.is_float():
+        as_int = pl.when(col == col.floor()).then(col).cast(pl.Int64, strict=False)
+    else:
+        text = col.cast(pl.String).str.strip_chars()
+        if kind == "string":
+            return pl.when(text.str.len_bytes() > 0).then(text)
+        return text.cast(pl.Int64, strict=False)
+    return as_int.cast(pl.String) if kind == "string" else as_int
 
 
 def timestamp_expr(dtype: pl.DataType, timestamp_format: str | None, sample: str | None = None) -> pl.Expr:
@@ -86,8 +102,11 @@ def weight_expr(dtype: pl.DataType) -> pl.Expr:
     return col.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
 
 
-def typed_exprs(raw: pl.LazyFrame, timestamp_format: str | None) -> dict[str, pl.Expr]:
-    """Canonical column name -> expression converting the raw column (only columns present in ``raw``).
+def typed_exprs(
+    raw: pl.LazyFrame, timestamp_format: str | None, id_types: dict[str, str] | None = None
+) -> dict[str, pl.Expr]:
+    """Canonical column name -> expression converting the raw column (only columns present in ``raw``);
+    ``id_types`` maps ``user_id`` / ``item_id`` to ``int`` (the default) or ``string``.
 
     Peeks at the first non-null timestamp when timestamps are strings without a format (see
     :func:`timestamp_expr`); may raise polars errors (unreadable file), which the caller wraps.
@@ -97,8 +116,8 @@ def typed_exprs(raw: pl.LazyFrame, timestamp_format: str | None) -> dict[str, pl
     if schema[TIMESTAMP] == pl.String and timestamp_format is None:
         sample = raw.select(pl.col(TIMESTAMP).drop_nulls().first()).collect().item()
     exprs = {
-        USER_ID: id_expr(schema[USER_ID], USER_ID),
-        ITEM_ID: id_expr(schema[ITEM_ID], ITEM_ID),
+        USER_ID: id_expr(schema[USER_ID], USER_ID, (id_types or {}).get(USER_ID, "int")),
+        ITEM_ID: id_expr(schema[ITEM_ID], ITEM_ID, (id_types or {}).get(ITEM_ID, "int")),
         TIMESTAMP: timestamp_expr(schema[TIMESTAMP], timestamp_format, sample),
     }
     if EVENT_TYPE in schema:
@@ -108,7 +127,7 @@ def typed_exprs(raw: pl.LazyFrame, timestamp_format: str | None) -> dict[str, pl
     return {name: expr.alias(name) for name, expr in exprs.items()}
 
 
-def dtype_problems(schema: pl.Schema, labels: dict[str, str]) -> list[str]:
+def dtype_problems(schema: pl.Schema, labels: dict[str, str], id_types: dict[str, str] | None = None) -> list[str]:
     """Columns whose dtype can never convert (e.g. a Boolean or List id column)."""
     accepted = {
         USER_ID: lambda d: d.is_integer() or d.is_float() or d == pl.String,
@@ -117,7 +136,7 @@ def dtype_problems(schema: pl.Schema, labels: dict[str, str]) -> list[str]:
         WEIGHT: lambda d: d.is_numeric() or d == pl.String,
     }
     return [
-        f"column {labels[name]} has dtype {schema[name]}, which cannot hold a {name}; {_HOW_TO_FIX[name]}"
+        f"column {labels[name]} has dtype {schema[name]}, which cannot hold a {name}; {how_to_fix(name, id_types)}"
         for name, ok in accepted.items()
         if name in schema and not ok(schema[name])
     ]
@@ -136,7 +155,7 @@ def _stat_exprs(name: str, typed: pl.Expr, required: bool) -> list[pl.Expr]:
     ]
 
 
-def _describe(stats: dict, name: str, label: str, unit: str) -> list[str]:
+def _describe(stats: dict, name: str, label: str, unit: str, id_types: dict[str, str] | None) -> list[str]:
     out = []
     if stats[f"{name}:missing"]:
         out.append(
@@ -146,7 +165,7 @@ def _describe(stats: dict, name: str, label: str, unit: str) -> list[str]:
     if stats[f"{name}:bad"]:
         out.append(
             f"column {label}: {stats[f'{name}:bad']} value(s) cannot be read as {name} "
-            f"(e.g. {stats[f'{name}:example']!r} at {unit} {stats[f'{name}:bad_pos']}); {_HOW_TO_FIX[name]}"
+            f"(e.g. {stats[f'{name}:example']!r} at {unit} {stats[f'{name}:bad_pos']}); {how_to_fix(name, id_types)}"
         )
     return out
 
@@ -164,7 +183,8 @@ def _warn_future(stats: dict, label: str, source: str) -> None:
 
 
 def find_problems(
-    raw: pl.LazyFrame, typed: dict[str, pl.Expr], labels: dict[str, str], unit: str, source: str = "input"
+    raw: pl.LazyFrame, typed: dict[str, pl.Expr], labels: dict[str, str], unit: str, source: str = "input",
+    id_types: dict[str, str] | None = None,
 ) -> list[str]:
     """Every problem with the values of ``raw``, found in ONE aggregate pass over the data.
 
@@ -174,7 +194,7 @@ def find_problems(
     future. May raise polars errors (unreadable file); the caller wraps them.
     """
     schema = raw.collect_schema()
-    problems = dtype_problems(schema, labels)
+    problems = dtype_problems(schema, labels, id_types)
     if problems:
         return problems
     checked = [name for name in (USER_ID, ITEM_ID, TIMESTAMP, WEIGHT) if name in schema]
@@ -186,7 +206,7 @@ def find_problems(
     stats = raw.select(aggs).collect().row(0, named=True)
     if stats["rows"] == 0:
         return ["it has no rows (only a header, or only blank lines); point data.path at a file with events"]
-    problems = [line for name in checked for line in _describe(stats, name, labels[name], unit)]
+    problems = [line for name in checked for line in _describe(stats, name, labels[name], unit, id_types)]
     if not problems:
         _warn_future(stats, labels[TIMESTAMP], source)
     return problems

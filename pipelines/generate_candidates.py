@@ -63,7 +63,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         feats, activity = select_active(feats, last_event_times(wd.features), cfg.candidates.active_window)
     allowed, allow_file = None, None
     if cfg.candidates.allowed_items is not None:  # read (and checked) before any model or MLflow run
-        allowed = read_item_ids(cfg.candidates.allowed_items, "candidates.allowed_items")
+        allowed = read_item_ids(cfg.candidates.allowed_items, "candidates.allowed_items", cfg.data.item_id_type)
         allow_file = fingerprint(cfg.candidates.allowed_items)
     spec = cfg.candidates.model or str(wd.model)
     # A local model is read before an MLflow run is opened, so a missing one fails at once.

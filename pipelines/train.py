@@ -68,7 +68,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             tracker.log_metrics({f"warm_start/{k}": v for k, v in result.warm_start.items()})
         with atomic_dir(wd.model) as tmp:
             save_model(result.model, tmp)
-            write_mlmodel(tmp)  # the directory is an MLflow pyfunc model too (recsys/serving.py)
+            write_mlmodel(tmp, feats.item_map.schema[schema.ITEM_ID])  # an MLflow pyfunc model too (recsys/serving.py)
             fault_point("model-write")
             for name in ("user_map", "item_map"):
                 shutil.copy2(wd.features / schema.FEATURE_FILES[name], tmp / schema.FEATURE_FILES[name])

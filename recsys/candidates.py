@@ -29,7 +29,7 @@ import torch
 from features import schema
 from features.artifacts import FeatureSet
 from features.readers import InputDataError
-from recsys.config import CandidatesConfig
+from recsys.config import CandidatesConfig, ConfigError
 from recsys.data import RaggedItems
 from recsys.device import inference
 from recsys.model import SASRec, load_model
@@ -69,6 +69,26 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
         raise ValueError(f"{directory / 'item_map.parquet'}: column 'item_idx' must hold 1..{model.n_items} "
                          "once each (the model's catalogue); the model and its id maps do not match")
     return TrainedModel(model, maps["user_map"], maps["item_map"])
+
+
+def with_feature_ids(trained: TrainedModel, feats: FeatureSet) -> TrainedModel:
+    """``trained`` with its id maps in the id dtypes of ``feats`` (data.user_id_type / data.item_id_type may
+    have changed since the model was trained): whole-number ids become their decimal text, and text ids become
+    numbers where every item id of the model is one.
+
+    Raises ConfigError naming data.item_id_type when the model holds text item ids that are not whole numbers
+    and the features hold numbers: such items could not be written as candidates.
+    """
+    user_map = schema.with_id_dtype(trained.user_map, schema.USER_ID, feats.user_map.schema[schema.USER_ID])
+    item_dtype = feats.item_map.schema[schema.ITEM_ID]
+    item_map = schema.with_id_dtype(trained.item_map, schema.ITEM_ID, item_dtype)
+    lost = item_map[schema.ITEM_ID].null_count() - trained.item_map[schema.ITEM_ID].null_count()
+    if lost:
+        example = trained.item_map.filter(item_map[schema.ITEM_ID].is_null())[schema.ITEM_ID][0]
+        raise ConfigError(f"the model was trained with text item ids, {lost} of which are not whole numbers (e.g. "
+                          f"{example!r}), but the features hold {item_dtype} item ids (data.item_id_type: int): "
+                          "set data.item_id_type: string as when the model was trained, or train a new model")
+    return replace(trained, user_map=user_map, item_map=item_map)
 
 
 def read_candidates(path: str | Path) -> pl.DataFrame:
@@ -155,9 +175,11 @@ def generate_candidates(
 
     Raises InputDataError naming ``candidates.allowed_items`` if the model knows none of the allowed items.
     """
+    trained = with_feature_ids(trained, feats)
     hist = model_histories(feats, trained.item_map)
     pool = trained.item_map  # the items that may be candidates
     if allowed is not None:
+        allowed = allowed.cast(feats.item_map.schema[schema.ITEM_ID], strict=False).drop_nulls()
         pool = pool.filter(pl.col(schema.ITEM_ID).is_in(allowed.implode()))
         if pool.height == 0:
             raise InputDataError(f"{cfg.allowed_items} (candidates.allowed_items): none of its {allowed.len()} "
@@ -199,7 +221,8 @@ def _model_top_k(
     from recsys.retrieval import ann_recall, build_index, search_top_k, tune_index
 
     if scored.height == 0:
-        return _empty(), {"users": 0}
+        return schema.empty_candidates(scored.schema[schema.USER_ID], trained.item_map.schema[schema.ITEM_ID]), \
+            {"users": 0}
     lists = scored["items"].to_list()
     users = user_vectors(trained.model, scored["items"], cfg.batch_size)  # (U, D)
     with torch.no_grad():
@@ -236,7 +259,7 @@ def _model_top_k(
         ids = np.where(ids >= 0, rows[np.maximum(ids, 0)], -1)
     recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
-    rows = _to_rows(scored[schema.USER_ID].to_numpy(), ids, scores, trained.item_map)
+    rows = _to_rows(scored[schema.USER_ID], ids, scores, trained.item_map)
     search = {"index_used": factory,
               "users": stats["users"], "batches": stats["batches"], "short_users": stats["short_users"],
               "exact_fallback_users": stats["fallback_users"],  # ANN left short: answered by exact search
@@ -254,13 +277,13 @@ def _index_rows(table_rows: np.ndarray, position: np.ndarray | None) -> np.ndarr
 
 
 def _to_rows(
-    user_id: np.ndarray, ids: np.ndarray, scores: np.ndarray, item_map: pl.DataFrame
+    user_id: pl.Series, ids: np.ndarray, scores: np.ndarray, item_map: pl.DataFrame
 ) -> pl.DataFrame:
     """ids (U, k) row positions of the model's item table (-1 = none) → schema.CANDIDATES rows."""
     k = ids.shape[1]
     valid = ids.reshape(-1) >= 0
     frame = pl.DataFrame({
-        schema.USER_ID: np.repeat(user_id, k).astype(np.int64)[valid],
+        schema.USER_ID: user_id.gather(np.repeat(np.arange(len(user_id)), k)[valid]),
         schema.ITEM_IDX: (ids.reshape(-1)[valid] + 1).astype(np.int32),
         "score": scores.reshape(-1)[valid].astype(np.float32),
         "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(user_id))[valid],
@@ -274,7 +297,7 @@ def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_s
     """The fallback: per user of ``users`` (user_id, seen List(Int64)), the k items of ``item_map`` with the
     most training events (ties by item_id), seen ones excluded; score = share of training events."""
     if users.height == 0:
-        return _empty()
+        return schema.empty_candidates(users.schema[schema.USER_ID], item_map.schema[schema.ITEM_ID])
     total = max(int(item_map["train_count"].sum()), 1)
     popular = (item_map.sort(["train_count", schema.ITEM_ID], descending=[True, False])
                .select(schema.ITEM_ID, (pl.col("train_count") / total).cast(pl.Float32).alias("score"))
@@ -293,7 +316,3 @@ def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_s
 def _count_missing(values: pl.Series, known: pl.Series) -> int:
     """How many of ``values`` are not in ``known``."""
     return int((~values.is_in(known.implode())).sum())
-
-
-def _empty() -> pl.DataFrame:
-    return pl.DataFrame(schema={c: t for c, t in schema.CANDIDATES.items()})

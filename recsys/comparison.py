@@ -73,7 +73,8 @@ def compare_on_validation(
 ) -> Comparison:
     """Score both models on the validation targets of ``sequences`` (the CURRENT features, whose item map is
     ``item_map``; ``challenger`` uses those indices) for the users with a history item the champion knows."""
-    model_idx = champion.item_map.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("target"))
+    champion_ids = schema.with_id_dtype(champion.item_map, schema.ITEM_ID, item_map.schema[schema.ITEM_ID])
+    model_idx = champion_ids.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("target"))
     mapping = item_map.select(schema.ITEM_ID, schema.ITEM_IDX).join(model_idx, on=schema.ITEM_ID, how="left")
     mapping = mapping.select(schema.ITEM_IDX, "target")
     n_champion = champion.model.n_items

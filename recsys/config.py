@@ -72,6 +72,10 @@ class DataConfig(_Section):
     ] = "csv"
     user_col: str = "user_id"
     item_col: str = "item_id"
+    # Id types: int = whole numbers (stored Int64), string = any text such as SKUs or UUIDs (stored String,
+    # surrounding whitespace stripped). Every table the pipeline writes keeps the ids in this type.
+    user_id_type: Literal["int", "string"] = "int"
+    item_id_type: Literal["int", "string"] = "int"
     timestamp_col: str | None = "timestamp"
     event_type_col: str | None = None
     weight_col: str | None = None

@@ -31,6 +31,9 @@ def drift_report(today: pl.DataFrame, previous: pl.DataFrame | None, k: int) -> 
         return {"k": k, "users_today": users_today, "users_previous": None, "users_common": None,
                 "users_lost": None, "users_gained": None, "mean_overlap_at_k": None,
                 "new_items": None, "new_item_share": None}
+    # the previous night's ids in tonight's dtypes (data.*_id_type may have changed in between)
+    for column in (schema.USER_ID, schema.ITEM_ID):
+        previous = schema.with_id_dtype(previous, column, today.schema[column])
     b = _top(previous, k)
     sizes_a = a.group_by(schema.USER_ID).len("n_today")
     sizes_b = b.group_by(schema.USER_ID).len("n_previous")

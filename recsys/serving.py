@@ -34,9 +34,9 @@ HISTORY = "history"
 DEFAULT_K = 10
 
 
-def write_mlmodel(directory: str | Path) -> bool:
+def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64) -> bool:
     """Make ``directory`` (a model directory) loadable by ``mlflow.pyfunc.load_model``; returns whether it
-    did. Without MLflow installed (a stripped environment: it is a dependency of this package) it logs a
+    did. ``item_dtype``: the model's item ids, Int64 or String (data.item_id_type), for the signature. Without MLflow installed (a stripped environment: it is a dependency of this package) it logs a
     warning and writes nothing, so training does not depend on it when tracking is off."""
     try:
         import mlflow.pyfunc
@@ -47,9 +47,10 @@ def write_mlmodel(directory: str | Path) -> bool:
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
+    ids = DataType.string if item_dtype == pl.String else DataType.long
     signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(DataType.long), HISTORY)]),
-        outputs=Schema([ColSpec(Array(DataType.long), "item_ids"), ColSpec(Array(DataType.float), "scores")]),
+        inputs=Schema([ColSpec(Array(ids), HISTORY)]),
+        outputs=Schema([ColSpec(Array(ids), "item_ids"), ColSpec(Array(DataType.float), "scores")]),
         params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]),
     )
     model = Model(signature=signature)
@@ -83,12 +84,18 @@ class Recommender:
         rows = self.top_k([list(h) for h in model_input[HISTORY]], k)
         return pd.DataFrame({"item_ids": [r[0] for r in rows], "scores": [r[1] for r in rows]})
 
-    def top_k(self, histories: list[list[int]], k: int) -> list[tuple[list[int], list[float]]]:
+    def top_k(self, histories: list[list[Any]], k: int) -> list[tuple[list[Any], list[float]]]:
         """Per history: (item ids, scores) of the best ``min(k, catalogue)`` unseen items, best first."""
         model, item_map = self.trained.model, self.trained.item_map
         k = min(k, model.n_items)
-        frame = pl.DataFrame({"row": np.arange(len(histories), dtype=np.int64), HISTORY: histories},
-                             schema={"row": pl.Int64, HISTORY: pl.List(pl.Int64)})
+        id_dtype = item_map.schema[schema.ITEM_ID]
+        try:
+            frame = pl.DataFrame({"row": np.arange(len(histories), dtype=np.int64), HISTORY: histories},
+                                 schema={"row": pl.Int64, HISTORY: pl.List(id_dtype)}, strict=True)
+        except (TypeError, pl.exceptions.PolarsError) as exc:
+            kind = "text" if id_dtype == pl.String else "whole numbers"
+            raise ValueError(f"the '{HISTORY}' column must hold lists of item ids; this model's item ids are "
+                             f"{kind} ({id_dtype}): {str(exc).splitlines()[0]}") from exc
         mapped = (frame.explode(HISTORY)
                   .join(item_map.select(pl.col(schema.ITEM_ID).alias(HISTORY), schema.ITEM_IDX), on=HISTORY,
                         how="left", maintain_order="left")
@@ -99,12 +106,11 @@ class Recommender:
         mapped = frame.select("row").join(mapped, on="row", how="left", maintain_order="left").with_columns(
             pl.col("items").fill_null([]), pl.col("seen").fill_null([]))
         known = mapped.filter(pl.col("items").list.len() > 0)
-        out: dict[int, tuple[list[int], list[float]]] = {}
+        out: dict[int, tuple[list[Any], list[float]]] = {}
         if known.height:
             with torch.no_grad():
                 table = model.item_embeddings().float().cpu()[: model.n_items + 1]  # (I + 1, D), row = item_idx
-            to_id = np.zeros(model.n_items + 1, dtype=np.int64)
-            to_id[item_map[schema.ITEM_IDX].to_numpy()] = item_map[schema.ITEM_ID].to_numpy()
+            to_id = item_map.sort(schema.ITEM_IDX)[schema.ITEM_ID]  # position = item_idx - 1
             for start in range(0, known.height, self.batch_size):  # a (batch, catalogue) score block at a time
                 part = known.slice(start, self.batch_size)
                 scores = torch.from_numpy(user_vectors(model, part["items"], self.batch_size)) @ table.T
@@ -113,7 +119,7 @@ class Recommender:
                 best, idx = scores.topk(k, dim=1)
                 for i, row in enumerate(part["row"].to_list()):
                     finite = torch.isfinite(best[i])  # fewer unseen items than k: the rest is -inf
-                    out[row] = (to_id[idx[i][finite].numpy()].tolist(), best[i][finite].tolist())
+                    out[row] = (to_id.gather(idx[i][finite].numpy() - 1).to_list(), best[i][finite].tolist())
         unknown = mapped.filter(pl.col("items").list.len() == 0).select(pl.col("row").alias(schema.USER_ID), "seen")
         popular = popular_top_k(item_map, unknown, k, exclude_seen=True)
         for (row,), group in popular.group_by(schema.USER_ID, maintain_order=True):

@@ -1,12 +1,14 @@
 """User shards: candidate generation split into N independent jobs (``recsys candidates --shard i/N``).
 
-A user's shard is a function of the EXTERNAL ``user_id`` alone (a 64-bit mix of the id, modulo N), so a user
-stays in the same shard night after night, whatever the feature job's internal indices or the model.
+A user's shard is a function of the EXTERNAL ``user_id`` alone (a 64-bit mix of the id, or a hash of a text id,
+modulo N), so a user stays in the same shard night after night, whatever the feature job's internal indices or
+the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 
 import polars as pl
@@ -54,31 +56,42 @@ def parse_shard(text: str) -> Shard:
     return Shard(int(match["index"]), int(match["count"]))
 
 
-def shard_of(user_id: pl.Expr, count: int) -> pl.Expr:
-    """0-based shard (UInt64) of each external user id: splitmix64's finaliser of the id, modulo ``count``.
+def shard_of(user_id: pl.Expr, count: int, dtype: pl.DataType = pl.Int64) -> pl.Expr:
+    """0-based shard (UInt64) of each external user id of ``dtype`` (Int64 or String, data.user_id_type).
 
-    The id's 64 bits are read as unsigned (negative ids included); UInt64 arithmetic wraps around, and
-    ``x // 2**s`` is the right shift ``x >> s``.
+    Int64: splitmix64's finaliser of the id, modulo ``count``; the id's 64 bits are read as unsigned (negative
+    ids included), UInt64 arithmetic wraps around, and ``x // 2**s`` is the right shift ``x >> s``.
+    String: the first 8 bytes (little-endian) of the BLAKE2b digest of the id's UTF-8 bytes, modulo ``count``:
+    a fixed function of the text (polars' own ``hash`` may change between versions, which would move users
+    between shards after an upgrade).
     """
+    if dtype == pl.String:
+        return user_id.map_batches(lambda ids: text_hash(ids) % count, return_dtype=pl.UInt64)
     z = user_id.cast(pl.UInt64, wrap_numerical=True) + pl.lit(_GOLDEN, dtype=pl.UInt64)
     z = z.xor(z // 2**30) * pl.lit(_MIX1, dtype=pl.UInt64)
     z = z.xor(z // 2**27) * pl.lit(_MIX2, dtype=pl.UInt64)
     return z.xor(z // 2**31) % count
 
 
-def in_shard(shard: Shard) -> pl.Expr:
-    """Filter predicate: the row's ``user_id`` belongs to ``shard``."""
-    return shard_of(pl.col(schema.USER_ID), shard.count) == shard.index
+def text_hash(ids: pl.Series) -> pl.Series:
+    """UInt64 BLAKE2b-64 of each text id (about a microsecond per id: a million users in about a second)."""
+    digests = (hashlib.blake2b(text.encode(), digest_size=8).digest() for text in ids.to_list())
+    return pl.Series(ids.name, [int.from_bytes(d, "little") for d in digests], dtype=pl.UInt64)
+
+
+def in_shard(shard: Shard, dtype: pl.DataType = pl.Int64) -> pl.Expr:
+    """Filter predicate: the row's ``user_id`` (of ``dtype``) belongs to ``shard``."""
+    return shard_of(pl.col(schema.USER_ID), shard.count, dtype) == shard.index
 
 
 def select_shard(feats: FeatureSet, shard: Shard) -> FeatureSet:
     """``feats`` with only the sequences of the users of ``shard`` (id maps and manifest unchanged)."""
-    users = feats.user_map.filter(in_shard(shard))[schema.USER_IDX]
+    users = feats.user_map.filter(in_shard(shard, feats.user_map.schema[schema.USER_ID]))[schema.USER_IDX]
     sequences = feats.sequences.filter(pl.col(schema.USER_IDX).is_in(users.implode()))
     return dataclasses.replace(feats, sequences=sequences)
 
 
 def shard_rows(table: pl.DataFrame, shard: Shard) -> pl.DataFrame:
     """The rows of ``table`` (any table with a ``user_id`` column) whose user belongs to ``shard``."""
-    return table.filter(in_shard(shard))
+    return table.filter(in_shard(shard, table.schema[schema.USER_ID]))
 

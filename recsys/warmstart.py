@@ -55,8 +55,10 @@ class WarmStart:
             raise ConfigError(f"train.init_from ({self.spec}): the earlier model has another architecture ("
                               + "; ".join(differ) + "); set those keys to the earlier model's values, or "
                               "train from scratch with train.init_from=null")
+        # the earlier model's ids in tonight's id dtype (data.item_id_type may have changed in between)
+        source_ids = schema.with_id_dtype(self.source.item_map, schema.ITEM_ID, self.item_map.schema[schema.ITEM_ID])
         pairs = self.item_map.select(schema.ITEM_ID, schema.ITEM_IDX).join(
-            self.source.item_map.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("source_idx")),
+            source_ids.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("source_idx")),
             on=schema.ITEM_ID, how="inner",
         )
         new_idx = pairs[schema.ITEM_IDX].to_torch().long()

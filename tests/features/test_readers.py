@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from features.readers import InputDataError, read_events, read_item_ids
-from features.schema import EVENTS, EVENTS_OPTIONAL
+from features.schema import EVENTS, EVENTS_OPTIONAL, ID_DTYPES
 from recsys.config import DataConfig
 
 
@@ -18,7 +18,9 @@ def _read(data: DataConfig, path) -> pl.DataFrame:
     df = lf.collect()
     for col, dtype in (EVENTS | EVENTS_OPTIONAL).items():
         if col in df.columns:
-            assert df.schema[col] == dtype, col
+            assert df.schema[col] in (dtype if isinstance(dtype, tuple) else (dtype,)), col
+    want = {"user_id": ID_DTYPES[data.user_id_type], "item_id": ID_DTYPES[data.item_id_type]}
+    assert {c: df.schema[c] for c in want} == want
     return df
 
 
@@ -117,6 +119,40 @@ def test_sequence_lines_timestamp_is_position(write_file):
     assert _triples(df) == [(1, 10, 0), (1, 11, 1), (1, 12, 2), (2, 20, 0), (1, 13, 3)]
 
 
+def test_text_ids_in_every_format(write_file, tmp_path):
+    text = DataConfig(user_id_type="string", item_id_type="string")
+    path = write_file("events.csv", "user_id,item_id,timestamp\n u-1 ,B00X7,1\n42,0042,2\n")
+    assert _triples(_read(text, path)) == [("u-1", "B00X7", 1), ("42", "0042", 2)]  # stripped, text kept as is
+    pq = tmp_path / "events.parquet"
+    pl.DataFrame({"user_id": pl.Series([7, 8], dtype=pl.UInt32), "item_id": [3.0, 4.0], "timestamp": [1, 2]}
+                 ).write_parquet(pq)  # numbers in a text-id column are written in decimal
+    assert _triples(_read(text.model_copy(update={"format": "parquet"}), pq)) == [("7", "3", 1), ("8", "4", 2)]
+    seq = write_file("Beauty.txt", "alice B001 B002\nbob B003\n")
+    assert _triples(_read(text.model_copy(update={"format": "sequence_lines"}), seq)) == [
+        ("alice", "B001", 0), ("alice", "B002", 1), ("bob", "B003", 0)]
+    mixed = DataConfig(item_id_type="string")  # whole-number users, text items
+    path2 = write_file("mixed.csv", "user_id,item_id,timestamp\n1,B00X7,1\n")
+    assert _triples(_read(mixed, path2)) == [(1, "B00X7", 1)]
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    ("user_id,item_id,timestamp\n1,B00X7,1\n", r"'item_id' \(data.item_col\).*'B00X7'.*set data.item_id_type: string"),
+    ("user_id,item_id,timestamp\nu1,7,1\n", r"'user_id' \(data.user_col\).*'u1'.*set data.user_id_type: string"),
+])
+def test_text_in_a_whole_number_id_column_says_which_key_to_set(write_file, content, match):
+    with pytest.raises(InputDataError, match=match):
+        read_events(DataConfig(), write_file("events.csv", content))
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    ("user_id,item_id,timestamp\nu1,   ,1\n", r"'item_id'.*'   ' at data row 1.*ids must not be blank"),
+    ("user_id,item_id,timestamp\nu1,,1\n", r"'item_id'.*empty/null value \(first at data row 1\)"),
+])
+def test_blank_text_ids_are_bad_input(write_file, content, match):
+    with pytest.raises(InputDataError, match=match):
+        read_events(DataConfig(user_id_type="string", item_id_type="string"), write_file("events.csv", content))
+
+
 @pytest.mark.parametrize("fmt", ["csv", "pairs"])
 def test_read_is_lazy_and_repeatable(write_file, fmt):
     text = "user_id,item_id,timestamp\n1,2,3\n" if fmt == "csv" else "1 2\n"
@@ -136,6 +172,16 @@ def test_item_list_from_csv_or_parquet_is_distinct_and_sorted(tmp_path):
     pq = tmp_path / "allowed.parquet"
     pl.DataFrame({"item_id": [7, 3, 7]}, schema={"item_id": pl.Int64}).write_parquet(pq)
     assert read_item_ids(pq, "candidates.allowed_items").to_list() == [3, 7]
+
+
+def test_item_list_of_text_ids(tmp_path):
+    path = tmp_path / "allowed.csv"
+    path.write_text("item_id\nB002\n B001 \nB002\n17\n")
+    got = read_item_ids(path, "candidates.allowed_items", "string")
+    assert got.dtype == pl.String and got.to_list() == ["17", "B001", "B002"]
+    path.write_text("item_id\nB002\n  \n")
+    with pytest.raises(InputDataError, match=r"data row 2: '  ' is not an item id; ids must not be blank"):
+        read_item_ids(path, "candidates.allowed_items", "string")
 
 
 @pytest.mark.parametrize(("text", "match"), [

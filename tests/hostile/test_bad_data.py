@@ -49,7 +49,7 @@ CASES = [
     Case(
         "string_ids",
         HEADER + "u1,2,3\n",
-        ("'user_id'", "'u1'", "data row 1", "map other ids to integers first"),
+        ("'user_id'", "'u1'", "data row 1", "set data.user_id_type: string"),
     ),
     Case("float_ids", HEADER + "1,1.5,3\n", ("'item_id'", "'1.5'", "whole numbers")),
     Case("boolean_ids", HEADER + "true,2,3\n", ("'user_id'", "'true'", "whole numbers")),

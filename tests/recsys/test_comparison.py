@@ -84,3 +84,16 @@ def test_items_the_champion_never_saw_are_dropped_from_histories_and_missed_as_t
     assert got.challenger == pytest.approx(np.mean(ours), rel=1e-5)
     assert got.delta == pytest.approx(np.mean(ours) - np.mean(theirs), rel=1e-5, abs=1e-9)
     assert got.delta_se == pytest.approx(np.std(np.array(ours) - np.array(theirs), ddof=1) / np.sqrt(6), rel=1e-5)
+
+
+def test_a_champion_with_whole_number_ids_compares_on_text_features():
+    # data.item_id_type changed from int to string since the champion was trained: its ids match through their
+    # decimal text, so the same network compares equal, as in the first test.
+    challenger = _model(6, seed=0)
+    champion = _model(6, seed=1)
+    champion.load_state_dict(challenger.state_dict())
+    text_map = _item_map(FEATURE_IDS).with_columns(pl.col("item_id").cast(pl.String))
+    got = compare_on_validation(challenger, TrainedModel(champion, USERS, _item_map(FEATURE_IDS)), _sequences(),
+                                text_map, max_len=4, k=K)
+    assert got.users_compared == 7 and got.targets_unknown_to_champion == 0
+    assert got.delta == pytest.approx(0, abs=1e-6)

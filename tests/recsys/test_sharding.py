@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import polars as pl
 import pytest
@@ -43,6 +45,27 @@ def test_assignment_is_pinned() -> None:
 @pytest.mark.parametrize("step", [1, 1000])
 def test_patterned_ids_spread_evenly(step: int) -> None:
     counts = np.bincount(_shards(np.arange(20000) * step, 4), minlength=4)
+    assert counts.min() > 0.9 * 5000 and counts.max() < 1.1 * 5000
+
+
+def _text_shards(ids: list[str], count: int) -> np.ndarray:
+    frame = pl.DataFrame({"user_id": ids}, schema={"user_id": pl.String})
+    return frame.select(shard_of(pl.col("user_id"), count, pl.String))["user_id"].to_numpy()
+
+
+def test_text_ids_shard_by_blake2b_of_their_utf8_bytes():
+    ids = ["", "u1", "Ω-ünïcode", "550e8400-e29b-41d4-a716-446655440000", "B00X7"]
+    want = [int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little") % 7 for t in ids]
+    assert _text_shards(ids, 7).tolist() == want
+
+
+def test_text_assignment_is_pinned():
+    # A change here moves users with text ids between shards from one night to the next: only ever on purpose.
+    assert _text_shards(["u1", "u2", "u3", "alice", "bob", "B00X7"], 4).tolist() == [2, 2, 3, 1, 0, 0]
+
+
+def test_patterned_text_ids_spread_evenly():
+    counts = np.bincount(_text_shards([f"user-{i:06d}" for i in range(20000)], 4), minlength=4)
     assert counts.min() > 0.9 * 5000 and counts.max() < 1.1 * 5000
 
 
