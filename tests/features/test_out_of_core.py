@@ -48,8 +48,9 @@ def _build(source: Path, work: Path, *overrides: str) -> tuple[dict, dict[str, p
         ["features.event_types=[view]", "features.dedup=none"],
         ["features.split=time", "features.val_cutoff=1615000000", "features.test_cutoff=1625000000"],
         ["features.max_user_events=60", "features.keep_last_events=20"],
+        ["data.user_id_type=string", "data.item_id_type=string"],  # user ranges of text ids, in text order
     ],
-    ids=["default", "user_item_kcore", "event_types", "time_split", "user_limits"],
+    ids=["default", "user_item_kcore", "event_types", "time_split", "user_limits", "text_ids"],
 )
 def test_partitioned_build_equals_in_memory_build(shuffled_events, tmp_path, overrides):
     whole, expected = _build(shuffled_events, tmp_path / "p1", *overrides)
