@@ -67,7 +67,8 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model
     if cfg.tracking.promotion_basis == "rescored":
         def rescore(champion_dir: Path) -> Comparison:  # both models on tonight's validation users
             return compare_on_validation(model, load_trained_model(champion_dir), feats.sequences,
-                                         feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size)
+                                         feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size,
+                                         exclude_seen=cfg.evaluate.exclude_seen)
     result = promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance, rescore)
     if result is not None:
         payload = {**result.to_dict(), "summary": result.summary()}

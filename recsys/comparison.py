@@ -25,6 +25,7 @@ from recsys.evaluation import (
     build_eval_set,
     model_scorer,
     paired_deltas,
+    ranking_set,
 )
 
 _ROW = "_row"
@@ -70,6 +71,7 @@ def compare_on_validation(
     max_len: int,
     k: int = 10,
     batch_size: int = 1024,
+    exclude_seen: bool = True,
 ) -> Comparison:
     """Score both models on the validation targets of ``sequences`` (the CURRENT features, whose item map is
     ``item_map``; ``challenger`` uses those indices) for the users with a history item the champion knows."""
@@ -91,10 +93,11 @@ def compare_on_validation(
         _map_lists(kept, "val_items", mapping, unknown).alias("val_items"),
         pl.lit([], dtype=pl.List(pl.Int32)).alias("test_items"),
     )
-    ours = accumulate_scorer(model_scorer(challenger), build_eval_set(kept, "val", max_len),
+    ours = accumulate_scorer(model_scorer(challenger), ranking_set(build_eval_set(kept, "val", max_len), exclude_seen),
                              int(item_map.height), (k,), batch_size)
-    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model), 1 + k),
-                               build_eval_set(remapped, "val", champion.model.max_len), n_eval, (k,), batch_size)
+    theirs_set = ranking_set(build_eval_set(remapped, "val", champion.model.max_len), exclude_seen)
+    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model), 1 + k), theirs_set, n_eval, (k,),
+                               batch_size)
     deltas = paired_deltas(ours, theirs)
     key = f"ndcg_at_{k}"
     unknown_targets = int((remapped["val_items"].explode() == unknown).sum())

@@ -283,6 +283,11 @@ class EvaluateConfig(_Section):
     # Metrics per segment of users by history length (events before the split's target), e.g. [5, 20]:
     # 1-4, 5-19 and 20+ events; in report.json under "segments". Empty = no segments.
     history_segments: tuple[int, ...] = ()
+    # Items already in the user's history are dropped from the ranking (the target never is), the standard
+    # protocol. False: they compete like any other item, for repeat domains (groceries, music, re-reads)
+    # served with candidates.exclude_seen=false. Also governs training's validation metric (early stopping,
+    # the best checkpoint) and the re-scored promotion gate, so the model is chosen by what is measured.
+    exclude_seen: bool = True
 
     @field_validator("history_segments")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -376,12 +376,13 @@ def evaluate_all(
     ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``.
     """
     eval_set = build_eval_set(sequences, cfg.split, max_len)
+    ranked = ranking_set(eval_set, cfg.exclude_seen)
     baselines = baseline_scorers(sequences, n_items, cfg, item_popularity)
     if cfg.item_block_size is None:
-        model_totals = accumulate_scorer(model_scorer(model), eval_set, n_items, cfg.ks, cfg.batch_size)
+        model_totals = accumulate_scorer(model_scorer(model), ranked, n_items, cfg.ks, cfg.batch_size)
         how = "dense"
     elif isinstance(model, BlockRankingModel):
-        model_totals = accumulate_model_blocked(model, eval_set, n_items, cfg.ks, cfg.batch_size,
+        model_totals = accumulate_model_blocked(model, ranked, n_items, cfg.ks, cfg.batch_size,
                                                 cfg.item_block_size)
         how = f"item blocks of {cfg.item_block_size}"
     else:
@@ -393,12 +394,20 @@ def evaluate_all(
     if segments:
         results["model"]["segments"] = segment_results(model_totals, None, segments)
     for name, score_fn in baselines.items():
-        totals = accumulate_scorer(score_fn, eval_set, n_items, cfg.ks, cfg.batch_size)
+        totals = accumulate_scorer(score_fn, ranked, n_items, cfg.ks, cfg.batch_size)
         results[name] = {**totals.result(), **paired_deltas(model_totals, totals)}
         if segments:
             results[name]["segments"] = segment_results(totals, model_totals, segments)
         logger.info("%s on %d users: %s", name, len(eval_set), _summary(results[name], cfg.ks))
     return results
+
+
+def ranking_set(eval_set: EvalSet, exclude_seen: bool) -> EvalSet:
+    """``eval_set`` as the ranking sees it: with ``exclude_seen`` False (evaluate.exclude_seen) its history
+    excludes nothing (an empty one), so the items a user has seen compete like any other; inputs unchanged."""
+    if exclude_seen:
+        return eval_set
+    return replace(eval_set, history=torch.zeros(len(eval_set), 1, dtype=torch.long))
 
 
 def history_segments(eval_set: EvalSet, bounds: tuple[int, ...]) -> dict[str, torch.Tensor]:

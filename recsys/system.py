@@ -33,7 +33,7 @@ class SASRecSystem(L.LightningModule):
     (validation stays eager).
     Logs ``train/loss`` (per epoch: the mean of the batch losses weighted by batch rows) and, per epoch as
     the mean over users, ``val/ndcg_at_10`` and ``val/hr_at_10``
-    (history excluded, pessimistic ties).
+    (history excluded unless ``exclude_seen`` is False, pessimistic ties).
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class SASRecSystem(L.LightningModule):
         compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default",
         ffn_mult: int = 1,
         block: Literal["sasrec", "ligr"] = "sasrec",
+        exclude_seen: bool = True,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -89,6 +90,7 @@ class SASRecSystem(L.LightningModule):
             gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
             lr_schedule=t.lr_schedule, compile=t.compile,
             compile_mode=t.compile_mode, ffn_mult=m.ffn_mult, block=m.block,
+            exclude_seen=cfg.evaluate.exclude_seen,
         )
 
     def set_item_counts(self, counts: torch.Tensor) -> None:
@@ -195,6 +197,8 @@ class SASRecSystem(L.LightningModule):
         # Rank in float32 even under bf16 autocast: bf16 scores tie often and ties count against the target.
         with torch.autocast(self.device.type, enabled=False):
             scores = self.model.score(user.float())  # (B, I + 1)
+        if not self.hparams.get("exclude_seen", True):  # evaluate.exclude_seen=false: seen items compete
+            history = history[:, :0]
         exclude = exclusion_mask(history, self.hparams["n_items"], keep=targets)  # (B, I + 1)
         ranks = target_ranks(scores, targets, exclude)  # (B, M)
         return metrics_from_ranks(ranks, (VAL_K,))

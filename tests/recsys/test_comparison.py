@@ -37,13 +37,13 @@ def _sequences() -> pl.DataFrame:
                          "val_items": [[t] for _, t in ROWS], "test_items": [[] for _ in ROWS]}, schema=SEQUENCES)
 
 
-def _direct_ndcg(model: SASRec, history: list[int], target: int | None) -> float:
+def _direct_ndcg(model: SASRec, history: list[int], target: int | None, exclude_seen: bool = True) -> float:
     """NDCG@K of ``target`` (the model's own index; None = an item it never saw: a miss) by direct scoring."""
     if target is None:
         return 0.0
     with torch.no_grad():
         scores = model.score(model(torch.tensor([history]))[0, -1])[1:].numpy()
-    others = [i for i in range(1, model.n_items + 1) if i not in history and i != target]
+    others = [i for i in range(1, model.n_items + 1) if not (exclude_seen and i in history) and i != target]
     rank = sum(1 for i in others if scores[i - 1] >= scores[target - 1])
     return 1 / np.log2(rank + 2) if rank < K else 0.0
 
@@ -97,3 +97,14 @@ def test_a_champion_with_whole_number_ids_compares_on_text_features():
                                 text_map, max_len=4, k=K)
     assert got.users_compared == 7 and got.targets_unknown_to_champion == 0
     assert got.delta == pytest.approx(0, abs=1e-6)
+
+
+def test_seen_items_compete_when_evaluate_exclude_seen_is_false():
+    challenger, champion = _model(6, seed=0), _model(6, seed=3)
+    got = compare_on_validation(challenger, TrainedModel(champion, USERS, _item_map(FEATURE_IDS)), _sequences(),
+                                _item_map(FEATURE_IDS), max_len=4, k=K, exclude_seen=False)
+    ours = [_direct_ndcg(challenger, h, t, exclude_seen=False) for h, t in ROWS]
+    theirs = [_direct_ndcg(champion, h, t, exclude_seen=False) for h, t in ROWS]
+    assert got.challenger == pytest.approx(np.mean(ours), rel=1e-5)
+    assert got.champion == pytest.approx(np.mean(theirs), rel=1e-5)
+    assert np.mean(ours) != pytest.approx(np.mean([_direct_ndcg(challenger, h, t) for h, t in ROWS]))

@@ -30,6 +30,7 @@ from recsys.evaluation import (
     evaluate_scorer,
     history_segments,
     paired_deltas,
+    ranking_set,
     segment_results,
     split_histories,
 )
@@ -407,3 +408,34 @@ def test_history_segments_must_ascend() -> None:
     for bad in ((5, 5), (20, 5), (1, 5)):
         with pytest.raises(ValueError, match="evaluate.history_segments must be strictly ascending"):
             EvaluateConfig(history_segments=bad)
+
+
+def test_seen_items_compete_when_not_excluded() -> None:
+    # Scores -i: item 1 is best. Oracle: a target's 0-based rank is the number of items scored above it, every
+    # other item counting (exclude_seen=False), or only the unseen ones (the standard protocol).
+    rows = [([1, 2], 3), ([1], 1), ([4, 5], 6), ([2, 3, 4], 1), ([6], 2)]  # user 1 re-consumes item 1
+    es = build_eval_set(_sequences([(u, h, [t], []) for u, (h, t) in enumerate(rows)]), "val", max_len=3)
+    scorer = _table_scorer((-torch.arange(N_ITEMS + 1.0)).repeat(len(rows), 1))
+
+    def ndcg(exclude_seen: bool) -> float:
+        ranks = [sum(1 for i in range(1, t) if not (exclude_seen and i in h)) for h, t in rows]
+        return float(np.mean([1 / np.log2(r + 2) if r < 2 else 0.0 for r in ranks]))
+
+    for exclude_seen in (True, False):
+        got = evaluate_scorer(scorer, ranking_set(es, exclude_seen), N_ITEMS, (2,))
+        assert got["ndcg_at_2"] == pytest.approx(ndcg(exclude_seen), rel=1e-6), exclude_seen
+    assert ndcg(True) != ndcg(False)
+    assert ranking_set(es, True) is es and torch.equal(ranking_set(es, False).inputs, es.inputs)
+
+
+def test_evaluate_all_without_excluding_seen_items(sequences: pl.DataFrame) -> None:
+    model = _MeanModel(N_ITEMS)
+    cfg = EvaluateConfig(split="test", ks=(1, 5), batch_size=2, exclude_seen=False, history_segments=(3,))
+    got = evaluate_all(model, sequences, N_ITEMS, None, cfg, max_len=3)
+    pop = popularity_scorer(popularity_scores(sequences, N_ITEMS))
+    es = build_eval_set(sequences, "test", 3)
+    want = evaluate_scorer(pop, ranking_set(es, False), N_ITEMS, (1, 5))
+    assert {k: v for k, v in got["popularity"].items() if not k.startswith("delta_") and k != "segments"} == want
+    assert want != evaluate_scorer(pop, es, N_ITEMS, (1, 5))  # the flag changes the numbers here
+    # segments still split users by their history length
+    assert {k: v["n_users"] for k, v in got["model"]["segments"].items()} == {"1-2": 2.0, "3+": 3.0}

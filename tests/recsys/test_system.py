@@ -245,6 +245,29 @@ def test_from_config_passes_the_loss_and_attention_keys() -> None:
         SASRecSystem.from_config(build_config({"train": {"loss": "gbce", "n_negatives": 20}}), n_items=20)
 
 
+def test_validation_ranks_seen_items_as_evaluate_exclude_seen_says() -> None:
+    # The validation metric (early stopping, the best checkpoint) follows evaluate.exclude_seen: against
+    # target_ranks with the history excluded or not. User 0's target 2 is ranked below its seen items 1, 3, 4
+    # only when they compete.
+    user = torch.ones(2, 8)
+    history = torch.tensor([[1, 3, 4], [5, 0, 0]])
+    targets = torch.tensor([[2], [6]])
+    got = {}
+    for exclude_seen in (True, False):
+        system = SASRecSystem.from_config(build_config({"model": {"hidden": 8, "n_blocks": 1},
+                                                        "evaluate": {"exclude_seen": exclude_seen}}), n_items=30)
+        assert system.hparams["exclude_seen"] is exclude_seen
+        with torch.no_grad():
+            system.model.item_emb.weight.copy_(-0.01 * torch.arange(31.0)[:, None].expand(31, 8))  # item i: -0.08 i
+            system.model.item_emb.weight[[1, 3, 4]] = 1.0  # user 0's seen items score 8
+        scores = system.model.score(user)
+        seen = history if exclude_seen else history[:, :0]
+        want = metrics_from_ranks(target_ranks(scores, targets, exclusion_mask(seen, 30, keep=targets)), (10,))
+        got[exclude_seen] = system._ranking_metrics(user, history, targets)
+        assert all(torch.equal(got[exclude_seen][k], want[k]) for k in want), exclude_seen
+    assert not torch.equal(got[True]["ndcg_at_10"], got[False]["ndcg_at_10"])
+
+
 @pytest.mark.parametrize(
     "train, needle",
     [

@@ -230,7 +230,9 @@ def test_evaluate_all_with_item_blocks_gives_the_same_metrics() -> None:
     sequences = pl.DataFrame({"user_idx": users, "train_items": train, "val_items": val, "test_items": test},
                              schema=SEQUENCES)
     model = _DotModel(40)
-    dense = evaluate_all(model, sequences, 40, None, EvaluateConfig(ks=(5, 10), batch_size=8), max_len=4)
-    blocked = evaluate_all(model, sequences, 40, None,
-                           EvaluateConfig(ks=(5, 10), batch_size=8, item_block_size=16), max_len=4)
-    assert blocked == dense
+    for exclude_seen in (True, False):
+        dense = evaluate_all(model, sequences, 40, None,
+                             EvaluateConfig(ks=(5, 10), batch_size=8, exclude_seen=exclude_seen), max_len=4)
+        blocked = evaluate_all(model, sequences, 40, None, EvaluateConfig(
+            ks=(5, 10), batch_size=8, item_block_size=16, exclude_seen=exclude_seen), max_len=4)
+        assert blocked == dense, exclude_seen
