@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -73,19 +74,32 @@ def _night(work: Path, day: dt.date, first: bool, overrides: list[str]) -> dict:
             "version": promotion["version"], "candidate_rows": manifest["rows"], "candidate_users": manifest["users"]}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def taobao_args(doc: str, work: str, argv: list[str] | None,
+                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[argparse.Namespace, Path]:
+    """The arguments of a benchmark on the Taobao sample (``--data-root``, ``--work`` defaulting to
+    ``work/<work>``, ``--json-out``, ``--no-table``, KEY=VALUE overrides, and what ``extra`` adds) and the
+    sample's path; stops naming ``--data-root`` when the sample is not there."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
-    p.add_argument("--first", type=dt.date.fromisoformat, default=dt.date(2017, 11, 26),
-                   help="the first night (its partition and every earlier one are there before it runs)")
-    p.add_argument("--work", type=Path, default=ROOT / "work" / "nightly")
+    p.add_argument("--work", type=Path, default=ROOT / "work" / work)
     p.add_argument("--json-out", type=Path)
     p.add_argument("--no-table", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    if extra is not None:
+        extra(p)
     a = p.parse_args(argv)
     source = a.data_root / SAMPLE
     if not source.is_file():
         raise SystemExit(f"{source} does not exist; pass --data-root (the folder holding {SAMPLE.parent}/)")
+    return a, source
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    def first(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--first", type=dt.date.fromisoformat, default=dt.date(2017, 11, 26),
+                       help="the first night (its partition and every earlier one are there before it runs)")
+
+    a, source = taobao_args(__doc__, "nightly", argv, first)
     events = _events(source)
     shutil.rmtree(a.work, ignore_errors=True)
     records = []

@@ -10,7 +10,12 @@ column 0 is padding (the evaluation excludes it).
 - ease: Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019: the closed form
   ``B = I - P / diag(P)``, ``P = (X^T X + lambda I)^-1`` (zero diagonal); scores ``x_u B``.
 
-item_knn and ease are fitted on ``histories``, a (``user_idx``, ``history``) frame: per user, the item
+- repeat: the user's own history items, the most recently consumed first, then every other item by
+  popularity: the rule to beat in repeat domains (groceries, music, re-views), for evaluate.exclude_seen=
+  false. With the history excluded it ranks unseen targets as popularity does, and a re-consumed target
+  (the target is never excluded) above every unseen item.
+
+item_knn, ease and repeat are fitted on ``histories``, a (``user_idx``, ``history``) frame: per user, the item
 indices the evaluation treats as known (for the test split, train + validation items). Repeated items count
 once (binary matrix).
 """
@@ -169,6 +174,38 @@ def ease_scorer(histories: pl.DataFrame, n_items: int, lam: float = 500.0) -> Sc
         # Sparse rows times the dense B: cost nnz(rows) * (I + 1), not B * (I + 1)^2.
         scores = np.asarray(matrix[user_idx.cpu().numpy()] @ dense, dtype=np.float32)  # (B, I + 1)
         return _with_padding_column(torch.from_numpy(scores).to(inputs.device))
+
+    return score
+
+
+def repeat_scorer(histories: pl.DataFrame, n_items: int, pop: torch.Tensor) -> ScoreFn:
+    """The user's history items by recency, then the rest by ``pop`` (n_items + 1,): an item's score is
+    ``2 + p`` if the user consumed it, p the 0-based position of its LAST occurrence in the history (later =
+    higher), else its popularity scaled into [0, 1) (ties stay ties); column 0 is -inf."""
+    for column in (USER_IDX, "history"):
+        if column not in histories.columns:
+            raise ValueError(f"histories: missing column '{column}'")
+    last = (histories.select(USER_IDX, pl.col("history"), pl.int_ranges(pl.col("history").list.len())
+                             .alias("position"))
+            .explode("history", "position").drop_nulls("history")
+            .group_by(USER_IDX, "history").agg(pl.col("position").max()))
+    rows = last[USER_IDX].to_numpy().astype(np.int64)
+    cols = last["history"].to_numpy().astype(np.int64)
+    if cols.size and (cols.min() < 1 or cols.max() > n_items):
+        raise ValueError(f"histories: column 'history' holds indices in [{cols.min()}, {cols.max()}], "
+                         f"expected 1..{n_items}")
+    n_rows = int(histories[USER_IDX].max() or 0) + 1 if histories.height else 0
+    recency = sp.csr_matrix(((2.0 + last["position"].to_numpy()).astype(np.float64), (rows, cols)),
+                            shape=(n_rows, n_items + 1))
+    base = pop.double().clone()
+    finite = torch.isfinite(base)
+    top = float(base[finite].max()) if bool(finite.any()) else 0.0
+    base = torch.where(finite, base / (abs(top) + 1.0), torch.zeros_like(base))  # [0, 1) for counts ≥ 0
+
+    def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
+        seen = torch.from_numpy(recency[user_idx.cpu().numpy()].toarray())  # (B, I + 1), 0 where unseen
+        scores = torch.where(seen > 0, seen, base.unsqueeze(0)).float()  # float32 keeps positions < 2^24 exact
+        return _with_padding_column(scores.to(inputs.device))
 
     return score
 

@@ -268,7 +268,8 @@ class EvaluateConfig(_Section):
     ks: tuple[int, ...] = (10, 20, 50)
     batch_size: int = Field(1024, ge=1)
     # Baselines scored in the same run as the model (recsys/baselines.py).
-    baselines: tuple[Literal["popularity", "item_knn", "ease"], ...] = ("popularity", "item_knn", "ease")
+    # repeat: the user's own items by recency, then popularity (for evaluate.exclude_seen=false).
+    baselines: tuple[Literal["popularity", "item_knn", "ease", "repeat"], ...] = ("popularity", "item_knn", "ease")
     # item_knn: neighbours kept per item; history items summed (None = the whole history).
     knn_neighbors: int = Field(100, ge=1)
     knn_history: int | None = Field(None, ge=1)

@@ -17,7 +17,7 @@ import polars as pl
 import torch
 
 from features.schema import SEQUENCES, USER_IDX, check_schema
-from recsys.baselines import ease_scorer, item_knn_scorer, popularity_scorer, popularity_scores
+from recsys.baselines import ease_scorer, item_knn_scorer, popularity_scorer, popularity_scores, repeat_scorer
 from recsys.config import EvaluateConfig
 from recsys.data import RaggedItems
 from recsys.device import inference
@@ -337,7 +337,7 @@ def model_scorer(model: RankingModel) -> ScoreFn:
 def baseline_scorers(
     sequences: pl.DataFrame, n_items: int, cfg: EvaluateConfig, item_popularity: torch.Tensor | None = None
 ) -> dict[str, ScoreFn]:
-    """The scorers of ``cfg.baselines``, item_knn and ease fitted on the histories of ``cfg.split``.
+    """The scorers of ``cfg.baselines``, item_knn, ease and repeat fitted on the histories of ``cfg.split``.
 
     ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``. ease is
     skipped, with a logged warning, when ``n_items`` > ``cfg.ease_max_items`` (its dense n_items x n_items
@@ -345,10 +345,12 @@ def baseline_scorers(
     """
     histories = split_histories(sequences, cfg.split)
     scorers: dict[str, ScoreFn] = {}
+    pop = item_popularity if item_popularity is not None else popularity_scores(sequences, n_items)
     for name in dict.fromkeys(cfg.baselines):  # in order, once each
         if name == "popularity":
-            pop = item_popularity if item_popularity is not None else popularity_scores(sequences, n_items)
             scorers[name] = popularity_scorer(pop)
+        elif name == "repeat":
+            scorers[name] = repeat_scorer(histories, n_items, pop)
         elif name == "item_knn":
             scorers[name] = item_knn_scorer(histories, n_items, cfg.knn_neighbors, cfg.knn_history)
         elif n_items > cfg.ease_max_items:

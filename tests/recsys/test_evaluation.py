@@ -20,6 +20,7 @@ from recsys.baselines import (
     item_knn_similarity,
     popularity_scorer,
     popularity_scores,
+    repeat_scorer,
 )
 from recsys.config import EvaluateConfig
 from recsys.evaluation import (
@@ -439,3 +440,36 @@ def test_evaluate_all_without_excluding_seen_items(sequences: pl.DataFrame) -> N
     assert want != evaluate_scorer(pop, es, N_ITEMS, (1, 5))  # the flag changes the numbers here
     # segments still split users by their history length
     assert {k: v["n_users"] for k, v in got["model"]["segments"].items()} == {"1-2": 2.0, "3+": 3.0}
+
+
+def test_repeat_scores_the_own_history_by_recency_then_popularity() -> None:
+    histories = pl.DataFrame({"user_idx": [0, 1], "history": [[3, 1, 3, 5], []]},
+                             schema={"user_idx": pl.Int32, "history": pl.List(pl.Int32)})
+    pop = torch.tensor([float("-inf"), 4, 0, 9, 1, 2, 7, 0, 3])  # (N_ITEMS + 1,)
+    scores = repeat_scorer(histories, N_ITEMS, pop)(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]))
+    # user 0: 5 (last at position 3), 3 (last at 2), 1 (at 1), then 6, 8, 4 by popularity; user 1: popularity
+    order = [int(i) for i in scores[0, 1:].argsort(descending=True, stable=True) + 1]
+    assert order[:6] == [5, 3, 1, 6, 8, 4]
+    assert scores[0, 5] == 5.0 and scores[0, 3] == 4.0 and scores[0, 1] == 3.0 and scores[0, 0] == float("-inf")
+    assert torch.equal(scores[1, 1:].argsort(descending=True, stable=True), pop[1:].argsort(descending=True,
+                                                                                            stable=True))
+    assert float(scores[1, 1:].max()) < 1.0 <= float(scores[0, 1])
+
+
+def test_repeat_baseline_against_popularity(sequences: pl.DataFrame) -> None:
+    model = _MeanModel(N_ITEMS)
+    cfg = EvaluateConfig(split="test", ks=(1, 5), baselines=("popularity", "repeat"))
+    fresh = sequences.filter(pl.col("user_idx").is_in([0, 2, 3]))  # no test target seen before
+    got = evaluate_all(model, fresh, N_ITEMS, None, cfg, max_len=3)
+    assert {k: v for k, v in got["repeat"].items() if not k.startswith("delta")} == {
+        k: v for k, v in got["popularity"].items() if not k.startswith("delta")}
+    # Hand count of HR@1 (train counts: item 2 three times, 1 and 3 twice, 4, 7, 8 once). Re-consumed targets,
+    # the last item of their history (user 1's 4, user 4's 3), are first for repeat under either protocol (the
+    # target itself is never excluded). With the history excluded, user 3 (history [1]) gets 2, the most
+    # popular, from both, and user 4's 3 is the most popular of its unseen items; with the history competing,
+    # repeat puts user 3's own 1 first and popularity puts 2 above user 4's 3.
+    want = {True: {"repeat": 3 / 5, "popularity": 2 / 5}, False: {"repeat": 2 / 5, "popularity": 1 / 5}}
+    for exclude_seen, hr in want.items():
+        got = evaluate_all(model, sequences, N_ITEMS, None, cfg.model_copy(update={"exclude_seen": exclude_seen}),
+                           max_len=3)
+        assert {name: got[name]["hr_at_1"] for name in hr} == pytest.approx(hr), exclude_seen
