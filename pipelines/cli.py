@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help=_STATUS_HELP, description=_STATUS_HELP)
     status.add_argument("--config", type=Path, default=None, help="YAML config (for work_dir)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--prometheus", type=Path, default=None, metavar="FILE",
+                        help="also write the status as Prometheus gauges to FILE (e.g. the node_exporter textfile "
+                             "collector's directory/recsys.prom), atomically; needs prometheus_client")
     status.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     return parser
 
@@ -258,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         from pipelines.status import run as status
 
-        print(status(cfg, args.json))
+        try:
+            print(status(cfg, args.json, args.prometheus))
+        except (ConfigError, OSError) as exc:
+            print(f"recsys status: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         return EXIT_OK
     if _is_worker():
         return _worker(args, cfg)

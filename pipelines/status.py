@@ -7,13 +7,14 @@ locks). Reads no events and no MLflow server.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
 
 from pipelines.schedule import lock_holders
 from pipelines.workdir import WorkDir, dated_partitions
-from recsys.config import Config
+from recsys.config import Config, ConfigError
 from recsys.storage import read_json
 
 
@@ -71,7 +72,8 @@ def _evaluation(directory: Path) -> dict[str, Any] | None:
     scorers = {name: metrics[key] for name, metrics in report.items() if isinstance(metrics, dict)}
     promotion = _read(directory / "promotion.json")
     return {"split": report["split"], "metric": key, "scores": scorers,
-            "promotion": None if promotion is None else promotion.get("summary")}
+            "promotion": None if promotion is None else promotion.get("summary"),
+            "promoted": None if promotion is None else promotion.get("promoted")}
 
 
 def _candidates(root: Path) -> dict[str, Any]:
@@ -133,6 +135,84 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Config, as_json: bool = False) -> str:
+def write_prometheus(status: dict[str, Any], path: Path) -> int:
+    """Write ``status`` as Prometheus gauges to ``path`` (the node_exporter textfile collector's format, written
+    to a temporary file and renamed by ``prometheus_client.write_to_textfile``); returns how many samples.
+
+    Every gauge carries the label ``work_dir``; a part of the pipeline that has not written yet has no sample
+    (an alert on ``absent(...)`` sees it). Raises ConfigError if prometheus_client is not installed.
+    """
+    try:
+        from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+    except ImportError as exc:
+        raise ConfigError("recsys status --prometheus needs prometheus_client: pip install "
+                          "'recsys-pipeline[monitoring]' (or prometheus-client)") from exc
+    registry = CollectorRegistry()
+    where = {"work_dir": status["work_dir"]}
+    gauges: dict[str, Gauge] = {}  # one Gauge per name, a sample per label set
+
+    def gauge(name: str, doc: str, value: float | None, **labels: str) -> None:
+        if value is None:
+            return
+        if name not in gauges:
+            gauges[name] = Gauge(f"recsys_{name}", doc, [*where, *labels], registry=registry)
+        gauges[name].labels(**where, **labels).set(float(value))
+
+    for job, marker in status["runs"].items():
+        gauge("last_success_timestamp_seconds", "When the job's latest success marker was written (epoch s).",
+              _epoch(marker["finished_at"]), job=job)
+        gauge("last_success_run_date_timestamp_seconds", "The run date of the job's latest success (epoch s).",
+              _epoch(marker["run_date"]), job=job)
+    f = status["features"]
+    if f is not None:
+        gauge("features_built_timestamp_seconds", "When the features were built (epoch s).", _epoch(f["created_at"]))
+        for key in ("rows_in", "rows_kept", "n_users", "n_items"):
+            gauge(f"features_{key}", f"Features manifest: {key}.", f[key])
+        gauge("features_newest_event_timestamp", "Newest kept event, in the input's timestamp unit.",
+              f["newest_timestamp"])
+        for reason, rows in (f["dropped"] or {}).items():
+            gauge("features_rows_dropped", "Rows dropped by the feature job, per reason.", rows, reason=reason)
+    m = status["model"]
+    if m is not None:
+        gauge("model_best_val_ndcg_at_10", "Best validation NDCG@10 of the latest model.", m["best_val_ndcg_at_10"])
+        gauge("model_train_seconds", "Training wall time of the latest model.", m["wall_time_s"])
+        gauge("model_epochs_run", "Epochs run by the latest training.", m["epochs_run"])
+        version = m["registered_version"]
+        gauge("model_registered_version", "Registered version of the latest model.",
+              None if version is None else int(version))
+    e = status["evaluation"]
+    if e is not None:
+        for scorer, value in e["scores"].items():
+            gauge("evaluation_score", "Offline metric of the latest evaluation.", value, scorer=scorer,
+                  metric=e["metric"], split=e["split"])
+        gauge("promotion_promoted", "1 if the latest evaluation promoted its model, 0 if it kept the champion.",
+              None if e["promoted"] is None else int(bool(e["promoted"])))
+    c = status["candidates"]
+    gauge("candidates_nights_published", "Candidate nights published in the work directory.", len(c["nights"]))
+    gauge("candidates_nights_rejected", "Candidate nights rejected by the drift gate.", len(c["rejected"]))
+    latest = c["latest"]
+    if latest is not None:
+        gauge("candidates_latest_night_timestamp_seconds", "Date of the latest published night (epoch s).",
+              _epoch(latest["date"]))
+        for key in ("rows", "users", "fallback_users", "parts"):
+            gauge(f"candidates_latest_{key}", f"Latest published night: {key}.", latest[key])
+    for job in ("features", "train", "evaluate", "candidates", "run"):
+        gauge("job_running", "1 while the job holds its lock on the work directory.",
+              int(any(name == job or name.startswith(f"{job}.") for name in status["running"])), job=job)
+    write_to_textfile(str(path), registry)
+    return sum(len(family.samples) for family in registry.collect())
+
+
+def _epoch(text: str | None) -> float | None:
+    """Seconds since the epoch of an ISO date or date-time (UTC when it has no zone); None stays None."""
+    if text is None:
+        return None
+    when = dt.datetime.fromisoformat(text)
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def run(cfg: Config, as_json: bool = False, prometheus: Path | None = None) -> str:
     status = collect(cfg)
+    if prometheus is not None:
+        write_prometheus(status, prometheus)
     return json.dumps(status, indent=2) if as_json else render(status)

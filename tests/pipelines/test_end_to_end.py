@@ -157,3 +157,46 @@ def test_status_reports_what_the_files_say_and_who_holds_a_lock(demo_run, capsys
     assert f"best val NDCG@10 {train['best_val_ndcg_at_10']:.4f}" in text
     assert main(["status", f"work_dir={tmp_path / 'nowhere'}"]) == EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_status_writes_prometheus_gauges_that_say_what_the_files_say(demo_run, capsys, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipelines.schedule import job_lock
+
+    _, work = demo_run
+    prom = tmp_path / "recsys.prom"
+    with job_lock(work, "candidates.shard-0-of-2"):
+        assert main(["status", "--prometheus", str(prom), f"work_dir={work}"]) == EXIT_OK
+    assert "work directory:" in capsys.readouterr().out  # the usual text too
+    samples = {}
+    for family in text_string_to_metric_families(prom.read_text()):  # prometheus_client's own parser
+        for s in family.samples:
+            assert s.labels.pop("work_dir") == str(work.resolve())
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    features = json.loads((work / "features" / "manifest.json").read_text())
+    train = json.loads((work / "model" / "train_report.json").read_text())
+    report = json.loads((work / "evaluation" / "report.json").read_text())
+    promotion = json.loads((work / "evaluation" / "promotion.json").read_text())
+    (night,) = (work / "candidates").glob("date=*")
+    manifest = json.loads((night / "manifest.json").read_text())
+    marker = json.loads(next((work / "runs" / "run").glob("*.json")).read_text())
+    from datetime import datetime
+    assert samples[("recsys_last_success_timestamp_seconds", (("job", "run"),))] == pytest.approx(
+        datetime.fromisoformat(marker["finished_at"]).timestamp())
+    assert samples[("recsys_features_rows_kept", ())] == features["rows_kept"]
+    assert samples[("recsys_features_newest_event_timestamp", ())] == features["newest_timestamp"]
+    for reason, rows in features["dropped"].items():
+        assert samples[("recsys_features_rows_dropped", (("reason", reason),))] == rows
+    assert samples[("recsys_model_best_val_ndcg_at_10", ())] == pytest.approx(train["best_val_ndcg_at_10"])
+    for scorer in ("model", "popularity", "item_knn", "ease"):
+        key = ("recsys_evaluation_score", (("metric", "ndcg_at_10"), ("scorer", scorer), ("split", "test")))
+        assert samples[key] == pytest.approx(report[scorer]["ndcg_at_10"])
+    assert samples[("recsys_promotion_promoted", ())] == float(promotion["promoted"])
+    assert samples[("recsys_candidates_latest_rows", ())] == manifest["rows"]
+    assert samples[("recsys_candidates_nights_published", ())] == 1.0
+    assert samples[("recsys_job_running", (("job", "candidates"),))] == 1.0  # a shard's lock counts
+    assert samples[("recsys_job_running", (("job", "train"),))] == 0.0
+    assert not list(tmp_path.glob("recsys.prom.*"))  # no temporary file left
+    assert main(["status", "--prometheus", str(tmp_path / "no" / "dir" / "x.prom"), f"work_dir={work}"]) == EXIT_USAGE
+    assert "x.prom" in capsys.readouterr().err
