@@ -225,7 +225,8 @@ def _summary(cfg: Config) -> str:
     report = root / "evaluation" / "report.json"
     if report.is_file():
         data = json.loads(report.read_text())
-        lines.append(f"evaluation ({data['split']} split, full catalogue, seen items excluded):")
+        seen = "seen items excluded" if data.get("exclude_seen", True) else "seen items competing"
+        lines.append(f"evaluation ({data['split']} split, full catalogue, {seen}):")
         names = [k for k in data if isinstance(data[k], dict)]
         keys = [f"{m}_at_{k}" for k in data["ks"] for m in ("ndcg", "hr", "mrr")] + [f"coverage_at_{data['ks'][0]}"]
         lines.append(f"  {'metric':<16}" + "".join(f"{n:>12}" for n in names))

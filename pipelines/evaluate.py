@@ -36,7 +36,7 @@ def run(cfg: Config) -> Path:
         pop = popularity_scores(feats.sequences, feats.n_items)
         results = evaluate_all(model, feats.sequences, feats.n_items, pop, cfg.evaluate, model.max_len)
         report = {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks), "model_dir": str(wd.model),
-                  "device": str(device), **results}
+                  "device": str(device), "exclude_seen": cfg.evaluate.exclude_seen, **results}
         with atomic_dir(wd.evaluation) as tmp:
             write_json(tmp / "report.json", report)
             save_config(cfg, tmp / "config.yaml")

@@ -200,3 +200,24 @@ def test_status_writes_prometheus_gauges_that_say_what_the_files_say(demo_run, c
     assert not list(tmp_path.glob("recsys.prom.*"))  # no temporary file left
     assert main(["status", "--prometheus", str(tmp_path / "no" / "dir" / "x.prom"), f"work_dir={work}"]) == EXIT_USAGE
     assert "x.prom" in capsys.readouterr().err
+
+
+def test_evaluate_with_seen_items_competing_and_the_repeat_baseline(demo_run, tmp_path):
+    import shutil
+
+    _, work = demo_run
+    copy = tmp_path / "work"
+    for name in ("features", "model"):
+        shutil.copytree(work / name, copy / name)
+    overrides = [f"work_dir={copy}", "evaluate.exclude_seen=false", "evaluate.baselines=[popularity,repeat]",
+                 "evaluate.history_segments=[]", "tracking.enabled=false"]
+    assert main(["evaluate", "--quiet", *overrides]) == EXIT_OK
+    report = json.loads((copy / "evaluation" / "report.json").read_text())
+    standard = json.loads((work / "evaluation" / "report.json").read_text())
+    assert report["exclude_seen"] is False and standard["exclude_seen"] is True
+    assert list(k for k in report if isinstance(report[k], dict)) == ["model", "popularity", "repeat"]
+    # seen items competing add competitors: no target can rank higher than with them excluded
+    assert report["model"]["ndcg_at_10"] <= standard["model"]["ndcg_at_10"]
+    assert report["model"]["n_users"] == standard["model"]["n_users"]
+    lines = _summary(load_config(overrides=overrides)).splitlines()
+    assert "evaluation (test split, full catalogue, seen items competing):" in lines
