@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from features.artifacts import FeatureSet, load_features
-from pipelines.workdir import WorkDir
+from pipelines.workdir import WorkDir, log_features_input
 from recsys.baselines import popularity_scores
 from recsys.candidates import load_trained_model
 from recsys.comparison import Comparison, compare_on_validation
@@ -33,6 +33,7 @@ def run(cfg: Config) -> Path:
     model = load_model(wd.model, device)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
     with job_run(cfg, "evaluate", tags={"device": str(device)}) as tracker:
+        log_features_input(tracker, wd.features, feats, "evaluation")
         pop = popularity_scores(feats.sequences, feats.n_items)
         results = evaluate_all(model, feats.sequences, feats.n_items, pop, cfg.evaluate, model.max_len)
         report = {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks), "model_dir": str(wd.model),

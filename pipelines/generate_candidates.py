@@ -18,7 +18,7 @@ import polars as pl
 from features import schema
 from features.artifacts import FeatureSet, last_event_times, load_features
 from features.readers import read_item_ids
-from pipelines.workdir import WorkDir
+from pipelines.workdir import WorkDir, log_features_input
 from recsys.candidates import (
     TrainedModel,
     generate_candidates,
@@ -74,6 +74,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
             **({} if shard is None else {"candidates.shard": str(shard)})}
     with job_run(cfg, "candidates", tags=tags) as tracker, \
             tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
+        log_features_input(tracker, wd.features, feats, "scoring")
         trained, ref = _resolve_model(cfg, spec, local, tracker, Path(tmp), device)
         table, stats = generate_candidates(trained, feats, cfg.candidates, allowed)
         fault_point("candidates-scored")

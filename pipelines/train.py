@@ -11,7 +11,7 @@ from pathlib import Path
 from features import schema
 from features.artifacts import FeatureSet, load_features
 from pipelines.schedule import checkpoint_dir, today_utc
-from pipelines.workdir import WorkDir
+from pipelines.workdir import WorkDir, log_features_input
 from recsys.candidates import TrainedModel, load_trained_model
 from recsys.config import Config, save_config
 from recsys.faults import fault_point
@@ -45,6 +45,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     if run_date is None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     with job_run(cfg, "train") as tracker, tempfile.TemporaryDirectory(prefix="recsys-init-") as tmp:
+        log_features_input(tracker, wd.features, feats, "training")
         warm, source = warm_start(cfg, feats, Path(tmp), tracker, local)
         result = train_model(cfg, feats.sequences, feats.n_items, ckpt_dir, logger=tracker.lightning_logger(),
                              warm_start=warm)

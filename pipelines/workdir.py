@@ -7,7 +7,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from features.artifacts import FeatureSet
+from features.schema import FEATURE_FILES
 from recsys.config import Config
+from recsys.storage import fingerprint
+from recsys.tracking import JobRun
 
 
 def dated_partitions(paths: Iterable[Path]) -> list[tuple[dt.date, Path]]:
@@ -19,6 +23,13 @@ def dated_partitions(paths: Iterable[Path]) -> list[tuple[dt.date, Path]]:
         except ValueError:
             continue
     return out
+
+
+def log_features_input(tracker: JobRun, features: Path, feats: FeatureSet, context: str) -> None:
+    """Record the features directory as the MLflow run's input dataset "features" (the sequences' schema and
+    row count; digest = SHA-256 of its manifest, the same for every job reading that build)."""
+    digest = fingerprint(features / FEATURE_FILES["manifest"])["sha256"]
+    tracker.log_dataset(feats.sequences, "features", features, digest, context)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,6 +98,20 @@ class JobRun:
         import mlflow
 
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_dataset(self, frame: Any, name: str, source: str | Path, digest: str, context: str) -> None:
+        """Record ``frame`` (a polars DataFrame, read at ``source``) as an input of the run (MLflow's "Datasets
+        used": its schema, row count, source and ``digest``); ``context`` says how the job used it, e.g.
+        ``training``. The data itself is not uploaded."""
+        if self.run_id is None:
+            return
+        import mlflow
+
+        with warnings.catch_warnings():  # MLflow registers the local-path source twice and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_polars(frame, source=Path(source).resolve().as_uri(), name=name,
+                                              digest=digest[:36])  # the tracking store's digest column
+        mlflow.log_input(dataset, context=context)
 
     def register_model(self, artifact_path: str) -> str | None:
         """Register the run's ``artifact_path`` directory as a new version of the registered model."""

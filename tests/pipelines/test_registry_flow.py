@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.cli import EXIT_OK, main
-from recsys.storage import read_json
+from recsys.storage import fingerprint, read_json
 from tests.pipelines.conftest import tiny
 
 NAME = "sasrec-flow"
@@ -79,6 +79,22 @@ def test_first_version_is_promoted_and_the_decision_logged(flow):
     assert run.data.metrics["promotion/promoted"] == 1.0
     assert run.data.metrics["promotion/challenger_val_ndcg_at_10"] == pytest.approx(ndcg)
     assert f"promotion gate: {NAME} v1 promoted to champion" in flow["summary"]
+
+
+def test_train_and_evaluate_runs_record_the_same_features_build_as_input(flow):
+    client = flow["client"]
+    version = client.get_model_version(NAME, "1")
+    runs = {"training": client.get_run(version.run_id),
+            "evaluation": client.get_run(version.tags["promotion.run_id"])}
+    manifest = flow["train"] / "features" / "manifest.json"
+    digest = fingerprint(manifest)["sha256"][:36]
+    rows = pl.read_parquet(flow["train"] / "features" / "sequences.parquet").height
+    for context, run in runs.items():
+        (used,) = run.inputs.dataset_inputs
+        assert used.dataset.name == "features" and used.dataset.digest == digest
+        assert json.loads(used.dataset.source) == {"uri": (flow["train"] / "features").resolve().as_uri()}
+        assert json.loads(used.dataset.profile)["num_rows"] == rows
+        assert {t.key: t.value for t in used.tags}["mlflow.data.context"] == context
 
 
 def test_candidates_from_the_champion_map_ids_through_the_models_maps(flow, mlflow_server):
