@@ -44,7 +44,7 @@ with DAG(
 ) as candidates_dag:
     features = BashOperator(
         task_id="features",
-        bash_command=f"{RECSYS} features --config {CONFIG}",
+        bash_command=f"{RECSYS} features --config {CONFIG} --run-date {{{{ ds }}}}",  # the input gate's date
         skip_on_exit_code=EXIT_LOCKED,
     )
     candidates = BashOperator(

@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                                   "succeeded with the same config is skipped")
             cmd.add_argument("--force", action="store_true",
                              help="run even if this date already succeeded; training starts from scratch")
+        if name == "features":  # not scheduled (no marker): the date only anchors the input gate
+            cmd.add_argument("--run-date", type=_run_date, default=None, metavar="YYYY-MM-DD",
+                             help="the date the input gate measures features.max_event_age against (default: "
+                                  "today, UTC); pass the scheduler's date when backfilling")
         cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
         if name == "candidates":
             cmd.add_argument("--model", default=None, metavar="URI",
@@ -168,6 +172,9 @@ def _execute(args: argparse.Namespace, cfg: Config) -> bool:
     """
     if args.command == "candidates":
         _job(args.command)(cfg, shard=args.shard)
+        return True
+    if args.command == "features":
+        _job(args.command)(cfg, args.run_date)
         return True
     if args.command not in _SCHEDULED:
         _job(args.command)(cfg)

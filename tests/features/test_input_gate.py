@@ -88,3 +88,18 @@ def test_recsys_run_checks_the_age_against_its_run_date(tmp_path, capsys):
     manifest_of = work / "features" / "manifest.json"
     assert main(["features", *common, f"features.max_event_age={10**9}"]) == 0  # today: any age this big
     assert json.loads(manifest_of.read_text())["input_gate"]["max_event_age"] == 10**9
+
+
+def test_recsys_features_takes_the_gate_date_from_run_date(tmp_path, capsys):
+    # A backfill from a scheduler (Airflow's {{ ds }}): the events' age is measured at the end of that date,
+    # not today, so an old day passes or fails as it did on its own night.
+    events = _events(tmp_path / "events.csv", 30, END - DAY)
+    common = ["--quiet", f"data.path={events}", f"work_dir={tmp_path / 'work'}", "tracking.enabled=false",
+              f"features.max_event_age={2 * DAY}"]
+    assert main(["features", "--run-date", "2024-05-02", *common]) == 0  # exactly 2 days old then: allowed
+    assert main(["features", "--run-date", "2024-05-03", *common]) == EXIT_INPUT
+    assert "stale export" in capsys.readouterr().err
+    assert main(["features", *common]) == EXIT_INPUT  # today: years old
+    with pytest.raises(SystemExit) as stop:  # a malformed date is a usage error, as for recsys run
+        main(["features", "--run-date", "2024-5-2", *common])
+    assert stop.value.code == 2 and "YYYY-MM-DD" in capsys.readouterr().err
