@@ -133,13 +133,45 @@ def _run_date(text: str) -> datetime.date:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, for log aggregators: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, ``job``, ``pid``, and ``exception`` (the traceback) when there is one."""
+
+    def __init__(self, job: str) -> None:
+        super().__init__()
+        self.job = job
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(), "job": self.job,
+            "pid": record.process,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+_CONSOLE = "to_console"  # a log record's attribute: False keeps it out of stderr (see _fail)
+
+
+def _log_format() -> str:
+    """``RECSYS_LOG_FORMAT``: ``text`` (default) or ``json``; raises ConfigError naming it otherwise."""
+    value = os.environ.get("RECSYS_LOG_FORMAT", "text").strip().lower() or "text"
+    if value not in ("text", "json"):
+        raise ConfigError(f"environment variable RECSYS_LOG_FORMAT={value!r}: use 'text' or 'json'")
+    return value
+
+
 def _setup_logging(cfg: Config, job: str, quiet: bool) -> Path:
     logs = Path(cfg.work_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_file = logs / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    json_logs = _log_format() == "json"
+    fmt = JsonFormatter(job) if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.addFilter(lambda record: getattr(record, _CONSOLE, True))  # False: for the log file only
     console.setFormatter(fmt)
     to_file = logging.FileHandler(log_file, encoding="utf-8")
     to_file.setFormatter(fmt)
@@ -258,6 +290,7 @@ def _summary(cfg: Config) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _log_format()
         cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     except ConfigError as exc:
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
@@ -333,6 +366,15 @@ def _terminated(args: argparse.Namespace, exc: SystemExit) -> int:
     return EXIT_TERMINATED
 
 
+def _fail(text: str) -> None:
+    """Log the failure (to the log file; to stderr too with RECSYS_LOG_FORMAT=json, which then stays pure
+    JSON), and in text mode print it on stderr in plain words, once."""
+    plain = _log_format() != "json"
+    logging.getLogger("recsys").error(text, extra={_CONSOLE: not plain})
+    if plain:
+        print(text, file=sys.stderr)
+
+
 def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
     """Run the job and map its failure to an exit code; prints the summary on success."""
     from features.readers import InputDataError
@@ -343,11 +385,10 @@ def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
     try:
         ran = _execute(args, cfg)
     except InputDataError as exc:
-        logging.getLogger("recsys").error("bad input: %s", exc)
-        print(f"recsys {args.command}: bad input data: {exc}", file=sys.stderr)
+        _fail(f"recsys {args.command}: bad input data: {exc}")
         return EXIT_INPUT
     except (FileNotFoundError, ConfigError, ShardLayoutError) as exc:
-        print(f"recsys {args.command}: {exc}", file=sys.stderr)
+        _fail(f"recsys {args.command}: {exc}")
         return EXIT_USAGE
     except (TrackingUnavailableError, DriftError) as exc:
         # Operational failures whose message says it all: no traceback for the operator.
