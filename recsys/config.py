@@ -150,6 +150,9 @@ class ModelConfig(_Section):
     ffn_mult: int = Field(1, ge=1)
     # Transformer block: sasrec (pre-LN, GELU FFN) or ligr (eSASRec's LiGR layer: gated residuals, SwiGLU FFN).
     block: Literal["sasrec", "ligr"] = "sasrec"
+    # A learned score bonus per recency for items already in the user's window (SASRec + repeat bias), for
+    # domains where users re-consume; causal attention and train.loss=ce only.
+    repeat_bias: bool = False
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -371,6 +374,11 @@ class Config(_Section):
     def _event_types(self) -> Config:
         if self.features.event_types is not None and self.data.event_type_col is None:
             raise ValueError("features.event_types needs data.event_type_col (the column holding the event type)")
+        if self.model.repeat_bias and (self.model.attention != "causal" or self.train.loss != "ce"):
+            raise ValueError(f"model.repeat_bias needs model.attention=causal and train.loss=ce (they are "
+                             f"{self.model.attention!r} and {self.train.loss!r})")
+        if self.model.repeat_bias and self.evaluate.item_block_size is not None:
+            raise ValueError("model.repeat_bias is scored densely: set evaluate.item_block_size=null")
         stride = self.train.window_stride
         if stride is not None and stride > self.model.max_len:
             raise ValueError(

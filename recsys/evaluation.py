@@ -329,6 +329,8 @@ def model_scorer(model: RankingModel) -> ScoreFn:
 
     def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
         with inference(model) as device:
+            if hasattr(model, "scores"):  # SASRec: with its repeat bias, if any
+                return model.scores(inputs.to(device))  # (B, n_items + 1)
             return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
 
     return score
@@ -383,6 +385,8 @@ def evaluate_all(
     if cfg.item_block_size is None:
         model_totals = accumulate_scorer(model_scorer(model), ranked, n_items, cfg.ks, cfg.batch_size)
         how = "dense"
+    elif getattr(model, "repeat_bias", False):
+        raise ValueError("a model with a repeat bias is scored densely: set evaluate.item_block_size to null")
     elif isinstance(model, BlockRankingModel):
         model_totals = accumulate_model_blocked(model, ranked, n_items, cfg.ks, cfg.batch_size,
                                                 cfg.item_block_size)

@@ -111,6 +111,7 @@ class SASRec(nn.Module):
         attention: Literal["causal", "bidirectional"] = "causal",
         ffn_mult: int = 1,
         block: Literal["sasrec", "ligr"] = "sasrec",
+        repeat_bias: bool = False,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
@@ -123,10 +124,14 @@ class SASRec(nn.Module):
             raise ValueError(f"n_items ({n_items}) and max_len ({max_len}) must be positive")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if repeat_bias and attention != "causal":
+            raise ValueError("repeat_bias needs causal attention")
         self.kwargs: dict[str, Any] = dict(
             n_items=n_items, max_len=max_len, hidden=hidden, n_blocks=n_blocks,
             n_heads=n_heads, dropout=dropout, attention=attention, ffn_mult=ffn_mult, block=block,
         )
+        if repeat_bias:  # only then in model.json, so models without it stay loadable by older code
+            self.kwargs["repeat_bias"] = True
         self.n_items, self.max_len, self.attention = n_items, max_len, attention
         self.causal = attention == "causal"
         self.mask_token: int | None = None if self.causal else n_items + 1
@@ -135,6 +140,10 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(hidden, n_heads, dropout, ffn_mult, block) for _ in range(n_blocks))
         self.norm = nn.LayerNorm(hidden)
+        # Repeat bias: a learned score bonus w[d] for an item the user consumed d steps before the scored
+        # position (d = 0: the item at that position), summed over its occurrences in the window. Zero at
+        # the start, so training starts as plain SASRec; see history_bias.
+        self.repeat_weight = nn.Parameter(torch.zeros(max_len)) if repeat_bias else None
         self.apply(_init_weights)
         with torch.no_grad():
             self.item_emb.weight[PAD].zero_()
@@ -174,6 +183,37 @@ class SASRec(nn.Module):
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., D) -> (..., n_items + 1) dot-product scores against every item ([MASK] is no item)."""
         return hidden @ self.item_embeddings().T  # (..., I + 1)
+
+    @property
+    def repeat_bias(self) -> bool:
+        return self.repeat_weight is not None
+
+    def history_bias(self, items: torch.Tensor, all_positions: bool = False) -> torch.Tensor | None:
+        """The repeat bias of the window ``items`` (B, T) (left-padded), None without ``repeat_bias``.
+
+        At the last position: values (B, T), ``w[T - 1 - s]`` for the item in column s (0 for padding), to add
+        to that item's score. ``all_positions``: values (B, T, T), ``[b, t, s] = w[t - s]`` for the item in
+        column s when position t is scored (0 where s > t: the future, and for padding).
+        """
+        if self.repeat_weight is None:
+            return None
+        t = items.shape[1]
+        real = items != PAD  # (B, T)
+        col = torch.arange(t, device=items.device)  # (T,)
+        if not all_positions:
+            return self.repeat_weight[t - 1 - col].unsqueeze(0) * real  # (B, T)
+        dist = col[:, None] - col[None, :]  # (T, T) t - s
+        values = self.repeat_weight[dist.clamp(min=0)] * (dist >= 0)  # (T, T)
+        return values.unsqueeze(0) * real[:, None, :]  # (B, T, T)
+
+    def scores(self, items: torch.Tensor) -> torch.Tensor:
+        """items: (B, T) left-padded history -> (B, n_items + 1) scores of the next item: ``score(user_vectors)``
+        plus, with ``repeat_bias``, each window item's :meth:`history_bias` (repeats summed)."""
+        out = self.score(self.user_vectors(items))  # (B, I + 1)
+        bias = self.history_bias(items)
+        if bias is None:
+            return out
+        return out.scatter_add(1, items.long(), bias.to(out.dtype))  # padding lands on column 0 with 0
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """items: (B, T) left-padded history -> (B, D) user vectors.

@@ -60,6 +60,7 @@ class SASRecSystem(L.LightningModule):
         ffn_mult: int = 1,
         block: Literal["sasrec", "ligr"] = "sasrec",
         exclude_seen: bool = True,
+        repeat_bias: bool = False,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -73,7 +74,10 @@ class SASRecSystem(L.LightningModule):
         if loss == "gbce":
             gbce_beta(n_negatives, n_items, gbce_t)  # raises on a bad combination before training starts
         self.save_hyperparameters()
-        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention, ffn_mult, block)
+        if repeat_bias and loss != "ce":
+            raise ValueError(f"repeat_bias needs loss 'ce', got {loss!r}")
+        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention, ffn_mult, block,
+                            repeat_bias)
         # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
         self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
         self._compiled_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -90,7 +94,7 @@ class SASRecSystem(L.LightningModule):
             gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
             lr_schedule=t.lr_schedule, compile=t.compile,
             compile_mode=t.compile_mode, ffn_mult=m.ffn_mult, block=m.block,
-            exclude_seen=cfg.evaluate.exclude_seen,
+            exclude_seen=cfg.evaluate.exclude_seen, repeat_bias=m.repeat_bias,
         )
 
     def set_item_counts(self, counts: torch.Tensor) -> None:
@@ -139,7 +143,7 @@ class SASRecSystem(L.LightningModule):
             self._loss_rows += len(inputs)
             return loss
         user = self.model.user_vectors(batch["inputs"])  # (B, D)
-        metrics = self._ranking_metrics(user, batch["history"], batch["targets"])
+        metrics = self._ranking_metrics(user, batch["history"], batch["targets"], batch["inputs"])
         for name in (f"ndcg_at_{VAL_K}", f"hr_at_{VAL_K}"):
             # Weighted by batch size, so the epoch value is the mean over users.
             self.log(f"{stage}/{name}", metrics[name].mean(), on_epoch=True, prog_bar=True,
@@ -163,9 +167,11 @@ class SASRecSystem(L.LightningModule):
         return self._compiled_loss(inputs, targets)
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self._next_item_loss(self.model(inputs), targets)  # hidden: (B, T, D)
+        return self._next_item_loss(self.model(inputs), targets, inputs)  # hidden: (B, T, D)
 
-    def _next_item_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _next_item_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Loss at the positions with a target (targets != 0): next items, or masked items if bidirectional.
 
         Full CE under torch.compile runs on all B*T positions, padding weighted 0 (static shapes, no host
@@ -179,9 +185,16 @@ class SASRecSystem(L.LightningModule):
         hp = self.hparams
         if hp["loss"] == "ce":
             h, t = hidden.flatten(0, 1), targets.flatten()  # (B*T, D), (B*T,)
+            bias = None
+            if self.model.repeat_bias and inputs is not None:  # position t's window items and their bonus
+                b, width = inputs.shape
+                values = self.model.history_bias(inputs, all_positions=True).flatten(0, 1)  # (B*T, T)
+                bias = (inputs.unsqueeze(1).expand(b, width, width).flatten(0, 1), values)  # (B*T, T) each
             if not torch.compiler.is_compiling():
-                h, t = h[t != PAD], t[t != PAD]  # (N, D), (N,)
-            return full_ce(h, t, item_emb, hp["label_smoothing"])
+                keep = t != PAD
+                h, t = h[keep], t[keep]  # (N, D), (N,)
+                bias = None if bias is None else (bias[0][keep], bias[1][keep])
+            return full_ce(h, t, item_emb, hp["label_smoothing"], bias)
         real = targets != PAD  # (B, T)
         h, t = hidden[real], targets[real]  # (N, D), (N,)
         if hp["loss"] == "sampled_softmax":
@@ -192,11 +205,14 @@ class SASRecSystem(L.LightningModule):
         return sampled_bce(h, t, item_emb, hp["n_negatives"])
 
     def _ranking_metrics(
-        self, user: torch.Tensor, history: torch.Tensor, targets: torch.Tensor
+        self, user: torch.Tensor, history: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         # Rank in float32 even under bf16 autocast: bf16 scores tie often and ties count against the target.
         with torch.autocast(self.device.type, enabled=False):
             scores = self.model.score(user.float())  # (B, I + 1)
+            bias = None if inputs is None else self.model.history_bias(inputs)  # (B, T) with repeat_bias
+            if bias is not None:
+                scores = scores.scatter_add(1, inputs.long(), bias.float())
         if not self.hparams.get("exclude_seen", True):  # evaluate.exclude_seen=false: seen items compete
             history = history[:, :0]
         exclude = exclusion_mask(history, self.hparams["n_items"], keep=targets)  # (B, I + 1)

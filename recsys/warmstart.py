@@ -27,7 +27,8 @@ from recsys.config import ConfigError
 from recsys.model import PAD, SASRec
 
 # model.json keys that fix the shape or meaning of a weight other than the item table.
-SAME_ARCHITECTURE = ("max_len", "hidden", "n_blocks", "n_heads", "attention", "ffn_mult", "block")
+SAME_ARCHITECTURE = ("max_len", "hidden", "n_blocks", "n_heads", "attention", "ffn_mult", "block", "repeat_bias")
+_ABSENT = {"repeat_bias": False}  # model.json holds this key only when it is set
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,10 @@ class WarmStart:
         Raises ConfigError naming ``train.init_from`` and every architecture key that differs.
         """
         old = self.source.model
-        differ = [f"model.{k} is {old.kwargs.get(k)!r} there, {model.kwargs[k]!r} here"
-                  for k in SAME_ARCHITECTURE if old.kwargs.get(k) != model.kwargs[k]]
+        there = {k: old.kwargs.get(k, _ABSENT.get(k)) for k in SAME_ARCHITECTURE}
+        here = {k: model.kwargs.get(k, _ABSENT.get(k)) for k in SAME_ARCHITECTURE}
+        differ = [f"model.{k} is {there[k]!r} there, {here[k]!r} here" for k in SAME_ARCHITECTURE
+                  if there[k] != here[k]]
         if differ:
             raise ConfigError(f"train.init_from ({self.spec}): the earlier model has another architecture ("
                               + "; ".join(differ) + "); set those keys to the earlier model's values, or "

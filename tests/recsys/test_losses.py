@@ -227,3 +227,43 @@ def test_full_ce_with_no_target_at_all_is_zero_not_nan() -> None:
     loss = full_ce(hidden, torch.zeros(N, dtype=torch.long), item_emb)
     assert loss.item() == 0.0
     assert torch.all(torch.autograd.grad(loss, hidden)[0] == 0)
+
+
+# ---- full CE with an additive bias on some items' logits (the model's repeat bias) ---------------------------
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 7 * N_ITEMS + 3])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_full_ce_with_bias_equals_cross_entropy_on_biased_logits(monkeypatch, chunk_elements, label_smoothing):
+    # Oracle: the explicit (N, n_items) logits with the values added by a Python loop, F.cross_entropy, autograd.
+    monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", chunk_elements)
+    hidden, targets, item_emb = make_inputs(3)
+    targets[::9] = 0  # some positions without a target
+    g = torch.Generator().manual_seed(4)
+    items = torch.randint(0, N_ITEMS + 1, (N, 5), generator=g)  # 0 = padding; repeats within a row happen
+    items[:, 0] = items[:, 1]  # at least one repeated item per row
+    values = torch.randn(N, 5, generator=g, requires_grad=True)
+    got = full_ce(hidden, targets, item_emb, label_smoothing, bias=(items, values))
+    got.backward()
+    grads = [hidden.grad.clone(), item_emb.grad.clone(), values.grad.clone()]
+    for t in (hidden, item_emb, values):
+        t.grad = None
+    logits = hidden @ item_emb[1:].T  # (N, I)
+    extra = torch.zeros_like(logits)
+    for n in range(N):
+        for j in range(5):
+            if items[n, j] > 0:
+                extra[n, items[n, j] - 1] = extra[n, items[n, j] - 1] + values[n, j]
+    want = F.cross_entropy(logits + extra, targets - 1, ignore_index=-1, label_smoothing=label_smoothing)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    for ours, theirs in zip(grads, (hidden.grad, item_emb.grad, values.grad), strict=True):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_full_ce_with_zero_bias_is_full_ce() -> None:
+    hidden, targets, item_emb = make_inputs(5)
+    items = torch.randint(0, N_ITEMS + 1, (N, 4))
+    plain = full_ce(hidden, targets, item_emb)
+    assert full_ce(hidden, targets, item_emb, bias=(items, torch.zeros(N, 4))).item() == pytest.approx(
+        plain.item(), rel=1e-6)

@@ -213,3 +213,48 @@ def test_ligr_gates_each_residual_branch_and_uses_a_swiglu_feed_forward() -> Non
     assert extra == 2 * (HIDDEN * HIDDEN + HIDDEN) + 3 * HIDDEN * HIDDEN - 4 * HIDDEN
     with pytest.raises(ValueError, match="block must be one of"):
         SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=1, n_heads=1, dropout=0.0, block="gru")  # type: ignore[arg-type]
+
+
+# ---- repeat bias ----------------------------------------------------------------------------------------------
+
+
+def _repeat_model(seed: int = 0) -> SASRec:
+    torch.manual_seed(seed)
+    model = SASRec(N_ITEMS, MAX_LEN, HIDDEN, n_blocks=1, n_heads=1, dropout=0.0, repeat_bias=True).eval()
+    with torch.no_grad():
+        model.repeat_weight.copy_(torch.linspace(3.0, 0.5, MAX_LEN))  # the newest item gets the most
+    return model
+
+
+def test_repeat_bias_adds_each_window_items_bonus_by_recency():
+    model = _repeat_model()
+    items = torch.cat([left_pad([4, 7, 4, 9], 6), left_pad([2], 6)])  # (2, 6); user 0 re-consumed item 4
+    with torch.no_grad():
+        got = model.scores(items)
+        plain = model.score(model.user_vectors(items))
+    w = model.repeat_weight.detach()
+    want = plain.clone()
+    for b, seq in enumerate(([4, 7, 4, 9], [2])):  # item at distance d from the last position gets w[d]
+        for d, item in enumerate(reversed(seq)):
+            want[b, item] += w[d]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got[0, 4] - plain[0, 4] == pytest.approx(float(w[1] + w[3]), abs=1e-6)  # two occurrences sum
+    # every position of a window: the last row equals the last-position bias; nothing from the future
+    every = model.history_bias(items, all_positions=True)  # (B, T, T)
+    assert torch.equal(every[:, -1], model.history_bias(items))
+    assert torch.equal(every.triu(1), torch.zeros_like(every))
+    assert every[0, 3, 2] == w[1] and every[0, 2, 2] == w[0] and every[1, 4, 5] == 0.0
+
+
+def test_no_repeat_bias_is_plain_sasrec_and_saves_as_before(tmp_path):
+    plain = make_model()
+    items = left_pad([1, 2, 3], 5)
+    with torch.no_grad():
+        assert torch.equal(plain.scores(items), plain.score(plain.user_vectors(items)))
+    assert plain.history_bias(items) is None and "repeat_bias" not in plain.kwargs
+    model = _repeat_model()
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.repeat_bias and torch.equal(loaded.repeat_weight, model.repeat_weight)
+    with pytest.raises(ValueError, match="causal"):
+        SASRec(N_ITEMS, MAX_LEN, HIDDEN, 1, 1, 0.0, attention="bidirectional", repeat_bias=True)
