@@ -227,6 +227,8 @@ def _model_top_k(
     users = user_vectors(trained.model, scored["items"], cfg.batch_size)  # (U, D)
     with torch.no_grad():
         items = trained.model.item_embeddings()[1:].float().cpu().numpy()  # (I, D); row r = item_idx r + 1
+    table = items  # every item's vector (the index may hold only the allowed rows)
+    repeats = trained.model.repeat_bias and not cfg.exclude_seen  # seen items compete, with their bonus
     position = None  # item table row -> index row (-1: not in the index)
     if rows is not None:
         items = np.ascontiguousarray(items[rows])
@@ -254,9 +256,16 @@ def _model_top_k(
         tuned = {"tuned_parameter": tuning.parameter, "tuned_value": tuning.value,
                  "target_recall": cfg.target_recall, "target_reached": tuning.reached,
                  "tuning_tried": [list(t) for t in tuning.tried]}
-    ids, scores, stats = search_top_k(index, users, k, seen, batch_size=cfg.batch_size, item_vectors=items)
+    # With the repeat bias a window item may climb past the plain top k: take k + max_len by plain score, add
+    # the bonus, keep the best k (a window item outside those is added below with its exact score).
+    wide = min(k + trained.model.max_len, len(items)) if repeats else k
+    ids, scores, stats = search_top_k(index, users, wide, seen, batch_size=cfg.batch_size, item_vectors=items)
     if rows is not None:  # index rows -> item table rows
         ids = np.where(ids >= 0, rows[np.maximum(ids, 0)], -1)
+    if repeats:
+        allowed_rows = None if position is None else position >= 0
+        ids, scores = with_repeat_bias(trained.model, scored["items"], users, table, ids, scores, k, allowed_rows,
+                                       cfg.batch_size)
     recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
     rows = _to_rows(scored[schema.USER_ID], ids, scores, trained.item_map)
@@ -265,6 +274,42 @@ def _model_top_k(
               "exact_fallback_users": stats["fallback_users"],  # ANN left short: answered by exact search
               "ann_recall_at_k": recall, "recall_sample": int(len(sample)), **tuned}
     return rows, search
+
+
+def with_repeat_bias(
+    model: SASRec, histories: pl.Series, users: np.ndarray, table: np.ndarray, ids: np.ndarray, scores: np.ndarray,
+    k: int, allowed: np.ndarray | None, batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of (the found ``ids`` (U, K') with ``scores``) ∪ (each user's window items), scored
+    ``user · item`` + the model's repeat bias (:meth:`SASRec.history_bias`, repeats summed); ``ids`` are item
+    table rows (item_idx - 1, -1 = none); ``allowed`` (I,) bool limits the window items added (None = all).
+    Returns ids (U, k) and float32 scores (U, k), best first, -1 / -inf where fewer than k exist."""
+    ragged = RaggedItems.from_series(histories)
+    out_ids = np.full((len(users), k), -1, dtype=np.int64)
+    out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+    for start in range(0, len(users), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(users)))
+        window = ragged.pad(torch.from_numpy(rows), model.max_len).long()  # (B, L) item_idx, 0 = padding
+        with torch.no_grad():
+            bonus = model.history_bias(window.to(model.repeat_weight.device)).float().cpu().numpy()  # (B, L)
+        own = window.numpy() - 1  # (B, L) table rows, -1 = padding
+        if allowed is not None:
+            own = np.where((own >= 0) & allowed[np.maximum(own, 0)], own, -1)
+        found = ids[rows]  # (B, K')
+        own_plain = np.einsum("bd,bld->bl", users[rows], table[np.maximum(own, 0)])  # (B, L)
+        earlier = np.tril(np.ones((own.shape[1],) * 2, dtype=bool), -1)  # [i, j]: j before i
+        repeated = ((own[:, :, None] == own[:, None, :]) & earlier).any(-1)  # (B, L) not its first occurrence
+        in_found = (own[:, :, None] == found[:, None, :]).any(-1)  # (B, L)
+        own_valid = (own >= 0) & ~repeated & ~in_found
+        cand = np.concatenate([found, np.where(own_valid, own, -1)], 1)  # (B, K' + L)
+        plain = np.concatenate([scores[rows], own_plain], 1).astype(np.float64)
+        extra = ((cand[:, :, None] == own[:, None, :]) & (own[:, None, :] >= 0)) @ bonus[:, :, None]  # (B, C, 1)
+        total = np.where(cand >= 0, plain + extra[:, :, 0], -np.inf)
+        order = np.argsort(-total, axis=1, kind="stable")[:, :k]  # (B, k)
+        out_ids[rows] = np.where(np.isfinite(np.take_along_axis(total, order, 1)),
+                                 np.take_along_axis(cand, order, 1), -1)
+        out_scores[rows] = np.take_along_axis(total, order, 1).astype(np.float32)
+    return out_ids, out_scores
 
 
 def _index_rows(table_rows: np.ndarray, position: np.ndarray | None) -> np.ndarray:

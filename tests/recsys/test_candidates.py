@@ -185,3 +185,65 @@ def test_an_allow_list_too_short_for_the_index_is_searched_exactly(setup):
     assert whole["search"]["index_used"] == "IVF4,Flat"
     with pytest.raises(ValueError, match="IVF8,Flat"):  # without an allow list a bad index stays an error
         generate_candidates(trained, feats, CandidatesConfig(k=K, index="IVF8,Flat", recall_sample=10))
+
+
+# ---- seen items competing, with the model's repeat bias -------------------------------------------------------
+
+
+def _repeat_setup(n_items: int = 40, n_users: int = 30) -> tuple[TrainedModel, FeatureSet, list[list[int]]]:
+    torch.manual_seed(1)
+    model = SASRec(n_items=n_items, max_len=6, hidden=8, n_blocks=1, n_heads=1, dropout=0.0,
+                   repeat_bias=True).eval()
+    with torch.no_grad():  # strong enough to lift seen items past unseen ones, not all of them
+        model.repeat_weight.copy_(torch.tensor([0.8, -0.5, 0.6, 0.3, 0.1, 0.05]))
+    rng = np.random.default_rng(2)
+    histories = [rng.integers(1, n_items + 1, size=int(rng.integers(1, 12))).tolist() for _ in range(n_users)]
+    items = pl.DataFrame({"item_id": [10 * i for i in range(1, n_items + 1)], "item_idx": range(1, n_items + 1),
+                          "train_count": [1] * n_items},
+                         schema={"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
+    users = pl.DataFrame({"user_id": range(n_users), "user_idx": range(n_users)},
+                         schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    lists = pl.List(pl.Int32)
+    sequences = pl.DataFrame({"user_idx": range(n_users), "train_items": histories, "val_items": [[]] * n_users,
+                              "test_items": [[]] * n_users},
+                             schema={"user_idx": pl.Int32, "train_items": lists, "val_items": lists,
+                                     "test_items": lists})
+    feats = FeatureSet(sequences, users, items, {"n_users": n_users, "n_items": n_items})
+    return TrainedModel(model, users, items), feats, histories
+
+
+@pytest.mark.parametrize("index", ["Flat", "HNSW8"])
+@pytest.mark.parametrize("allow", [False, True])
+def test_seen_items_compete_with_their_repeat_bonus(index, allow):
+    # Oracle: model.scores of the last max_len items (plain score + repeat bonus) over the whole catalogue (or
+    # the allowed items), nothing excluded, top K by score.
+    trained, feats, histories = _repeat_setup()
+    allowed_idx = list(range(1, 41, 2)) if allow else list(range(1, 41))  # odd item_idx only
+    allowed = pl.Series("item_id", [10 * i for i in allowed_idx], dtype=pl.Int64) if allow else None
+    cfg = CandidatesConfig(k=5, index=index, exclude_seen=False, recall_sample=30,
+                           target_recall=1.0 if index != "Flat" else None,
+                           allowed_items="allowed.csv" if allow else None)
+    table, _ = generate_candidates(trained, feats, cfg, allowed)
+    lifted = 0
+    for user, history in enumerate(histories):
+        window = torch.tensor([[0] * (6 - len(history[-6:])) + history[-6:]])
+        with torch.no_grad():
+            scores = trained.model.scores(window)[0, 1:].numpy().astype(np.float64)  # (I,)
+            plain = trained.model.score(trained.model.user_vectors(window))[0, 1:].numpy()
+        mask = np.full(40, -np.inf)
+        mask[np.asarray(allowed_idx) - 1] = 0.0
+        want = [10 * (int(i) + 1) for i in np.argsort(-(scores + mask), kind="stable")[:5]]
+        got = table.filter(pl.col("user_id") == user).sort("rank")
+        assert got["item_id"].to_list() == want, user
+        assert got["score"].to_numpy() == pytest.approx(np.sort(scores + mask)[::-1][:5], rel=1e-5, abs=1e-5)
+        top_plain = {10 * (int(i) + 1) for i in np.argsort(-(plain + mask), kind="stable")[:5]}
+        lifted += len(set(want) - top_plain)
+    assert lifted > 0  # the bonus changes some lists: the test would notice a merge that ignores it
+
+
+def test_seen_items_excluded_make_the_repeat_bonus_irrelevant():
+    trained, feats, histories = _repeat_setup()
+    table, _ = generate_candidates(trained, feats, CandidatesConfig(k=5, recall_sample=30))
+    for user, history in enumerate(histories):
+        got = set(table.filter(pl.col("user_id") == user)["item_id"].to_list())
+        assert not got & {10 * i for i in history} and len(got) == 5
