@@ -2,6 +2,7 @@
 excluded from the ranking (the standard protocol) and competing (``evaluate.exclude_seen=false``).
 
     python -m benchmarks.repeat_protocol [--data-root ../shared/data] [--json-out F] [--no-table] [KEY=VALUE ...]
+    python -m benchmarks.repeat_protocol --from-json F [F ...]     # only the table rows of earlier records
 
 The Taobao UserBehavior head sample (all its days in one file), ``conf/benchmarks/nightly-taobao.yaml`` with
 the nightly gates off (``features.max_event_age`` / ``min_rows_ratio``: the data is from 2017), no warm start,
@@ -14,12 +15,13 @@ share of test targets the user had seen before, train seconds and epochs.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import polars as pl
 
-from benchmarks.machine import append_row, emit
+from benchmarks.machine import append_row, emit, read_records
 from benchmarks.nightly import CONFIG, ROOT, taobao_args
 from pipelines.cli import EXIT_OK
 from pipelines.cli import main as cli
@@ -35,9 +37,9 @@ of 4 types over 9 days, every day in one file), `conf/benchmarks/nightly-taobao.
 protocol, the user's earlier items are dropped from the ranking (the target never is). **competing**:
 `evaluate.exclude_seen=false`, which also picks the best epoch on that protocol. `repeat` = the user's own items,
 most recent first, then popularity. "seen targets": test targets the user had consumed before."""
-HEADER = ("| protocol | seen targets | NDCG@10 model / popularity / item-kNN / repeat | HR@10 model / popularity / "
-          "item-kNN / repeat | model − repeat NDCG@10 (± 95 %) | train s (epochs) | machine | date | commit |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| protocol | overrides | seen targets | NDCG@10 model / popularity / item-kNN / repeat | HR@10 model / "
+          "popularity / item-kNN / repeat | model − repeat NDCG@10 (± 95 %) | train s (epochs, best) | load | "
+          "machine | date | commit |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _seen_share(work: Path) -> float:
@@ -66,6 +68,11 @@ def _protocol(work: Path, exclude_seen: bool, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--from-json"]:
+        table(read_records([Path(f) for f in argv[1:]]))
+        return []
     a, source = taobao_args(__doc__, "repeat-protocol", argv)
     a.work.mkdir(parents=True, exist_ok=True)
     events = a.work / "events.parquet"
@@ -81,14 +88,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         emit({"bench": "repeat_protocol", **_protocol(a.work, exclude_seen, a.overrides), "features_s": features_s,
               "overrides": a.overrides}, a.json_out, records)
     if not a.no_table:
-        for r in records:
-            scores = " / ".join(f"{r[f'{s}_ndcg']:.4f}" for s in SCORERS)
-            hits = " / ".join(f"{r[f'{s}_hr']:.4f}" for s in SCORERS)
-            row = (f"| {r['protocol']} | {r['seen_target_share']:.1%} of {int(r['n_users'])} | {scores} | {hits} | "
-                   f"{r['delta_repeat_ndcg']:+.4f} ± {1.96 * r['delta_repeat_ndcg_se']:.4f} | "
-                   f"{r['train_s']:.1f} ({r['epochs_run']}) | {r['machine']} | {r['date']} | {r['commit']} |")
-            append_row(ROOT / "BENCHMARKS.md", TITLE, INTRO, HEADER, row)
+        table(records)
     return records
+
+
+def table(records: list[dict]) -> None:
+    """Append one BENCHMARKS.md row per record (also for records read back from a --json-out file)."""
+    for r in records:
+        scores = " / ".join(f"{r[f'{s}_ndcg']:.4f}" for s in SCORERS)
+        hits = " / ".join(f"{r[f'{s}_hr']:.4f}" for s in SCORERS)
+        row = (f"| {r['protocol']} | {' '.join(r['overrides']) or '—'} | {r['seen_target_share']:.1%} of "
+               f"{int(r['n_users'])} | {scores} | {hits} | {r['delta_repeat_ndcg']:+.4f} ± "
+               f"{1.96 * r['delta_repeat_ndcg_se']:.4f} | {r['train_s']:.1f} ({r['epochs_run']}, "
+               f"{r['best_epoch']}) | {r['load_1min']:.2f} | {r['machine']} | {r['date']} | {r['commit']} |")
+        append_row(ROOT / "BENCHMARKS.md", TITLE, INTRO, HEADER, row)
 
 
 if __name__ == "__main__":
