@@ -21,6 +21,10 @@ VAL_K = 10
 MONITOR = f"val/ndcg_at_{VAL_K}"
 
 
+# Learning rate of the repeat bias (model.repeat_bias) in multiples of train.lr.
+REPEAT_LR_MULT = 100.0
+
+
 class SASRecSystem(L.LightningModule):
     """Trains SASRec on next-item prediction; validates by full-catalogue ranking of the val items.
 
@@ -221,11 +225,15 @@ class SASRecSystem(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         # Decay matrices and embeddings only; biases and LayerNorm gains are left alone.
-        params = [p for p in self.parameters() if p.requires_grad]
+        bias = self.model.repeat_weight
+        params = [p for p in self.parameters() if p.requires_grad and p is not bias]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams["weight_decay"]},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        if bias is not None:  # max_len scalars shared by every user: at the base rate they would need thousands
+            # of steps to reach the scale of the dot-product scores (the Taobao sample has 7 steps an epoch)
+            groups.append({"params": [bias], "weight_decay": 0.0, "lr": self.hparams["lr"] * REPEAT_LR_MULT})
         optimizer = torch.optim.AdamW(groups, lr=self.hparams["lr"], fused=self.device.type == "cuda")
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         per_epoch = total / max(self.trainer.max_epochs or 1, 1)

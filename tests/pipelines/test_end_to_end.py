@@ -221,3 +221,37 @@ def test_evaluate_with_seen_items_competing_and_the_repeat_baseline(demo_run, tm
     assert report["model"]["n_users"] == standard["model"]["n_users"]
     lines = _summary(load_config(overrides=overrides)).splitlines()
     assert "evaluation (test split, full catalogue, seen items competing):" in lines
+
+
+def test_repeat_bias_model_through_train_evaluate_and_candidates(demo_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from recsys.candidates import load_trained_model
+
+    _, work = demo_run
+    copy = tmp_path / "work"
+    shutil.copytree(work / "features", copy / "features")
+    overrides = [f"work_dir={copy}", "model.repeat_bias=true", "model.max_len=30", "model.hidden=32",
+                 "train.max_epochs=3", "train.progress=false", "evaluate.exclude_seen=false",
+                 "evaluate.baselines=[repeat]", "evaluate.history_segments=[]", "candidates.exclude_seen=false",
+                 "candidates.k=10", "candidates.recall_sample=50", "tracking.enabled=false"]
+    for job in ("train", "evaluate"):
+        assert main([job, "--quiet", *overrides]) == EXIT_OK, job
+    assert main(["candidates", "--quiet", "--date", "2024-09-01", *overrides]) == EXIT_OK
+    trained = load_trained_model(copy / "model")
+    assert trained.model.repeat_bias and bool(trained.model.repeat_weight.abs().sum() > 0)  # it trained
+    report = json.loads((copy / "evaluation" / "report.json").read_text())
+    assert report["exclude_seen"] is False and 0.0 < report["model"]["ndcg_at_10"] <= 1.0
+    # the candidates are the model's exact scores (Flat index) with the bonus, seen items included
+    lists = pl.read_parquet(copy / "candidates" / "date=2024-09-01" / "candidates.parquet")
+    seq = pl.read_parquet(copy / "features" / "sequences.parquet").join(
+        pl.read_parquet(copy / "features" / "user_map.parquet"), on="user_idx").sort("user_id").head(5)
+    to_id = dict(zip(trained.item_map["item_idx"], trained.item_map["item_id"], strict=True))
+    for user, t, v, s in zip(seq["user_id"], seq["train_items"], seq["val_items"], seq["test_items"], strict=True):
+        history = (t.to_list() + v.to_list() + s.to_list())[-30:]
+        with torch.no_grad():
+            scores = trained.model.scores(torch.tensor([[0] * (30 - len(history)) + history]))[0, 1:]
+        want = [to_id[int(i) + 1] for i in scores.argsort(descending=True, stable=True)[:10]]
+        assert lists.filter(pl.col("user_id") == user).sort("rank")["item_id"].to_list() == want
