@@ -38,8 +38,8 @@ protocol, the user's earlier items are dropped from the ranking (the target neve
 `evaluate.exclude_seen=false`, which also picks the best epoch on that protocol. `repeat` = the user's own items,
 most recent first, then popularity. "seen targets": test targets the user had consumed before."""
 HEADER = ("| protocol | overrides | seen targets | NDCG@10 model / popularity / item-kNN / repeat | HR@10 model / "
-          "popularity / item-kNN / repeat | model − repeat NDCG@10 (± 95 %) | train s (epochs, best) | load | "
-          "machine | date | commit |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "popularity / item-kNN / repeat | model − repeat NDCG@10 (± 95 %) | train s (epochs, best) | val NDCG@10 | "
+          "load | machine | date | commit |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _seen_share(work: Path) -> float:
@@ -100,7 +100,8 @@ def table(records: list[dict]) -> None:
         row = (f"| {r['protocol']} | {' '.join(r['overrides']) or '—'} | {r['seen_target_share']:.1%} of "
                f"{int(r['n_users'])} | {scores} | {hits} | {r['delta_repeat_ndcg']:+.4f} ± "
                f"{1.96 * r['delta_repeat_ndcg_se']:.4f} | {r['train_s']:.1f} ({r['epochs_run']}, "
-               f"{r['best_epoch']}) | {r['load_1min']:.2f} | {r['machine']} | {r['date']} | {r['commit']} |")
+               f"{r['best_epoch']}) | {r['best_val_ndcg_at_10']:.4f} | {r['load_1min']:.2f} | {r['machine']} | "
+               f"{r['date']} | {r['commit']} |")
         append_row(ROOT / "BENCHMARKS.md", TITLE, INTRO, HEADER, row)
 
 
