@@ -287,8 +287,9 @@ def with_repeat_bias(
     ragged = RaggedItems.from_series(histories)
     out_ids = np.full((len(users), k), -1, dtype=np.int64)
     out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-    for start in range(0, len(users), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(users)))
+    step = min(batch_size, 256)  # the (B, K' + L, L) comparisons below: ~25M booleans at K' + L = 500, L = 200
+    for start in range(0, len(users), step):
+        rows = np.arange(start, min(start + step, len(users)))
         window = ragged.pad(torch.from_numpy(rows), model.max_len).long()  # (B, L) item_idx, 0 = padding
         with torch.no_grad():
             bonus = model.history_bias(window.to(model.repeat_weight.device)).float().cpu().numpy()  # (B, L)

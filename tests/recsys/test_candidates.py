@@ -220,7 +220,7 @@ def test_seen_items_compete_with_their_repeat_bonus(index, allow):
     trained, feats, histories = _repeat_setup()
     allowed_idx = list(range(1, 41, 2)) if allow else list(range(1, 41))  # odd item_idx only
     allowed = pl.Series("item_id", [10 * i for i in allowed_idx], dtype=pl.Int64) if allow else None
-    cfg = CandidatesConfig(k=5, index=index, exclude_seen=False, recall_sample=30,
+    cfg = CandidatesConfig(k=5, index=index, exclude_seen=False, recall_sample=30, batch_size=7,  # several batches
                            target_recall=1.0 if index != "Flat" else None,
                            allowed_items="allowed.csv" if allow else None)
     table, _ = generate_candidates(trained, feats, cfg, allowed)
