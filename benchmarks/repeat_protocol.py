@@ -1,7 +1,8 @@
 """Repeat consumption and the evaluation protocol: the model and the baselines with the user's seen items
 excluded from the ranking (the standard protocol) and competing (``evaluate.exclude_seen=false``).
 
-    python -m benchmarks.repeat_protocol [--data-root ../shared/data] [--json-out F] [--no-table] [KEY=VALUE ...]
+    python -m benchmarks.repeat_protocol [--data-root ../shared/data] [--json-out F] [--no-table]
+        [--protocols excluded,competing] [KEY=VALUE ...]
     python -m benchmarks.repeat_protocol --from-json F [F ...]     # only the table rows of earlier records
 
 The Taobao UserBehavior head sample (all its days in one file), ``conf/benchmarks/nightly-taobao.yaml`` with
@@ -14,6 +15,7 @@ share of test targets the user had seen before, train seconds and epochs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -73,7 +75,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if argv[:1] == ["--from-json"]:
         table(read_records([Path(f) for f in argv[1:]]))
         return []
-    a, source = taobao_args(__doc__, "repeat-protocol", argv)
+    def protocols(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--protocols", default="excluded,competing",
+                       help="which protocols to run, comma-separated (excluded, competing)")
+
+    a, source = taobao_args(__doc__, "repeat-protocol", argv, protocols)
+    chosen = [name.strip() for name in a.protocols.split(",")]
+    if not chosen or set(chosen) - {"excluded", "competing"}:
+        raise SystemExit(f"--protocols {a.protocols!r}: name excluded and/or competing")
     a.work.mkdir(parents=True, exist_ok=True)
     events = a.work / "events.parquet"
     pl.read_csv(source, has_header=False, new_columns=["user_id", "item_id", "category_id", "event_type",
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"recsys features failed; logs in {a.work / 'logs'}")
     features_s = time.perf_counter() - began
     records: list[dict] = []
-    for exclude_seen in (True, False):
+    for exclude_seen in [name == "excluded" for name in chosen]:
         emit({"bench": "repeat_protocol", **_protocol(a.work, exclude_seen, a.overrides), "features_s": features_s,
               "overrides": a.overrides}, a.json_out, records)
     if not a.no_table:
