@@ -404,6 +404,23 @@ def test_repeat_bias_training_loss_equals_a_per_position_reference() -> None:
     assert system.model.repeat_weight.grad is not None and system.model.repeat_weight.grad.abs().sum() > 0
 
 
+def test_repeat_bias_trains_in_its_own_optimiser_group_at_a_higher_rate() -> None:
+    from types import SimpleNamespace
+
+    from recsys.system import REPEAT_LR_MULT
+
+    cfg = build_config({"model": {"repeat_bias": True}, "train": {"lr": 0.002, "weight_decay": 0.1}})
+    system = SASRecSystem.from_config(cfg, n_items=10)
+    system._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)  # what the schedule reads
+    groups = system.configure_optimizers()["optimizer"].param_groups
+    (bias_group,) = [g for g in groups if any(p is system.model.repeat_weight for p in g["params"])]
+    assert bias_group["params"] == [system.model.repeat_weight] and bias_group["weight_decay"] == 0.0
+    assert bias_group["lr"] == pytest.approx(0.002 * REPEAT_LR_MULT) and REPEAT_LR_MULT > 1
+    others = [p for g in groups if g is not bias_group for p in g["params"]]
+    assert len(others) == len(list(system.parameters())) - 1  # every other parameter once, at the base rate
+    assert all(g["lr"] == pytest.approx(0.002) for g in groups if g is not bias_group)
+
+
 def test_repeat_bias_config_needs_causal_ce_and_dense_evaluation() -> None:
     for extra, needle in (({"model": {"attention": "bidirectional"}}, "model.repeat_bias needs"),
                           ({"train": {"loss": "bce"}}, "model.repeat_bias needs"),
