@@ -209,11 +209,15 @@ class SASRec(nn.Module):
     def scores(self, items: torch.Tensor) -> torch.Tensor:
         """items: (B, T) left-padded history -> (B, n_items + 1) scores of the next item: ``score(user_vectors)``
         plus, with ``repeat_bias``, each window item's :meth:`history_bias` (repeats summed)."""
-        out = self.score(self.user_vectors(items))  # (B, I + 1)
+        return self.add_history_bias(self.score(self.user_vectors(items)), items)  # (B, I + 1)
+
+    def add_history_bias(self, scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """scores (B, n_items + 1) of the window ``items`` (B, T) plus each window item's :meth:`history_bias`
+        (repeats summed); ``scores`` unchanged without ``repeat_bias``."""
         bias = self.history_bias(items)
         if bias is None:
-            return out
-        return out.scatter_add(1, items.long(), bias.to(out.dtype))  # padding lands on column 0 with 0
+            return scores
+        return scores.scatter_add(1, items.long(), bias.to(scores.dtype))  # padding lands on column 0 with 0
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """items: (B, T) left-padded history -> (B, D) user vectors.

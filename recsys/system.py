@@ -214,9 +214,8 @@ class SASRecSystem(L.LightningModule):
         # Rank in float32 even under bf16 autocast: bf16 scores tie often and ties count against the target.
         with torch.autocast(self.device.type, enabled=False):
             scores = self.model.score(user.float())  # (B, I + 1)
-            bias = None if inputs is None else self.model.history_bias(inputs)  # (B, T) with repeat_bias
-            if bias is not None:
-                scores = scores.scatter_add(1, inputs.long(), bias.float())
+            if inputs is not None:  # with repeat_bias: the window items' bonus
+                scores = self.model.add_history_bias(scores, inputs)
         if not self.hparams.get("exclude_seen", True):  # evaluate.exclude_seen=false: seen items compete
             history = history[:, :0]
         exclude = exclusion_mask(history, self.hparams["n_items"], keep=targets)  # (B, I + 1)
