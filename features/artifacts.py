@@ -14,12 +14,15 @@ from recsys.storage import read_json
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """The feature job's output: sequences, id maps and the manifest."""
+    """The feature job's output: sequences, id maps and the manifest, with the item attribute tables
+    (schema.ITEM_FEATURES, schema.ITEM_FEATURE_VALUES) where ``data.item_features`` was set, else None."""
 
     sequences: pl.DataFrame
     user_map: pl.DataFrame
     item_map: pl.DataFrame
     manifest: dict[str, Any]
+    item_features: pl.DataFrame | None = None
+    item_feature_values: pl.DataFrame | None = None
 
     @property
     def n_items(self) -> int:
@@ -42,13 +45,22 @@ def load_features(directory: str | Path) -> FeatureSet:
         ("user_map", schema.USER_MAP),
         ("item_map", schema.ITEM_MAP),
     ):
-        path = directory / schema.FEATURE_FILES[name]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; run `recsys features` first")
-        tables[name] = pl.read_parquet(path)
-        schema.check_schema(tables[name], contract, str(path))
+        tables[name] = _read_table(directory / schema.FEATURE_FILES[name], contract)
     manifest = read_json(directory / schema.FEATURE_FILES["manifest"])
-    return FeatureSet(tables["sequences"], tables["user_map"], tables["item_map"], manifest)
+    if manifest.get("item_features"):
+        for name, contract in (("item_features", schema.ITEM_FEATURES),
+                               ("item_feature_values", schema.ITEM_FEATURE_VALUES)):
+            tables[name] = _read_table(directory / schema.ITEM_FEATURE_FILES[name], contract)
+    return FeatureSet(tables["sequences"], tables["user_map"], tables["item_map"], manifest,
+                      tables.get("item_features"), tables.get("item_feature_values"))
+
+
+def _read_table(path: Path, contract: dict[str, Any]) -> pl.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `recsys features` first")
+    table = pl.read_parquet(path)
+    schema.check_schema(table, contract, str(path))
+    return table
 
 
 def last_event_times(directory: str | Path) -> pl.DataFrame:

@@ -26,11 +26,13 @@ from typing import Any
 import polars as pl
 
 from features.encode import add_train_count, build_item_index, build_user_map, encode_events
+from features.item_features import build_item_features
 from features.policies import DROP_REASONS, Accounting, select_rows
 from features.readers import InputDataError, input_files, read_events
 from features.schema import (
     EVENT_TYPE,
     FEATURE_FILES,
+    ITEM_FEATURE_FILES,
     ITEM_IDX,
     ITEM_MAP,
     SEQUENCES,
@@ -82,7 +84,8 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
         _check_kept(accounting, path, cfg.features)
         tables = encode_and_split(kept, cfg.features)
         manifest = gate.check(build_manifest(cfg, path, accounting, tables), path)
-        write_features(target, tables, manifest, cfg)
+        attributes, manifest["item_features"] = item_attributes(cfg, tables["item_map"])
+        write_features(target, tables | attributes, manifest, cfg)
     logger.info(
         "features: %d users, %d items, %d events kept",
         manifest["n_users"],
@@ -150,6 +153,14 @@ def _settings_that_dropped(accounting: Accounting, features: FeaturesConfig) -> 
     }
     named = [text for reason, text in settings.items() if accounting.dropped.get(reason)]
     return " or ".join(named) or "the row policies under features"
+
+
+def item_attributes(cfg: Config, item_map: pl.DataFrame) -> tuple[dict[str, pl.DataFrame], dict[str, Any] | None]:
+    """The item attribute tables (schema.ITEM_FEATURE_FILES) and the manifest's ``item_features`` section for
+    the catalogue of ``item_map``; none (``{}``, None) without ``data.item_features``."""
+    if cfg.data.item_features is None:
+        return {}, None
+    return build_item_features(cfg.data.item_features, item_map, cfg.data.item_id_type)
 
 
 def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
@@ -236,7 +247,8 @@ def build_out_of_core(
         manifest = gate.check(build_manifest(cfg, path, accounting, written | maps), path)
         for name, table in maps.items():
             check_schema(table, _CONTRACTS[name], FEATURE_FILES[name])
-        write_tables(out, maps, manifest, cfg)
+        attributes, manifest["item_features"] = item_attributes(cfg, maps["item_map"])
+        write_tables(out, maps | attributes, manifest, cfg)
     return manifest
 
 
@@ -333,8 +345,10 @@ def write_features(
 def write_tables(
     directory: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any], cfg: Config
 ) -> None:
-    """Write ``tables`` (keys of schema.FEATURE_FILES), the manifest and ``config.yaml`` into ``directory``."""
+    """Write ``tables`` (keys of schema.FEATURE_FILES and ITEM_FEATURE_FILES), the manifest and ``config.yaml``
+    into ``directory``."""
+    files = FEATURE_FILES | ITEM_FEATURE_FILES
     for name, table in tables.items():
-        table.write_parquet(directory / FEATURE_FILES[name])
+        table.write_parquet(directory / files[name])
     write_json(directory / FEATURE_FILES["manifest"], manifest)
     save_config(cfg, directory / "config.yaml")

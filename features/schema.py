@@ -53,6 +53,18 @@ FEATURE_FILES = {
 }
 
 
+# Item attributes (data.item_features), written only when configured. One row per catalogue item (item_idx
+# 1..n_items, in order): the attribute values it has, as feature_idx (1..n_values, 0 is padding; [] = none).
+FEATURE_IDX = "feature_idx"
+ITEM_FEATURES = {ITEM_IDX: pl.Int32, FEATURE_IDX: pl.List(pl.Int32)}
+# The value behind each feature_idx: its column and text, and how many catalogue items have it.
+ITEM_FEATURE_VALUES = {FEATURE_IDX: pl.Int32, "column": pl.String, "value": pl.String, "n_items": pl.Int64}
+ITEM_FEATURE_FILES = {
+    "item_features": "item_features.parquet",
+    "item_feature_values": "item_feature_values.parquet",
+}
+
+
 def check_schema(df: pl.DataFrame, contract: Mapping[str, Any], name: str) -> None:
     """Raise ``ValueError`` naming the table and column if ``df`` does not match ``contract``."""
     for col, dtype in contract.items():

@@ -14,6 +14,7 @@ from pipelines.schedule import checkpoint_dir, today_utc
 from pipelines.workdir import WorkDir, log_features_input
 from recsys.candidates import TrainedModel, load_trained_model
 from recsys.config import Config, save_config
+from recsys.data import ItemAttributes
 from recsys.faults import fault_point
 from recsys.model import save_model
 from recsys.registry import ModelRef, fetch_model, is_mlflow_uri
@@ -48,7 +49,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
         log_features_input(tracker, wd.features, feats, "training")
         warm, source = warm_start(cfg, feats, Path(tmp), tracker, local)
         result = train_model(cfg, feats.sequences, feats.n_items, ckpt_dir, logger=tracker.lightning_logger(),
-                             warm_start=warm)
+                             warm_start=warm, attributes=model_attributes(cfg, feats))
         report = {
             "best_val_ndcg_at_10": result.best_val_ndcg,
             "best_epoch": result.best_epoch,
@@ -73,6 +74,9 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             fault_point("model-write")
             for name in ("user_map", "item_map"):
                 shutil.copy2(wd.features / schema.FEATURE_FILES[name], tmp / schema.FEATURE_FILES[name])
+            if result.model.n_feature_values:  # what each attribute row means, for warm starts and people
+                name = schema.ITEM_FEATURE_FILES["item_feature_values"]
+                shutil.copy2(wd.features / name, tmp / name)
             save_config(cfg, tmp / "config.yaml")
             tracker.log_artifacts(tmp, "model")
             report["registered_version"] = tracker.register_model("model")
@@ -81,6 +85,14 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     log.info("train: best val NDCG@10 %.4f at epoch %d (%d epochs, %.1f s) → %s",
              result.best_val_ndcg, result.best_epoch, result.epochs_run, result.wall_time_s, wd.model)
     return wd.model
+
+
+def model_attributes(cfg: Config, feats: FeatureSet) -> ItemAttributes | None:
+    """The item attributes the model embeds: the feature set's (data.item_features), unless
+    ``model.item_features`` is false; None without them."""
+    if not cfg.model.item_features or feats.item_features is None or feats.item_feature_values is None:
+        return None
+    return ItemAttributes.of(feats.item_features, feats.item_feature_values, feats.n_items)
 
 
 def warm_start(
@@ -95,7 +107,8 @@ def warm_start(
     spec = cfg.train.init_from
     if spec is None:
         return None, None
-    blend = {"shrink": cfg.train.init_shrink, "perturb": cfg.train.init_perturb}
+    blend = {"shrink": cfg.train.init_shrink, "perturb": cfg.train.init_perturb,
+             "feature_values": feats.item_feature_values}
     if local is not None:
         return WarmStart(local, spec, feats.item_map, **blend), ModelRef(str(Path(spec).resolve()))
     ref, files = fetch_model(tracker, spec, tmp)

@@ -41,11 +41,13 @@ MODEL_IDX = "model_item_idx"  # an item's index in the MODEL's item map (vs the 
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """A model with the id maps it was trained with (schema.USER_MAP, schema.ITEM_MAP)."""
+    """A model with the id maps it was trained with (schema.USER_MAP, schema.ITEM_MAP) and, for a model with
+    item attributes, what its attribute values are (schema.ITEM_FEATURE_VALUES; None if not saved)."""
 
     model: SASRec
     user_map: pl.DataFrame
     item_map: pl.DataFrame
+    feature_values: pl.DataFrame | None = None
 
 
 def load_trained_model(directory: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
@@ -68,7 +70,12 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
     if idx.n_unique() != model.n_items or idx.len() != model.n_items or idx.min() != 1:
         raise ValueError(f"{directory / 'item_map.parquet'}: column 'item_idx' must hold 1..{model.n_items} "
                          "once each (the model's catalogue); the model and its id maps do not match")
-    return TrainedModel(model, maps["user_map"], maps["item_map"])
+    values_path = directory / schema.ITEM_FEATURE_FILES["item_feature_values"]
+    values = None
+    if model.n_feature_values and values_path.is_file():
+        values = pl.read_parquet(values_path)
+        schema.check_schema(values, schema.ITEM_FEATURE_VALUES, str(values_path))
+    return TrainedModel(model, maps["user_map"], maps["item_map"], values)
 
 
 def with_feature_ids(trained: TrainedModel, feats: FeatureSet) -> TrainedModel:

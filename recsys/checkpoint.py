@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from recsys.config import Config, without_budget
+from recsys.data import ItemAttributes
 from recsys.storage import atomic_write_bytes, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,10 @@ class ResumePoint:
     epoch: int  # 0-based epoch at whose end the checkpoint was written
 
 
-def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int) -> str:
+def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
+                 attributes: ItemAttributes | None = None) -> str:
     """SHA-256 of what decides the training outcome: ``model`` and ``train`` config (less ``train.progress``),
-    the catalogue size and the contents of ``sequences``.
+    the catalogue size, the contents of ``sequences`` and the item ``attributes`` (if any).
 
     ``train.max_time_s`` is a budget, not a setting of the run: it is hashed as unset, so a run stopped (or
     killed) under one budget resumes under another, e.g. a larger one to let it finish, or a small one to stop
@@ -89,6 +91,10 @@ def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int) -> str:
             digest.update(column.list.len().fill_null(0).to_numpy().tobytes())
             column = column.explode()
         digest.update(column.fill_null(0).to_numpy().tobytes())
+    if attributes is not None:
+        for tensor in (attributes.ids, attributes.columns):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -62,6 +62,30 @@ class SyntheticConfig(_Section):
         return self
 
 
+class ItemFeaturesConfig(_Section):
+    """A table of item attributes (category, brand, genres, ...) that the model embeds beside each item's id:
+    one row per item (a repeated item's rows are merged), every listed column categorical."""
+
+    # CSV with a header (or Parquet, by the .parquet suffix): an item id column and the attribute columns.
+    path: str
+    item_col: str = "item_id"
+    columns: tuple[str, ...] = Field(min_length=1)
+    # CSV field separator.
+    separator: str = Field(",", min_length=1, max_length=1)
+    # Text that holds several values per cell, e.g. "|" for MovieLens genres ("Action|Comedy"); None = one
+    # value per cell.
+    list_separator: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _columns(self) -> ItemFeaturesConfig:
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"data.item_features.columns lists a column twice: {list(self.columns)}")
+        if self.item_col in self.columns:
+            raise ValueError(f"data.item_features.columns holds the item id column {self.item_col!r} "
+                             "(data.item_features.item_col); list only attribute columns")
+        return self
+
+
 class DataConfig(_Section):
     """Where the events come from and how to read them."""
 
@@ -82,6 +106,8 @@ class DataConfig(_Section):
     timestamp_format: str | None = None
     separator: str = Field(",", min_length=1, max_length=1)
     synthetic: SyntheticConfig = SyntheticConfig()
+    # Optional item attributes for the model (model.item_features); None = ids only.
+    item_features: ItemFeaturesConfig | None = None
 
 
 class FeaturesConfig(_Section):
@@ -153,6 +179,9 @@ class ModelConfig(_Section):
     # A learned score bonus per recency for items already in the user's window (SASRec + repeat bias), for
     # domains where users re-consume; causal attention and train.loss=ce only.
     repeat_bias: bool = False
+    # Embed the item attributes of the feature set (data.item_features) and add them to each item's id
+    # embedding, in the input and in the output table alike; false = ids only, whatever the features hold.
+    item_features: bool = True
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:

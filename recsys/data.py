@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -11,8 +12,8 @@ import pytorch_lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from features.schema import FEATURE_IDX, ITEM_IDX, SEQUENCES, check_schema
 from features.schema import PAD_IDX as PAD
-from features.schema import SEQUENCES, check_schema
 
 SHUFFLE_STREAM = 1  # derive_seed stream of the training order (recsys.training uses 0 for each step)
 
@@ -30,6 +31,38 @@ def pad_lists(lists: Sequence[Sequence[int]], length: int | None = None) -> torc
         if tail:
             out[row, width - len(tail):] = torch.as_tensor(tail, dtype=torch.long)
     return out
+
+
+@dataclass(frozen=True)
+class ItemAttributes:
+    """The feature set's item attributes as tensors, for :meth:`recsys.model.SASRec.set_item_features`."""
+
+    ids: torch.Tensor  # (n_items + 1, S) int64: row = item_idx (row 0 padding), the item's value ids, 0 = none
+    columns: torch.Tensor  # (n_values + 1,) int64: the attribute column (1, 2, ...) of each value; entry 0 = 0
+
+    @property
+    def n_values(self) -> int:
+        return self.columns.numel() - 1
+
+    @property
+    def slots(self) -> int:
+        return self.ids.shape[1]
+
+    @classmethod
+    def of(cls, item_features: pl.DataFrame, values: pl.DataFrame, n_items: int) -> ItemAttributes:
+        """From schema.ITEM_FEATURES (rows for item_idx 1..n_items) and schema.ITEM_FEATURE_VALUES (feature_idx
+        1..n_values). Raises ValueError if the tables do not cover those indices once each."""
+        table = item_features.sort(ITEM_IDX)
+        if table[ITEM_IDX].to_list() != list(range(1, n_items + 1)):
+            raise ValueError(f"item_features: column '{ITEM_IDX}' must hold 1..{n_items} once each; rebuild the "
+                             "features with `recsys features`")
+        values = values.sort(FEATURE_IDX)
+        if values[FEATURE_IDX].to_list() != list(range(1, values.height + 1)):
+            raise ValueError(f"item_feature_values: column '{FEATURE_IDX}' must hold 1..{values.height} once each; "
+                             "rebuild the features with `recsys features`")
+        number = {name: i + 1 for i, name in enumerate(values["column"].unique(maintain_order=True))}
+        columns = torch.tensor([0, *(number[name] for name in values["column"])], dtype=torch.long)
+        return cls(pad_lists([[], *table[FEATURE_IDX].to_list()]), columns)
 
 
 class RaggedItems:

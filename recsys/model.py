@@ -9,6 +9,12 @@ catalogue by a dot product with the (shared) item embedding table. Loss, optimis
 sees every other, the table has an extra [MASK] row (index ``n_items + 1``, never a candidate), training
 predicts masked items (:func:`recsys.data.mask_items`), and :meth:`SASRec.user_vectors` appends a [MASK]
 after the history and reads the hidden state there.
+
+Item attributes (``n_feature_values`` > 0, ``model.item_features``): each item's vector, in the input and in the
+output table alike, is its id embedding plus, for every attribute column, the mean of the embeddings of the
+item's values in that column (category, brand, genres); an item with no value keeps its id embedding alone.
+The item -> values table is a buffer set by :meth:`SASRec.set_item_features`, saved with the weights, so a saved
+model scores without the feature files.
 """
 
 from __future__ import annotations
@@ -112,6 +118,8 @@ class SASRec(nn.Module):
         ffn_mult: int = 1,
         block: Literal["sasrec", "ligr"] = "sasrec",
         repeat_bias: bool = False,
+        n_feature_values: int = 0,
+        feature_slots: int = 0,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
@@ -126,12 +134,17 @@ class SASRec(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         if repeat_bias and attention != "causal":
             raise ValueError("repeat_bias needs causal attention")
+        if n_feature_values < 0 or feature_slots < 0 or (n_feature_values > 0) != (feature_slots > 0):
+            raise ValueError(f"n_feature_values ({n_feature_values}) and feature_slots ({feature_slots}) must "
+                             "both be positive (item attributes) or both 0 (ids only)")
         self.kwargs: dict[str, Any] = dict(
             n_items=n_items, max_len=max_len, hidden=hidden, n_blocks=n_blocks,
             n_heads=n_heads, dropout=dropout, attention=attention, ffn_mult=ffn_mult, block=block,
         )
         if repeat_bias:  # only then in model.json, so models without it stay loadable by older code
             self.kwargs["repeat_bias"] = True
+        if n_feature_values:  # likewise
+            self.kwargs |= {"n_feature_values": n_feature_values, "feature_slots": feature_slots}
         self.n_items, self.max_len, self.attention = n_items, max_len, attention
         self.causal = attention == "causal"
         self.mask_token: int | None = None if self.causal else n_items + 1
@@ -144,9 +157,23 @@ class SASRec(nn.Module):
         # position (d = 0: the item at that position), summed over its occurrences in the window. Zero at
         # the start, so training starts as plain SASRec; see history_bias.
         self.repeat_weight = nn.Parameter(torch.zeros(max_len)) if repeat_bias else None
+        # Item attributes: value embeddings (row 0 = no value) and, per item row, its values (feature_slots
+        # columns, 0-padded) with weights 1 / (the item's number of values in that value's column), so that
+        # a weighted sum is the sum over columns of each column's mean.
+        self.feature_emb = (nn.Embedding(n_feature_values + 1, hidden, padding_idx=PAD)
+                            if n_feature_values else None)
+        # None buffers (no attributes) stay out of the state dict, so models without attributes load as before
+        rows = self.item_emb.num_embeddings
+        self.item_feature_ids: torch.Tensor | None
+        self.item_feature_weights: torch.Tensor | None
+        self.register_buffer("item_feature_ids", torch.zeros(rows, feature_slots, dtype=torch.long)
+                             if n_feature_values else None)
+        self.register_buffer("item_feature_weights", torch.zeros(rows, feature_slots) if n_feature_values else None)
         self.apply(_init_weights)
         with torch.no_grad():
             self.item_emb.weight[PAD].zero_()
+            if self.feature_emb is not None:
+                self.feature_emb.weight[PAD].zero_()
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items: (B, T) int, T <= max_len, 0 = padding. Returns hidden states (B, T, D)."""
@@ -158,7 +185,7 @@ class SASRec(nn.Module):
             raise ValueError(f"input width {t} exceeds max_len {self.max_len}; keep the last max_len items")
         keep = items != PAD  # (B, T)
         pos = torch.arange(self.max_len - t, self.max_len, device=items.device)  # (T,) right-aligned
-        x = self.item_emb(items) + self.pos_emb(pos)  # (B, T, D)
+        x = self.item_vectors(items) + self.pos_emb(pos)  # (B, T, D)
         x = self.drop(x) * keep.unsqueeze(-1)  # (B, T, D) padded slots carry nothing
         mask = self._attention_mask(keep)  # (B, 1, T, T)
         for i, block in enumerate(self.blocks):
@@ -177,8 +204,53 @@ class SASRec(nn.Module):
         return mask | eye  # (B, 1, T, T)
 
     def item_embeddings(self) -> torch.Tensor:
-        """(n_items + 1, D) item table; row 0 is padding and must be ignored when ranking. No [MASK] row."""
-        return self.item_emb.weight[: self.n_items + 1]
+        """(n_items + 1, D) item table; row 0 is padding and must be ignored when ranking. No [MASK] row.
+        With item attributes each row is the id embedding plus the item's attribute vector."""
+        table = self.item_emb.weight[: self.n_items + 1]  # (I + 1, D)
+        if self.item_feature_ids is None or self.item_feature_weights is None:
+            return table
+        return table + self._attributes(self.item_feature_ids[: self.n_items + 1],
+                                        self.item_feature_weights[: self.n_items + 1])
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """items (...) int -> (..., D): rows of the item table (the [MASK] token and padding included)."""
+        vectors = self.item_emb(items)  # (..., D)
+        if self.item_feature_ids is None or self.item_feature_weights is None:
+            return vectors
+        flat = items.reshape(-1)
+        extra = self._attributes(self.item_feature_ids[flat], self.item_feature_weights[flat])  # (N, D)
+        return vectors + extra.view(vectors.shape)
+
+    def _attributes(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(N, S) value ids and weights -> (N, D) weighted sums of value embeddings (0 for no value)."""
+        assert self.feature_emb is not None
+        return F.embedding_bag(ids, self.feature_emb.weight, per_sample_weights=weights.to(self.feature_emb.weight),
+                               mode="sum", padding_idx=PAD)
+
+    @property
+    def n_feature_values(self) -> int:
+        return 0 if self.feature_emb is None else self.feature_emb.num_embeddings - 1
+
+    def set_item_features(self, ids: torch.Tensor, columns: torch.Tensor) -> None:
+        """Set the item -> attribute table: ``ids`` (n_items + 1, S) value ids (1..n_feature_values, 0 = none;
+        row = item index, row 0 padding) and ``columns`` (n_feature_values + 1,) the attribute column of each
+        value (entry 0 ignored). Raises ValueError on a shape or a value out of range."""
+        if self.item_feature_ids is None or self.item_feature_weights is None:
+            raise ValueError("this model has no item attributes (n_feature_values = 0)")
+        n, slots = self.n_items + 1, self.item_feature_ids.shape[1]
+        if ids.shape != (n, slots) or columns.shape != (self.n_feature_values + 1,):
+            raise ValueError(f"item features of shape {tuple(ids.shape)} with {columns.numel() - 1} values do not "
+                             f"fit this model ({n} x {slots} slots, {self.n_feature_values} values)")
+        if int(ids.min()) < 0 or int(ids.max()) > self.n_feature_values or bool((ids[PAD] != PAD).any()):
+            raise ValueError(f"item feature ids must lie in 0..{self.n_feature_values}, with none on padding")
+        ids = ids.long().to(self.item_feature_ids.device)
+        col = columns.long().to(ids.device)[ids]  # (I + 1, S) column of each slot's value
+        real = ids != PAD
+        same = (col.unsqueeze(2) == col.unsqueeze(1)) & real.unsqueeze(2) & real.unsqueeze(1)  # (I + 1, S, S)
+        per_column = same.sum(2).clamp(min=1)  # (I + 1, S) values of the same column on the item
+        with torch.no_grad():
+            self.item_feature_ids[:n] = ids
+            self.item_feature_weights[:n] = real / per_column
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., D) -> (..., n_items + 1) dot-product scores against every item ([MASK] is no item)."""

@@ -10,7 +10,7 @@ import pytorch_lightning as L
 import torch
 
 from recsys.config import Config
-from recsys.data import mask_items
+from recsys.data import ItemAttributes, mask_items
 from recsys.losses import full_ce, gbce_beta, sampled_bce, sampled_gbce, sampled_softmax
 from recsys.metrics import PAD, exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.model import SASRec
@@ -65,6 +65,8 @@ class SASRecSystem(L.LightningModule):
         block: Literal["sasrec", "ligr"] = "sasrec",
         exclude_seen: bool = True,
         repeat_bias: bool = False,
+        n_feature_values: int = 0,
+        feature_slots: int = 0,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -81,7 +83,7 @@ class SASRecSystem(L.LightningModule):
         if repeat_bias and loss != "ce":
             raise ValueError(f"repeat_bias needs loss 'ce', got {loss!r}")
         self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention, ffn_mult, block,
-                            repeat_bias)
+                            repeat_bias, n_feature_values, feature_slots)
         # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
         self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
         self._compiled_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -89,9 +91,11 @@ class SASRecSystem(L.LightningModule):
         self._loss_rows = 0
 
     @classmethod
-    def from_config(cls, cfg: Config, n_items: int) -> SASRecSystem:
+    def from_config(cls, cfg: Config, n_items: int, attributes: ItemAttributes | None = None) -> SASRecSystem:
+        """The system of ``cfg`` for a catalogue of ``n_items``, with the item ``attributes`` set in its model
+        (None: ids only)."""
         m, t = cfg.model, cfg.train
-        return cls(
+        system = cls(
             n_items=n_items, max_len=m.max_len, hidden=m.hidden, n_blocks=m.n_blocks, n_heads=m.n_heads,
             dropout=m.dropout, loss=t.loss, n_negatives=t.n_negatives, lr=t.lr, weight_decay=t.weight_decay,
             attention=m.attention, mask_prob=t.mask_prob, negative_sampling=t.negative_sampling,
@@ -99,7 +103,12 @@ class SASRecSystem(L.LightningModule):
             lr_schedule=t.lr_schedule, compile=t.compile,
             compile_mode=t.compile_mode, ffn_mult=m.ffn_mult, block=m.block,
             exclude_seen=cfg.evaluate.exclude_seen, repeat_bias=m.repeat_bias,
+            n_feature_values=0 if attributes is None else attributes.n_values,
+            feature_slots=0 if attributes is None else attributes.slots,
         )
+        if attributes is not None:
+            system.model.set_item_features(attributes.ids, attributes.columns)
+        return system
 
     def set_item_counts(self, counts: torch.Tensor) -> None:
         """Popularity sampling ∝ max(train count, 1) over items 1..n_items (every item stays drawable).

@@ -29,7 +29,7 @@ from recsys.checkpoint import (
     run_identity,
 )
 from recsys.config import Config, ConfigError
-from recsys.data import SequenceDataModule, derive_seed
+from recsys.data import ItemAttributes, SequenceDataModule, derive_seed
 from recsys.distributed import RankShardedData
 from recsys.faults import fault_point
 from recsys.model import SASRec
@@ -207,6 +207,7 @@ def train_model(
     logger: Logger | None = None,
     allow_resume: bool = True,
     warm_start: WarmStart | None = None,
+    attributes: ItemAttributes | None = None,
 ) -> TrainResult:
     """Train on ``sequences`` (the SEQUENCES contract), checkpointing into ``checkpoint_dir``.
 
@@ -224,7 +225,8 @@ def train_model(
     ``checkpoint_dir``; every process returns the same best checkpoint's weights. ``allow_resume`` False
     never resumes (a non-zero rank of a ``--force`` run, whose rank 0 discarded the directory).
     ``warm_start`` loads an earlier model's weights into the new model before training (a resumed run then
-    continues from its checkpoint, as always).
+    continues from its checkpoint, as always). ``attributes``: the item attributes the model embeds (None: ids
+    only); they are part of the run's identity, so a run resumes only onto the same ones.
     Raises ``ValueError`` if no user can be trained on, no user has val items, or fewer users than processes
     have val items.
     """
@@ -239,10 +241,10 @@ def train_model(
             f"sequences: {len(data.train_users)} users with >= 2 train_items and {len(data.val_users)} with "
             "val_items; training needs both to be non-empty"
         )
-    system = SASRecSystem.from_config(cfg, n_items)
+    system = SASRecSystem.from_config(cfg, n_items, attributes)
     warm = None if warm_start is None else warm_start.apply(system.model)
     checkpoint_dir = Path(checkpoint_dir)
-    identity = run_identity(cfg, sequences, n_items)
+    identity = run_identity(cfg, sequences, n_items, attributes)
     best, timer = _best_checkpoint(checkpoint_dir), _EpochTimer()
     callbacks = [
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience), best,

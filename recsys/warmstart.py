@@ -7,6 +7,10 @@ id maps: an item the earlier model knew starts from its old row, an item it neve
 initialisation of the new model (seeded by ``train.seed``), and an old item missing from the current
 features is left out. Optimiser state is not carried over: training starts a fresh AdamW.
 
+Item attributes (``model.item_features``): both models must have them or neither. Their value embeddings are
+matched like items, by (column, value) through both models' ``item_feature_values`` tables: a value seen
+before starts from its old row, a new one from the fresh init; the item -> values table is tonight's.
+
 Shrink and perturb (Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020): with
 ``train.init_shrink`` = s and ``train.init_perturb`` = p, every carried-over weight becomes
 ``s * earlier + p * fresh``, fresh = the new model's own seeded initialisation (s = 1, p = 0: a plain copy).
@@ -29,6 +33,8 @@ from recsys.model import PAD, SASRec
 # model.json keys that fix the shape or meaning of a weight other than the item table.
 SAME_ARCHITECTURE = ("max_len", "hidden", "n_blocks", "n_heads", "attention", "ffn_mult", "block", "repeat_bias")
 _ABSENT = {"repeat_bias": False}  # model.json holds this key only when it is set
+# weights matched by id (items, attribute values) or taken from tonight's model rather than copied as they are
+_REMAPPED = ("item_emb.weight", "feature_emb.weight", "item_feature_ids", "item_feature_weights")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class WarmStart:
     item_map: pl.DataFrame
     shrink: float = 1.0
     perturb: float = 0.0
+    feature_values: pl.DataFrame | None = None  # the current features' schema.ITEM_FEATURE_VALUES, if any
 
     def apply(self, model: SASRec) -> dict[str, int | float]:
         """Load the source's weights into ``model`` (in place; its item rows by ``item_id``) and return the
@@ -66,9 +73,13 @@ class WarmStart:
         )
         new_idx = pairs[schema.ITEM_IDX].to_torch().long()
         old_idx = pairs["source_idx"].to_torch().long()
+        self._check_attributes(old, model)
         fresh = model.state_dict()
         state = {k: self._blend(v.to(fresh[k]), fresh[k])
-                 for k, v in old.state_dict().items() if k != "item_emb.weight"}
+                 for k, v in old.state_dict().items() if k not in _REMAPPED}
+        if model.feature_emb is not None:
+            state |= {k: fresh[k] for k in ("item_feature_ids", "item_feature_weights")}  # tonight's attributes
+            state["feature_emb.weight"] = self._feature_table(old, model)
         with torch.no_grad():
             table = model.item_emb.weight.detach().clone()  # (I + 1 [+ 1 MASK], D): new items keep their init
             source = old.item_emb.weight.detach().to(table)
@@ -84,6 +95,33 @@ class WarmStart:
             "shrink": self.shrink,
             "perturb": self.perturb,
         }
+
+    def _check_attributes(self, old: SASRec, model: SASRec) -> None:
+        """Raise ConfigError naming the keys when one model has item attributes and the other has not."""
+        if bool(old.n_feature_values) != bool(model.n_feature_values):
+            there, here = ("with" if n else "without" for n in (old.n_feature_values, model.n_feature_values))
+            raise ConfigError(f"train.init_from ({self.spec}): the earlier model was trained {there} item attributes "
+                              f"and this one is {here} them (data.item_features, model.item_features); make both "
+                              "the same, or train from scratch with train.init_from=null")
+        if model.n_feature_values and (self.source.feature_values is None or self.feature_values is None):
+            raise ConfigError(f"train.init_from ({self.spec}): the earlier model directory has no "
+                              f"{schema.ITEM_FEATURE_FILES['item_feature_values']} to match its attribute values by; "
+                              "train from scratch with train.init_from=null")
+
+    def _feature_table(self, old: SASRec, model: SASRec) -> torch.Tensor:
+        """Tonight's value embeddings: rows of values the earlier model knew (same column and text) from it."""
+        assert self.feature_values is not None and self.source.feature_values is not None
+        pairs = self.feature_values.join(self.source.feature_values.select(
+            "column", "value", pl.col(schema.FEATURE_IDX).alias("source_idx")), on=["column", "value"])
+        new_idx = pairs[schema.FEATURE_IDX].to_torch().long()
+        old_idx = pairs["source_idx"].to_torch().long()
+        assert model.feature_emb is not None and old.feature_emb is not None
+        with torch.no_grad():
+            table = model.feature_emb.weight.detach().clone()  # (V + 1, D): new values keep their init
+            source = old.feature_emb.weight.detach().to(table)
+            table[new_idx] = self._blend(source[old_idx], table[new_idx])
+            table[PAD] = 0.0
+        return table
 
     def _blend(self, earlier: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         """``shrink * earlier + perturb * fresh`` for floating-point weights (exactly ``earlier`` by default)."""

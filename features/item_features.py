@@ -1,0 +1,145 @@
+"""Item attributes (``data.item_features``): read, check and encode the table of item attributes that the model
+embeds beside each item's id (``model.item_features``).
+
+The file is a CSV with a header (or Parquet, by its ``.parquet`` suffix) with an item id column and the
+attribute columns of ``data.item_features.columns``, each categorical. A cell holds one value, or several
+split on ``list_separator`` (MovieLens genres: ``Action|Comedy``), or in Parquet a list; values are compared as
+text, stripped of surrounding spaces, and a blank one is no value. A value is the pair (column, text): ``"7"`` in
+``brand`` and in ``category`` are two values. Rows are accounted for, never lost silently:
+
+- ``not_in_catalogue``: rows of items that are not in the kept events (no model row to attach them to), dropped;
+- ``duplicate_item_rows``: further rows of an item already listed, merged (the item has the values of all);
+- ``empty_cells`` per column: cells with no value (the item simply has none there).
+
+Every catalogue item gets a row of ``item_features.parquet`` (schema.ITEM_FEATURES), with an empty list when
+the file does not list it or lists no value for it (the model then uses its id embedding alone).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from features.readers import InputDataError
+from features.schema import FEATURE_IDX, ITEM_FEATURE_VALUES, ITEM_FEATURES, ITEM_ID, ITEM_IDX, check_schema
+from features.validation import how_to_fix, id_expr
+from recsys.config import ConfigError, ItemFeaturesConfig
+from recsys.storage import fingerprint
+
+logger = logging.getLogger(__name__)
+
+KEY = "data.item_features"
+_ROW = "_row"
+
+
+def build_item_features(
+    cfg: ItemFeaturesConfig, item_map: pl.DataFrame, item_id_type: str
+) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+    """``{"item_features", "item_feature_values"}`` tables for the catalogue of ``item_map`` (schema.ITEM_MAP)
+    and the manifest's ``item_features`` section (counts, the file's fingerprint).
+
+    Raises ConfigError if ``cfg.path`` is no file; InputDataError naming the file, the column and the data row
+    for an unreadable file, a missing column, an id that is not an item id of ``item_id_type``, or a file that
+    gives no attribute to any catalogue item.
+    """
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise ConfigError(f"{KEY}.path: {path} does not exist or is not a file; set it to a CSV (with a header) "
+                          f"or Parquet file of item attributes, or set {KEY}=null")
+    frame = _read(path, cfg)
+    raw_ids = frame[cfg.item_col]
+    rows = frame.select(
+        pl.int_range(1, pl.len() + 1).alias(_ROW),
+        id_expr(raw_ids.dtype, cfg.item_col, item_id_type).alias(ITEM_ID),
+        *[_values(frame.schema[col], col, cfg.list_separator) for col in cfg.columns],
+    )
+    if bad := rows.filter(pl.col(ITEM_ID).is_null()).height:
+        row = int(rows[ITEM_ID].is_null().arg_true()[0])
+        raise InputDataError(
+            f"{path} ({KEY}), column '{cfg.item_col}' ({KEY}.item_col), data row {row + 1}: {raw_ids[row]!r} is "
+            f"not an item id ({bad} such row(s)); {how_to_fix(ITEM_ID, {ITEM_ID: item_id_type})}, as in the "
+            "events")
+    known = item_map.select(pl.col(ITEM_ID).cast(rows.schema[ITEM_ID]), ITEM_IDX)
+    used = rows.join(known, on=ITEM_ID, how="inner", maintain_order="left")
+    long = pl.concat([
+        used.select(ITEM_IDX, pl.lit(col).alias("column"), pl.col(col).alias("value")).explode("value")
+        for col in cfg.columns
+    ]).drop_nulls("value").unique(maintain_order=True)
+    if long.height == 0:
+        raise InputDataError(
+            f"{path} ({KEY}): no attribute value for any item of the catalogue ({used.height} of {rows.height} "
+            f"rows name a catalogue item; columns {list(cfg.columns)}); check {KEY}.item_col and the ids, or set "
+            f"{KEY}=null")
+    order = {col: i for i, col in enumerate(cfg.columns)}
+    values = (
+        long.group_by("column", "value").agg(pl.len().cast(pl.Int64).alias("n_items"))
+        .sort(pl.col("column").replace_strict(order, return_dtype=pl.Int32), "value")
+        .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias(FEATURE_IDX))
+        .select(list(ITEM_FEATURE_VALUES))
+    )
+    lists = (
+        long.join(values.select("column", "value", FEATURE_IDX), on=["column", "value"])
+        .group_by(ITEM_IDX).agg(pl.col(FEATURE_IDX).sort())
+    )
+    table = (
+        item_map.select(ITEM_IDX).sort(ITEM_IDX)
+        .join(lists, on=ITEM_IDX, how="left", maintain_order="left")
+        .with_columns(pl.col(FEATURE_IDX).fill_null(pl.lit([], dtype=pl.List(pl.Int32))))
+    )
+    check_schema(table, ITEM_FEATURES, "item_features")
+    check_schema(values, ITEM_FEATURE_VALUES, "item_feature_values")
+    counts = table.select(pl.col(FEATURE_IDX).list.len())[FEATURE_IDX]
+    without = int((counts == 0).sum())
+    section = {
+        "columns": list(cfg.columns),
+        "rows_in": rows.height,
+        "rows_used": used.height,
+        "dropped": {"not_in_catalogue": rows.height - used.height},
+        "duplicate_item_rows": used.height - used[ITEM_IDX].n_unique(),
+        "empty_cells": {col: int((used[col].list.len() == 0).sum()) for col in cfg.columns},
+        "n_values": {col: int((values["column"] == col).sum()) for col in cfg.columns},
+        "items_with_features": table.height - without,
+        "items_without_features": without,
+        "max_values_per_item": int(counts.max() or 0),
+        "input": fingerprint(path),
+    }
+    if without:
+        logger.warning("%s: %d of %d catalogue items have no attribute value (%s); they keep their id embedding "
+                       "alone", path, without, table.height, KEY)
+    return {"item_features": table, "item_feature_values": values}, section
+
+
+def _read(path: Path, cfg: ItemFeaturesConfig) -> pl.DataFrame:
+    """The file with its item id column and the attribute columns (CSV: every column as text)."""
+    parquet = path.suffix == ".parquet"
+    try:
+        frame = (pl.read_parquet(path) if parquet
+                 else pl.read_csv(path, separator=cfg.separator, infer_schema=False))
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        kind = "Parquet" if parquet else f"CSV with a header (separator {cfg.separator!r})"
+        raise InputDataError(f"{path} ({KEY}) cannot be read as {kind}: {first}; fix the file or "
+                             f"{KEY}.separator") from exc
+    for col, key in [(cfg.item_col, f"{KEY}.item_col"), *[(c, f"{KEY}.columns") for c in cfg.columns]]:
+        if col not in frame.columns:
+            raise InputDataError(f"{path} ({KEY}): column '{col}' ({key}) not found; the file has columns "
+                                 f"{frame.columns}. Set {key} to one of them or fix the file")
+    if frame.height == 0:
+        raise InputDataError(f"{path} ({KEY}) has no rows; list the items' attributes or set {KEY}=null")
+    return frame.select(cfg.item_col, *cfg.columns)
+
+
+def _values(dtype: pl.DataType, col: str, list_separator: str | None) -> pl.Expr:
+    """Column ``col`` as a list of its non-blank text values (split on ``list_separator`` when set)."""
+    if isinstance(dtype, pl.List):
+        values = pl.col(col).list.eval(pl.element().cast(pl.String))
+    elif list_separator is not None:
+        values = pl.col(col).cast(pl.String).str.split(list_separator)
+    else:
+        values = pl.concat_list(pl.col(col).cast(pl.String))
+    stripped = pl.element().str.strip_chars()
+    kept = values.list.eval(stripped.filter(stripped.is_not_null() & (stripped.str.len_bytes() > 0)))
+    return kept.fill_null(pl.lit([], dtype=pl.List(pl.String))).alias(col)
