@@ -1,0 +1,127 @@
+"""data.item_features: the item attribute table read, checked, encoded and accounted for, in memory and out of core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from features.artifacts import load_features
+from features.build import build_features
+from features.readers import InputDataError
+from features.schema import ITEM_FEATURE_FILES
+from recsys.config import ConfigError, load_config
+
+# Items 10, 20, 30, 40 have events; 99 has none (its attribute row is dropped as not_in_catalogue).
+EVENTS = "user_id,item_id,timestamp\n" + "".join(
+    f"{u},{i},{t}\n" for u in (1, 2, 3) for t, i in enumerate((10, 20, 30, 40, 10))
+)
+# 10: two genres (one padded with spaces) and a brand; 20: listed twice (rows merged), "b" repeated in one cell;
+# 30: blank genres, brand 7 (written as a number); 40: not listed at all; 99: not in the catalogue.
+ITEMS = """item_id,genres,brand
+10, Action |Comedy,acme
+20,Comedy|b|b,
+99,Drama,acme
+30,,7
+20,Action,zen
+"""
+
+
+def _config(tmp_path: Path, items: Path, *extra: str):
+    return load_config(overrides=[
+        f"work_dir={tmp_path / 'work'}", f"data.path={tmp_path / 'events.csv'}", f"data.item_features.path={items}",
+        "data.item_features.columns=[genres,brand]", 'data.item_features.list_separator="|"', *extra])
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "events.csv").write_text(EVENTS)
+    (tmp_path / "items.csv").write_text(ITEMS)
+    return tmp_path
+
+
+def _attributes(features_dir: Path) -> dict[int, set[tuple[str, str]]]:
+    """item_id -> {(column, value)} read back from the written files."""
+    feats = load_features(features_dir)
+    assert feats.item_features is not None and feats.item_feature_values is not None
+    values = {row["feature_idx"]: (row["column"], row["value"]) for row in feats.item_feature_values.iter_rows(named=True)}
+    ids = dict(feats.item_map.select("item_idx", "item_id").iter_rows())
+    return {ids[row["item_idx"]]: {values[f] for f in row["feature_idx"]}
+            for row in feats.item_features.iter_rows(named=True)}
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_attributes_are_encoded_per_item_with_every_row_accounted_for(files, partitions):
+    cfg = _config(files, files / "items.csv", f"features.partitions={partitions}")
+    manifest = build_features(cfg)
+    assert _attributes(files / "work" / "features") == {
+        10: {("genres", "Action"), ("genres", "Comedy"), ("brand", "acme")},
+        20: {("genres", "Comedy"), ("genres", "b"), ("genres", "Action"), ("brand", "zen")},
+        30: {("brand", "7")},
+        40: set(),
+    }
+    section = manifest["item_features"]
+    assert section["rows_in"] == 5
+    assert section["rows_in"] == section["rows_used"] + sum(section["dropped"].values())
+    assert section["dropped"] == {"not_in_catalogue": 1}
+    assert section["duplicate_item_rows"] == 1
+    assert section["empty_cells"] == {"genres": 1, "brand": 1}
+    assert section["n_values"] == {"genres": 3, "brand": 3}  # Drama belongs to item 99 only: not a value
+    assert (section["items_with_features"], section["items_without_features"]) == (3, 1)
+    assert section["max_values_per_item"] == 4
+    assert section["input"]["sha256"]
+    values = load_features(files / "work" / "features").item_feature_values
+    assert values is not None
+    # ordered by column (as configured), then value; n_items counts catalogue items
+    assert values.rows() == [(1, "genres", "Action", 2), (2, "genres", "Comedy", 2), (3, "genres", "b", 1),
+                             (4, "brand", "7", 1), (5, "brand", "acme", 1), (6, "brand", "zen", 1)]
+
+
+def test_without_item_features_nothing_is_written(files):
+    cfg = load_config(overrides=[f"work_dir={files / 'work'}", f"data.path={files / 'events.csv'}"])
+    manifest = build_features(cfg)
+    assert manifest["item_features"] is None
+    assert not any((files / "work" / "features" / name).exists() for name in ITEM_FEATURE_FILES.values())
+    assert load_features(files / "work" / "features").item_features is None
+
+
+def test_parquet_list_columns_and_text_ids(files):
+    pl.DataFrame({"sku": ["10", "20"], "tags": [["x", " y "], []]}).write_parquet(files / "items.parquet")
+    cfg = load_config(overrides=[
+        f"work_dir={files / 'work'}", f"data.path={files / 'events.csv'}", "data.item_id_type=string",
+        f"data.item_features.path={files / 'items.parquet'}", "data.item_features.item_col=sku",
+        "data.item_features.columns=[tags]"])
+    build_features(cfg)
+    assert _attributes(files / "work" / "features") == {
+        "10": {("tags", "x"), ("tags", "y")}, "20": set(), "30": set(), "40": set()}
+
+
+@pytest.mark.parametrize(("items", "expected"), [
+    ("item_id,genre\n10,a\n", ["'genres'", "data.item_features.columns", "['item_id', 'genre']"]),
+    ("id,genres,brand\n10,a,b\n", ["'item_id'", "data.item_features.item_col"]),
+    ("item_id,genres,brand\n10,a,b\nten,c,d\n", ["data row 2", "'ten'", "is not an item id"]),
+    ("item_id,genres,brand\n99,a,b\n", ["no attribute value for any item of the catalogue", "0 of 1 rows"]),
+    ("item_id,genres,brand\n", ["has no rows"]),
+])
+def test_bad_item_files_name_the_file_and_column(files, items, expected):
+    (files / "items.csv").write_text(items)
+    with pytest.raises(InputDataError) as info:
+        build_features(_config(files, files / "items.csv"))
+    message = str(info.value)
+    assert str(files / "items.csv") in message
+    for part in expected:
+        assert part in message
+    assert not (files / "work" / "features").exists()  # nothing written
+
+
+def test_missing_item_file_is_a_config_error(files):
+    with pytest.raises(ConfigError, match="data.item_features.path"):
+        build_features(_config(files, files / "nope.csv"))
+
+
+def test_config_rejects_the_id_column_among_the_attributes():
+    with pytest.raises(ConfigError, match="item id column"):
+        load_config(overrides=["data.item_features.path=x.csv", "data.item_features.columns=[item_id,genre]"])
+    with pytest.raises(ConfigError, match="twice"):
+        load_config(overrides=["data.item_features.path=x.csv", "data.item_features.columns=[genre,genre]"])

@@ -1,0 +1,114 @@
+"""The pipeline with item attributes (data.item_features): the jobs carry them from the item file to the
+candidates, a warm start matches them night over night, and a model with them is refused as the start of one
+without them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from features.schema import ITEM_FEATURE_FILES
+from pipelines.cli import EXIT_OK, EXIT_USAGE, main
+from recsys.data import pad_lists
+from recsys.model import load_model
+from tests.pipelines.conftest import tiny
+
+DAY = "2024-05-01"
+
+
+def _item_file(features: Path, path: Path, shift: int = 0) -> Path:
+    """An attribute table for the tiny catalogue: a group (item id mod 4, +shift) and 1-2 tags."""
+    ids = pl.read_parquet(features / "item_map.parquet")["item_id"]
+    pl.DataFrame({
+        "item_id": ids,
+        "group": ((ids + shift) % 4).cast(pl.String),
+        "tags": pl.Series(["t1|t2" if i % 3 else "t3" for i in ids.to_list()]),
+    }).write_csv(path)
+    return path
+
+
+def _attributes(items: Path) -> list[str]:
+    return [f"data.item_features.path={items}", "data.item_features.columns=[group,tags]",
+            'data.item_features.list_separator="|"']
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("item-features")
+    items = _item_file(tiny_features, root / "items.csv")
+    work = root / "work"
+    assert main(["run", "--quiet", "--run-date", DAY, *tiny(work), *_attributes(items)]) == EXIT_OK
+    return work, items
+
+
+def test_the_jobs_carry_attributes_to_the_candidates(night):
+    work, _ = night
+    model = load_model(work / "model")
+    assert model.n_feature_values == 4 + 3  # 4 groups, 3 tags
+    assert (work / "model" / ITEM_FEATURE_FILES["item_feature_values"]).is_file()
+    manifest = json.loads((work / "features" / "manifest.json").read_text())
+    assert manifest["item_features"]["items_without_features"] == 0
+    # the candidates are the exact top 5 of the model's scores (attributes included), seen items excluded
+    seqs = pl.read_parquet(work / "features" / "sequences.parquet").sort("user_idx").head(8)
+    histories = [t + v + s for t, v, s in seqs.select("train_items", "val_items", "test_items").rows()]
+    with torch.no_grad():
+        scores = model.scores(pad_lists(histories, model.max_len))
+    scores[:, 0] = -torch.inf
+    for row, history in enumerate(histories):
+        scores[row, history] = -torch.inf
+    top = scores.topk(5).indices.tolist()
+    users = pl.read_parquet(work / "features" / "user_map.parquet")
+    items = dict(pl.read_parquet(work / "features" / "item_map.parquet").select("item_idx", "item_id").iter_rows())
+    candidates = pl.read_parquet(work / "candidates" / f"date={DAY}" / "candidates.parquet")
+    for user_idx, expected in zip(seqs["user_idx"], top, strict=True):
+        user_id = users.filter(pl.col("user_idx") == user_idx)["user_id"].item()
+        got = candidates.filter(pl.col("user_id") == user_id).sort("rank")["item_id"].to_list()
+        assert got == [items[i] for i in expected]
+
+
+def test_warm_start_matches_values_night_over_night(night, tmp_path):
+    work, _ = night
+    tomorrow = tmp_path / "work"
+    shutil.copytree(work / "features", tomorrow / "features")
+    items = _item_file(work / "features", tmp_path / "items.csv", shift=1)  # every item in another group
+    init = f"train.init_from={work / 'model'}"
+    args = [*tiny(tomorrow), *_attributes(items), init, "train.max_epochs=1"]
+    assert main(["features", "--quiet", *args]) == EXIT_OK
+    assert main(["train", "--quiet", *args]) == EXIT_OK
+    report = json.loads((tomorrow / "model" / "train_report.json").read_text())
+    assert report["warm_start"]["items_from_source"] == report["n_items"]
+    new = load_model(tomorrow / "model")
+    shifted = pl.read_parquet(tomorrow / "features" / "item_features.parquet")
+    old = pl.read_parquet(work / "features" / "item_features.parquet")
+    assert not shifted.equals(old) and new.n_feature_values == 7  # same values, other items have them
+    assert torch.equal(new.item_feature_ids[1:].sort(1).values,
+                       pad_lists(shifted.sort("item_idx")["feature_idx"].to_list(), new.item_feature_ids.shape[1])
+                       .sort(1).values)
+
+
+def test_a_model_with_attributes_cannot_start_one_without(night, tmp_path, capsys):
+    work, _ = night
+    tomorrow = tmp_path / "work"
+    shutil.copytree(work / "features", tomorrow / "features")
+    code = main(["train", "--quiet", *tiny(tomorrow), "model.item_features=false",
+                 f"train.init_from={work / 'model'}"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "trained with item attributes" in err and "without them" in err
+    assert not (tomorrow / "model").exists()
+
+
+def test_bad_item_file_is_exit_3_and_a_missing_one_exit_2(tmp_path, capsys):
+    bad = tmp_path / "items.csv"
+    bad.write_text("item_id,genre\n1,a\n")
+    work = tmp_path / "work"
+    assert main(["features", "--quiet", *tiny(work), *_attributes(bad)]) == 3
+    assert "column 'group' (data.item_features.columns) not found" in capsys.readouterr().err
+    assert main(["features", "--quiet", *tiny(work), *_attributes(tmp_path / "none.csv")]) == EXIT_USAGE
+    assert "data.item_features.path" in capsys.readouterr().err
+    assert not (work / "features").exists()
