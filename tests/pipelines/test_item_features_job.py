@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow.pyfunc
+import pandas as pd
 import polars as pl
 import pytest
 import torch
@@ -69,6 +71,10 @@ def test_the_jobs_carry_attributes_to_the_candidates(night):
         user_id = users.filter(pl.col("user_idx") == user_idx)["user_id"].item()
         got = candidates.filter(pl.col("user_id") == user_id).sort("rank")["item_id"].to_list()
         assert got == [items[i] for i in expected]
+    # the MLflow pyfunc model, loaded from the model directory alone, serves the same lists
+    served = mlflow.pyfunc.load_model(str(work / "model")).predict(
+        pd.DataFrame({"history": [[items[i] for i in h] for h in histories]}), params={"k": 5})
+    assert [list(x) for x in served["item_ids"]] == [[items[i] for i in expected] for expected in top]
 
 
 def test_warm_start_matches_values_night_over_night(night, tmp_path):
