@@ -32,7 +32,11 @@ def machine(device: torch.device | None = None) -> str:
 
 
 def commit() -> str:
-    """Short HEAD hash, ``+dirty`` when tracked files differ from it."""
+    """Short HEAD hash, ``+dirty`` when tracked files differ from it; ``RECSYS_BENCH_COMMIT`` when set (a copy
+    of the tree whose git metadata is not the checkout's, as on the lent GPU machine, benchmarks/device/)."""
+    if os.environ.get("RECSYS_BENCH_COMMIT"):
+        return os.environ["RECSYS_BENCH_COMMIT"]
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
