@@ -2,7 +2,7 @@
 excluded from the ranking (the standard protocol) and competing (``evaluate.exclude_seen=false``).
 
     python -m benchmarks.repeat_protocol [--data-root ../shared/data] [--json-out F] [--no-table]
-        [--protocols excluded,competing] [KEY=VALUE ...]
+        [--protocols excluded,competing] [--category] [KEY=VALUE ...]
     python -m benchmarks.repeat_protocol --from-json F [F ...]     # only the table rows of earlier records
 
 The Taobao UserBehavior head sample (all its days in one file), ``conf/benchmarks/nightly-taobao.yaml`` with
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def protocols(p: argparse.ArgumentParser) -> None:
         p.add_argument("--protocols", default="excluded,competing",
                        help="which protocols to run, comma-separated (excluded, competing)")
+        p.add_argument("--category", action="store_true",
+                       help="give the model each item's category as an attribute (data.item_features)")
 
     a, source = taobao_args(__doc__, "repeat-protocol", argv, protocols)
     chosen = [name.strip() for name in a.protocols.split(",")]
@@ -85,8 +87,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--protocols {a.protocols!r}: name excluded and/or competing")
     a.work.mkdir(parents=True, exist_ok=True)
     events = a.work / "events.parquet"
-    pl.read_csv(source, has_header=False, new_columns=["user_id", "item_id", "category_id", "event_type",
-                                                         "timestamp"]).drop("category_id").write_parquet(events)
+    raw = pl.read_csv(source, has_header=False, new_columns=["user_id", "item_id", "category_id", "event_type",
+                                                            "timestamp"])
+    raw.drop("category_id").write_parquet(events)
+    if a.category:  # one row per event: the feature job merges an item's rows (counted as duplicate_item_rows)
+        raw.select("item_id", "category_id").write_parquet(a.work / "items.parquet")
+        a.overrides += [f"data.item_features.path={a.work / 'items.parquet'}", "data.item_features.columns=[category_id]"]
     began = time.perf_counter()
     if cli(["features", "--quiet", "--config", str(CONFIG), f"work_dir={a.work}", f"data.path={events}",
             *COMMON, *a.overrides]) != EXIT_OK:
