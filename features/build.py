@@ -26,13 +26,14 @@ from typing import Any
 import polars as pl
 
 from features.encode import add_train_count, build_item_index, build_user_map, encode_events
-from features.item_features import build_item_features
+from features.item_features import build_item_features, cold_item_ids, read_item_rows
 from features.policies import DROP_REASONS, Accounting, select_rows
 from features.readers import InputDataError, input_files, read_events
 from features.schema import (
     EVENT_TYPE,
     FEATURE_FILES,
     ITEM_FEATURE_FILES,
+    ITEM_ID,
     ITEM_IDX,
     ITEM_MAP,
     SEQUENCES,
@@ -82,9 +83,10 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     else:
         kept, accounting = select_rows(events, cfg.features)
         _check_kept(accounting, path, cfg.features)
-        tables = encode_and_split(kept, cfg.features)
+        rows = attribute_rows(cfg)
+        tables = encode_and_split(kept, cfg.features, cold_items(cfg, rows))
         manifest = gate.check(build_manifest(cfg, path, accounting, tables), path)
-        attributes, manifest["item_features"] = item_attributes(cfg, tables["item_map"])
+        attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], _n_items(kept))
         write_features(target, tables | attributes, manifest, cfg)
     logger.info(
         "features: %d users, %d items, %d events kept",
@@ -155,12 +157,34 @@ def _settings_that_dropped(accounting: Accounting, features: FeaturesConfig) -> 
     return " or ".join(named) or "the row policies under features"
 
 
-def item_attributes(cfg: Config, item_map: pl.DataFrame) -> tuple[dict[str, pl.DataFrame], dict[str, Any] | None]:
-    """The item attribute tables (schema.ITEM_FEATURE_FILES) and the manifest's ``item_features`` section for
-    the catalogue of ``item_map``; none (``{}``, None) without ``data.item_features``."""
+def attribute_rows(cfg: Config) -> pl.DataFrame | None:
+    """The rows of the ``data.item_features`` file (features.item_features.read_item_rows), None without it."""
     if cfg.data.item_features is None:
+        return None
+    return read_item_rows(cfg.data.item_features, cfg.data.item_id_type)
+
+
+def cold_items(cfg: Config, rows: pl.DataFrame | None) -> pl.DataFrame | None:
+    """With ``data.item_features.cold_items``, the file's items (with a value) to add to the catalogue."""
+    if rows is None or cfg.data.item_features is None or not cfg.data.item_features.cold_items:
+        return None
+    return cold_item_ids(rows)
+
+
+def item_attributes(
+    cfg: Config, rows: pl.DataFrame | None, item_map: pl.DataFrame, event_items: int
+) -> tuple[dict[str, pl.DataFrame], dict[str, Any] | None]:
+    """The item attribute tables (schema.ITEM_FEATURE_FILES) and the manifest's ``item_features`` section for
+    the catalogue of ``item_map``, of which ``event_items`` have a kept event; none (``{}``, None) without
+    ``data.item_features``."""
+    if rows is None or cfg.data.item_features is None:
         return {}, None
-    return build_item_features(cfg.data.item_features, item_map, cfg.data.item_id_type)
+    return build_item_features(cfg.data.item_features, rows, item_map, event_items)
+
+
+def _n_items(kept: pl.DataFrame | pl.LazyFrame) -> int:
+    """Distinct items of the kept events."""
+    return int(kept.lazy().select(pl.col(ITEM_ID).n_unique()).collect().item())
 
 
 def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
@@ -191,10 +215,13 @@ def write_synthetic(cfg: SyntheticConfig, path: Path) -> None:
     os.replace(partial, path)
 
 
-def encode_and_split(kept: pl.DataFrame, features: FeaturesConfig) -> dict[str, pl.DataFrame]:
-    """The four tables of the feature set (keys of ``_CONTRACTS``) from the kept rows of ``select_rows``."""
+def encode_and_split(
+    kept: pl.DataFrame, features: FeaturesConfig, extra_items: pl.DataFrame | None = None
+) -> dict[str, pl.DataFrame]:
+    """The four tables of the feature set (keys of ``_CONTRACTS``) from the kept rows of ``select_rows``; the
+    catalogue also holds ``extra_items`` (an ``item_id`` column: cold items with no event) when given."""
     user_map = build_user_map(kept)
-    item_index = build_item_index(kept)
+    item_index = catalogue(kept, extra_items)
     events = split_events(kept, user_map, item_index, features)
     return {
         "events": events,
@@ -202,6 +229,14 @@ def encode_and_split(kept: pl.DataFrame, features: FeaturesConfig) -> dict[str, 
         "user_map": user_map,
         "item_map": add_train_count(item_index, events),
     }
+
+
+def catalogue(kept: pl.DataFrame | pl.LazyFrame, extra_items: pl.DataFrame | None) -> pl.DataFrame:
+    """The item index of the kept events' items and ``extra_items`` (features.encode.build_item_index)."""
+    if extra_items is None:
+        return build_item_index(kept)
+    ids = kept.lazy().select(ITEM_ID)
+    return build_item_index(pl.concat([ids, extra_items.lazy().select(pl.col(ITEM_ID).cast(ids.collect_schema()[ITEM_ID]))]))
 
 
 def split_events(
@@ -230,7 +265,8 @@ def build_out_of_core(
         kept_files, accounting = _select_ranges(ranges, features, scratch / "kept")
         _check_kept(accounting, path, features)
         kept = pl.scan_parquet(kept_files)
-        user_map, item_index = build_user_map(kept), build_item_index(kept)
+        rows, event_items = attribute_rows(cfg), _n_items(kept)
+        user_map, item_index = build_user_map(kept), catalogue(kept, cold_items(cfg, rows))
         parts: dict[str, list[Path]] = {"events": [], "sequences": []}
         for file in kept_files:
             encoded = split_events(pl.scan_parquet(file), user_map, item_index, features)
@@ -247,7 +283,7 @@ def build_out_of_core(
         manifest = gate.check(build_manifest(cfg, path, accounting, written | maps), path)
         for name, table in maps.items():
             check_schema(table, _CONTRACTS[name], FEATURE_FILES[name])
-        attributes, manifest["item_features"] = item_attributes(cfg, maps["item_map"])
+        attributes, manifest["item_features"] = item_attributes(cfg, rows, maps["item_map"], event_items)
         write_tables(out, maps | attributes, manifest, cfg)
     return manifest
 

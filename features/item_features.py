@@ -11,6 +11,9 @@ text, stripped of surrounding spaces, and a blank one is no value. A value is th
 - ``duplicate_item_rows``: further rows of an item already listed, merged (the item has the values of all);
 - ``empty_cells`` per column: cells with no value (the item simply has none there).
 
+With ``cold_items`` the items of the file with at least one value join the catalogue even without any event
+(new arrivals): the model scores them by their attributes (:mod:`recsys.model`), the manifest counts them.
+
 Every catalogue item gets a row of ``item_features.parquet`` (schema.ITEM_FEATURES), with an empty list when
 the file does not list it or lists no value for it (the model then uses its id embedding alone).
 """
@@ -32,18 +35,14 @@ from recsys.storage import fingerprint
 logger = logging.getLogger(__name__)
 
 KEY = "data.item_features"
-_ROW = "_row"
 
 
-def build_item_features(
-    cfg: ItemFeaturesConfig, item_map: pl.DataFrame, item_id_type: str
-) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
-    """``{"item_features", "item_feature_values"}`` tables for the catalogue of ``item_map`` (schema.ITEM_MAP)
-    and the manifest's ``item_features`` section (counts, the file's fingerprint).
+def read_item_rows(cfg: ItemFeaturesConfig, item_id_type: str) -> pl.DataFrame:
+    """The attribute file's rows: ``item_id`` (of ``item_id_type``) and each attribute column as a list of its
+    text values, in file order.
 
     Raises ConfigError if ``cfg.path`` is no file; InputDataError naming the file, the column and the data row
-    for an unreadable file, a missing column, an id that is not an item id of ``item_id_type``, or a file that
-    gives no attribute to any catalogue item.
+    for an unreadable file, a missing column, no rows, or an id that is not an item id of ``item_id_type``.
     """
     path = Path(cfg.path)
     if not path.is_file():
@@ -52,7 +51,6 @@ def build_item_features(
     frame = _read(path, cfg)
     raw_ids = frame[cfg.item_col]
     rows = frame.select(
-        pl.int_range(1, pl.len() + 1).alias(_ROW),
         id_expr(raw_ids.dtype, cfg.item_col, item_id_type).alias(ITEM_ID),
         *[_values(frame.schema[col], col, cfg.list_separator) for col in cfg.columns],
     )
@@ -62,6 +60,27 @@ def build_item_features(
             f"{path} ({KEY}), column '{cfg.item_col}' ({KEY}.item_col), data row {row + 1}: {raw_ids[row]!r} is "
             f"not an item id ({bad} such row(s)); {how_to_fix(ITEM_ID, {ITEM_ID: item_id_type})}, as in the "
             "events")
+    return rows
+
+
+def cold_item_ids(rows: pl.DataFrame) -> pl.DataFrame:
+    """The distinct ``item_id`` of ``read_item_rows`` that list at least one value (``cold_items``: they join
+    the catalogue even with no event)."""
+    has_value = pl.any_horizontal(pl.exclude(ITEM_ID).list.len() > 0)
+    return rows.filter(has_value).select(pl.col(ITEM_ID).unique().sort())
+
+
+def build_item_features(
+    cfg: ItemFeaturesConfig, rows: pl.DataFrame, item_map: pl.DataFrame, event_items: int
+) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+    """``{"item_features", "item_feature_values"}`` tables for the catalogue of ``item_map`` (schema.ITEM_MAP)
+    from the file's ``rows`` (:func:`read_item_rows`), and the manifest's ``item_features`` section (counts,
+    the file's fingerprint); ``event_items``: how many catalogue items have a kept event (the rest came from
+    the file, ``cold_items``).
+
+    Raises InputDataError naming the file if it gives no attribute to any catalogue item.
+    """
+    path = Path(cfg.path)
     known = item_map.select(pl.col(ITEM_ID).cast(rows.schema[ITEM_ID]), ITEM_IDX)
     used = rows.join(known, on=ITEM_ID, how="inner", maintain_order="left")
     long = pl.concat([
@@ -104,6 +123,7 @@ def build_item_features(
         "items_with_features": table.height - without,
         "items_without_features": without,
         "max_values_per_item": int(counts.max() or 0),
+        "cold_items": table.height - event_items,
         "input": fingerprint(path),
     }
     if without:

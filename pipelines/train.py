@@ -92,7 +92,7 @@ def model_attributes(cfg: Config, feats: FeatureSet) -> ItemAttributes | None:
     ``model.item_features`` is false; None without them."""
     if not cfg.model.item_features or feats.item_features is None or feats.item_feature_values is None:
         return None
-    return ItemAttributes.of(feats.item_features, feats.item_feature_values, feats.n_items)
+    return ItemAttributes.of(feats.item_features, feats.item_feature_values, feats.item_map)
 
 
 def warm_start(

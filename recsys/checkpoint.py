@@ -92,7 +92,9 @@ def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
             column = column.explode()
         digest.update(column.fill_null(0).to_numpy().tobytes())
     if attributes is not None:
-        for tensor in (attributes.ids, attributes.columns):
+        for tensor in (attributes.ids, attributes.columns, attributes.trained):
+            if tensor is None:
+                continue
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()

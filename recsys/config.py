@@ -75,6 +75,9 @@ class ItemFeaturesConfig(_Section):
     # Text that holds several values per cell, e.g. "|" for MovieLens genres ("Action|Comedy"); None = one
     # value per cell.
     list_separator: str | None = Field(None, min_length=1)
+    # Items of the file (with at least one value) join the catalogue even without an event, scored by their
+    # attributes alone: new arrivals can be recommended before anyone has interacted with them.
+    cold_items: bool = False
 
     @model_validator(mode="after")
     def _columns(self) -> ItemFeaturesConfig:

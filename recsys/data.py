@@ -39,6 +39,7 @@ class ItemAttributes:
 
     ids: torch.Tensor  # (n_items + 1, S) int64: row = item_idx (row 0 padding), the item's value ids, 0 = none
     columns: torch.Tensor  # (n_values + 1,) int64: the attribute column (1, 2, ...) of each value; entry 0 = 0
+    trained: torch.Tensor | None = None  # (n_items + 1,) bool: the item has a training event (None: all have)
 
     @property
     def n_values(self) -> int:
@@ -49,9 +50,11 @@ class ItemAttributes:
         return self.ids.shape[1]
 
     @classmethod
-    def of(cls, item_features: pl.DataFrame, values: pl.DataFrame, n_items: int) -> ItemAttributes:
-        """From schema.ITEM_FEATURES (rows for item_idx 1..n_items) and schema.ITEM_FEATURE_VALUES (feature_idx
-        1..n_values). Raises ValueError if the tables do not cover those indices once each."""
+    def of(cls, item_features: pl.DataFrame, values: pl.DataFrame, item_map: pl.DataFrame) -> ItemAttributes:
+        """From schema.ITEM_FEATURES (rows for item_idx 1..n_items), schema.ITEM_FEATURE_VALUES (feature_idx
+        1..n_values) and schema.ITEM_MAP (its ``train_count``: items without one are ``trained`` False).
+        Raises ValueError if the tables do not cover those indices once each."""
+        n_items = item_map.height
         table = item_features.sort(ITEM_IDX)
         if table[ITEM_IDX].to_list() != list(range(1, n_items + 1)):
             raise ValueError(f"item_features: column '{ITEM_IDX}' must hold 1..{n_items} once each; rebuild the "
@@ -62,7 +65,9 @@ class ItemAttributes:
                              "rebuild the features with `recsys features`")
         number = {name: i + 1 for i, name in enumerate(values["column"].unique(maintain_order=True))}
         columns = torch.tensor([0, *(number[name] for name in values["column"])], dtype=torch.long)
-        return cls(pad_lists([[], *table[FEATURE_IDX].to_list()]), columns)
+        counts = item_map.sort(ITEM_IDX)["train_count"].to_torch()
+        trained = torch.cat([torch.zeros(1, dtype=torch.bool), counts > 0])
+        return cls(pad_lists([[], *table[FEATURE_IDX].to_list()]), columns, trained)
 
 
 class RaggedItems:

@@ -12,9 +12,10 @@ after the history and reads the hidden state there.
 
 Item attributes (``n_feature_values`` > 0, ``model.item_features``): each item's vector, in the input and in the
 output table alike, is its id embedding plus, for every attribute column, the mean of the embeddings of the
-item's values in that column (category, brand, genres); an item with no value keeps its id embedding alone.
-The item -> values table is a buffer set by :meth:`SASRec.set_item_features`, saved with the weights, so a saved
-model scores without the feature files.
+item's values in that column (category, brand, genres); an item with no value keeps its id embedding alone,
+and an item with no training event (a new arrival, ``data.item_features.cold_items``) has its attributes alone:
+its id row would only ever be pushed down as a negative. The item -> values table is a buffer set by
+:meth:`SASRec.set_item_features`, saved with the weights, so a saved model scores without the feature files.
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ class SASRec(nn.Module):
         self.register_buffer("item_feature_ids", torch.zeros(rows, feature_slots, dtype=torch.long)
                              if n_feature_values else None)
         self.register_buffer("item_feature_weights", torch.zeros(rows, feature_slots) if n_feature_values else None)
+        # 1 for an item whose id embedding is used, 0 for one scored by its attributes alone (no training event)
+        self.item_id_weights: torch.Tensor | None
+        self.register_buffer("item_id_weights", torch.ones(rows) if n_feature_values else None)
         self.apply(_init_weights)
         with torch.no_grad():
             self.item_emb.weight[PAD].zero_()
@@ -207,19 +211,20 @@ class SASRec(nn.Module):
         """(n_items + 1, D) item table; row 0 is padding and must be ignored when ranking. No [MASK] row.
         With item attributes each row is the id embedding plus the item's attribute vector."""
         table = self.item_emb.weight[: self.n_items + 1]  # (I + 1, D)
-        if self.item_feature_ids is None or self.item_feature_weights is None:
+        if self.item_feature_ids is None or self.item_feature_weights is None or self.item_id_weights is None:
             return table
-        return table + self._attributes(self.item_feature_ids[: self.n_items + 1],
-                                        self.item_feature_weights[: self.n_items + 1])
+        n = self.n_items + 1
+        ids = table * self.item_id_weights[:n, None].to(table)
+        return ids + self._attributes(self.item_feature_ids[:n], self.item_feature_weights[:n])
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """items (...) int -> (..., D): rows of the item table (the [MASK] token and padding included)."""
         vectors = self.item_emb(items)  # (..., D)
-        if self.item_feature_ids is None or self.item_feature_weights is None:
+        if self.item_feature_ids is None or self.item_feature_weights is None or self.item_id_weights is None:
             return vectors
         flat = items.reshape(-1)
         extra = self._attributes(self.item_feature_ids[flat], self.item_feature_weights[flat])  # (N, D)
-        return vectors + extra.view(vectors.shape)
+        return vectors * self.item_id_weights[items].unsqueeze(-1).to(vectors) + extra.view(vectors.shape)
 
     def _attributes(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(N, S) value ids and weights -> (N, D) weighted sums of value embeddings (0 for no value)."""
@@ -231,11 +236,13 @@ class SASRec(nn.Module):
     def n_feature_values(self) -> int:
         return 0 if self.feature_emb is None else self.feature_emb.num_embeddings - 1
 
-    def set_item_features(self, ids: torch.Tensor, columns: torch.Tensor) -> None:
+    def set_item_features(self, ids: torch.Tensor, columns: torch.Tensor, trained: torch.Tensor | None = None) -> None:
         """Set the item -> attribute table: ``ids`` (n_items + 1, S) value ids (1..n_feature_values, 0 = none;
-        row = item index, row 0 padding) and ``columns`` (n_feature_values + 1,) the attribute column of each
-        value (entry 0 ignored). Raises ValueError on a shape or a value out of range."""
-        if self.item_feature_ids is None or self.item_feature_weights is None:
+        row = item index, row 0 padding), ``columns`` (n_feature_values + 1,) the attribute column of each
+        value (entry 0 ignored) and ``trained`` (n_items + 1,) bool, False for items with no training event,
+        which are scored by their attributes alone (None: every item uses its id embedding). Raises ValueError
+        on a shape or a value out of range."""
+        if self.item_feature_ids is None or self.item_feature_weights is None or self.item_id_weights is None:
             raise ValueError("this model has no item attributes (n_feature_values = 0)")
         n, slots = self.n_items + 1, self.item_feature_ids.shape[1]
         if ids.shape != (n, slots) or columns.shape != (self.n_feature_values + 1,):
@@ -248,9 +255,12 @@ class SASRec(nn.Module):
         real = ids != PAD
         same = (col.unsqueeze(2) == col.unsqueeze(1)) & real.unsqueeze(2) & real.unsqueeze(1)  # (I + 1, S, S)
         per_column = same.sum(2).clamp(min=1)  # (I + 1, S) values of the same column on the item
+        if trained is not None and trained.shape != (n,):
+            raise ValueError(f"trained has shape {tuple(trained.shape)}, expected ({n},)")
         with torch.no_grad():
             self.item_feature_ids[:n] = ids
             self.item_feature_weights[:n] = real / per_column
+            self.item_id_weights[:n] = 1.0 if trained is None else trained.to(self.item_id_weights)
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., D) -> (..., n_items + 1) dot-product scores against every item ([MASK] is no item)."""

@@ -107,7 +107,7 @@ class SASRecSystem(L.LightningModule):
             feature_slots=0 if attributes is None else attributes.slots,
         )
         if attributes is not None:
-            system.model.set_item_features(attributes.ids, attributes.columns)
+            system.model.set_item_features(attributes.ids, attributes.columns, attributes.trained)
         return system
 
     def set_item_counts(self, counts: torch.Tensor) -> None:

@@ -34,7 +34,8 @@ from recsys.model import PAD, SASRec
 SAME_ARCHITECTURE = ("max_len", "hidden", "n_blocks", "n_heads", "attention", "ffn_mult", "block", "repeat_bias")
 _ABSENT = {"repeat_bias": False}  # model.json holds this key only when it is set
 # weights matched by id (items, attribute values) or taken from tonight's model rather than copied as they are
-_REMAPPED = ("item_emb.weight", "feature_emb.weight", "item_feature_ids", "item_feature_weights")
+_TONIGHT = ("item_feature_ids", "item_feature_weights", "item_id_weights")
+_REMAPPED = ("item_emb.weight", "feature_emb.weight", *_TONIGHT)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class WarmStart:
         state = {k: self._blend(v.to(fresh[k]), fresh[k])
                  for k, v in old.state_dict().items() if k not in _REMAPPED}
         if model.feature_emb is not None:
-            state |= {k: fresh[k] for k in ("item_feature_ids", "item_feature_weights")}  # tonight's attributes
+            state |= {k: fresh[k] for k in _TONIGHT}  # tonight's attributes
             state["feature_emb.weight"] = self._feature_table(old, model)
         with torch.no_grad():
             table = model.item_emb.weight.detach().clone()  # (I + 1 [+ 1 MASK], D): new items keep their init

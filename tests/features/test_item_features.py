@@ -70,12 +70,27 @@ def test_attributes_are_encoded_per_item_with_every_row_accounted_for(files, par
     assert section["n_values"] == {"genres": 3, "brand": 3}  # Drama belongs to item 99 only: not a value
     assert (section["items_with_features"], section["items_without_features"]) == (3, 1)
     assert section["max_values_per_item"] == 4
+    assert section["cold_items"] == 0
     assert section["input"]["sha256"]
     values = load_features(files / "work" / "features").item_feature_values
     assert values is not None
     # ordered by column (as configured), then value; n_items counts catalogue items
     assert values.rows() == [(1, "genres", "Action", 2), (2, "genres", "Comedy", 2), (3, "genres", "b", 1),
                              (4, "brand", "7", 1), (5, "brand", "acme", 1), (6, "brand", "zen", 1)]
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_cold_items_join_the_catalogue(files, partitions):
+    (files / "items.csv").write_text(ITEMS + "77,,\n")  # 77: no event and no value, so not a catalogue item
+    manifest = build_features(_config(files, files / "items.csv", "data.item_features.cold_items=true",
+                                      f"features.partitions={partitions}"))
+    item_map = load_features(files / "work" / "features").item_map
+    assert dict(item_map.select("item_id", "train_count").iter_rows()) == {10: 3, 20: 3, 30: 3, 40: 0, 99: 0}
+    assert manifest["n_items"] == 5
+    section = manifest["item_features"]
+    assert section["cold_items"] == 1 and section["dropped"] == {"not_in_catalogue": 1}  # row 77
+    assert _attributes(files / "work" / "features")[99] == {("genres", "Drama"), ("brand", "acme")}
+    assert section["n_values"] == {"genres": 4, "brand": 3}
 
 
 def test_without_item_features_nothing_is_written(files):

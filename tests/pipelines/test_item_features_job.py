@@ -23,9 +23,14 @@ from tests.pipelines.conftest import tiny
 DAY = "2024-05-01"
 
 
+COLD = 3  # items listed in the attribute file with no event
+
+
 def _item_file(features: Path, path: Path, shift: int = 0) -> Path:
-    """An attribute table for the tiny catalogue: a group (item id mod 4, +shift) and 1-2 tags."""
+    """An attribute table for the tiny catalogue: a group (item id mod 4, +shift) and 1-2 tags, plus COLD new
+    items (ids above the catalogue's) that no event names."""
     ids = pl.read_parquet(features / "item_map.parquet")["item_id"]
+    ids = ids.append(pl.Series(range(int(ids.max()) + 1, int(ids.max()) + 1 + COLD)))
     pl.DataFrame({
         "item_id": ids,
         "group": ((ids + shift) % 4).cast(pl.String),
@@ -36,7 +41,7 @@ def _item_file(features: Path, path: Path, shift: int = 0) -> Path:
 
 def _attributes(items: Path) -> list[str]:
     return [f"data.item_features.path={items}", "data.item_features.columns=[group,tags]",
-            'data.item_features.list_separator="|"']
+            'data.item_features.list_separator="|"', "data.item_features.cold_items=true"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,13 @@ def test_the_jobs_carry_attributes_to_the_candidates(night):
     assert (work / "model" / ITEM_FEATURE_FILES["item_feature_values"]).is_file()
     manifest = json.loads((work / "features" / "manifest.json").read_text())
     assert manifest["item_features"]["items_without_features"] == 0
+    assert manifest["item_features"]["cold_items"] == COLD and manifest["item_features"]["dropped"] == {
+        "not_in_catalogue": 0}
+    item_map = pl.read_parquet(work / "features" / "item_map.parquet")
+    assert item_map.height == manifest["n_items"] == model.n_items
+    assert item_map.sort("item_id").tail(COLD)["train_count"].to_list() == [0] * COLD
+    # a cold item is in the catalogue, scored by its attributes alone (its id row is not used)
+    assert model.item_id_weights is not None and model.item_id_weights[-COLD:].tolist() == [0.0] * COLD
     # the candidates are the exact top 5 of the model's scores (attributes included), seen items excluded
     seqs = pl.read_parquet(work / "features" / "sequences.parquet").sort("user_idx").head(8)
     histories = [t + v + s for t, v, s in seqs.select("train_items", "val_items", "test_items").rows()]
@@ -87,7 +99,9 @@ def test_warm_start_matches_values_night_over_night(night, tmp_path):
     assert main(["features", "--quiet", *args]) == EXIT_OK
     assert main(["train", "--quiet", *args]) == EXIT_OK
     report = json.loads((tomorrow / "model" / "train_report.json").read_text())
-    assert report["warm_start"]["items_from_source"] == report["n_items"]
+    # last night's catalogue (its cold items included) carried over; COLD more new items tonight
+    assert report["warm_start"]["items_from_source"] == report["n_items"] - COLD
+    assert report["warm_start"]["items_new"] == COLD
     new = load_model(tomorrow / "model")
     shifted = pl.read_parquet(tomorrow / "features" / "item_features.parquet")
     old = pl.read_parquet(work / "features" / "item_features.parquet")
