@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow
 import mlflow.pyfunc
 import pandas as pd
 import polars as pl
@@ -132,3 +133,23 @@ def test_bad_item_file_is_exit_3_and_a_missing_one_exit_2(tmp_path, capsys):
     assert main(["features", "--quiet", *tiny(work), *_attributes(tmp_path / "none.csv")]) == EXIT_USAGE
     assert "data.item_features.path" in capsys.readouterr().err
     assert not (work / "features").exists()
+
+
+def test_the_features_run_tracks_the_attribute_accounting(night, tmp_path):
+    from mlflow import MlflowClient
+
+    _, items = night
+    work = tmp_path / "work"
+    try:
+        assert main(["features", "--quiet", *tiny(work), *_attributes(items), "tracking.enabled=true"]) == EXIT_OK
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    section = json.loads((work / "features" / "manifest.json").read_text())["item_features"]
+    metrics = run.data.metrics
+    assert metrics["item_features.rows_in"] == section["rows_in"]
+    assert metrics["item_features.cold_items"] == COLD
+    assert metrics["item_features.n_values.group"] == 4 and metrics["item_features.n_values.tags"] == 3
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "features")}
+    assert "features/item_feature_values.parquet" in artifacts
