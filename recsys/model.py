@@ -251,10 +251,11 @@ class SASRec(nn.Module):
         if int(ids.min()) < 0 or int(ids.max()) > self.n_feature_values or bool((ids[PAD] != PAD).any()):
             raise ValueError(f"item feature ids must lie in 0..{self.n_feature_values}, with none on padding")
         ids = ids.long().to(self.item_feature_ids.device)
-        col = columns.long().to(ids.device)[ids]  # (I + 1, S) column of each slot's value
+        col = columns.long().to(ids.device)[ids]  # (I + 1, S) column of each slot's value (0 for no value)
         real = ids != PAD
-        same = (col.unsqueeze(2) == col.unsqueeze(1)) & real.unsqueeze(2) & real.unsqueeze(1)  # (I + 1, S, S)
-        per_column = same.sum(2).clamp(min=1)  # (I + 1, S) values of the same column on the item
+        counts = torch.zeros(n, int(columns.max()) + 1, device=ids.device)  # (I + 1, C + 1) values per column
+        counts.scatter_add_(1, col, real.float())
+        per_column = counts.gather(1, col).clamp(min=1)  # (I + 1, S) values of the same column on the item
         if trained is not None and trained.shape != (n,):
             raise ValueError(f"trained has shape {tuple(trained.shape)}, expected ({n},)")
         with torch.no_grad():
