@@ -210,21 +210,25 @@ class SASRec(nn.Module):
     def item_embeddings(self) -> torch.Tensor:
         """(n_items + 1, D) item table; row 0 is padding and must be ignored when ranking. No [MASK] row.
         With item attributes each row is the id embedding plus the item's attribute vector."""
-        table = self.item_emb.weight[: self.n_items + 1]  # (I + 1, D)
-        if self.item_feature_ids is None or self.item_feature_weights is None or self.item_id_weights is None:
-            return table
-        n = self.n_items + 1
-        ids = table * self.item_id_weights[:n, None].to(table)
-        return ids + self._attributes(self.item_feature_ids[:n], self.item_feature_weights[:n])
+        return self._rows(slice(0, self.n_items + 1))  # (I + 1, D)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """items (...) int -> (..., D): rows of the item table (the [MASK] token and padding included)."""
-        vectors = self.item_emb(items)  # (..., D)
+        if self.item_feature_ids is None:
+            return self.item_emb(items)  # (..., D)
+        if self.item_emb.num_embeddings <= items.numel():
+            # one attribute sum per catalogue row is less work than one per position (same values)
+            return F.embedding(items, self._rows(slice(None)))  # (..., D)
+        return self._rows(items.reshape(-1)).view(*items.shape, -1)  # (..., D)
+
+    def _rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """(R, D) item vectors of the item-table ``rows``: the id row (times 0 for an item scored by its
+        attributes alone) plus the attribute vector."""
+        table = self.item_emb.weight[rows]  # (R, D)
         if self.item_feature_ids is None or self.item_feature_weights is None or self.item_id_weights is None:
-            return vectors
-        flat = items.reshape(-1)
-        extra = self._attributes(self.item_feature_ids[flat], self.item_feature_weights[flat])  # (N, D)
-        return vectors * self.item_id_weights[items].unsqueeze(-1).to(vectors) + extra.view(vectors.shape)
+            return table
+        ids = table * self.item_id_weights[rows].unsqueeze(-1).to(table)
+        return ids + self._attributes(self.item_feature_ids[rows], self.item_feature_weights[rows])
 
     def _attributes(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(N, S) value ids and weights -> (N, D) weighted sums of value embeddings (0 for no value)."""

@@ -57,6 +57,23 @@ def test_item_vectors_are_the_id_row_plus_each_columns_mean(attention):
     torch.testing.assert_close(model.scores(history), model.user_vectors(history) @ expected.T)
 
 
+def test_both_ways_of_embedding_a_batch_agree():
+    """A batch with more positions than the table has rows sums each catalogue row's attributes once and
+    gathers; a smaller one sums per position: the same values and gradients."""
+    few, many = torch.tensor([[5, 0, 2]]), torch.tensor([[5, 0, 2], [1, 1, 4], [3, 5, 5]])
+    model = _model()
+    model.set_item_features(IDS, COLUMNS, torch.tensor([False, True, False, True, True, True]))
+    assert few.numel() < model.item_emb.num_embeddings <= many.numel()
+    torch.testing.assert_close(model.item_vectors(many)[:1], model.item_vectors(few))
+    grads = []
+    for batch in (few, many[:1].expand(3, 3)):
+        model.zero_grad()
+        model.item_vectors(batch)[0].sum().backward()
+        grads.append([model.item_emb.weight.grad.clone(), model.feature_emb.weight.grad.clone()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_items_without_a_training_event_are_scored_by_their_attributes_alone():
     model = _model()
     trained = torch.tensor([False, True, False, True, True, False])  # items 2 and 5 never in training
