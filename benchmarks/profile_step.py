@@ -27,15 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import polars as pl
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.machine import append_record
-from features.schema import FEATURE_FILES
+from features.artifacts import FeatureSet, load_features
+from pipelines.train import model_attributes
 from recsys.config import load_config
 from recsys.data import SequenceDataModule
-from recsys.storage import read_json
 from recsys.system import SASRecSystem
 from recsys.training import resolve_hardware, train_model
 
@@ -61,12 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(a.config, a.overrides)
     device = torch.device(a.device)
     _, precision = resolve_hardware("gpu" if device.type == "cuda" else "cpu", cfg.train.precision)
-    n_items = int(read_json(a.features / FEATURE_FILES["manifest"])["n_items"])
-    sequences = pl.read_parquet(a.features / FEATURE_FILES["sequences"])
+    feats = load_features(a.features)
+    n_items, sequences = feats.n_items, feats.sequences
     t = cfg.train
     data = SequenceDataModule(sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed,
                               t.window_stride, t.group_by_length, t.static_shapes)
-    system = SASRecSystem.from_config(cfg, n_items).to(device)
+    system = SASRecSystem.from_config(cfg, n_items, model_attributes(cfg, feats)).to(device)
     system.set_item_counts(data.item_counts)
     system.train()
     optimizer = torch.optim.AdamW(system.parameters(), lr=t.lr, weight_decay=t.weight_decay,
@@ -114,21 +113,22 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_epoch_s": statistics.fmean(times) * steps_per_epoch,
     }
     if a.trainer_epochs:
-        result |= _trainer_step_ms(a, sequences, n_items, steps_per_epoch)
+        result |= _trainer_step_ms(a, feats, steps_per_epoch)
     print(table)
     print(json.dumps(result))
     append_record(a.json_out, result | {"profile": table})
     return result
 
 
-def _trainer_step_ms(a: argparse.Namespace, sequences: pl.DataFrame, n_items: int, steps: int) -> dict:
+def _trainer_step_ms(a: argparse.Namespace, feats: FeatureSet, steps: int) -> dict:
     """Milliseconds per step of Lightning training (train time of an epoch without validation / steps)."""
     accelerator = "gpu" if a.device.startswith("cuda") else "cpu"
     overrides = [*a.overrides, f"train.max_epochs={a.trainer_epochs}", f"train.patience={a.trainer_epochs}",
                  f"train.accelerator={accelerator}", "train.progress=false"]
     cfg = load_config(a.config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        report = train_model(cfg, sequences, n_items, Path(tmp))
+        report = train_model(cfg, feats.sequences, feats.n_items, Path(tmp),
+                             attributes=model_attributes(cfg, feats))
     per_epoch = [row["train_s"] for row in report.history]
     later = per_epoch[1:] or per_epoch
     return {"trainer_epoch_train_s": per_epoch, "trainer_step_ms_median": 1000 * statistics.median(later) / steps}
