@@ -115,14 +115,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         features[day] = a.work / day / "features"
     kept = _kept(a.json_out, cut, a.overrides) if a.resume else []
     report = a.work / "yesterday-model" / "model" / "train_report.json"
+    starts = a.starts.split(",")
     if a.resume and kept and report.is_file():
         yesterday = json.loads(report.read_text())
+    elif "warm" not in starts:  # only from-scratch lines: yesterday's model is not needed
+        yesterday = {"epochs_run": None, "best_val_ndcg_at_10": None}
     else:
         yesterday = _train_and_evaluate(a.work / "yesterday-model", features["yesterday"], 42, a.overrides)
     init = f"train.init_from={a.work / 'yesterday-model' / 'model'}"
     records = list(kept)
     done = {_line(r) + (r["seed"],) for r in kept}
-    for start in a.starts.split(","):
+    for start in starts:
         warm = a.warm if start == "warm" else []
         for seed in (int(s) for s in a.seeds.split(",")):
             if (start, *warm, seed) in done:
