@@ -9,7 +9,9 @@ text, stripped of surrounding spaces, and a blank one is no value. A value is th
 
 - ``not_in_catalogue``: rows of items that are not in the kept events (no model row to attach them to), dropped;
 - ``duplicate_item_rows``: further rows of an item already listed, merged (the item has the values of all);
-- ``empty_cells`` per column: cells with no value (the item simply has none there).
+- ``empty_cells`` per column: cells with no value (the item simply has none there);
+- ``values_over_cap`` per column: an item's values in a column beyond the first ``max_values`` (file order),
+  dropped, so that a long tag list cannot blow up the model's item x values table.
 
 With ``cold_items`` the items of the file with at least one value join the catalogue even without any event
 (new arrivals): the model scores them by their attributes (:mod:`recsys.model`), the manifest counts them.
@@ -87,6 +89,10 @@ def build_item_features(
         used.select(ITEM_IDX, pl.lit(col).alias("column"), pl.col(col).alias("value")).explode("value")
         for col in cfg.columns
     ]).drop_nulls("value").unique(maintain_order=True)
+    # at most max_values per item and column (the first in file order): bounds the model's item x slots table
+    nth = pl.int_range(pl.len()).over(ITEM_IDX, "column")
+    over = long.filter(nth >= cfg.max_values).group_by("column").len()
+    long = long.filter(nth < cfg.max_values)
     if long.height == 0:
         raise InputDataError(
             f"{path} ({KEY}): no attribute value for any item of the catalogue ({used.height} of {rows.height} "
@@ -119,6 +125,7 @@ def build_item_features(
         "dropped": {"not_in_catalogue": rows.height - used.height},
         "duplicate_item_rows": used.height - used[ITEM_IDX].n_unique(),
         "empty_cells": {col: int((used[col].list.len() == 0).sum()) for col in cfg.columns},
+        "values_over_cap": {col: int(over.filter(pl.col("column") == col)["len"].sum()) for col in cfg.columns},
         "n_values": {col: int((values["column"] == col).sum()) for col in cfg.columns},
         "items_with_features": table.height - without,
         "items_without_features": without,

@@ -78,6 +78,9 @@ class ItemFeaturesConfig(_Section):
     # Items of the file (with at least one value) join the catalogue even without an event, scored by their
     # attributes alone: new arrivals can be recommended before anyone has interacted with them.
     cold_items: bool = False
+    # At most this many values per item and column (the first in file order; the rest dropped and counted):
+    # the model holds an items x values table, so a column of hundreds of tags per item would blow it up.
+    max_values: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _columns(self) -> ItemFeaturesConfig:

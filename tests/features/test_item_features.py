@@ -71,6 +71,7 @@ def test_attributes_are_encoded_per_item_with_every_row_accounted_for(files, par
     assert (section["items_with_features"], section["items_without_features"]) == (3, 1)
     assert section["max_values_per_item"] == 4
     assert section["cold_items"] == 0
+    assert section["values_over_cap"] == {"genres": 0, "brand": 0}
     assert section["input"]["sha256"]
     values = load_features(files / "work" / "features").item_feature_values
     assert values is not None
@@ -91,6 +92,16 @@ def test_cold_items_join_the_catalogue(files, partitions):
     assert section["cold_items"] == 1 and section["dropped"] == {"not_in_catalogue": 1}  # row 77
     assert _attributes(files / "work" / "features")[99] == {("genres", "Drama"), ("brand", "acme")}
     assert section["n_values"] == {"genres": 4, "brand": 3}
+
+
+def test_values_beyond_the_cap_are_dropped_and_counted(files):
+    manifest = build_features(_config(files, files / "items.csv", "data.item_features.max_values=1"))
+    # 10: Action|Comedy keeps Action; 20: Comedy|b|b then (merged row) Action keeps Comedy; brands are single
+    assert _attributes(files / "work" / "features") == {
+        10: {("genres", "Action"), ("brand", "acme")}, 20: {("genres", "Comedy"), ("brand", "zen")},
+        30: {("brand", "7")}, 40: set()}
+    assert manifest["item_features"]["values_over_cap"] == {"genres": 3, "brand": 0}
+    assert manifest["item_features"]["max_values_per_item"] == 2
 
 
 def test_without_item_features_nothing_is_written(files):
