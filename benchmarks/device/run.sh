@@ -9,15 +9,19 @@
 set -uo pipefail
 SWEEP=${1:?sweep file}; SEEDS=${2:-42,43,44}; PAR=${3:-12}; BUDGET=${4:-420}; shift $(( $# < 4 ? $# : 4 ))
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 RECSYS_BENCH_COMMIT="$(cat .gpu/COMMIT)"
+PY=${PYTHON:-python3}  # PYTHON=.venv/bin/python SKIP_WHEELS=1: a dry run of this script on a machine with the venv
+if [ -z "${SKIP_WHEELS:-}" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 RECSYS_BENCH_COMMIT="$(cat .gpu/COMMIT)"
 (cd .gpu/data && find . -name '*.gz' | while read -r f; do mkdir -p "/tmp/data/$(dirname "$f")"; gunzip -c "$f" > "/tmp/data/${f%.gz}"; done)
-python3 -m benchmarks.item_attributes --data-root /tmp/data > "$OUT/logs/item-attributes.txt" 2>&1
+"$PY" -m benchmarks.item_attributes --data-root /tmp/data > "$OUT/logs/item-attributes.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 name=$(basename "$SWEEP" .txt)
-timeout $(( BUDGET + 150 )) python3 -m benchmarks.sweep "$SWEEP" --parallel "$PAR" --seeds "$SEEDS" \
+timeout $(( BUDGET + 150 )) "$PY" -m benchmarks.sweep "$SWEEP" --parallel "$PAR" --seeds "$SEEDS" \
   --data-root /tmp/data --json-out "$OUT/$name.jsonl" --log-dir "$OUT/logs" \
   --set tracking.enabled=false 'evaluate.baselines=[popularity]' train.patience=20 "train.max_time_s=$BUDGET" "$@"
 echo "commit $RECSYS_BENCH_COMMIT"
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
-python3 -m benchmarks.sweep "$SWEEP" --rank "$OUT/$name.jsonl" 2>&1 | tail -30
+"$PY" -m benchmarks.sweep "$SWEEP" --rank "$OUT/$name.jsonl" 2>&1 | tail -30
