@@ -78,12 +78,12 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     data, path = resolve_input(cfg)
     events, target = read_events(data, path), Path(cfg.work_dir) / "features"
     gate = InputGate.of(cfg.features, target, run_date or datetime.now(UTC).date())
+    rows = attribute_rows(cfg)  # first: a bad attribute file fails before the events are processed
     if cfg.features.partitions > 1:
-        manifest = build_out_of_core(cfg, events, path, target, gate)
+        manifest = build_out_of_core(cfg, events, path, target, gate, rows)
     else:
         kept, accounting = select_rows(events, cfg.features)
         _check_kept(accounting, path, cfg.features)
-        rows = attribute_rows(cfg)
         tables = encode_and_split(kept, cfg.features, cold_items(cfg, rows))
         manifest = gate.check(build_manifest(cfg, path, accounting, tables), path)
         attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], _n_items(kept))
@@ -236,7 +236,8 @@ def catalogue(kept: pl.DataFrame | pl.LazyFrame, extra_items: pl.DataFrame | Non
     if extra_items is None:
         return build_item_index(kept)
     ids = kept.lazy().select(ITEM_ID)
-    return build_item_index(pl.concat([ids, extra_items.lazy().select(pl.col(ITEM_ID).cast(ids.collect_schema()[ITEM_ID]))]))
+    extra = extra_items.lazy().select(pl.col(ITEM_ID).cast(ids.collect_schema()[ITEM_ID]))
+    return build_item_index(pl.concat([ids, extra]))
 
 
 def split_events(
@@ -251,9 +252,11 @@ def split_events(
 
 
 def build_out_of_core(
-    cfg: Config, events: pl.LazyFrame, path: Path, target: Path, gate: InputGate
+    cfg: Config, events: pl.LazyFrame, path: Path, target: Path, gate: InputGate,
+    rows: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The feature job over ``features.partitions`` user ranges (module docstring); returns the manifest.
+    ``rows``: the item attribute file's rows (:func:`attribute_rows`), if any.
 
     Writes the same files as :func:`write_features`, atomically. Raises InputDataError if the row policies
     leave no events or the input gate fails (nothing is published then).
@@ -265,7 +268,7 @@ def build_out_of_core(
         kept_files, accounting = _select_ranges(ranges, features, scratch / "kept")
         _check_kept(accounting, path, features)
         kept = pl.scan_parquet(kept_files)
-        rows, event_items = attribute_rows(cfg), _n_items(kept)
+        event_items = _n_items(kept)
         user_map, item_index = build_user_map(kept), catalogue(kept, cold_items(cfg, rows))
         parts: dict[str, list[Path]] = {"events": [], "sequences": []}
         for file in kept_files:
