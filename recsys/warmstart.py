@@ -78,9 +78,11 @@ class WarmStart:
         fresh = model.state_dict()
         state = {k: self._blend(v.to(fresh[k]), fresh[k])
                  for k, v in old.state_dict().items() if k not in _REMAPPED}
+        values: dict[str, int] = {}
         if model.feature_emb is not None:
             state |= {k: fresh[k] for k in _TONIGHT}  # tonight's attributes
-            state["feature_emb.weight"] = self._feature_table(old, model)
+            state["feature_emb.weight"], matched = self._feature_table(old, model)
+            values = {"values_from_source": matched, "values_new": model.n_feature_values - matched}
         with torch.no_grad():
             table = model.item_emb.weight.detach().clone()  # (I + 1 [+ 1 MASK], D): new items keep their init
             source = old.item_emb.weight.detach().to(table)
@@ -95,6 +97,7 @@ class WarmStart:
             "source_items_dropped": old.n_items - pairs.height,
             "shrink": self.shrink,
             "perturb": self.perturb,
+            **values,
         }
 
     def _check_attributes(self, old: SASRec, model: SASRec) -> None:
@@ -109,8 +112,9 @@ class WarmStart:
                               f"{schema.ITEM_FEATURE_FILES['item_feature_values']} to match its attribute values by; "
                               "train from scratch with train.init_from=null")
 
-    def _feature_table(self, old: SASRec, model: SASRec) -> torch.Tensor:
-        """Tonight's value embeddings: rows of values the earlier model knew (same column and text) from it."""
+    def _feature_table(self, old: SASRec, model: SASRec) -> tuple[torch.Tensor, int]:
+        """Tonight's value embeddings, rows of values the earlier model knew (same column and text) from it, and
+        how many those are."""
         assert self.feature_values is not None and self.source.feature_values is not None
         pairs = self.feature_values.join(self.source.feature_values.select(
             "column", "value", pl.col(schema.FEATURE_IDX).alias("source_idx")), on=["column", "value"])
@@ -122,7 +126,7 @@ class WarmStart:
             source = old.feature_emb.weight.detach().to(table)
             table[new_idx] = self._blend(source[old_idx], table[new_idx])
             table[PAD] = 0.0
-        return table
+        return table, pairs.height
 
     def _blend(self, earlier: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         """``shrink * earlier + perturb * fresh`` for floating-point weights (exactly ``earlier`` by default)."""

@@ -103,6 +103,7 @@ def test_warm_start_matches_values_night_over_night(night, tmp_path):
     # last night's catalogue (its cold items included) carried over; COLD more new items tonight
     assert report["warm_start"]["items_from_source"] == report["n_items"] - COLD
     assert report["warm_start"]["items_new"] == COLD
+    assert (report["warm_start"]["values_from_source"], report["warm_start"]["values_new"]) == (7, 0)
     new = load_model(tomorrow / "model")
     shifted = pl.read_parquet(tomorrow / "features" / "item_features.parquet")
     old = pl.read_parquet(work / "features" / "item_features.parquet")

@@ -168,7 +168,8 @@ def test_warm_start_matches_attribute_values_by_column_and_text():
     fresh_z = new.feature_emb.weight[5].detach().clone()
     items = _item_map([10, 20, 30, 40, 50])
     source = TrainedModel(old, items.select("item_id", pl.col("item_idx").alias("user_idx")), items, old_values)
-    WarmStart(source, "old", items, feature_values=new_values).apply(new)
+    report = WarmStart(source, "old", items, feature_values=new_values).apply(new)
+    assert (report["values_from_source"], report["values_new"]) == (4, 1)
     w_old, w_new = old.feature_emb.weight, new.feature_emb.weight
     for new_idx, old_idx in ((1, 1), (2, 2), (3, 4), (4, 5)):
         torch.testing.assert_close(w_new[new_idx], w_old[old_idx])
