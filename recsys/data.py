@@ -67,7 +67,21 @@ class ItemAttributes:
         columns = torch.tensor([0, *(number[name] for name in values["column"])], dtype=torch.long)
         counts = item_map.sort(ITEM_IDX)["train_count"].to_torch()
         trained = torch.cat([torch.zeros(1, dtype=torch.bool), counts > 0])
-        return cls(pad_lists([[], *table[FEATURE_IDX].to_list()]), columns, trained)
+        return cls(_padded_rows(table[FEATURE_IDX]), columns, trained)
+
+
+def _padded_rows(lists: pl.Series) -> torch.Tensor:
+    """(len(lists) + 1, S) int64: row 0 zeros, row r + 1 = ``lists[r]`` left-padded with 0 (as :func:`pad_lists`
+    lays them out), S = the longest list (at least 1); vectorised (a million items in well under a second)."""
+    lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
+    width = max(int(lengths.max(initial=0)), 1)
+    values = lists.explode().drop_nulls().to_numpy().astype(np.int64)
+    rows = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each value's list's first flat position
+    cols = width - np.repeat(lengths, lengths) + (np.arange(len(values)) - starts)
+    out = np.zeros((len(lengths) + 1, width), dtype=np.int64)
+    out[rows, cols] = values
+    return torch.from_numpy(out)
 
 
 class RaggedItems:

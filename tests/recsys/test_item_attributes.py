@@ -12,7 +12,7 @@ import torch
 from features.schema import SEQUENCES
 from recsys.candidates import TrainedModel
 from recsys.config import ConfigError, build_config
-from recsys.data import ItemAttributes, pad_lists
+from recsys.data import ItemAttributes, _padded_rows, pad_lists
 from recsys.model import SASRec, load_model, save_model
 from recsys.training import train_model
 from recsys.warmstart import WarmStart
@@ -139,6 +139,12 @@ def test_item_attributes_of_feature_tables():
     assert attrs.trained is not None and attrs.trained.tolist() == [False, True, False, True]
     with pytest.raises(ValueError, match=r"1\.\.4"):
         ItemAttributes.of(table, values, _item_map([10, 20, 30, 40]))
+
+
+def test_vectorised_rows_equal_pad_lists():
+    rng = random.Random(0)
+    lists = [[rng.randint(1, 50) for _ in range(rng.randint(0, 4))] for _ in range(500)]
+    assert torch.equal(_padded_rows(pl.Series(lists, dtype=pl.List(pl.Int32))), pad_lists([[], *lists]))
 
 
 # --- warm start ------------------------------------------------------------------------------------------
