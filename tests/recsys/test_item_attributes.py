@@ -246,3 +246,19 @@ def test_new_items_are_ranked_by_their_attributes(tmp_path):
     with torch.no_grad():
         new = model.scores(histories)[:, n_old + 1:]  # (users, N_GROUPS)
     assert (new.argmax(1) == (targets - 1) // PER_GROUP).float().mean() > 0.9  # 1.0 when written
+
+
+def test_the_run_identity_covers_the_attributes():
+    """A run resumes only onto the same attributes: another value of one item, or another trained mask, is
+    another run."""
+    from recsys.checkpoint import run_identity
+
+    cfg, seqs = build_config(CFG), _planted(10, seed=0)
+    attrs = ItemAttributes(IDS, COLUMNS)
+    same = run_identity(cfg, seqs, 5, ItemAttributes(IDS.clone(), COLUMNS.clone()))
+    assert run_identity(cfg, seqs, 5, attrs) == same
+    other = IDS.clone()
+    other[1, 0] = 2
+    assert run_identity(cfg, seqs, 5, ItemAttributes(other, COLUMNS)) != same
+    assert run_identity(cfg, seqs, 5, ItemAttributes(IDS, COLUMNS, torch.ones(6, dtype=torch.bool))) != same
+    assert run_identity(cfg, seqs, 5) != same
