@@ -84,9 +84,10 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     else:
         kept, accounting = select_rows(events, cfg.features)
         _check_kept(accounting, path, cfg.features)
-        tables = encode_and_split(kept, cfg.features, cold_items(cfg, rows))
+        item_index, event_items = catalogue(kept, cold_items(cfg, rows))
+        tables = encode_and_split(kept, cfg.features, item_index)
         manifest = gate.check(build_manifest(cfg, path, accounting, tables), path)
-        attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], _n_items(kept))
+        attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], event_items)
         write_features(target, tables | attributes, manifest, cfg)
     logger.info(
         "features: %d users, %d items, %d events kept",
@@ -182,11 +183,6 @@ def item_attributes(
     return build_item_features(cfg.data.item_features, rows, item_map, event_items)
 
 
-def _n_items(kept: pl.DataFrame | pl.LazyFrame) -> int:
-    """Distinct items of the kept events."""
-    return int(kept.lazy().select(pl.col(ITEM_ID).n_unique()).collect().item())
-
-
 def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
     """The reader settings and file: ``data.path`` as configured, or freshly generated synthetic events.
 
@@ -216,12 +212,12 @@ def write_synthetic(cfg: SyntheticConfig, path: Path) -> None:
 
 
 def encode_and_split(
-    kept: pl.DataFrame, features: FeaturesConfig, extra_items: pl.DataFrame | None = None
+    kept: pl.DataFrame, features: FeaturesConfig, item_index: pl.DataFrame | None = None
 ) -> dict[str, pl.DataFrame]:
-    """The four tables of the feature set (keys of ``_CONTRACTS``) from the kept rows of ``select_rows``; the
-    catalogue also holds ``extra_items`` (an ``item_id`` column: cold items with no event) when given."""
+    """The four tables of the feature set (keys of ``_CONTRACTS``) from the kept rows of ``select_rows``, over
+    the catalogue ``item_index`` (:func:`catalogue`; None: the kept events' items)."""
     user_map = build_user_map(kept)
-    item_index = catalogue(kept, extra_items)
+    item_index = build_item_index(kept) if item_index is None else item_index
     events = split_events(kept, user_map, item_index, features)
     return {
         "events": events,
@@ -231,13 +227,14 @@ def encode_and_split(
     }
 
 
-def catalogue(kept: pl.DataFrame | pl.LazyFrame, extra_items: pl.DataFrame | None) -> pl.DataFrame:
-    """The item index of the kept events' items and ``extra_items`` (features.encode.build_item_index)."""
+def catalogue(kept: pl.DataFrame | pl.LazyFrame, extra_items: pl.DataFrame | None) -> tuple[pl.DataFrame, int]:
+    """The item index (features.encode.build_item_index) of the kept events' items and ``extra_items`` (an
+    ``item_id`` column: cold items with no event), and how many of its items have a kept event."""
+    events = build_item_index(kept)
     if extra_items is None:
-        return build_item_index(kept)
-    ids = kept.lazy().select(ITEM_ID)
-    extra = extra_items.lazy().select(pl.col(ITEM_ID).cast(ids.collect_schema()[ITEM_ID]))
-    return build_item_index(pl.concat([ids, extra]))
+        return events, events.height
+    extra = extra_items.select(pl.col(ITEM_ID).cast(events.schema[ITEM_ID]))
+    return build_item_index(pl.concat([events.select(ITEM_ID), extra])), events.height
 
 
 def split_events(
@@ -268,8 +265,7 @@ def build_out_of_core(
         kept_files, accounting = _select_ranges(ranges, features, scratch / "kept")
         _check_kept(accounting, path, features)
         kept = pl.scan_parquet(kept_files)
-        event_items = _n_items(kept)
-        user_map, item_index = build_user_map(kept), catalogue(kept, cold_items(cfg, rows))
+        user_map, (item_index, event_items) = build_user_map(kept), catalogue(kept, cold_items(cfg, rows))
         parts: dict[str, list[Path]] = {"events": [], "sequences": []}
         for file in kept_files:
             encoded = split_events(pl.scan_parquet(file), user_map, item_index, features)
