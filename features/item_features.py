@@ -28,7 +28,7 @@ from typing import Any
 
 import polars as pl
 
-from features.readers import InputDataError
+from features.readers import InputDataError, read_table
 from features.schema import FEATURE_IDX, ITEM_FEATURE_VALUES, ITEM_FEATURES, ITEM_ID, ITEM_IDX, check_schema
 from features.validation import how_to_fix, id_expr
 from recsys.config import ConfigError, ItemFeaturesConfig
@@ -141,15 +141,7 @@ def build_item_features(
 
 def _read(path: Path, cfg: ItemFeaturesConfig) -> pl.DataFrame:
     """The file with its item id column and the attribute columns (CSV: every column as text)."""
-    parquet = path.suffix == ".parquet"
-    try:
-        frame = (pl.read_parquet(path) if parquet
-                 else pl.read_csv(path, separator=cfg.separator, infer_schema=False))
-    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        kind = "Parquet" if parquet else f"CSV with a header (separator {cfg.separator!r})"
-        raise InputDataError(f"{path} ({KEY}) cannot be read as {kind}: {first}; fix the file or "
-                             f"{KEY}.separator") from exc
+    frame = read_table(path, KEY, f"fix the file or {KEY}.separator", cfg.separator)
     for col, key in [(cfg.item_col, f"{KEY}.item_col"), *[(c, f"{KEY}.columns") for c in cfg.columns]]:
         if col not in frame.columns:
             raise InputDataError(f"{path} ({KEY}): column '{col}' ({key}) not found; the file has columns "

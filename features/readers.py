@@ -269,13 +269,7 @@ def read_item_ids(path: str | Path, key: str, kind: str = "int") -> pl.Series:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file; fix {key} (a CSV or Parquet file "
                                 f"with an {ITEM_ID} column) or set it to null")
-    file_kind = "Parquet" if path.suffix == ".parquet" else "CSV"
-    try:
-        frame = pl.read_parquet(path) if file_kind == "Parquet" else pl.read_csv(path, infer_schema=False)
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputDataError(f"{path} ({key}) cannot be read as {file_kind} with a header: {first}; write one "
-                             f"{ITEM_ID} per row under an '{ITEM_ID}' header") from exc
+    frame = read_table(path, key, f"write one {ITEM_ID} per row under an '{ITEM_ID}' header")
     if ITEM_ID not in frame.columns:
         raise InputDataError(f"{path} ({key}) has no column '{ITEM_ID}' (it has {frame.columns}); name the "
                              f"column of item ids '{ITEM_ID}'")
@@ -289,6 +283,18 @@ def read_item_ids(path: str | Path, key: str, kind: str = "int") -> pl.Series:
         raise InputDataError(f"{path} ({key}) lists no items, which would leave no candidate for anyone; list "
                              f"the items to allow, or set {key}=null to allow every item")
     return ids.unique().sort()
+
+
+def read_table(path: Path, key: str, fix: str, separator: str = ",") -> pl.DataFrame:
+    """A small side table that ``key`` names: Parquet by its ``.parquet`` suffix, else CSV with a header (every
+    column as text). Raises InputDataError naming the file, the key and ``fix`` if it cannot be read."""
+    parquet = path.suffix == ".parquet"
+    try:
+        return pl.read_parquet(path) if parquet else pl.read_csv(path, separator=separator, infer_schema=False)
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        kind = "Parquet" if parquet else f"CSV with a header (separator {separator!r})"
+        raise InputDataError(f"{path} ({key}) cannot be read as {kind}: {first}; {fix}") from exc
 
 
 @contextmanager
