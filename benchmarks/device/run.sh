@@ -22,6 +22,10 @@ name=$(basename "$SWEEP" .txt)
 timeout $(( BUDGET + 150 )) "$PY" -m benchmarks.sweep "$SWEEP" --parallel "$PAR" --seeds "$SEEDS" \
   --data-root /tmp/data --json-out "$OUT/$name.jsonl" --log-dir "$OUT/logs" \
   --set tracking.enabled=false 'evaluate.baselines=[popularity]' train.patience=20 "train.max_time_s=$BUDGET" "$@"
+status=$?
 echo "commit $RECSYS_BENCH_COMMIT"
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
-"$PY" -m benchmarks.sweep "$SWEEP" --rank "$OUT/$name.jsonl" 2>&1 | tail -30
+if [ $status -ne 0 ] && [ -f "$OUT/$name.jsonl" ]; then  # the sweep ranks what finished itself, unless cut off
+  "$PY" -m benchmarks.sweep "$SWEEP" --rank "$OUT/$name.jsonl" 2>&1 | tail -30
+fi
+exit $status
