@@ -15,7 +15,9 @@ from recsys.storage import read_json
 @dataclass(frozen=True)
 class FeatureSet:
     """The feature job's output: sequences, id maps and the manifest, with the item attribute tables
-    (schema.ITEM_FEATURES, schema.ITEM_FEATURE_VALUES) where ``data.item_features`` was set, else None."""
+    (schema.ITEM_FEATURES, schema.ITEM_FEATURE_VALUES) where ``data.item_features`` was set, and the event
+    types (schema.EVENT_TYPE_MAP; the sequences then hold schema.SEQUENCE_TYPES) where the events have them,
+    else None."""
 
     sequences: pl.DataFrame
     user_map: pl.DataFrame
@@ -23,6 +25,7 @@ class FeatureSet:
     manifest: dict[str, Any]
     item_features: pl.DataFrame | None = None
     item_feature_values: pl.DataFrame | None = None
+    event_types: pl.DataFrame | None = None
 
     @property
     def n_items(self) -> int:
@@ -51,8 +54,13 @@ def load_features(directory: str | Path) -> FeatureSet:
         for name, contract in (("item_features", schema.ITEM_FEATURES),
                                ("item_feature_values", schema.ITEM_FEATURE_VALUES)):
             tables[name] = _read_table(directory / schema.ITEM_FEATURE_FILES[name], contract)
+    if manifest.get("event_types"):
+        tables["event_types"] = _read_table(directory / schema.EVENT_TYPE_FILES["event_types"],
+                                            schema.EVENT_TYPE_MAP)
+        path = directory / schema.FEATURE_FILES["sequences"]
+        schema.check_schema(tables["sequences"], schema.SEQUENCE_TYPES, str(path))
     return FeatureSet(tables["sequences"], tables["user_map"], tables["item_map"], manifest,
-                      tables.get("item_features"), tables.get("item_feature_values"))
+                      tables.get("item_features"), tables.get("item_feature_values"), tables.get("event_types"))
 
 
 def _read_table(path: Path, contract: dict[str, Any]) -> pl.DataFrame:

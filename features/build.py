@@ -31,13 +31,18 @@ from features.policies import DROP_REASONS, Accounting, select_rows
 from features.readers import InputDataError, input_files, read_events
 from features.schema import (
     EVENT_TYPE,
+    EVENT_TYPE_FILES,
+    EVENT_TYPE_MAP,
     FEATURE_FILES,
     ITEM_FEATURE_FILES,
     ITEM_ID,
     ITEM_IDX,
     ITEM_MAP,
+    MAX_EVENT_TYPES,
+    SEQUENCE_TYPES,
     SEQUENCES,
     TIMESTAMP,
+    TYPE_IDX,
     USER_ID,
     USER_IDX,
     USER_MAP,
@@ -65,6 +70,9 @@ _CONTRACTS: dict[str, dict[str, Any]] = {
     "user_map": USER_MAP,
     "item_map": ITEM_MAP,
 }
+# written only when the events have types: the type table, and the sequences' type lists
+_TYPED_CONTRACTS: dict[str, dict[str, Any]] = {"event_types": EVENT_TYPE_MAP, "sequences": SEQUENCE_TYPES}
+_FILES = FEATURE_FILES | ITEM_FEATURE_FILES | EVENT_TYPE_FILES
 
 
 def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, Any]:
@@ -85,7 +93,7 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
         kept, accounting = select_rows(events, cfg.features)
         _check_kept(accounting, path, cfg.features)
         item_index, event_items = catalogue(kept, cold_items(cfg, rows))
-        tables = encode_and_split(kept, cfg.features, item_index)
+        tables = encode_and_split(kept, cfg.features, item_index, event_type_index(kept, path))
         manifest = gate.check(build_manifest(cfg, path, accounting, tables), path)
         attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], event_items)
         write_features(target, tables | attributes, manifest, cfg)
@@ -212,19 +220,38 @@ def write_synthetic(cfg: SyntheticConfig, path: Path) -> None:
 
 
 def encode_and_split(
-    kept: pl.DataFrame, features: FeaturesConfig, item_index: pl.DataFrame | None = None
+    kept: pl.DataFrame, features: FeaturesConfig, item_index: pl.DataFrame | None = None,
+    types: pl.DataFrame | None = None,
 ) -> dict[str, pl.DataFrame]:
     """The four tables of the feature set (keys of ``_CONTRACTS``) from the kept rows of ``select_rows``, over
-    the catalogue ``item_index`` (:func:`catalogue`; None: the kept events' items)."""
+    the catalogue ``item_index`` (:func:`catalogue`; None: the kept events' items), and with ``types``
+    (:func:`event_type_index`) the ``event_types`` table and the events' type lists in the sequences."""
     user_map = build_user_map(kept)
     item_index = build_item_index(kept) if item_index is None else item_index
-    events = split_events(kept, user_map, item_index, features)
-    return {
+    events = split_events(kept, user_map, item_index, features, types)
+    tables = {
         "events": events,
         "sequences": build_sequences(events),
         "user_map": user_map,
         "item_map": add_train_count(item_index, events),
     }
+    return tables if types is None else tables | {"event_types": types}
+
+
+def event_type_index(kept: pl.DataFrame | pl.LazyFrame, path: Path) -> pl.DataFrame | None:
+    """schema.EVENT_TYPE_MAP of the kept events' types (``type_idx`` 1..n by name, ``n_events`` kept events of
+    each), None if the events have no ``event_type`` column. Raises InputDataError naming the file if there are
+    more types than schema.MAX_EVENT_TYPES (the column holds something else than a handful of event kinds)."""
+    if EVENT_TYPE not in kept.collect_schema().names():
+        return None
+    counts = (kept.lazy().filter(pl.col(EVENT_TYPE).is_not_null()).group_by(EVENT_TYPE)
+              .agg(pl.len().cast(pl.Int64).alias("n_events")).sort(EVENT_TYPE).collect())
+    if counts.height > MAX_EVENT_TYPES:
+        raise InputDataError(
+            f"{path}: the event type column holds {counts.height} distinct values, more than {MAX_EVENT_TYPES}; "
+            "it should name a handful of event kinds (view, cart, purchase): check data.event_type_col")
+    index = pl.int_range(1, pl.len() + 1, dtype=pl.Int16).alias(TYPE_IDX)
+    return counts.select(EVENT_TYPE, index, "n_events")
 
 
 def catalogue(kept: pl.DataFrame | pl.LazyFrame, extra_items: pl.DataFrame | None) -> tuple[pl.DataFrame, int]:
@@ -242,10 +269,17 @@ def split_events(
     user_map: pl.DataFrame,
     item_index: pl.DataFrame,
     features: FeaturesConfig,
+    types: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """``ENCODED_EVENTS`` of kept rows in ``select_rows`` order (so by user_idx, then time: no sort needed)."""
+    """``ENCODED_EVENTS`` of kept rows in ``select_rows`` order (so by user_idx, then time: no sort needed),
+    with ``types`` (:func:`event_type_index`) also each event's ``type_idx`` (0 for a null type)."""
     encoded = kept.lazy().pipe(encode_events, user_map, item_index)
-    return encoded.pipe(add_split, features).select(list(ENCODED_EVENTS)).collect()
+    columns = [pl.col(name) for name in ENCODED_EVENTS]
+    if types is not None:
+        type_idx = pl.col(EVENT_TYPE).replace_strict(types[EVENT_TYPE], types[TYPE_IDX], default=0,
+                                                     return_dtype=pl.Int16)
+        columns.append(type_idx.fill_null(0).alias(TYPE_IDX))
+    return encoded.pipe(add_split, features).select(columns).collect()
 
 
 def build_out_of_core(
@@ -266,12 +300,15 @@ def build_out_of_core(
         _check_kept(accounting, path, features)
         kept = pl.scan_parquet(kept_files)
         user_map, (item_index, event_items) = build_user_map(kept), catalogue(kept, cold_items(cfg, rows))
+        types = event_type_index(kept, path)
         parts: dict[str, list[Path]] = {"events": [], "sequences": []}
         for file in kept_files:
-            encoded = split_events(pl.scan_parquet(file), user_map, item_index, features)
+            encoded = split_events(pl.scan_parquet(file), user_map, item_index, features, types)
             file.unlink()
             for name, table in (("events", encoded), ("sequences", build_sequences(encoded))):
                 check_schema(table, _CONTRACTS[name], FEATURE_FILES[name])
+                if types is not None and name == "sequences":
+                    check_schema(table, SEQUENCE_TYPES, FEATURE_FILES[name])
                 parts[name].append(scratch / f"{name}-{len(parts[name]):05d}.parquet")
                 table.write_parquet(parts[name][-1])
         for name, files in parts.items():
@@ -279,9 +316,10 @@ def build_out_of_core(
         shutil.rmtree(scratch)
         written = {name: pl.scan_parquet(out / FEATURE_FILES[name]) for name in parts}
         maps = {"user_map": user_map, "item_map": add_train_count(item_index, written["events"])}
+        maps |= {} if types is None else {"event_types": types}
         manifest = gate.check(build_manifest(cfg, path, accounting, written | maps), path)
         for name, table in maps.items():
-            check_schema(table, _CONTRACTS[name], FEATURE_FILES[name])
+            check_schema(table, (_CONTRACTS | _TYPED_CONTRACTS)[name], _FILES[name])
         attributes, manifest["item_features"] = item_attributes(cfg, rows, maps["item_map"], event_items)
         write_tables(out, maps | attributes, manifest, cfg)
     return manifest
@@ -351,12 +389,24 @@ def build_manifest(
         "n_users_with_test": int(n_with["test"]),
         "n_events_per_split": {split: per_split.get(split, 0) for split in SPLIT_LISTS},
         "newest_timestamp": newest,  # of the kept events
+        "event_types": _event_type_section(tables),
         "split": cfg.features.split,
         "config": cfg.to_dict(),
         "inputs": {"events": _fingerprint(cfg, path)},
         "polars_version": pl.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _event_type_section(tables: dict[str, pl.DataFrame | pl.LazyFrame]) -> dict[str, Any] | None:
+    """The manifest's ``event_types``: kept events per type and with a null type (type_idx 0); None without
+    types."""
+    types = tables.get("event_types")
+    if types is None:
+        return None
+    counts = dict(types.lazy().select(EVENT_TYPE, "n_events").collect().iter_rows())
+    nulls = tables["events"].lazy().select((pl.col(TYPE_IDX) == 0).sum()).collect().item()
+    return {"n_types": len(counts), "n_events": counts, "null_types": int(nulls)}
 
 
 def _fingerprint(cfg: Config, path: Path) -> dict[str, Any]:
@@ -373,6 +423,9 @@ def write_features(
     """Check every table against its contract, then write all files into ``target`` atomically."""
     for name, contract in _CONTRACTS.items():
         check_schema(tables[name], contract, FEATURE_FILES[name])
+    if "event_types" in tables:
+        for name, contract in _TYPED_CONTRACTS.items():
+            check_schema(tables[name], contract, _FILES[name])
     with atomic_dir(target) as tmp:
         write_tables(tmp, tables, manifest, cfg)
 
@@ -380,10 +433,9 @@ def write_features(
 def write_tables(
     directory: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any], cfg: Config
 ) -> None:
-    """Write ``tables`` (keys of schema.FEATURE_FILES and ITEM_FEATURE_FILES), the manifest and ``config.yaml``
-    into ``directory``."""
-    files = FEATURE_FILES | ITEM_FEATURE_FILES
+    """Write ``tables`` (keys of schema.FEATURE_FILES, ITEM_FEATURE_FILES and EVENT_TYPE_FILES), the manifest
+    and ``config.yaml`` into ``directory``."""
     for name, table in tables.items():
-        table.write_parquet(directory / files[name])
+        table.write_parquet(directory / _FILES[name])
     write_json(directory / FEATURE_FILES["manifest"], manifest)
     save_config(cfg, directory / "config.yaml")

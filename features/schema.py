@@ -64,6 +64,19 @@ ITEM_FEATURE_FILES = {
     "item_feature_values": "item_feature_values.parquet",
 }
 
+# Event types (data.event_type_col), written when the events have a type column. Each kept type gets a
+# ``type_idx`` 1..n_types in order of its name (0 = no type: padding, a null type, the [MASK] position).
+TYPE_IDX = "type_idx"
+EVENT_TYPE_MAP = {EVENT_TYPE: pl.String, TYPE_IDX: pl.Int16, "n_events": pl.Int64}
+# Extra SEQUENCES columns then: each event's type_idx, aligned with the item lists of the same split.
+SEQUENCE_TYPES = {
+    "train_types": pl.List(pl.Int16),
+    "val_types": pl.List(pl.Int16),
+    "test_types": pl.List(pl.Int16),
+}
+EVENT_TYPE_FILES = {"event_types": "event_types.parquet"}
+MAX_EVENT_TYPES = 32767  # Int16
+
 
 def check_schema(df: pl.DataFrame, contract: Mapping[str, Any], name: str) -> None:
     """Raise ``ValueError`` naming the table and column if ``df`` does not match ``contract``."""

@@ -11,12 +11,13 @@ from typing import TypeVar
 
 import polars as pl
 
-from features.schema import ITEM_IDX, TIMESTAMP, USER_IDX
+from features.schema import ITEM_IDX, TIMESTAMP, TYPE_IDX, USER_IDX
 from recsys.config import FeaturesConfig
 
 SPLIT = "split"
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLIT_LISTS = {TRAIN: "train_items", VAL: "val_items", TEST: "test_items"}
+SPLIT_TYPES = {TRAIN: "train_types", VAL: "val_types", TEST: "test_types"}  # schema.SEQUENCE_TYPES
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 
@@ -75,11 +76,15 @@ def assign_split(events: Frame, features: FeaturesConfig) -> Frame:
 
 
 def build_sequences(split_events: Frame) -> Frame:
-    """schema.SEQUENCES: one row per ``user_idx`` (ascending) with its train/val/test ``item_idx`` lists.
+    """schema.SEQUENCES: one row per ``user_idx`` (ascending) with its train/val/test ``item_idx`` lists, and
+    (schema.SEQUENCE_TYPES) the events' ``type_idx`` lists aligned with them when the events have that column.
 
     Lists are in time order (stable); a split a user has no events in gives an empty list.
     """
     lists = [
         pl.col(ITEM_IDX).filter(pl.col(SPLIT) == split).alias(column) for split, column in SPLIT_LISTS.items()
     ]
+    if TYPE_IDX in split_events.collect_schema().names():
+        lists += [pl.col(TYPE_IDX).filter(pl.col(SPLIT) == split).alias(column)
+                  for split, column in SPLIT_TYPES.items()]
     return sort_events(split_events).group_by(USER_IDX, maintain_order=True).agg(lists)

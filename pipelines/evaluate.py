@@ -11,7 +11,7 @@ from pipelines.workdir import WorkDir, log_features_input
 from recsys.baselines import popularity_scores
 from recsys.candidates import load_trained_model
 from recsys.comparison import Comparison, compare_on_validation
-from recsys.config import Config, save_config
+from recsys.config import Config, ConfigError, save_config
 from recsys.device import resolve_device
 from recsys.evaluation import evaluate_all
 from recsys.model import SASRec, load_model
@@ -31,6 +31,7 @@ def run(cfg: Config) -> Path:
     wd = WorkDir.of(cfg)
     feats = load_features(wd.features)
     model = load_model(wd.model, device)
+    check_event_types(model, feats)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
     with job_run(cfg, "evaluate", tags={"device": str(device)}) as tracker:
         log_features_input(tracker, wd.features, feats, "evaluation")
@@ -53,6 +54,16 @@ def run(cfg: Config) -> Path:
     return wd.evaluation
 
 
+def check_event_types(model: SASRec, feats: FeatureSet) -> None:
+    """Raise ConfigError if ``model`` embeds event types but ``feats`` (which it is scored on, with their type
+    indices, as with their item indices) hold another number of them, or none."""
+    n = 0 if feats.event_types is None else feats.event_types.height
+    if model.n_event_types and model.n_event_types != n:
+        raise ConfigError(f"the model embeds {model.n_event_types} event types (model.event_types) but the features "
+                          f"hold {n}: evaluate a model on the features it was trained on (set data.event_type_col "
+                          "as then, or retrain)")
+
+
 def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec) -> None:
     """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores);
     the decision goes to ``evaluation/promotion.json``."""
@@ -69,7 +80,7 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model
         def rescore(champion_dir: Path) -> Comparison:  # both models on tonight's validation users
             return compare_on_validation(model, load_trained_model(champion_dir), feats.sequences,
                                          feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size,
-                                         exclude_seen=cfg.evaluate.exclude_seen)
+                                         exclude_seen=cfg.evaluate.exclude_seen, event_types=feats.event_types)
     result = promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance, rescore)
     if result is not None:
         payload = {**result.to_dict(), "summary": result.summary()}

@@ -13,7 +13,7 @@ from features.artifacts import FeatureSet, load_features
 from pipelines.schedule import checkpoint_dir, today_utc
 from pipelines.workdir import WorkDir, log_features_input
 from recsys.candidates import TrainedModel, load_trained_model
-from recsys.config import Config, save_config
+from recsys.config import Config, ConfigError, save_config
 from recsys.data import ItemAttributes
 from recsys.faults import fault_point
 from recsys.model import save_model
@@ -49,7 +49,8 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
         log_features_input(tracker, wd.features, feats, "training")
         warm, source = warm_start(cfg, feats, Path(tmp), tracker, local)
         result = train_model(cfg, feats.sequences, feats.n_items, ckpt_dir, logger=tracker.lightning_logger(),
-                             warm_start=warm, attributes=model_attributes(cfg, feats))
+                             warm_start=warm, attributes=model_attributes(cfg, feats),
+                             n_event_types=model_event_types(cfg, feats))
         report = {
             "best_val_ndcg_at_10": result.best_val_ndcg,
             "best_epoch": result.best_epoch,
@@ -70,12 +71,16 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             tracker.log_metrics({f"warm_start/{k}": v for k, v in result.warm_start.items()})
         with atomic_dir(wd.model) as tmp:
             save_model(result.model, tmp)
-            write_mlmodel(tmp, feats.item_map.schema[schema.ITEM_ID])  # an MLflow pyfunc model too (recsys/serving.py)
+            # an MLflow pyfunc model too (recsys/serving.py)
+            write_mlmodel(tmp, feats.item_map.schema[schema.ITEM_ID], result.model.n_event_types > 0)
             fault_point("model-write")
             for name in ("user_map", "item_map"):
                 shutil.copy2(wd.features / schema.FEATURE_FILES[name], tmp / schema.FEATURE_FILES[name])
             if result.model.n_feature_values:  # what each attribute row means, for warm starts and people
                 name = schema.ITEM_FEATURE_FILES["item_feature_values"]
+                shutil.copy2(wd.features / name, tmp / name)
+            if result.model.n_event_types:  # which type each type_idx is, for candidates, serving, warm starts
+                name = schema.EVENT_TYPE_FILES["event_types"]
                 shutil.copy2(wd.features / name, tmp / name)
             save_config(cfg, tmp / "config.yaml")
             tracker.log_artifacts(tmp, "model")
@@ -95,6 +100,18 @@ def model_attributes(cfg: Config, feats: FeatureSet) -> ItemAttributes | None:
     return ItemAttributes.of(feats.item_features, feats.item_feature_values, feats.item_map)
 
 
+def model_event_types(cfg: Config, feats: FeatureSet) -> int:
+    """How many event types the model embeds: the feature set's with ``model.event_types``, else 0. Raises
+    ConfigError naming both keys if the model should embed types and the features have none."""
+    if not cfg.model.event_types:
+        return 0
+    if feats.event_types is None or feats.event_types.height == 0:
+        raise ConfigError("model.event_types is true but the features hold no event types: set "
+                          "data.event_type_col to the events' type column (view, cart, purchase) and rebuild the "
+                          "features, or set model.event_types=false")
+    return feats.event_types.height
+
+
 def warm_start(
     cfg: Config, feats: FeatureSet, tmp: Path, tracker: JobRun, local: TrainedModel | None
 ) -> tuple[WarmStart | None, ModelRef | None]:
@@ -108,7 +125,7 @@ def warm_start(
     if spec is None:
         return None, None
     blend = {"shrink": cfg.train.init_shrink, "perturb": cfg.train.init_perturb,
-             "feature_values": feats.item_feature_values}
+             "feature_values": feats.item_feature_values, "event_types": feats.event_types}
     if local is not None:
         return WarmStart(local, spec, feats.item_map, **blend), ModelRef(str(Path(spec).resolve()))
     ref, files = fetch_model(tracker, spec, tmp)

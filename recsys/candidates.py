@@ -37,17 +37,20 @@ from recsys.model import SASRec, load_model
 log = logging.getLogger(__name__)
 
 MODEL_IDX = "model_item_idx"  # an item's index in the MODEL's item map (vs the features' item_idx)
+MODEL_TYPE = "model_type_idx"  # an event type's index in the MODEL's event type table (0: one it never saw)
 
 
 @dataclass(frozen=True)
 class TrainedModel:
     """A model with the id maps it was trained with (schema.USER_MAP, schema.ITEM_MAP) and, for a model with
-    item attributes, what its attribute values are (schema.ITEM_FEATURE_VALUES; None if not saved)."""
+    item attributes, what its attribute values are (schema.ITEM_FEATURE_VALUES; None if not saved), and for a
+    model with event types, which type each ``type_idx`` is (schema.EVENT_TYPE_MAP; None without types)."""
 
     model: SASRec
     user_map: pl.DataFrame
     item_map: pl.DataFrame
     feature_values: pl.DataFrame | None = None
+    event_types: pl.DataFrame | None = None
 
 
 def load_trained_model(directory: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
@@ -75,7 +78,34 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
     if model.n_feature_values and values_path.is_file():
         values = pl.read_parquet(values_path)
         schema.check_schema(values, schema.ITEM_FEATURE_VALUES, str(values_path))
-    return TrainedModel(model, maps["user_map"], maps["item_map"], values)
+    types = None
+    if model.n_event_types:
+        path = directory / schema.EVENT_TYPE_FILES["event_types"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; a model that embeds event types keeps their names "
+                                    "beside its weights (`recsys train` writes them)")
+        types = pl.read_parquet(path)
+        schema.check_schema(types, schema.EVENT_TYPE_MAP, str(path))
+        if sorted(types[schema.TYPE_IDX].to_list()) != list(range(1, model.n_event_types + 1)):
+            raise ValueError(f"{path}: column 'type_idx' must hold 1..{model.n_event_types} once each (the "
+                             "model's event types); the model and its type table do not match")
+    return TrainedModel(model, maps["user_map"], maps["item_map"], values, types)
+
+
+def type_translation(trained: TrainedModel, feature_types: pl.DataFrame | None) -> pl.DataFrame | None:
+    """(``type_idx`` of the features, :data:`MODEL_TYPE`) for a model with event types, matched by type name:
+    a type the model never saw gets 0 (no type); None for a model without event types. Raises ConfigError
+    naming data.event_type_col if the model embeds types and the features have none."""
+    if trained.event_types is None:
+        return None
+    if feature_types is None:
+        raise ConfigError("the model embeds event types (model.event_types) but these features have none: "
+                          "set data.event_type_col as when the model was trained, or train a model with "
+                          "model.event_types=false")
+    model_types = trained.event_types.select(schema.EVENT_TYPE, pl.col(schema.TYPE_IDX).alias(MODEL_TYPE))
+    return (feature_types.select(schema.EVENT_TYPE, schema.TYPE_IDX)
+            .join(model_types, on=schema.EVENT_TYPE, how="left", maintain_order="left")
+            .select(schema.TYPE_IDX, pl.col(MODEL_TYPE).fill_null(0)))
 
 
 def with_feature_ids(trained: TrainedModel, feats: FeatureSet) -> TrainedModel:
@@ -128,49 +158,72 @@ def select_active(
     return replace(feats, sequences=sequences), stats
 
 
+def in_model_types(sequences: pl.DataFrame, translation: pl.DataFrame | None) -> pl.DataFrame:
+    """``sequences`` with their type lists (schema.SEQUENCE_TYPES) in the model's type indices through
+    ``translation`` (:func:`type_translation`; a type it lacks becomes 0); unchanged when None."""
+    if translation is None:
+        return sequences
+    old, new = translation[schema.TYPE_IDX], translation[MODEL_TYPE]
+    return sequences.with_columns(
+        pl.col(c).list.eval(pl.element().replace_strict(old, new, default=0, return_dtype=pl.Int16))
+        for c in schema.SEQUENCE_TYPES)
+
+
 def full_histories(sequences: pl.DataFrame) -> pl.DataFrame:
-    """(user_idx, items) with every known event in time order: train + val + test."""
-    return sequences.select(
-        schema.USER_IDX,
-        pl.concat_list("train_items", "val_items", "test_items").alias("items"),
-    ).filter(pl.col("items").list.len() > 0)
+    """(user_idx, items) with every known event in time order: train + val + test; and ``types``, the events'
+    type lists, where the sequences have them (schema.SEQUENCE_TYPES)."""
+    columns = [pl.concat_list("train_items", "val_items", "test_items").alias("items")]
+    if "train_types" in sequences.columns:
+        columns.append(pl.concat_list("train_types", "val_types", "test_types").alias("types"))
+    return sequences.select(schema.USER_IDX, *columns).filter(pl.col("items").list.len() > 0)
 
 
-def model_histories(feats: FeatureSet, item_map: pl.DataFrame) -> pl.DataFrame:
+def model_histories(feats: FeatureSet, item_map: pl.DataFrame, types: pl.DataFrame | None = None) -> pl.DataFrame:
     """One row per user with events, sorted by ``user_id``: ``items`` List(Int32) of the MODEL's item
     indices in time order (items unknown to the model dropped), ``seen`` List(Int64) of every item_id in the
-    history, ``unknown_events`` (history events of items unknown to the model)."""
+    history, ``unknown_events`` (history events of items unknown to the model); with ``types``
+    (:func:`type_translation`) also ``types``, the MODEL's type index of each event of ``items``."""
     model_ids = item_map.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias(MODEL_IDX))
+    full = full_histories(feats.sequences)
+    aggs = [
+        pl.col(MODEL_IDX).drop_nulls().alias("items"),
+        pl.col(schema.ITEM_ID).alias("seen"),
+        pl.col(MODEL_IDX).is_null().sum().alias("unknown_events"),
+    ]
+    if types is not None:
+        full = full.explode("items", "types").join(types, left_on="types", right_on=schema.TYPE_IDX, how="left",
+                                                   maintain_order="left")
+        aggs.append(pl.col(MODEL_TYPE).fill_null(0).filter(pl.col(MODEL_IDX).is_not_null()).alias("types"))
+    else:
+        full = full.explode("items")
     return (
-        full_histories(feats.sequences)
-        .explode("items")
+        full
         .join(feats.item_map.select(schema.ITEM_ID, schema.ITEM_IDX), left_on="items",
               right_on=schema.ITEM_IDX, how="left", maintain_order="left")
         .join(model_ids, on=schema.ITEM_ID, how="left", maintain_order="left")
         .join(feats.user_map, on=schema.USER_IDX, how="left", maintain_order="left")
         .sort(schema.USER_ID, maintain_order=True)  # stable: each history stays in time order
         .group_by(schema.USER_ID, maintain_order=True)
-        .agg(
-            pl.col(MODEL_IDX).drop_nulls().alias("items"),
-            pl.col(schema.ITEM_ID).alias("seen"),
-            pl.col(MODEL_IDX).is_null().sum().alias("unknown_events"),
-        )
+        .agg(*aggs)
     )
 
 
-def user_vectors(model: SASRec, histories: pl.Series, batch_size: int) -> np.ndarray:
+def user_vectors(model: SASRec, histories: pl.Series, batch_size: int, types: pl.Series | None = None) -> np.ndarray:
     """(U, D) float32 hidden state at each user's last position (the last ``model.max_len`` items).
 
-    ``histories`` is a List(Int) column of item indices; padding is vectorised (no per-user Python). The model
+    ``histories`` is a List(Int) column of item indices, ``types`` (for a model with event types) the
+    matching List(Int) column of their event types; padding is vectorised (no per-user Python). The model
     runs on its own device in exact float32; the vectors come back to the CPU (for FAISS).
     """
     ragged = RaggedItems.from_series(histories)
+    kinds = None if types is None else RaggedItems.from_series(types)
     out = []
     with inference(model) as device:
         for start in range(0, len(histories), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(histories)))
             batch = ragged.pad(rows, model.max_len).long().to(device)  # (B, T)
-            out.append(model.user_vectors(batch).float().cpu())  # (B, D)
+            batch_types = None if kinds is None else kinds.pad(rows, model.max_len).long().to(device)  # (B, T)
+            out.append(model.user_vectors(batch, batch_types).float().cpu())  # (B, D)
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
@@ -183,7 +236,7 @@ def generate_candidates(
     Raises InputDataError naming ``candidates.allowed_items`` if the model knows none of the allowed items.
     """
     trained = with_feature_ids(trained, feats)
-    hist = model_histories(feats, trained.item_map)
+    hist = model_histories(feats, trained.item_map, type_translation(trained, feats.event_types))
     pool = trained.item_map  # the items that may be candidates
     if allowed is not None:
         allowed = allowed.cast(feats.item_map.schema[schema.ITEM_ID], strict=False).drop_nulls()
@@ -231,7 +284,7 @@ def _model_top_k(
         return schema.empty_candidates(scored.schema[schema.USER_ID], trained.item_map.schema[schema.ITEM_ID]), \
             {"users": 0}
     lists = scored["items"].to_list()
-    users = user_vectors(trained.model, scored["items"], cfg.batch_size)  # (U, D)
+    users = user_vectors(trained.model, scored["items"], cfg.batch_size, scored.get_column("types", default=None))
     with torch.no_grad():
         items = trained.model.item_embeddings()[1:].float().cpu().numpy()  # (I, D); row r = item_idx r + 1
     table = items  # every item's vector (the index may hold only the allowed rows)

@@ -74,9 +74,10 @@ class ResumePoint:
 
 
 def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
-                 attributes: ItemAttributes | None = None) -> str:
+                 attributes: ItemAttributes | None = None, n_event_types: int = 0) -> str:
     """SHA-256 of what decides the training outcome: ``model`` and ``train`` config (less ``train.progress``),
-    the catalogue size, the contents of ``sequences`` and the item ``attributes`` (if any).
+    the catalogue size, the contents of ``sequences``, the item ``attributes`` (if any) and the number of
+    event types the model embeds (if any).
 
     ``train.max_time_s`` is a budget, not a setting of the run: it is hashed as unset, so a run stopped (or
     killed) under one budget resumes under another, e.g. a larger one to let it finish, or a small one to stop
@@ -84,6 +85,8 @@ def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
     """
     train = without_budget(cfg.train.model_dump(mode="json", exclude={"progress"}))
     settings = {"model": cfg.model.model_dump(mode="json"), "train": train, "n_items": n_items}
+    if n_event_types:  # only then, so that the identities of runs without types stay as they were
+        settings["n_event_types"] = n_event_types
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in sequences.columns:
         column = sequences[name]

@@ -5,7 +5,9 @@ each model was trained on; after a night of new events they are not comparable. 
 champion, with its own item map) is scored on the current features: its histories and targets are mapped
 through ``item_id`` into its own indices, history items it never saw are dropped, and a target it never saw
 counts as a miss (it cannot recommend it). Users with no history item the champion knows are left out of the
-comparison (counted), so both models rank for exactly the same users, and the difference is paired.
+comparison (counted), so both models rank for exactly the same users, and the difference is paired. A champion
+with event types gets the histories' types through its own type table (matched by name; a type it never saw
+is 0), with the events of dropped items dropped alike.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import polars as pl
 import torch
 
 from features import schema
-from recsys.candidates import TrainedModel
+from recsys.candidates import TrainedModel, in_model_types, type_translation
 from recsys.evaluation import (
     RankingModel,
     ScoreFn,
@@ -72,9 +74,11 @@ def compare_on_validation(
     k: int = 10,
     batch_size: int = 1024,
     exclude_seen: bool = True,
+    event_types: pl.DataFrame | None = None,
 ) -> Comparison:
     """Score both models on the validation targets of ``sequences`` (the CURRENT features, whose item map is
-    ``item_map``; ``challenger`` uses those indices) for the users with a history item the champion knows."""
+    ``item_map`` and event type table ``event_types``; ``challenger`` uses those indices) for the users with a
+    history item the champion knows."""
     champion_ids = schema.with_id_dtype(champion.item_map, schema.ITEM_ID, item_map.schema[schema.ITEM_ID])
     model_idx = champion_ids.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("target"))
     mapping = item_map.select(schema.ITEM_ID, schema.ITEM_IDX).join(model_idx, on=schema.ITEM_ID, how="left")
@@ -93,11 +97,20 @@ def compare_on_validation(
         _map_lists(kept, "val_items", mapping, unknown).alias("val_items"),
         pl.lit([], dtype=pl.List(pl.Int32)).alias("test_items"),
     )
-    ours = accumulate_scorer(model_scorer(challenger), ranking_set(build_eval_set(kept, "val", max_len), exclude_seen),
+    if "train_types" in sequences.columns:  # the types of the champion's kept history events
+        translated = in_model_types(kept, type_translation(champion, event_types))
+        item_known = pl.col("train_items").list.eval(pl.element().is_in(mapping.drop_nulls("target")[schema.ITEM_IDX]
+                                                                        .implode()))
+        remapped = remapped.with_columns(
+            translated.select(pl.col("train_types").list.gather(item_known.list.eval(
+                pl.arg_where(pl.element())))).to_series(),
+            pl.lit([], dtype=pl.List(pl.Int16)).alias("val_types"), pl.lit([], dtype=pl.List(pl.Int16)).alias("test_types"))
+    ours_set = build_eval_set(kept, "val", max_len)
+    ours = accumulate_scorer(model_scorer(challenger, ours_set), ranking_set(ours_set, exclude_seen),
                              int(item_map.height), (k,), batch_size)
-    theirs_set = ranking_set(build_eval_set(remapped, "val", champion.model.max_len), exclude_seen)
-    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model), 1 + k), theirs_set, n_eval, (k,),
-                               batch_size)
+    theirs_set = build_eval_set(remapped, "val", champion.model.max_len)
+    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model, theirs_set), 1 + k),
+                               ranking_set(theirs_set, exclude_seen), n_eval, (k,), batch_size)
     deltas = paired_deltas(ours, theirs)
     key = f"ndcg_at_{k}"
     unknown_targets = int((remapped["val_items"].explode() == unknown).sum())

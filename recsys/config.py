@@ -188,6 +188,10 @@ class ModelConfig(_Section):
     # Embed the item attributes of the feature set (data.item_features) and add them to each item's id
     # embedding, in the input and in the output table alike; false = ids only, whatever the features hold.
     item_features: bool = True
+    # Embed each history event's type (data.event_type_col: view, cart, purchase) and add it to the item's
+    # input embedding, as positions are; the ranked items are unchanged. Needs a feature set built from
+    # events with a type column (exit 2 otherwise).
+    event_types: bool = False
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:

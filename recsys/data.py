@@ -12,7 +12,7 @@ import pytorch_lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from features.schema import FEATURE_IDX, ITEM_IDX, SEQUENCES, check_schema
+from features.schema import FEATURE_IDX, ITEM_IDX, SEQUENCE_TYPES, SEQUENCES, check_schema
 from features.schema import PAD_IDX as PAD
 
 SHUFFLE_STREAM = 1  # derive_seed stream of the training order (recsys.training uses 0 for each step)
@@ -139,7 +139,8 @@ def mask_items(
     mask_token: int,
     mask_prob: float,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    types: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A masked-item (cloze, BERT4Rec) batch from a next-item train batch of :class:`SequenceDataModule`.
 
     inputs, targets: (B, T) as in a train batch (targets = inputs shifted left). The sequence is the inputs
@@ -147,7 +148,10 @@ def mask_items(
     Each real item is replaced by ``mask_token`` with probability ``mask_prob``; a row left with none masked
     gets one, chosen uniformly among its real items. Random numbers come from ``generator`` (None = torch's
     global generator, which training reseeds every epoch). Returns (inputs, targets), both (B, W): the
-    masked sequence, and the hidden item at masked positions with 0 (no target) elsewhere.
+    masked sequence, and the hidden item at masked positions with 0 (no target) elsewhere; and with ``types``
+    (the batch's ``input_types`` and ``target_types``) the sequence's event types (B, W), 0 at masked
+    positions (the type of a hidden event is not shown, as the [MASK] appended at inference has none), else
+    None.
     """
     seq = torch.cat([inputs, targets[:, -1:]], 1)[:, -max_len:]  # (B, W)
     real = seq != PAD  # (B, W)
@@ -157,7 +161,10 @@ def mask_items(
     pick = draws[1].masked_fill(~real, -1.0).argmax(1)  # (B,) a uniform real position
     forced = torch.zeros_like(masked).scatter_(1, pick.unsqueeze(1), True) & real  # (B, W)
     masked |= forced & ~masked.any(1, keepdim=True)
-    return seq.masked_fill(masked, mask_token), seq.masked_fill(~masked, PAD)
+    seq_types = None
+    if types is not None:
+        seq_types = torch.cat([types[0], types[1][:, -1:]], 1)[:, -max_len:].masked_fill(masked, PAD)  # (B, W)
+    return seq.masked_fill(masked, mask_token), seq.masked_fill(~masked, PAD), seq_types
 
 
 class IndexBatchSampler(Sampler[torch.Tensor]):
@@ -249,6 +256,9 @@ class SequenceDataModule(L.LightningDataModule):
     stay ``max_len`` wide with ``static_shapes``, so that every step has one shape); the tables behind
     them are int32. ``item_counts`` (n_items + 1,) int64: each item's number of train events (all of
     ``train_items``, not only the last ``max_len + 1``); entry 0 is 0.
+    With ``n_event_types`` > 0 (the sequences then hold schema.SEQUENCE_TYPES, types 0..n_event_types) a train batch also has
+    ``input_types`` and ``target_types`` and a val batch ``input_types``: each item's event type, aligned
+    with ``inputs`` / ``targets`` (0 for padding).
     """
 
     def __init__(
@@ -262,6 +272,7 @@ class SequenceDataModule(L.LightningDataModule):
         window_stride: int | None = None,
         group_by_length: int | None = None,
         static_shapes: bool = False,
+        n_event_types: int = 0,
     ) -> None:
         super().__init__()
         if window_stride is not None and not 1 <= window_stride <= max_len:
@@ -276,18 +287,24 @@ class SequenceDataModule(L.LightningDataModule):
         self._val = RaggedItems.from_series(sequences["val_items"])
         _check_item_range(self._train, "train_items", n_items)
         _check_item_range(self._val, "val_items", n_items)
+        self._train_types = _event_types(sequences, self._train, n_event_types) if n_event_types else None
         self.item_counts = torch.bincount(self._train.values.long(), minlength=n_items + 1)  # (n_items + 1,)
         self.train_users = torch.nonzero(self._train.lengths >= 2).squeeze(1)  # (U,) row numbers
-        self.train_rows = self._train_windows(max_len + 1, window_stride)  # (N, max_len + 1), N >= U
+        self.train_rows = self._train_windows(self._train, max_len + 1, window_stride)  # (N, max_len + 1), N >= U
         val_users = torch.nonzero(self._val.lengths >= 1).squeeze(1)  # (V,) row numbers
         # Ordered by history length, so that val batches are trimmed to little padding.
         self.val_users = val_users[torch.argsort(self._train.lengths[val_users], stable=True)]  # (V,)
         self.val_inputs = self._train.pad(self.val_users, max_len)  # (V, max_len)
+        self.train_type_rows = self.val_input_types = None
+        if self._train_types is not None:  # the same windows of the type lists
+            self.train_type_rows = self._train_windows(self._train_types, max_len + 1, window_stride)
+            self.val_input_types = self._train_types.pad(self.val_users, max_len)  # (V, max_len)
 
-    def _train_windows(self, width: int, stride: int | None) -> torch.Tensor:
-        """One row per training window: the last ``width`` items, then (with a stride) earlier windows."""
+    def _train_windows(self, ragged: RaggedItems, width: int, stride: int | None) -> torch.Tensor:
+        """One row per training window of ``ragged`` (the train items, or their types): the last ``width``
+        values, then (with a stride) earlier windows."""
         if stride is None:
-            return self._train.pad(self.train_users, width)
+            return ragged.pad(self.train_users, width)
         lengths = self._train.lengths[self.train_users]  # (U,)
         extra = torch.div((lengths - width).clamp(min=0) + stride - 1, stride, rounding_mode="floor")  # (U,)
         counts = extra + 1  # (U,) windows per user
@@ -295,21 +312,29 @@ class SequenceDataModule(L.LightningDataModule):
         first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # (N,) index of the user's 1st window
         back = torch.arange(len(users)) - first  # (N,) 0 = the last window, 1 = S items earlier, ...
         upto = torch.repeat_interleave(lengths, counts) - back * stride  # (N,) each window's end in the history
-        return self._train.pad(users, width, upto)
+        return ragged.pad(users, width, upto)
 
     def _train_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = self.train_rows[idx].long()  # (B, max_len + 1)
         inputs, targets = rows[:, :-1], rows[:, 1:]  # (B, max_len) each
         # The first item of a short sequence follows padding: nothing to predict it from.
         targets = targets.masked_fill(inputs == PAD, PAD)
+        batch = {"inputs": inputs, "targets": targets}
+        if self.train_type_rows is not None:
+            types = self.train_type_rows[idx].long()  # (B, max_len + 1)
+            batch |= {"input_types": types[:, :-1], "target_types": types[:, 1:]}
         if not self.static_shapes:
-            inputs, targets = _trim_left(inputs, targets)
-        return {"inputs": inputs, "targets": targets}
+            batch = dict(zip(batch, _trim_left(*batch.values()), strict=True))  # inputs first
+        return batch
 
     def _val_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         users = self.val_users[idx]  # (B,)
-        (inputs,) = _trim_left(self.val_inputs[idx].long())
-        return {"inputs": inputs, "history": self._train.pad(users).long(), "targets": self._val.pad(users).long()}
+        inputs = [self.val_inputs[idx].long()]
+        if self.val_input_types is not None:
+            inputs.append(self.val_input_types[idx].long())
+        inputs = list(_trim_left(*inputs))
+        batch = {"inputs": inputs[0], "history": self._train.pad(users).long(), "targets": self._val.pad(users).long()}
+        return batch if len(inputs) == 1 else batch | {"input_types": inputs[1]}
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train_users) == 0:
@@ -331,6 +356,19 @@ class SequenceDataModule(L.LightningDataModule):
     def _loader(dataset: Dataset, sampler: IndexBatchSampler) -> DataLoader:
         # batch_size=None: the sampler yields whole index batches and the dataset slices tensors once per batch.
         return DataLoader(dataset, sampler=sampler, batch_size=None, pin_memory=torch.cuda.is_available())
+
+
+def _event_types(sequences: pl.DataFrame, train: RaggedItems, n_types: int) -> RaggedItems:
+    """The ``train_types`` lists as :class:`RaggedItems`, checked against the sequences' contract, aligned
+    with the ``train`` items (one type per item) and in 0..``n_types``; ValueError naming the column otherwise."""
+    check_schema(sequences, SEQUENCE_TYPES, "sequences (event types: built from events with data.event_type_col)")
+    types = RaggedItems.from_series(sequences["train_types"])
+    if not torch.equal(types.offsets, train.offsets):
+        raise ValueError("sequences: column 'train_types' does not hold one type per item of 'train_items'")
+    if types.values.numel() and (int(types.values.min()) < 0 or int(types.values.max()) > n_types):
+        lo, hi = int(types.values.min()), int(types.values.max())
+        raise ValueError(f"sequences: column 'train_types' has type indices in [{lo}, {hi}], expected 0..{n_types}")
+    return types
 
 
 def _check_item_range(items: RaggedItems, column: str, n_items: int) -> None:

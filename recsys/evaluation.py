@@ -43,7 +43,7 @@ class RankingModel(Protocol):
 
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
     def train(self, mode: bool = True) -> Any: ...
-    def user_vectors(self, items: torch.Tensor) -> torch.Tensor: ...  # (B, T) -> (B, D)
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor: ...  # (B, T) -> (B, D); SASRec: types too
     def score(self, hidden: torch.Tensor) -> torch.Tensor: ...  # (..., D) -> (..., n_items + 1)
 
 
@@ -59,13 +59,15 @@ class EvalSet:
     """Tensors for one split; all int64, row i is one user, 0 = padding.
 
     user_idx (U,); inputs (U, max_len) the last ``max_len`` history items, left-padded;
-    history (U, H) the full history (excluded from the ranking); targets (U, M) the split's unique items.
+    history (U, H) the full history (excluded from the ranking); targets (U, M) the split's unique items;
+    input_types (U, max_len) the event types of ``inputs`` where the sequences have types, else None.
     """
 
     user_idx: torch.Tensor
     inputs: torch.Tensor
     history: torch.Tensor
     targets: torch.Tensor
+    input_types: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.user_idx.shape[0]
@@ -94,14 +96,19 @@ def _to_long(series: pl.Series) -> torch.Tensor:
 
 
 def split_histories(sequences: pl.DataFrame, split: Literal["val", "test"]) -> pl.DataFrame:
-    """(``user_idx``, ``history``) for every user: what is known when ``split`` is predicted.
+    """(``user_idx``, ``history``) for every user: what is known when ``split`` is predicted, and
+    ``history_types``, its events' types, where the sequences have them (schema.SEQUENCE_TYPES).
 
     val: train_items; test: train_items + val_items. Raises ``ValueError`` on an unknown split.
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     history = pl.col("train_items") if split == "val" else pl.concat_list("train_items", "val_items")
-    return sequences.select(pl.col(USER_IDX), history.alias("history"))
+    columns = [pl.col(USER_IDX), history.alias("history")]
+    if "train_types" in sequences.columns:
+        types = pl.col("train_types") if split == "val" else pl.concat_list("train_types", "val_types")
+        columns.append(types.alias("history_types"))
+    return sequences.select(columns)
 
 
 def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_len: int) -> EvalSet:
@@ -122,6 +129,7 @@ def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_l
         inputs=_left_pad(frame, "history", max_len),
         history=_left_pad(frame, "history"),
         targets=_left_pad(frame, "targets"),
+        input_types=_left_pad(frame, "history_types", max_len) if "history_types" in frame.columns else None,
     )
 
 
@@ -305,7 +313,11 @@ def accumulate_model_blocked(
         items = model.item_embeddings()[1:]  # (n_items, D), row r = item index r + 1
         for start in range(0, len(eval_set), batch_size):
             rows = slice(start, start + batch_size)
-            users = model.user_vectors(eval_set.inputs[rows].to(device))  # (B, D)
+            types = None
+            if getattr(model, "n_event_types", 0) and eval_set.input_types is not None:
+                types = eval_set.input_types[rows].to(device)
+            inputs = eval_set.inputs[rows].to(device)
+            users = model.user_vectors(inputs) if types is None else model.user_vectors(inputs, types)  # (B, D)
             found = top_k_blocked(
                 users, items, min(max(ks), n_items), _positions(eval_set.history[rows]),
                 eval_set.targets[rows] - 1, batch_size, item_block_size, device,
@@ -323,12 +335,25 @@ def _positions(padded: torch.Tensor) -> RaggedItems:
     return RaggedItems((padded[real] - 1).int(), offsets)
 
 
-def model_scorer(model: RankingModel) -> ScoreFn:
+def model_scorer(model: RankingModel, eval_set: EvalSet | None = None) -> ScoreFn:
     """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored), in
-    exact float32 on the model's device: the scores stay there (the metrics move them back to the CPU)."""
+    exact float32 on the model's device: the scores stay there (the metrics move them back to the CPU).
+    A model with event types (SASRec, ``n_event_types`` > 0) gets each user's ``input_types`` from the
+    ``eval_set`` the scorer will be run on (looked up by ``user_idx``)."""
+    types, row_of = None, None
+    if getattr(model, "n_event_types", 0):
+        if eval_set is None or eval_set.input_types is None:
+            raise ValueError("the model embeds event types: score it on an eval set built from sequences with "
+                             "event types (data.event_type_col)")
+        types = eval_set.input_types
+        row_of = torch.full((int(eval_set.user_idx.max()) + 1 if len(eval_set) else 1,), -1, dtype=torch.long)
+        row_of[eval_set.user_idx] = torch.arange(len(eval_set))
 
     def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
         with inference(model) as device:
+            if types is not None and row_of is not None:
+                batch_types = types[row_of[user_idx]].to(device)  # (B, max_len), aligned with inputs
+                return model.scores(inputs.to(device), batch_types)  # type: ignore[attr-defined]
             if hasattr(model, "scores"):  # SASRec: with its repeat bias, if any
                 return model.scores(inputs.to(device))  # (B, n_items + 1)
             return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
@@ -383,7 +408,7 @@ def evaluate_all(
     ranked = ranking_set(eval_set, cfg.exclude_seen)
     baselines = baseline_scorers(sequences, n_items, cfg, item_popularity)
     if cfg.item_block_size is None:
-        model_totals = accumulate_scorer(model_scorer(model), ranked, n_items, cfg.ks, cfg.batch_size)
+        model_totals = accumulate_scorer(model_scorer(model, eval_set), ranked, n_items, cfg.ks, cfg.batch_size)
         how = "dense"
     elif getattr(model, "repeat_bias", False):
         raise ValueError("a model with a repeat bias is scored densely: set evaluate.item_block_size to null")

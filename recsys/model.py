@@ -16,6 +16,11 @@ item's values in that column (category, brand, genres); an item with no value ke
 and an item with no training event (a new arrival, ``data.item_features.cold_items``) has its attributes alone:
 its id row would only ever be pushed down as a negative. The item -> values table is a buffer set by
 :meth:`SASRec.set_item_features`, saved with the weights, so a saved model scores without the feature files.
+
+Event types (``n_event_types`` > 0, ``model.event_types``): each input position also adds the embedding of its
+event's type (view, cart, purchase: ``type_idx`` 1..n_event_types of the feature set's EVENT_TYPE_MAP), as it
+adds its position's; type 0 (padding, a null type, the [MASK] position, a type the model never saw) adds
+nothing. Types are input context only: the output table (what is ranked) is the items' alone.
 """
 
 from __future__ import annotations
@@ -121,8 +126,11 @@ class SASRec(nn.Module):
         repeat_bias: bool = False,
         n_feature_values: int = 0,
         feature_slots: int = 0,
+        n_event_types: int = 0,
     ) -> None:
         super().__init__()
+        if n_event_types < 0:
+            raise ValueError(f"n_event_types must be >= 0, got {n_event_types}")
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
         if ffn_mult < 1:
@@ -146,11 +154,15 @@ class SASRec(nn.Module):
             self.kwargs["repeat_bias"] = True
         if n_feature_values:  # likewise
             self.kwargs |= {"n_feature_values": n_feature_values, "feature_slots": feature_slots}
+        if n_event_types:  # likewise
+            self.kwargs["n_event_types"] = n_event_types
         self.n_items, self.max_len, self.attention = n_items, max_len, attention
         self.causal = attention == "causal"
         self.mask_token: int | None = None if self.causal else n_items + 1
         self.item_emb = nn.Embedding(n_items + (1 if self.causal else 2), hidden, padding_idx=PAD)
         self.pos_emb = nn.Embedding(max_len, hidden)
+        # Event types: row 0 (no type) is zero and stays zero (padding_idx: no gradient)
+        self.type_emb = nn.Embedding(n_event_types + 1, hidden, padding_idx=PAD) if n_event_types else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(hidden, n_heads, dropout, ffn_mult, block) for _ in range(n_blocks))
         self.norm = nn.LayerNorm(hidden)
@@ -176,20 +188,32 @@ class SASRec(nn.Module):
         self.apply(_init_weights)
         with torch.no_grad():
             self.item_emb.weight[PAD].zero_()
-            if self.feature_emb is not None:
-                self.feature_emb.weight[PAD].zero_()
+            for table in (self.feature_emb, self.type_emb):
+                if table is not None:
+                    table.weight[PAD].zero_()
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """items: (B, T) int, T <= max_len, 0 = padding. Returns hidden states (B, T, D)."""
-        return self._encode(items, last_only=False)
+    def forward(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """items: (B, T) int, T <= max_len, 0 = padding; types: (B, T) each event's type (0 = none), needed
+        by a model with event types and ignored by one without. Returns hidden states (B, T, D)."""
+        return self._encode(items, last_only=False, types=types)
 
-    def _encode(self, items: torch.Tensor, last_only: bool) -> torch.Tensor:
+    @property
+    def n_event_types(self) -> int:
+        return 0 if self.type_emb is None else self.type_emb.num_embeddings - 1
+
+    def _encode(self, items: torch.Tensor, last_only: bool, types: torch.Tensor | None = None) -> torch.Tensor:
         t = items.shape[1]
         if t > self.max_len:
             raise ValueError(f"input width {t} exceeds max_len {self.max_len}; keep the last max_len items")
         keep = items != PAD  # (B, T)
         pos = torch.arange(self.max_len - t, self.max_len, device=items.device)  # (T,) right-aligned
         x = self.item_vectors(items) + self.pos_emb(pos)  # (B, T, D)
+        if self.type_emb is not None:
+            if types is None or types.shape != items.shape:
+                got = None if types is None else tuple(types.shape)
+                raise ValueError(f"this model embeds event types (n_event_types = {self.n_event_types}): pass "
+                                 f"types of the items' shape {tuple(items.shape)}, got {got}")
+            x = x + self.type_emb(types)  # (B, T, D); callers map types the model never saw to 0
         x = self.drop(x) * keep.unsqueeze(-1)  # (B, T, D) padded slots carry nothing
         mask = self._attention_mask(keep)  # (B, 1, T, T)
         for i, block in enumerate(self.blocks):
@@ -293,10 +317,11 @@ class SASRec(nn.Module):
         values = self.repeat_weight[dist.clamp(min=0)] * (dist >= 0)  # (T, T)
         return values.unsqueeze(0) * real[:, None, :]  # (B, T, T)
 
-    def scores(self, items: torch.Tensor) -> torch.Tensor:
-        """items: (B, T) left-padded history -> (B, n_items + 1) scores of the next item: ``score(user_vectors)``
-        plus, with ``repeat_bias``, each window item's :meth:`history_bias` (repeats summed)."""
-        return self.add_history_bias(self.score(self.user_vectors(items)), items)  # (B, I + 1)
+    def scores(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """items: (B, T) left-padded history (``types`` its events' types, as in :meth:`forward`) -> (B,
+        n_items + 1) scores of the next item: ``score(user_vectors)`` plus, with ``repeat_bias``, each window
+        item's :meth:`history_bias` (repeats summed)."""
+        return self.add_history_bias(self.score(self.user_vectors(items, types)), items)  # (B, I + 1)
 
     def add_history_bias(self, scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """scores (B, n_items + 1) of the window ``items`` (B, T) plus each window item's :meth:`history_bias`
@@ -306,17 +331,19 @@ class SASRec(nn.Module):
             return scores
         return scores.scatter_add(1, items.long(), bias.to(scores.dtype))  # padding lands on column 0 with 0
 
-    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """items: (B, T) left-padded history -> (B, D) user vectors.
+    def user_vectors(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """items: (B, T) left-padded history (``types`` its events' types, as in :meth:`forward`) -> (B, D).
 
         Causal: the hidden state at the last position (= ``forward(items)[:, -1]``). Bidirectional: a [MASK]
-        is appended after the history (the oldest column dropped if that exceeds ``max_len``) and its hidden
-        state is returned, i.e. the state that predicts the next item.
+        (of type 0) is appended after the history (the oldest column dropped if that exceeds ``max_len``) and
+        its hidden state is returned, i.e. the state that predicts the next item.
         """
         if self.mask_token is not None:
             mask = torch.full_like(items[:, :1], self.mask_token)  # (B, 1)
             items = torch.cat([items, mask], 1)[:, -self.max_len:]  # (B, min(T + 1, max_len))
-        return self._encode(items, last_only=True)[:, -1]  # (B, D)
+            if types is not None:
+                types = torch.cat([types, torch.zeros_like(types[:, :1])], 1)[:, -self.max_len:]
+        return self._encode(items, last_only=True, types=types)[:, -1]  # (B, D)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -6,7 +6,9 @@ directory, so the directory, the run's ``model`` artifact and every registered v
     model = mlflow.pyfunc.load_model("models:/sasrec@champion")    # or a local <work_dir>/model
     model.predict(pd.DataFrame({"history": [[10, 20, 30], [7]]}), params={"k": 5})
 
-Input: a ``history`` column, each row a user's item ids (the ORIGINAL ids), oldest first. Output: one row per
+Input: a ``history`` column, each row a user's item ids (the ORIGINAL ids), oldest first; for a model that embeds
+event types (``model.event_types``) also an ``event_types`` column, each row the type names of the history's
+events (``["view", "view", "purchase"]``), a type the model never saw counting as none. Output: one row per
 input row with ``item_ids`` (the top ``k`` items, best first, the history's items excluded) and ``scores``.
 Items the model never saw are ignored; a history with no item the model knows gets the model's most popular
 items (``score`` = share of training events), as `recsys candidates` does. The serving environment needs
@@ -31,12 +33,14 @@ from recsys.metrics import exclusion_mask
 log = logging.getLogger(__name__)
 
 HISTORY = "history"
+TYPES = "event_types"
 DEFAULT_K = 10
 
 
-def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64) -> bool:
+def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64, event_types: bool = False) -> bool:
     """Make ``directory`` (a model directory) loadable by ``mlflow.pyfunc.load_model``; returns whether it
-    did. ``item_dtype``: the model's item ids, Int64 or String (data.item_id_type), for the signature. Without MLflow installed (a stripped environment: it is a dependency of this package) it logs a
+    did. ``item_dtype``: the model's item ids, Int64 or String (data.item_id_type), for the signature;
+``event_types``: the model embeds event types (its input then has an ``event_types`` column). Without MLflow installed (a stripped environment: it is a dependency of this package) it logs a
     warning and writes nothing, so training does not depend on it when tracking is off."""
     try:
         import mlflow.pyfunc
@@ -49,7 +53,7 @@ def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64) -> 
 
     ids = DataType.string if item_dtype == pl.String else DataType.long
     signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(ids), HISTORY)]),
+        inputs=Schema([ColSpec(Array(ids), HISTORY)] + ([ColSpec(Array(DataType.string), TYPES)] if event_types else [])),
         outputs=Schema([ColSpec(Array(ids), "item_ids"), ColSpec(Array(DataType.float), "scores")]),
         params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]),
     )
@@ -81,11 +85,21 @@ class Recommender:
         if HISTORY not in model_input.columns:
             raise ValueError(f"the input needs a '{HISTORY}' column (a list of item ids per row, oldest first); "
                              f"it has {list(model_input.columns)}")
-        rows = self.top_k([list(h) for h in model_input[HISTORY]], k)
+        types = None
+        if self.trained.event_types is not None:
+            if TYPES not in model_input.columns:
+                raise ValueError(f"this model embeds event types: the input needs a '{TYPES}' column (a list of "
+                                 f"type names per row, one per '{HISTORY}' item); it has {list(model_input.columns)}")
+            types = [[str(t) for t in row] for row in model_input[TYPES]]
+        rows = self.top_k([list(h) for h in model_input[HISTORY]], k, types)
         return pd.DataFrame({"item_ids": [r[0] for r in rows], "scores": [r[1] for r in rows]})
 
-    def top_k(self, histories: list[list[Any]], k: int) -> list[tuple[list[Any], list[float]]]:
-        """Per history: (item ids, scores) of the best ``min(k, catalogue)`` unseen items, best first."""
+    def top_k(self, histories: list[list[Any]], k: int, types: list[list[str]] | None = None
+              ) -> list[tuple[list[Any], list[float]]]:
+        """Per history: (item ids, scores) of the best ``min(k, catalogue)`` unseen items, best first.
+        ``types``: each history's event type names (needed by a model with event types, ignored otherwise).
+
+        Raises ValueError if a row's types are not one per history item."""
         model, item_map = self.trained.model, self.trained.item_map
         k = min(k, model.n_items)
         id_dtype = item_map.schema[schema.ITEM_ID]
@@ -96,14 +110,25 @@ class Recommender:
             kind = "text" if id_dtype == pl.String else "whole numbers"
             raise ValueError(f"the '{HISTORY}' column must hold lists of item ids; this model's item ids are "
                              f"{kind} ({id_dtype}): {str(exc).splitlines()[0]}") from exc
-        mapped = (frame.explode(HISTORY)
+        aggs = [pl.col(schema.ITEM_IDX).drop_nulls().alias("items"), pl.col(HISTORY).drop_nulls().alias("seen")]
+        if self.trained.event_types is not None and types is not None:
+            frame = frame.with_columns(pl.Series(TYPES, types, dtype=pl.List(pl.String)))
+            if not frame.select((pl.col(HISTORY).list.len() == pl.col(TYPES).list.len()).all()).item():
+                raise ValueError(f"the '{TYPES}' column must hold one type per '{HISTORY}' item in every row")
+            names = self.trained.event_types.select(pl.col(schema.EVENT_TYPE).alias(TYPES), schema.TYPE_IDX)
+            frame = frame.explode(HISTORY, TYPES).join(names, on=TYPES, how="left", maintain_order="left")
+            aggs.append(pl.col(schema.TYPE_IDX).fill_null(0).filter(pl.col(schema.ITEM_IDX).is_not_null())
+                        .alias("types"))
+        else:
+            frame = frame.explode(HISTORY)
+        mapped = (frame
                   .join(item_map.select(pl.col(schema.ITEM_ID).alias(HISTORY), schema.ITEM_IDX), on=HISTORY,
                         how="left", maintain_order="left")
                   .group_by("row", maintain_order=True)
-                  .agg(pl.col(schema.ITEM_IDX).drop_nulls().alias("items"), pl.col(HISTORY).drop_nulls()
-                       .alias("seen")))
+                  .agg(aggs))
         # every input row, an empty history too (explode may drop its row): no known item, nothing seen
-        mapped = frame.select("row").join(mapped, on="row", how="left", maintain_order="left").with_columns(
+        rows = pl.DataFrame({"row": np.arange(len(histories), dtype=np.int64)})
+        mapped = rows.join(mapped, on="row", how="left", maintain_order="left").with_columns(
             pl.col("items").fill_null([]), pl.col("seen").fill_null([]))
         known = mapped.filter(pl.col("items").list.len() > 0)
         out: dict[int, tuple[list[Any], list[float]]] = {}
@@ -113,7 +138,8 @@ class Recommender:
             to_id = item_map.sort(schema.ITEM_IDX)[schema.ITEM_ID]  # position = item_idx - 1
             for start in range(0, known.height, self.batch_size):  # a (batch, catalogue) score block at a time
                 part = known.slice(start, self.batch_size)
-                scores = torch.from_numpy(user_vectors(model, part["items"], self.batch_size)) @ table.T
+                vectors = user_vectors(model, part["items"], self.batch_size, part.get_column("types", default=None))
+                scores = torch.from_numpy(vectors) @ table.T
                 seen = RaggedItems.from_series(part["items"]).pad().long()  # (B, longest history)
                 scores.masked_fill_(exclusion_mask(seen, model.n_items), float("-inf"))  # padding and seen
                 best, idx = scores.topk(k, dim=1)

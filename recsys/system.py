@@ -67,6 +67,7 @@ class SASRecSystem(L.LightningModule):
         repeat_bias: bool = False,
         n_feature_values: int = 0,
         feature_slots: int = 0,
+        n_event_types: int = 0,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -83,17 +84,18 @@ class SASRecSystem(L.LightningModule):
         if repeat_bias and loss != "ce":
             raise ValueError(f"repeat_bias needs loss 'ce', got {loss!r}")
         self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention, ffn_mult, block,
-                            repeat_bias, n_feature_values, feature_slots)
+                            repeat_bias, n_feature_values, feature_slots, n_event_types)
         # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
         self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
-        self._compiled_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._compiled_loss: Callable[..., torch.Tensor] | None = None
         self._loss_sum: torch.Tensor | None = None  # this epoch's sum of batch loss x batch rows, on the device
         self._loss_rows = 0
 
     @classmethod
-    def from_config(cls, cfg: Config, n_items: int, attributes: ItemAttributes | None = None) -> SASRecSystem:
+    def from_config(cls, cfg: Config, n_items: int, attributes: ItemAttributes | None = None,
+                    n_event_types: int = 0) -> SASRecSystem:
         """The system of ``cfg`` for a catalogue of ``n_items``, with the item ``attributes`` set in its model
-        (None: ids only)."""
+        (None: ids only) and an embedding of ``n_event_types`` event types (0: none)."""
         m, t = cfg.model, cfg.train
         system = cls(
             n_items=n_items, max_len=m.max_len, hidden=m.hidden, n_blocks=m.n_blocks, n_heads=m.n_heads,
@@ -104,7 +106,7 @@ class SASRecSystem(L.LightningModule):
             compile_mode=t.compile_mode, ffn_mult=m.ffn_mult, block=m.block,
             exclude_seen=cfg.evaluate.exclude_seen, repeat_bias=m.repeat_bias,
             n_feature_values=0 if attributes is None else attributes.n_values,
-            feature_slots=0 if attributes is None else attributes.slots,
+            feature_slots=0 if attributes is None else attributes.slots, n_event_types=n_event_types,
         )
         if attributes is not None:
             system.model.set_item_features(attributes.ids, attributes.columns, attributes.trained)
@@ -149,13 +151,13 @@ class SASRecSystem(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         if stage == "train":
-            inputs, targets = self._training_inputs(batch)  # (B, W) each
-            loss = self._train_loss(inputs, targets)
+            inputs, targets, types = self._training_inputs(batch)  # (B, W) each (types None without event types)
+            loss = self._train_loss(inputs, targets, types)
             weighted = loss.detach() * len(inputs)  # () on the device: no host synchronisation
             self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
             self._loss_rows += len(inputs)
             return loss
-        user = self.model.user_vectors(batch["inputs"])  # (B, D)
+        user = self.model.user_vectors(batch["inputs"], batch.get("input_types"))  # (B, D)
         metrics = self._ranking_metrics(user, batch["history"], batch["targets"], batch["inputs"])
         for name in (f"ndcg_at_{VAL_K}", f"hr_at_{VAL_K}"):
             # Weighted by batch size, so the epoch value is the mean over users.
@@ -163,24 +165,31 @@ class SASRecSystem(L.LightningModule):
                      batch_size=len(user), sync_dist=True)
         return metrics[f"ndcg_at_{VAL_K}"].mean()
 
-    def _training_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal: the batch as it is (next-item targets). Bidirectional: a masked-item batch."""
+    def _training_inputs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(inputs, targets, input event types or None). Causal: the batch as it is (next-item targets).
+        Bidirectional: a masked-item batch."""
+        types = batch.get("input_types")
         if self.model.mask_token is None:
-            return batch["inputs"], batch["targets"]
+            return batch["inputs"], batch["targets"], types
         return mask_items(
-            batch["inputs"], batch["targets"], self.model.max_len, self.model.mask_token, self.hparams["mask_prob"]
+            batch["inputs"], batch["targets"], self.model.max_len, self.model.mask_token, self.hparams["mask_prob"],
+            types=None if types is None else (types, batch["target_types"]),
         )
 
-    def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """Forward and loss of a training batch, through ``torch.compile`` with ``compile`` (compiled once)."""
         if not self.hparams["compile"]:
-            return self._forward_loss(inputs, targets)
+            return self._forward_loss(inputs, targets, types)
         if self._compiled_loss is None:
             self._compiled_loss = torch.compile(self._forward_loss, mode=self.hparams["compile_mode"])
-        return self._compiled_loss(inputs, targets)
+        return self._compiled_loss(inputs, targets, types)
 
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self._next_item_loss(self.model(inputs), targets, inputs)  # hidden: (B, T, D)
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        return self._next_item_loss(self.model(inputs, types), targets, inputs)  # hidden: (B, T, D)
 
     def _next_item_loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None

@@ -208,6 +208,7 @@ def train_model(
     allow_resume: bool = True,
     warm_start: WarmStart | None = None,
     attributes: ItemAttributes | None = None,
+    n_event_types: int = 0,
 ) -> TrainResult:
     """Train on ``sequences`` (the SEQUENCES contract), checkpointing into ``checkpoint_dir``.
 
@@ -226,7 +227,8 @@ def train_model(
     never resumes (a non-zero rank of a ``--force`` run, whose rank 0 discarded the directory).
     ``warm_start`` loads an earlier model's weights into the new model before training (a resumed run then
     continues from its checkpoint, as always). ``attributes``: the item attributes the model embeds (None: ids
-    only); they are part of the run's identity, so a run resumes only onto the same ones.
+    only); they are part of the run's identity, so a run resumes only onto the same ones. ``n_event_types`` > 0:
+    the model embeds each input event's type (the sequences' schema.SEQUENCE_TYPES, 0..n_event_types).
     Raises ``ValueError`` if no user can be trained on, no user has val items, or fewer users than processes
     have val items.
     """
@@ -234,17 +236,17 @@ def train_model(
     t = cfg.train
     data = RankShardedData(
         sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed, t.window_stride,
-        t.group_by_length, t.static_shapes,
+        t.group_by_length, t.static_shapes, n_event_types,
     )
     if len(data.train_users) == 0 or len(data.val_users) == 0:
         raise ValueError(
             f"sequences: {len(data.train_users)} users with >= 2 train_items and {len(data.val_users)} with "
             "val_items; training needs both to be non-empty"
         )
-    system = SASRecSystem.from_config(cfg, n_items, attributes)
+    system = SASRecSystem.from_config(cfg, n_items, attributes, n_event_types)
     warm = None if warm_start is None else warm_start.apply(system.model)
     checkpoint_dir = Path(checkpoint_dir)
-    identity = run_identity(cfg, sequences, n_items, attributes)
+    identity = run_identity(cfg, sequences, n_items, attributes, n_event_types)
     best, timer = _best_checkpoint(checkpoint_dir), _EpochTimer()
     callbacks = [
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience), best,

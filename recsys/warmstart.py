@@ -11,6 +11,10 @@ Item attributes (``model.item_features``): both models must have them or neither
 matched like items, by (column, value) through both models' ``item_feature_values`` tables: a value seen
 before starts from its old row, a new one from the fresh init; the item -> values table is tonight's.
 
+Event types (``model.event_types``): their embeddings are matched by type name through both models'
+``event_types`` tables; a type the earlier model did not embed (or all of them, if it embedded none) starts from
+the fresh init, and an earlier model's types are simply left out when tonight's model embeds none.
+
 Shrink and perturb (Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020): with
 ``train.init_shrink`` = s and ``train.init_perturb`` = p, every carried-over weight becomes
 ``s * earlier + p * fresh``, fresh = the new model's own seeded initialisation (s = 1, p = 0: a plain copy).
@@ -35,7 +39,7 @@ SAME_ARCHITECTURE = ("max_len", "hidden", "n_blocks", "n_heads", "attention", "f
 _ABSENT = {"repeat_bias": False}  # model.json holds this key only when it is set
 # weights matched by id (items, attribute values) or taken from tonight's model rather than copied as they are
 _TONIGHT = ("item_feature_ids", "item_feature_weights", "item_id_weights")
-_REMAPPED = ("item_emb.weight", "feature_emb.weight", *_TONIGHT)
+_REMAPPED = ("item_emb.weight", "feature_emb.weight", "type_emb.weight", *_TONIGHT)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class WarmStart:
     shrink: float = 1.0
     perturb: float = 0.0
     feature_values: pl.DataFrame | None = None  # the current features' schema.ITEM_FEATURE_VALUES, if any
+    event_types: pl.DataFrame | None = None  # the current features' schema.EVENT_TYPE_MAP, if any
 
     def apply(self, model: SASRec) -> dict[str, int | float]:
         """Load the source's weights into ``model`` (in place; its item rows by ``item_id``) and return the
@@ -83,6 +88,9 @@ class WarmStart:
             state |= {k: fresh[k] for k in _TONIGHT}  # tonight's attributes
             state["feature_emb.weight"], matched = self._feature_table(old, model)
             values = {"values_from_source": matched, "values_new": model.n_feature_values - matched}
+        if model.type_emb is not None:
+            state["type_emb.weight"], matched = self._type_table(old, model)
+            values |= {"event_types_from_source": matched, "event_types_new": model.n_event_types - matched}
         with torch.no_grad():
             table = model.item_emb.weight.detach().clone()  # (I + 1 [+ 1 MASK], D): new items keep their init
             source = old.item_emb.weight.detach().to(table)
@@ -126,6 +134,20 @@ class WarmStart:
             source = old.feature_emb.weight.detach().to(table)
             table[new_idx] = self._blend(source[old_idx], table[new_idx])
             table[PAD] = 0.0
+        return table, pairs.height
+
+    def _type_table(self, old: SASRec, model: SASRec) -> tuple[torch.Tensor, int]:
+        """Tonight's event type embeddings, rows of types the earlier model embedded (same name) from it, and
+        how many those are."""
+        assert model.type_emb is not None
+        table = model.type_emb.weight.detach().clone()  # (n_types + 1, D): new types keep their init
+        if old.type_emb is None or self.source.event_types is None or self.event_types is None:
+            return table, 0
+        pairs = self.event_types.join(self.source.event_types.select(
+            schema.EVENT_TYPE, pl.col(schema.TYPE_IDX).alias("source_idx")), on=schema.EVENT_TYPE)
+        new_idx, old_idx = (pairs[c].to_torch().long() for c in (schema.TYPE_IDX, "source_idx"))
+        with torch.no_grad():
+            table[new_idx] = self._blend(old.type_emb.weight.detach().to(table)[old_idx], table[new_idx])
         return table, pairs.height
 
     def _blend(self, earlier: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
