@@ -12,7 +12,17 @@ import pytest
 from features.artifacts import last_event_times
 from features.build import ENCODED_EVENTS, build_features
 from features.readers import InputDataError
-from features.schema import FEATURE_FILES, ITEM_MAP, SEQUENCES, USER_MAP, check_schema
+from features.schema import (
+    EVENT_TYPE_FILES,
+    EVENT_TYPE_MAP,
+    FEATURE_FILES,
+    ITEM_MAP,
+    SEQUENCE_TYPES,
+    SEQUENCES,
+    USER_MAP,
+    check_schema,
+)
+from features.synthetic import EVENT_TYPES
 from recsys.config import ConfigError, load_config
 
 SYNTHETIC = ["data.source=synthetic", "data.synthetic.n_users=300", "data.synthetic.n_items=100"]
@@ -31,11 +41,21 @@ def synthetic_build(tmp_path_factory) -> tuple[dict, Path]:
 
 def test_writes_every_file_with_its_contract(synthetic_build):
     manifest, out = synthetic_build
-    assert {p.name for p in out.iterdir()} == {*FEATURE_FILES.values(), "config.yaml"}
+    # the generator writes an event_type column: the type table and the sequences' type lists come with it
+    assert {p.name for p in out.iterdir()} == {*FEATURE_FILES.values(), *EVENT_TYPE_FILES.values(), "config.yaml"}
     assert json.loads((out / FEATURE_FILES["manifest"]).read_text()) == manifest
-    contracts = {"events": ENCODED_EVENTS, "sequences": SEQUENCES, "user_map": USER_MAP, "item_map": ITEM_MAP}
+    contracts = {"events": ENCODED_EVENTS, "sequences": SEQUENCES | SEQUENCE_TYPES, "user_map": USER_MAP,
+                 "item_map": ITEM_MAP}
     for name, contract in contracts.items():
         check_schema(_read(out, name), contract, name)
+    types = pl.read_parquet(out / EVENT_TYPE_FILES["event_types"])
+    check_schema(types, EVENT_TYPE_MAP, "event_types")
+    assert types.columns == list(EVENT_TYPE_MAP)
+    assert types["event_type"].to_list() == sorted(EVENT_TYPES)  # every generated type, by name
+    assert types["type_idx"].to_list() == list(range(1, len(EVENT_TYPES) + 1))
+    assert types["n_events"].sum() == manifest["rows_kept"]  # the generator writes no null type
+    assert manifest["event_types"] == {"n_types": len(EVENT_TYPES), "null_types": 0,
+                                       "n_events": dict(types.select("event_type", "n_events").iter_rows())}
     assert (out.parent / "input" / "events.csv").is_file()
     assert load_config(out / "config.yaml").to_dict() == manifest["config"]
 
@@ -109,7 +129,9 @@ def test_build_from_a_csv_file_with_policies(tmp_path, write_file):
         4,
     )
     sequences = _read(tmp_path / "work" / "features", "sequences")
-    assert sequences.row(0) == (0, [1, 2], [3], [4])
+    assert sequences.row(0, named=True) == {"user_idx": 0, "train_items": [1, 2], "val_items": [3],
+                                            "test_items": [4], "train_types": [1, 1], "val_types": [1],
+                                            "test_types": [1]}  # 'view', the only type kept, is type 1
 
 
 def test_failed_build_keeps_previous_output(tmp_path, write_file):

@@ -1,0 +1,156 @@
+"""Event types (data.event_type_col): the type table, the type lists aligned with the item lists and the
+manifest's section, on a hand-made file with the answer worked out by hand; in memory and out of core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from features import build
+from features.artifacts import load_features
+from features.build import build_features
+from features.readers import InputDataError
+from features.schema import EVENT_TYPE_FILES, FEATURE_FILES, SEQUENCE_TYPES, SEQUENCES
+from recsys.config import load_config
+
+# Rows out of time order; user 1's item 50 has no type; (2, 10, 1) is an exact duplicate (same user, item and
+# time) whose first row in the input, the 'view', is kept. Items 10..50 are item_idx 1..5, users 1..3 are
+# user_idx 0..2 (both by external id). Per user in time order, with leave-one-out (test = last, val = the one
+# before, for users with 3 or more events):
+#   user 1: 10 view, 20 cart, 30 view, 40 buy, 50 (none) -> train 10 20 30 | val 40 | test 50
+#   user 2: 10 view, 30 buy, 20 view                     -> train 10 | val 30 | test 20
+#   user 3: 20 cart, 50 view                             -> train 20 50 (too short for val and test)
+EVENTS = """user_id,item_id,timestamp,event_type
+1,10,1,view
+1,20,2,cart
+2,30,2,buy
+1,30,3,view
+2,10,1,view
+1,40,4,buy
+2,10,1,buy
+1,50,5,
+3,20,7,cart
+2,20,3,view
+3,50,8,view
+"""
+SEQUENCE_COLUMNS = [*SEQUENCES, *SEQUENCE_TYPES]
+
+
+@pytest.fixture
+def events_csv(write_file) -> Path:
+    return write_file("events.csv", EVENTS)
+
+
+def _build(work: Path, events: Path, *overrides: str) -> dict:
+    return build_features(load_config(overrides=[f"work_dir={work}", f"data.path={events}", *overrides]))
+
+
+def _typed(work: Path, events: Path, *overrides: str) -> dict:
+    return _build(work, events, "data.event_type_col=event_type", *overrides)
+
+
+def _sequences(rows: list[tuple]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=SEQUENCES | SEQUENCE_TYPES, orient="row")
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_types_are_indexed_by_name_and_aligned_with_the_items(tmp_path, events_csv, partitions):
+    manifest = _typed(tmp_path / "work", events_csv, f"features.partitions={partitions}")
+    feats = load_features(tmp_path / "work" / "features")
+    assert feats.event_types is not None
+    # buy = 1, cart = 2, view = 3; counts are kept events (the duplicate 'buy' of user 2 is not one of them)
+    assert feats.event_types.rows() == [("buy", 1, 2), ("cart", 2, 2), ("view", 3, 5)]
+    assert feats.event_types.columns == ["event_type", "type_idx", "n_events"]
+    expected = _sequences([
+        (0, [1, 2, 3], [4], [5], [3, 2, 3], [1], [0]),  # item 50's missing type is 0
+        (1, [1], [3], [2], [3], [1], [3]),
+        (2, [2, 5], [], [], [2, 3], [], []),
+    ])
+    assert feats.sequences.select(SEQUENCE_COLUMNS).equals(expected)
+    assert manifest["event_types"] == {"n_types": 3, "n_events": {"buy": 2, "cart": 2, "view": 5},
+                                       "null_types": 1}
+    assert feats.manifest["event_types"] == manifest["event_types"]  # as written to manifest.json
+    assert (manifest["rows_in"], manifest["rows_kept"], manifest["dropped"]["duplicate"]) == (11, 10, 1)
+    assert sum(manifest["event_types"]["n_events"].values()) + manifest["event_types"]["null_types"] == 10
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+@pytest.mark.parametrize("has_column", [False, True], ids=["no_type_column", "type_column_not_configured"])
+def test_without_types_nothing_typed_is_written(tmp_path, write_file, events_csv, partitions, has_column):
+    """A file without the column, or with it but no data.event_type_col; a typed build in the same work
+    directory before must leave no type table behind."""
+    untyped = events_csv if has_column else write_file("plain.csv", "".join(
+        ",".join(line.split(",")[:3]) + "\n" for line in EVENTS.splitlines()))
+    work = tmp_path / "work"
+    _typed(work, events_csv)
+    manifest = _build(work, untyped, f"features.partitions={partitions}")
+    assert manifest["event_types"] is None
+    assert not (work / "features" / EVENT_TYPE_FILES["event_types"]).exists()
+    feats = load_features(work / "features")
+    assert feats.event_types is None
+    assert feats.sequences.columns == list(SEQUENCES)
+    assert feats.sequences.rows() == [(0, [1, 2, 3], [4], [5]), (1, [1], [3], [2]), (2, [2, 5], [], [])]
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_the_type_filter_leaves_only_listed_types_in_the_table(tmp_path, events_csv, partitions):
+    # 'purchase' is listed but never occurs; cart and the untyped row are filtered out, so buy = 1, view = 2:
+    #   user 1: 10 view, 30 view, 40 buy -> train 10 | val 30 | test 40
+    #   user 2: 10 view, 30 buy, 20 view -> train 10 | val 30 | test 20
+    #   user 3: 50 view                  -> train 50
+    manifest = _typed(tmp_path / "work", events_csv, "features.event_types=[view,purchase,buy]",
+                      f"features.partitions={partitions}")
+    feats = load_features(tmp_path / "work" / "features")
+    assert feats.event_types is not None
+    assert feats.event_types.rows() == [("buy", 1, 2), ("view", 2, 5)]
+    assert manifest["dropped"]["event_type_filtered"] == 3
+    assert manifest["event_types"] == {"n_types": 2, "n_events": {"buy": 2, "view": 5}, "null_types": 0}
+    expected = _sequences([
+        (0, [1], [3], [4], [2], [2], [1]),
+        (1, [1], [3], [2], [2], [1], [2]),
+        (2, [5], [], [], [2], [], []),
+    ])
+    assert feats.sequences.select(SEQUENCE_COLUMNS).equals(expected)
+
+
+@pytest.mark.parametrize("partitions", [2, 3])
+@pytest.mark.parametrize("overrides", [[], ["features.event_types=[view,buy]"], ["features.dedup=none"]],
+                         ids=["all_types", "filtered", "no_dedup"])
+def test_out_of_core_gives_the_same_types_and_sequences(tmp_path, events_csv, partitions, overrides):
+    whole = _typed(tmp_path / "p1", events_csv, *overrides)
+    parted = _typed(tmp_path / "pn", events_csv, *overrides, f"features.partitions={partitions}")
+    expected, got = load_features(tmp_path / "p1" / "features"), load_features(tmp_path / "pn" / "features")
+    assert got.event_types is not None and expected.event_types is not None
+    assert got.event_types.equals(expected.event_types)
+    assert got.sequences.equals(expected.sequences)
+    assert got.sequences.columns == SEQUENCE_COLUMNS
+    events = [pl.read_parquet(tmp_path / name / "features" / FEATURE_FILES["events"]) for name in ("p1", "pn")]
+    assert events[1].equals(events[0])
+    assert parted["event_types"] == whole["event_types"]
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_too_many_types_name_the_file_and_the_setting(tmp_path, events_csv, monkeypatch, partitions):
+    monkeypatch.setattr(build, "MAX_EVENT_TYPES", 3)  # exactly the three types of the file: accepted
+    assert _typed(tmp_path / "ok", events_csv, f"features.partitions={partitions}")["event_types"]["n_types"] == 3
+    monkeypatch.setattr(build, "MAX_EVENT_TYPES", 2)
+    with pytest.raises(InputDataError) as info:
+        _typed(tmp_path / "work", events_csv, f"features.partitions={partitions}")
+    message = str(info.value)
+    assert str(events_csv) in message and "data.event_type_col" in message
+    assert "3 distinct values, more than 2" in message
+    assert not (tmp_path / "work" / "features").exists()  # nothing published
+
+
+def test_the_type_table_is_checked_when_loaded(tmp_path, events_csv):
+    _typed(tmp_path / "work", events_csv)
+    features_dir = tmp_path / "work" / "features"
+    sequences = pl.read_parquet(features_dir / FEATURE_FILES["sequences"])
+    sequences.drop("val_types").write_parquet(features_dir / FEATURE_FILES["sequences"])
+    with pytest.raises(ValueError, match="sequences.parquet: missing column 'val_types'"):
+        load_features(features_dir)
+    (features_dir / EVENT_TYPE_FILES["event_types"]).unlink()
+    with pytest.raises(FileNotFoundError, match="event_types.parquet does not exist"):
+        load_features(features_dir)
