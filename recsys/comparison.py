@@ -99,12 +99,12 @@ def compare_on_validation(
     )
     if "train_types" in sequences.columns:  # the types of the champion's kept history events
         translated = in_model_types(kept, type_translation(champion, event_types))
-        item_known = pl.col("train_items").list.eval(pl.element().is_in(mapping.drop_nulls("target")[schema.ITEM_IDX]
-                                                                        .implode()))
+        champion_items = mapping.drop_nulls("target")[schema.ITEM_IDX].implode()
+        known_at = pl.col("train_items").list.eval(pl.arg_where(pl.element().is_in(champion_items)))
+        no_types = pl.lit([], dtype=pl.List(pl.Int16))
         remapped = remapped.with_columns(
-            translated.select(pl.col("train_types").list.gather(item_known.list.eval(
-                pl.arg_where(pl.element())))).to_series(),
-            pl.lit([], dtype=pl.List(pl.Int16)).alias("val_types"), pl.lit([], dtype=pl.List(pl.Int16)).alias("test_types"))
+            translated.select(pl.col("train_types").list.gather(known_at)).to_series(),  # as _map_lists drops
+            no_types.alias("val_types"), no_types.alias("test_types"))
     ours_set = build_eval_set(kept, "val", max_len)
     ours = accumulate_scorer(model_scorer(challenger, ours_set), ranking_set(ours_set, exclude_seen),
                              int(item_map.height), (k,), batch_size)

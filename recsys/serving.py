@@ -40,8 +40,9 @@ DEFAULT_K = 10
 def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64, event_types: bool = False) -> bool:
     """Make ``directory`` (a model directory) loadable by ``mlflow.pyfunc.load_model``; returns whether it
     did. ``item_dtype``: the model's item ids, Int64 or String (data.item_id_type), for the signature;
-``event_types``: the model embeds event types (its input then has an ``event_types`` column). Without MLflow installed (a stripped environment: it is a dependency of this package) it logs a
-    warning and writes nothing, so training does not depend on it when tracking is off."""
+    ``event_types``: the model embeds event types (its input then has an ``event_types`` column). Without
+    MLflow installed (a stripped environment: it is a dependency of this package) it logs a warning and writes
+    nothing, so training does not depend on it when tracking is off."""
     try:
         import mlflow.pyfunc
     except ImportError:
@@ -53,7 +54,8 @@ def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64, eve
 
     ids = DataType.string if item_dtype == pl.String else DataType.long
     signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(ids), HISTORY)] + ([ColSpec(Array(DataType.string), TYPES)] if event_types else [])),
+        inputs=Schema([ColSpec(Array(ids), HISTORY)]
+                      + ([ColSpec(Array(DataType.string), TYPES)] if event_types else [])),
         outputs=Schema([ColSpec(Array(ids), "item_ids"), ColSpec(Array(DataType.float), "scores")]),
         params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]),
     )

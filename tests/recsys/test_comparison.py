@@ -108,3 +108,50 @@ def test_seen_items_compete_when_evaluate_exclude_seen_is_false():
     assert got.challenger == pytest.approx(np.mean(ours), rel=1e-5)
     assert got.champion == pytest.approx(np.mean(theirs), rel=1e-5)
     assert np.mean(ours) != pytest.approx(np.mean([_direct_ndcg(challenger, h, t) for h, t in ROWS]))
+
+
+def _typed_model(n_items: int, n_types: int, seed: int) -> SASRec:
+    torch.manual_seed(seed)
+    return SASRec(n_items=n_items, max_len=4, hidden=8, n_blocks=1, n_heads=1, dropout=0.0,
+                  n_event_types=n_types).eval()
+
+
+def _type_table(names: list[str]) -> pl.DataFrame:
+    return pl.DataFrame({"event_type": names, "type_idx": list(range(1, len(names) + 1)), "n_events": [1] * len(names)},
+                        schema={"event_type": pl.String, "type_idx": pl.Int16, "n_events": pl.Int64})
+
+
+def test_a_typed_champion_gets_its_own_types_of_the_events_it_keeps():
+    """Features: types buy(1) / view(2); the champion embeds cart(1) / view(2) / buy(3) and never saw items 10
+    and 60: its histories keep the other items' events with their types renamed by name."""
+    from features.schema import SEQUENCE_TYPES
+
+    types = [[2, 1], [1], [2], [1, 2, 2], [2, 1], [1], [2, 2]]  # one per train item of ROWS
+    seqs = _sequences().with_columns(pl.Series("train_types", types, dtype=pl.List(pl.Int16)),
+                                     pl.Series("val_types", [[2]] * len(ROWS), dtype=pl.List(pl.Int16)),
+                                     pl.Series("test_types", [[]] * len(ROWS), dtype=pl.List(pl.Int16)))
+    assert set(SEQUENCE_TYPES) <= set(seqs.columns)
+    challenger = _typed_model(6, 2, seed=0)
+    champion = _typed_model(4, 3, seed=2)
+    to_champion, type_to_champion = {2: 1, 3: 2, 4: 3, 5: 4}, {1: 3, 2: 2}
+    trained = TrainedModel(champion, USERS, _item_map([20, 30, 40, 50]), event_types=_type_table(["cart", "view", "buy"]))
+    got = compare_on_validation(challenger, trained, seqs, _item_map(FEATURE_IDS), max_len=4, k=K,
+                                event_types=_type_table(["buy", "view"]))
+
+    def direct(model: SASRec, history: list[int], kinds: list[int], target: int | None) -> float:
+        if target is None:
+            return 0.0
+        with torch.no_grad():
+            scores = model.scores(torch.tensor([history]), torch.tensor([kinds]))[0, 1:].numpy()
+        others = [i for i in range(1, model.n_items + 1) if i not in history and i != target]
+        rank = sum(1 for i in others if scores[i - 1] >= scores[target - 1])
+        return 1 / np.log2(rank + 2) if rank < K else 0.0
+
+    kept = [(h, k, t) for (h, t), k in zip(ROWS, types, strict=True) if any(i in to_champion for i in h)]
+    theirs = [direct(champion, [to_champion[i] for i in h if i in to_champion],
+                     [type_to_champion[x] for i, x in zip(h, k, strict=True) if i in to_champion], to_champion.get(t))
+              for h, k, t in kept]
+    ours = [direct(challenger, h, k, t) for h, k, t in kept]
+    assert got.users_compared == len(kept) == 6
+    assert got.champion == pytest.approx(np.mean(theirs), abs=1e-6)
+    assert got.challenger == pytest.approx(np.mean(ours), abs=1e-6)
