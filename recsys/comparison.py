@@ -97,8 +97,9 @@ def compare_on_validation(
         _map_lists(kept, "val_items", mapping, unknown).alias("val_items"),
         pl.lit([], dtype=pl.List(pl.Int32)).alias("test_items"),
     )
+    translation = type_translation(champion, event_types)  # ConfigError: a typed champion, features without
     if "train_types" in sequences.columns:  # the types of the champion's kept history events
-        translated = in_model_types(kept, type_translation(champion, event_types))
+        translated = in_model_types(kept, translation)
         champion_items = mapping.drop_nulls("target")[schema.ITEM_IDX].implode()
         known_at = pl.col("train_items").list.eval(pl.arg_where(pl.element().is_in(champion_items)))
         no_types = pl.lit([], dtype=pl.List(pl.Int16))

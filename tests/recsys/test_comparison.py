@@ -155,3 +155,12 @@ def test_a_typed_champion_gets_its_own_types_of_the_events_it_keeps():
     assert got.users_compared == len(kept) == 6
     assert got.champion == pytest.approx(np.mean(theirs), abs=1e-6)
     assert got.challenger == pytest.approx(np.mean(ours), abs=1e-6)
+
+
+def test_a_typed_champion_on_features_without_types_names_the_setting():
+    from recsys.config import ConfigError
+
+    champion = TrainedModel(_typed_model(6, 2, seed=2), USERS, _item_map(FEATURE_IDS),
+                            event_types=_type_table(["buy", "view"]))
+    with pytest.raises(ConfigError, match="data.event_type_col"):
+        compare_on_validation(_model(6, seed=0), champion, _sequences(), _item_map(FEATURE_IDS), max_len=4, k=K)
