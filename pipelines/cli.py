@@ -247,14 +247,17 @@ def _deltas(report: dict, names: list[str]) -> list[str]:
 
 
 def _segments(report: dict, names: list[str]) -> list[str]:
-    """One row per history-length segment (evaluate.history_segments): each scorer's NDCG@k there, and the
-    segment's user count."""
+    """One row per history-length segment (evaluate.history_segments) and per target event type
+    (evaluate.type_segments): each scorer's NDCG@k there, and the segment's user count."""
     key = f"ndcg_at_{report['ks'][0]}"
-    parts = report["model"].get("segments", {})
-    rows = [f"  {key} by history length (events before the target):"] if parts else []
-    for label, segment in parts.items():
-        cells = "".join(f"{report[n]['segments'][label].get(key, float('nan')):>12.4f}" for n in names)
-        rows.append(f"    {label:<14}" + cells + f"   ({int(segment['n_users'])} users)")
+    rows = []
+    for part, title in (("segments", "history length (events before the target)"),
+                        ("type_segments", "the target's event type")):
+        parts = report["model"].get(part, {})
+        rows += [f"  {key} by {title}:"] if parts else []
+        for label, segment in parts.items():
+            cells = "".join(f"{report[n][part][label].get(key, float('nan')):>12.4f}" for n in names)
+            rows.append(f"    {label:<14}" + cells + f"   ({int(segment['n_users'])} users)")
     return rows
 
 

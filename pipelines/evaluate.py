@@ -4,6 +4,7 @@ promotion gate for the model version trained in this work directory (``recsys.re
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from features.artifacts import FeatureSet, load_features
@@ -30,13 +31,17 @@ def run(cfg: Config) -> Path:
     device = resolve_device(cfg.evaluate.device, "evaluate.device")
     wd = WorkDir.of(cfg)
     feats = load_features(wd.features)
+    if cfg.evaluate.type_segments and feats.event_types is None:
+        raise ConfigError("evaluate.type_segments is true but the features hold no event types: set "
+                          "data.event_type_col and rebuild the features, or set evaluate.type_segments=false")
     model = load_model(wd.model, device)
     check_event_types(model, feats)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
     with job_run(cfg, "evaluate", tags={"device": str(device)}) as tracker:
         log_features_input(tracker, wd.features, feats, "evaluation")
         pop = popularity_scores(feats.sequences, feats.n_items)
-        results = evaluate_all(model, feats.sequences, feats.n_items, pop, cfg.evaluate, model.max_len)
+        results = evaluate_all(model, feats.sequences, feats.n_items, pop, cfg.evaluate, model.max_len,
+                               feats.event_types)
         report = {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks), "model_dir": str(wd.model),
                   "device": str(device), "exclude_seen": cfg.evaluate.exclude_seen, **results}
         with atomic_dir(wd.evaluation) as tmp:
@@ -44,14 +49,22 @@ def run(cfg: Config) -> Path:
             save_config(cfg, tmp / "config.yaml")
         for name, metrics in results.items():
             split = cfg.evaluate.split
-            tracker.log_metrics({f"{split}/{name}/{k}": v for k, v in metrics.items() if k != "segments"})
+            tracker.log_metrics({f"{split}/{name}/{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
             for label, segment in metrics.get("segments", {}).items():  # test/model/history_5-19/ndcg_at_10
                 where = f"{split}/{name}/history_{label.replace('+', '_plus')}"  # MLflow refuses "+"
+                tracker.log_metrics({f"{where}/{k}": v for k, v in segment.items()})
+            for label, segment in metrics.get("type_segments", {}).items():  # test/model/target_buy/ndcg_at_10
+                where = f"{split}/{name}/target_{_metric_name(label)}"
                 tracker.log_metrics({f"{where}/{k}": v for k, v in segment.items()})
         tracker.log_artifacts(wd.evaluation, "evaluation")
         _promote(cfg, wd, tracker, feats, model)
     log.info("evaluate: report → %s", wd.evaluation / "report.json")
     return wd.evaluation
+
+
+def _metric_name(label: str) -> str:
+    """An event type name as an MLflow metric path part (letters, digits, ``_ - . /`` and spaces only)."""
+    return re.sub(r"[^0-9A-Za-z_.\- ]", "_", label)
 
 
 def check_event_types(model: SASRec, feats: FeatureSet) -> None:

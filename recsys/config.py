@@ -326,6 +326,10 @@ class EvaluateConfig(_Section):
     # Metrics per segment of users by history length (events before the split's target), e.g. [5, 20]:
     # 1-4, 5-19 and 20+ events; in report.json under "segments". Empty = no segments.
     history_segments: tuple[int, ...] = ()
+    # Metrics per segment of users by the event type of the split's target (its first, with several targets):
+    # how well views, carts and purchases are predicted; in report.json under "type_segments". Needs features
+    # with event types (data.event_type_col).
+    type_segments: bool = False
     # Items already in the user's history are dropped from the ranking (the target never is), the standard
     # protocol. False: they compete like any other item, for repeat domains (groceries, music, re-reads)
     # served with candidates.exclude_seen=false. Also governs training's validation metric (early stopping,

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from features.schema import SEQUENCES, USER_IDX, check_schema
+from features.schema import EVENT_TYPE, SEQUENCES, TYPE_IDX, USER_IDX, check_schema
 from recsys.baselines import ease_scorer, item_knn_scorer, popularity_scorer, popularity_scores, repeat_scorer
 from recsys.config import EvaluateConfig
 from recsys.data import RaggedItems
@@ -60,7 +60,8 @@ class EvalSet:
 
     user_idx (U,); inputs (U, max_len) the last ``max_len`` history items, left-padded;
     history (U, H) the full history (excluded from the ranking); targets (U, M) the split's unique items;
-    input_types (U, max_len) the event types of ``inputs`` where the sequences have types, else None.
+    input_types (U, max_len) the event types of ``inputs`` and target_types (U,) the type of each user's first
+    target where the sequences have types, else None.
     """
 
     user_idx: torch.Tensor
@@ -68,6 +69,7 @@ class EvalSet:
     history: torch.Tensor
     targets: torch.Tensor
     input_types: torch.Tensor | None = None
+    target_types: torch.Tensor | None = None  # (U,) the event type of each user's first target, with types
 
     def __len__(self) -> int:
         return self.user_idx.shape[0]
@@ -123,13 +125,17 @@ def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_l
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     frame = split_histories(sequences, split).with_columns(
         sequences[f"{split}_items"].list.unique(maintain_order=True).alias("targets"),
-    ).filter((pl.col("history").list.len() > 0) & (pl.col("targets").list.len() > 0))
+    )
+    if "history_types" in frame.columns:
+        frame = frame.with_columns(sequences[f"{split}_types"].list.first().alias("target_type"))
+    frame = frame.filter((pl.col("history").list.len() > 0) & (pl.col("targets").list.len() > 0))
     return EvalSet(
         user_idx=_to_long(frame[USER_IDX]),
         inputs=_left_pad(frame, "history", max_len),
         history=_left_pad(frame, "history"),
         targets=_left_pad(frame, "targets"),
         input_types=_left_pad(frame, "history_types", max_len) if "history_types" in frame.columns else None,
+        target_types=_to_long(frame["target_type"]) if "target_type" in frame.columns else None,
     )
 
 
@@ -395,6 +401,7 @@ def evaluate_all(
     item_popularity: torch.Tensor | None,
     cfg: EvaluateConfig,
     max_len: int,
+    event_types: pl.DataFrame | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"model": metrics, <baseline>: metrics, ...}`` on ``cfg.split``, baselines as in ``cfg.baselines``
     (:func:`baseline_scorers`; a skipped one has no key). With ``cfg.item_block_size`` set, the model is
@@ -402,7 +409,9 @@ def evaluate_all(
     Every scorer's metrics hold their standard errors (``…_se``); a baseline's also hold the model's paired
     difference from it (:func:`paired_deltas`: ``delta_<metric>`` = model - baseline, ``delta_<metric>_se``).
 
-    ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``.
+    ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``. With
+    ``cfg.type_segments`` every scorer also gets ``type_segments`` (:func:`type_segments` over ``event_types``,
+    the features' schema.EVENT_TYPE_MAP).
     """
     eval_set = build_eval_set(sequences, cfg.split, max_len)
     ranked = ranking_set(eval_set, cfg.exclude_seen)
@@ -421,14 +430,17 @@ def evaluate_all(
                          "set it to null for this model")
     results: dict[str, dict[str, Any]] = {"model": model_totals.result()}
     logger.info("model on %d users (%s): %s", len(eval_set), how, _summary(results["model"], cfg.ks))
-    segments = history_segments(eval_set, cfg.history_segments)
-    if segments:
-        results["model"]["segments"] = segment_results(model_totals, None, segments)
+    split_by = {"segments": history_segments(eval_set, cfg.history_segments),
+                "type_segments": type_segments(eval_set, event_types) if cfg.type_segments else {}}
+    for key, segments in split_by.items():
+        if segments:
+            results["model"][key] = segment_results(model_totals, None, segments)
     for name, score_fn in baselines.items():
         totals = accumulate_scorer(score_fn, ranked, n_items, cfg.ks, cfg.batch_size)
         results[name] = {**totals.result(), **paired_deltas(model_totals, totals)}
-        if segments:
-            results[name]["segments"] = segment_results(totals, model_totals, segments)
+        for key, segments in split_by.items():
+            if segments:
+                results[name][key] = segment_results(totals, model_totals, segments)
         logger.info("%s on %d users: %s", name, len(eval_set), _summary(results[name], cfg.ks))
     return results
 
@@ -453,6 +465,19 @@ def history_segments(eval_set: EvalSet, bounds: tuple[int, ...]) -> dict[str, to
            for lo, hi in zip(edges, edges[1:], strict=False)}
     out[f"{edges[-1]}+"] = lengths >= edges[-1]
     return out
+
+
+def type_segments(eval_set: EvalSet, event_types: pl.DataFrame | None) -> dict[str, torch.Tensor]:
+    """Users by the event type of their (first) target: one mask per type of ``event_types`` (schema.EVENT_TYPE_MAP)
+    that some target has, in ``type_idx`` order, plus "(none)" for targets without a type. Raises ValueError
+    if the eval set or ``event_types`` has no types."""
+    if eval_set.target_types is None or event_types is None:
+        raise ValueError("evaluate.type_segments needs features with event types: set data.event_type_col")
+    out = {}
+    for name, idx in event_types.sort(TYPE_IDX).select(EVENT_TYPE, TYPE_IDX).iter_rows():
+        out[name] = eval_set.target_types == idx
+    out["(none)"] = eval_set.target_types == 0
+    return {name: mask for name, mask in out.items() if bool(mask.any())}
 
 
 def segment_results(

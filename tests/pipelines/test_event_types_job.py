@@ -29,7 +29,7 @@ from tests.pipelines.conftest import tiny
 
 DAY = "2024-05-01"
 K = 5  # candidates.k of the TINY config
-TYPED = ["model.event_types=true", "candidates.index=Flat"]
+TYPED = ["model.event_types=true", "candidates.index=Flat", "evaluate.type_segments=true"]
 FILE = ["data.source=file", "data.event_type_col=event_type"]
 # One epoch at a learning rate far below float32 resolution of the weights: the warm-started weights stay as
 # they were loaded (tests/pipelines/test_warm_start_job.py).
@@ -160,6 +160,12 @@ def test_the_model_directory_keeps_the_event_types(typed):
     assert report["model"]["ndcg_at_10"] == pytest.approx(_test_ndcg_at_10(typed, model), abs=1e-6)
     assert abs(report["model"]["ndcg_at_10"] - _test_ndcg_at_10(typed, model, zero_types=True)) > 1e-4
     assert json.loads((model_dir / "train_report.json").read_text())["warm_start"] is None
+    # evaluate.type_segments: users by their test target's type, counted from the sequences
+    seqs = pl.read_parquet(typed / "features" / "sequences.parquet").filter(pl.col("test_items").list.len() > 0)
+    counts = seqs["test_types"].list.first().value_counts()
+    want = {types["event_type"][int(i) - 1]: n for i, n in counts.iter_rows()}
+    for name in ("model", "popularity"):
+        assert {k: v["n_users"] for k, v in report[name]["type_segments"].items()} == want
 
 
 def test_candidates_are_the_exact_top_k_with_the_events_types(typed):

@@ -473,3 +473,39 @@ def test_repeat_baseline_against_popularity(sequences: pl.DataFrame) -> None:
         got = evaluate_all(model, sequences, N_ITEMS, None, cfg.model_copy(update={"exclude_seen": exclude_seen}),
                            max_len=3)
         assert {name: got[name]["hr_at_1"] for name in hr} == pytest.approx(hr), exclude_seen
+
+
+def test_type_segments_group_users_by_their_targets_type() -> None:
+    """Users by the type of their (first) val target: the segment means are those users' direct NDCG."""
+    from features.schema import SEQUENCE_TYPES
+
+    from recsys.evaluation import type_segments
+
+    rows = [([8], 1, 2), ([8], 3, 1), ([8, 2], 5, 2), ([8, 1, 2], 6, 0), ([8, 1, 2, 3], 7, 1), ([8, 7], 2, 2)]
+    seqs = _sequences([(u, h, [t], []) for u, (h, t, _) in enumerate(rows)]).with_columns(
+        pl.Series("train_types", [[1] * len(h) for h, _, _ in rows], dtype=pl.List(pl.Int16)),
+        pl.Series("val_types", [[k] for _, _, k in rows], dtype=pl.List(pl.Int16)),
+        pl.Series("test_types", [[]] * len(rows), dtype=pl.List(pl.Int16)))
+    assert set(SEQUENCE_TYPES) <= set(seqs.columns)
+    types = pl.DataFrame({"event_type": ["buy", "cart", "view"], "type_idx": [1, 2, 3], "n_events": [1, 1, 1]},
+                         schema={"event_type": pl.String, "type_idx": pl.Int16, "n_events": pl.Int64})
+    es = build_eval_set(seqs, "val", max_len=6)
+    segments = type_segments(es, types)
+    assert list(segments) == ["buy", "cart", "(none)"]  # no target is a view: no segment
+    assert {k: v.nonzero().flatten().tolist() for k, v in segments.items()} == {
+        "buy": [1, 4], "cart": [0, 2, 5], "(none)": [3]}
+    totals = accumulate_scorer(_table_scorer((-torch.arange(N_ITEMS + 1.0)).repeat(6, 1)), es, N_ITEMS, (5,), 2)
+    ranks = [sum(1 for i in range(1, N_ITEMS + 1) if i not in h and i != t and i < t) for h, t, _ in rows]
+    direct = np.array([1 / np.log2(r + 2) if r < 5 else 0.0 for r in ranks])
+    got = segment_results(totals, None, segments)
+    for label, users in (("buy", [1, 4]), ("cart", [0, 2, 5]), ("(none)", [3])):
+        assert got[label]["n_users"] == len(users)
+        assert got[label]["ndcg_at_5"] == pytest.approx(direct[users].mean(), rel=1e-6)
+    with pytest.raises(ValueError, match="data.event_type_col"):
+        type_segments(build_eval_set(_sequences([(0, [8], [1], [])]), "val", 6), types)
+    cfg = EvaluateConfig(split="val", ks=(5,), baselines=("popularity",), type_segments=True)
+    report = evaluate_all(_MeanModel(N_ITEMS), seqs, N_ITEMS, None, cfg, max_len=6, event_types=types)
+    for name in ("model", "popularity"):
+        assert list(report[name]["type_segments"]) == ["buy", "cart", "(none)"]
+        total = sum(p["ndcg_at_5"] * p["n_users"] for p in report[name]["type_segments"].values())
+        assert total / report[name]["n_users"] == pytest.approx(report[name]["ndcg_at_5"], rel=1e-9)
