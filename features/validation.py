@@ -121,7 +121,9 @@ def typed_exprs(
         TIMESTAMP: timestamp_expr(schema[TIMESTAMP], timestamp_format, sample),
     }
     if EVENT_TYPE in schema:
-        exprs[EVENT_TYPE] = pl.col(EVENT_TYPE).cast(pl.String)
+        # trimmed like the ids, so " view" is a view; a blank cell is no type (null)
+        text = pl.col(EVENT_TYPE).cast(pl.String).str.strip_chars()
+        exprs[EVENT_TYPE] = pl.when(text != "").then(text)
     if WEIGHT in schema:
         exprs[WEIGHT] = weight_expr(schema[WEIGHT])
     return {name: expr.alias(name) for name, expr in exprs.items()}

@@ -154,3 +154,18 @@ def test_the_type_table_is_checked_when_loaded(tmp_path, events_csv):
     (features_dir / EVENT_TYPE_FILES["event_types"]).unlink()
     with pytest.raises(FileNotFoundError, match="event_types.parquet does not exist"):
         load_features(features_dir)
+
+
+def test_type_names_are_trimmed_like_ids(tmp_path, write_file):
+    """' view' and 'view ' are the same type as 'view'; a cell of spaces is no type (0), as an empty one."""
+    padded = EVENTS.replace("1,10,1,view", "1,10,1, view").replace("1,30,3,view", "1,30,3,view  ") \
+        .replace("1,50,5,", "1,50,5,   ")
+    manifest = _typed(tmp_path / "work", write_file("padded.csv", padded))
+    feats = load_features(tmp_path / "work" / "features")
+    assert feats.event_types is not None
+    assert feats.event_types.rows() == [("buy", 1, 2), ("cart", 2, 2), ("view", 3, 5)]
+    assert feats.sequences["train_types"].to_list()[0] == [3, 2, 3]
+    assert manifest["event_types"]["null_types"] == 1
+    kept = _build(tmp_path / "filtered", write_file("padded2.csv", padded), "data.event_type_col=event_type",
+                  "features.event_types=[view]")
+    assert kept["rows_kept"] == 5  # the padded views pass the filter
