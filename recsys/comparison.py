@@ -105,7 +105,7 @@ def compare_on_validation(
         no_types = pl.lit([], dtype=pl.List(pl.Int16))
         remapped = remapped.with_columns(
             translated.select(pl.col("train_types").list.gather(known_at)).to_series(),  # as _map_lists drops
-            no_types.alias("val_types"), no_types.alias("test_types"))
+            translated["val_types"], no_types.alias("test_types"))  # val items are all kept (unknown: a miss)
     ours_set = build_eval_set(kept, "val", max_len)
     ours = accumulate_scorer(model_scorer(challenger, ours_set), ranking_set(ours_set, exclude_seen),
                              int(item_map.height), (k,), batch_size)

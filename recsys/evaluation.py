@@ -127,7 +127,7 @@ def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_l
         sequences[f"{split}_items"].list.unique(maintain_order=True).alias("targets"),
     )
     if "history_types" in frame.columns:
-        frame = frame.with_columns(sequences[f"{split}_types"].list.first().alias("target_type"))
+        frame = frame.with_columns(sequences[f"{split}_types"].list.first().fill_null(0).alias("target_type"))
     frame = frame.filter((pl.col("history").list.len() > 0) & (pl.col("targets").list.len() > 0))
     return EvalSet(
         user_idx=_to_long(frame[USER_IDX]),
