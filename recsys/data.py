@@ -256,9 +256,9 @@ class SequenceDataModule(L.LightningDataModule):
     stay ``max_len`` wide with ``static_shapes``, so that every step has one shape); the tables behind
     them are int32. ``item_counts`` (n_items + 1,) int64: each item's number of train events (all of
     ``train_items``, not only the last ``max_len + 1``); entry 0 is 0.
-    With ``n_event_types`` > 0 (the sequences then hold schema.SEQUENCE_TYPES, types 0..n_event_types) a train batch also has
-    ``input_types`` and ``target_types`` and a val batch ``input_types``: each item's event type, aligned
-    with ``inputs`` / ``targets`` (0 for padding).
+    With ``n_event_types`` > 0 (the sequences then hold schema.SEQUENCE_TYPES, types 0..n_event_types) a
+    train batch also has ``input_types`` and ``target_types`` and a val batch ``input_types``: each item's
+    event type, aligned with ``inputs`` / ``targets`` (0 for padding).
     """
 
     def __init__(
