@@ -325,7 +325,7 @@ def _model_top_k(
     if repeats:
         allowed_rows = None if position is None else position >= 0
         ids, scores = with_repeat_bias(trained.model, scored["items"], users, table, ids, scores, k, allowed_rows,
-                                       cfg.batch_size)
+                                       cfg.batch_size, scored.get_column("types", default=None))
     recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
     rows = _to_rows(scored[schema.USER_ID], ids, scores, trained.item_map)
@@ -338,21 +338,25 @@ def _model_top_k(
 
 def with_repeat_bias(
     model: SASRec, histories: pl.Series, users: np.ndarray, table: np.ndarray, ids: np.ndarray, scores: np.ndarray,
-    k: int, allowed: np.ndarray | None, batch_size: int,
+    k: int, allowed: np.ndarray | None, batch_size: int, types: pl.Series | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` of (the found ``ids`` (U, K') with ``scores``) ∪ (each user's window items), scored
     ``user · item`` + the model's repeat bias (:meth:`SASRec.history_bias`, repeats summed); ``ids`` are item
-    table rows (item_idx - 1, -1 = none); ``allowed`` (I,) bool limits the window items added (None = all).
+    table rows (item_idx - 1, -1 = none); ``allowed`` (I,) bool limits the window items added (None = all);
+    ``types`` the histories' event types (a model whose repeat bias depends on them needs them).
     Returns ids (U, k) and float32 scores (U, k), best first, -1 / -inf where fewer than k exist."""
     ragged = RaggedItems.from_series(histories)
+    kinds = None if types is None else RaggedItems.from_series(types)
     out_ids = np.full((len(users), k), -1, dtype=np.int64)
     out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
     step = min(batch_size, 256)  # the (B, K' + L, L) comparisons below: ~25M booleans at K' + L = 500, L = 200
     for start in range(0, len(users), step):
         rows = np.arange(start, min(start + step, len(users)))
         window = ragged.pad(torch.from_numpy(rows), model.max_len).long()  # (B, L) item_idx, 0 = padding
+        device = model.repeat_weight.device
+        window_types = None if kinds is None else kinds.pad(torch.from_numpy(rows), model.max_len).long().to(device)
         with torch.no_grad():
-            bonus = model.history_bias(window.to(model.repeat_weight.device)).float().cpu().numpy()  # (B, L)
+            bonus = model.history_bias(window.to(device), types=window_types).float().cpu().numpy()  # (B, L)
         own = window.numpy() - 1  # (B, L) table rows, -1 = padding
         if allowed is not None:
             own = np.where((own >= 0) & allowed[np.maximum(own, 0)], own, -1)

@@ -170,6 +170,10 @@ class SASRec(nn.Module):
         # position (d = 0: the item at that position), summed over its occurrences in the window. Zero at
         # the start, so training starts as plain SASRec; see history_bias.
         self.repeat_weight = nn.Parameter(torch.zeros(max_len)) if repeat_bias else None
+        # With event types as well: a learned bonus per type of the window event (a carted item is more likely
+        # bought than a viewed one), added to its recency bonus; type 0 (none) has none. Zero at the start.
+        self.repeat_type_weight = (nn.Parameter(torch.zeros(n_event_types))
+                                   if repeat_bias and n_event_types else None)
         # Item attributes: value embeddings (row 0 = no value) and, per item row, its values (feature_slots
         # columns, 0-padded) with weights 1 / (the item's number of values in that value's column), so that
         # a weighted sum is the sum over columns of each column's mean.
@@ -299,34 +303,51 @@ class SASRec(nn.Module):
     def repeat_bias(self) -> bool:
         return self.repeat_weight is not None
 
-    def history_bias(self, items: torch.Tensor, all_positions: bool = False) -> torch.Tensor | None:
+    def history_bias(
+        self, items: torch.Tensor, all_positions: bool = False, types: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The repeat bias of the window ``items`` (B, T) (left-padded), None without ``repeat_bias``.
 
         At the last position: values (B, T), ``w[T - 1 - s]`` for the item in column s (0 for padding), to add
         to that item's score. ``all_positions``: values (B, T, T), ``[b, t, s] = w[t - s]`` for the item in
-        column s when position t is scored (0 where s > t: the future, and for padding).
+        column s when position t is scored (0 where s > t: the future, and for padding). A model with event
+        types adds ``u[types[b, s]]``, the bonus of that event's type (u[0] = 0), wherever ``w`` counts.
         """
         if self.repeat_weight is None:
             return None
         t = items.shape[1]
         real = items != PAD  # (B, T)
         col = torch.arange(t, device=items.device)  # (T,)
+        by_type = self._type_bonus(types, real)  # (B, T) or None
         if not all_positions:
-            return self.repeat_weight[t - 1 - col].unsqueeze(0) * real  # (B, T)
+            values = self.repeat_weight[t - 1 - col].unsqueeze(0) * real  # (B, T)
+            return values if by_type is None else values + by_type
         dist = col[:, None] - col[None, :]  # (T, T) t - s
         values = self.repeat_weight[dist.clamp(min=0)] * (dist >= 0)  # (T, T)
-        return values.unsqueeze(0) * real[:, None, :]  # (B, T, T)
+        values = values.unsqueeze(0) * real[:, None, :]  # (B, T, T)
+        return values if by_type is None else values + by_type[:, None, :] * (dist >= 0)
+
+    def _type_bonus(self, types: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) the repeat bonus of each window event's type (0 for type 0 and padding); None without."""
+        if self.repeat_type_weight is None:
+            return None
+        if types is None or types.shape != real.shape:
+            raise ValueError(f"this model's repeat bias depends on event types: pass types of the items' shape "
+                             f"{tuple(real.shape)}")
+        table = torch.cat([self.repeat_type_weight.new_zeros(1), self.repeat_type_weight])  # (n_types + 1,)
+        return table[types] * real  # (B, T)
 
     def scores(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """items: (B, T) left-padded history (``types`` its events' types, as in :meth:`forward`) -> (B,
         n_items + 1) scores of the next item: ``score(user_vectors)`` plus, with ``repeat_bias``, each window
         item's :meth:`history_bias` (repeats summed)."""
-        return self.add_history_bias(self.score(self.user_vectors(items, types)), items)  # (B, I + 1)
+        return self.add_history_bias(self.score(self.user_vectors(items, types)), items, types)  # (B, I + 1)
 
-    def add_history_bias(self, scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """scores (B, n_items + 1) of the window ``items`` (B, T) plus each window item's :meth:`history_bias`
-        (repeats summed); ``scores`` unchanged without ``repeat_bias``."""
-        bias = self.history_bias(items)
+    def add_history_bias(self, scores: torch.Tensor, items: torch.Tensor, types: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """scores (B, n_items + 1) of the window ``items`` (B, T) (``types`` their events' types) plus each
+        window item's :meth:`history_bias` (repeats summed); ``scores`` unchanged without ``repeat_bias``."""
+        bias = self.history_bias(items, types=types)
         if bias is None:
             return scores
         return scores.scatter_add(1, items.long(), bias.to(scores.dtype))  # padding lands on column 0 with 0

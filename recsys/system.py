@@ -158,7 +158,8 @@ class SASRecSystem(L.LightningModule):
             self._loss_rows += len(inputs)
             return loss
         user = self.model.user_vectors(batch["inputs"], batch.get("input_types"))  # (B, D)
-        metrics = self._ranking_metrics(user, batch["history"], batch["targets"], batch["inputs"])
+        metrics = self._ranking_metrics(user, batch["history"], batch["targets"], batch["inputs"],
+                                        batch.get("input_types"))
         for name in (f"ndcg_at_{VAL_K}", f"hr_at_{VAL_K}"):
             # Weighted by batch size, so the epoch value is the mean over users.
             self.log(f"{stage}/{name}", metrics[name].mean(), on_epoch=True, prog_bar=True,
@@ -189,10 +190,11 @@ class SASRecSystem(L.LightningModule):
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None
                       ) -> torch.Tensor:
-        return self._next_item_loss(self.model(inputs, types), targets, inputs)  # hidden: (B, T, D)
+        return self._next_item_loss(self.model(inputs, types), targets, inputs, types)  # hidden: (B, T, D)
 
     def _next_item_loss(
-        self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None
+        self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None,
+        types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss at the positions with a target (targets != 0): next items, or masked items if bidirectional.
 
@@ -210,7 +212,7 @@ class SASRecSystem(L.LightningModule):
             bias = None
             if self.model.repeat_bias and inputs is not None:  # position t's window items and their bonus
                 b, width = inputs.shape
-                values = self.model.history_bias(inputs, all_positions=True).flatten(0, 1)  # (B*T, T)
+                values = self.model.history_bias(inputs, all_positions=True, types=types).flatten(0, 1)  # (B*T, T)
                 bias = (inputs.unsqueeze(1).expand(b, width, width).flatten(0, 1), values)  # (B*T, T) each
             if not torch.compiler.is_compiling():
                 keep = t != PAD
@@ -227,13 +229,14 @@ class SASRecSystem(L.LightningModule):
         return sampled_bce(h, t, item_emb, hp["n_negatives"])
 
     def _ranking_metrics(
-        self, user: torch.Tensor, history: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None
+        self, user: torch.Tensor, history: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None,
+        types: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         # Rank in float32 even under bf16 autocast: bf16 scores tie often and ties count against the target.
         with torch.autocast(self.device.type, enabled=False):
             scores = self.model.score(user.float())  # (B, I + 1)
             if inputs is not None:  # with repeat_bias: the window items' bonus
-                scores = self.model.add_history_bias(scores, inputs)
+                scores = self.model.add_history_bias(scores, inputs, types)
         if not self.hparams.get("exclude_seen", True):  # evaluate.exclude_seen=false: seen items compete
             history = history[:, :0]
         exclude = exclusion_mask(history, self.hparams["n_items"], keep=targets)  # (B, I + 1)
@@ -242,15 +245,15 @@ class SASRecSystem(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         # Decay matrices and embeddings only; biases and LayerNorm gains are left alone.
-        bias = self.model.repeat_weight
-        params = [p for p in self.parameters() if p.requires_grad and p is not bias]
+        biases = [p for p in (self.model.repeat_weight, self.model.repeat_type_weight) if p is not None]
+        params = [p for p in self.parameters() if p.requires_grad and all(p is not b for b in biases)]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams["weight_decay"]},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        if bias is not None:  # max_len scalars shared by every user: at the base rate they would need thousands
+        if biases:  # max_len (+ n_types) scalars shared by every user: at the base rate they would need thousands
             # of steps to reach the scale of the dot-product scores (the Taobao sample has 7 steps an epoch)
-            groups.append({"params": [bias], "weight_decay": 0.0, "lr": self.hparams["lr"] * REPEAT_LR_MULT})
+            groups.append({"params": biases, "weight_decay": 0.0, "lr": self.hparams["lr"] * REPEAT_LR_MULT})
         optimizer = torch.optim.AdamW(groups, lr=self.hparams["lr"], fused=self.device.type == "cuda")
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         per_epoch = total / max(self.trainer.max_epochs or 1, 1)

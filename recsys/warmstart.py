@@ -39,7 +39,7 @@ SAME_ARCHITECTURE = ("max_len", "hidden", "n_blocks", "n_heads", "attention", "f
 _ABSENT = {"repeat_bias": False}  # model.json holds this key only when it is set
 # weights matched by id (items, attribute values) or taken from tonight's model rather than copied as they are
 _TONIGHT = ("item_feature_ids", "item_feature_weights", "item_id_weights")
-_REMAPPED = ("item_emb.weight", "feature_emb.weight", "type_emb.weight", *_TONIGHT)
+_REMAPPED = ("item_emb.weight", "feature_emb.weight", "type_emb.weight", "repeat_type_weight", *_TONIGHT)
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,9 @@ class WarmStart:
             values = {"values_from_source": matched, "values_new": model.n_feature_values - matched}
         if model.type_emb is not None:
             state["type_emb.weight"], matched = self._type_table(old, model)
+            if model.repeat_type_weight is not None:  # by type name too: row r of the bonus is type r + 1
+                state["repeat_type_weight"] = self._type_rows(
+                    old.repeat_type_weight, model.repeat_type_weight, self._type_pairs(old), offset=1)
             values |= {"event_types_from_source": matched, "event_types_new": model.n_event_types - matched}
         with torch.no_grad():
             table = model.item_emb.weight.detach().clone()  # (I + 1 [+ 1 MASK], D): new items keep their init
@@ -140,15 +143,30 @@ class WarmStart:
         """Tonight's event type embeddings, rows of types the earlier model embedded (same name) from it, and
         how many those are."""
         assert model.type_emb is not None
-        table = model.type_emb.weight.detach().clone()  # (n_types + 1, D): new types keep their init
-        if old.type_emb is None or self.source.event_types is None or self.event_types is None:
-            return table, 0
+        pairs = self._type_pairs(old)
+        source = None if old.type_emb is None else old.type_emb.weight
+        return self._type_rows(source, model.type_emb.weight, pairs), 0 if pairs is None else len(pairs[0])
+
+    def _type_pairs(self, old: SASRec) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tonight's type_idx, the earlier model's type_idx) of the types both have (by name); None if the
+        earlier model has no types."""
+        if not old.n_event_types or self.source.event_types is None or self.event_types is None:
+            return None
         pairs = self.event_types.join(self.source.event_types.select(
             schema.EVENT_TYPE, pl.col(schema.TYPE_IDX).alias("source_idx")), on=schema.EVENT_TYPE)
-        new_idx, old_idx = (pairs[c].to_torch().long() for c in (schema.TYPE_IDX, "source_idx"))
+        return pairs[schema.TYPE_IDX].to_torch().long(), pairs["source_idx"].to_torch().long()
+
+    def _type_rows(self, source: torch.Tensor | None, fresh: torch.Tensor,
+                   pairs: tuple[torch.Tensor, torch.Tensor] | None, offset: int = 0) -> torch.Tensor:
+        """``fresh`` (a per-type weight of tonight's model; row = type_idx - ``offset``) with the rows of the
+        ``pairs`` taken from the earlier model's ``source``; new types keep their fresh rows."""
+        table = fresh.detach().clone()
+        if source is None or pairs is None:
+            return table
+        new_idx, old_idx = pairs[0] - offset, pairs[1] - offset
         with torch.no_grad():
-            table[new_idx] = self._blend(old.type_emb.weight.detach().to(table)[old_idx], table[new_idx])
-        return table, pairs.height
+            table[new_idx] = self._blend(source.detach().to(table)[old_idx], table[new_idx])
+        return table
 
     def _blend(self, earlier: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         """``shrink * earlier + perturb * fresh`` for floating-point weights (exactly ``earlier`` by default)."""

@@ -216,3 +216,71 @@ def test_types_decide_what_items_alone_cannot(tmp_path):
     assert typed.model.n_event_types == 2
     assert items_only.best_val_ndcg < 0.815 + 4 * 0.011
     assert typed.best_val_ndcg > 0.9
+
+
+# --- repeat bias by event type ----------------------------------------------------------------------------
+
+def test_repeat_bias_adds_each_window_events_type_bonus():
+    torch.manual_seed(0)
+    model = SASRec(n_items=N_ITEMS, max_len=MAX_LEN, hidden=8, n_blocks=1, n_heads=1, dropout=0.0,
+                   repeat_bias=True, n_event_types=N_TYPES).eval()
+    with torch.no_grad():
+        model.repeat_weight.copy_(torch.arange(1.0, MAX_LEN + 1))  # w[d] = d + 1
+        model.repeat_type_weight.copy_(torch.tensor([10.0, 20.0, 30.0]))  # u[1..3]; u[0] = 0
+    u = torch.tensor([0.0, 10.0, 20.0, 30.0])
+    t = ITEMS.shape[1]
+    real = ITEMS != PAD
+    last = model.history_bias(ITEMS, types=TYPES)
+    want = torch.stack([torch.tensor([(t - s) + float(u[TYPES[b, s]]) if real[b, s] else 0.0 for s in range(t)])
+                        for b in range(3)])
+    torch.testing.assert_close(last, want)
+    every = model.history_bias(ITEMS, all_positions=True, types=TYPES)
+    for b in range(3):
+        for q in range(t):
+            for s in range(t):
+                expect = (q - s + 1) + float(u[TYPES[b, s]]) if real[b, s] and s <= q else 0.0
+                assert float(every[b, q, s]) == pytest.approx(expect), (b, q, s)
+    with pytest.raises(ValueError, match="event types"):
+        model.history_bias(ITEMS)
+    # the scores add the bonus, repeats summed: item 1 twice in row 0 (types 2 and 3)
+    with torch.no_grad():
+        plain = model.score(model.user_vectors(ITEMS, TYPES))
+        got = model.scores(ITEMS, TYPES)
+    assert float(got[0, 1] - plain[0, 1]) == pytest.approx((3 + 20) + (1 + 30))
+
+
+def _carted(n_users: int, seed: int) -> pl.DataFrame:
+    """Blocks of 6 events: 5 distinct random items, all views (2) but one carted (1) at a random place, then
+    that carted item again as a purchase (3). The last block's purchase is the val target; every item of
+    the window competes (seen items are not excluded): the recency of the carted item tells nothing, its
+    type tells all."""
+    rng = random.Random(seed)
+    rows = []
+    for user in range(n_users):
+        items, kinds = [], []
+        for _ in range(5):
+            block = rng.sample(range(1, 301), 5)
+            cart = rng.randrange(5)
+            items += [*block, block[cart]]
+            kinds += [1 if i == cart else 2 for i in range(5)] + [3]
+        rows.append((user, items[:-1], items[-1:], [], kinds[:-1], kinds[-1:], []))
+    return pl.DataFrame(rows, schema=SEQUENCES | SEQUENCE_TYPES, orient="row")
+
+
+def test_type_bonus_finds_the_carted_item_that_recency_cannot(tmp_path):
+    """Repeat bias alone ranks the 5 window items of the last block by recency, the target at a uniform place
+    among them: NDCG@10 about (1 + 0.63 + 0.5 + 0.43 + 0.39) / 5 = 0.59 at best; with the bonus by type the
+    carted item comes first."""
+    seqs = _carted(200, seed=7)
+    cfg = {"model": {"max_len": 30, "hidden": 16, "n_blocks": 1, "n_heads": 1, "dropout": 0.1,
+                     "repeat_bias": True},
+           "train": {"batch_size": 32, "lr": 5e-3, "progress": False, "max_epochs": 15, "patience": 50},
+           "evaluate": {"exclude_seen": False}}
+    recency = train_model(build_config(cfg), seqs, 300, tmp_path / "recency")
+    typed_cfg = cfg | {"model": cfg["model"] | {"event_types": True}}
+    typed = train_model(build_config(typed_cfg), seqs, 300, tmp_path / "typed", n_event_types=3)
+    assert typed.model.repeat_type_weight is not None
+    bonus = typed.model.repeat_type_weight.detach()
+    assert bonus[0] > bonus[1] and bonus[0] > bonus[2]  # a carted item gets more than a viewed or bought one
+    assert recency.best_val_ndcg < 0.7
+    assert typed.best_val_ndcg > 0.9
