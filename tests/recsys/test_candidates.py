@@ -10,6 +10,7 @@ import torch
 
 from features.artifacts import FeatureSet
 from features.readers import InputDataError
+from features.schema import EVENT_TYPE_MAP, SEQUENCE_TYPES, SEQUENCES
 from recsys.candidates import TrainedModel, generate_candidates, popular_top_k, select_active
 from recsys.config import CandidatesConfig
 from recsys.model import SASRec
@@ -247,3 +248,81 @@ def test_seen_items_excluded_make_the_repeat_bonus_irrelevant():
     for user, history in enumerate(histories):
         got = set(table.filter(pl.col("user_id") == user)["item_id"].to_list())
         assert not got & {10 * i for i in history} and len(got) == 5
+
+
+# ---- the repeat bias by event type: each window event's type adds its bonus ----------------------------------
+
+MODEL_TYPES = ["buy", "click", "view"]  # the model's type_idx 1..3
+FEATURE_TYPES = ["buy", "cart", "click", "view"]  # tonight's type_idx 1..4 (name order); cart is new
+TO_MODEL_TYPE = [0, 1, 0, 2, 3]  # tonight's type_idx -> the model's, by name (cart: 0, a type it never saw)
+
+
+def _type_table(names: list[str]) -> pl.DataFrame:
+    return pl.DataFrame({"event_type": names, "type_idx": range(1, len(names) + 1), "n_events": [1] * len(names)},
+                        schema=EVENT_TYPE_MAP)
+
+
+def _typed_repeat_setup(n_items: int = 40, n_users: int = 30
+                        ) -> tuple[TrainedModel, FeatureSet, list[list[int]], list[list[int]]]:
+    """A repeat-bias model with event types (bonus buy +5, click -5, view +0.5) and histories with tonight's
+    types, split over train / val / test. Returns the histories and their types (tonight's type_idx)."""
+    trained, _, _ = _repeat_setup(n_items, n_users)  # its id maps
+    torch.manual_seed(3)
+    model = SASRec(n_items=n_items, max_len=6, hidden=8, n_blocks=1, n_heads=1, dropout=0.0, repeat_bias=True,
+                   n_event_types=len(MODEL_TYPES)).eval()
+    with torch.no_grad():
+        model.repeat_weight.copy_(torch.tensor([0.8, -0.5, 0.6, 0.3, 0.1, 0.05]))
+        model.repeat_type_weight.copy_(torch.tensor([5.0, -5.0, 0.5]))  # distinct: the types reorder the lists
+    rng = np.random.default_rng(4)
+    histories = [rng.integers(1, n_items + 1, size=int(rng.integers(1, 12))).tolist() for _ in range(n_users)]
+    kinds = [rng.integers(1, len(FEATURE_TYPES) + 1, size=len(h)).tolist() for h in histories]
+
+    def split(lists: list[list[int]], name: str) -> dict[str, list[list[int]]]:  # last two: val, test
+        return {f"train_{name}": [x[:-2] for x in lists], f"val_{name}": [x[-2:-1] for x in lists],
+                f"test_{name}": [x[-1:] for x in lists]}
+
+    sequences = pl.DataFrame({"user_idx": range(n_users), **split(histories, "items"), **split(kinds, "types")},
+                             schema=SEQUENCES | SEQUENCE_TYPES)
+    feats = FeatureSet(sequences, trained.user_map, trained.item_map, {"n_users": n_users, "n_items": n_items},
+                       event_types=_type_table(FEATURE_TYPES))
+    typed = TrainedModel(model, trained.user_map, trained.item_map, event_types=_type_table(MODEL_TYPES))
+    return typed, feats, histories, kinds
+
+
+def _top(scores: np.ndarray, k: int) -> list[int]:
+    return [10 * (int(i) + 1) for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+@pytest.mark.parametrize("index", ["Flat", "HNSW8"])
+def test_seen_items_compete_with_their_repeat_bonus_by_event_type(index):
+    # Oracle: model.scores of the last max_len events with their types (tonight's types translated to the
+    # model's by name), checked against a by-hand sum (plain + w[distance] + u[type], repeats summed) so that
+    # a model that dropped the type bonus fails here too; nothing excluded, top K by score.
+    trained, feats, histories, kinds = _typed_repeat_setup()
+    cfg = CandidatesConfig(k=5, index=index, exclude_seen=False, recall_sample=30, batch_size=7,
+                           target_recall=1.0 if index != "Flat" else None)
+    table, _ = generate_candidates(trained, feats, cfg)
+    model = trained.model
+    w, u = model.repeat_weight.detach().numpy(), [0.0, 5.0, -5.0, 0.5]  # u[0] = 0: no type (cart)
+    no_type_bonus = zero_types = 0
+    for user, (history, kind) in enumerate(zip(histories, kinds, strict=True)):
+        pad = [0] * (6 - len(history[-6:]))
+        window = torch.tensor([pad + history[-6:]])  # (1, 6)
+        window_types = torch.tensor([pad + [TO_MODEL_TYPE[t] for t in kind[-6:]]])  # (1, 6)
+        with torch.no_grad():
+            scores = model.scores(window, window_types)[0, 1:].numpy().astype(np.float64)  # (I,)
+            plain = model.score(model.user_vectors(window, window_types))[0, 1:].numpy().astype(np.float64)
+            untyped = model.scores(window, torch.zeros_like(window_types))[0, 1:].numpy()
+        recency, by_hand = plain.copy(), plain.copy()
+        for s, (item, t) in enumerate(zip(window[0].tolist(), window_types[0].tolist(), strict=True)):
+            if item:
+                recency[item - 1] += w[5 - s]
+                by_hand[item - 1] += w[5 - s] + u[t]
+        assert scores == pytest.approx(by_hand, rel=1e-5, abs=1e-5), user
+        got = table.filter(pl.col("user_id") == user).sort("rank")
+        assert got["item_id"].to_list() == _top(scores, 5), user
+        assert got["score"].to_numpy() == pytest.approx(np.sort(scores)[::-1][:5], rel=1e-5, abs=1e-5)
+        no_type_bonus += _top(recency, 5) != _top(scores, 5)
+        zero_types += _top(untyped, 5) != _top(scores, 5)
+    # the types change lists: candidates that ignored the type bonus, or the types, would fail above
+    assert no_type_bonus > 0 and zero_types > 0

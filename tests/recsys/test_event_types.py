@@ -230,11 +230,12 @@ def test_repeat_bias_adds_each_window_events_type_bonus():
     u = torch.tensor([0.0, 10.0, 20.0, 30.0])
     t = ITEMS.shape[1]
     real = ITEMS != PAD
-    last = model.history_bias(ITEMS, types=TYPES)
+    with torch.no_grad():
+        last = model.history_bias(ITEMS, types=TYPES)
+        every = model.history_bias(ITEMS, all_positions=True, types=TYPES)
     want = torch.stack([torch.tensor([(t - s) + float(u[TYPES[b, s]]) if real[b, s] else 0.0 for s in range(t)])
                         for b in range(3)])
     torch.testing.assert_close(last, want)
-    every = model.history_bias(ITEMS, all_positions=True, types=TYPES)
     for b in range(3):
         for q in range(t):
             for s in range(t):
@@ -284,3 +285,25 @@ def test_type_bonus_finds_the_carted_item_that_recency_cannot(tmp_path):
     assert bonus[0] > bonus[1] and bonus[0] > bonus[2]  # a carted item gets more than a viewed or bought one
     assert recency.best_val_ndcg < 0.7
     assert typed.best_val_ndcg > 0.9
+
+
+def test_warm_start_matches_the_type_bonus_by_name():
+    def repeat_model(seed: int) -> SASRec:
+        torch.manual_seed(seed)
+        return SASRec(n_items=N_ITEMS, max_len=MAX_LEN, hidden=8, n_blocks=2, n_heads=2, dropout=0.0,
+                      repeat_bias=True, n_event_types=N_TYPES).eval()
+
+    old = repeat_model(seed=0)
+    with torch.no_grad():
+        old.repeat_weight.copy_(torch.linspace(0.9, -0.4, MAX_LEN))
+        old.repeat_type_weight.copy_(torch.tensor([1.0, 2.0, 3.0]))  # buy, click, view
+    items = _item_map(N_ITEMS)
+    users = items.select("item_id", pl.col("item_idx").alias("user_idx"))
+    source = TrainedModel(old, users, items, event_types=_types(["buy", "click", "view"]))
+    new = repeat_model(seed=1)  # tonight: cart is new, click is gone
+    assert torch.equal(new.repeat_type_weight, torch.zeros(N_TYPES))  # a fresh bonus is zero
+    report = WarmStart(source, "old", items, event_types=_types(["buy", "cart", "view"])).apply(new)
+    assert (report["event_types_from_source"], report["event_types_new"]) == (2, 1)
+    # row r is type_idx r + 1: buy and view from the source by name, cart keeps its fresh zero
+    assert torch.equal(new.repeat_type_weight, torch.tensor([1.0, 0.0, 3.0]))
+    assert torch.equal(new.repeat_weight, old.repeat_weight)  # the recency bonus by distance, as it is
