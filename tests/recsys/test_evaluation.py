@@ -478,7 +478,6 @@ def test_repeat_baseline_against_popularity(sequences: pl.DataFrame) -> None:
 def test_type_segments_group_users_by_their_targets_type() -> None:
     """Users by the type of their (first) val target: the segment means are those users' direct NDCG."""
     from features.schema import SEQUENCE_TYPES
-
     from recsys.evaluation import type_segments
 
     rows = [([8], 1, 2), ([8], 3, 1), ([8, 2], 5, 2), ([8, 1, 2], 6, 0), ([8, 1, 2, 3], 7, 1), ([8, 7], 2, 2)]
