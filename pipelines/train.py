@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from features import schema
 from features.artifacts import FeatureSet, load_features
 from pipelines.schedule import checkpoint_dir, today_utc
@@ -50,7 +52,8 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
         warm, source = warm_start(cfg, feats, Path(tmp), tracker, local)
         result = train_model(cfg, feats.sequences, feats.n_items, ckpt_dir, logger=tracker.lightning_logger(),
                              warm_start=warm, attributes=model_attributes(cfg, feats),
-                             n_event_types=model_event_types(cfg, feats))
+                             n_event_types=model_event_types(cfg, feats),
+                             type_weights=loss_type_weights(cfg, feats))
         report = {
             "best_val_ndcg_at_10": result.best_val_ndcg,
             "best_epoch": result.best_epoch,
@@ -110,6 +113,21 @@ def model_event_types(cfg: Config, feats: FeatureSet) -> int:
                           "data.event_type_col to the events' type column (view, cart, purchase) and rebuild the "
                           "features, or set model.event_types=false")
     return feats.event_types.height
+
+
+def loss_type_weights(cfg: Config, feats: FeatureSet) -> torch.Tensor | None:
+    """``train.type_weights`` as a (n_types + 1,) tensor by the features' type_idx (unlisted types and
+    untyped targets weigh 1); None when it is empty. Raises ConfigError naming the key if the features have no
+    types or lack a listed type."""
+    weights = cfg.train.type_weights
+    if not weights:
+        return None
+    known = [] if feats.event_types is None else feats.event_types.sort(schema.TYPE_IDX)[schema.EVENT_TYPE].to_list()
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise ConfigError(f"train.type_weights names event types the features do not hold: {unknown}; they hold "
+                          f"{known or 'none (set data.event_type_col)'}")
+    return torch.tensor([1.0] + [weights.get(name, 1.0) for name in known])
 
 
 def warm_start(

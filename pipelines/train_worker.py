@@ -12,7 +12,7 @@ import logging
 
 from features.artifacts import load_features
 from pipelines.schedule import checkpoint_dir
-from pipelines.train import model_attributes, model_event_types
+from pipelines.train import loss_type_weights, model_attributes, model_event_types
 from pipelines.workdir import WorkDir
 from recsys.config import Config
 from recsys.training import train_model
@@ -25,6 +25,6 @@ def run(cfg: Config, run_date: dt.date, allow_resume: bool = True) -> None:
     feats = load_features(WorkDir.of(cfg).features)
     result = train_model(cfg, feats.sequences, feats.n_items, checkpoint_dir(cfg, run_date),
                          allow_resume=allow_resume, attributes=model_attributes(cfg, feats),
-                         n_event_types=model_event_types(cfg, feats))
+                         n_event_types=model_event_types(cfg, feats), type_weights=loss_type_weights(cfg, feats))
     log.info("train worker: done (best val NDCG@10 %.4f at epoch %d; rank 0 writes the model)",
              result.best_val_ndcg, result.best_epoch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -211,6 +212,9 @@ class TrainConfig(_Section):
     gbce_t: float = Field(0.75, ge=0.0, le=1.0)
     # ce only: share of the target's probability mass spread uniformly over the catalogue.
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # ce only: loss weight per event type of the TARGET ({buy: 3.0, pv: 0.5}; unlisted types and untyped
+    # targets weigh 1): train for what matters most, e.g. purchases. Needs features with event types.
+    type_weights: dict[str, float] = Field(default_factory=dict)
     # model.attention=bidirectional only: probability that a train position is replaced by [MASK].
     mask_prob: float = Field(0.2, gt=0.0, lt=1.0)
     batch_size: int = Field(128, ge=1)
@@ -277,6 +281,12 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"train.label_smoothing applies to train.loss=ce only (loss is {self.loss!r}); set it to 0"
             )
+        if self.type_weights and self.loss != "ce":
+            raise ValueError(f"train.type_weights applies to train.loss=ce only (loss is {self.loss!r}); set it "
+                             "to {}")
+        bad = {k: v for k, v in self.type_weights.items() if not (v >= 0 and math.isfinite(v))}
+        if bad:
+            raise ValueError(f"train.type_weights must be finite and >= 0, got {bad}")
         if self.negative_sampling != "uniform" and self.loss != "sampled_softmax":
             raise ValueError(
                 f"train.negative_sampling={self.negative_sampling} applies to train.loss=sampled_softmax only "

@@ -140,7 +140,7 @@ def mask_items(
     mask_prob: float,
     generator: torch.Generator | None = None,
     types: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A masked-item (cloze, BERT4Rec) batch from a next-item train batch of :class:`SequenceDataModule`.
 
     inputs, targets: (B, T) as in a train batch (targets = inputs shifted left). The sequence is the inputs
@@ -149,9 +149,9 @@ def mask_items(
     gets one, chosen uniformly among its real items. Random numbers come from ``generator`` (None = torch's
     global generator, which training reseeds every epoch). Returns (inputs, targets), both (B, W): the
     masked sequence, and the hidden item at masked positions with 0 (no target) elsewhere; and with ``types``
-    (the batch's ``input_types`` and ``target_types``) the sequence's event types (B, W), 0 at masked
-    positions (the type of a hidden event is not shown, as the [MASK] appended at inference has none), else
-    None.
+    (the batch's ``input_types`` and ``target_types``) the input's event types (B, W), 0 at masked positions
+    (the type of a hidden event is not shown, as the [MASK] appended at inference has none), and the hidden
+    events' types at masked positions (0 elsewhere), else None and None.
     """
     seq = torch.cat([inputs, targets[:, -1:]], 1)[:, -max_len:]  # (B, W)
     real = seq != PAD  # (B, W)
@@ -161,10 +161,11 @@ def mask_items(
     pick = draws[1].masked_fill(~real, -1.0).argmax(1)  # (B,) a uniform real position
     forced = torch.zeros_like(masked).scatter_(1, pick.unsqueeze(1), True) & real  # (B, W)
     masked |= forced & ~masked.any(1, keepdim=True)
-    seq_types = None
+    input_types = target_types = None
     if types is not None:
-        seq_types = torch.cat([types[0], types[1][:, -1:]], 1)[:, -max_len:].masked_fill(masked, PAD)  # (B, W)
-    return seq.masked_fill(masked, mask_token), seq.masked_fill(~masked, PAD), seq_types
+        seq_types = torch.cat([types[0], types[1][:, -1:]], 1)[:, -max_len:]  # (B, W)
+        input_types, target_types = seq_types.masked_fill(masked, PAD), seq_types.masked_fill(~masked, PAD)
+    return seq.masked_fill(masked, mask_token), seq.masked_fill(~masked, PAD), input_types, target_types
 
 
 class IndexBatchSampler(Sampler[torch.Tensor]):

@@ -29,7 +29,7 @@ CE_CHUNK_ELEMENTS_CUDA = 1 << 27
 
 def full_ce(
     hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, label_smoothing: float = 0.0,
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None, weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean softmax cross-entropy over the whole catalogue; the padding item is not a class.
 
@@ -44,60 +44,76 @@ def full_ce(
     ``bias`` = (items (N, L), values (N, L)): ``values`` added to the logits of ``items`` (0 = padding, adds
     nothing; a repeated item gets the sum), e.g. the model's repeat bias; then the loss is built by plain
     autograd in the same row chunks, each recomputed in the backward pass (``torch.utils.checkpoint``).
+
+    ``weights`` (N,) >= 0: each position's weight (e.g. by its target's event type, ``train.type_weights``);
+    the loss is then the weighted mean ``sum(w * loss) / sum(w)`` over the positions with a target (plain
+    mean when None; 0 when every weight is 0).
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     classes, weight = targets.long() - 1, item_emb[1:]  # (N,) -1 = no target; (I, D)
-    count = (classes >= 0).sum().clamp(min=1)  # () a tensor: no host synchronisation
+    rows = (classes >= 0).float() if weights is None else (classes >= 0) * weights.float()  # (N,) row weights
+    count = rows.sum() if weights is not None else (classes >= 0).sum().clamp(min=1)  # (): no host sync
+    if weights is not None:  # all-zero weights: a zero loss, not 0 / 0
+        count = torch.where(count > 0, count, torch.ones_like(count))
     if bias is not None:
-        return _biased_ce(hidden, classes, weight, label_smoothing, count, *bias)
+        return _biased_ce(hidden, classes, weight, label_smoothing, count, *bias, rows=rows)
     # On GPU one logits matrix under the budget (what torch.compile fuses best); on CPU the one-pass loss and
     # gradient of _ChunkedCE is faster even in one chunk (2000 x 400 logits: 16 vs 21 ms forward + backward).
     if hidden.is_cuda and hidden.shape[0] * weight.shape[0] <= CE_CHUNK_ELEMENTS_CUDA:
-        return _dense_ce(hidden, classes, weight, label_smoothing, count)
-    return _ChunkedCE.apply(hidden, classes, weight, float(label_smoothing), count)
+        return _dense_ce(hidden, classes, weight, label_smoothing, count, rows)
+    return _ChunkedCE.apply(hidden, classes, weight, float(label_smoothing), count, rows)
 
 
 def _biased_ce(
     hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, count: torch.Tensor,
-    items: torch.Tensor, values: torch.Tensor,
+    items: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`full_ce` with ``values`` (N, L) added to the logits of ``items`` (N, L); row chunks as
     ``_ChunkedCE``, each checkpointed (its logits are recomputed for the backward pass, not kept)."""
     chunk = max(1, (CE_CHUNK_ELEMENTS_CUDA if hidden.is_cuda else CE_CHUNK_ELEMENTS) // weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        total = total + checkpoint(_biased_chunk, hidden[rows], classes[rows], weight, items[rows], values[rows],
-                                   smoothing, use_reentrant=False)
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_biased_chunk, hidden[part], classes[part], weight, items[part], values[part],
+                                   smoothing, rows[part], use_reentrant=False)
     return total / count
 
 
 def _biased_chunk(
     hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, items: torch.Tensor, values: torch.Tensor,
-    smoothing: float,
+    smoothing: float, rows: torch.Tensor,
 ) -> torch.Tensor:
     logits = (hidden @ weight.T).float()  # (C, I)
     real = items > 0  # (C, L) padding adds nothing
     logits = logits.scatter_add(1, (items.long() - 1).clamp(min=0), values.float() * real)
-    return F.cross_entropy(logits, classes, ignore_index=-1, reduction="sum", label_smoothing=smoothing)
+    return _weighted_sum(logits, classes, smoothing, rows)
+
+
+def _weighted_sum(logits: torch.Tensor, classes: torch.Tensor, smoothing: float, rows: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of ``rows`` (C,) x each row's cross-entropy (rows with class -1 weigh 0)."""
+    losses = F.cross_entropy(logits, classes, ignore_index=-1, reduction="none", label_smoothing=smoothing)
+    return (losses * rows).sum()
 
 
 def _dense_ce(
-    hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, count: torch.Tensor
+    hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, count: torch.Tensor,
+    rows: torch.Tensor,
 ) -> torch.Tensor:
-    """hidden: (N, D); classes: (N,) in 0..I-1, or -1 (weight 0); weight: (I, D); count: () the divisor."""
+    """hidden: (N, D); classes: (N,) in 0..I-1, or -1 (weight 0); weight: (I, D); count: () the divisor;
+    rows: (N,) each row's weight."""
     logits = (hidden @ weight.T).float()  # (N, I)
-    return F.cross_entropy(logits, classes, ignore_index=-1, reduction="sum", label_smoothing=smoothing) / count
+    return _weighted_sum(logits, classes, smoothing, rows) / count
 
 
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float,
-        count: torch.Tensor,
+        count: torch.Tensor, row_weights: torch.Tensor,
     ) -> torch.Tensor:
-        """hidden: (N, D); classes: (N,) in 0..I-1, or -1 (weight 0); weight: (I, D); count: () the divisor.
+        """hidden: (N, D); classes: (N,) in 0..I-1, or -1 (weight 0); weight: (I, D); count: () the divisor;
+        row_weights: (N,) each row's weight (0 where class is -1).
 
         Row loss: ``lse(s) - (1 - eps) * s[c] - eps * mean(s)``; its logit gradient
         ``softmax(s) - (1 - eps) * onehot(c) - eps / I``.
@@ -110,7 +126,7 @@ class _ChunkedCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             h, c = hidden[start:start + chunk], classes[start:start + chunk].unsqueeze(1)  # (C, D), (C, 1)
-            real = (c >= 0).float()  # (C, 1) row weights
+            real = row_weights[start:start + chunk].unsqueeze(1)  # (C, 1) row weights
             c = c.clamp(min=0)
             logits = (h @ weight.T).float()  # (C, I)
             top = logits.amax(-1, keepdim=True)  # (C, 1)
@@ -135,9 +151,9 @@ class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None, None]:
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, None, grad_w * grad_out, None, None
+        return grad_h * grad_out, None, grad_w * grad_out, None, None, None
 
 
 def sampled_softmax(

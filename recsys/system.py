@@ -87,6 +87,9 @@ class SASRecSystem(L.LightningModule):
                             repeat_bias, n_feature_values, feature_slots, n_event_types)
         # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
         self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
+        # Loss weight per target event type (train.type_weights; index = type_idx, 0 = no type), not checkpointed
+        self.type_weights: torch.Tensor | None
+        self.register_buffer("type_weights", None, persistent=False)
         self._compiled_loss: Callable[..., torch.Tensor] | None = None
         self._loss_sum: torch.Tensor | None = None  # this epoch's sum of batch loss x batch rows, on the device
         self._loss_rows = 0
@@ -111,6 +114,15 @@ class SASRecSystem(L.LightningModule):
         if attributes is not None:
             system.model.set_item_features(attributes.ids, attributes.columns, attributes.trained)
         return system
+
+    def set_type_weights(self, weights: torch.Tensor) -> None:
+        """Weigh each CE training position by ``weights[type of its target]`` (``weights`` (n_types + 1,) >= 0,
+        entry 0 for targets without a type). Raises ValueError for another loss or a negative weight."""
+        if self.hparams["loss"] != "ce":
+            raise ValueError(f"train.type_weights needs train.loss=ce, got {self.hparams['loss']!r}")
+        if weights.dim() != 1 or bool((weights < 0).any()):
+            raise ValueError("type weights must be a 1-d tensor of non-negative weights")
+        self.type_weights = weights.float().to(self.sampling_probs.device)
 
     def set_item_counts(self, counts: torch.Tensor) -> None:
         """Popularity sampling ∝ max(train count, 1) over items 1..n_items (every item stays drawable).
@@ -151,8 +163,8 @@ class SASRecSystem(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         if stage == "train":
-            inputs, targets, types = self._training_inputs(batch)  # (B, W) each (types None without event types)
-            loss = self._train_loss(inputs, targets, types)
+            inputs, targets, types, target_types = self._training_inputs(batch)  # (B, W) each; types or None
+            loss = self._train_loss(inputs, targets, types, target_types)
             weighted = loss.detach() * len(inputs)  # () on the device: no host synchronisation
             self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
             self._loss_rows += len(inputs)
@@ -168,33 +180,34 @@ class SASRecSystem(L.LightningModule):
 
     def _training_inputs(
         self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(inputs, targets, input event types or None). Causal: the batch as it is (next-item targets).
-        Bidirectional: a masked-item batch."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(inputs, targets, the inputs' event types, the targets' event types; both None without types).
+        Causal: the batch as it is (next-item targets). Bidirectional: a masked-item batch."""
         types = batch.get("input_types")
         if self.model.mask_token is None:
-            return batch["inputs"], batch["targets"], types
+            return batch["inputs"], batch["targets"], types, batch.get("target_types")
         return mask_items(
             batch["inputs"], batch["targets"], self.model.max_len, self.model.mask_token, self.hparams["mask_prob"],
             types=None if types is None else (types, batch["target_types"]),
         )
 
-    def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+    def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None,
+                    target_types: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and loss of a training batch, through ``torch.compile`` with ``compile`` (compiled once)."""
         if not self.hparams["compile"]:
-            return self._forward_loss(inputs, targets, types)
+            return self._forward_loss(inputs, targets, types, target_types)
         if self._compiled_loss is None:
             self._compiled_loss = torch.compile(self._forward_loss, mode=self.hparams["compile_mode"])
-        return self._compiled_loss(inputs, targets, types)
+        return self._compiled_loss(inputs, targets, types, target_types)
 
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        return self._next_item_loss(self.model(inputs, types), targets, inputs, types)  # hidden: (B, T, D)
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None,
+                      target_types: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.model(inputs, types)  # (B, T, D)
+        return self._next_item_loss(hidden, targets, inputs, types, target_types)
 
     def _next_item_loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None,
-        types: torch.Tensor | None = None,
+        types: torch.Tensor | None = None, target_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss at the positions with a target (targets != 0): next items, or masked items if bidirectional.
 
@@ -203,12 +216,18 @@ class SASRecSystem(L.LightningModule):
         positions are padding (Beauty, BERT4Rec file: 11 % of a 50-wide batch's positions have a target), and
         scoring them against the whole catalogue costs far more than the one synchronisation of the gather (on
         the shared H100 a Beauty-BERT4Rec epoch took 25 s with 6 processes, as long as with 14 before). The
-        sampled losses always gather.
+        sampled losses always gather. With type weights (:meth:`set_type_weights`, CE only) each position weighs
+        the weight of its target's event type (``target_types``).
         """
         item_emb = self.model.item_embeddings()  # (I + 1, D), no [MASK] row
         hp = self.hparams
         if hp["loss"] == "ce":
             h, t = hidden.flatten(0, 1), targets.flatten()  # (B*T, D), (B*T,)
+            weights = None
+            if self.type_weights is not None:
+                if target_types is None:
+                    raise ValueError("train.type_weights needs the targets' event types in the batch")
+                weights = self.type_weights[target_types.flatten()]  # (B*T,)
             bias = None
             if self.model.repeat_bias and inputs is not None:  # position t's window items and their bonus
                 b, width = inputs.shape
@@ -218,7 +237,8 @@ class SASRecSystem(L.LightningModule):
                 keep = t != PAD
                 h, t = h[keep], t[keep]  # (N, D), (N,)
                 bias = None if bias is None else (bias[0][keep], bias[1][keep])
-            return full_ce(h, t, item_emb, hp["label_smoothing"], bias)
+                weights = None if weights is None else weights[keep]
+            return full_ce(h, t, item_emb, hp["label_smoothing"], bias, weights)
         real = targets != PAD  # (B, T)
         h, t = hidden[real], targets[real]  # (N, D), (N,)
         if hp["loss"] == "sampled_softmax":

@@ -209,6 +209,7 @@ def train_model(
     warm_start: WarmStart | None = None,
     attributes: ItemAttributes | None = None,
     n_event_types: int = 0,
+    type_weights: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train on ``sequences`` (the SEQUENCES contract), checkpointing into ``checkpoint_dir``.
 
@@ -229,6 +230,8 @@ def train_model(
     continues from its checkpoint, as always). ``attributes``: the item attributes the model embeds (None: ids
     only); they are part of the run's identity, so a run resumes only onto the same ones. ``n_event_types`` > 0:
     the model embeds each input event's type (the sequences' schema.SEQUENCE_TYPES, 0..n_event_types).
+    ``type_weights`` (n_types + 1,): the CE loss weight of each target event type (index = type_idx, 0 = none);
+    the batches then carry the types whether or not the model embeds them.
     Raises ``ValueError`` if no user can be trained on, no user has val items, or fewer users than processes
     have val items.
     """
@@ -236,7 +239,7 @@ def train_model(
     t = cfg.train
     data = RankShardedData(
         sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed, t.window_stride,
-        t.group_by_length, t.static_shapes, n_event_types,
+        t.group_by_length, t.static_shapes, n_event_types if type_weights is None else len(type_weights) - 1,
     )
     if len(data.train_users) == 0 or len(data.val_users) == 0:
         raise ValueError(
@@ -244,6 +247,8 @@ def train_model(
             "val_items; training needs both to be non-empty"
         )
     system = SASRecSystem.from_config(cfg, n_items, attributes, n_event_types)
+    if type_weights is not None:
+        system.set_type_weights(type_weights)
     warm = None if warm_start is None else warm_start.apply(system.model)
     checkpoint_dir = Path(checkpoint_dir)
     identity = run_identity(cfg, sequences, n_items, attributes, n_event_types)

@@ -268,3 +268,19 @@ def test_warm_start_matches_event_types_by_name(typed, renamed, tmp_path):
     assert new[0].abs().sum() == 0
     assert pl.read_parquet(work / "model" / "event_types.parquet").equals(
         pl.read_parquet(renamed / "features" / "event_types.parquet"))
+
+
+def test_type_weights_train_and_name_unknown_types(new_work, capsys):
+    """train.type_weights from the command line: a known type trains (the weights reach the loss: another
+    model than without them); a type the features do not hold is exit 2 naming the key and the types."""
+    plain, weighted, bad = new_work("plain"), new_work("weighted"), new_work("bad")
+    assert main(["train", "--quiet", *tiny(plain)]) == EXIT_OK
+    assert main(["train", "--quiet", *tiny(weighted), "train.type_weights={purchase: 5.0, view: 0.5}"]) == EXIT_OK
+    a = torch.load(plain / "model" / "model.pt", weights_only=True)
+    b = torch.load(weighted / "model" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and not torch.equal(a["item_emb.weight"], b["item_emb.weight"])
+    capsys.readouterr()
+    assert main(["train", "--quiet", *tiny(bad), "train.type_weights={purchse: 2.0}"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "train.type_weights" in err and "purchse" in err and "purchase" in err
+    assert not (bad / "model").exists()

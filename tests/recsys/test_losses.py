@@ -202,7 +202,8 @@ def test_full_ce_over_all_positions_equals_full_ce_on_the_gathered_ones(
     def all_positions() -> torch.Tensor:
         if path == "dense":
             classes = targets - 1
-            return losses._dense_ce(hidden, classes, item_emb[1:], label_smoothing, (classes >= 0).sum())
+            return losses._dense_ce(hidden, classes, item_emb[1:], label_smoothing, (classes >= 0).sum(),
+                                    (classes >= 0).float())
         rows = {"one_chunk": N, "chunks_of_64": 64, "chunks_of_7": 7}[path]
         monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", rows * N_ITEMS)
         return full_ce(hidden, targets, item_emb, label_smoothing)
@@ -267,3 +268,39 @@ def test_full_ce_with_zero_bias_is_full_ce() -> None:
     plain = full_ce(hidden, targets, item_emb)
     assert full_ce(hidden, targets, item_emb, bias=(items, torch.zeros(N, 4))).item() == pytest.approx(
         plain.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("path", ["dense", "one_chunk", "chunks_of_7", "biased"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_weighted_full_ce_is_the_weighted_mean_of_the_row_losses(monkeypatch, path: str, label_smoothing: float):
+    """Row weights (train.type_weights): sum(w * F.cross_entropy(reduction='none')) / sum(w) over the positions
+    with a target, values and gradients, on every path; a weight-0 row gets no gradient."""
+    hidden, targets, item_emb = make_inputs(11)
+    targets = with_padding(targets, seed=11)
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(3)) * 3
+    weights[::5] = 0.0
+    real = targets != 0
+    logits = (hidden @ item_emb.T)[:, 1:]
+    bias = None
+    if path == "biased":  # a zero bias on the repeat-bias path: the same logits
+        bias = (targets.unsqueeze(1), torch.zeros(N, 1))
+    rows = (real * weights).float()
+    per_row = F.cross_entropy(logits, (targets - 1).clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+    reference = (per_row * rows).sum() / rows.sum()
+    if path == "dense":
+        classes = targets - 1
+        loss = losses._dense_ce(hidden, classes, item_emb[1:], label_smoothing, rows.sum(), rows)
+    else:
+        chunk = {"one_chunk": N, "chunks_of_7": 7, "biased": 7}[path]
+        monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", chunk * N_ITEMS)
+        loss = full_ce(hidden, targets, item_emb, label_smoothing, bias, weights=weights)
+    grads = torch.autograd.grad(loss, (hidden, item_emb))
+    want = torch.autograd.grad(reference, (hidden, item_emb))
+    torch.testing.assert_close(loss, reference)
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert torch.all(grads[0][rows == 0] == 0)
+    # all weights 1 is the plain loss; all 0 is a zero loss, not NaN
+    torch.testing.assert_close(full_ce(hidden, targets, item_emb, label_smoothing, weights=torch.ones(N)),
+                               full_ce(hidden, targets, item_emb, label_smoothing))
+    assert float(full_ce(hidden, targets, item_emb, weights=torch.zeros(N)).detach()) == 0.0

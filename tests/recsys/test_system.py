@@ -133,7 +133,7 @@ MASK = 10  # n_items + 1 for n_items = 9
 def test_mask_items_rebuilds_the_last_max_len_items() -> None:
     dm = SequenceDataModule(make_sequences(TRAIN, VAL), n_items=9, max_len=4, batch_size=10)
     (batch,) = list(dm.train_dataloader())
-    inputs, targets, _ = mask_items(batch["inputs"], batch["targets"], 4, MASK, 0.5, torch.Generator().manual_seed(0))
+    inputs, targets, _, _ = mask_items(batch["inputs"], batch["targets"], 4, MASK, 0.5, torch.Generator().manual_seed(0))
     assert inputs.shape == targets.shape == (3, 4)
     masked = inputs == MASK
     assert bool((targets[masked] != 0).all()) and bool((targets[~masked] == 0).all())
@@ -145,12 +145,12 @@ def test_mask_items_rebuilds_the_last_max_len_items() -> None:
 
 def test_mask_items_masks_about_mask_prob_of_the_positions() -> None:
     seq = torch.randint(1, 10, (400, 21))
-    inputs, targets, _ = mask_items(seq[:, :-1], seq[:, 1:], 20, MASK, 0.2, torch.Generator().manual_seed(1))
+    inputs, targets, _, _ = mask_items(seq[:, :-1], seq[:, 1:], 20, MASK, 0.2, torch.Generator().manual_seed(1))
     rate = (inputs == MASK).float().mean().item()
     assert 0.17 < rate < 0.23
     assert torch.equal(torch.where(inputs == MASK, targets, inputs), seq[:, 1:])
     # With a tiny probability almost every row gets its one forced masked position, at a uniform place.
-    inputs, _, _ = mask_items(seq[:, :-1], seq[:, 1:], 20, MASK, 1e-6, torch.Generator().manual_seed(2))
+    inputs, _, _, _ = mask_items(seq[:, :-1], seq[:, 1:], 20, MASK, 1e-6, torch.Generator().manual_seed(2))
     assert (inputs == MASK).sum(1).tolist() == [1] * 400
     assert len(set((inputs == MASK).int().argmax(1).tolist())) == 20
 
@@ -164,7 +164,7 @@ def bidirectional_system(**kwargs: object) -> SASRecSystem:
 def masked_outputs(system: SASRecSystem, seqs: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The system's training inputs for raw sequences (B, T) and the model's hidden states on them."""
     torch.manual_seed(seed)
-    inputs, targets, _ = system._training_inputs({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]})
+    inputs, targets, _, _ = system._training_inputs({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]})
     return inputs, system.model(inputs)
 
 
@@ -194,7 +194,7 @@ def test_bidirectional_loss_is_on_masked_positions_only() -> None:
     system = bidirectional_system()
     seqs = torch.randint(1, 10, (4, 9))
     torch.manual_seed(5)
-    inputs, targets, _ = system._training_inputs({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]})
+    inputs, targets, _, _ = system._training_inputs({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]})
     torch.manual_seed(5)
     loss = system._shared_step({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]}, "train")
     hidden = system.model(inputs)
