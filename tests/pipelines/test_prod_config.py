@@ -56,6 +56,9 @@ def test_two_nights_of_the_production_config(tmp_path, capsys):
     assert len(features["inputs"]["events"]["files"]) == len(list(data.glob("date=*/*.parquet")))
     evaluation = json.loads((work / "evaluation" / "report.json").read_text())
     assert list(evaluation["model"]["segments"]) == ["1-4", "5-19", "20+"]
+    types = evaluation["model"]["type_segments"]  # by the test target's event type, users counted once
+    assert set(types) <= {"click", "purchase", "view"} and sum(t["n_users"] for t in types.values()) == \
+        evaluation["model"]["n_users"]
     nights = sorted(p.name for p in (work / "candidates").glob("date=*"))
     assert nights == [f"date={NIGHT1}", f"date={NIGHT2}"]
     manifest = json.loads((work / "candidates" / f"date={NIGHT2}" / "manifest.json").read_text())
