@@ -86,18 +86,21 @@ def test_only_training_runs_as_a_non_zero_rank(job: str, tmp_path: Path, monkeyp
     assert not tmp_path.exists() or list(tmp_path.iterdir()) == []  # no lock, log or output
 
 
-def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
-    assert main(["features", "--quiet", f"work_dir={tmp_path / 'one'}", *SETTINGS,
+@pytest.mark.parametrize("extra", [[], ["model.event_types=true"]], ids=["items", "event_types"])
+def test_two_process_ddp_matches_one_process(tmp_path: Path, extra: list[str]) -> None:
+    """``extra``: also with each event's type embedded (the batches' type tables sharded like the items)."""
+    settings = [*SETTINGS, *extra]
+    assert main(["features", "--quiet", f"work_dir={tmp_path / 'one'}", *settings,
                  "tracking.enabled=false"]) == EXIT_OK
     shutil.copytree(tmp_path / "one" / "features", tmp_path / "two" / "features")
     # Tracking on in the DDP run: it must record exactly one MLflow run and one model version. A checkpoint
     # interval (0: due every epoch) takes the path where rank 0's decision is broadcast before the collective
     # save; the weights must not change with it.
     cmd = [sys.executable, "-m", "pipelines.cli", "train", "--quiet", "--run-date", RUN_DATE,
-           f"work_dir={tmp_path / 'two'}", *SETTINGS, "train.devices=2", "train.checkpoint_interval_s=0"]
+           f"work_dir={tmp_path / 'two'}", *settings, "train.devices=2", "train.checkpoint_interval_s=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert main(["train", "--quiet", "--run-date", RUN_DATE, f"work_dir={tmp_path / 'one'}", *SETTINGS,
+    assert main(["train", "--quiet", "--run-date", RUN_DATE, f"work_dir={tmp_path / 'one'}", *settings,
                  "tracking.enabled=false"]) == EXIT_OK
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_OK, err.decode()[-3000:]
@@ -108,7 +111,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
         assert abs(a["val_ndcg_at_10"] - b["val_ndcg_at_10"]) <= NDCG_ATOL, (a, b)
     assert abs(one["best_val_ndcg_at_10"] - two["best_val_ndcg_at_10"]) <= NDCG_ATOL
     w1, w2 = (torch.load(tmp_path / w / "model" / "model.pt", weights_only=True) for w in ("one", "two"))
-    assert w1.keys() == w2.keys()
+    assert w1.keys() == w2.keys() and ("type_emb.weight" in w1) == bool(extra)
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], atol=WEIGHT_ATOL, rtol=0, msg=name)
 
