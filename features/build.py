@@ -277,8 +277,8 @@ def split_events(
     columns = [pl.col(name) for name in ENCODED_EVENTS]
     if types is not None:
         type_idx = pl.col(EVENT_TYPE).replace_strict(types[EVENT_TYPE], types[TYPE_IDX], default=0,
-                                                     return_dtype=pl.Int16)
-        columns.append(type_idx.fill_null(0).alias(TYPE_IDX))
+                                                     return_dtype=pl.Int16)  # a null type too: 0
+        columns.append(type_idx.alias(TYPE_IDX))
     return encoded.pipe(add_split, features).select(columns).collect()
 
 
@@ -389,7 +389,7 @@ def build_manifest(
         "n_users_with_test": int(n_with["test"]),
         "n_events_per_split": {split: per_split.get(split, 0) for split in SPLIT_LISTS},
         "newest_timestamp": newest,  # of the kept events
-        "event_types": _event_type_section(tables),
+        "event_types": _event_type_section(tables.get("event_types"), accounting.rows_kept),
         "split": cfg.features.split,
         "config": cfg.to_dict(),
         "inputs": {"events": _fingerprint(cfg, path)},
@@ -398,15 +398,13 @@ def build_manifest(
     }
 
 
-def _event_type_section(tables: dict[str, pl.DataFrame | pl.LazyFrame]) -> dict[str, Any] | None:
-    """The manifest's ``event_types``: kept events per type and with a null type (type_idx 0); None without
-    types."""
-    types = tables.get("event_types")
+def _event_type_section(types: pl.DataFrame | None, rows_kept: int) -> dict[str, Any] | None:
+    """The manifest's ``event_types``: kept events per type and with a null type (type_idx 0: the kept events
+    the type table does not count); None without types."""
     if types is None:
         return None
-    counts = dict(types.lazy().select(EVENT_TYPE, "n_events").collect().iter_rows())
-    nulls = tables["events"].lazy().select((pl.col(TYPE_IDX) == 0).sum()).collect().item()
-    return {"n_types": len(counts), "n_events": counts, "null_types": int(nulls)}
+    counts = dict(types.select(EVENT_TYPE, "n_events").iter_rows())
+    return {"n_types": len(counts), "n_events": counts, "null_types": rows_kept - sum(counts.values())}
 
 
 def _fingerprint(cfg: Config, path: Path) -> dict[str, Any]:
