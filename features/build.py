@@ -306,9 +306,7 @@ def build_out_of_core(
             encoded = split_events(pl.scan_parquet(file), user_map, item_index, features, types)
             file.unlink()
             for name, table in (("events", encoded), ("sequences", build_sequences(encoded))):
-                check_schema(table, _CONTRACTS[name], FEATURE_FILES[name])
-                if types is not None and name == "sequences":
-                    check_schema(table, SEQUENCE_TYPES, FEATURE_FILES[name])
+                _check(name, table, typed=types is not None)
                 parts[name].append(scratch / f"{name}-{len(parts[name]):05d}.parquet")
                 table.write_parquet(parts[name][-1])
         for name, files in parts.items():
@@ -319,7 +317,7 @@ def build_out_of_core(
         maps |= {} if types is None else {"event_types": types}
         manifest = gate.check(build_manifest(cfg, path, accounting, written | maps), path)
         for name, table in maps.items():
-            check_schema(table, (_CONTRACTS | _TYPED_CONTRACTS)[name], _FILES[name])
+            _check(name, table, typed=types is not None)
         attributes, manifest["item_features"] = item_attributes(cfg, rows, maps["item_map"], event_items)
         write_tables(out, maps | attributes, manifest, cfg)
     return manifest
@@ -419,13 +417,18 @@ def write_features(
     target: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any], cfg: Config
 ) -> None:
     """Check every table against its contract, then write all files into ``target`` atomically."""
-    for name, contract in _CONTRACTS.items():
-        check_schema(tables[name], contract, FEATURE_FILES[name])
-    if "event_types" in tables:
-        for name, contract in _TYPED_CONTRACTS.items():
-            check_schema(tables[name], contract, _FILES[name])
+    typed = "event_types" in tables
+    for name in _CONTRACTS | (_TYPED_CONTRACTS if typed else {}):
+        _check(name, tables[name], typed)
     with atomic_dir(target) as tmp:
         write_tables(tmp, tables, manifest, cfg)
+
+
+def _check(name: str, table: pl.DataFrame, typed: bool) -> None:
+    """Check the table ``name`` against its contract and, when the events have types, its typed one."""
+    for contracts in (_CONTRACTS, _TYPED_CONTRACTS if typed else {}):
+        if name in contracts:
+            check_schema(table, contracts[name], _FILES[name])
 
 
 def write_tables(
