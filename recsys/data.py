@@ -330,12 +330,11 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _val_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         users = self.val_users[idx]  # (B,)
-        inputs = [self.val_inputs[idx].long()]
+        batch = {"inputs": self.val_inputs[idx].long()}
         if self.val_input_types is not None:
-            inputs.append(self.val_input_types[idx].long())
-        inputs = list(_trim_left(*inputs))
-        batch = {"inputs": inputs[0], "history": self._train.pad(users).long(), "targets": self._val.pad(users).long()}
-        return batch if len(inputs) == 1 else batch | {"input_types": inputs[1]}
+            batch["input_types"] = self.val_input_types[idx].long()
+        batch = dict(zip(batch, _trim_left(*batch.values()), strict=True))  # inputs first
+        return batch | {"history": self._train.pad(users).long(), "targets": self._val.pad(users).long()}
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train_users) == 0:

@@ -357,11 +357,9 @@ def model_scorer(model: RankingModel, eval_set: EvalSet | None = None) -> ScoreF
 
     def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
         with inference(model) as device:
-            if types is not None and row_of is not None:
-                batch_types = types[row_of[user_idx]].to(device)  # (B, max_len), aligned with inputs
-                return model.scores(inputs.to(device), batch_types)  # type: ignore[attr-defined]
-            if hasattr(model, "scores"):  # SASRec: with its repeat bias, if any
-                return model.scores(inputs.to(device))  # (B, n_items + 1)
+            if hasattr(model, "scores"):  # SASRec: with its repeat bias and event types, if any
+                batch_types = None if row_of is None else types[row_of[user_idx]].to(device)  # (B, max_len)
+                return model.scores(inputs.to(device), batch_types)  # (B, n_items + 1)
             return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
 
     return score

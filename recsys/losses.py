@@ -53,9 +53,8 @@ def full_ce(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     classes, weight = targets.long() - 1, item_emb[1:]  # (N,) -1 = no target; (I, D)
     rows = (classes >= 0).float() if weights is None else (classes >= 0) * weights.float()  # (N,) row weights
-    count = rows.sum() if weights is not None else (classes >= 0).sum().clamp(min=1)  # (): no host sync
-    if weights is not None:  # all-zero weights: a zero loss, not 0 / 0
-        count = torch.where(count > 0, count, torch.ones_like(count))
+    count = rows.sum()  # () a tensor: no host synchronisation
+    count = torch.where(count > 0, count, torch.ones_like(count))  # no target, or all weights 0: a zero loss
     if bias is not None:
         return _biased_ce(hidden, classes, weight, label_smoothing, count, *bias, rows=rows)
     # On GPU one logits matrix under the budget (what torch.compile fuses best); on CPU the one-pass loss and

@@ -89,10 +89,13 @@ class WarmStart:
             state["feature_emb.weight"], matched = self._feature_table(old, model)
             values = {"values_from_source": matched, "values_new": model.n_feature_values - matched}
         if model.type_emb is not None:
-            state["type_emb.weight"], matched = self._type_table(old, model)
+            type_pairs = self._type_pairs(old)
+            source = None if old.type_emb is None else old.type_emb.weight
+            state["type_emb.weight"] = self._type_rows(source, model.type_emb.weight, type_pairs)
             if model.repeat_type_weight is not None:  # by type name too: row r of the bonus is type r + 1
                 state["repeat_type_weight"] = self._type_rows(
-                    old.repeat_type_weight, model.repeat_type_weight, self._type_pairs(old), offset=1)
+                    old.repeat_type_weight, model.repeat_type_weight, type_pairs, offset=1)
+            matched = 0 if type_pairs is None else len(type_pairs[0])
             values |= {"event_types_from_source": matched, "event_types_new": model.n_event_types - matched}
         with torch.no_grad():
             table = model.item_emb.weight.detach().clone()  # (I + 1 [+ 1 MASK], D): new items keep their init
@@ -138,14 +141,6 @@ class WarmStart:
             table[new_idx] = self._blend(source[old_idx], table[new_idx])
             table[PAD] = 0.0
         return table, pairs.height
-
-    def _type_table(self, old: SASRec, model: SASRec) -> tuple[torch.Tensor, int]:
-        """Tonight's event type embeddings, rows of types the earlier model embedded (same name) from it, and
-        how many those are."""
-        assert model.type_emb is not None
-        pairs = self._type_pairs(old)
-        source = None if old.type_emb is None else old.type_emb.weight
-        return self._type_rows(source, model.type_emb.weight, pairs), 0 if pairs is None else len(pairs[0])
 
     def _type_pairs(self, old: SASRec) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tonight's type_idx, the earlier model's type_idx) of the types both have (by name); None if the
