@@ -7,6 +7,9 @@ import logging
 import re
 from pathlib import Path
 
+import polars as pl
+
+from features import schema
 from features.artifacts import FeatureSet, load_features
 from pipelines.workdir import WorkDir, log_features_input
 from recsys.baselines import popularity_scores
@@ -35,7 +38,7 @@ def run(cfg: Config) -> Path:
         raise ConfigError("evaluate.type_segments is true but the features hold no event types: set "
                           "data.event_type_col and rebuild the features, or set evaluate.type_segments=false")
     model = load_model(wd.model, device)
-    check_event_types(model, feats)
+    check_event_types(model, wd.model, feats)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
     with job_run(cfg, "evaluate", tags={"device": str(device)}) as tracker:
         log_features_input(tracker, wd.features, feats, "evaluation")
@@ -67,14 +70,20 @@ def _metric_name(label: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.\- ]", "_", label)
 
 
-def check_event_types(model: SASRec, feats: FeatureSet) -> None:
-    """Raise ConfigError if ``model`` embeds event types but ``feats`` (which it is scored on, with their type
-    indices, as with their item indices) hold another number of them, or none."""
-    n = 0 if feats.event_types is None else feats.event_types.height
-    if model.n_event_types and model.n_event_types != n:
-        raise ConfigError(f"the model embeds {model.n_event_types} event types (model.event_types) but the features "
-                          f"hold {n}: evaluate a model on the features it was trained on (set data.event_type_col "
-                          "as then, or retrain)")
+def check_event_types(model: SASRec, model_dir: Path, feats: FeatureSet) -> None:
+    """Raise ConfigError if ``model`` embeds event types but ``feats`` (which it is scored on with their type
+    indices, as with their item indices) hold none, or other types or in another order than its own table
+    (``model_dir``/event_types.parquet)."""
+    if not model.n_event_types:
+        return
+    path = model_dir / schema.EVENT_TYPE_FILES["event_types"]
+    theirs = pl.read_parquet(path).select(schema.EVENT_TYPE, schema.TYPE_IDX).sort(schema.TYPE_IDX)
+    ours = None if feats.event_types is None else feats.event_types.select(schema.EVENT_TYPE, schema.TYPE_IDX)
+    if ours is None or not ours.sort(schema.TYPE_IDX).equals(theirs):
+        held = "none" if ours is None else ours.sort(schema.TYPE_IDX)[schema.EVENT_TYPE].to_list()
+        raise ConfigError(f"the model embeds the event types {theirs[schema.EVENT_TYPE].to_list()} ({path}) but the "
+                          f"features hold {held}: evaluate a model on the features it was trained on (set "
+                          "data.event_type_col as then, or retrain)")
 
 
 def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec) -> None:

@@ -284,3 +284,16 @@ def test_type_weights_train_and_name_unknown_types(new_work, capsys):
     err = capsys.readouterr().err
     assert "train.type_weights" in err and "purchse" in err and "purchase" in err
     assert not (bad / "model").exists()
+
+
+def test_evaluate_refuses_features_whose_types_differ_by_name(typed, renamed, tmp_path, capsys):
+    """The renamed features hold as many types as the model (3) but not the same ones: evaluation, which
+    scores the model with the features' own type indices, stops (exit 2) instead of mixing them up."""
+    work = tmp_path / "work"
+    shutil.copytree(renamed / "features", work / "features")
+    shutil.copytree(typed / "model", work / "model")
+    capsys.readouterr()
+    assert main(["evaluate", "--quiet", *tiny(work), *FILE]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "'click', 'purchase', 'view'" in err and "wishlist" in err and "data.event_type_col" in err
+    assert not (work / "evaluation" / "report.json").exists()
