@@ -258,3 +258,21 @@ def test_no_repeat_bias_is_plain_sasrec_and_saves_as_before(tmp_path):
     assert loaded.repeat_bias and torch.equal(loaded.repeat_weight, model.repeat_weight)
     with pytest.raises(ValueError, match="causal"):
         SASRec(N_ITEMS, MAX_LEN, HIDDEN, 1, 1, 0.0, attention="bidirectional", repeat_bias=True)
+
+
+def test_cpu_dropout_keeps_each_value_with_probability_1_minus_p_scaled_and_passes_gradient_through_the_mask():
+    from recsys.model import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.3)
+    x = torch.full((1_000_000,), 2.0, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    # 1e6 draws: the keep fraction's standard error is 4.6e-4, so 0.7 +- 0.003 is > 6 s.e.
+    assert abs(kept.float().mean().item() - 0.7) < 0.003
+    assert torch.all(y[kept] == 2.0 / 0.7)  # kept values scaled by 1 / (1 - p)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, kept.float() / 0.7)  # gradient 1 / (1 - p) through kept values, 0 elsewhere
+    drop.eval()
+    assert torch.equal(drop(x), x)  # identity at evaluation
+    assert torch.equal(Dropout(0.0).train()(x), x)
