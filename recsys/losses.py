@@ -123,26 +123,21 @@ class _ChunkedCE(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_grad else None  # (N, D)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None  # (I, D)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk):
-            h, c = hidden[start:start + chunk], classes[start:start + chunk].unsqueeze(1)  # (C, D), (C, 1)
-            real = row_weights[start:start + chunk].unsqueeze(1)  # (C, 1) row weights
-            c = c.clamp(min=0)
-            logits = (h @ weight.T).float()  # (C, I)
-            top = logits.amax(-1, keepdim=True)  # (C, 1)
-            target = logits.gather(1, c)  # (C, 1)
-            if smoothing:
-                target = (1.0 - smoothing) * target + smoothing * logits.mean(-1, keepdim=True)  # (C, 1)
-            exp = logits.sub_(top).exp_()  # (C, I) in place: one exp pass serves loss and gradient
-            norm = exp.sum(-1, keepdim=True)  # (C, 1)
-            total += ((top + norm.log() - target) * real).sum()
-            if need_grad:
-                probs = exp.mul_(real / norm)  # (C, I) softmax, 0 on rows without a target
-                probs.scatter_add_(1, c, real * -(1.0 - smoothing))  # d(row loss)/d(logits)
-                if smoothing:
-                    probs -= real * (smoothing / weight.shape[0])
-                probs = probs.to(hidden.dtype)
-                grad_h[start:start + chunk] = probs @ weight  # (C, D)
-                grad_w += probs.T @ h  # (I, D)
+        # Under autocast the matmul operands are cast ONCE here and the loop runs with autocast off: left to
+        # autocast, every chunk's three products would cast the whole (I, D) table again (on a CPU with bf16
+        # matrix units that cost more than the bf16 products saved). Softmax arithmetic stays float32.
+        device_type = hidden.device.type
+        low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        hid, table = (hidden, weight) if low is None else (hidden.to(low), weight.to(low))
+        with torch.autocast(device_type, enabled=False):
+            _chunked_ce_loop(hid, classes, table, smoothing, row_weights, chunk, total, grad_h, grad_w)
+            if smoothing and need_grad:
+                # the smoothing term's logit gradient -eps / I on every logit, in closed form: through the
+                # products it is -eps * mean(W) for every row of grad_h and -eps / I * sum_n(w_n h_n) for every
+                # row of grad_w (no pass over the (C, I) probabilities)
+                real = row_weights.unsqueeze(1)  # (N, 1)
+                grad_h -= real * (smoothing * table.float().mean(0))  # (N, D)
+                grad_w -= (smoothing / weight.shape[0]) * (real * hid.float()).sum(0)  # (I, D) - (D,)
         if need_grad:
             ctx.save_for_backward(grad_h / count, (grad_w / count).to(weight.dtype))
         return total / count
@@ -153,6 +148,35 @@ class _ChunkedCE(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None, None]:
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_out, None, grad_w * grad_out, None, None, None
+
+
+def _chunked_ce_loop(
+    hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, row_weights: torch.Tensor,
+    chunk: int, total: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
+) -> None:
+    """The row-chunk loop of :class:`_ChunkedCE`: adds the weighted row losses to ``total`` and, when
+    ``grad_h`` is given, the (undivided) gradients to ``grad_h`` (N, D) and ``grad_w`` (I, D, float32) in place.
+    ``hidden`` and ``weight`` in the matmul dtype; logits and probabilities in float32. The smoothing term's
+    constant gradient is left to the caller."""
+    mean_w = weight.float().mean(0) if smoothing else None  # (D,)
+    for start in range(0, hidden.shape[0], chunk):
+        h, c = hidden[start:start + chunk], classes[start:start + chunk].unsqueeze(1)  # (C, D), (C, 1)
+        real = row_weights[start:start + chunk].unsqueeze(1)  # (C, 1) row weights
+        c = c.clamp(min=0)
+        logits = (h @ weight.T).float()  # (C, I)
+        top = logits.amax(-1, keepdim=True)  # (C, 1)
+        target = logits.gather(1, c)  # (C, 1)
+        if smoothing:  # mean(s) = h . mean(W): no pass over the (C, I) logits
+            target = (1.0 - smoothing) * target + smoothing * (h.float() @ mean_w).unsqueeze(1)  # (C, 1)
+        exp = logits.sub_(top).exp_()  # (C, I) in place: one exp pass serves loss and gradient
+        norm = exp.sum(-1, keepdim=True)  # (C, 1)
+        total += ((top + norm.log() - target) * real).sum()
+        if grad_h is not None:
+            probs = exp.mul_(real / norm)  # (C, I) softmax, 0 on rows without a target
+            probs.scatter_add_(1, c, real * -(1.0 - smoothing))  # d(row loss)/d(logits)
+            probs = probs.to(hidden.dtype)
+            grad_h[start:start + chunk] = probs @ weight  # (C, D)
+            grad_w += probs.T @ h  # (I, D)
 
 
 def sampled_softmax(

@@ -304,3 +304,29 @@ def test_weighted_full_ce_is_the_weighted_mean_of_the_row_losses(monkeypatch, pa
     torch.testing.assert_close(full_ce(hidden, targets, item_emb, label_smoothing, weights=torch.ones(N)),
                                full_ce(hidden, targets, item_emb, label_smoothing))
     assert float(full_ce(hidden, targets, item_emb, weights=torch.zeros(N)).detach()) == 0.0
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_chunked_full_ce_under_cpu_bf16_autocast_is_the_float32_loss_within_bf16_rounding(
+    monkeypatch, label_smoothing: float
+) -> None:
+    """Under autocast the chunked loss casts its operands once and runs its loop in bf16 products with float32
+    softmax: the value and both gradients stay within bf16 rounding of the float32 reference, and come back in
+    the inputs' dtype (float32), padding row untouched."""
+    monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", 7 * N_ITEMS)  # 43 chunks
+    hidden, targets, item_emb = make_inputs(3)
+    targets = with_padding(targets, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = full_ce(hidden, targets, item_emb, label_smoothing)
+    grads = torch.autograd.grad(loss, (hidden, item_emb))
+    real = targets != 0
+    reference = F.cross_entropy((hidden @ item_emb.T)[real][:, 1:], targets[real] - 1, label_smoothing=label_smoothing)
+    want = torch.autograd.grad(reference, (hidden, item_emb))
+
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0.0)
+    for got, expected in zip(grads, want, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=0.02 * expected.abs().max().item())
+    assert torch.all(grads[1][0] == 0)
+    assert torch.all(grads[0][~real] == 0)
