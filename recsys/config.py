@@ -217,6 +217,9 @@ class TrainConfig(_Section):
     type_weights: dict[str, float] = Field(default_factory=dict)
     # model.attention=bidirectional only: probability that a train position is replaced by [MASK].
     mask_prob: float = Field(0.2, gt=0.0, lt=1.0)
+    # model.attention=causal only: probability that a train INPUT item is dropped for the step (treated as
+    # padding: the model reads the history without it; every target stays). The last input of a row is kept.
+    item_drop: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)

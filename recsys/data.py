@@ -168,6 +168,21 @@ def mask_items(
     return seq.masked_fill(masked, mask_token), seq.masked_fill(~masked, PAD), input_types, target_types
 
 
+def drop_items(
+    inputs: torch.Tensor, prob: float, types: torch.Tensor | None = None, generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Item dropout for causal training (``train.item_drop``): each real input item except the last column's is
+    replaced by padding with probability ``prob``, so the model reads the history without it while every
+    target stays. inputs, types: (B, T), left-padded (the last column is each row's latest item); random
+    numbers from ``generator`` (None = torch's global one, reseeded by training). Returns the inputs and the
+    types (0 where dropped; None without types)."""
+    device = generator.device if generator is not None else inputs.device
+    dropped = torch.rand(inputs.shape, device=device, generator=generator).to(inputs.device) < prob  # (B, T)
+    dropped[:, -1] = False
+    dropped &= inputs != PAD
+    return inputs.masked_fill(dropped, PAD), None if types is None else types.masked_fill(dropped, PAD)
+
+
 class IndexBatchSampler(Sampler[torch.Tensor]):
     """Yields (B,) index tensors: a seeded permutation if ``shuffle``, else in order.
 

@@ -10,7 +10,7 @@ import pytorch_lightning as L
 import torch
 
 from recsys.config import Config
-from recsys.data import ItemAttributes, mask_items
+from recsys.data import ItemAttributes, drop_items, mask_items
 from recsys.losses import full_ce, gbce_beta, sampled_bce, sampled_gbce, sampled_softmax
 from recsys.metrics import PAD, exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.model import SASRec
@@ -54,6 +54,7 @@ class SASRecSystem(L.LightningModule):
         weight_decay: float = 0.0,
         attention: Literal["causal", "bidirectional"] = "causal",
         mask_prob: float = 0.2,
+        item_drop: float = 0.0,
         negative_sampling: Literal["uniform", "popularity"] = "uniform",
         gbce_t: float = 0.75,
         label_smoothing: float = 0.0,
@@ -78,6 +79,11 @@ class SASRecSystem(L.LightningModule):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        if not 0.0 <= item_drop < 1.0:
+            raise ValueError(f"item_drop must be in [0, 1), got {item_drop}")
+        if item_drop and attention != "causal":
+            raise ValueError("train.item_drop applies to causal attention only (bidirectional training already "
+                             "hides items: train.mask_prob); set it to 0")
         if loss == "gbce":
             gbce_beta(n_negatives, n_items, gbce_t)  # raises on a bad combination before training starts
         self.save_hyperparameters()
@@ -103,7 +109,7 @@ class SASRecSystem(L.LightningModule):
         system = cls(
             n_items=n_items, max_len=m.max_len, hidden=m.hidden, n_blocks=m.n_blocks, n_heads=m.n_heads,
             dropout=m.dropout, loss=t.loss, n_negatives=t.n_negatives, lr=t.lr, weight_decay=t.weight_decay,
-            attention=m.attention, mask_prob=t.mask_prob, negative_sampling=t.negative_sampling,
+            attention=m.attention, mask_prob=t.mask_prob, item_drop=t.item_drop, negative_sampling=t.negative_sampling,
             gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
             lr_schedule=t.lr_schedule, compile=t.compile,
             compile_mode=t.compile_mode, ffn_mult=m.ffn_mult, block=m.block,
@@ -182,10 +188,14 @@ class SASRecSystem(L.LightningModule):
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(inputs, targets, the inputs' event types, the targets' event types; both None without types).
-        Causal: the batch as it is (next-item targets). Bidirectional: a masked-item batch."""
+        Causal: the batch as it is (next-item targets), with ``item_drop`` some inputs dropped.
+        Bidirectional: a masked-item batch."""
         types = batch.get("input_types")
         if self.model.mask_token is None:
-            return batch["inputs"], batch["targets"], types, batch.get("target_types")
+            inputs = batch["inputs"]
+            if self.hparams["item_drop"]:
+                inputs, types = drop_items(inputs, self.hparams["item_drop"], types)
+            return inputs, batch["targets"], types, batch.get("target_types")
         return mask_items(
             batch["inputs"], batch["targets"], self.model.max_len, self.model.mask_token, self.hparams["mask_prob"],
             types=None if types is None else (types, batch["target_types"]),
