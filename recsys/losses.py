@@ -117,7 +117,6 @@ class _ChunkedCE(torch.autograd.Function):
         Row loss: ``lse(s) - (1 - eps) * s[c] - eps * mean(s)``; its logit gradient
         ``softmax(s) - (1 - eps) * onehot(c) - eps / I``.
         """
-        n = hidden.shape[0]
         chunk = max(1, (CE_CHUNK_ELEMENTS_CUDA if hidden.is_cuda else CE_CHUNK_ELEMENTS) // weight.shape[0])
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         grad_h = torch.zeros_like(hidden) if need_grad else None  # (N, D)
