@@ -95,3 +95,44 @@ def test_padding_targets_get_rank_minus_one() -> None:
     )
     assert (ranks[0, 1] == -1).item() and bool((ranks[1] >= 0).all())
     assert np.isfinite(metrics_from_ranks(ranks, (2,))["ndcg_at_2"].numpy()).all()
+
+
+def _direct_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor) -> list[list[int]]:
+    """The module docstring's definition, one user and one target at a time in plain Python."""
+    out = []
+    for b in range(scores.shape[0]):
+        row, tgt = scores[b].tolist(), targets[b].tolist()
+        ranks = []
+        for j, t in enumerate(tgt):
+            if t == 0 or t in tgt[:j]:
+                ranks.append(-1)
+                continue
+            ts = float("-inf") if math.isnan(row[t]) or bool(exclude[b, t]) else row[t]
+            ahead = sum(1 for i, s in enumerate(row)
+                        if not exclude[b, i] and i not in tgt and (math.isnan(s) or s >= ts))
+            above = sum(1 for u in set(tgt) - {0, t}
+                        if (lambda us: us > ts or (us == ts and u < t))(
+                            float("-inf") if math.isnan(row[u]) or bool(exclude[b, u]) else row[u]))
+            ranks.append(ahead + above)
+        out.append(ranks)
+    return out
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 19, 3 * 41, 41, 1])  # one chunk; 3 rows; 1 row; 1 row (floor)
+def test_target_ranks_in_row_chunks_equal_the_direct_definition(monkeypatch, chunk_elements: int) -> None:
+    """Chunked counting (the CPU path) gives the definition's ranks on scores with ties, NaN, +-inf, excluded
+    items, several targets per user, a repeated target and padding targets."""
+    import recsys.metrics as metrics
+
+    monkeypatch.setattr(metrics, "RANK_CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(3)
+    n_users, n_items = 17, 40
+    scores = torch.randint(0, 6, (n_users, n_items + 1), generator=gen).float()  # many ties
+    scores[0, 3], scores[1, 5], scores[2, 7], scores[3, 9] = float("nan"), float("inf"), float("-inf"), float("inf")
+    targets = torch.randint(1, n_items + 1, (n_users, 3), generator=gen)
+    targets[4, 2] = 0  # padding target
+    targets[5, 1] = targets[5, 0]  # repeated target
+    targets[1, 0], targets[2, 0], targets[3, 0] = 5, 7, 2  # an inf, a -inf target; inf competitor for row 3
+    history = torch.randint(0, n_items + 1, (n_users, 6), generator=gen)
+    exclude = exclusion_mask(history, n_items, keep=targets)
+    assert target_ranks(scores, targets, exclude).tolist() == _direct_ranks(scores, targets, exclude)
