@@ -129,13 +129,14 @@ class _ChunkedCE(torch.autograd.Function):
         low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         hid, table = (hidden, weight) if low is None else (hidden.to(low), weight.to(low))
         with torch.autocast(device_type, enabled=False):
-            _chunked_ce_loop(hid, classes, table, smoothing, row_weights, chunk, total, grad_h, grad_w)
+            mean_w = table.float().mean(0) if smoothing else None  # (D,) mean item vector: mean logit = h . mean_w
+            _chunked_ce_loop(hid, classes, table, smoothing, mean_w, row_weights, chunk, total, grad_h, grad_w)
             if smoothing and need_grad:
                 # the smoothing term's logit gradient -eps / I on every logit, in closed form: through the
                 # products it is -eps * mean(W) for every row of grad_h and -eps / I * sum_n(w_n h_n) for every
                 # row of grad_w (no pass over the (C, I) probabilities)
                 real = row_weights.unsqueeze(1)  # (N, 1)
-                grad_h -= real * (smoothing * table.float().mean(0))  # (N, D)
+                grad_h -= real * (smoothing * mean_w)  # (N, D)
                 grad_w -= (smoothing / weight.shape[0]) * (real * hid.float()).sum(0)  # (I, D) - (D,)
         if need_grad:
             ctx.save_for_backward(grad_h / count, (grad_w / count).to(weight.dtype))
@@ -150,14 +151,15 @@ class _ChunkedCE(torch.autograd.Function):
 
 
 def _chunked_ce_loop(
-    hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, row_weights: torch.Tensor,
-    chunk: int, total: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
+    hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, mean_w: torch.Tensor | None,
+    row_weights: torch.Tensor, chunk: int, total: torch.Tensor, grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
 ) -> None:
     """The row-chunk loop of :class:`_ChunkedCE`: adds the weighted row losses to ``total`` and, when
     ``grad_h`` is given, the (undivided) gradients to ``grad_h`` (N, D) and ``grad_w`` (I, D, float32) in place.
-    ``hidden`` and ``weight`` in the matmul dtype; logits and probabilities in float32. The smoothing term's
-    constant gradient is left to the caller."""
-    mean_w = weight.float().mean(0) if smoothing else None  # (D,)
+    ``hidden`` and ``weight`` in the matmul dtype; logits and probabilities in float32; ``mean_w`` (D,) the
+    float32 mean row of ``weight`` when ``smoothing``. The smoothing term's constant gradient is left to the
+    caller."""
     for start in range(0, hidden.shape[0], chunk):
         h, c = hidden[start:start + chunk], classes[start:start + chunk].unsqueeze(1)  # (C, D), (C, 1)
         real = row_weights[start:start + chunk].unsqueeze(1)  # (C, 1) row weights
