@@ -36,7 +36,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
     scores: (B, I) with column 0 = padding; targets: (B, M) item indices (0 = none); exclude: (B, I) bool.
     A NaN score counts against the target: a NaN target ranks below every competitor, a NaN competitor
     ranks above the target. On the CPU rows are counted in chunks of about ``RANK_CHUNK_ELEMENTS`` scores
-    (a few rows of a large catalogue), whose three passes stay in cache: 3.5-4.3x faster than whole-batch
+    (a few rows of a large catalogue), whose three passes stay in cache: 5.5x faster than whole-batch
     passes on 54,542 items (BENCHMARKS.md "Validation ranking on the CPU"); on GPU the batch is one chunk.
     Temporary memory is one chunk, whatever M (targets are ranked one column at a time).
     """
