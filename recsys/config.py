@@ -220,6 +220,11 @@ class TrainConfig(_Section):
     # model.attention=causal only: probability that a train INPUT item is dropped for the step (treated as
     # padding: the model reads the history without it; every target stays). The last input of a row is kept.
     item_drop: float = Field(0.0, ge=0.0, lt=1.0)
+    # ce + causal only: a training position's softmax leaves out the items the user had already seen up to it
+    # (its input window; its own target always competes), as evaluate.exclude_seen leaves them out of the
+    # ranking: the model is not trained to push down items it will never be asked to rank. Needs
+    # evaluate.exclude_seen=true.
+    exclude_seen: bool = False
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -435,6 +440,12 @@ class Config(_Section):
                              f"{self.model.attention!r} and {self.train.loss!r})")
         if self.model.repeat_bias and self.evaluate.item_block_size is not None:
             raise ValueError("model.repeat_bias is scored densely: set evaluate.item_block_size=null")
+        if self.train.exclude_seen and not self.evaluate.exclude_seen:
+            raise ValueError("train.exclude_seen=true trains as if seen items are never recommended, but "
+                             "evaluate.exclude_seen=false ranks them: set train.exclude_seen=false for a repeat domain")
+        if self.train.exclude_seen and (self.train.loss != "ce" or self.model.attention != "causal"):
+            raise ValueError(f"train.exclude_seen needs train.loss=ce and model.attention=causal (they are "
+                             f"{self.train.loss!r} and {self.model.attention!r}); set it to false")
         stride = self.train.window_stride
         if stride is not None and stride > self.model.max_len:
             raise ValueError(

@@ -30,6 +30,7 @@ CE_CHUNK_ELEMENTS_CUDA = 1 << 27
 def full_ce(
     hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, label_smoothing: float = 0.0,
     bias: tuple[torch.Tensor, torch.Tensor] | None = None, weights: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean softmax cross-entropy over the whole catalogue; the padding item is not a class.
 
@@ -55,18 +56,30 @@ def full_ce(
     rows = (classes >= 0).float() if weights is None else (classes >= 0) * weights.float()  # (N,) row weights
     count = rows.sum()  # () a tensor: no host synchronisation
     count = torch.where(count > 0, count, torch.ones_like(count))  # no target, or all weights 0: a zero loss
+    excluded = None if exclude is None else _exclusions(exclude, classes)
     if bias is not None:
-        return _biased_ce(hidden, classes, weight, label_smoothing, count, *bias, rows=rows)
+        return _biased_ce(hidden, classes, weight, label_smoothing, count, *bias, rows=rows, excluded=excluded)
     # On GPU one logits matrix under the budget (what torch.compile fuses best); on CPU the one-pass loss and
     # gradient of _ChunkedCE is faster even in one chunk (2000 x 400 logits: 16 vs 21 ms forward + backward).
     if hidden.is_cuda and hidden.shape[0] * weight.shape[0] <= CE_CHUNK_ELEMENTS_CUDA:
-        return _dense_ce(hidden, classes, weight, label_smoothing, count, rows)
-    return _ChunkedCE.apply(hidden, classes, weight, float(label_smoothing), count, rows)
+        return _dense_ce(hidden, classes, weight, label_smoothing, count, rows, excluded)
+    return _ChunkedCE.apply(hidden, classes, weight, float(label_smoothing), count, rows, excluded)
+
+
+def _exclusions(exclude: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns (N, L) in 0..I-1, valid (N, L)): each row's excluded columns, each once, never its target
+    (``classes`` (N,), -1 = none); ``valid`` is False on padding, repeats and the target."""
+    items = exclude.long()
+    items = torch.where(items == (classes + 1).unsqueeze(1), 0, items).sort(dim=1).values  # (N, L)
+    repeat = torch.zeros_like(items, dtype=torch.bool)
+    repeat[:, 1:] = items[:, 1:] == items[:, :-1]
+    return (items - 1).clamp(min=0), (items > 0) & ~repeat
 
 
 def _biased_ce(
     hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, count: torch.Tensor,
     items: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+    excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`full_ce` with ``values`` (N, L) added to the logits of ``items`` (N, L); row chunks as
     ``_ChunkedCE``, each checkpointed (its logits are recomputed for the backward pass, not kept)."""
@@ -74,54 +87,74 @@ def _biased_ce(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         part = slice(start, start + chunk)
+        cut = None if excluded is None else (excluded[0][part], excluded[1][part])
         total = total + checkpoint(_biased_chunk, hidden[part], classes[part], weight, items[part], values[part],
-                                   smoothing, rows[part], use_reentrant=False)
+                                   smoothing, rows[part], cut, use_reentrant=False)
     return total / count
 
 
 def _biased_chunk(
     hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, items: torch.Tensor, values: torch.Tensor,
-    smoothing: float, rows: torch.Tensor,
+    smoothing: float, rows: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     logits = (hidden @ weight.T).float()  # (C, I)
     real = items > 0  # (C, L) padding adds nothing
     logits = logits.scatter_add(1, (items.long() - 1).clamp(min=0), values.float() * real)
-    return _weighted_sum(logits, classes, smoothing, rows)
+    return _weighted_sum(logits, classes, smoothing, rows, excluded)
 
 
-def _weighted_sum(logits: torch.Tensor, classes: torch.Tensor, smoothing: float, rows: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of ``rows`` (C,) x each row's cross-entropy (rows with class -1 weigh 0)."""
-    losses = F.cross_entropy(logits, classes, ignore_index=-1, reduction="none", label_smoothing=smoothing)
-    return (losses * rows).sum()
+def _weighted_sum(
+    logits: torch.Tensor, classes: torch.Tensor, smoothing: float, rows: torch.Tensor,
+    excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Sum over rows of ``rows`` (C,) x each row's cross-entropy (rows with class -1 weigh 0), over the columns
+    not ``excluded`` (columns, valid) from :func:`_exclusions`."""
+    if excluded is None:
+        losses = F.cross_entropy(logits, classes, ignore_index=-1, reduction="none", label_smoothing=smoothing)
+        return (losses * rows).sum()
+    cols, valid = excluded
+    c = classes.clamp(min=0).unsqueeze(1)  # (C, 1)
+    off = torch.zeros_like(logits).scatter_add(1, cols, torch.where(valid, -math.inf, 0.0))  # -inf: excluded
+    losses = (logits + off).logsumexp(1) - (1.0 - smoothing) * logits.gather(1, c).squeeze(1)  # (C,)
+    if smoothing:  # the mean logit over the columns left
+        kept = logits.sum(1) - (logits.gather(1, cols) * valid).sum(1)
+        losses = losses - smoothing * kept / (logits.shape[1] - valid.sum(1))
+    return (torch.where(classes >= 0, losses, 0.0) * rows).sum()
 
 
 def _dense_ce(
     hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, count: torch.Tensor,
-    rows: torch.Tensor,
+    rows: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """hidden: (N, D); classes: (N,) in 0..I-1, or -1 (weight 0); weight: (I, D); count: () the divisor;
-    rows: (N,) each row's weight."""
+    rows: (N,) each row's weight; excluded: (columns, valid) from :func:`_exclusions` or None."""
     logits = (hidden @ weight.T).float()  # (N, I)
-    return _weighted_sum(logits, classes, smoothing, rows) / count
+    return _weighted_sum(logits, classes, smoothing, rows, excluded) / count
 
 
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float,
-        count: torch.Tensor, row_weights: torch.Tensor,
+        count: torch.Tensor, row_weights: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """hidden: (N, D); classes: (N,) in 0..I-1, or -1 (weight 0); weight: (I, D); count: () the divisor;
-        row_weights: (N,) each row's weight (0 where class is -1).
+        row_weights: (N,) each row's weight (0 where class is -1); excluded: (columns (N, L), valid (N, L)) from
+        :func:`_exclusions`, or None.
 
-        Row loss: ``lse(s) - (1 - eps) * s[c] - eps * mean(s)``; its logit gradient
-        ``softmax(s) - (1 - eps) * onehot(c) - eps / I``.
+        Row loss over the I' = I - (its excluded count) columns left: ``lse(s) - (1 - eps) * s[c] - eps *
+        mean(s)``; its logit gradient ``softmax(s) - (1 - eps) * onehot(c) - eps / I'`` on those columns, 0 on
+        the excluded ones.
         """
         chunk = max(1, (CE_CHUNK_ELEMENTS_CUDA if hidden.is_cuda else CE_CHUNK_ELEMENTS) // weight.shape[0])
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         grad_h = torch.zeros_like(hidden) if need_grad else None  # (N, D)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None  # (I, D)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        n_items = weight.shape[0]
+        # each row's smoothing weight per column left, eps / I' (N, 1)
+        left = torch.full_like(row_weights, n_items) if excluded is None else n_items - excluded[1].sum(1)
+        spread = (smoothing / left.float()).unsqueeze(1)
         # Under autocast the matmul operands are cast ONCE here and the loop runs with autocast off: left to
         # autocast, every chunk's three products would cast the whole (I, D) table again (on a CPU with bf16
         # matrix units that cost more than the bf16 products saved). Softmax arithmetic stays float32.
@@ -130,14 +163,20 @@ class _ChunkedCE(torch.autograd.Function):
         hid, table = (hidden, weight) if low is None else (hidden.to(low), weight.to(low))
         with torch.autocast(device_type, enabled=False):
             mean_w = table.float().mean(0) if smoothing else None  # (D,) mean item vector: mean logit = h . mean_w
-            _chunked_ce_loop(hid, classes, table, smoothing, mean_w, row_weights, chunk, total, grad_h, grad_w)
+            _chunked_ce_loop(hid, classes, table, smoothing, mean_w, spread, row_weights, excluded, chunk, total,
+                             grad_h, grad_w)
             if smoothing and need_grad:
-                # the smoothing term's logit gradient -eps / I on every logit, in closed form: through the
-                # products it is -eps * mean(W) for every row of grad_h and -eps / I * sum_n(w_n h_n) for every
-                # row of grad_w (no pass over the (C, I) probabilities)
-                real = row_weights.unsqueeze(1)  # (N, 1)
-                grad_h -= real * (smoothing * mean_w)  # (N, D)
-                grad_w -= (smoothing / weight.shape[0]) * (real * hid.float()).sum(0)  # (I, D) - (D,)
+                # the smoothing term's logit gradient -eps / I' on every logit (the loop adds it back on the
+                # excluded ones), in closed form: through the products it is -eps / I' * sum(W) for every row of
+                # grad_h and -sum_n(eps / I'_n * w_n h_n) for every row of grad_w (no pass over the probabilities)
+                if excluded is None:  # the same eps / I on every row
+                    real = row_weights.unsqueeze(1)  # (N, 1)
+                    grad_h -= real * (smoothing * mean_w)  # (N, D)
+                    grad_w -= (smoothing / n_items) * (real * hid.float()).sum(0)  # (I, D) - (D,)
+                else:
+                    real = row_weights.unsqueeze(1) * spread  # (N, 1)
+                    grad_h -= real * (n_items * mean_w)  # (N, D)
+                    grad_w -= (real * hid.float()).sum(0)  # (I, D) - (D,)
         if need_grad:
             ctx.save_for_backward(grad_h / count, (grad_w / count).to(weight.dtype))
         return total / count
@@ -145,38 +184,50 @@ class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None, None, None]:
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, None, grad_w * grad_out, None, None, None
+        return grad_h * grad_out, None, grad_w * grad_out, None, None, None, None
 
 
 def _chunked_ce_loop(
     hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, mean_w: torch.Tensor | None,
-    row_weights: torch.Tensor, chunk: int, total: torch.Tensor, grad_h: torch.Tensor | None,
-    grad_w: torch.Tensor | None,
+    spread: torch.Tensor, row_weights: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None, chunk: int,
+    total: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
 ) -> None:
     """The row-chunk loop of :class:`_ChunkedCE`: adds the weighted row losses to ``total`` and, when
     ``grad_h`` is given, the (undivided) gradients to ``grad_h`` (N, D) and ``grad_w`` (I, D, float32) in place.
     ``hidden`` and ``weight`` in the matmul dtype; logits and probabilities in float32; ``mean_w`` (D,) the
-    float32 mean row of ``weight`` when ``smoothing``. The smoothing term's constant gradient is left to the
-    caller."""
+    float32 mean row of ``weight`` and ``spread`` (N, 1) each row's eps / (columns left) when ``smoothing``. The
+    smoothing term's gradient on every column is left to the caller; the loop adds it back on excluded columns."""
+    n_items = weight.shape[0]
     for start in range(0, hidden.shape[0], chunk):
-        h, c = hidden[start:start + chunk], classes[start:start + chunk].unsqueeze(1)  # (C, D), (C, 1)
-        real = row_weights[start:start + chunk].unsqueeze(1)  # (C, 1) row weights
+        part = slice(start, start + chunk)
+        h, c = hidden[part], classes[part].unsqueeze(1)  # (C, D), (C, 1)
+        real = row_weights[part].unsqueeze(1)  # (C, 1) row weights
         c = c.clamp(min=0)
         logits = (h @ weight.T).float()  # (C, I)
-        top = logits.amax(-1, keepdim=True)  # (C, 1)
         target = logits.gather(1, c)  # (C, 1)
-        if smoothing:  # mean(s) = h . mean(W): no pass over the (C, I) logits
-            target = (1.0 - smoothing) * target + smoothing * (h.float() @ mean_w).unsqueeze(1)  # (C, 1)
+        if smoothing:  # mean(s) over all columns = h . mean(W): no pass over the (C, I) logits
+            mean = (h.float() @ mean_w).unsqueeze(1)  # (C, 1)
+        if excluded is not None:
+            cols, valid = excluded[0][part], excluded[1][part]  # (C, L)
+            if smoothing:  # the mean over the columns left
+                mean = (n_items * mean - (logits.gather(1, cols) * valid).sum(1, keepdim=True)) / (
+                    n_items - valid.sum(1, keepdim=True))
+            logits.scatter_add_(1, cols, torch.where(valid, -math.inf, 0.0))  # excluded: probability 0
+        if smoothing:
+            target = (1.0 - smoothing) * target + smoothing * mean
+        top = logits.amax(-1, keepdim=True)  # (C, 1)
         exp = logits.sub_(top).exp_()  # (C, I) in place: one exp pass serves loss and gradient
         norm = exp.sum(-1, keepdim=True)  # (C, 1)
         total += ((top + norm.log() - target) * real).sum()
         if grad_h is not None:
             probs = exp.mul_(real / norm)  # (C, I) softmax, 0 on rows without a target
             probs.scatter_add_(1, c, real * -(1.0 - smoothing))  # d(row loss)/d(logits)
+            if excluded is not None and smoothing:  # cancel the caller's -eps / I' on the excluded columns
+                probs.scatter_add_(1, cols, valid * (real * spread[part]))
             probs = probs.to(hidden.dtype)
-            grad_h[start:start + chunk] = probs @ weight  # (C, D)
+            grad_h[part] = probs @ weight  # (C, D)
             grad_w += probs.T @ h  # (I, D)
 
 

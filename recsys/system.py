@@ -55,6 +55,7 @@ class SASRecSystem(L.LightningModule):
         attention: Literal["causal", "bidirectional"] = "causal",
         mask_prob: float = 0.2,
         item_drop: float = 0.0,
+        train_exclude_seen: bool = False,
         negative_sampling: Literal["uniform", "popularity"] = "uniform",
         gbce_t: float = 0.75,
         label_smoothing: float = 0.0,
@@ -84,6 +85,9 @@ class SASRecSystem(L.LightningModule):
         if item_drop and attention != "causal":
             raise ValueError("train.item_drop applies to causal attention only (bidirectional training already "
                              "hides items: train.mask_prob); set it to 0")
+        if train_exclude_seen and (loss != "ce" or attention != "causal"):
+            raise ValueError(f"train.exclude_seen needs train.loss=ce and model.attention=causal (they are {loss!r} "
+                             f"and {attention!r}); set it to false")
         if loss == "gbce":
             gbce_beta(n_negatives, n_items, gbce_t)  # raises on a bad combination before training starts
         self.save_hyperparameters()
@@ -109,7 +113,8 @@ class SASRecSystem(L.LightningModule):
         system = cls(
             n_items=n_items, max_len=m.max_len, hidden=m.hidden, n_blocks=m.n_blocks, n_heads=m.n_heads,
             dropout=m.dropout, loss=t.loss, n_negatives=t.n_negatives, lr=t.lr, weight_decay=t.weight_decay,
-            attention=m.attention, mask_prob=t.mask_prob, item_drop=t.item_drop, negative_sampling=t.negative_sampling,
+            attention=m.attention, mask_prob=t.mask_prob, item_drop=t.item_drop,
+            train_exclude_seen=t.exclude_seen, negative_sampling=t.negative_sampling,
             gbce_t=t.gbce_t, label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs,
             lr_schedule=t.lr_schedule, compile=t.compile,
             compile_mode=t.compile_mode, ffn_mult=m.ffn_mult, block=m.block,
@@ -170,7 +175,8 @@ class SASRecSystem(L.LightningModule):
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         if stage == "train":
             inputs, targets, types, target_types = self._training_inputs(batch)  # (B, W) each; types or None
-            loss = self._train_loss(inputs, targets, types, target_types)
+            seen = batch["inputs"] if self.hparams.get("train_exclude_seen") else None  # before item_drop
+            loss = self._train_loss(inputs, targets, types, target_types, seen)
             weighted = loss.detach() * len(inputs)  # () on the device: no host synchronisation
             self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
             self._loss_rows += len(inputs)
@@ -202,22 +208,23 @@ class SASRecSystem(L.LightningModule):
         )
 
     def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None,
-                    target_types: torch.Tensor | None = None) -> torch.Tensor:
+                    target_types: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and loss of a training batch, through ``torch.compile`` with ``compile`` (compiled once)."""
         if not self.hparams["compile"]:
-            return self._forward_loss(inputs, targets, types, target_types)
+            return self._forward_loss(inputs, targets, types, target_types, seen)
         if self._compiled_loss is None:
             self._compiled_loss = torch.compile(self._forward_loss, mode=self.hparams["compile_mode"])
-        return self._compiled_loss(inputs, targets, types, target_types)
+        return self._compiled_loss(inputs, targets, types, target_types, seen)
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None,
-                      target_types: torch.Tensor | None = None) -> torch.Tensor:
+                      target_types: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.model(inputs, types)  # (B, T, D)
-        return self._next_item_loss(hidden, targets, inputs, types, target_types)
+        return self._next_item_loss(hidden, targets, inputs, types, target_types, seen)
 
     def _next_item_loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None,
         types: torch.Tensor | None = None, target_types: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss at the positions with a target (targets != 0): next items, or masked items if bidirectional.
 
@@ -227,7 +234,8 @@ class SASRecSystem(L.LightningModule):
         scoring them against the whole catalogue costs far more than the one synchronisation of the gather (on
         the shared H100 a Beauty-BERT4Rec epoch took 25 s with 6 processes, as long as with 14 before). The
         sampled losses always gather. With type weights (:meth:`set_type_weights`, CE only) each position weighs
-        the weight of its target's event type (``target_types``).
+        the weight of its target's event type (``target_types``). With ``seen`` (B, T), the causal batch's inputs
+        (``train.exclude_seen``), position t's softmax leaves out the items ``seen[:, :t + 1]`` but its target.
         """
         item_emb = self.model.item_embeddings()  # (I + 1, D), no [MASK] row
         hp = self.hparams
@@ -243,12 +251,17 @@ class SASRecSystem(L.LightningModule):
                 b, width = inputs.shape
                 values = self.model.history_bias(inputs, all_positions=True, types=types).flatten(0, 1)  # (B*T, T)
                 bias = (inputs.unsqueeze(1).expand(b, width, width).flatten(0, 1), values)  # (B*T, T) each
+            exclude = None
+            if seen is not None:  # position t has seen the items of columns 0..t (padding 0 excludes nothing)
+                prefix = torch.ones(seen.shape[1], seen.shape[1], dtype=seen.dtype, device=seen.device).tril()
+                exclude = (seen.unsqueeze(1) * prefix).flatten(0, 1)  # (B*T, T)
             if not torch.compiler.is_compiling():
                 keep = t != PAD
                 h, t = h[keep], t[keep]  # (N, D), (N,)
                 bias = None if bias is None else (bias[0][keep], bias[1][keep])
                 weights = None if weights is None else weights[keep]
-            return full_ce(h, t, item_emb, hp["label_smoothing"], bias, weights)
+                exclude = None if exclude is None else exclude[keep]
+            return full_ce(h, t, item_emb, hp["label_smoothing"], bias, weights, exclude)
         real = targets != PAD  # (B, T)
         h, t = hidden[real], targets[real]  # (N, D), (N,)
         if hp["loss"] == "sampled_softmax":
