@@ -114,8 +114,8 @@ def _weighted_sum(
         return (losses * rows).sum()
     cols, valid = excluded
     c = classes.clamp(min=0).unsqueeze(1)  # (C, 1)
-    off = torch.zeros_like(logits).scatter_add(1, cols, torch.where(valid, -math.inf, 0.0))  # -inf: excluded
-    losses = (logits + off).logsumexp(1) - (1.0 - smoothing) * logits.gather(1, c).squeeze(1)  # (C,)
+    masked = logits.scatter_add(1, cols, torch.where(valid, -math.inf, 0.0))  # excluded columns at -inf
+    losses = masked.logsumexp(1) - (1.0 - smoothing) * logits.gather(1, c).squeeze(1)  # (C,)
     if smoothing:  # the mean logit over the columns left
         kept = logits.sum(1) - (logits.gather(1, cols) * valid).sum(1)
         losses = losses - smoothing * kept / (logits.shape[1] - valid.sum(1))
@@ -152,9 +152,8 @@ class _ChunkedCE(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None  # (I, D)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         n_items = weight.shape[0]
-        # each row's smoothing weight per column left, eps / I' (N, 1)
-        left = torch.full_like(row_weights, n_items) if excluded is None else n_items - excluded[1].sum(1)
-        spread = (smoothing / left.float()).unsqueeze(1)
+        # with exclusions, each row's smoothing weight per column left, eps / I' (N, 1)
+        spread = None if excluded is None else (smoothing / (n_items - excluded[1].sum(1)).float()).unsqueeze(1)
         # Under autocast the matmul operands are cast ONCE here and the loop runs with autocast off: left to
         # autocast, every chunk's three products would cast the whole (I, D) table again (on a CPU with bf16
         # matrix units that cost more than the bf16 products saved). Softmax arithmetic stays float32.
@@ -191,13 +190,13 @@ class _ChunkedCE(torch.autograd.Function):
 
 def _chunked_ce_loop(
     hidden: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor, smoothing: float, mean_w: torch.Tensor | None,
-    spread: torch.Tensor, row_weights: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None, chunk: int,
+    spread: torch.Tensor | None, row_weights: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None, chunk: int,
     total: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
 ) -> None:
     """The row-chunk loop of :class:`_ChunkedCE`: adds the weighted row losses to ``total`` and, when
     ``grad_h`` is given, the (undivided) gradients to ``grad_h`` (N, D) and ``grad_w`` (I, D, float32) in place.
     ``hidden`` and ``weight`` in the matmul dtype; logits and probabilities in float32; ``mean_w`` (D,) the
-    float32 mean row of ``weight`` and ``spread`` (N, 1) each row's eps / (columns left) when ``smoothing``. The
+    float32 mean row of ``weight`` when ``smoothing``; ``spread`` (N, 1) each row's eps / (columns left) with ``excluded``. The
     smoothing term's gradient on every column is left to the caller; the loop adds it back on excluded columns."""
     n_items = weight.shape[0]
     for start in range(0, hidden.shape[0], chunk):

@@ -251,16 +251,13 @@ class SASRecSystem(L.LightningModule):
                 b, width = inputs.shape
                 values = self.model.history_bias(inputs, all_positions=True, types=types).flatten(0, 1)  # (B*T, T)
                 bias = (inputs.unsqueeze(1).expand(b, width, width).flatten(0, 1), values)  # (B*T, T) each
-            exclude = None
-            if seen is not None:  # position t has seen the items of columns 0..t (padding 0 excludes nothing)
-                prefix = torch.ones(seen.shape[1], seen.shape[1], dtype=seen.dtype, device=seen.device).tril()
-                exclude = (seen.unsqueeze(1) * prefix).flatten(0, 1)  # (B*T, T)
+            positions = torch.arange(len(t), device=t.device)  # flat indices into B*T
             if not torch.compiler.is_compiling():
                 keep = t != PAD
-                h, t = h[keep], t[keep]  # (N, D), (N,)
+                h, t, positions = h[keep], t[keep], positions[keep]  # (N, D), (N,), (N,)
                 bias = None if bias is None else (bias[0][keep], bias[1][keep])
                 weights = None if weights is None else weights[keep]
-                exclude = None if exclude is None else exclude[keep]
+            exclude = None if seen is None else seen_prefixes(seen, positions)  # (N, T)
             return full_ce(h, t, item_emb, hp["label_smoothing"], bias, weights, exclude)
         real = targets != PAD  # (B, T)
         h, t = hidden[real], targets[real]  # (N, D), (N,)
@@ -303,6 +300,14 @@ class SASRecSystem(L.LightningModule):
         factor = lr_factor(self.hparams["lr_schedule"], round(self.hparams["warmup_epochs"] * per_epoch), total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def seen_prefixes(seen: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(N, T): for each flat position ``b * T + t`` of ``positions`` (N,), the row ``seen[b]`` (B, T) with its
+    columns after t set to padding: what the user had seen up to that position (padding excludes nothing)."""
+    width = seen.shape[1]
+    cols = torch.arange(width, device=seen.device)
+    return seen[positions // width] * (cols <= (positions % width).unsqueeze(1))
 
 
 def lr_factor(schedule: Literal["constant", "cosine"], warmup_steps: int, total_steps: int) -> Callable[[int], float]:
