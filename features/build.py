@@ -30,25 +30,25 @@ from features.item_features import build_item_features, cold_item_ids, read_item
 from features.policies import DROP_REASONS, Accounting, select_rows
 from features.readers import InputDataError, input_files, read_events
 from features.schema import (
+    ENCODED_EVENTS,
     EVENT_TYPE,
     EVENT_TYPE_FILES,
     EVENT_TYPE_MAP,
     FEATURE_FILES,
     ITEM_FEATURE_FILES,
     ITEM_ID,
-    ITEM_IDX,
     ITEM_MAP,
     MAX_EVENT_TYPES,
     SEQUENCE_TYPES,
     SEQUENCES,
+    SPLIT,
     TIMESTAMP,
     TYPE_IDX,
     USER_ID,
-    USER_IDX,
     USER_MAP,
     check_schema,
 )
-from features.sequences import SPLIT, SPLIT_LISTS, add_split, build_sequences
+from features.sequences import SPLIT_LISTS, add_split, build_sequences
 from features.synthetic import generate_events
 from recsys.config import Config, ConfigError, DataConfig, FeaturesConfig, SyntheticConfig, save_config
 from recsys.storage import atomic_dir, fingerprint, write_json
@@ -57,13 +57,6 @@ logger = logging.getLogger(__name__)
 
 _RANGE = "_range"  # the user range of a row, out of core
 
-# Contract of events.parquet (kept events, encoded, with their split); belongs in features/schema.py.
-ENCODED_EVENTS: dict[str, pl.DataType] = {
-    USER_IDX: pl.Int32(),
-    ITEM_IDX: pl.Int32(),
-    TIMESTAMP: pl.Int64(),
-    SPLIT: pl.String(),
-}
 _CONTRACTS: dict[str, dict[str, Any]] = {
     "events": ENCODED_EVENTS,
     "sequences": SEQUENCES,

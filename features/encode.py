@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from features.schema import ITEM_ID, ITEM_IDX, PAD_IDX, USER_ID, USER_IDX
-from features.sequences import SPLIT, TRAIN
+from features.schema import ITEM_ID, ITEM_IDX, PAD_IDX, SPLIT, USER_ID, USER_IDX
+from features.sequences import TRAIN
 
 
 def build_user_map(events: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:

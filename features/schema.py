@@ -19,6 +19,7 @@ EVENT_TYPE = "event_type"
 WEIGHT = "weight"
 USER_IDX = "user_idx"
 ITEM_IDX = "item_idx"
+SPLIT = "split"  # train / val / test: features.sequences.TRAIN, VAL, TEST
 
 # External ids are whole numbers (Int64) or text (String), per column: data.user_id_type / data.item_id_type.
 # A contract entry that is a tuple accepts any of its dtypes.
@@ -39,6 +40,9 @@ SEQUENCES = {
     "val_items": pl.List(pl.Int32),
     "test_items": pl.List(pl.Int32),
 }
+
+# events.parquet of a feature set: the kept events, encoded, with their split (and TYPE_IDX when typed).
+ENCODED_EVENTS = {USER_IDX: pl.Int32, ITEM_IDX: pl.Int32, TIMESTAMP: pl.Int64, SPLIT: pl.String}
 
 CANDIDATES = {USER_ID: ANY_ID, ITEM_ID: ANY_ID, "score": pl.Float32, "rank": pl.Int32}
 

@@ -11,10 +11,9 @@ from typing import TypeVar
 
 import polars as pl
 
-from features.schema import ITEM_IDX, TIMESTAMP, TYPE_IDX, USER_IDX
+from features.schema import ITEM_IDX, SPLIT, TIMESTAMP, TYPE_IDX, USER_IDX
 from recsys.config import FeaturesConfig
 
-SPLIT = "split"
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLIT_LISTS = {TRAIN: "train_items", VAL: "val_items", TEST: "test_items"}
 SPLIT_TYPES = {TRAIN: "train_types", VAL: "val_types", TEST: "test_types"}  # schema.SEQUENCE_TYPES

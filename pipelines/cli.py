@@ -36,7 +36,7 @@ _STATUS_HELP = ("where the work directory stands: last successes, features, mode
 _JOBS: dict[str, str] = {
     "features": "read events, validate, filter, encode ids, build sequences and splits (Polars)",
     "train": "train the SASRec model with Lightning; save it and register a new model version",
-    "evaluate": "full-catalogue ranking metrics of the model and the popularity baseline",
+    "evaluate": "full-catalogue ranking metrics of the model and its baselines (evaluate.baselines)",
     "candidates": "top-K candidates per user from the trained model through a FAISS index",
     "run": "features → train → evaluate → candidates, in order",
 }

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from recsys.config import Config, ConfigError, load_config, parse_overrides, read_yaml, save_config
 
@@ -12,6 +12,32 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 
 def test_base_yaml_equals_defaults():
     assert load_config(CONF / "base.yaml") == Config()
+
+
+def _key_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    paths = set()
+    for name, field in model.model_fields.items():
+        paths.add(prefix + name)
+        # a section that defaults to null (data.item_features) is one key here; its own keys come with it
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            paths |= _key_paths(field.annotation, f"{prefix}{name}.")
+    return paths
+
+
+def _yaml_paths(mapping: dict, prefix: str = "") -> set[str]:
+    paths = set()
+    for name, value in mapping.items():
+        paths.add(prefix + name)
+        if isinstance(value, dict):
+            paths |= _yaml_paths(value, f"{prefix}{name}.")
+    return paths
+
+
+def test_base_yaml_lists_every_key():
+    """base.yaml is the reference of every key: one left out would load (as its default) but be undocumented."""
+    listed = _yaml_paths(read_yaml(CONF / "base.yaml"))
+    listed = {p for p in listed if not p.startswith("train.type_weights.")}  # a mapping, not sub-keys
+    assert sorted(_key_paths(Config) - listed) == []
 
 
 @pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: p.name)

@@ -10,9 +10,10 @@ import polars as pl
 import pytest
 
 from features.artifacts import last_event_times
-from features.build import ENCODED_EVENTS, build_features
+from features.build import build_features
 from features.readers import InputDataError
 from features.schema import (
+    ENCODED_EVENTS,
     EVENT_TYPE_FILES,
     EVENT_TYPE_MAP,
     FEATURE_FILES,

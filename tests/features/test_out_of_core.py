@@ -14,10 +14,20 @@ import polars as pl
 import pytest
 
 from benchmarks.features_scale import generate_skewed_events, run_pandas
-from features.build import ENCODED_EVENTS, build_features, partition_by_user
+from features.build import build_features, partition_by_user
 from features.policies import apply_policies
-from features.schema import FEATURE_FILES, ITEM_ID, ITEM_MAP, SEQUENCES, TIMESTAMP, USER_ID, USER_MAP
-from features.sequences import SPLIT, split_leave_one_out
+from features.schema import (
+    ENCODED_EVENTS,
+    FEATURE_FILES,
+    ITEM_ID,
+    ITEM_MAP,
+    SEQUENCES,
+    SPLIT,
+    TIMESTAMP,
+    USER_ID,
+    USER_MAP,
+)
+from features.sequences import split_leave_one_out
 from recsys.config import ConfigError, FeaturesConfig, load_config
 
 TABLES = ("events", "sequences", "user_map", "item_map")
