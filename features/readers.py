@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from pathlib import Path
 import polars as pl
 
 from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
-from features.validation import POS, find_problems, how_to_fix, id_expr, typed_exprs
+from features.validation import NO_ROWS, POS, find_problems, how_to_fix, id_expr, typed_exprs
 from recsys.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -75,9 +76,16 @@ def input_files(data: DataConfig, path: str | Path) -> list[Path]:
                           f"{data.format!r} reads one file: set data.path to that file")
     suffix = f".{data.format}"
     if pattern:
-        files = [Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file()]
+        found = [Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file()]
+        root = Path(*[part for part in itertools.takewhile(lambda p: not _GLOB & set(p), path.parts)])
     else:
-        files = [f for f in path.rglob(f"*{suffix}") if f.is_file() and not f.name.startswith(".")]
+        found, root = [f for f in path.rglob(f"*{suffix}") if f.is_file()], path
+    # Spark / Hadoop conventions: names starting with "_" or "." (the _temporary/ of an unfinished write,
+    # .part-0.parquet.crc, _SUCCESS) are not data, in the directory itself or any folder under it.
+    files = [f for f in found if not any(part[0] in "_." for part in f.relative_to(root).parts)]
+    if len(files) < len(found):
+        logger.info("data.path %s: %d file(s) under names starting with '_' or '.' skipped (not data), e.g. %s",
+                    path, len(found) - len(files), sorted(set(found) - set(files))[0])
     if not files:
         where = "matches no file" if pattern else f"is a directory with no *{suffix} file under it"
         raise ConfigError(f"data.path: {path} {where} (data.format={data.format}); set data.path to the events "
@@ -97,6 +105,8 @@ def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
     is read and validated on its own (an error names the file and its row), then they are concatenated in path
     order; several files need ``data.timestamp_col`` (their row order is no time order).
 
+    A file with no rows is an error alone, and skipped (logged) among several, e.g. a quiet day's partition.
+
     Raises InputDataError if the file is missing, empty, unreadable (not UTF-8, corrupt parquet, ragged
     lines), lacks a configured column, or holds a null / non-integer id or an unparsable timestamp.
     """
@@ -106,8 +116,21 @@ def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
             raise ConfigError(f"data.path: {path} holds {len(files)} files; reading several files needs "
                               "data.timestamp_col (their row order is not a time order)")
         logger.info("reading %d files of %s as %s", len(files), path, data.format)
-        return pl.concat([read_events(data, file) for file in files], how="vertical")
-    path = files[0]
+        frames = {file: _read_file(data, file, many=True) for file in files}
+        empty = [file for file, frame in frames.items() if frame is None]
+        if len(empty) == len(files):
+            raise InputDataError(f"{path}: every one of its {len(files)} files has no rows; point data.path at "
+                                 "files with events")
+        if empty:  # a quiet day's partition: nothing to read, nothing dropped
+            logger.info("data.path %s: %d of %d files have no rows, e.g. %s", path, len(empty), len(files), empty[0])
+        return pl.concat([frame for frame in frames.values() if frame is not None], how="vertical")
+    frame = _read_file(data, files[0], many=False)
+    assert frame is not None  # an empty single file is an error
+    return frame
+
+
+def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
+    """One file's canonical events; None when it has no rows and is one of ``many`` files."""
     if not path.is_file():
         raise InputDataError(
             f"input file {path} does not exist or is not a file; fix data.path "
@@ -118,6 +141,8 @@ def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
         typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
         problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path),
                                  id_types=id_types(data))
+    if problems == [NO_ROWS] and many:
+        return None
     if problems:
         raise InputDataError(f"{path} (data.format={data.format!r}):\n  - " + "\n  - ".join(problems))
     logger.info("reading %s as %s", path, data.format)
@@ -197,7 +222,7 @@ def _scan_movielens(data: DataConfig, path: Path) -> _Raw:
 def _read_lines(path: Path, data: DataConfig) -> pl.DataFrame:
     """Non-blank lines of a text file: ``_pos`` (1-based line number) and ``_tokens`` (whitespace-split)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the first id
     except UnicodeDecodeError as exc:
         raise _utf8_error(path, data) from exc
     lines = pl.DataFrame({"line": text.split("\n")}).with_row_index(POS, offset=1)

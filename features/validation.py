@@ -35,8 +35,10 @@ _TEXT_IDS = "ids must not be blank"
 _HOW_TO_FIX = {
     TIMESTAMP: "use epoch seconds or ISO-8601, or set data.timestamp_format (e.g. '%d/%m/%Y %H:%M')",
     WEIGHT: "weights must be numbers",
+    EVENT_TYPE: "event types must be text (e.g. view, cart, buy) or whole-number codes; fix data.event_type_col",
 }
 _ID_KEYS = {USER_ID: "user_id_type", ITEM_ID: "item_id_type"}
+NO_ROWS = "it has no rows (only a header, or only blank lines); point data.path at a file with events"
 
 
 def how_to_fix(name: str, id_types: dict[str, str] | None = None) -> str:
@@ -136,6 +138,7 @@ def dtype_problems(schema: pl.Schema, labels: dict[str, str], id_types: dict[str
         ITEM_ID: lambda d: d.is_integer() or d.is_float() or d == pl.String,
         TIMESTAMP: lambda d: d.is_numeric() or d.is_temporal() or d == pl.String,
         WEIGHT: lambda d: d.is_numeric() or d == pl.String,
+        EVENT_TYPE: lambda d: d.is_integer() or d in (pl.String, pl.Categorical) or isinstance(d, pl.Enum),
     }
     return [
         f"column {labels[name]} has dtype {schema[name]}, which cannot hold a {name}; {how_to_fix(name, id_types)}"
@@ -207,7 +210,7 @@ def find_problems(
     aggs += [(ts > int(time.time())).sum().alias("future"), ts.max().alias("latest")]
     stats = raw.select(aggs).collect().row(0, named=True)
     if stats["rows"] == 0:
-        return ["it has no rows (only a header, or only blank lines); point data.path at a file with events"]
+        return [NO_ROWS]
     problems = [line for name in checked for line in _describe(stats, name, labels[name], unit, id_types)]
     if not problems:
         _warn_future(stats, labels[TIMESTAMP], source)

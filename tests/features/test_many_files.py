@@ -83,3 +83,37 @@ def test_several_files_need_timestamps_and_a_format_that_reads_them(tmp_path):
                                      f"work_dir={tmp_path / 'w'}"])
     with pytest.raises(ConfigError, match=r"matches no file"):
         build_features(nothing)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_leftovers_of_unfinished_writes_and_empty_partitions_are_not_events(tmp_path, fmt):
+    """Spark's _temporary/ (an unfinished write), hidden folders and a quiet day's empty file add no rows."""
+    events = _events(n=400)
+    whole = tmp_path / f"all.{fmt}"
+    getattr(events, f"write_{fmt}")(whole)
+    parts = tmp_path / "events"
+    for d, frame in enumerate((events[:200], events[200:])):
+        (parts / f"date={d}").mkdir(parents=True)
+        getattr(frame, f"write_{fmt}")(parts / f"date={d}" / f"part-0.{fmt}")
+    for leftover in ("_temporary/0/_temporary/attempt_1", ".staging", "date=0/_temporary/0"):
+        (parts / leftover).mkdir(parents=True)
+        getattr(events[:50], f"write_{fmt}")(parts / leftover / f"part-0.{fmt}")  # copies: would be duplicates
+    (parts / "date=2").mkdir()
+    getattr(events.clear(), f"write_{fmt}")(parts / "date=2" / f"part-0.{fmt}")  # header / schema only
+    one, expected = _build(whole, tmp_path / "one", fmt)
+    for path in (parts, f"{parts}/**/*.{fmt}"):
+        many, got = _build(path, tmp_path / f"many-{len(str(path))}", fmt)
+        for name in TABLES:
+            assert got[name].equals(expected[name]), name
+        assert many["rows_in"] == one["rows_in"] == events.height
+        assert len(many["inputs"]["events"]["files"]) == 3  # the two days and the empty one
+
+
+def test_a_directory_of_empty_files_is_an_error_naming_it(tmp_path):
+    parts = tmp_path / "events"
+    parts.mkdir()
+    for name in ("a", "b"):
+        (parts / f"{name}.csv").write_text("user_id,item_id,timestamp\n")
+    with pytest.raises(InputDataError, match=r"events: every one of its 2 files has no rows"):
+        _build(parts, tmp_path / "work", "csv")
+    assert not (tmp_path / "work" / "features").exists()

@@ -201,3 +201,23 @@ def test_bad_item_list_names_the_file_key_and_column(tmp_path, text, match):
 def test_missing_item_list_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothere\.csv does not exist.*fix candidates\.allowed_items"):
         read_item_ids(tmp_path / "nothere.csv", "candidates.allowed_items")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(write_file):
+    path = write_file("pairs.txt", "\ufeffu1 i1\nu1 i2\n")
+    df = _read(DataConfig(format="pairs", user_id_type="string", item_id_type="string"), path)
+    assert df["user_id"].to_list() == ["u1", "u1"]
+
+
+def test_event_types_of_a_type_that_holds_no_name_are_rejected_naming_the_column(tmp_path):
+    data = DataConfig(format="parquet", event_type_col="et")
+    base = {"user_id": [1, 1], "item_id": [2, 3], "timestamp": [100, 101]}
+    path = tmp_path / "events.parquet"
+    pl.DataFrame(base | {"et": [["view"], ["buy"]]}).write_parquet(path)
+    with pytest.raises(InputDataError, match=r"column 'et' \(data.event_type_col\) has dtype List\(String\).*"
+                                             r"event types must be text"):
+        read_events(data, path)
+    pl.DataFrame(base | {"et": pl.Series(["view", "buy"], dtype=pl.Categorical)}).write_parquet(path)
+    assert _read(data, path)["event_type"].to_list() == ["view", "buy"]
+    pl.DataFrame(base | {"et": [1, 2]}).write_parquet(path)
+    assert _read(data, path)["event_type"].to_list() == ["1", "2"]
