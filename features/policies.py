@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID
+from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from recsys.config import ConfigError, FeaturesConfig
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def sort_by_user_time(events: pl.DataFrame) -> pl.DataFrame:
 def mark_duplicates(events: pl.LazyFrame, dedup: str) -> pl.LazyFrame:
     """Mark all but the first kept row of each key as ``duplicate``; expects :func:`sort_by_user_time` order.
 
-    ``exact``: key (user_id, item_id, timestamp); ``user_item``: key (user_id, item_id), keeping the earliest
+    ``exact``: identical rows, key (user_id, item_id, timestamp) plus event_type and weight where the events
+    have them (a buy in the same second as its view is another event, not a copy); ``user_item``: key (user_id, item_id), keeping the earliest
     timestamp, ties broken by input order; ``none``: nothing marked. Rows already dropped are ignored. In that
     order "first" means earliest, then first in the input, so the sort makes both rules "first row of the key".
     """
@@ -107,7 +108,10 @@ def mark_duplicates(events: pl.LazyFrame, dedup: str) -> pl.LazyFrame:
         candidate = (same_prev | same_next).fill_null(False)
     else:
         candidate = pl.lit(True)
-    key = pl.when(candidate).then(pl.struct(*_DEDUP_KEYS[dedup], _kept()))
+    columns = _DEDUP_KEYS[dedup]
+    if dedup == "exact":
+        columns = columns + [name for name in (EVENT_TYPE, WEIGHT) if name in events.collect_schema()]
+    key = pl.when(candidate).then(pl.struct(*columns, _kept()))
     return events.with_columns(_mark(candidate & ~key.is_first_distinct(), "duplicate"))
 
 

@@ -15,8 +15,8 @@ from features.readers import InputDataError
 from features.schema import EVENT_TYPE_FILES, FEATURE_FILES, SEQUENCE_TYPES, SEQUENCES
 from recsys.config import load_config
 
-# Rows out of time order; user 1's item 50 has no type; (2, 10, 1) is an exact duplicate (same user, item and
-# time) whose first row in the input, the 'view', is kept. Items 10..50 are item_idx 1..5, users 1..3 are
+# Rows out of time order; user 1's item 50 has no type; (2, 10, 1, view) comes twice: an exact duplicate, the
+# first row in the input is kept. Items 10..50 are item_idx 1..5, users 1..3 are
 # user_idx 0..2 (both by external id). Per user in time order, with leave-one-out (test = last, val = the one
 # before, for users with 3 or more events):
 #   user 1: 10 view, 20 cart, 30 view, 40 buy, 50 (none) -> train 10 20 30 | val 40 | test 50
@@ -29,7 +29,7 @@ EVENTS = """user_id,item_id,timestamp,event_type
 1,30,3,view
 2,10,1,view
 1,40,4,buy
-2,10,1,buy
+2,10,1,view
 1,50,5,
 3,20,7,cart
 2,20,3,view
@@ -60,7 +60,7 @@ def test_types_are_indexed_by_name_and_aligned_with_the_items(tmp_path, events_c
     manifest = _typed(tmp_path / "work", events_csv, f"features.partitions={partitions}")
     feats = load_features(tmp_path / "work" / "features")
     assert feats.event_types is not None
-    # buy = 1, cart = 2, view = 3; counts are kept events (the duplicate 'buy' of user 2 is not one of them)
+    # buy = 1, cart = 2, view = 3; counts are kept events (user 2's duplicate 'view' is not one of them)
     assert feats.event_types.rows() == [("buy", 1, 2), ("cart", 2, 2), ("view", 3, 5)]
     assert feats.event_types.columns == ["event_type", "type_idx", "n_events"]
     expected = _sequences([
@@ -169,3 +169,13 @@ def test_type_names_are_trimmed_like_ids(tmp_path, write_file):
     kept = _build(tmp_path / "filtered", write_file("padded2.csv", padded), "data.event_type_col=event_type",
                   "features.event_types=[view]")
     assert kept["rows_kept"] == 5  # the padded views pass the filter
+
+
+def test_a_buy_in_the_same_second_as_its_view_is_another_event_not_a_duplicate(tmp_path, write_file):
+    """dedup=exact drops identical rows only: the event type is part of the row."""
+    events = write_file("same_second.csv", "user_id,item_id,timestamp,event_type\n"
+                        "1,10,1,view\n1,10,1,buy\n1,10,1,buy\n1,20,2,view\n1,30,3,view\n")
+    manifest = _typed(tmp_path / "work", events)
+    assert (manifest["rows_kept"], manifest["dropped"]["duplicate"]) == (4, 1)
+    feats = load_features(tmp_path / "work" / "features")
+    assert feats.sequences.select(SEQUENCE_COLUMNS).rows() == [(0, [1, 1], [2], [3], [2, 1], [2], [2])]

@@ -37,22 +37,23 @@ ROWS = [
     (1, 6, 2, None),  # 3
     (2, 5, 1, "view"),  # 4
     (2, 7, 1, "view"),  # 5
-    (1, 5, 1, "view"),  # 6: exact duplicate of 2 (same timestamp, later in the input)
+    (1, 5, 1, "view"),  # 6: user, item and timestamp of 2 but another type: another event, not a copy
+    (1, 5, 1, "click"),  # 7: exact duplicate of 2 (later in the input)
 ]
 
 
 @pytest.mark.parametrize(
     ("features", "kept_tags", "dropped"),
     [
-        (FeaturesConfig(dedup="none"), [0, 1, 2, 3, 4, 5, 6], {}),
-        (FeaturesConfig(dedup="exact"), [0, 2, 3, 4, 5], {"duplicate": 2}),
-        (FeaturesConfig(dedup="user_item"), [2, 3, 4, 5], {"duplicate": 3}),
-        (FeaturesConfig(dedup="none", event_types=("view",)), [0, 1, 4, 5, 6], {"event_type_filtered": 2}),
+        (FeaturesConfig(dedup="none"), [0, 1, 2, 3, 4, 5, 6, 7], {}),
+        (FeaturesConfig(dedup="exact"), [0, 2, 3, 4, 5, 6], {"duplicate": 2}),
+        (FeaturesConfig(dedup="user_item"), [2, 3, 4, 5], {"duplicate": 4}),
+        (FeaturesConfig(dedup="none", event_types=("view",)), [0, 1, 4, 5, 6], {"event_type_filtered": 3}),
         # the filter runs first, so the earliest *kept* (1, 5) is row 6, not the filtered click in row 2
         (
             FeaturesConfig(dedup="user_item", event_types=("view",)),
             [4, 5, 6],
-            {"event_type_filtered": 2, "duplicate": 2},
+            {"event_type_filtered": 3, "duplicate": 2},
         ),
     ],
     ids=["none", "exact", "user_item", "event_filter", "filter_then_user_item"],
