@@ -131,13 +131,18 @@ def typed_exprs(
     return {name: expr.alias(name) for name, expr in exprs.items()}
 
 
+def _id_dtype(dtype: pl.DataType) -> bool:
+    """Numbers, text, and what text or numbers are stored as: pandas' category, SQL's decimal(20, 0)."""
+    return dtype.is_numeric() or dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)
+
+
 def dtype_problems(schema: pl.Schema, labels: dict[str, str], id_types: dict[str, str] | None = None) -> list[str]:
     """Columns whose dtype can never convert (e.g. a Boolean or List id column)."""
     accepted = {
-        USER_ID: lambda d: d.is_integer() or d.is_float() or d == pl.String,
-        ITEM_ID: lambda d: d.is_integer() or d.is_float() or d == pl.String,
-        TIMESTAMP: lambda d: d.is_numeric() or d.is_temporal() or d == pl.String,
-        WEIGHT: lambda d: d.is_numeric() or d == pl.String,
+        USER_ID: _id_dtype,
+        ITEM_ID: _id_dtype,
+        TIMESTAMP: lambda d: d.is_numeric() or d in (pl.Date, pl.String) or isinstance(d, pl.Datetime),
+        WEIGHT: lambda d: d.is_numeric() or d in (pl.String, pl.Null),  # Null: an optional column left empty
         EVENT_TYPE: lambda d: d.is_integer() or d in (pl.String, pl.Categorical) or isinstance(d, pl.Enum),
     }
     return [

@@ -221,3 +221,26 @@ def test_event_types_of_a_type_that_holds_no_name_are_rejected_naming_the_column
     assert _read(data, path)["event_type"].to_list() == ["view", "buy"]
     pl.DataFrame(base | {"et": [1, 2]}).write_parquet(path)
     assert _read(data, path)["event_type"].to_list() == ["1", "2"]
+
+
+def test_ids_stored_as_category_or_decimal_and_an_empty_weight_column_are_read(tmp_path):
+    from decimal import Decimal
+
+    path = tmp_path / "events.parquet"
+    pl.DataFrame({
+        "user_id": pl.Series([Decimal(7), Decimal(8)], dtype=pl.Decimal(20, 0)),  # SQL decimal(20, 0)
+        "item_id": pl.Series(["a", "b"], dtype=pl.Categorical),  # pandas category
+        "timestamp": [100, 101],
+        "rating": pl.Series([None, None], dtype=pl.Null),  # an optional column left empty
+    }).write_parquet(path)
+    df = _read(DataConfig(format="parquet", item_id_type="string", weight_col="rating"), path)
+    assert df.select("user_id", "item_id", "timestamp").rows() == [(7, "a", 100), (8, "b", 101)]
+    assert df["weight"].null_count() == 2
+
+
+def test_a_duration_is_no_timestamp_and_the_error_names_the_column(tmp_path):
+    path = tmp_path / "events.parquet"
+    pl.DataFrame({"user_id": [1], "item_id": [2],
+                  "timestamp": pl.Series([5_000], dtype=pl.Duration("ms"))}).write_parquet(path)
+    with pytest.raises(InputDataError, match=r"column 'timestamp' \(data.timestamp_col\) has dtype Duration"):
+        read_events(DataConfig(format="parquet"), path)
