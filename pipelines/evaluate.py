@@ -38,7 +38,10 @@ def run(cfg: Config) -> Path:
         raise ConfigError("evaluate.type_segments is true but the features hold no event types: set "
                           "data.event_type_col and rebuild the features, or set evaluate.type_segments=false")
     model = load_model(wd.model, device)
+    # read with the model: the version gated at the end is the one evaluated, whatever train writes meanwhile
+    train_report = read_json(wd.model / "train_report.json")
     check_event_types(model, wd.model, feats)
+    check_item_map(wd.model, wd.features, feats)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
     with job_run(cfg, "evaluate", tags={"device": str(device)}) as tracker:
         log_features_input(tracker, wd.features, feats, "evaluation")
@@ -60,7 +63,7 @@ def run(cfg: Config) -> Path:
                 where = f"{split}/{name}/target_{_metric_name(label)}"
                 tracker.log_metrics({f"{where}/{k}": v for k, v in segment.items()})
         tracker.log_artifacts(wd.evaluation, "evaluation")
-        _promote(cfg, wd, tracker, feats, model)
+        _promote(cfg, wd, tracker, feats, model, train_report)
     log.info("evaluate: report → %s", wd.evaluation / "report.json")
     return wd.evaluation
 
@@ -68,6 +71,21 @@ def run(cfg: Config) -> Path:
 def _metric_name(label: str) -> str:
     """An event type name as an MLflow metric path part (letters, digits, ``_ - . /`` and spaces only)."""
     return re.sub(r"[^0-9A-Za-z_.\- ]", "_", label)
+
+
+def check_item_map(model_dir: Path, features_dir: Path, feats: FeatureSet) -> None:
+    """Raise ConfigError if the model's item map (``model_dir``/item_map.parquet) is not the one of ``feats``:
+    the model scores item indices, so on another build's indices every metric would be of the wrong items."""
+    name = schema.FEATURE_FILES["item_map"]
+    columns = [schema.ITEM_ID, schema.ITEM_IDX]
+    theirs = pl.read_parquet(model_dir / name, columns=columns).sort(schema.ITEM_IDX)
+    ours = feats.item_map.select(columns).sort(schema.ITEM_IDX)
+    if theirs.dtypes == ours.dtypes and theirs.equals(ours):
+        return
+    raise ConfigError(f"the model in {model_dir} was trained on other features: its item map ({theirs.height} "
+                      f"items) is not the one of {features_dir / name} ({ours.height} items), so its item indices "
+                      "would score the wrong items; evaluate it on the features it was trained on, or run "
+                      "recsys train on these features first")
 
 
 def check_event_types(model: SASRec, model_dir: Path, feats: FeatureSet) -> None:
@@ -86,10 +104,9 @@ def check_event_types(model: SASRec, model_dir: Path, feats: FeatureSet) -> None
                           "data.event_type_col as then, or retrain)")
 
 
-def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec) -> None:
-    """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores);
-    the decision goes to ``evaluation/promotion.json``."""
-    report = read_json(wd.model / "train_report.json")
+def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec, report: dict) -> None:
+    """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores, and
+    its train ``report``); the decision goes to ``evaluation/promotion.json``."""
     version = report.get("registered_version")
     if version is None:
         if tracker.active:
