@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.schedule import LockedError, ScheduledRun, job_lock, parse_run_date, today_utc
+from pipelines.schedule import LockedError, ScheduledRun, job_lock, parse_run_date, today_utc, work_dir_lock
 from recsys.config import Config, ConfigError, load_config
 from recsys.faults import fault_point
 
@@ -48,6 +48,9 @@ success markers <work_dir>/runs/<job>/<date>.json (run, train); locks <work_dir>
 
 # Jobs that take --run-date/--force: they record a success marker and skip a date that already succeeded.
 _SCHEDULED = ("run", "train")
+# Jobs that only read the feature set and the model: they share the work directory lock (the others hold it
+# alone), see pipelines.schedule.work_dir_lock.
+_READERS = ("evaluate", "candidates")
 # Set by distributed launchers: torchrun (RANK, LOCAL_RANK, GROUP_RANK), SLURM (SLURM_PROCID), Lightning's
 # own launcher and a manual multi-node start (LOCAL_RANK, NODE_RANK). Any of them non-zero: not global rank 0.
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID")
@@ -320,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
               "set work_dir= to a directory path", file=sys.stderr)
         return EXIT_USAGE
     try:
-        with job_lock(Path(cfg.work_dir), _lock_name(args)):
+        with job_lock(Path(cfg.work_dir), _lock_name(args)), \
+                work_dir_lock(Path(cfg.work_dir), args.command, shared=args.command in _READERS):
             return _guarded(args, cfg, log_file)
     except LockedError as exc:
         logging.getLogger("recsys").error("%s", exc)

@@ -97,11 +97,50 @@ def job_lock(work_dir: Path, job: str) -> Iterator[Path]:
         os.close(fd)
 
 
+WORK_DIR_LOCK = "work_dir"  # .locks/work_dir.lock: not a job's, left out of lock_holders
+
+
+@contextmanager
+def work_dir_lock(work_dir: Path, job: str, shared: bool) -> Iterator[Path]:
+    """Hold ``<work_dir>/.locks/work_dir.lock`` for the block: exclusive for a job that rewrites the feature set
+    or the model (features, train, run), shared for one that only reads them (evaluate, candidates and its
+    shards), so that no job reads a feature set or model another one is rewriting. Non-blocking, released by
+    the kernel when the process dies; raises :class:`LockedError` naming the file and, for an exclusive
+    holder, its job and pid."""
+    path = Path(work_dir) / ".locks" / f"{WORK_DIR_LOCK}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        doing = (f"`recsys {holder}` is rewriting the features or the model" if holder
+                 else "jobs that read the features or the model (evaluate, candidates) are running")
+        raise LockedError(
+            f"{path} is held: {doing} on this work directory; `recsys {job}` "
+            f"{'reads' if shared else 'rewrites'} them, so it waits for that to finish (the lock is released "
+            "when those processes exit; `recsys status` names the running jobs)"
+        ) from None
+    try:
+        # The file names the exclusive holder, if any: written by it, and emptied by any holder after (a
+        # killed holder's name is stale once anyone else holds the lock). Shared holders are named by their
+        # job locks.
+        os.ftruncate(fd, 0)
+        if not shared:
+            os.pwrite(fd, f"{job} (pid {os.getpid()})\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
 def lock_holders(work_dir: Path) -> dict[str, str]:
     """``{job lock name: holder pid}`` for every lock of ``work_dir`` held right now (probed with a
     non-blocking ``flock`` that is released at once; a free lock is left as it was)."""
     held = {}
     for path in sorted((Path(work_dir) / ".locks").glob("*.lock")):
+        if path.stem == WORK_DIR_LOCK:
+            continue
         fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

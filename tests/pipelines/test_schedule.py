@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,3 +128,30 @@ def test_config_hash_ignores_work_dir_only(tmp_path) -> None:
     a = load_config(None, tiny(tmp_path / "a"))
     assert config_hash(a) == config_hash(load_config(None, tiny(tmp_path / "b")))
     assert config_hash(a) != config_hash(load_config(None, tiny(tmp_path / "a", "train.seed=1")))
+
+
+def test_jobs_that_rewrite_the_features_or_model_never_overlap_jobs_that_read_them(tmp_path, tiny_features,
+                                                                                   capsys) -> None:
+    """The job locks are per job; the work directory lock keeps `features` / `train` / `run` (exclusive) apart
+    from each other and from `evaluate` / `candidates` (shared: readers, shards, run side by side)."""
+    from pipelines.schedule import work_dir_lock
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_features, work / "features")
+    lock = work / ".locks" / "work_dir.lock"
+    with work_dir_lock(work, "features", shared=False):  # a features job rebuilding the feature set
+        assert _train(work) == EXIT_LOCKED
+        err = capsys.readouterr().err
+        assert str(lock) in err and f"`recsys features (pid {os.getpid()})` is rewriting" in err
+        assert main(["candidates", "--quiet", "--date", "2024-05-01", *tiny(work)]) == EXIT_LOCKED
+    assert not (work / "model").exists() and not (work / "candidates").exists()
+    assert _train(work) == EXIT_OK
+    with work_dir_lock(work, "candidates", shared=True):  # a shard scoring the night
+        for shard in ("0/2", "1/2"):  # readers share it
+            assert main(["candidates", "--quiet", "--shard", shard, "--date", "2024-05-01", *tiny(work)]) == EXIT_OK
+        assert main(["evaluate", "--quiet", *tiny(work)]) == EXIT_OK
+        capsys.readouterr()
+        assert main(["features", "--quiet", *tiny(work)]) == EXIT_LOCKED  # would rewrite what they read
+        assert "jobs that read the features or the model (evaluate, candidates) are running" in \
+            capsys.readouterr().err
+    assert main(["features", "--quiet", *tiny(work)]) == EXIT_OK
