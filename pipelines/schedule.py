@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +74,21 @@ def checkpoint_dir(cfg: Config, run_date: dt.date) -> Path:
     return WorkDir.of(cfg).checkpoints / f"{run_date.isoformat()}-{config_hash(cfg, with_budget=False)[:12]}"
 
 
+def _flock(fd: int, mode: int, patience_s: float = 1.0) -> None:
+    """``flock(fd, mode)`` without waiting for a job, but with ``patience_s`` for a probe: `recsys status`
+    takes every lock for a moment to see whether it is held, which must not make a starting job exit 4.
+    Raises BlockingIOError if the lock is still held after ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 @contextmanager
 def job_lock(work_dir: Path, job: str) -> Iterator[Path]:
     """Hold ``<work_dir>/.locks/<job>.lock`` (``flock``, non-blocking) for the block; the kernel releases it
@@ -81,7 +97,7 @@ def job_lock(work_dir: Path, job: str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd, fcntl.LOCK_EX)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
@@ -111,7 +127,7 @@ def work_dir_lock(work_dir: Path, job: str, shared: bool) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
         os.close(fd)

@@ -155,3 +155,36 @@ def test_jobs_that_rewrite_the_features_or_model_never_overlap_jobs_that_read_th
         assert "jobs that read the features or the model (evaluate, candidates) are running" in \
             capsys.readouterr().err
     assert main(["features", "--quiet", *tiny(work)]) == EXIT_OK
+
+
+def test_a_status_probe_of_the_lock_does_not_turn_a_starting_job_away(tmp_path) -> None:
+    """`recsys status` takes each lock for a moment (a shared flock) to see whether it is held: a job starting
+    in that moment waits for the probe (up to a second) instead of exiting 4."""
+    import fcntl
+    import threading
+
+    from pipelines.schedule import LockedError, job_lock
+
+    lock = tmp_path / ".locks" / "train.lock"
+    lock.parent.mkdir()
+    probing = threading.Event()
+
+    def probe(seconds: float) -> None:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        probing.set()
+        threading.Event().wait(seconds)
+        os.close(fd)
+
+    for seconds, held in ((0.2, False), (3.0, True)):  # a probe's moment; a real holder
+        probing.clear()
+        thread = threading.Thread(target=probe, args=(seconds,))
+        thread.start()
+        probing.wait()
+        if held:
+            with pytest.raises(LockedError, match="train.lock is held"), job_lock(tmp_path, "train"):
+                pass
+        else:
+            with job_lock(tmp_path, "train"):
+                assert lock.read_text() == f"{os.getpid()}\n"
+        thread.join()
