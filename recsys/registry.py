@@ -105,8 +105,13 @@ def promote(
     before = client.get_registered_model(name).aliases.get(CHAMPION)
     before = None if before is None else str(before)  # the SQL store gives ints, the REST API strings
     comparison = None
-    if before == version:
-        promoted, reason, champion = True, "already the champion", val_ndcg
+    rerun = before == version
+    if rerun:  # evaluate run again on the champion: its first decision (and rollback target) stays recorded
+        first = client.get_model_version(name, version).tags
+        over = first.get("promotion.champion_version", "None")
+        promoted, champion = True, val_ndcg
+        reason = (f"already the champion (gated by run {first.get('promotion.run_id', 'unknown')}: "
+                  f"{first.get('promotion.reason', 'no decision recorded')}; champion before it: v{over})")
     elif before is not None and rescore is not None:
         with tempfile.TemporaryDirectory(prefix="recsys-champion-") as tmp:
             _, files = fetch_model(tracker, f"models:/{name}/{before}", Path(tmp))
@@ -122,15 +127,17 @@ def promote(
     result = Promotion(name, version, promoted, reason, val_ndcg, before, champion, tolerance,
                        "recorded" if comparison is None else "rescored",
                        None if comparison is None else comparison.to_dict())
+    # The decision is recorded before any alias moves: a failure in between leaves a record, not a silent move.
+    _log_promotion(client, tracker, result, tag_version=not rerun)
     client.set_registered_model_alias(name, CHALLENGER, version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    _log_promotion(client, tracker, result)
     log.info("promotion gate: %s", result.summary())
     return result
 
 
-def _log_promotion(client: Any, tracker: JobRun, p: Promotion) -> None:
+def _log_promotion(client: Any, tracker: JobRun, p: Promotion, tag_version: bool = True) -> None:
+    """The decision as tags and metrics of the evaluate run and, with ``tag_version``, tags of the version."""
     tags = {
         "promotion.promoted": str(p.promoted).lower(),
         "promotion.reason": p.reason,
@@ -140,7 +147,7 @@ def _log_promotion(client: Any, tracker: JobRun, p: Promotion) -> None:
         "promotion.basis": p.basis,
     }
     for key, value in {**tags, "val_ndcg_at_10": str(p.challenger_val_ndcg_at_10),
-                       "promotion.run_id": str(tracker.run_id)}.items():
+                       "promotion.run_id": str(tracker.run_id)}.items() if tag_version else ():
         client.set_model_version_tag(p.model, p.version, key, value)
     tracker.set_tags({**tags, "promotion.version": p.version})
     tracker.log_metrics({

@@ -29,3 +29,24 @@ def test_run_serves_the_champion_when_the_gate_keeps_the_new_model_out(tmp_path)
     assert (model["uri"], model["version"], model["alias"]) == ("models:/gated@champion", "1", "champion")
     # the same features, the same v1: the lists of the first night, not those of the model the gate refused
     assert pl.read_parquet(night / "candidates.parquet").equals(pl.read_parquet(first / "candidates.parquet"))
+
+
+def test_evaluating_the_champion_again_keeps_its_decision_and_rollback_target(tmp_path):
+    from mlflow import MlflowClient
+
+    work = tmp_path / "work"
+    assert main(["features", "--quiet", *tiny(work)]) == EXIT_OK
+    for _ in range(2):  # v1 (first model), then v2 of the same config: level, so promoted over v1
+        assert main(["train", "--quiet", "--force", *tiny(work), *TRACK]) == EXIT_OK
+        assert main(["evaluate", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    gated = client.get_model_version("gated", "2").tags
+    assert (gated["promotion.promoted"], gated["promotion.champion_version"]) == ("true", "1")
+    assert main(["evaluate", "--quiet", *tiny(work), *TRACK]) == EXIT_OK  # a rerun (a retry, a second look)
+    assert client.get_model_version("gated", "2").tags == gated  # v1 stays the recorded rollback target
+    aliases = client.get_registered_model("gated").aliases  # the SQL store gives ints
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "2", "challenger": "2"}
+    decision = read_json(work / "evaluation" / "promotion.json")
+    assert decision["promoted"] and decision["reason"].startswith(
+        f"already the champion (gated by run {gated['promotion.run_id']}: val NDCG@10 ")
+    assert decision["reason"].endswith("champion before it: v1)")
