@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from recsys.candidates import TrainedModel, load_trained_model
 from recsys.config import Config, ConfigError, save_config
 from recsys.data import ItemAttributes
 from recsys.faults import fault_point
-from recsys.model import SASRec, save_model
+from recsys.model import KWARGS_FILE, WEIGHTS_FILE, SASRec, save_model
 from recsys.registry import ModelRef, fetch_model, is_mlflow_uri
 from recsys.serving import write_mlmodel
 from recsys.storage import atomic_dir, write_json
@@ -84,12 +85,21 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
                 (tmp / name).write_bytes(carried[name])
             save_config(cfg, tmp / "config.yaml")
             tracker.log_artifacts(tmp, "model")
-            report["registered_version"] = tracker.register_model("model")
+            report["registered_version"] = tracker.register_model("model", _content_digest(tmp, feats, result.model))
             write_json(tmp / "train_report.json", report)
             tracker.log_artifact(tmp / "train_report.json", "model")
     log.info("train: best val NDCG@10 %.4f at epoch %d (%d epochs, %.1f s) → %s",
              result.best_val_ndcg, result.best_epoch, result.epochs_run, result.wall_time_s, wd.model)
     return wd.model
+
+
+def _content_digest(model_dir: Path, feats: FeatureSet, model: SASRec) -> str:
+    """SHA-256 of what the model scores with: weights, constructor arguments, the carried feature tables."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS_FILE, KWARGS_FILE, *_carried_files(feats, model)):
+        digest.update(name.encode())
+        digest.update((model_dir / name).read_bytes())
+    return digest.hexdigest()
 
 
 def _carried_files(feats: FeatureSet, model: SASRec | None = None) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 from recsys.config import Config
 
 log = logging.getLogger(__name__)
+CONTENT_TAG = "content_sha256"  # model version tag: SHA-256 of the registered model files
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -113,19 +114,34 @@ class JobRun:
                                               digest=digest[:36])  # the tracking store's digest column
         mlflow.log_input(dataset, context=context)
 
-    def register_model(self, artifact_path: str) -> str | None:
-        """Register the run's ``artifact_path`` directory as a new version of the registered model."""
+    def register_model(self, artifact_path: str, digest: str | None = None) -> str | None:
+        """Register the run's ``artifact_path`` directory as a new version of the registered model.
+
+        With ``digest`` (the content's SHA-256, tag ``content_sha256``) a version holding the same content is
+        reused instead: a retried run (killed after registering, or failing in a later job) that resumes to the
+        same weights does not add a copy of them, which the gate would then promote over the original.
+        """
         if self.run_id is None:
             return None
         import mlflow
         from mlflow import MlflowClient
 
         client = MlflowClient()
-        if client.search_registered_models(filter_string=f"name = '{self.registered_model}'") == []:
-            client.create_registered_model(self.registered_model)
+        name = self.registered_model
+        if client.search_registered_models(filter_string=f"name = '{name}'") == []:
+            client.create_registered_model(name)
+        elif digest is not None:
+            same = [mv for mv in client.search_model_versions(f"name = '{name}'")
+                    if mv.tags.get(CONTENT_TAG) == digest]
+            if same:
+                version = min(same, key=lambda mv: int(mv.version)).version
+                log.info("model %s version %s holds the same content (%s %s…): reused, not registered again",
+                         name, version, CONTENT_TAG, digest[:12])
+                return str(version)
         source = mlflow.get_artifact_uri(artifact_path)
-        version = client.create_model_version(self.registered_model, source=source, run_id=self.run_id)
-        log.info("registered model %s version %s", self.registered_model, version.version)
+        tags = None if digest is None else {CONTENT_TAG: digest}
+        version = client.create_model_version(name, source=source, run_id=self.run_id, tags=tags)
+        log.info("registered model %s version %s", name, version.version)
         return str(version.version)
 
     def lightning_logger(self) -> Any:

@@ -36,13 +36,14 @@ def test_evaluating_the_champion_again_keeps_its_decision_and_rollback_target(tm
 
     work = tmp_path / "work"
     assert main(["features", "--quiet", *tiny(work)]) == EXIT_OK
-    for _ in range(2):  # v1 (first model), then v2 of the same config: level, so promoted over v1
-        assert main(["train", "--quiet", "--force", *tiny(work), *TRACK]) == EXIT_OK
-        assert main(["evaluate", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    # v1 (first model), then v2 (another model), promoted over v1 whatever its score (tolerance 1)
+    for extra in ((), ("train.max_epochs=3", "tracking.promotion_tolerance=1")):
+        assert main(["train", "--quiet", *tiny(work, *extra), *TRACK]) == EXIT_OK
+        assert main(["evaluate", "--quiet", *tiny(work, *extra), *TRACK]) == EXIT_OK
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     gated = client.get_model_version("gated", "2").tags
     assert (gated["promotion.promoted"], gated["promotion.champion_version"]) == ("true", "1")
-    assert main(["evaluate", "--quiet", *tiny(work), *TRACK]) == EXIT_OK  # a rerun (a retry, a second look)
+    assert main(["evaluate", "--quiet", *tiny(work, *extra), *TRACK]) == EXIT_OK  # a rerun (a retry, a look)
     assert client.get_model_version("gated", "2").tags == gated  # v1 stays the recorded rollback target
     aliases = client.get_registered_model("gated").aliases  # the SQL store gives ints
     assert {k: str(v) for k, v in aliases.items()} == {"champion": "2", "challenger": "2"}
@@ -50,3 +51,21 @@ def test_evaluating_the_champion_again_keeps_its_decision_and_rollback_target(tm
     assert decision["promoted"] and decision["reason"].startswith(
         f"already the champion (gated by run {gated['promotion.run_id']}: val NDCG@10 ")
     assert decision["reason"].endswith("champion before it: v1)")
+
+
+def test_a_retried_training_that_ends_with_the_same_weights_reuses_their_version(tmp_path):
+    """Killed after registering, or failed in a later job: the retry resumes to the same weights, which must
+    not become a new version (the gate would promote the copy over the original on a tie)."""
+    from mlflow import MlflowClient
+
+    work = tmp_path / "work"
+    assert main(["features", "--quiet", *tiny(work)]) == EXIT_OK
+    versions = []
+    for extra in ((), (), ("train.max_epochs=3",)):  # the same run twice (--force: trained again), another
+        assert main(["train", "--quiet", "--force", *tiny(work, *extra), *TRACK]) == EXIT_OK
+        versions.append(read_json(work / "model" / "train_report.json")["registered_version"])
+    assert versions == ["1", "1", "2"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    registered = client.search_model_versions("name = 'gated'")
+    assert sorted(str(mv.version) for mv in registered) == ["1", "2"]  # the SQL store gives ints
+    assert len({mv.tags["content_sha256"] for mv in registered}) == 2
