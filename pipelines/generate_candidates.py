@@ -28,7 +28,7 @@ from recsys.candidates import (
 )
 from recsys.config import Config, save_config
 from recsys.device import resolve_device
-from recsys.drift import DriftError, drift_report, drift_violations
+from recsys.drift import DriftError, drift_gate, drift_report, drift_violations
 from recsys.faults import fault_point
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
 from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_rows
@@ -81,8 +81,12 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         previous = wd.previous_candidates(day, part)
         drift = drift_report(table, _previous_lists(previous, shard), stats["k_effective"])
         violations = drift_violations(drift, cfg.candidates)
+        gate = drift_gate(cfg.candidates, previous is not None)
+        if gate == "no previous night":  # e.g. the first night, or the first after a change of shard layout
+            log.warning("candidates: drift gate not applied tonight: no earlier published night of %s in %s to "
+                        "compare with", "this layout" if shard is None else f"shard {shard}", wd.candidates)
         drift = {"date": day.isoformat(), "previous": str(previous) if previous else None, **drift,
-                 "passed": not violations, "violations": violations}
+                 "gate": gate, "passed": not violations, "violations": violations}
         keep = cfg.candidates.keep_days
         expired = [] if keep is None or violations else wd.expired_candidates(day, keep, part)
         retention = {"keep_days": keep, "removed": [str(p.relative_to(wd.candidates)) for p in expired]}

@@ -69,5 +69,13 @@ def drift_violations(report: dict[str, Any], cfg: CandidatesConfig) -> list[str]
     return out
 
 
+def drift_gate(cfg: CandidatesConfig, has_previous: bool) -> str:
+    """What the gate did tonight: ``off`` (no threshold set), ``no previous night`` (thresholds set but
+    nothing to compare with: the night passes unchecked) or ``applied``."""
+    if cfg.min_overlap is None and cfg.max_new_item_share is None:
+        return "off"
+    return "applied" if has_previous else "no previous night"
+
+
 def _top(table: pl.DataFrame, k: int) -> pl.DataFrame:
     return table.filter(pl.col("rank") <= k).select(schema.USER_ID, schema.ITEM_ID)

@@ -40,7 +40,7 @@ def test_partition_holds_candidates_manifest_and_drift(trained):
     for key in ("fallback_users", "unknown_items", "users_unknown_to_model", "unknown_item_events"):
         assert manifest[key] == 0, key  # model and features are the same build here
     drift = json.loads((night / "drift.json").read_text())
-    assert drift["previous"] is None and drift["passed"] is True
+    assert drift["previous"] is None and drift["passed"] is True and drift["gate"] == "off"
     assert leftovers(trained) == []
 
 
@@ -52,6 +52,9 @@ def test_drift_gate_failure_is_loud_and_publishes_nothing(trained, capsys):
     pl.read_parquet(fake).with_columns(pl.col("item_id") + 10**9).write_parquet(fake)
 
     gate = "candidates.min_overlap=0.5"
+    code = main(["candidates", "--quiet", "--date", "2024-04-30", gate, *tiny(trained)])  # nothing before it
+    assert code == EXIT_OK and "drift gate not applied tonight: no earlier published night" in capsys.readouterr().err
+    assert json.loads((_night(trained, "2024-04-30") / "drift.json").read_text())["gate"] == "no previous night"
     code = main(["candidates", "--quiet", "--date", "2024-05-02", gate, *tiny(trained)])
     assert code != EXIT_OK
     err = capsys.readouterr().err
@@ -60,7 +63,7 @@ def test_drift_gate_failure_is_loud_and_publishes_nothing(trained, capsys):
     assert pl.read_parquet(_night(trained, "2024-05-02") / "candidates.parquet").equals(published)
     rejected = trained / "candidates" / "rejected" / "date=2024-05-02"
     drift = json.loads((rejected / "drift.json").read_text())
-    assert drift["passed"] is False and drift["mean_overlap_at_k"] == 0.0
+    assert drift["passed"] is False and drift["mean_overlap_at_k"] == 0.0 and drift["gate"] == "applied"
     assert drift["previous"].endswith("date=2024-05-01") and drift["new_item_share"] == 1.0
     assert leftovers(trained) == []
 
