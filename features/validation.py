@@ -212,11 +212,34 @@ def find_problems(
     for name in checked:
         aggs += _stat_exprs(name, typed[name], required=name != WEIGHT)
     ts = typed[TIMESTAMP]
-    aggs += [(ts > int(time.time())).sum().alias("future"), ts.max().alias("latest")]
+    aggs += [(ts > int(time.time())).sum().alias("future"), ts.max().alias("latest"),
+             _sub_second(schema[TIMESTAMP]).sum().alias("sub_second")]
     stats = raw.select(aggs).collect().row(0, named=True)
     if stats["rows"] == 0:
         return [NO_ROWS]
     problems = [line for name in checked for line in _describe(stats, name, labels[name], unit, id_types)]
     if not problems:
         _warn_future(stats, labels[TIMESTAMP], source)
+        if stats["sub_second"]:
+            logger.warning(
+                "%s: column %s: %d timestamp(s) have a fraction of a second; timestamps are whole epoch seconds, "
+                "so events of a user within the same second keep their order in the file (sort the file by "
+                "time, or give integer milliseconds as the timestamp, to keep their order)",
+                source, labels[TIMESTAMP], stats["sub_second"])
     return problems
+
+
+# A value with a non-zero fraction of a second: "1700000000.25", or ISO-8601 "…T12:00:00.250"
+_FRACTION_TEXT = r"^\s*[+-]?\d+\.\d*[1-9]\d*\s*$|[T ]\d{2}:\d{2}:\d{2}[.,]\d*[1-9]"
+
+
+def _sub_second(dtype: pl.DataType) -> pl.Expr:
+    """True where the raw timestamp has a fraction of a second, which reading it as epoch seconds drops."""
+    col = pl.col(TIMESTAMP)
+    if dtype.is_float():
+        return col.is_finite() & (col != col.floor())
+    if isinstance(dtype, pl.Datetime) and dtype.time_unit != "s":
+        return col.dt.epoch(dtype.time_unit) % {"ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[dtype.time_unit] != 0
+    if dtype == pl.String:
+        return col.str.contains(_FRACTION_TEXT)
+    return pl.lit(False)

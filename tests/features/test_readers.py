@@ -244,3 +244,29 @@ def test_a_duration_is_no_timestamp_and_the_error_names_the_column(tmp_path):
                   "timestamp": pl.Series([5_000], dtype=pl.Duration("ms"))}).write_parquet(path)
     with pytest.raises(InputDataError, match=r"column 'timestamp' \(data.timestamp_col\) has dtype Duration"):
         read_events(DataConfig(format="parquet"), path)
+
+
+@pytest.mark.parametrize(("timestamps", "fractions"), [
+    (["100.9", "100.1", "101"], 2),  # float seconds
+    (["2024-05-01T12:00:00.250", "2024-05-01 12:00:00.5", "2024-05-01T12:00:01"], 2),  # ISO-8601
+    (["100.0", "101", "102.000"], 0),  # whole seconds written as floats: nothing dropped
+])
+def test_a_fraction_of_a_second_dropped_from_timestamps_is_reported(write_file, caplog, timestamps, fractions):
+    rows = "".join(f"1,{item},{ts}\n" for item, ts in zip((5, 6, 7), timestamps, strict=True))
+    path = write_file("events.csv", "user_id,item_id,timestamp\n" + rows)
+    with caplog.at_level("WARNING", logger="features.validation"):
+        _read(DataConfig(format="csv"), path)
+    if fractions:
+        assert f"{fractions} timestamp(s) have a fraction of a second" in caplog.text
+    else:
+        assert "fraction of a second" not in caplog.text
+
+
+def test_a_fraction_of_a_second_in_a_parquet_datetime_is_reported(tmp_path, caplog):
+    path = tmp_path / "events.parquet"
+    pl.DataFrame({"user_id": [1, 1], "item_id": [5, 6],
+                  "timestamp": pl.Series([datetime(2024, 5, 1, 12, 0, 0, 250_000), datetime(2024, 5, 1, 12, 0, 1)],
+                                         dtype=pl.Datetime("ms"))}).write_parquet(path)
+    with caplog.at_level("WARNING", logger="features.validation"):
+        _read(DataConfig(format="parquet"), path)
+    assert "1 timestamp(s) have a fraction of a second" in caplog.text
