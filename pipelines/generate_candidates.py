@@ -30,6 +30,7 @@ from recsys.config import Config, save_config
 from recsys.device import resolve_device
 from recsys.drift import DriftError, drift_gate, drift_report, drift_violations
 from recsys.faults import fault_point
+from recsys.model import WEIGHTS_FILE
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
 from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_rows
 from recsys.storage import atomic_dir, fingerprint, read_json, remove_dir, write_json
@@ -75,7 +76,11 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
     with job_run(cfg, "candidates", tags=tags) as tracker, \
             tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
         log_features_input(tracker, wd.features, feats, "scoring")
-        trained, ref = _resolve_model(cfg, spec, local, tracker, Path(tmp), device)
+        trained, ref, weights = _resolve_model(cfg, spec, local, tracker, Path(tmp), device)
+        scored_with = {**ref.to_dict(), "weights_sha256": weights}
+        features_sha = fingerprint(wd.features / schema.FEATURE_FILES["manifest"])["sha256"]
+        if shard is not None:  # before scoring: fail fast if other shards of the night used another model
+            _check_same_night(wd, day, shard, scored_with, features_sha)
         table, stats = generate_candidates(trained, feats, cfg.candidates, allowed)
         fault_point("candidates-scored")
         previous = wd.previous_candidates(day, part)
@@ -91,7 +96,10 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         expired = [] if keep is None or violations else wd.expired_candidates(day, keep, part)
         retention = {"keep_days": keep, "removed": [str(p.relative_to(wd.candidates)) for p in expired]}
         manifest = _manifest(cfg, day, table.height, {**stats, **activity, "allowed_items": allow_file,
-                                                      "retention": retention}, ref, feats, wd, shard, device)
+                                                      "retention": retention}, scored_with, feats, wd, shard,
+                             device)
+        if shard is not None and not violations:  # again: a shard may have published while this one scored
+            _check_same_night(wd, day, shard, scored_with, manifest["features"]["manifest"]["sha256"])
         target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
         with atomic_dir(target) as out:
             table.write_parquet(out / "candidates.parquet")
@@ -118,15 +126,39 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
 
 def _resolve_model(
     cfg: Config, spec: str, local: TrainedModel | None, tracker: JobRun, tmp: Path, device: torch.device
-) -> tuple[TrainedModel, ModelRef]:
-    """The model of ``spec``: ``local`` (already loaded) or downloaded from MLflow into ``tmp``, on ``device``."""
+) -> tuple[TrainedModel, ModelRef, str]:
+    """The model of ``spec``: ``local`` (already loaded) or downloaded from MLflow into ``tmp``, on ``device``;
+    with what it is (URI, registered version) and the SHA-256 of its weights file."""
     if local is None:
         ref, files = fetch_model(tracker, spec, tmp)
-        return load_trained_model(files, device), ref
+        return load_trained_model(files, device), ref, fingerprint(files / WEIGHTS_FILE)["sha256"]
     report_path = Path(spec) / "train_report.json"
     version = read_json(report_path).get("registered_version") if report_path.is_file() else None
     version = None if version is None else str(version)
-    return local, describe_version(tracker, str(Path(spec).resolve()), cfg.tracking.registered_model, version)
+    ref = describe_version(tracker, str(Path(spec).resolve()), cfg.tracking.registered_model, version)
+    return local, ref, fingerprint(Path(spec) / WEIGHTS_FILE)["sha256"]
+
+
+def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, Any], features_sha: str) -> None:
+    """Raise ShardLayoutError if a published shard of night ``day`` scored other weights or other features
+    than this one (a promotion, rollback, retraining or features rebuild between the shards' starts)."""
+    for name in wd.candidate_shards(day):
+        if name == shard.name:
+            continue  # this shard's own earlier run: replaced by this one
+        theirs = read_json(wd.candidates / name / f"date={day.isoformat()}" / "manifest.json")
+        if theirs["model"].get("weights_sha256") != model["weights_sha256"]:
+            what = (f"model {theirs['model'].get('uri')} (version {theirs['model'].get('version')})",
+                    f"{model['uri']} (version {model['version']})")
+        elif theirs["features"]["manifest"]["sha256"] != features_sha:
+            what = (f"features manifest sha256 {theirs['features']['manifest']['sha256'][:12]}…",
+                    f"{features_sha[:12]}…")
+        else:
+            continue
+        raise ShardLayoutError(
+            f"night {day}: {name} was scored with {what[0]}, shard {shard} would use {what[1]}: one night's "
+            "shards must come from one model and one feature build. Pin the model for all shards (--model "
+            "models:/NAME/VERSION, resolved once by the orchestrator), or remove the night's shards and rerun "
+            "them all")
 
 
 def _check_layout(wd: WorkDir, day: dt.date, shard: Shard | None) -> None:
@@ -157,7 +189,7 @@ def _previous_lists(previous: Path | None, shard: Shard | None) -> pl.DataFrame 
     return table if shard is None else shard_rows(table, shard)
 
 
-def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], ref: ModelRef, feats: FeatureSet,
+def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], model: dict[str, Any], feats: FeatureSet,
               wd: WorkDir, shard: Shard | None, device: torch.device) -> dict[str, Any]:
     c = cfg.candidates
     return {
@@ -166,7 +198,7 @@ def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], ref: 
         "rows": rows,
         **{k: v for k, v in stats.items() if k != "search"},
         "k": c.k,
-        "model": ref.to_dict(),
+        "model": model,
         "device": str(device),  # where the user vectors were computed; FAISS searched on the CPU
         "index": {"factory": c.index, "nprobe": c.nprobe, "ef_search": c.ef_search,
                   "exclude_seen": c.exclude_seen},

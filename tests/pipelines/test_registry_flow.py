@@ -103,8 +103,9 @@ def test_candidates_from_the_champion_map_ids_through_the_models_maps(flow, mlfl
     assert code == EXIT_OK
     manifest = json.loads((night / "manifest.json").read_text())
     version = flow["client"].get_model_version(NAME, "1")
+    weights = fingerprint(flow["train"] / "model" / "model.pt")["sha256"]  # v1's, downloaded from the registry
     assert manifest["model"] == {"uri": CHAMPION_URI, "name": NAME, "version": "1", "alias": "champion",
-                                 "run_id": version.run_id}
+                                 "run_id": version.run_id, "weights_sha256": weights}
     table = pl.read_parquet(night / "candidates.parquet")
     model_items = pl.read_parquet(flow["train"] / "model" / "item_map.parquet")
     assert set(table["item_id"].to_list()) <= set(model_items["item_id"].to_list())  # never 99991/99992

@@ -106,3 +106,24 @@ def test_a_night_is_never_written_two_ways(trained: Path, capsys) -> None:
     onto_whole = run_cli(capsys, "candidates", "--date", WHOLE, "--shard", "0/2", *tiny(trained))
     assert onto_whole.code == EXIT_USAGE and "holds the whole night" in onto_whole.err
     assert [p.parent.name for p in (trained / "candidates").glob("*/date=2024-05-12")] == ["shard=0-of-2"]
+
+
+def test_the_shards_of_a_night_come_from_one_model(trained: Path, tiny_features: Path, tmp_path: Path,
+                                                   capsys) -> None:
+    """A promotion, rollback or retraining between the shards' starts must not give a night of two models."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_features, other / "features")
+    assert main(["train", "--quiet", *tiny(other, "train.max_epochs=2")]) == EXIT_OK  # other weights
+    assert _shard(trained, "2024-05-23", 0, 2) == EXIT_OK
+    mixed = run_cli(capsys, "candidates", "--quiet", "--date", "2024-05-23", "--shard", "1/2",
+                    "--model", str(other / "model"), *tiny(trained))
+    assert mixed.code == EXIT_USAGE and "shard=0-of-2 was scored with model" in mixed.err
+    assert f"shard 1/2 would use {(other / 'model').resolve()}" in mixed.err and "--model models:/" in mixed.err
+    assert not _night(trained, "2024-05-23", "shard=1-of-2").exists()
+    assert _shard(trained, "2024-05-23", 1, 2) == EXIT_OK  # the night's model: fine
+    manifests = [json.loads((_night(trained, "2024-05-23", f"shard={i}-of-2") / "manifest.json").read_text())
+                 for i in range(2)]
+    assert manifests[0]["model"]["weights_sha256"] == manifests[1]["model"]["weights_sha256"]
+    assert len(manifests[0]["model"]["weights_sha256"]) == 64
