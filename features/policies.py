@@ -93,9 +93,10 @@ def mark_duplicates(events: pl.LazyFrame, dedup: str) -> pl.LazyFrame:
     """Mark all but the first kept row of each key as ``duplicate``; expects :func:`sort_by_user_time` order.
 
     ``exact``: identical rows, key (user_id, item_id, timestamp) plus event_type and weight where the events
-    have them (a buy in the same second as its view is another event, not a copy); ``user_item``: key (user_id, item_id), keeping the earliest
-    timestamp, ties broken by input order; ``none``: nothing marked. Rows already dropped are ignored. In that
-    order "first" means earliest, then first in the input, so the sort makes both rules "first row of the key".
+    have them (a buy in the same second as its view is another event, not a copy); ``user_item``: key
+    (user_id, item_id), keeping the earliest timestamp, ties broken by input order; ``none``: nothing
+    marked. Rows already dropped are ignored. In that order "first" means earliest, then first in the input,
+    so the sort makes both rules "first row of the key".
     """
     if dedup == "none":
         return events
