@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from recsys.faults import fault_point
+
+log = logging.getLogger(__name__)
 
 TMP_TAG = ".tmp-"
 OLD_TAG = ".old-"
@@ -43,9 +46,19 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     if target.exists():
         os.replace(target, old)
         fault_point(f"atomic-swap:{target.name}")
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:  # e.g. an I/O error: the previous output goes back in place, the new one away
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old.exists():
-        shutil.rmtree(old)
+        try:
+            shutil.rmtree(old)
+        except OSError as exc:  # published already: a leftover of the old output must not fail the job
+            log.warning("%s is published; removing its previous version %s failed (%s): the next atomic write "
+                        "into %s removes it", target, old, exc, target.parent)
 
 
 def remove_dir(path: str | Path) -> None:

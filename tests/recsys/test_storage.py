@@ -59,3 +59,46 @@ def test_atomic_write_bytes_leaves_no_temp_on_error(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         atomic_write_bytes(tmp_path / "f.json", "not bytes")  # type: ignore[arg-type]
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"] and (tmp_path / "f.json").read_bytes() == b"{}"
+
+
+def test_a_failed_publish_puts_the_previous_output_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import recsys.storage as storage
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as out:
+        (out / "weights").write_text("yesterday")
+    real = os.replace
+
+    def failing_publish(src, dst):  # noqa: ANN001, ANN202
+        if Path(src).name.startswith(".model.tmp-"):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", failing_publish)
+    with pytest.raises(OSError, match="Input/output error"), atomic_dir(target) as out:
+        (out / "weights").write_text("tonight")
+    assert (target / "weights").read_text() == "yesterday"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old copy left
+
+
+def test_a_leftover_of_the_old_output_does_not_fail_a_publish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import recsys.storage as storage
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as out:
+        (out / "weights").write_text("yesterday")
+    real = storage.shutil.rmtree
+
+    def busy(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202  (NFS: a reader holds a file open)
+        if ".old-" in Path(path).name:
+            raise OSError(16, "Device or resource busy")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage.shutil, "rmtree", busy)
+    with caplog.at_level("WARNING", logger="recsys.storage"), atomic_dir(target) as out:
+        (out / "weights").write_text("tonight")
+    assert (target / "weights").read_text() == "tonight"
+    assert "is published; removing its previous version" in caplog.text
