@@ -33,7 +33,8 @@ _INT_IDS = (f"ids must be whole numbers that fit in Int64 (at most {2**63 - 1});
             "data.{key}: string")
 _TEXT_IDS = "ids must not be blank"
 _HOW_TO_FIX = {
-    TIMESTAMP: "use epoch seconds or ISO-8601, or set data.timestamp_format (e.g. '%d/%m/%Y %H:%M')",
+    TIMESTAMP: "use epoch seconds or ISO-8601, or set data.timestamp_format (e.g. '%d/%m/%Y %H:%M'); a text "
+               "column whose first value is a whole number is read as whole numbers throughout",
     WEIGHT: "weights must be numbers",
     EVENT_TYPE: "event types must be text (e.g. view, cart, buy) or whole-number codes; fix data.event_type_col",
 }
