@@ -112,7 +112,16 @@ class InputGate:
     @classmethod
     def of(cls, features: FeaturesConfig, target: Path, run_date: dt.date) -> InputGate:
         previous = target / FEATURE_FILES["manifest"]
-        rows = json.loads(previous.read_text()).get("rows_in") if previous.is_file() else None
+        rows = None
+        if previous.is_file():
+            try:
+                rows = json.loads(previous.read_text()).get("rows_in")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                if features.min_rows_ratio is not None:  # the ratio needs it
+                    raise ConfigError(f"{previous} (the previous build, which features.min_rows_ratio compares "
+                                      f"with) is not valid JSON ({exc}); restore it, remove {target} to start "
+                                      "afresh, or unset features.min_rows_ratio") from None
+                logger.warning("%s is not valid JSON (%s): no previous row count recorded", previous, exc)
         end = datetime.combine(run_date + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
         return cls(features.min_rows_ratio, features.max_event_age, rows, int(end.timestamp()))
 

@@ -103,3 +103,16 @@ def test_recsys_features_takes_the_gate_date_from_run_date(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:  # a malformed date is a usage error, as for recsys run
         main(["features", "--run-date", "2024-5-2", *common])
     assert stop.value.code == 2 and "YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_a_corrupt_previous_manifest_stops_the_ratio_check_by_name_and_nothing_else(tmp_path):
+    from recsys.config import ConfigError
+
+    work = tmp_path / "work"
+    events = _events(tmp_path / "full.csv", 50, END)
+    _build(events, work)
+    (work / "features" / "manifest.json").write_text('{"rows_in": 2')  # cut off
+    with pytest.raises(ConfigError, match=r"manifest\.json \(the previous build, which features\.min_rows_ratio "
+                                          r"compares with\) is not valid JSON"):
+        _build(events, work, "features.min_rows_ratio=0.8")
+    assert _build(events, work)["input_gate"]["previous_rows_in"] is None  # without the ratio: rebuilt
