@@ -446,6 +446,14 @@ class Config(_Section):
         if self.train.exclude_seen and (self.train.loss != "ce" or self.model.attention != "causal"):
             raise ValueError(f"train.exclude_seen needs train.loss=ce and model.attention=causal (they are "
                              f"{self.train.loss!r} and {self.model.attention!r}); set it to false")
+        order_only = self.data.format in ("pairs", "sequence_lines") or (
+            self.data.format in ("csv", "parquet") and self.data.timestamp_col is None)
+        if self.features.max_event_age is not None and self.data.source == "file" and order_only:
+            raise ValueError(
+                f"features.max_event_age compares the newest event's time with the run date, but data.format="
+                f"{self.data.format!r}" + (" without data.timestamp_col" if self.data.format in ("csv", "parquet")
+                                           else "") + " gives line numbers, not times: set data.timestamp_col "
+                "(csv, parquet) or features.max_event_age=null")
         stride = self.train.window_stride
         if stride is not None and stride > self.model.max_len:
             raise ValueError(

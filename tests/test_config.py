@@ -106,3 +106,12 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert read_yaml(tmp_path / "c.yaml")["model"]["hidden"] == 48
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.format=pairs"], ["data.format=sequence_lines"], ["data.format=csv", "data.timestamp_col=null"],
+])
+def test_an_event_age_limit_needs_times_not_line_numbers(overrides):
+    with pytest.raises(ConfigError, match=r"features\.max_event_age .* gives line numbers, not times"):
+        load_config(None, ["features.max_event_age=86400", *overrides])
+    load_config(None, ["features.max_event_age=86400", "data.format=csv"])  # a timestamp column: fine
