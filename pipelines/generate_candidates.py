@@ -98,8 +98,10 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         manifest = _manifest(cfg, day, table.height, {**stats, **activity, "allowed_items": allow_file,
                                                       "retention": retention}, scored_with, feats, wd, shard,
                              device)
-        if shard is not None and not violations:  # again: a shard may have published while this one scored
-            _check_same_night(wd, day, shard, scored_with, manifest["features"]["manifest"]["sha256"])
+        if not violations:  # again: another job may have published this night while this one scored
+            _check_layout(wd, day, shard)
+            if shard is not None:
+                _check_same_night(wd, day, shard, scored_with, manifest["features"]["manifest"]["sha256"])
         target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
         with atomic_dir(target) as out:
             table.write_parquet(out / "candidates.parquet")

@@ -127,3 +127,23 @@ def test_the_shards_of_a_night_come_from_one_model(trained: Path, tiny_features:
                  for i in range(2)]
     assert manifests[0]["model"]["weights_sha256"] == manifests[1]["model"]["weights_sha256"]
     assert len(manifests[0]["model"]["weights_sha256"]) == 64
+
+
+def test_a_night_published_one_way_while_another_way_scores_is_not_published_twice(
+    trained: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layout is checked at the start and again before publishing: a shard that published while a whole
+    run was scoring (the jobs' locks differ) stops the whole run."""
+    import pipelines.generate_candidates as job
+
+    score = job.generate_candidates
+
+    def shard_published_meanwhile(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        monkeypatch.setattr(job, "generate_candidates", score)
+        assert _shard(trained, "2024-05-24", 0, 2) == EXIT_OK
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(job, "generate_candidates", shard_published_meanwhile)
+    whole = run_cli(capsys, "candidates", "--quiet", "--date", "2024-05-24", *tiny(trained))
+    assert whole.code == EXIT_USAGE and "already split into shards (shard=0-of-2" in whole.err
+    assert not (_night(trained, "2024-05-24") / "candidates.parquet").exists()
