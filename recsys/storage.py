@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,11 @@ log = logging.getLogger(__name__)
 
 TMP_TAG = ".tmp-"
 OLD_TAG = ".old-"
-_STALE = re.compile(r"\.(?P<name>.+)(?P<tag>\.tmp-|\.old-)(?P<pid>\d+)")
+# .<name>.tmp-<pid>@<host>: the writer's process and machine (work directories may sit on shared storage);
+# names without a host are of this machine (written by earlier versions).
+_STALE = re.compile(r"\.(?P<name>.+)(?P<tag>\.tmp-|\.old-)(?P<pid>\d+)(?:@(?P<host>[^/]+))?")
+_HOST = socket.gethostname()
+STALE_AFTER_S = 2 * 86_400  # no atomic write takes this long: older temps are leftovers whoever wrote them
 
 
 @contextmanager
@@ -33,7 +39,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent)
-    tmp = target.parent / f".{target.name}{TMP_TAG}{os.getpid()}"
+    tmp = target.parent / f".{target.name}{TMP_TAG}{_writer()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -42,7 +48,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}{OLD_TAG}{os.getpid()}"
+    old = target.parent / f".{target.name}{OLD_TAG}{_writer()}"
     if target.exists():
         os.replace(target, old)
         fault_point(f"atomic-swap:{target.name}")
@@ -66,7 +72,7 @@ def remove_dir(path: str | Path) -> None:
     first (one atomic step), then deleted; if the process dies in between, :func:`remove_stale_temps`
     finishes the job on the next atomic write into that directory."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}"
+    tmp = path.parent / f".{path.name}{TMP_TAG}{_writer()}"
     os.replace(path, tmp)
     shutil.rmtree(tmp)
 
@@ -78,7 +84,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}"
+    tmp = path.parent / f".{path.name}{TMP_TAG}{_writer()}"
     try:
         with tmp.open("wb") as fh:
             fh.write(data)
@@ -93,7 +99,10 @@ def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) 
 
 
 def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Remove ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` entries in ``directory`` whose process is gone.
+    """Remove ``.<name>.tmp-<pid>@<host>`` / ``.<name>.old-<pid>@<host>`` entries in ``directory`` that no
+    writer will finish: of this machine, when process ``pid`` is gone; of any machine (another host sharing the
+    storage, an earlier container whose pid 1 looks alive in this one), once older than
+    :data:`STALE_AFTER_S`. A writer on another host is never judged by this machine's process table.
 
     An ``.old-`` entry whose ``<name>`` is missing (killed between the two renames of :func:`atomic_dir`) is
     renamed back to ``<name>``: the previous complete output wins over an unfinished one. Returns what was
@@ -101,9 +110,16 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
     """
     directory = Path(directory)
     touched = []
+    now = time.time()
     for entry in sorted(directory.glob(".*")):
         match = _STALE.fullmatch(entry.name)
-        if match is None or _alive(int(match["pid"])):
+        if match is None:
+            continue
+        pid, here = int(match["pid"]), match["host"] in (None, _HOST)
+        if here and pid == os.getpid():
+            continue  # this process's own, in use
+        old = now - entry.lstat().st_mtime > STALE_AFTER_S
+        if not (old or (here and not _alive(pid))):
             continue
         target = directory / match["name"]
         if match["tag"] == OLD_TAG and not target.exists():
@@ -114,6 +130,11 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
             entry.unlink()
         touched.append(entry)
     return touched
+
+
+def _writer() -> str:
+    """``<pid>@<host>``: who writes a temporary entry (at call time: a forked process is another writer)."""
+    return f"{os.getpid()}@{_HOST}"
 
 
 def _alive(pid: int) -> bool:

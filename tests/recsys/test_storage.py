@@ -102,3 +102,35 @@ def test_a_leftover_of_the_old_output_does_not_fail_a_publish(tmp_path: Path, mo
         (out / "weights").write_text("tonight")
     assert (target / "weights").read_text() == "tonight"
     assert "is published; removing its previous version" in caplog.text
+
+
+def test_temps_of_another_machine_are_judged_by_age_not_by_this_machines_processes(
+    tmp_path: Path, dead_pid: int
+) -> None:
+    """Shared storage: a writer on another host is alive whatever this host's process table says; any
+    leftover older than STALE_AFTER_S is stale, even with a pid alive here (pid 1 of every container)."""
+    import os
+    import time
+
+    from recsys.storage import STALE_AFTER_S
+
+    other = tmp_path / f".model.tmp-{dead_pid}@another-host.example"
+    other.mkdir()  # written just now on another machine: its writer may be running
+    mine = tmp_path / f".model.tmp-{dead_pid}@{__import__('socket').gethostname()}"
+    mine.mkdir()  # this machine, process gone: stale
+    old = tmp_path / f".features.tmp-1@{__import__('socket').gethostname()}"
+    old.mkdir()  # pid 1 is alive here, but nobody writes for two days
+    week_ago = time.time() - STALE_AFTER_S - 7 * 86_400
+    os.utime(old, (week_ago, week_ago))
+    assert sorted(p.name for p in remove_stale_temps(tmp_path)) == sorted([mine.name, old.name])
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]
+    os.utime(other, (week_ago, week_ago))
+    assert remove_stale_temps(tmp_path) == [other] and list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_names_its_temporaries_with_its_pid_and_host(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    with atomic_dir(tmp_path / "out") as tmp:
+        assert tmp.name == f".out.tmp-{os.getpid()}@{socket.gethostname()}"
