@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
 import statistics
@@ -28,7 +29,7 @@ import torch
 from benchmarks.machine import append_record, commit, machine, read_records
 from pipelines import build_features, evaluate, train
 from pipelines.schedule import today_utc
-from recsys.config import load_config
+from recsys.config import Config, load_config, without_budget
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {
@@ -52,33 +53,59 @@ def hardware() -> str:
 
 def run_seed(
     dataset: str, config: Path, seed: int, data_root: Path, overrides: list[str], work_root: Path, tag: str,
-    resume: bool = False,
+    resume: bool = False, test: bool = True,
 ) -> dict[str, Any]:
     """One seed through the features, train and evaluate jobs; a JSON-able record of it.
 
     ``resume``: training continues today's killed run of the same work directory and config from its last
     checkpoint (``train.max_time_s`` may differ: a small one ends it after one more epoch), instead of
-    starting afresh; ``wall_s`` then covers this call only, the train report's history all epochs.
+    starting afresh; ``wall_s`` then covers this call only, the train report's history all epochs. A run that
+    had finished resumes as finished: ``resume`` with ``test`` scores the test split of a candidate that a
+    sweep trained without it (``test=False``: validation only, the record's ``results`` empty), once it has
+    been chosen on validation, as PROTOCOL.md asks (the test target scored once, for the chosen model).
     """
     cfg = load_config(
         config,
         [f"data.path={data_root / DATASETS[dataset]}", f"work_dir={work_root / f'{tag}-seed{seed}'}",
          f"train.seed={seed}", "train.progress=false", *overrides],
     )
+    check_protocol(cfg)
+    code = commit()  # of the code that runs: HEAD may move during a run of hours
     start = time.perf_counter()
     build_features.run(cfg)
     model_dir = train.run(cfg, today_utc() if resume else None)
-    eval_dir = evaluate.run(cfg)
+    report = json.loads((evaluate.run(cfg) / "report.json").read_text()) if test else {}
     wall = time.perf_counter() - start
     trained = json.loads((model_dir / "train_report.json").read_text())
-    report = json.loads((eval_dir / "report.json").read_text())
     return {
         "date": dt.date.today().isoformat(), "dataset": dataset, "tag": tag, "seed": seed,
         "config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
-        "overrides": overrides, "wall_s": wall, "train": trained,
+        "overrides": overrides, "config_sha256": settings_hash(cfg), "tested": test, "wall_s": wall,
+        "train": trained,
         "results": {name: report[name] for name in ("model", *BASELINES) if name in report},
-        "hardware": hardware(), "commit": commit(),
+        "hardware": hardware(), "commit": code,
     }
+
+
+def check_protocol(cfg: Config) -> None:
+    """Raise ValueError unless ``cfg`` evaluates as PROTOCOL.md says: leave-one-out, the test split, seen items
+    excluded (the row's columns say "test" and are compared with published numbers)."""
+    off = {key: value for key, value, want in (
+        ("features.split", cfg.features.split, "leave_one_out"), ("evaluate.split", cfg.evaluate.split, "test"),
+        ("evaluate.exclude_seen", cfg.evaluate.exclude_seen, True)) if value != want}
+    if off:
+        raise ValueError(f"not the protocol of ../shared/PROTOCOL.md: {off}; a benchmark row is leave-one-out "
+                         "test with seen items excluded")
+
+
+def settings_hash(cfg: Config) -> str:
+    """SHA-256 of the resolved config less what may differ between the seeds of one row: the seed, the work
+    directory, the data path (the data root), progress bars and the time budget (recorded per seed)."""
+    tree = cfg.to_dict()
+    tree.pop("work_dir", None)
+    tree["data"].pop("path", None)
+    tree["train"] = without_budget({k: v for k, v in tree["train"].items() if k not in ("seed", "progress")})
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
 def _ms(values: list[float]) -> str:
@@ -101,8 +128,19 @@ HEADER = (
 
 
 def table_row(records: list[dict[str, Any]]) -> str:
-    """One markdown row for the seeds of one (dataset, config, overrides); baselines give NDCG@10."""
+    """One markdown row for the seeds of one (dataset, config, overrides); baselines give NDCG@10.
+
+    Raises ValueError if a seed comes twice (a rerun appended to the same records) or the records hold
+    different resolved settings (``config_sha256``, where recorded); several commits or machines are all listed.
+    """
     records = sorted(records, key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in records]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"seeds {seeds} of {records[0]['tag']}: a seed comes twice; keep one record per seed")
+    settings = {r.get("config_sha256") for r in records} - {None}
+    if len(settings) > 1:
+        raise ValueError(f"{records[0]['tag']}: the seeds' records hold {len(settings)} different resolved "
+                         "configs (config_sha256): not one row")
     first = records[0]
     trains = [r["train"] for r in records]
     epochs = "/".join(f"{t['best_epoch']}({t['epochs_run']})" for t in trains)
@@ -120,9 +158,15 @@ def table_row(records: list[dict[str, Any]]) -> str:
         *(_metric(records, name, "ndcg_at_10") for name in BASELINES),
         f"{anchor} ({target})", epochs + ", 0-based", per_epoch,
         f"{statistics.mean(t['wall_time_s'] for t in trains):.0f}",
-        f"{statistics.mean(r['wall_s'] for r in records):.0f}", first["hardware"], first["commit"],
+        f"{statistics.mean(r['wall_s'] for r in records):.0f}", _distinct(records, "hardware"),
+        _distinct(records, "commit"),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _distinct(records: list[dict[str, Any]], key: str) -> str:
+    """The records' ``key`` values, each once, in seed order: one, or all of them with "/"."""
+    return " / ".join(dict.fromkeys(str(r[key]) for r in records))
 
 
 def append_rows(path: Path, rows: list[str]) -> None:
@@ -146,6 +190,7 @@ def group_records(records: list[dict[str, Any]], by_tag: bool = False) -> list[l
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         key = (r["dataset"], r["config"], r["tag"]) if by_tag else (r["dataset"], r["config"], tuple(r["overrides"]), r["tag"])
+        key += (r.get("config_sha256"),)  # records from before it was recorded: None
         groups[key].append(r)
     return list(groups.values())
 
@@ -165,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue today's killed run of each seed from its last checkpoint (same config; "
                              "train.max_time_s may differ) instead of starting afresh")
+    parser.add_argument("--no-test", action="store_true",
+                        help="validation only (a sweep's candidates): no test score, no table row; score the "
+                             "chosen one later with --resume")
     parser.add_argument("--from-json", type=Path, nargs="+", help="only write the table rows of these records")
     parser.add_argument("--group-by-tag", action="store_true",
                         help="one row per (dataset, config, tag) even if the seeds' overrides differ")
@@ -181,13 +229,19 @@ def main(argv: list[str] | None = None) -> None:
         records = []
         for seed in args.seeds:
             record = run_seed(args.dataset, config, seed, args.data_root.resolve(), args.overrides,
-                              args.work_root, tag, resume=args.resume)
+                              args.work_root, tag, resume=args.resume, test=not args.no_test)
             records.append(record)
             append_record(args.json_out, record)
-            m = record["results"]["model"]
-            print(f"{tag} seed {seed}: test NDCG@10 {m['ndcg_at_10']:.4f} HR@10 {m['hr_at_10']:.4f} "
-                  f"val NDCG@10 {record['train']['best_val_ndcg_at_10']:.4f}, {record['wall_s']:.0f} s", flush=True)
-    rows = [table_row(group) for group in group_records(records, args.group_by_tag)]
+            m = record["results"].get("model")
+            test = "no test (validation only)" if m is None else \
+                f"test NDCG@10 {m['ndcg_at_10']:.4f} HR@10 {m['hr_at_10']:.4f}"
+            print(f"{tag} seed {seed}: {test} val NDCG@10 {record['train']['best_val_ndcg_at_10']:.4f}, "
+                  f"{record['wall_s']:.0f} s", flush=True)
+    untested = [r for r in records if not r["results"]]
+    if untested:
+        print(f"{len(untested)} record(s) without a test score (validation only): not in the table")
+    tested = [r for r in records if r["results"]]
+    rows = [table_row(group) for group in group_records(tested, args.group_by_tag)]
     if not args.no_table:
         append_rows(args.output, rows)
     print("\n".join(rows))

@@ -47,19 +47,25 @@ def read_sweep(path: Path) -> list[tuple[str, str, list[str]]]:
 
 
 def rank(paths: list[Path]) -> str:
-    """Configurations ranked by mean validation NDCG@10, with their test numbers alongside."""
-    by_tag: dict[str, list[dict]] = defaultdict(list)
+    """Configurations (tag and overrides) ranked by mean validation NDCG@10; test numbers alongside only for
+    configurations whose every record has them (the chosen ones, scored after the choice)."""
+    by_config: dict[tuple, list[dict]] = defaultdict(list)
     for record in read_records(paths):
-        by_tag[record["tag"]].append(record)
+        by_config[(record["tag"], tuple(record["overrides"]))].append(record)
     rows = []
-    for tag, records in by_tag.items():
+    for (tag, overrides), records in by_config.items():
+        seeds = [r["seed"] for r in records]
+        if len(set(seeds)) < len(seeds):
+            raise SystemExit(f"{tag}: seeds {seeds}: a seed comes twice in {[str(p) for p in paths]}")
         val = statistics.mean(r["train"]["best_val_ndcg_at_10"] for r in records)
-        test = statistics.mean(r["results"]["model"]["ndcg_at_10"] for r in records)
-        hr = statistics.mean(r["results"]["model"]["hr_at_10"] for r in records)
+        test = ""
+        if all(r["results"] for r in records):
+            ndcg = statistics.mean(r["results"]["model"]["ndcg_at_10"] for r in records)
+            hr = statistics.mean(r["results"]["model"]["hr_at_10"] for r in records)
+            test = f"test {ndcg:.4f} / {hr:.4f}  "
         epochs = "/".join(f"{r['train']['best_epoch']}({r['train']['epochs_run']})" for r in records)
         rows.append((records[0]["dataset"], -val, f"{records[0]['dataset']:16s} {tag:24s} val {val:.4f}  "
-                     f"test {test:.4f} / {hr:.4f}  n={len(records)} epochs {epochs}  "
-                     f"{' '.join(records[0]['overrides'])}"))
+                     f"{test}n={len(records)} epochs {epochs}  {' '.join(overrides)}"))
     return "\n".join(text for *_, text in sorted(rows))
 
 
@@ -94,6 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--best", type=Path, metavar="RESULTS",
                         help="print the sweep file's lines with the best validation NDCG@10 in RESULTS")
     parser.add_argument("--top", type=int, default=1, help="with --best: lines per dataset")
+    parser.add_argument("--test", action="store_true",
+                        help="also score the test split (for the chosen lines; by default candidates are scored on "
+                             "validation only, as PROTOCOL.md scores the test target once, for the chosen model)")
+    parser.add_argument("--resume", action="store_true",
+                        help="resume today's runs of the lines (a finished one resumes as finished): with --test, "
+                             "the test score of candidates a validation-only sweep trained")
     parser.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run (before each line's own)")
     args = parser.parse_args(argv)
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "benchmarks.sequential", "--dataset", dataset, "--tag", tag,
                    "--seeds", seed, "--json-out", str(args.json_out.resolve()), "--no-table",
                    "--data-root", str(args.data_root.resolve()), "--work-root", str(args.work_root.resolve()),
+                   *([] if args.test else ["--no-test"]), *(["--resume"] if args.resume else []),
                    *args.common, *overrides]
             log = (args.log_dir / f"{tag}-seed{seed}.log").open("w")
             active.append((f"{tag} seed {seed}", subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

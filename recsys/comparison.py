@@ -52,13 +52,12 @@ class Comparison:
                 "targets_unknown_to_champion": self.targets_unknown_to_champion}
 
 
-def _map_lists(sequences: pl.DataFrame, column: str, mapping: pl.DataFrame, missing: int | None) -> pl.Series:
+def _map_lists(sequences: pl.DataFrame, column: str, mapping: pl.DataFrame) -> pl.Series:
     """``column`` (List of the features' item_idx) through ``mapping`` (item_idx -> target); an item with no
-    target is dropped (``missing`` None) or becomes ``missing``. Order within each list is kept."""
+    target is dropped. Order within each list is kept."""
     exploded = (sequences.select(pl.int_range(pl.len()).alias(_ROW), column).explode(column)
                 .join(mapping, left_on=column, right_on=schema.ITEM_IDX, how="left", maintain_order="left"))
-    mapped = pl.col("target") if missing is None else pl.col("target").fill_null(missing)
-    mapped = pl.when(pl.col(column).is_null()).then(None).otherwise(mapped)  # an empty list stays empty
+    mapped = pl.when(pl.col(column).is_null()).then(None).otherwise(pl.col("target"))  # an empty list stays empty
     lists = exploded.group_by(_ROW, maintain_order=True).agg(mapped.drop_nulls().cast(pl.Int32).alias(column))
     full = sequences.select(pl.int_range(pl.len()).alias(_ROW)).join(lists, on=_ROW, how="left",
                                                                       maintain_order="left")
@@ -84,17 +83,21 @@ def compare_on_validation(
     mapping = item_map.select(schema.ITEM_ID, schema.ITEM_IDX).join(model_idx, on=schema.ITEM_ID, how="left")
     mapping = mapping.select(schema.ITEM_IDX, "target")
     n_champion = champion.model.n_items
-    # A target the champion never saw becomes item n + 1, scored -inf, with k more -inf columns after it: the
-    # pessimistic rank counts those k as ahead of it, so it is a miss at k even on a tiny catalogue.
-    unknown = n_champion + 1
-    n_eval = n_champion + 1 + k
-    history = _map_lists(sequences, "train_items", mapping, None)
+    # Each item the champion never saw becomes an item of its own after its catalogue, n + 1 .. n + M, scored
+    # -inf, with k more -inf columns after them: the pessimistic rank counts those k as ahead of it, so it is
+    # a miss at k even on a tiny catalogue; and a user's several unknown targets stay several targets (one
+    # shared index would merge them, shrinking the champion's ideal DCG).
+    unseen = mapping.filter(pl.col("target").is_null()).with_row_index("extra")
+    as_targets = mapping.join(unseen.select(schema.ITEM_IDX, "extra"), on=schema.ITEM_IDX, how="left").select(
+        schema.ITEM_IDX, pl.coalesce("target", pl.col("extra").cast(pl.Int64) + n_champion + 1).alias("target"))
+    n_eval = n_champion + unseen.height + k
+    history = _map_lists(sequences, "train_items", mapping)
     known = history.list.len() > 0
     with_val = sequences["val_items"].list.len() > 0
     kept = sequences.filter(known)
     remapped = kept.with_columns(
         history.filter(known).alias("train_items"),
-        _map_lists(kept, "val_items", mapping, unknown).alias("val_items"),
+        _map_lists(kept, "val_items", as_targets).alias("val_items"),
         pl.lit([], dtype=pl.List(pl.Int32)).alias("test_items"),
     )
     translation = type_translation(champion, event_types)  # ConfigError: a typed champion, features without
@@ -110,11 +113,11 @@ def compare_on_validation(
     ours = accumulate_scorer(model_scorer(challenger, ours_set), ranking_set(ours_set, exclude_seen),
                              int(item_map.height), (k,), batch_size)
     theirs_set = build_eval_set(remapped, "val", champion.model.max_len)
-    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model, theirs_set), 1 + k),
+    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model, theirs_set), unseen.height + k),
                                ranking_set(theirs_set, exclude_seen), n_eval, (k,), batch_size)
     deltas = paired_deltas(ours, theirs)
     key = f"ndcg_at_{k}"
-    unknown_targets = int((remapped["val_items"].explode() == unknown).sum())
+    unknown_targets = int((remapped["val_items"].explode() > n_champion).sum())
     return Comparison(
         challenger=ours.result()[key], champion=theirs.result()[key], delta=deltas[f"delta_{key}"],
         delta_se=deltas.get(f"delta_{key}_se"), users_compared=ours.n_users,

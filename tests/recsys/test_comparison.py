@@ -164,3 +164,16 @@ def test_a_typed_champion_on_features_without_types_names_the_setting():
                             event_types=_type_table(["buy", "view"]))
     with pytest.raises(ConfigError, match="data.event_type_col"):
         compare_on_validation(_model(6, seed=0), champion, _sequences(), _item_map(FEATURE_IDS), max_len=4, k=K)
+
+
+def test_several_targets_the_champion_never_saw_stay_several_targets():
+    """A user's val targets 30, 50, 60 with 50 and 60 unknown to the champion: three targets (two certain
+    misses), so the champion's NDCG@K is its hit on 30 over the ideal DCG of three targets, not of two."""
+    challenger, champion = _model(6, seed=0), _model(4, seed=2)
+    sequences = pl.DataFrame({"user_idx": [0], "train_items": [[1, 2]], "val_items": [[3, 5, 6]],
+                              "test_items": [[]]}, schema=SEQUENCES)
+    got = compare_on_validation(challenger, TrainedModel(champion, USERS, _item_map([10, 20, 30, 40])), sequences,
+                                _item_map(FEATURE_IDS), max_len=4, k=K)
+    assert got.targets_unknown_to_champion == 2 and got.users_compared == 1
+    ideal = sum(1 / np.log2(i + 2) for i in range(3))
+    assert got.champion == pytest.approx(_direct_ndcg(champion, [1, 2], 3) / ideal, rel=1e-5)

@@ -1,0 +1,45 @@
+"""benchmarks.sequential: a row is the protocol's test numbers of one resolved config, one record per seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.sequential import check_protocol, settings_hash, table_row
+from recsys.config import load_config
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "benchmarks" / "ml-1m.yaml"
+
+
+def _record(seed: int, **extra) -> dict:
+    train = {"best_epoch": 3, "epochs_run": 5, "seconds_per_epoch": 2.0, "train_seconds_per_epoch": 1.5,
+             "best_val_ndcg_at_10": 0.2 + seed / 1000, "wall_time_s": 10.0}
+    return {"date": "2026-12-05", "dataset": "ml-1m", "tag": "t", "seed": seed, "config": "c.yaml",
+            "overrides": [], "wall_s": 12.0, "train": train, "hardware": "cpu", "commit": "abc",
+            "results": {"model": {"ndcg_at_10": 0.2 + seed / 100, "hr_at_10": 0.3}}, **extra}
+
+
+def test_the_settings_hash_ignores_seed_budget_and_paths_but_not_the_model():
+    base = settings_hash(load_config(CONF, ["train.seed=1", "work_dir=a", "data.path=x/ml-1m.txt"]))
+    assert settings_hash(load_config(CONF, ["train.seed=2", "work_dir=b", "data.path=y/ml-1m.txt",
+                                            "train.max_time_s=60", "train.progress=true"])) == base
+    assert settings_hash(load_config(CONF, ["train.seed=1", "model.n_blocks=2"])) != base
+
+
+@pytest.mark.parametrize("overrides", [["evaluate.split=val"], ["evaluate.exclude_seen=false"],
+                                       ["features.split=time", "features.val_cutoff=5", "features.test_cutoff=9"]])
+def test_a_run_off_the_protocol_is_refused_before_training(overrides):
+    with pytest.raises(ValueError, match="not the protocol of ../shared/PROTOCOL.md"):
+        check_protocol(load_config(CONF, overrides))
+    check_protocol(load_config(CONF))
+
+
+def test_a_row_refuses_a_repeated_seed_and_mixed_settings_and_lists_every_commit():
+    assert "| 42,43 |" in table_row([_record(42), _record(43)])
+    with pytest.raises(ValueError, match="a seed comes twice"):
+        table_row([_record(42), _record(42)])
+    with pytest.raises(ValueError, match="2 different resolved configs"):
+        table_row([_record(42, config_sha256="a"), _record(43, config_sha256="b")])
+    row = table_row([_record(42, commit="abc"), _record(43, commit="def"), _record(44, commit="abc")])
+    assert row.endswith("| cpu | abc / def |")
