@@ -307,7 +307,9 @@ class SequenceDataModule(L.LightningDataModule):
         self.item_counts = torch.bincount(self._train.values.long(), minlength=n_items + 1)  # (n_items + 1,)
         self.train_users = torch.nonzero(self._train.lengths >= 2).squeeze(1)  # (U,) row numbers
         self.train_rows = self._train_windows(self._train, max_len + 1, window_stride)  # (N, max_len + 1), N >= U
-        val_users = torch.nonzero(self._val.lengths >= 1).squeeze(1)  # (V,) row numbers
+        # Users with a validation target and a history, as evaluation.build_eval_set keeps them (a user whose
+        # events all fall after the validation cutoff of a time split has nothing to be scored from).
+        val_users = torch.nonzero((self._val.lengths >= 1) & (self._train.lengths >= 1)).squeeze(1)  # (V,) rows
         # Ordered by history length, so that val batches are trimmed to little padding.
         self.val_users = val_users[torch.argsort(self._train.lengths[val_users], stable=True)]  # (V,)
         self.val_inputs = self._train.pad(self.val_users, max_len)  # (V, max_len)
