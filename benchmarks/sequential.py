@@ -157,11 +157,20 @@ def table_row(records: list[dict[str, Any]]) -> str:
         _ms([t["best_val_ndcg_at_10"] for t in trains]),
         *(_metric(records, name, "ndcg_at_10") for name in BASELINES),
         f"{anchor} ({target})", epochs + ", 0-based", per_epoch,
-        f"{statistics.mean(t['wall_time_s'] for t in trains):.0f}",
-        f"{statistics.mean(r['wall_s'] for r in records):.0f}", _distinct(records, "hardware"),
+        f"{statistics.mean(_train_seconds(t) for t in trains):.0f}",
+        "—" if any(t.get("resumed_from_epoch") is not None for t in trains)  # wall_s: the resuming call only
+        else f"{statistics.mean(r['wall_s'] for r in records):.0f}", _distinct(records, "hardware"),
         _distinct(records, "commit"),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _train_seconds(train: dict[str, Any]) -> float:
+    """Training wall time of all epochs, those before a resume included (the report's wall_time_s covers the
+    last call only): the history's elapsed seconds, where there is one."""
+    history = train.get("history") or []
+    return float(history[-1]["elapsed_s"]) if history and train.get("resumed_from_epoch") is not None \
+        else float(train["wall_time_s"])
 
 
 def _distinct(records: list[dict[str, Any]], key: str) -> str:

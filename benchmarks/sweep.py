@@ -87,7 +87,16 @@ def best_lines(sweep: Path, results: Path, top: int) -> list[str]:
     return [line for runs in by_dataset.values() for _, line in sorted(runs, key=lambda r: -r[0])[:top]]
 
 
-def main(argv: list[str] | None = None) -> None:
+def command(tag: str, dataset: str, overrides: list[str], seed: str, args: argparse.Namespace) -> list[str]:
+    """The benchmarks.sequential command of one (line, seed): validation only unless ``args.test``."""
+    return [sys.executable, "-m", "benchmarks.sequential", "--dataset", dataset, "--tag", tag,
+            "--seeds", seed, "--json-out", str(args.json_out.resolve()), "--no-table",
+            "--data-root", str(args.data_root.resolve()), "--work-root", str(args.work_root.resolve()),
+            *([] if args.test else ["--no-test"]), *(["--resume"] if args.resume else []),
+            *args.common, *overrides]
+
+
+def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, nargs="?")
     parser.add_argument("--parallel", type=int, default=1)
@@ -108,6 +117,11 @@ def main(argv: list[str] | None = None) -> None:
                              "the test score of candidates a validation-only sweep trained")
     parser.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run (before each line's own)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = arg_parser()
     args = parser.parse_args(argv)
     if args.rank:
         print(rank(args.rank))
@@ -127,11 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     while pending or active:
         while pending and len(active) < args.parallel:
             tag, dataset, overrides, seed = pending.pop(0)
-            cmd = [sys.executable, "-m", "benchmarks.sequential", "--dataset", dataset, "--tag", tag,
-                   "--seeds", seed, "--json-out", str(args.json_out.resolve()), "--no-table",
-                   "--data-root", str(args.data_root.resolve()), "--work-root", str(args.work_root.resolve()),
-                   *([] if args.test else ["--no-test"]), *(["--resume"] if args.resume else []),
-                   *args.common, *overrides]
+            cmd = command(tag, dataset, overrides, seed, args)
             log = (args.log_dir / f"{tag}-seed{seed}.log").open("w")
             active.append((f"{tag} seed {seed}", subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}), log))

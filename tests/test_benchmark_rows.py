@@ -43,3 +43,11 @@ def test_a_row_refuses_a_repeated_seed_and_mixed_settings_and_lists_every_commit
         table_row([_record(42, config_sha256="a"), _record(43, config_sha256="b")])
     row = table_row([_record(42, commit="abc"), _record(43, commit="def"), _record(44, commit="abc")])
     assert row.endswith("| cpu | abc / def |")
+
+
+def test_a_resumed_seed_counts_all_its_training_and_no_partial_total():
+    resumed = _record(43)
+    resumed["train"] |= {"resumed_from_epoch": 4, "wall_time_s": 0.5,
+                         "history": [{"elapsed_s": 100.0}, {"elapsed_s": 210.0}]}
+    cells = table_row([_record(42), resumed]).split(" | ")
+    assert cells[-4:-2] == [f"{(10.0 + 210.0) / 2:.0f}", "—"]  # train s from the history; total unknown

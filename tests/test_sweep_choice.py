@@ -33,3 +33,32 @@ def test_best_lines_refuse_results_of_another_sweep(tmp_path: Path) -> None:
     results = _results(tmp_path / "r.jsonl", [("zz", "ds1", 0.3, 0.1)])
     with pytest.raises(SystemExit, match="no record of any tag"):
         best_lines(sweep, results, 1)
+
+
+def test_candidates_are_scored_on_validation_only_and_the_chosen_ones_on_test_by_resuming() -> None:
+    from benchmarks.sweep import arg_parser, command
+
+    sweep = arg_parser().parse_args(["s.txt", "--json-out", "r.jsonl", "--set", "train.patience=20"])
+    cmd = command("a", "ml-1m", ["model.n_blocks=5"], "42", sweep)
+    assert "--no-test" in cmd and "--resume" not in cmd
+    assert cmd[-2:] == ["train.patience=20", "model.n_blocks=5"]  # the line's own overrides last
+    chosen = arg_parser().parse_args(["chosen.txt", "--json-out", "c.jsonl", "--test", "--resume"])
+    cmd = command("a", "ml-1m", [], "42", chosen)
+    assert "--no-test" not in cmd and "--resume" in cmd
+
+
+def test_rank_shows_test_only_for_configurations_scored_on_it(tmp_path: Path) -> None:
+    from benchmarks.sweep import rank
+
+    path = tmp_path / "r.jsonl"
+    rows = [{"tag": "a", "dataset": "d", "seed": 42, "overrides": [], "results": {},
+             "train": {"best_val_ndcg_at_10": 0.2, "best_epoch": 1, "epochs_run": 2}},
+            {"tag": "b", "dataset": "d", "seed": 42, "overrides": ["x=1"],
+             "results": {"model": {"ndcg_at_10": 0.19, "hr_at_10": 0.3}},
+             "train": {"best_val_ndcg_at_10": 0.1, "best_epoch": 1, "epochs_run": 2}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = rank([path]).splitlines()
+    assert " a " in a and "test" not in a and " b " in b and "test 0.1900 / 0.3000" in b
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:1]))
+    with pytest.raises(SystemExit, match="a seed comes twice"):
+        rank([path])
