@@ -45,7 +45,7 @@ def run(cfg: Config) -> Path:
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
     with job_run(cfg, "evaluate", tags={"device": str(device)}) as tracker:
         log_features_input(tracker, wd.features, feats, "evaluation")
-        pop = popularity_scores(feats.sequences, feats.n_items)
+        pop = popularity_scores(feats.sequences, feats.n_items, cfg.evaluate.split)
         results = evaluate_all(model, feats.sequences, feats.n_items, pop, cfg.evaluate, model.max_len,
                                feats.event_types)
         report = {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks), "model_dir": str(wd.model),

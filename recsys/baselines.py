@@ -42,18 +42,22 @@ if TYPE_CHECKING:
     from recsys.evaluation import ScoreFn
 
 
-def popularity_scores(sequences: pl.DataFrame, n_items: int) -> torch.Tensor:
-    """(n_items + 1,) float32 count of each item in ``train_items``; the padding column is -inf.
+def popularity_scores(sequences: pl.DataFrame, n_items: int, split: str = "val") -> torch.Tensor:
+    """(n_items + 1,) float32 count of each item in what is known when ``split`` is predicted: ``train_items``
+    for val, ``train_items`` and ``val_items`` for test (as the other baselines are fitted); the padding
+    column is -inf.
 
-    Raises ``ValueError`` if ``train_items`` is missing or holds an index outside 0..n_items.
+    Raises ``ValueError`` if a column is missing or holds an index outside 0..n_items.
     """
-    if "train_items" not in sequences.columns:
-        raise ValueError("sequences: missing column 'train_items' (a List(Int32) of item indices)")
-    items = sequences.select(pl.col("train_items").explode().drop_nulls()).to_series()
+    columns = ["train_items"] if split == "val" else ["train_items", "val_items"]
+    for column in columns:
+        if column not in sequences.columns:
+            raise ValueError(f"sequences: missing column '{column}' (a List(Int32) of item indices)")
+    items = pl.concat([sequences[c].explode().drop_nulls() for c in columns])
     items = torch.from_numpy(items.to_numpy().astype(np.int64))  # (total,)
     if items.numel() and (int(items.min()) < 0 or int(items.max()) > n_items):
         raise ValueError(
-            f"sequences: column 'train_items' holds indices in [{int(items.min())}, {int(items.max())}], "
+            f"sequences: columns {columns} hold indices in [{int(items.min())}, {int(items.max())}], "
             f"expected 1..{n_items} (0 = padding); is n_items right?"
         )
     counts = torch.bincount(items, minlength=n_items + 1).float()  # (n_items + 1,)

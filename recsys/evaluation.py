@@ -370,13 +370,13 @@ def baseline_scorers(
 ) -> dict[str, ScoreFn]:
     """The scorers of ``cfg.baselines``, item_knn, ease and repeat fitted on the histories of ``cfg.split``.
 
-    ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``. ease is
+    ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences`` for ``cfg.split``. ease is
     skipped, with a logged warning, when ``n_items`` > ``cfg.ease_max_items`` (its dense n_items x n_items
     inverse).
     """
     histories = split_histories(sequences, cfg.split)
     scorers: dict[str, ScoreFn] = {}
-    pop = item_popularity if item_popularity is not None else popularity_scores(sequences, n_items)
+    pop = item_popularity if item_popularity is not None else popularity_scores(sequences, n_items, cfg.split)
     for name in dict.fromkeys(cfg.baselines):  # in order, once each
         if name == "popularity":
             scorers[name] = popularity_scorer(pop)
@@ -407,7 +407,7 @@ def evaluate_all(
     Every scorer's metrics hold their standard errors (``…_se``); a baseline's also hold the model's paired
     difference from it (:func:`paired_deltas`: ``delta_<metric>`` = model - baseline, ``delta_<metric>_se``).
 
-    ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences``. With
+    ``item_popularity`` (n_items + 1,) defaults to :func:`popularity_scores` of ``sequences`` for ``cfg.split``. With
     ``cfg.type_segments`` every scorer also gets ``type_segments`` (:func:`type_segments` over ``event_types``,
     the features' schema.EVENT_TYPE_MAP).
     """

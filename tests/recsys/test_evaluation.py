@@ -156,6 +156,9 @@ def test_popularity_scores_on_a_hand_case(sequences: pl.DataFrame) -> None:
     assert scores.shape == (3, N_ITEMS + 1) and bool((scores == pop).all())
     with pytest.raises(ValueError, match="train_items"):
         popularity_scores(sequences, 5)
+    # predicting test, the validation events are known too (as item-kNN and EASE are fitted): 5, 4, 1, 3
+    assert popularity_scores(sequences, N_ITEMS, "test")[1:].tolist() == [3, 3, 3, 2, 1, 0, 1, 1]
+    assert popularity_scores(sequences, N_ITEMS, "val")[1:].tolist() == [2, 3, 2, 1, 0, 0, 1, 1]
 
 
 class _MeanModel(nn.Module):
@@ -180,7 +183,7 @@ def test_evaluate_all_runs_model_and_popularity(sequences: pl.DataFrame) -> None
     assert list(got) == ["model", "popularity", "item_knn", "ease"]
     assert model.training  # the mode is restored
     popularity = evaluate_scorer(
-        popularity_scorer(popularity_scores(sequences, N_ITEMS)),
+        popularity_scorer(popularity_scores(sequences, N_ITEMS, "test")),  # train + val known
         build_eval_set(sequences, "test", 3),
         N_ITEMS,
         (1, 5),
@@ -433,7 +436,7 @@ def test_evaluate_all_without_excluding_seen_items(sequences: pl.DataFrame) -> N
     model = _MeanModel(N_ITEMS)
     cfg = EvaluateConfig(split="test", ks=(1, 5), batch_size=2, exclude_seen=False, history_segments=(3,))
     got = evaluate_all(model, sequences, N_ITEMS, None, cfg, max_len=3)
-    pop = popularity_scorer(popularity_scores(sequences, N_ITEMS))
+    pop = popularity_scorer(popularity_scores(sequences, N_ITEMS, "test"))
     es = build_eval_set(sequences, "test", 3)
     want = evaluate_scorer(pop, ranking_set(es, False), N_ITEMS, (1, 5))
     assert {k: v for k, v in got["popularity"].items() if not k.startswith("delta_") and k != "segments"} == want
@@ -463,12 +466,13 @@ def test_repeat_baseline_against_popularity(sequences: pl.DataFrame) -> None:
     got = evaluate_all(model, fresh, N_ITEMS, None, cfg, max_len=3)
     assert {k: v for k, v in got["repeat"].items() if not k.startswith("delta")} == {
         k: v for k, v in got["popularity"].items() if not k.startswith("delta")}
-    # Hand count of HR@1 (train counts: item 2 three times, 1 and 3 twice, 4, 7, 8 once). Re-consumed targets,
-    # the last item of their history (user 1's 4, user 4's 3), are first for repeat under either protocol (the
-    # target itself is never excluded). With the history excluded, user 3 (history [1]) gets 2, the most
-    # popular, from both, and user 4's 3 is the most popular of its unseen items; with the history competing,
-    # repeat puts user 3's own 1 first and popularity puts 2 above user 4's 3.
-    want = {True: {"repeat": 3 / 5, "popularity": 2 / 5}, False: {"repeat": 2 / 5, "popularity": 1 / 5}}
+    # Hand count of HR@1. Popularity when test is predicted counts train and val events: items 1, 2, 3 three
+    # times, 4 twice, 5, 7, 8 once. Re-consumed targets, the last item of their history (user 1's 4, user 4's
+    # 3), are first for repeat under either protocol (the target itself is never excluded). With the history
+    # excluded, user 4's 3 is also the most popular of its unseen items, but user 3's 2 (history [1]) ties
+    # with 3, and ties count against the target; with the history competing, popularity ties 1, 2, 3 for
+    # every target among them, so it hits nobody.
+    want = {True: {"repeat": 2 / 5, "popularity": 1 / 5}, False: {"repeat": 2 / 5, "popularity": 0.0}}
     for exclude_seen, hr in want.items():
         got = evaluate_all(model, sequences, N_ITEMS, None, cfg.model_copy(update={"exclude_seen": exclude_seen}),
                            max_len=3)
