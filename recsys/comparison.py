@@ -87,14 +87,16 @@ def compare_on_validation(
     # -inf, with k more -inf columns after them: the pessimistic rank counts those k as ahead of it, so it is
     # a miss at k even on a tiny catalogue; and a user's several unknown targets stay several targets (one
     # shared index would merge them, shrinking the champion's ideal DCG).
-    unseen = mapping.filter(pl.col("target").is_null()).with_row_index("extra")
-    as_targets = mapping.join(unseen.select(schema.ITEM_IDX, "extra"), on=schema.ITEM_IDX, how="left").select(
-        schema.ITEM_IDX, pl.coalesce("target", pl.col("extra").cast(pl.Int64) + n_champion + 1).alias("target"))
-    n_eval = n_champion + unseen.height + k
     history = _map_lists(sequences, "train_items", mapping)
     known = history.list.len() > 0
     with_val = sequences["val_items"].list.len() > 0
     kept = sequences.filter(known)
+    targets = kept["val_items"].explode().drop_nulls().unique().implode()  # only those need a column
+    unseen = mapping.filter(pl.col("target").is_null() & pl.col(schema.ITEM_IDX).is_in(targets))
+    unseen = unseen.with_row_index("extra")
+    as_targets = mapping.join(unseen.select(schema.ITEM_IDX, "extra"), on=schema.ITEM_IDX, how="left").select(
+        schema.ITEM_IDX, pl.coalesce("target", pl.col("extra").cast(pl.Int64) + n_champion + 1).alias("target"))
+    n_eval = n_champion + unseen.height + k
     remapped = kept.with_columns(
         history.filter(known).alias("train_items"),
         _map_lists(kept, "val_items", as_targets).alias("val_items"),
