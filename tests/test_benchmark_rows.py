@@ -27,7 +27,7 @@ def test_the_settings_hash_ignores_seed_budget_and_paths_but_not_the_model():
     assert settings_hash(load_config(CONF, ["train.seed=1", "model.n_blocks=2"])) != base
 
 
-@pytest.mark.parametrize("overrides", [["evaluate.split=val"], ["evaluate.exclude_seen=false"],
+@pytest.mark.parametrize("overrides", [["evaluate.split=val"], ["evaluate.exclude_seen=false", "train.exclude_seen=false"],
                                        ["features.split=time", "features.val_cutoff=5", "features.test_cutoff=9"]])
 def test_a_run_off_the_protocol_is_refused_before_training(overrides):
     with pytest.raises(ValueError, match="not the protocol of ../shared/PROTOCOL.md"):
