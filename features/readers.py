@@ -146,7 +146,10 @@ def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
     if problems:
         raise InputDataError(f"{path} (data.format={data.format!r}):\n  - " + "\n  - ".join(problems))
     logger.info("reading %s as %s", path, data.format)
-    return raw.frame.select(list(typed.values()))
+    frame = raw.frame.select(list(typed.values()))
+    if data.format == "sequence_lines":  # positions per user as parsed: lines of '07' and '7' are one user's
+        frame = frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over(USER_ID).alias(TIMESTAMP))
+    return frame
 
 
 def _select(
@@ -264,6 +267,7 @@ def _read_sequence_lines(data: DataConfig, path: Path) -> _Raw:
             pl.col(_TOKENS).list.slice(1).alias(ITEM_ID),
         )
         .explode(ITEM_ID)
+        # per user as written; _read_file renumbers per parsed id, so '07' and '7' do not interleave
         .with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over(USER_ID).alias(TIMESTAMP))
     )
     labels = {USER_ID: "'user' (field 1)", ITEM_ID: "'item' (fields 2..)", TIMESTAMP: "position in line"}

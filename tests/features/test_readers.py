@@ -119,6 +119,13 @@ def test_sequence_lines_timestamp_is_position(write_file):
     assert _triples(df) == [(1, 10, 0), (1, 11, 1), (1, 12, 2), (2, 20, 0), (1, 13, 3)]
 
 
+def test_sequence_lines_positions_follow_the_parsed_user_not_its_spelling(write_file):
+    path = write_file("Beauty.txt", "07 10 11 12\n7 13\n+7 14\n")
+    # one user written three ways: its items keep file order (as written, '7 13' would restart at 0)
+    assert _triples(_read(DataConfig(format="sequence_lines"), path)) == [(7, 10, 0), (7, 11, 1), (7, 12, 2),
+                                                                          (7, 13, 3), (7, 14, 4)]
+
+
 def test_text_ids_in_every_format(write_file, tmp_path):
     text = DataConfig(user_id_type="string", item_id_type="string")
     path = write_file("events.csv", "user_id,item_id,timestamp\n u-1 ,B00X7,1\n42,0042,2\n")
