@@ -18,7 +18,7 @@ import polars as pl
 from features import schema
 from features.artifacts import FeatureSet, last_event_times, load_features
 from features.readers import read_item_ids
-from pipelines.workdir import WorkDir, log_features_input
+from pipelines.workdir import WorkDir, dated_partitions, log_features_input
 from recsys.candidates import (
     TrainedModel,
     generate_candidates,
@@ -94,7 +94,11 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
                  "gate": gate, "passed": not violations, "violations": violations}
         keep = cfg.candidates.keep_days
         expired = [] if keep is None or violations else wd.expired_candidates(day, keep, part)
-        retention = {"keep_days": keep, "removed": [str(p.relative_to(wd.candidates)) for p in expired]}
+        # A night losing a published part is no longer complete: its marker goes with the part.
+        old_markers = sorted({wd.night_marker(when) for when, _ in dated_partitions(
+            p for p in expired if p.relative_to(wd.candidates).parts[0] != "rejected")} & _existing(wd))
+        retention = {"keep_days": keep,
+                     "removed": [str(p.relative_to(wd.candidates)) for p in (*expired, *old_markers)]}
         manifest = _manifest(cfg, day, table.height, {**stats, **activity, "allowed_items": allow_file,
                                                       "retention": retention}, scored_with, feats, wd, shard,
                              device)
@@ -114,10 +118,14 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         fault_point("candidates-published")
         for path in expired:  # only once tonight is published; a rejected night removes nothing
             remove_dir(path)
+        for path in old_markers:
+            path.unlink(missing_ok=True)
         if expired:
             log.info("candidates: removed %d partitions older than %d days: %s", len(expired), keep,
                      ", ".join(retention["removed"]))
         _track(tracker, manifest, drift, target, shard)
+        if not violations:
+            _mark_night(wd, day, shard)
         if violations:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)
                              + f" (against {previous}); the lists are in {target} for inspection")
@@ -161,6 +169,56 @@ def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, 
             "shards must come from one model and one feature build. Pin the model for all shards (--model "
             "models:/NAME/VERSION, resolved once by the orchestrator), or remove the night's shards and rerun "
             "them all")
+
+
+def _existing(wd: WorkDir) -> set[Path]:
+    """The night completion markers present (:meth:`WorkDir.night_marker`)."""
+    return set((wd.candidates / "complete").glob("date=*.json"))
+
+
+def _mark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> Path | None:
+    """Write the night's completion marker (:meth:`WorkDir.night_marker`) once all its parts are published,
+    and return it; None while shards of the night are missing (a marker left from a removed shard goes).
+
+    The marker lists each part (path, rows, users, manifest sha256), the totals, the model and the features
+    manifest's sha256; it depends on nothing else, so a rerun with the same model and features rewrites it byte
+    for byte. Raises ShardLayoutError when the N published shards do not share one model and one feature build
+    (shards that published in the same instant, which the checks before publishing cannot see).
+    """
+    marker = wd.night_marker(day)
+    names = [None] if shard is None else [f"shard={i}-of-{shard.count}" for i in range(shard.count)]
+    parts = {name: wd.candidates_partition(day, name) / "manifest.json" for name in names}
+    missing = [name for name, path in parts.items() if not path.is_file()]
+    if missing:
+        marker.unlink(missing_ok=True)
+        log.info("candidates: night %s not complete yet: %d of %d shards published (missing %s)", day,
+                 len(parts) - len(missing), len(parts), ", ".join(map(str, missing)))
+        return None
+    manifests = {name: read_json(path) for name, path in parts.items()}
+    weights = {m["model"].get("weights_sha256") for m in manifests.values()}
+    features = {m["features"]["manifest"]["sha256"] for m in manifests.values()}
+    if len(weights) > 1 or len(features) > 1:
+        marker.unlink(missing_ok=True)
+        raise ShardLayoutError(
+            f"night {day}: its {len(parts)} published shards were scored with {len(weights)} different model(s) "
+            f"and {len(features)} feature build(s) (shards that published in the same instant); the night is "
+            "not marked complete. Remove its shards and rerun them all with one pinned model (--model "
+            "models:/NAME/VERSION)")
+    first = next(iter(manifests.values()))
+    write_json(marker, {
+        "date": day.isoformat(),
+        "layout": "whole" if shard is None else f"{shard.count} shards",
+        "parts": [{"path": str(path.parent.relative_to(wd.candidates)), "rows": manifests[name]["rows"],
+                   "users": manifests[name]["users"], "manifest_sha256": fingerprint(path)["sha256"]}
+                  for name, path in parts.items()],
+        "rows": sum(m["rows"] for m in manifests.values()),
+        "users": sum(m["users"] for m in manifests.values()),
+        "model": first["model"],
+        "features_manifest_sha256": first["features"]["manifest"]["sha256"],
+    }, atomic=True)
+    log.info("candidates: night %s complete (%s) → %s", day, "whole" if shard is None else f"{shard.count} shards",
+             marker)
+    return marker
 
 
 def _check_layout(wd: WorkDir, day: dt.date, shard: Shard | None) -> None:

@@ -90,7 +90,8 @@ def _candidates(root: Path) -> dict[str, Any]:
         counts = [read_json(m) for m in manifests]
         latest = {"date": day, "parts": len(manifests), "rows": sum(c["rows"] for c in counts),
                   "users": sum(c["users"] for c in counts), "fallback_users": sum(c["fallback_users"] for c in counts),
-                  "model_version": counts[0]["model"].get("version") if counts else None}
+                  "model_version": counts[0]["model"].get("version") if counts else None,
+                  "complete": (root / "complete" / f"date={day}.json").is_file()}
     return {"nights": nights, "rejected": rejected, "latest": latest}
 
 
@@ -126,7 +127,8 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append(f"  candidates:  latest night {latest['date']} ({latest['parts']} part(s)): {latest['rows']} rows "
                      f"for {latest['users']} users, {latest['fallback_users']} fallbacks, model version "
-                     f"{latest['model_version']}; {len(c['nights'])} nights published")
+                     f"{latest['model_version']}, {'complete' if latest['complete'] else 'NOT complete (shards missing)'}"
+                     f"; {len(c['nights'])} nights published")
     if c["rejected"]:
         lines.append(f"  rejected:    nights {', '.join(c['rejected'])} (drift gate; under candidates/rejected/)")
     running = status["running"]
@@ -196,6 +198,8 @@ def write_prometheus(status: dict[str, Any], path: Path) -> int:
               _epoch(latest["date"]))
         for key in ("rows", "users", "fallback_users", "parts"):
             gauge(f"candidates_latest_{key}", f"Latest published night: {key}.", latest[key])
+        gauge("candidates_latest_complete", "1 if the latest night has its completion marker (all its parts "
+              "published), else 0.", int(latest["complete"]))
     for job in ("features", "train", "evaluate", "candidates", "run"):
         gauge("job_running", "1 while the job holds its lock on the work directory.",
               int(any(name == job or name.startswith(f"{job}.") for name in status["running"])), job=job)

@@ -102,6 +102,11 @@ class WorkDir:
         return sorted(path for root in roots for when, path in dated_partitions(root.glob("date=*"))
                       if when < oldest_kept and path.is_dir())
 
+    def night_marker(self, day: dt.date) -> Path:
+        """``candidates/complete/date=YYYY-MM-DD.json``: written once every part of night ``day`` is published
+        (the whole night, or all N shards from one model and one feature build); what a consumer waits for."""
+        return self.candidates / "complete" / f"date={day.isoformat()}.json"
+
     @property
     def logs(self) -> Path:
         return self.root / "logs"

@@ -197,7 +197,12 @@ def test_keep_days_removes_older_nights_once_tonight_is_published(trained, tmp_p
     assert _dates(work / "candidates" / "rejected") == ["2024-08-05"]  # tonight's earlier rejected try
     manifest = json.loads((_night(work, "2024-08-05") / "manifest.json").read_text())
     assert manifest["retention"] == {"keep_days": 3, "removed": ["date=2024-08-01", "date=2024-08-02",
-                                                                 "rejected/date=2024-08-01"]}
+                                                                 "rejected/date=2024-08-01",
+                                                                 "complete/date=2024-08-01.json",
+                                                                 "complete/date=2024-08-02.json"]}
+    # a removed night's completion marker goes with it; the kept nights keep theirs
+    assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == [
+        "date=2024-08-03.json", "date=2024-08-05.json", "date=2024-08-09.json"]
     drift = json.loads((_night(work, "2024-08-05") / "drift.json").read_text())
     assert drift["previous"] == str(_night(work, "2024-08-03"))
     assert leftovers(work) == []
@@ -215,4 +220,6 @@ def test_keep_days_on_a_shard_prunes_that_shard_only(trained, tmp_path):
     assert _dates(work / "candidates" / "shard=1-of-2") == ["2024-08-02"]  # another shard's files: untouched
     assert _dates(work / "candidates") == ["2024-08-01"]  # whole nights: not a shard's to remove
     manifest = json.loads((work / "candidates" / "shard=0-of-2" / "date=2024-08-05" / "manifest.json").read_text())
-    assert manifest["retention"]["removed"] == ["shard=0-of-2/date=2024-08-02"]
+    # night 2024-08-02 lost shard 0: no longer complete, its marker goes; the whole night of 2024-08-01 keeps its own
+    assert manifest["retention"]["removed"] == ["shard=0-of-2/date=2024-08-02", "complete/date=2024-08-02.json"]
+    assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == ["date=2024-08-01.json"]

@@ -149,6 +149,7 @@ def test_status_reports_what_the_files_say_and_who_holds_a_lock(demo_run, capsys
     latest = status["candidates"]["latest"]
     assert latest["date"] == night.name.removeprefix("date=") and latest["rows"] == manifest["rows"]
     assert latest["users"] == manifest["users"] and status["candidates"]["rejected"] == []
+    assert latest["complete"] is True  # the whole night's completion marker
     assert status["running"] == {}
     with job_lock(work, "train"):  # held by this process: status names it
         assert main(["status", f"work_dir={work}"]) == EXIT_OK
@@ -194,6 +195,7 @@ def test_status_writes_prometheus_gauges_that_say_what_the_files_say(demo_run, c
         assert samples[key] == pytest.approx(report[scorer]["ndcg_at_10"])
     assert samples[("recsys_promotion_promoted", ())] == float(promotion["promoted"])
     assert samples[("recsys_candidates_latest_rows", ())] == manifest["rows"]
+    assert samples[("recsys_candidates_latest_complete", ())] == 1.0
     assert samples[("recsys_candidates_nights_published", ())] == 1.0
     assert samples[("recsys_job_running", (("job", "candidates"),))] == 1.0  # a shard's lock counts
     assert samples[("recsys_job_running", (("job", "train"),))] == 0.0

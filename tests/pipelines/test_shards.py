@@ -147,3 +147,53 @@ def test_a_night_published_one_way_while_another_way_scores_is_not_published_twi
     whole = run_cli(capsys, "candidates", "--quiet", "--date", "2024-05-24", *tiny(trained))
     assert whole.code == EXIT_USAGE and "already split into shards (shard=0-of-2" in whole.err
     assert not (_night(trained, "2024-05-24") / "candidates.parquet").exists()
+
+
+def _marker(work: Path, date: str) -> Path:
+    return work / "candidates" / "complete" / f"date={date}.json"
+
+
+def test_a_night_is_marked_complete_once_all_its_shards_are_published(trained: Path) -> None:
+    date = "2024-05-25"
+    assert _shard(trained, date, 2, 3) == EXIT_OK
+    assert _shard(trained, date, 0, 3) == EXIT_OK
+    assert not _marker(trained, date).exists()  # shard 1 still missing
+    assert _shard(trained, date, 1, 3) == EXIT_OK
+    marker = json.loads(_marker(trained, date).read_text())
+    whole = pl.read_parquet(_night(trained, WHOLE) / "candidates.parquet")
+    assert marker["layout"] == "3 shards" and marker["date"] == date
+    assert [part["path"] for part in marker["parts"]] == [f"shard={i}-of-3/date={date}" for i in range(3)]
+    assert marker["rows"] == whole.height and marker["users"] == 200
+    manifest = json.loads((_night(trained, date, "shard=1-of-3") / "manifest.json").read_text())
+    assert marker["model"] == manifest["model"]
+    assert marker["features_manifest_sha256"] == manifest["features"]["manifest"]["sha256"]
+    before = _marker(trained, date).read_bytes()
+    assert _shard(trained, date, 0, 3) == EXIT_OK  # a rerun with the same model rewrites it byte for byte
+    assert _marker(trained, date).read_bytes() == before
+    # The whole night is marked too, so a consumer waits for one file whatever the layout.
+    assert json.loads(_marker(trained, WHOLE).read_text())["layout"] == "whole"
+    assert leftovers(trained) == []
+
+
+def test_shards_published_in_the_same_instant_from_two_models_leave_the_night_unmarked(
+    trained: Path, tiny_features: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks before scoring and publishing cannot see a shard that publishes in the same instant: the
+    completion check, after publishing, reads every shard's manifest and refuses to mark a mixed night."""
+    import shutil
+
+    import pipelines.generate_candidates as job
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_features, other / "features")
+    assert main(["train", "--quiet", *tiny(other, "train.max_epochs=2")]) == EXIT_OK  # other weights
+    date = "2024-05-26"
+    assert _shard(trained, date, 0, 2) == EXIT_OK
+    monkeypatch.setattr(job, "_check_same_night", lambda *args: None)  # what a same-instant race looks like
+    mixed = run_cli(capsys, "candidates", "--quiet", "--date", date, "--shard", "1/2",
+                    "--model", str(other / "model"), *tiny(trained))
+    assert mixed.code == EXIT_USAGE
+    assert "2 published shards were scored with 2 different model(s)" in mixed.err and "not marked complete" in mixed.err
+    assert not _marker(trained, date).exists()
+    assert _shard(trained, date, 1, 2) == EXIT_OK  # rerun with the night's model: now complete
+    assert json.loads(_marker(trained, date).read_text())["layout"] == "2 shards"
