@@ -160,9 +160,9 @@ def search_top_k(
     """Top ``k`` unseen items per user by inner product, best first.
 
     user_vectors: (U, D). seen: per user, row positions to exclude, as a list of arrays or a (U, S)
-    array padded with negative values. A user the index returns fewer than ``k`` unseen items for (while
-    the catalogue has ``k``) is searched exactly over ``item_vectors`` (default: reconstructed from the
-    index) when ``fallback``. stats: ``users``, ``batches``, ``fallback_users``, ``short_users``.
+    array padded with negative values. A user the index returns fewer unseen items for than the catalogue
+    holds, up to ``k``, is searched exactly over ``item_vectors`` (default: reconstructed from the index) when
+    ``fallback``; ``short_users`` then counts the users left with fewer than ``k`` (fewer unseen items exist). stats: ``users``, ``batches``, ``fallback_users``, ``short_users``.
     Raises ``ValueError`` on bad shapes, ``k`` < 1 or ``k`` > the catalogue size.
     """
     users = _as_matrix(user_vectors, "user_vectors")
@@ -182,7 +182,9 @@ def search_top_k(
         rows = slice(start, start + batch_size)
         b_offsets = offsets[start : start + batch_size + 1]
         b_ids, b_scores, found = _search_unseen(index, users[rows], k, values, b_offsets)
-        redo = np.flatnonzero((found < k) & (available[rows] >= k)) if fallback else np.zeros(0, np.int64)
+        # short of what exists: k, or every unseen item when the user has fewer than k left
+        wanted = np.minimum(k, available[rows])
+        redo = np.flatnonzero(found < wanted) if fallback else np.zeros(0, np.int64)
         if redo.size:
             exact = exact if exact is not None else _exact_index(index, item_vectors)
             r_offsets = np.concatenate([[0], np.cumsum(np.diff(b_offsets)[redo])])

@@ -97,6 +97,19 @@ def test_short_rows_only_when_the_catalogue_runs_out() -> None:
     assert (got.ids[1] >= 10).all() and got.stats["short_users"] == 1
 
 
+def test_a_user_with_fewer_than_k_unseen_items_still_gets_all_of_them_from_a_weak_ann() -> None:
+    items, users = _vectors(400), _vectors(20, seed=1)
+    rng = np.random.default_rng(4)
+    seen = [np.setdiff1d(np.arange(400), rng.choice(400, size=5, replace=False)) for _ in range(20)]  # 5 left
+    index = build_index(items, "IVF16,Flat", nprobe=1)  # a probed list rarely holds them all
+    assert search_top_k(index, users, k=10, seen=seen, fallback=False).stats["short_users"] == 20
+    got = search_top_k(index, users, k=10, seen=seen)
+    for row in range(20):  # every unseen item, best first, then padding
+        np.testing.assert_array_equal(got.ids[row, :5], _exact_top_k(items, users[row:row + 1], 5, seen[row:row + 1])[0])
+    assert (got.ids[:, 5:] == -1).all()
+    assert got.stats["fallback_users"] > 0 and got.stats["short_users"] == 20  # short: only 5 exist
+
+
 def test_progress_is_logged_per_batch(caplog: pytest.LogCaptureFixture) -> None:
     items, users = _vectors(100), _vectors(10, seed=1)
     with caplog.at_level(logging.INFO, logger="recsys.retrieval"):
