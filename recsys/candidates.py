@@ -114,7 +114,8 @@ def with_feature_ids(trained: TrainedModel, feats: FeatureSet) -> TrainedModel:
     numbers where every item id of the model is one.
 
     Raises ConfigError naming data.item_id_type when the model holds text item ids that are not whole numbers
-    and the features hold numbers: such items could not be written as candidates.
+    and the features hold numbers (such items could not be written as candidates), or two that are one number
+    (``7`` and ``07``: a list would hold that item twice).
     """
     user_map = schema.with_id_dtype(trained.user_map, schema.USER_ID, feats.user_map.schema[schema.USER_ID])
     item_dtype = feats.item_map.schema[schema.ITEM_ID]
@@ -125,6 +126,12 @@ def with_feature_ids(trained: TrainedModel, feats: FeatureSet) -> TrainedModel:
         raise ConfigError(f"the model was trained with text item ids, {lost} of which are not whole numbers (e.g. "
                           f"{example!r}), but the features hold {item_dtype} item ids (data.item_id_type: int): "
                           "set data.item_id_type: string as when the model was trained, or train a new model")
+    ids = item_map[schema.ITEM_ID]
+    if ids.is_duplicated().any():  # text ids such as '7' and '07': two items of the model, one number
+        same = trained.item_map.filter(ids.is_in(ids.filter(ids.is_duplicated()).head(1).implode()))[schema.ITEM_ID]
+        raise ConfigError(f"the model was trained with text item ids {same.to_list()}, which are one {item_dtype} id "
+                          f"in these features (data.item_id_type: int): its lists would repeat that item. Set "
+                          "data.item_id_type: string as when the model was trained, or train a new model")
     return replace(trained, user_map=user_map, item_map=item_map)
 
 
@@ -238,11 +245,18 @@ def generate_candidates(
     trained = with_feature_ids(trained, feats)
     hist = model_histories(feats, trained.item_map, type_translation(trained, feats.event_types))
     pool = trained.item_map  # the items that may be candidates
+    listed = 0 if allowed is None else allowed.len()
     if allowed is not None:
-        allowed = allowed.cast(feats.item_map.schema[schema.ITEM_ID], strict=False).drop_nulls()
+        typed = allowed.cast(feats.item_map.schema[schema.ITEM_ID], strict=False)
+        if typed.null_count() > allowed.null_count():  # e.g. 'sku-9' against whole-number item ids
+            example = allowed.filter(typed.is_null() & allowed.is_not_null())[0]
+            log.warning("candidates: %d ids of %s (candidates.allowed_items) are not %s item ids like the "
+                        "features' (e.g. %r); counted as unknown", typed.null_count() - allowed.null_count(),
+                        cfg.allowed_items, feats.item_map.schema[schema.ITEM_ID], example)
+        allowed = typed.drop_nulls()
         pool = pool.filter(pl.col(schema.ITEM_ID).is_in(allowed.implode()))
         if pool.height == 0:
-            raise InputDataError(f"{cfg.allowed_items} (candidates.allowed_items): none of its {allowed.len()} "
+            raise InputDataError(f"{cfg.allowed_items} (candidates.allowed_items): none of its {listed} "
                                  "item ids is in the model's catalogue, so nothing could be recommended; "
                                  "check that it lists the same item ids as the events")
     k = min(cfg.k, pool.height)  # a catalogue smaller than K gives every item
@@ -264,7 +278,7 @@ def generate_candidates(
         "unknown_item_events": int(hist["unknown_events"].sum()),
         "model_items_not_in_features": _count_missing(model_items, feature_items),
         "items_allowed": pool.height,
-        "allowed_items_unknown": 0 if allowed is None else allowed.len() - pool.height,
+        "allowed_items_unknown": listed - pool.height if allowed is not None else 0,  # uncastable ids included
     }
     log.info("candidates: %d users scored by the model, %d popularity fallbacks, %d items unknown to the "
              "model", counts["users_scored"], counts["fallback_users"], counts["unknown_items"])
@@ -278,7 +292,7 @@ def _model_top_k(
     with a history the model knows."""
     # FAISS is imported here, not with the module: training imports this module (TrainedModel, warm start)
     # and must not need FAISS (GPU images without it); tests/test_imports.py checks that.
-    from recsys.retrieval import ann_recall, build_index, search_top_k, tune_index
+    from recsys.retrieval import IndexBuildError, ann_recall, build_index, search_top_k, tune_index
 
     if scored.height == 0:
         return schema.empty_candidates(scored.schema[schema.USER_ID], trained.item_map.schema[schema.ITEM_ID]), \
@@ -299,7 +313,7 @@ def _model_top_k(
     factory = cfg.index
     try:
         index = build_index(items, factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
-    except ValueError:
+    except IndexBuildError:  # a bad factory string or search parameter is the config's error, allow list or not
         if rows is None:
             raise
         # an allow list too short to train the configured index (e.g. fewer items than IVF lists): exact

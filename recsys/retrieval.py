@@ -42,6 +42,10 @@ def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
+class IndexBuildError(ValueError):
+    """A valid FAISS index that cannot be trained or filled with the given vectors (e.g. too few of them)."""
+
+
 def build_index(
     item_vectors: np.ndarray,
     factory: str = "Flat",
@@ -52,16 +56,20 @@ def build_index(
 
     Trains the index on the vectors when it needs training (IVF, PQ). ``nprobe`` / ``ef_search`` set the
     search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW). Raises ``ValueError`` naming the
-    factory string when FAISS rejects it, its training or a parameter.
+    factory string when FAISS rejects it or a parameter, and :class:`IndexBuildError` (a ``ValueError``) when
+    the index cannot be trained or filled with these vectors (e.g. fewer vectors than IVF lists).
     """
     x = _as_matrix(item_vectors, "item_vectors")
     try:
         index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS rejects the index factory string {factory!r}: {exc}") from exc
+    try:
         if not index.is_trained:
             index.train(x)
         index.add(x)
     except RuntimeError as exc:
-        raise ValueError(f"cannot build FAISS index {factory!r} over {x.shape[0]} vectors: {exc}") from exc
+        raise IndexBuildError(f"cannot build FAISS index {factory!r} over {x.shape[0]} vectors: {exc}") from exc
     params = faiss.ParameterSpace()
     for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
         if value is None:

@@ -326,3 +326,62 @@ def test_seen_items_compete_with_their_repeat_bonus_by_event_type(index):
         zero_types += _top(untyped, 5) != _top(scores, 5)
     # the types change lists: candidates that ignored the type bonus, or the types, would fail above
     assert no_type_bonus > 0 and zero_types > 0
+
+
+def test_text_item_ids_that_become_one_number_are_refused_not_listed_twice():
+    """A model trained with text ids '7' and '07' (two items) scoring features with whole-number ids."""
+    from recsys.config import ConfigError
+
+    model = SASRec(n_items=4, max_len=4, hidden=8, n_blocks=1, n_heads=1, dropout=0.0).eval()
+    items = pl.DataFrame({"item_id": ["7", "07", "30", "40"], "item_idx": [1, 2, 3, 4], "train_count": [5, 4, 3, 2]},
+                         schema={"item_id": pl.String, "item_idx": pl.Int32, "train_count": pl.Int64})
+    users = pl.DataFrame({"user_id": [1], "user_idx": [0]}, schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    feature_items = pl.DataFrame({"item_id": [7, 30, 40], "item_idx": [1, 2, 3], "train_count": [1, 1, 1]},
+                                 schema={"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
+    lists = pl.List(pl.Int32)
+    sequences = pl.DataFrame({"user_idx": [0], "train_items": [[2]], "val_items": [[]], "test_items": [[]]},
+                             schema={"user_idx": pl.Int32, "train_items": lists, "val_items": lists,
+                                     "test_items": lists})
+    feats = FeatureSet(sequences, users, feature_items, {"n_users": 1, "n_items": 3})
+    with pytest.raises(ConfigError, match=r"text item ids \['7', '07'\].*data.item_id_type: string"):
+        generate_candidates(TrainedModel(model, users, items), feats, CandidatesConfig(k=4, recall_sample=10))
+    distinct = items.with_columns(pl.Series("item_id", ["7", "8", "30", "40"]))  # numbers once each: fine
+    table, _ = generate_candidates(TrainedModel(model, users, distinct), feats, CandidatesConfig(k=3, recall_sample=10))
+    assert table["item_id"].is_duplicated().sum() == 0
+
+
+def _plain_catalogue(n: int) -> tuple[TrainedModel, FeatureSet]:
+    torch.manual_seed(0)
+    model = SASRec(n_items=n, max_len=4, hidden=8, n_blocks=1, n_heads=1, dropout=0.0).eval()
+    items = pl.DataFrame({"item_id": list(range(1, n + 1)), "item_idx": list(range(1, n + 1)), "train_count": [1] * n},
+                         schema={"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
+    users = pl.DataFrame({"user_id": [1, 2], "user_idx": [0, 1]}, schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    lists = pl.List(pl.Int32)
+    sequences = pl.DataFrame({"user_idx": [0, 1], "train_items": [[2], [3]], "val_items": [[], []],
+                              "test_items": [[], []]},
+                             schema={"user_idx": pl.Int32, "train_items": lists, "val_items": lists,
+                                     "test_items": lists})
+    return TrainedModel(model, users, items), FeatureSet(sequences, users, items, {"n_users": 2, "n_items": n})
+
+
+def test_a_wrong_search_parameter_fails_with_an_allow_list_too():
+    """Only an index that cannot be trained on the few allowed items falls back to exact search; a search
+    parameter the index lacks (efSearch on IVF) is the config's error either way."""
+    trained, feats = _plain_catalogue(300)
+    allowed = pl.Series("item_id", list(range(1, 201)), dtype=pl.Int64)
+    wrong = CandidatesConfig(k=5, index="IVF4,Flat", ef_search=64, recall_sample=10)
+    for allow in (None, allowed):
+        with pytest.raises(ValueError, match="has no search parameter 'efSearch'"):
+            generate_candidates(trained, feats, wrong, allow)
+    few = pl.Series("item_id", [1, 2, 3, 4, 5, 6], dtype=pl.Int64)  # 6 items cannot train 16 IVF lists
+    _, stats = generate_candidates(trained, feats, CandidatesConfig(k=3, index="IVF16,Flat", recall_sample=10), few)
+    assert stats["search"]["index_used"] == "Flat"
+
+
+def test_allowed_ids_of_the_wrong_type_are_counted_as_unknown(caplog):
+    trained, feats = _plain_catalogue(10)
+    allowed = pl.Series("item_id", ["1", "2", "3", "sku-9", "4.5"], dtype=pl.String)
+    with caplog.at_level("WARNING"):
+        _, stats = generate_candidates(trained, feats, CandidatesConfig(k=2, recall_sample=10), allowed)
+    assert stats["items_allowed"] == 3 and stats["allowed_items_unknown"] == 2
+    assert "2 ids of" in caplog.text and "'sku-9'" in caplog.text
