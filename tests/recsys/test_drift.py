@@ -46,3 +46,13 @@ def test_gate_thresholds(min_overlap, max_share, n_violations):
     report = drift_report(TODAY, PREVIOUS, k=3)  # mean overlap 0.833, new item share 0.375
     cfg = CandidatesConfig(min_overlap=min_overlap, max_new_item_share=max_share)
     assert len(drift_violations(report, cfg)) == n_violations
+
+
+@pytest.mark.parametrize("today", [{}, {3: [6, 5, 4], 4: [3, 2, 1]}])  # an empty night; every user re-keyed
+def test_a_night_with_no_user_in_common_fails_the_overlap_gate(today):
+    previous = _lists({1: [1, 2, 3], 2: [4, 5, 6]})
+    report = drift_report(_lists(today) if today else previous.clear(), previous, 3)
+    assert report["users_common"] == 0 and report["mean_overlap_at_k"] is None
+    violations = drift_violations(report, CandidatesConfig(min_overlap=0.5))
+    assert len(violations) == 1 and "no user in common with the previous night (2 users then" in violations[0]
+    assert drift_violations(report, CandidatesConfig()) == []  # no threshold: nothing to fail
