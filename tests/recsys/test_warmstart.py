@@ -107,3 +107,17 @@ def test_another_architecture_is_a_config_error_naming_every_key():
     assert "train.init_from (models:/sasrec@champion)" in message
     assert "model.hidden is 8 there, 16 here" in message and "model.n_blocks is 2 there, 1 here" in message
     assert "model.max_len" not in message and "train.init_from=null" in message
+
+
+def test_text_ids_that_become_one_number_are_a_config_error_not_two_rows_for_one_item():
+    def items(ids, dtype):
+        return pl.DataFrame({"item_id": ids, "item_idx": list(range(1, len(ids) + 1)), "train_count": [1] * len(ids)},
+                            schema={"item_id": dtype, "item_idx": pl.Int32, "train_count": pl.Int64})
+    users = pl.DataFrame({"user_id": [1], "user_idx": [0]}, schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    arch = dict(max_len=6, hidden=8, n_blocks=2, n_heads=2, dropout=0.1)
+    source = TrainedModel(SASRec(n_items=3, **arch), users, items(["7", "07", "8"], pl.String))
+    with pytest.raises(ConfigError, match=r"text item ids \['7', '07'\] are one Int64 id tonight"):
+        WarmStart(source, "old/model", items([7, 8], pl.Int64)).apply(SASRec(n_items=2, **arch))
+    distinct = TrainedModel(SASRec(n_items=3, **arch), users, items(["7", "9", "8"], pl.String))
+    report = WarmStart(distinct, "old/model", items([7, 8], pl.Int64)).apply(SASRec(n_items=2, **arch))
+    assert report["items_from_source"] == 2 and report["items_new"] == 0
