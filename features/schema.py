@@ -106,3 +106,11 @@ def with_id_dtype(frame: pl.DataFrame, column: str, dtype: pl.DataType) -> pl.Da
     if frame.schema[column] == dtype:
         return frame
     return frame.with_columns(pl.col(column).cast(dtype, strict=False))
+
+
+def merged_ids(before: pl.DataFrame, after: pl.DataFrame, column: str) -> list:
+    """The ``before`` ids of the first id that :func:`with_id_dtype` made out of several (text ``7`` and ``07``
+    both become 7), or ``[]`` when every non-null id of ``after`` is still distinct."""
+    ids = after[column]
+    repeated = ids.filter(ids.is_duplicated() & ids.is_not_null())
+    return [] if repeated.is_empty() else before.filter(ids == repeated[0])[column].to_list()

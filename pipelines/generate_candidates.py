@@ -126,7 +126,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         _track(tracker, manifest, drift, target, shard)
         if not violations:
             _mark_night(wd, day, shard)
-        if violations:
+        else:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)
                              + f" (against {previous}); the lists are in {target} for inspection")
     log.info("candidates: %d rows for %d users (%d fallbacks) → %s",

@@ -126,10 +126,8 @@ def with_feature_ids(trained: TrainedModel, feats: FeatureSet) -> TrainedModel:
         raise ConfigError(f"the model was trained with text item ids, {lost} of which are not whole numbers (e.g. "
                           f"{example!r}), but the features hold {item_dtype} item ids (data.item_id_type: int): "
                           "set data.item_id_type: string as when the model was trained, or train a new model")
-    ids = item_map[schema.ITEM_ID]
-    if ids.is_duplicated().any():  # text ids such as '7' and '07': two items of the model, one number
-        same = trained.item_map.filter(ids.is_in(ids.filter(ids.is_duplicated()).head(1).implode()))[schema.ITEM_ID]
-        raise ConfigError(f"the model was trained with text item ids {same.to_list()}, which are one {item_dtype} id "
+    if same := schema.merged_ids(trained.item_map, item_map, schema.ITEM_ID):  # '7', '07': one number now
+        raise ConfigError(f"the model was trained with text item ids {same}, which are one {item_dtype} id "
                           f"in these features (data.item_id_type: int): its lists would repeat that item. Set "
                           "data.item_id_type: string as when the model was trained, or train a new model")
     return replace(trained, user_map=user_map, item_map=item_map)

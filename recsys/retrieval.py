@@ -170,7 +170,8 @@ def search_top_k(
     user_vectors: (U, D). seen: per user, row positions to exclude, as a list of arrays or a (U, S)
     array padded with negative values. A user the index returns fewer unseen items for than the catalogue
     holds, up to ``k``, is searched exactly over ``item_vectors`` (default: reconstructed from the index) when
-    ``fallback``; ``short_users`` then counts the users left with fewer than ``k`` (fewer unseen items exist). stats: ``users``, ``batches``, ``fallback_users``, ``short_users``.
+    ``fallback``. stats: ``users``, ``batches``, ``fallback_users``, ``short_users`` (left with fewer than ``k``
+    because fewer unseen items exist, or, without ``fallback``, because the index found fewer).
     Raises ``ValueError`` on bad shapes, ``k`` < 1 or ``k`` > the catalogue size.
     """
     users = _as_matrix(user_vectors, "user_vectors")

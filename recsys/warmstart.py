@@ -73,12 +73,10 @@ class WarmStart:
                               "train from scratch with train.init_from=null")
         # the earlier model's ids in tonight's id dtype (data.item_id_type may have changed in between)
         source_ids = schema.with_id_dtype(self.source.item_map, schema.ITEM_ID, self.item_map.schema[schema.ITEM_ID])
-        ids = source_ids[schema.ITEM_ID]
-        if ids.drop_nulls().is_duplicated().any():  # text ids '7' and '07': two rows for one item tonight
-            same = self.source.item_map.filter(ids.is_in(ids.filter(ids.is_duplicated()).drop_nulls().head(1)
-                                                          .implode()))[schema.ITEM_ID].to_list()
+        if same := schema.merged_ids(self.source.item_map, source_ids, schema.ITEM_ID):  # '7', '07': one id now
             raise ConfigError(f"train.init_from ({self.spec}): the earlier model's text item ids {same} are one "
-                              f"{ids.dtype} id tonight (data.item_id_type changed), so its rows cannot be matched "
+                              f"{source_ids.schema[schema.ITEM_ID]} id tonight (data.item_id_type changed), so its "
+                              "rows cannot be matched "
                               "to items; set data.item_id_type as then, or train from scratch with "
                               "train.init_from=null")
         pairs = self.item_map.select(schema.ITEM_ID, schema.ITEM_IDX).join(
