@@ -20,6 +20,7 @@ import torch
 
 from features import schema
 from recsys.candidates import TrainedModel, in_model_types, type_translation
+from recsys.config import ConfigError
 from recsys.evaluation import (
     RankingModel,
     ScoreFn,
@@ -79,7 +80,10 @@ def compare_on_validation(
     ``item_map`` and event type table ``event_types``; ``challenger`` uses those indices) for the users with a
     history item the champion knows."""
     champion_ids = schema.with_id_dtype(champion.item_map, schema.ITEM_ID, item_map.schema[schema.ITEM_ID])
-    model_idx = champion_ids.select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("target"))
+    # Text ids that became one number (data.item_id_type changed: '30', '030') name no single champion item:
+    # like a text id that is no number (null now), that item is one the champion cannot recommend tonight.
+    ambiguous = pl.col(schema.ITEM_ID).is_duplicated() & pl.col(schema.ITEM_ID).is_not_null()
+    model_idx = champion_ids.filter(~ambiguous).select(schema.ITEM_ID, pl.col(schema.ITEM_IDX).alias("target"))
     mapping = item_map.select(schema.ITEM_ID, schema.ITEM_IDX).join(model_idx, on=schema.ITEM_ID, how="left")
     mapping = mapping.select(schema.ITEM_IDX, "target")
     n_champion = champion.model.n_items
@@ -111,6 +115,13 @@ def compare_on_validation(
         remapped = remapped.with_columns(
             translated.select(pl.col("train_types").list.gather(known_at)).to_series(),  # as _map_lists drops
             translated["val_types"], no_types.alias("test_types"))  # val items are all kept (unknown: a miss)
+    if not kept.filter(pl.col("val_items").list.len() > 0).height:
+        shared = mapping["target"].drop_nulls().len()
+        raise ConfigError(
+            f"the champion knows no history item of tonight's {int(with_val.sum())} validation users (its item map "
+            f"shares {shared} of the features' {item_map.height} items), so the two models cannot be scored on the "
+            "same users. If the item ids were re-keyed on purpose, gate this night on the recorded numbers "
+            "(tracking.promotion_basis=recorded) or move the champion alias by hand")
     ours_set = build_eval_set(kept, "val", max_len)
     ours = accumulate_scorer(model_scorer(challenger, ours_set), ranking_set(ours_set, exclude_seen),
                              int(item_map.height), (k,), batch_size)

@@ -6,7 +6,8 @@ Both inputs are schema.CANDIDATES tables; only each user's top K (by ``rank``) c
   lists); ``mean_overlap_at_k`` averages it over those users;
 - ``new_item_share`` = distinct items in today's lists that are in no list of the previous night, over the
   distinct items in today's lists;
-- ``users_lost`` / ``users_gained``: users with a list only the previous night / only today.
+- ``users_lost`` / ``users_gained``: users with a list only the previous night / only today;
+  ``users_unmatched`` of the lost had an id that names no single user under tonight's data.user_id_type.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ def drift_report(today: pl.DataFrame, previous: pl.DataFrame | None, k: int) -> 
     users_today = a[schema.USER_ID].n_unique()
     if previous is None:
         return {"k": k, "users_today": users_today, "users_previous": None, "users_common": None,
-                "users_lost": None, "users_gained": None, "mean_overlap_at_k": None,
+                "users_lost": None, "users_unmatched": None, "users_gained": None, "mean_overlap_at_k": None,
                 "new_items": None, "new_item_share": None}
     # the previous night's ids in tonight's dtypes (data.*_id_type may have changed in between)
-    for column in (schema.USER_ID, schema.ITEM_ID):
-        previous = schema.with_id_dtype(previous, column, today.schema[column])
-    b = _top(previous, k)
+    top = schema.with_id_dtype(_top(previous, k), schema.ITEM_ID, today.schema[schema.ITEM_ID])
+    b, users_previous, users_unmatched = _matched_users(top, today.schema[schema.USER_ID])
     sizes_a = a.group_by(schema.USER_ID).len("n_today")
     sizes_b = b.group_by(schema.USER_ID).len("n_previous")
     hits = a.join(b, on=[schema.USER_ID, schema.ITEM_ID], how="inner").group_by(schema.USER_ID).len("hits")
@@ -44,13 +44,14 @@ def drift_report(today: pl.DataFrame, previous: pl.DataFrame | None, k: int) -> 
         .select((pl.col("hits").fill_null(0) / pl.max_horizontal("n_today", "n_previous")).alias("overlap"))
     )
     items_today = a[schema.ITEM_ID].unique()
-    new_items = int((~items_today.is_in(b[schema.ITEM_ID].unique().implode())).sum())
+    new_items = int((~items_today.is_in(top[schema.ITEM_ID].unique().implode())).sum())  # every list counts
     return {
         "k": k,
         "users_today": users_today,
-        "users_previous": b[schema.USER_ID].n_unique(),
+        "users_previous": users_previous,
         "users_common": common.height,
-        "users_lost": sizes_b.join(sizes_a, on=schema.USER_ID, how="anti").height,
+        "users_lost": sizes_b.join(sizes_a, on=schema.USER_ID, how="anti").height + users_unmatched,
+        "users_unmatched": users_unmatched,
         "users_gained": sizes_a.join(sizes_b, on=schema.USER_ID, how="anti").height,
         "mean_overlap_at_k": float(common["overlap"].mean()) if common.height else None,
         "new_items": new_items,
@@ -80,6 +81,19 @@ def drift_gate(cfg: CandidatesConfig, has_previous: bool) -> str:
     if cfg.min_overlap is None and cfg.max_new_item_share is None:
         return "off"
     return "applied" if has_previous else "no previous night"
+
+
+def _matched_users(lists: pl.DataFrame, dtype: pl.DataType) -> tuple[pl.DataFrame, int, int]:
+    """The previous night's ``lists`` with user ids cast to tonight's ``dtype``, keeping only the users whose id
+    names one user tonight; with the number of previous users and of those left unmatched. After a change of
+    data.user_id_type a text id that is no number (``u7``) has no counterpart, and text ids that become one
+    number (``7``, ``07``) cannot tell which of them tonight's user 7 is: both are lost, not merged into one."""
+    ids = lists.select(schema.USER_ID).unique()
+    cast = schema.with_id_dtype(ids, schema.USER_ID, dtype)[schema.USER_ID]
+    matched = ids.with_columns(cast.alias("_tonight")).filter(cast.is_not_null() & ~cast.is_duplicated())
+    kept = lists.join(matched, on=schema.USER_ID, how="inner").drop(schema.USER_ID)
+    kept = kept.rename({"_tonight": schema.USER_ID}).select(lists.columns)
+    return kept, ids.height, ids.height - matched.height
 
 
 def _top(table: pl.DataFrame, k: int) -> pl.DataFrame:

@@ -177,3 +177,30 @@ def test_several_targets_the_champion_never_saw_stay_several_targets():
     assert got.targets_unknown_to_champion == 2 and got.users_compared == 1
     ideal = sum(1 / np.log2(i + 2) for i in range(3))
     assert got.champion == pytest.approx(_direct_ndcg(champion, [1, 2], 3) / ideal, rel=1e-5)
+
+
+def test_text_ids_that_became_one_number_are_items_the_champion_cannot_recommend():
+    """The champion was trained with text ids, two of which ('30', '030') are one number in tonight's int
+    features: which one item 30 is cannot be told, so it is dropped from the champion's histories and a miss as
+    a target, as an id it never saw (before: item 30 joined two champion rows, and the histories held it
+    twice)."""
+    challenger, champion = _model(6, seed=0), _model(7, seed=2)
+    text_ids = ["10", "20", "30", "40", "50", "60", "030"]
+    text_map = _item_map(list(range(7))).with_columns(pl.Series("item_id", text_ids))
+    got = compare_on_validation(challenger, TrainedModel(champion, USERS, text_map), _sequences(),
+                                _item_map(FEATURE_IDS), max_len=4, k=K)
+    to_champion = {1: 1, 2: 2, 4: 4, 5: 5, 6: 6}  # feature item 3 (id 30) maps to none
+    kept = [r for r in ROWS if any(i in to_champion for i in r[0])]
+    assert got.users_compared == len(kept) == 7 and got.targets_unknown_to_champion == 1  # the first user's 30
+    theirs = [_direct_ndcg(champion, [to_champion[i] for i in h if i in to_champion], to_champion.get(t))
+              for h, t in kept]
+    assert got.champion == pytest.approx(np.mean(theirs), rel=1e-5, abs=1e-9)
+
+
+def test_a_champion_sharing_no_history_item_is_a_clear_error():
+    from recsys.config import ConfigError
+
+    champion = TrainedModel(_model(3, seed=2), USERS, _item_map([70, 80, 90]))  # a re-keyed catalogue
+    with pytest.raises(ConfigError, match=r"knows no history item of tonight's 7 validation users \(its item map "
+                                          r"shares 0 of the features' 6 items\).*promotion_basis=recorded"):
+        compare_on_validation(_model(6, seed=0), champion, _sequences(), _item_map(FEATURE_IDS), max_len=4, k=K)

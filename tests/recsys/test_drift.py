@@ -56,3 +56,21 @@ def test_a_night_with_no_user_in_common_fails_the_overlap_gate(today):
     violations = drift_violations(report, CandidatesConfig(min_overlap=0.5))
     assert len(violations) == 1 and "no user in common with the previous night (2 users then" in violations[0]
     assert drift_violations(report, CandidatesConfig()) == []  # no threshold: nothing to fail
+
+
+def test_users_whose_text_id_names_no_single_user_tonight_are_lost_not_merged():
+    # The previous night had text user ids; tonight data.user_id_type is int. "07" and "7" both parse as 7
+    # (which of them is tonight's user 7 cannot be told), "u9" parses as nothing: all three are lost, and 8
+    # is still matched. The previous night's items all count for the new-item share, unmatched users' too.
+    previous = _lists({1: [1, 2, 3]}).drop("user_id").join(
+        pl.DataFrame({"user_id": ["07", "7", "u9", "8"]}), how="cross").select("user_id", "item_id", "score", "rank")
+    previous = previous.with_columns(
+        pl.when(pl.col("user_id") == "u9").then(pl.col("item_id") + 10).otherwise(pl.col("item_id"))
+        .alias("item_id"))
+    today = _lists({7: [1, 2, 3], 8: [1, 2, 4], 9: [11, 12, 13]})
+    report = drift_report(today, previous, k=3)
+    assert report["users_previous"] == 4 and report["users_unmatched"] == 3
+    assert report["users_common"] == 1 and report["users_lost"] == 3 and report["users_gained"] == 2
+    assert report["mean_overlap_at_k"] == pytest.approx(2 / 3)  # user 8 only
+    assert report["new_items"] == 1  # 4; 11-13 were on u9's list
+    assert report["new_item_share"] == pytest.approx(1 / 7)
