@@ -50,9 +50,6 @@ def run(cfg: Config) -> Path:
                                feats.event_types)
         report = {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks), "model_dir": str(wd.model),
                   "device": str(device), "exclude_seen": cfg.evaluate.exclude_seen, **results}
-        with atomic_dir(wd.evaluation) as tmp:
-            write_json(tmp / "report.json", report)
-            save_config(cfg, tmp / "config.yaml")
         for name, metrics in results.items():
             split = cfg.evaluate.split
             tracker.log_metrics({f"{split}/{name}/{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
@@ -62,8 +59,15 @@ def run(cfg: Config) -> Path:
             for label, segment in metrics.get("type_segments", {}).items():  # test/model/target_buy/ndcg_at_10
                 where = f"{split}/{name}/target_{_metric_name(label)}"
                 tracker.log_metrics({f"{where}/{k}": v for k, v in segment.items()})
+        # The gate runs before anything is written: if it fails (MLflow, a champion that cannot be re-scored),
+        # the previous report and its promotion.json stay as they were, together.
+        promotion = _promote(cfg, wd, tracker, feats, model, train_report)
+        with atomic_dir(wd.evaluation) as tmp:
+            write_json(tmp / "report.json", report)
+            save_config(cfg, tmp / "config.yaml")
+            if promotion is not None:
+                write_json(tmp / "promotion.json", promotion)
         tracker.log_artifacts(wd.evaluation, "evaluation")
-        _promote(cfg, wd, tracker, feats, model, train_report)
     log.info("evaluate: report → %s", wd.evaluation / "report.json")
     return wd.evaluation
 
@@ -104,15 +108,16 @@ def check_event_types(model: SASRec, model_dir: Path, feats: FeatureSet) -> None
                           "data.event_type_col as then, or retrain)")
 
 
-def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec, report: dict) -> None:
+def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec,
+             report: dict) -> dict | None:
     """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores, and
-    its train ``report``); the decision goes to ``evaluation/promotion.json``."""
+    its train ``report``); returns the decision for ``evaluation/promotion.json`` (None: no gate ran)."""
     version = report.get("registered_version")
     if version is None:
         if tracker.active:
             log.warning("promotion gate skipped: %s names no registered version",
                         wd.model / "train_report.json")
-        return
+        return None
     val_ndcg = float(report["best_val_ndcg_at_10"])
     rescore = None
     if cfg.tracking.promotion_basis == "rescored":
@@ -121,7 +126,4 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model
                                          feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size,
                                          exclude_seen=cfg.evaluate.exclude_seen, event_types=feats.event_types)
     result = promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance, rescore)
-    if result is not None:
-        payload = {**result.to_dict(), "summary": result.summary()}
-        write_json(wd.evaluation / "promotion.json", payload, atomic=True)
-        tracker.log_artifact(wd.evaluation / "promotion.json", "evaluation")
+    return None if result is None else {**result.to_dict(), "summary": result.summary()}

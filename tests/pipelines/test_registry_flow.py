@@ -81,6 +81,25 @@ def test_first_version_is_promoted_and_the_decision_logged(flow):
     assert f"promotion gate: {NAME} v1 promoted to champion" in flow["summary"]
 
 
+def test_a_failing_gate_leaves_the_previous_evaluation_whole(flow, monkeypatch):
+    """The gate fails after the metrics are computed (MLflow, a champion that cannot be re-scored): the job
+    fails and evaluation/ keeps its previous report with its promotion.json (before: a new report.json with
+    the old promotion.json gone)."""
+    import pipelines.evaluate
+
+    evaluation = flow["train"] / "evaluation"
+    before = {p.name: p.read_bytes() for p in sorted(evaluation.iterdir())}
+    assert {"report.json", "promotion.json"} <= set(before)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("registry unreachable")
+
+    monkeypatch.setattr(pipelines.evaluate, "promote", broken)
+    code, _ = _cli("evaluate", *tiny(flow["train"]), *flow["track"], "evaluate.ks=[5]")
+    assert code != EXIT_OK
+    assert {p.name: p.read_bytes() for p in sorted(evaluation.iterdir())} == before
+
+
 def test_train_and_evaluate_runs_record_the_same_features_build_as_input(flow):
     client = flow["client"]
     version = client.get_model_version(NAME, "1")
