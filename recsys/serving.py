@@ -26,6 +26,7 @@ import polars as pl
 import torch
 
 from features import schema
+from features.validation import id_expr
 from recsys.candidates import TrainedModel, load_trained_model, popular_top_k, user_vectors
 from recsys.data import RaggedItems
 from recsys.metrics import exclusion_mask
@@ -104,14 +105,7 @@ class Recommender:
         Raises ValueError if a row's types are not one per history item."""
         model, item_map = self.trained.model, self.trained.item_map
         k = min(k, model.n_items)
-        id_dtype = item_map.schema[schema.ITEM_ID]
-        try:
-            frame = pl.DataFrame({"row": np.arange(len(histories), dtype=np.int64), HISTORY: histories},
-                                 schema={"row": pl.Int64, HISTORY: pl.List(id_dtype)}, strict=True)
-        except (TypeError, pl.exceptions.PolarsError) as exc:
-            kind = "text" if id_dtype == pl.String else "whole numbers"
-            raise ValueError(f"the '{HISTORY}' column must hold lists of item ids; this model's item ids are "
-                             f"{kind} ({id_dtype}): {str(exc).splitlines()[0]}") from exc
+        frame = pl.DataFrame({"row": np.arange(len(histories), dtype=np.int64), HISTORY: _id_lists(histories)})
         aggs = [pl.col(schema.ITEM_IDX).drop_nulls().alias("items"), pl.col(HISTORY).drop_nulls().alias("seen")]
         if self.trained.event_types is not None and types is not None:
             frame = frame.with_columns(pl.Series(TYPES, types, dtype=pl.List(pl.String)))
@@ -123,6 +117,7 @@ class Recommender:
                         .alias("types"))
         else:
             frame = frame.explode(HISTORY)
+        frame = _as_item_ids(frame, item_map.schema[schema.ITEM_ID])
         mapped = (frame
                   .join(item_map.select(pl.col(schema.ITEM_ID).alias(HISTORY), schema.ITEM_IDX), on=HISTORY,
                         how="left", maintain_order="left")
@@ -153,3 +148,30 @@ class Recommender:
         for (row,), group in popular.group_by(schema.USER_ID, maintain_order=True):
             out[int(row)] = (group["item_id"].to_list(), group["score"].to_list())
         return [out.get(i, ([], [])) for i in range(len(histories))]
+
+
+def _id_lists(histories: list[list[Any]]) -> pl.Series:
+    """The histories as one list column, of the ids' own type (text for a mix of numbers and text)."""
+    try:
+        series = pl.Series(HISTORY, histories, strict=True)
+    except (TypeError, ValueError, pl.exceptions.PolarsError):
+        series = pl.Series(HISTORY, [[None if x is None else str(x) for x in h] for h in histories],
+                           dtype=pl.List(pl.String))
+    if not isinstance(series.dtype, pl.List):
+        raise ValueError(f"the '{HISTORY}' column must hold lists of item ids, got {series.dtype}")
+    return series
+
+
+def _as_item_ids(frame: pl.DataFrame, id_dtype: pl.DataType) -> pl.DataFrame:
+    """``frame``'s exploded ``history`` ids read as the features job reads ids (text stripped, numbers of a
+    text-id model in decimal), so the model's item map finds them. Raises ValueError naming the first value
+    that is no item id of this model's kind (text in a model with whole-number ids)."""
+    kind = "string" if id_dtype == pl.String else "int"
+    column = frame[HISTORY]
+    ids = frame.select(id_expr(column.dtype, HISTORY, kind).cast(id_dtype))[HISTORY]
+    bad = column.is_not_null() & ids.is_null()
+    if bad.any():
+        what = "text" if kind == "string" else "whole numbers"
+        raise ValueError(f"the '{HISTORY}' column must hold lists of item ids; this model's item ids are {what} "
+                         f"({id_dtype}), and {column.filter(bad)[0]!r} is not one")
+    return frame.with_columns(ids)

@@ -61,6 +61,23 @@ def test_pyfunc_fallback_unknown_items_and_bad_input(trained):
     assert meta[0]["name"] == "history"
 
 
+def test_pyfunc_reads_ids_as_the_features_job_does(trained):
+    """Ids as the features job reads them (text stripped, a number as text): the same lists as the plain ids,
+    not the popularity fallback of an 'unknown' history; a value that is no id is an error naming it. Called
+    in-process: through mlflow.pyfunc the signature (Array(long) for whole-number ids) refuses text first."""
+    from recsys.candidates import load_trained_model
+    from recsys.serving import Recommender
+
+    model = Recommender(load_trained_model(trained / "model"))
+    first, second = pl.read_parquet(trained / "model" / "item_map.parquet")["item_id"].to_list()[:2]
+    plain = model.predict(pd.DataFrame({"history": [[first, second]]}), params={"k": 5})
+    for spelled in ([f" {first} ", str(second)], [first, f"{second} "]):
+        got = model.predict(pd.DataFrame({"history": [spelled]}), params={"k": 5})
+        assert list(got["item_ids"][0]) == list(plain["item_ids"][0])
+    with pytest.raises(Exception, match="'sku-9' is not one"):
+        model.predict(pd.DataFrame({"history": [[first, "sku-9"]]}))
+
+
 def test_without_mlflow_the_model_directory_is_written_without_mlmodel(tmp_path, monkeypatch, caplog):
     import sys
 
