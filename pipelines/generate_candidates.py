@@ -116,6 +116,8 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
             save_config(cfg, out / "config.yaml")
             fault_point("candidates-before-publish")
         fault_point("candidates-published")
+        if not violations:  # first: a later failure (retention, MLflow) must not leave a published night unmarked
+            _mark_night(wd, day, shard)
         for path in expired:  # only once tonight is published; a rejected night removes nothing
             remove_dir(path)
         for path in old_markers:
@@ -124,9 +126,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
             log.info("candidates: removed %d partitions older than %d days: %s", len(expired), keep,
                      ", ".join(retention["removed"]))
         _track(tracker, manifest, drift, target, shard)
-        if not violations:
-            _mark_night(wd, day, shard)
-        else:
+        if violations:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)
                              + f" (against {previous}); the lists are in {target} for inspection")
     log.info("candidates: %d rows for %d users (%d fallbacks) → %s",

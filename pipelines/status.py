@@ -91,8 +91,19 @@ def _candidates(root: Path) -> dict[str, Any]:
         latest = {"date": day, "parts": len(manifests), "rows": sum(c["rows"] for c in counts),
                   "users": sum(c["users"] for c in counts), "fallback_users": sum(c["fallback_users"] for c in counts),
                   "model_version": counts[0]["model"].get("version") if counts else None,
-                  "complete": (root / "complete" / f"date={day}.json").is_file()}
+                  "complete": (root / "complete" / f"date={day}.json").is_file(),
+                  "missing": _missing(root, day, manifests)}
     return {"nights": nights, "rejected": rejected, "latest": latest}
+
+
+def _missing(root: Path, day: str, manifests: list[Path]) -> str:
+    """Why a night may lack its completion marker: the shards not published, or for a whole night (or all
+    shards there) the marker itself, which the candidates job writes after publishing (rerun that night)."""
+    counts = {int(m.parent.parent.name.rsplit("-of-", 1)[1]) for m in manifests if m.parent.parent != root}
+    total = max(counts, default=0)
+    if total and len(manifests) < total:
+        return f"{len(manifests)} of {total} shards published"
+    return "completion marker missing: rerun recsys candidates for that night"
 
 
 def render(status: dict[str, Any]) -> str:
@@ -127,7 +138,7 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append(f"  candidates:  latest night {latest['date']} ({latest['parts']} part(s)): {latest['rows']} rows "
                      f"for {latest['users']} users, {latest['fallback_users']} fallbacks, model version "
-                     f"{latest['model_version']}, {'complete' if latest['complete'] else 'NOT complete (shards missing)'}"
+                     f"{latest['model_version']}, {'complete' if latest['complete'] else 'NOT complete (' + latest['missing'] + ')'}"
                      f"; {len(c['nights'])} nights published")
     if c["rejected"]:
         lines.append(f"  rejected:    nights {', '.join(c['rejected'])} (drift gate; under candidates/rejected/)")

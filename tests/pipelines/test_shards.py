@@ -197,3 +197,29 @@ def test_shards_published_in_the_same_instant_from_two_models_leave_the_night_un
     assert not _marker(trained, date).exists()
     assert _shard(trained, date, 1, 2) == EXIT_OK  # rerun with the night's model: now complete
     assert json.loads(_marker(trained, date).read_text())["layout"] == "2 shards"
+
+
+def test_a_night_published_before_a_failure_is_still_marked_and_status_says_what_is_missing(
+    trained: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow logging fails after the night is published: the job fails, but the night is there, so it is
+    marked complete (before: published without its marker, consumers waiting for it forever). `recsys status`
+    names what an unmarked latest night lacks: shards, or (whole night) the marker itself."""
+    import pipelines.generate_candidates as job
+
+    date = "2024-12-01"
+    assert _shard(trained, date, 0, 2) == EXIT_OK
+    assert "NOT complete (1 of 2 shards published)" in run_cli(capsys, "status", *tiny(trained)).out
+    later = "2024-12-02"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tracking server gone")
+
+    monkeypatch.setattr(job, "_track", broken)
+    assert main(["candidates", "--quiet", "--date", later, *tiny(trained)]) != EXIT_OK
+    assert (_night(trained, later) / "manifest.json").is_file()
+    assert json.loads(_marker(trained, later).read_text())["layout"] == "whole"
+    assert f"latest night {later}" in run_cli(capsys, "status", *tiny(trained)).out
+    _marker(trained, later).unlink()  # e.g. a job killed between publishing and marking
+    out = run_cli(capsys, "status", *tiny(trained)).out
+    assert "NOT complete (completion marker missing: rerun recsys candidates for that night)" in out
