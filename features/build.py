@@ -28,7 +28,7 @@ import polars as pl
 from features.encode import add_train_count, build_item_index, build_user_map, encode_events
 from features.item_features import build_item_features, cold_item_ids, read_item_rows
 from features.policies import DROP_REASONS, Accounting, select_rows
-from features.readers import InputDataError, input_files, read_events
+from features.readers import InputDataError, check_unchanged, file_stamps, input_files, read_events
 from features.schema import (
     ENCODED_EVENTS,
     EVENT_TYPE,
@@ -51,7 +51,7 @@ from features.schema import (
 from features.sequences import SPLIT_LISTS, add_split, build_sequences
 from features.synthetic import generate_events
 from recsys.config import Config, ConfigError, DataConfig, FeaturesConfig, SyntheticConfig, save_config
-from recsys.storage import atomic_dir, fingerprint, write_json
+from recsys.storage import atomic_dir, fingerprint, remove_stale_temps, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +77,22 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     (``data.path`` not a file, features.event_types without an event_type column).
     """
     data, path = resolve_input(cfg)
-    events, target = read_events(data, path), Path(cfg.work_dir) / "features"
+    files = input_files(data, path)  # listed once: these files are validated, read and fingerprinted
+    stamps = file_stamps(files)  # before validation: a file changed after it is caught by the fingerprint
+    events, target = read_events(data, path, files), Path(cfg.work_dir) / "features"
+    # a build killed between atomic_dir's two renames left the previous features as .features.old-*: put them
+    # back before the gate reads the previous manifest
+    remove_stale_temps(target.parent)
     gate = InputGate.of(cfg.features, target, run_date or datetime.now(UTC).date())
     rows = attribute_rows(cfg)  # first: a bad attribute file fails before the events are processed
     if cfg.features.partitions > 1:
-        manifest = build_out_of_core(cfg, events, path, target, gate, rows)
+        manifest = build_out_of_core(cfg, events, path, stamps, target, gate, rows)
     else:
         kept, accounting = select_rows(events, cfg.features)
         _check_kept(accounting, path, cfg.features)
         item_index, event_items = catalogue(kept, cold_items(cfg, rows))
         tables = encode_and_split(kept, cfg.features, item_index, event_type_index(kept, path))
-        manifest = gate.check(build_manifest(cfg, path, accounting, tables), path)
+        manifest = gate.check(build_manifest(cfg, path, stamps, accounting, tables), path)
         attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], event_items)
         write_features(target, tables | attributes, manifest, cfg)
     logger.info(
@@ -285,11 +290,12 @@ def split_events(
 
 
 def build_out_of_core(
-    cfg: Config, events: pl.LazyFrame, path: Path, target: Path, gate: InputGate,
-    rows: pl.DataFrame | None = None,
+    cfg: Config, events: pl.LazyFrame, path: Path, stamps: dict[Path, tuple[int, int]], target: Path,
+    gate: InputGate, rows: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The feature job over ``features.partitions`` user ranges (module docstring); returns the manifest.
-    ``rows``: the item attribute file's rows (:func:`attribute_rows`), if any.
+    ``stamps``: the input files as :func:`build_manifest` takes them; ``rows``: the item attribute file's rows
+    (:func:`attribute_rows`), if any.
 
     Writes the same files as :func:`write_features`, atomically. Raises InputDataError if the row policies
     leave no events or the input gate fails (nothing is published then).
@@ -317,7 +323,7 @@ def build_out_of_core(
         written = {name: pl.scan_parquet(out / FEATURE_FILES[name]) for name in parts}
         maps = {"user_map": user_map, "item_map": add_train_count(item_index, written["events"])}
         maps |= {} if types is None else {"event_types": types}
-        manifest = gate.check(build_manifest(cfg, path, accounting, written | maps), path)
+        manifest = gate.check(build_manifest(cfg, path, stamps, accounting, written | maps), path)
         for name, table in maps.items():
             _check(name, table, typed=types is not None)
         attributes, manifest["item_features"] = item_attributes(cfg, rows, maps["item_map"], event_items)
@@ -372,9 +378,12 @@ def _select_ranges(
 
 
 def build_manifest(
-    cfg: Config, path: Path, accounting: Accounting, tables: dict[str, pl.DataFrame | pl.LazyFrame]
+    cfg: Config, path: Path, stamps: dict[Path, tuple[int, int]], accounting: Accounting,
+    tables: dict[str, pl.DataFrame | pl.LazyFrame],
 ) -> dict[str, Any]:
-    """Counts, accounting, resolved config and input fingerprint describing one feature build."""
+    """Counts, accounting, resolved config and input fingerprint describing one feature build; ``stamps``
+    (readers.file_stamps) are the input files read, as they were before validation. Raises InputDataError
+    naming the file if one changed since (features.readers.check_unchanged)."""
     per_split = dict(tables["events"].lazy().group_by(SPLIT).len().collect().iter_rows())
     newest = tables["events"].lazy().select(pl.col(TIMESTAMP).max()).collect().item()
     with_items = [(pl.col(SPLIT_LISTS[split]).list.len() > 0).sum().alias(split) for split in ("val", "test")]
@@ -392,7 +401,7 @@ def build_manifest(
         "event_types": _event_type_section(tables.get("event_types"), accounting.rows_kept),
         "split": cfg.features.split,
         "config": cfg.to_dict(),
-        "inputs": {"events": _fingerprint(cfg, path)},
+        "inputs": {"events": _fingerprint(path, stamps)},
         "polars_version": pl.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -407,12 +416,12 @@ def _event_type_section(types: pl.DataFrame | None, rows_kept: int) -> dict[str,
     return {"n_types": len(counts), "n_events": counts, "null_types": rows_kept - sum(counts.values())}
 
 
-def _fingerprint(cfg: Config, path: Path) -> dict[str, Any]:
-    """The input's fingerprint: of the file, or ``{"path", "files": [fingerprint per file]}`` for several."""
-    files = input_files(cfg.data, path) if cfg.data.source == "file" else [path]
-    if len(files) == 1:
-        return fingerprint(files[0])
-    return {"path": str(path), "files": [fingerprint(file) for file in files]}
+def _fingerprint(path: Path, stamps: dict[Path, tuple[int, int]]) -> dict[str, Any]:
+    """The fingerprint of the files of ``stamps``: of the file, or ``{"path", "files": [fingerprint per
+    file]}`` for several; checked unchanged after hashing, so each hash is of the file that was validated."""
+    prints = [fingerprint(file) for file in stamps]
+    check_unchanged(stamps)
+    return prints[0] if len(prints) == 1 else {"path": str(path), "files": prints}
 
 
 def write_features(

@@ -22,7 +22,7 @@ from pathlib import Path
 import polars as pl
 
 from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
-from features.validation import NO_ROWS, POS, find_problems, how_to_fix, id_expr, typed_exprs
+from features.validation import NO_ROWS, POS, SHORT, find_problems, how_to_fix, id_expr, typed_exprs
 from recsys.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -93,24 +93,49 @@ def input_files(data: DataConfig, path: str | Path) -> list[Path]:
     return sorted(files)
 
 
+def file_stamps(files: list[Path]) -> dict[Path, tuple[int, int]]:
+    """``{file: (size in bytes, mtime in ns)}`` of each of ``files`` that exists, in their order: taken before
+    the files are validated, for :func:`check_unchanged` once they are read."""
+    stats = {file: file.stat() for file in files if file.is_file()}
+    return {file: (stat.st_size, stat.st_mtime_ns) for file, stat in stats.items()}
+
+
+def check_unchanged(stamps: dict[Path, tuple[int, int]]) -> None:
+    """Raise InputDataError naming the first file of ``stamps`` (:func:`file_stamps`) whose size or mtime
+    changed, or that is gone: what was read is not what was validated (or fingerprinted)."""
+    for file, (size, mtime_ns) in stamps.items():
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            raise InputDataError(f"{file} was removed while the features were built from it; rerun once the "
+                                 "input is complete (write new files elsewhere and move them in)") from None
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+            raise InputDataError(
+                f"{file} changed while the features were built from it ({size} -> {stat.st_size} bytes, mtime "
+                f"{mtime_ns / 1e9:.3f} -> {stat.st_mtime_ns / 1e9:.3f}): the rows read are not the rows "
+                "validated; rerun once the input is complete (write new files elsewhere and move them in)")
+
+
 def id_types(data: DataConfig) -> dict[str, str]:
     """``{"user_id": data.user_id_type, "item_id": data.item_id_type}`` (``int`` or ``string``)."""
     return {USER_ID: data.user_id_type, ITEM_ID: data.item_id_type}
 
 
-def read_events(data: DataConfig, path: str | Path) -> pl.LazyFrame:
+def read_events(data: DataConfig, path: str | Path, files: list[Path] | None = None) -> pl.LazyFrame:
     """Lazy canonical events of ``path`` read as ``data.format``, validated by one aggregate pass.
 
     ``path`` may also be a directory or a glob of ``csv`` / ``parquet`` files (:func:`input_files`): each file
     is read and validated on its own (an error names the file and its row), then they are concatenated in path
-    order; several files need ``data.timestamp_col`` (their row order is no time order).
+    order; several files need ``data.timestamp_col`` (their row order is no time order). ``files``: the
+    files of ``path`` as listed earlier by :func:`input_files` (so the caller fingerprints the files read),
+    None to list them here.
 
     A file with no rows is an error alone, and skipped (logged) among several, e.g. a quiet day's partition.
 
     Raises InputDataError if the file is missing, empty, unreadable (not UTF-8, corrupt parquet, ragged
     lines), lacks a configured column, or holds a null / non-integer id or an unparsable timestamp.
     """
-    files = input_files(data, path)
+    files = input_files(data, path) if files is None else files
     if len(files) > 1:
         if data.timestamp_col is None:
             raise ConfigError(f"data.path: {path} holds {len(files)} files; reading several files needs "
@@ -140,7 +165,7 @@ def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
         raw = _SCANNERS[data.format](data, path)
         typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
         problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path),
-                                 id_types=id_types(data))
+                                 id_types=id_types(data), short_line=lambda: _first_short_line(path, data))
     if problems == [NO_ROWS] and many:
         return None
     if problems:
@@ -162,7 +187,8 @@ def _select(
     """Rename ``{canonical: (file column, how to configure it)}`` after checking every column exists.
 
     In ``text`` files a row with no value in any column (a blank line) holds no event and is skipped, as
-    the line formats skip blank lines; ``_pos`` still counts it, so positions match the file.
+    the line formats skip blank lines; ``_pos`` still counts it, so positions match the file. Text files also
+    get the validation.SHORT column, for find_problems to catch lines with too few fields.
     """
     names = lf.collect_schema().names()
     for source, key in columns.values():
@@ -178,9 +204,11 @@ def _select(
                 "rename or remove the extra column so the file says which one holds the data"
             )
     lf = lf.with_row_index(POS, offset=1)
+    extra = []
     if text:
         lf = lf.filter(~pl.all_horizontal(pl.exclude(POS).is_null()))
-    frame = lf.select(pl.col(POS), *[pl.col(source).alias(name) for name, (source, _) in columns.items()])
+        extra = [pl.col(names[-1]).is_null().alias(SHORT)]  # a line cut short lacks the last field
+    frame = lf.select(pl.col(POS), *[pl.col(source).alias(name) for name, (source, _) in columns.items()], *extra)
     return _Raw(frame, {name: f"'{source}' ({key})" for name, (source, key) in columns.items()}, unit)
 
 
@@ -363,6 +391,25 @@ def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:
 
 def _first_long_line(path: Path, data: DataConfig) -> str:
     """ " (line N has K fields, the first line M)" for the first line with more fields than the first."""
+    found = _first_ragged_line(path, data, short=False)
+    return "" if found is None else f" (line {found[0]} has {found[1]} fields, the first line {found[2]})"
+
+
+def _first_short_line(path: Path, data: DataConfig) -> str | None:
+    """The problem of the first line with fewer fields than the first (the header), None if there is none."""
+    found = _first_ragged_line(path, data, short=True)
+    if found is None:
+        return None
+    line, fields, width = found
+    return (f"line {line} has {fields} field(s), fewer than the {width} of the first line: a line cut short "
+            "(an unfinished export?), whose missing fields would be read as empty/null; complete or remove "
+            "the line, so that every line has the same number of fields")
+
+
+def _first_ragged_line(path: Path, data: DataConfig, short: bool) -> tuple[int, int, int] | None:
+    """(line number, fields, fields of the first line) of the first line with more fields than the first
+    line, or fewer if ``short``; read with the csv module, so quoted separators and line breaks count right.
+    A blank line has no fields and is no short line."""
     separator, quote = {
         "movielens_dat": (":", None),
         "movielens_udata": ("\t", None),
@@ -373,9 +420,9 @@ def _first_long_line(path: Path, data: DataConfig) -> str:
         rows = csv.reader(fh, delimiter=separator, quotechar=quote, quoting=quoting)
         width = len(next(rows, []))
         for row in rows:
-            if len(row) > width:
-                return f" (line {rows.line_num} has {len(row)} fields, the first line {width})"
-    return ""
+            if (0 < len(row) < width) if short else len(row) > width:
+                return rows.line_num, len(row), width
+    return None
 
 
 def _utf8_error(path: Path, data: DataConfig) -> InputDataError:

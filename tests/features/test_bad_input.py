@@ -62,6 +62,18 @@ CASES = [
         ("'timestamp'", "'2020-01-01'", "data row 2"),
     ),
     Case("ragged_line", HEADER + "1,2,3\n1,2,3,4\n", ("cannot be parsed", "data.format")),
+    Case(  # an export cut after the timestamp: the event would lose its type
+        "short_line_without_its_last_field",
+        "user_id,item_id,timestamp,kind\n1,10,100,view\n1,11,101,buy\n1,12,102",
+        ("line 4 has 3 field(s), fewer than the 4 of the first line", "complete or remove the line"),
+        {"event_type_col": "kind"},
+    ),
+    Case(  # cut inside the timestamp ('102' -> '1'): every value parses, only the field count tells
+        "short_line_cut_in_a_value",
+        'user_id,item_id,timestamp,kind\n1,"10,a",100,view\n\n1,11,1',
+        ("line 4 has 3 field(s)",),
+        {"event_type_col": "kind", "item_id_type": "string"},
+    ),
     Case("wrong_separator", "user_id\titem_id\ttimestamp\n1\t2\t3\n", ("'user_id'", "data.separator")),
     Case(
         "truncated_parquet",

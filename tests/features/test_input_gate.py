@@ -116,3 +116,24 @@ def test_a_corrupt_previous_manifest_stops_the_ratio_check_by_name_and_nothing_e
                                           r"compares with\) is not valid JSON"):
         _build(events, work, "features.min_rows_ratio=0.8")
     assert _build(events, work)["input_gate"]["previous_rows_in"] is None  # without the ratio: rebuilt
+
+
+def test_the_ratio_compares_with_the_build_a_crash_between_the_renames_put_aside(tmp_path):
+    """Killed between atomic_dir's two renames, a build leaves the previous features as .features.old-<pid>@host
+    (and its own half-written .features.tmp-…): the next build restores them before the gate reads them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    _build(_events(tmp_path / "full.csv", 50, END), work)
+    before = _snapshot(work)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a writer that is gone
+    writer = f"{dead.pid}@{socket.gethostname()}"
+    os.replace(work / "features", work / f".features.old-{writer}")
+    (work / f".features.tmp-{writer}").mkdir()
+    with pytest.raises(InputDataError, match=r"short\.csv: 156 rows, 78\.0% of the previous build's 200"):
+        _build(_events(tmp_path / "short.csv", 39, END), work, "features.min_rows_ratio=0.8")
+    assert _snapshot(work) == before and sorted(p.name for p in work.iterdir()) == ["features"]

@@ -117,3 +117,55 @@ def test_a_directory_of_empty_files_is_an_error_naming_it(tmp_path):
     with pytest.raises(InputDataError, match=r"events: every one of its 2 files has no rows"):
         _build(parts, tmp_path / "work", "csv")
     assert not (tmp_path / "work" / "features").exists()
+
+
+def test_a_partition_of_untyped_nulls_is_read_and_an_empty_one_skipped(tmp_path):
+    """Parquet dtype Null (pandas / pyarrow for a column with no value): a day whose events have no type is
+    read (null types), and a day with no rows is an empty partition whatever its columns' dtypes."""
+    parts = tmp_path / "events"
+    parts.mkdir()
+    pl.DataFrame({"user_id": [1, 1, 1], "item_id": [1, 2, 3], "timestamp": [1, 2, 3], "kind": ["view", "buy", "view"]}
+                 ).write_parquet(parts / "day1.parquet")
+    pl.DataFrame({"user_id": [2, 2], "item_id": [1, 2], "timestamp": [4, 5], "kind": [None, None]}
+                 ).write_parquet(parts / "day2.parquet")
+    pl.DataFrame(schema=dict.fromkeys(("user_id", "item_id", "timestamp", "kind"), pl.Null)
+                 ).write_parquet(parts / "day3.parquet")
+    assert pl.read_parquet_schema(parts / "day2.parquet")["kind"] == pl.Null
+    manifest, tables = _build(parts, tmp_path / "work", "parquet", "data.event_type_col=kind")
+    assert manifest["rows_in"] == 5 and len(manifest["inputs"]["events"]["files"]) == 3
+    assert manifest["event_types"] == {"n_types": 2, "n_events": {"buy": 1, "view": 2}, "null_types": 2}
+    assert tables["user_map"]["user_id"].to_list() == [1, 2]
+
+
+def _day(parts: Path, name: str, users: list[int], text: str | None = None) -> Path:
+    rows = "".join(f"{u},{i},{u * 100 + i}\n" for u in users for i in range(1, 5))
+    (parts / name).write_text(text or "user_id,item_id,timestamp\n" + rows)
+    return parts / name
+
+
+def test_the_files_read_are_the_files_listed_validated_and_fingerprinted(tmp_path, monkeypatch):
+    """The next day's partition landing mid-build is neither read nor listed in the manifest; a file rewritten
+    after its validation (here with a bad id) stops the job, naming it, before anything is written."""
+    import features.build
+
+    parts = tmp_path / "events"
+    parts.mkdir()
+    _day(parts, "date=1.csv", [1, 2]), _day(parts, "date=2.csv", [3, 4])
+    read = features.build.read_events
+    landing = {"date=3.csv": None}
+
+    def read_then_land(*args: object) -> pl.LazyFrame:
+        frame = read(*args)  # lists and validates the files
+        for name, text in landing.items():
+            _day(parts, name, [5, 6], text)
+        return frame
+
+    monkeypatch.setattr(features.build, "read_events", read_then_land)
+    manifest, tables = _build(parts, tmp_path / "work", "csv")
+    assert [Path(f["path"]).name for f in manifest["inputs"]["events"]["files"]] == ["date=1.csv", "date=2.csv"]
+    assert manifest["rows_in"] == 16 and tables["user_map"]["user_id"].to_list() == [1, 2, 3, 4]
+    landing = {"date=2.csv": "user_id,item_id,timestamp\nabc,1,2001\n3,2,2002\n"}  # a re-export, unvalidated
+    (parts / "date=3.csv").unlink()
+    with pytest.raises(InputDataError, match=r"date=2\.csv changed while the features were built from it"):
+        _build(parts, tmp_path / "work2", "csv")
+    assert not (tmp_path / "work2" / "features").exists()

@@ -142,6 +142,39 @@ def test_text_ids_in_every_format(write_file, tmp_path):
     assert _triples(_read(mixed, path2)) == [(1, "B00X7", 1)]
 
 
+def test_uint64_ids_above_int64_are_read_as_text_ids(tmp_path):
+    """A hash stored as UInt64 above 2**63-1 needs data.*_id_type: string, which then reads it in decimal."""
+    path = tmp_path / "events.parquet"
+    big = pl.Series([2**63 + 5, 2**64 - 1], dtype=pl.UInt64)
+    pl.DataFrame({"user_id": big, "item_id": big, "timestamp": [1, 2]}).write_parquet(path)
+    with pytest.raises(InputDataError, match=r"'user_id'.*'9223372036854775813'.*set data.user_id_type: string"):
+        read_events(DataConfig(format="parquet"), path)
+    text = DataConfig(format="parquet", user_id_type="string", item_id_type="string")
+    ids = [str(2**63 + 5), str(2**64 - 1)]
+    assert _triples(_read(text, path)) == [(ids[0], ids[0], 1), (ids[1], ids[1], 2)]
+    pl.DataFrame({"item_id": big}).write_parquet(tmp_path / "allowed.parquet")
+    assert read_item_ids(tmp_path / "allowed.parquet", "candidates.allowed_items", "string").to_list() == sorted(ids)
+
+
+def test_integral_floats_written_as_text_are_whole_number_ids(write_file):
+    """What pandas writes for an int column that had a NaN; exact, not through a float (2**63-1 stays)."""
+    path = write_file("events.csv", f"user_id,item_id,timestamp\n1.0,2.0,10\n 1. ,-3.000,11\n1,{2**63 - 1}.0,12\n")
+    assert _triples(_read(DataConfig(), path)) == [(1, 2, 10), (1, -3, 11), (1, 2**63 - 1, 12)]
+    for bad in ("2.5", "1e3", "nan", f"{2**63}.0"):
+        path = write_file("events.csv", f"user_id,item_id,timestamp\n1,2.0,10\n1,{bad},11\n")
+        with pytest.raises(InputDataError, match=rf"'item_id' \(data.item_col\).*'{bad}' at data row 2.*whole numbers"):
+            read_events(DataConfig(), path)
+
+
+def test_complete_lines_are_read_whatever_their_quotes_blank_lines_and_empty_last_fields(write_file):
+    """Only a line with fewer fields than the header is short: not a quoted separator or line break, an empty
+    last field, a blank line or a missing final newline."""
+    text = 'user_id,item_id,timestamp,kind\n1,"a,b",100,\n\n1,"c\nd",101,view\n1,e,102,""\n\n1,f,103,buy'
+    df = _read(DataConfig(event_type_col="kind", item_id_type="string"), write_file("events.csv", text))
+    assert df.select("item_id", "timestamp", "event_type").rows() == [
+        ("a,b", 100, None), ("c\nd", 101, "view"), ("e", 102, None), ("f", 103, "buy")]
+
+
 @pytest.mark.parametrize(("content", "match"), [
     ("user_id,item_id,timestamp\n1,B00X7,1\n", r"'item_id' \(data.item_col\).*'B00X7'.*set data.item_id_type: string"),
     ("user_id,item_id,timestamp\nu1,7,1\n", r"'user_id' \(data.user_col\).*'u1'.*set data.user_id_type: string"),
