@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 import pytorch_lightning as L
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, EarlyStopping, Timer
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from recsys.config import Config, without_budget
@@ -31,6 +31,9 @@ LAST = "last"  # file stem of the resume point, written at the end of an epoch (
 BEST = "best-epoch"  # file stem prefix of the best checkpoint, followed by its 0-based epoch (3 digits)
 IDENTITY_KEY = "recsys_run_identity"
 STOPPED_KEY = "recsys_should_stop"
+FINAL_KEY = "recsys_stop_final"  # the stop is no time budget's (early stopping): never train on after it
+ELAPSED_KEY = "recsys_train_elapsed_s"  # training seconds spent by then (Lightning's Timer), or None
+EXTRA_KEY = "recsys_extra"  # RunStamp's extra, e.g. the warm start report of the run that began training
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -51,20 +54,48 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunStamp(Callback):
-    """Stamps every checkpoint with the run identity and whether training had decided to stop.
+    """Stamps every checkpoint with the run identity, whether training had decided to stop and why, the
+    training seconds spent, and ``extra`` (e.g. the warm start's report, which a resumed run gives back).
 
-    On resume the stop decision is restored, so a run killed after early stopping does not train on.
+    On resume a final stop (early stopping, or an older checkpoint that does not say why) is restored, so a run
+    killed after it does not train on. A stop by the time budget (``budget_s``, train.max_time_s) is restored
+    only while the budget of the resuming run is spent too: the same budget resumes as finished (a rerun changes
+    nothing), a larger one, or none, lets training go on from the next epoch.
     """
 
-    def __init__(self, identity: str) -> None:
-        self.identity = identity
+    def __init__(self, identity: str, early_stopping: EarlyStopping | None = None, budget_s: float | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.identity, self.early_stopping, self.budget_s, self.extra = identity, early_stopping, budget_s, extra
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[IDENTITY_KEY] = self.identity
         checkpoint[STOPPED_KEY] = bool(trainer.should_stop)
+        early = self.early_stopping
+        checkpoint[FINAL_KEY] = bool(trainer.should_stop) and (
+            early is None or early.stopped_epoch > 0 or early.wait_count >= early.patience
+            or not _budget_spent(trainer))
+        timer = _timer(trainer)
+        checkpoint[ELAPSED_KEY] = None if timer is None else float(timer.time_elapsed("train"))
+        checkpoint[EXTRA_KEY] = self.extra
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        trainer.should_stop = trainer.should_stop or bool(checkpoint.get(STOPPED_KEY, False))
+        stopped = bool(checkpoint.get(STOPPED_KEY, False))
+        final = checkpoint.get(FINAL_KEY)
+        if stopped and final is not None and not final:  # the time budget stopped it: is tonight's spent too?
+            elapsed = checkpoint.get(ELAPSED_KEY)
+            stopped = self.budget_s is not None and (elapsed is None or elapsed >= self.budget_s)
+        trainer.should_stop = trainer.should_stop or stopped
+
+
+def _timer(trainer: L.Trainer) -> Timer | None:
+    """Lightning's Timer callback (train.max_time_s), if the trainer has a time budget."""
+    return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+
+
+def _budget_spent(trainer: L.Trainer) -> bool:
+    timer = _timer(trainer)
+    remaining = None if timer is None else timer.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 @dataclass(frozen=True)

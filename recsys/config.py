@@ -30,7 +30,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML's .inf / .nan are floats, but no float key of the config means anything with them
+    # (train.max_time_s=.inf would crash training's timer); they fail here as "should be a finite number".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_device(value: str) -> str:
@@ -161,11 +163,15 @@ class FeaturesConfig(_Section):
 
     @model_validator(mode="after")
     def _cutoffs(self) -> FeaturesConfig:
+        if self.split != "time" and (self.val_cutoff is not None or self.test_cutoff is not None):
+            raise ValueError(f"features.val_cutoff and features.test_cutoff apply to features.split=time only (split "
+                             f"is {self.split!r}, which ignores them): set features.split=time or both cutoffs to null")
         if self.split == "time":
             if self.val_cutoff is None or self.test_cutoff is None:
                 raise ValueError("split 'time' needs features.val_cutoff and features.test_cutoff (timestamps)")
             if self.val_cutoff > self.test_cutoff:
-                raise ValueError("features.val_cutoff must not be after features.test_cutoff")
+                raise ValueError(f"features.val_cutoff ({self.val_cutoff}) must not be after features.test_cutoff "
+                                 f"({self.test_cutoff}): swap them")
         return self
 
 
@@ -354,6 +360,14 @@ class EvaluateConfig(_Section):
     # the best checkpoint) and the re-scored promotion gate, so the model is chosen by what is measured.
     exclude_seen: bool = True
 
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
+        if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
+            raise ValueError("evaluate.ks must list at least one cutoff K, each K >= 1 and none twice "
+                             f"(e.g. [10, 20, 50]), got {list(ks)}")
+        return ks
+
     @field_validator("history_segments")
     @classmethod
     def _ascending(cls, bounds: tuple[int, ...]) -> tuple[int, ...]:
@@ -435,17 +449,6 @@ class Config(_Section):
     def _event_types(self) -> Config:
         if self.features.event_types is not None and self.data.event_type_col is None:
             raise ValueError("features.event_types needs data.event_type_col (the column holding the event type)")
-        if self.model.repeat_bias and (self.model.attention != "causal" or self.train.loss != "ce"):
-            raise ValueError(f"model.repeat_bias needs model.attention=causal and train.loss=ce (they are "
-                             f"{self.model.attention!r} and {self.train.loss!r})")
-        if self.model.repeat_bias and self.evaluate.item_block_size is not None:
-            raise ValueError("model.repeat_bias is scored densely: set evaluate.item_block_size=null")
-        if self.train.exclude_seen and not self.evaluate.exclude_seen:
-            raise ValueError("train.exclude_seen=true trains as if seen items are never recommended, but "
-                             "evaluate.exclude_seen=false ranks them: set train.exclude_seen=false for a repeat domain")
-        if self.train.exclude_seen and (self.train.loss != "ce" or self.model.attention != "causal"):
-            raise ValueError(f"train.exclude_seen needs train.loss=ce and model.attention=causal (they are "
-                             f"{self.train.loss!r} and {self.model.attention!r}); set it to false")
         order_only = self.data.format in ("pairs", "sequence_lines") or (
             self.data.format in ("csv", "parquet") and self.data.timestamp_col is None)
         if self.features.max_event_age is not None and self.data.source == "file" and order_only:
@@ -460,6 +463,27 @@ class Config(_Section):
                 f"train.window_stride ({stride}) must be at most model.max_len ({self.model.max_len}), or items "
                 "between windows would never be targets; use model.max_len for non-overlapping windows"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _training_modes(self) -> Config:
+        """Options of the model and training that hold for one attention or loss only; SASRecSystem and SASRec check
+        the same at construction, but here they fail before a job reads anything (exit 2)."""
+        if self.model.repeat_bias and (self.model.attention != "causal" or self.train.loss != "ce"):
+            raise ValueError(f"model.repeat_bias needs model.attention=causal and train.loss=ce (they are "
+                             f"{self.model.attention!r} and {self.train.loss!r})")
+        if self.model.repeat_bias and self.evaluate.item_block_size is not None:
+            raise ValueError("model.repeat_bias is scored densely: set evaluate.item_block_size=null")
+        if self.train.exclude_seen and not self.evaluate.exclude_seen:
+            raise ValueError("train.exclude_seen=true trains as if seen items are never recommended, but "
+                             "evaluate.exclude_seen=false ranks them: set train.exclude_seen=false for a repeat domain")
+        if self.train.exclude_seen and (self.train.loss != "ce" or self.model.attention != "causal"):
+            raise ValueError(f"train.exclude_seen needs train.loss=ce and model.attention=causal (they are "
+                             f"{self.train.loss!r} and {self.model.attention!r}); set it to false")
+        if self.train.item_drop > 0 and self.model.attention != "causal":
+            raise ValueError(f"train.item_drop applies to causal attention only (model.attention is "
+                             f"{self.model.attention!r}, whose training already hides items: train.mask_prob); set "
+                             "train.item_drop=0 or model.attention=causal")
         return self
 
     def to_dict(self) -> dict[str, Any]:

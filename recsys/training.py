@@ -252,11 +252,11 @@ def train_model(
     warm = None if warm_start is None else warm_start.apply(system.model)
     checkpoint_dir = Path(checkpoint_dir)
     identity = run_identity(cfg, sequences, n_items, attributes, n_event_types)
-    best, timer = _best_checkpoint(checkpoint_dir), _EpochTimer()
+    best, timer = _BestCheckpoint(checkpoint_dir), _EpochTimer()
+    early = EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience)
     callbacks = [
-        EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience), best,
-        _LastCheckpoint(checkpoint_dir, t.checkpoint_interval_s), timer, _StepSeed(t.seed), RunStamp(identity),
-        _FaultPoints(),
+        early, best, _LastCheckpoint(checkpoint_dir, t.checkpoint_interval_s, best), timer, _StepSeed(t.seed),
+        RunStamp(identity, early, t.max_time_s), _FaultPoints(),
     ]
     if t.ema_decay is not None:
         # Parameters only: the model has no statistics buffers, and sampling_probs must stay the module's own.
@@ -312,11 +312,25 @@ def _fit(
             torch.distributed.destroy_process_group()  # DDP is over; a later fit in this process starts anew
 
 
-def _best_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
-    return ModelCheckpoint(
-        dirpath=ckpt_dir, filename=BEST + "{epoch:03d}", auto_insert_metric_name=False,
-        monitor=MONITOR, mode="max", save_top_k=1,
-    )
+class _BestCheckpoint(ModelCheckpoint):
+    """best-epochNNN.ckpt, the best validation NDCG@10 so far. The best file it replaces is removed only once
+    last.ckpt names the new one (:meth:`release`): last.ckpt of an earlier epoch still names the old file, and a
+    run killed in between resumes from there (the new file, of an epoch after the resume point, goes)."""
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        super().__init__(dirpath=ckpt_dir, filename=BEST + "{epoch:03d}", auto_insert_metric_name=False,
+                         monitor=MONITOR, mode="max", save_top_k=1)
+        self._replaced: list[str] = []
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._replaced.append(filepath)
+
+    def release(self, trainer: L.Trainer) -> None:
+        """Remove the best files replaced so far; call once last.ckpt holds this callback's current state."""
+        for path in self._replaced:
+            if path != self.best_model_path:
+                super()._remove_checkpoint(trainer, path)
+        self._replaced.clear()
 
 
 class _LastCheckpoint(ModelCheckpoint):
@@ -330,9 +344,9 @@ class _LastCheckpoint(ModelCheckpoint):
     so that last.ckpt holds the best callback's state of the same epoch.
     """
 
-    def __init__(self, ckpt_dir: Path, interval_s: float | None) -> None:
+    def __init__(self, ckpt_dir: Path, interval_s: float | None, best: _BestCheckpoint | None = None) -> None:
         super().__init__(dirpath=ckpt_dir, filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False)
-        self.interval_s = interval_s
+        self.interval_s, self.best = interval_s, best
         self._written_at = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -348,6 +362,8 @@ class _LastCheckpoint(ModelCheckpoint):
         if due or last_epoch or trainer.should_stop:
             super().on_train_epoch_end(trainer, pl_module)
             self._written_at = time.perf_counter()
+            if self.best is not None:  # last.ckpt now names the current best file: the ones it replaced can go
+                self.best.release(trainer)
 
 
 def _trainer(

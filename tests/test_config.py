@@ -115,3 +115,63 @@ def test_an_event_age_limit_needs_times_not_line_numbers(overrides):
     with pytest.raises(ConfigError, match=r"features\.max_event_age .* gives line numbers, not times"):
         load_config(None, ["features.max_event_age=86400", *overrides])
     load_config(None, ["features.max_event_age=86400", "data.format=csv"])  # a timestamp column: fine
+
+
+def _float_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every float key of the config (float or float | None), found from the models so a new one is covered."""
+    keys = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _float_keys(field.annotation, f"{prefix}{name}.")
+        elif field.annotation in (float, float | None):
+            keys.append(prefix + name)
+    return keys
+
+
+def test_the_float_keys_are_found():
+    assert {"train.lr", "train.max_time_s", "tracking.promotion_tolerance", "evaluate.ease_lambda"} <= set(
+        _float_keys(Config))
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize("key", _float_keys(Config))
+def test_non_finite_floats_are_refused(key, value):
+    """YAML reads .inf / .nan as floats; train.max_time_s=.inf used to pass and crash training's timer."""
+    with pytest.raises(ConfigError, match=rf"{key}: Input should be a finite number"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_non_finite_type_weights_are_refused():
+    with pytest.raises(ConfigError, match=r"train\.type_weights\.buy: Input should be a finite number"):
+        load_config(None, ["train.type_weights={buy: .inf}"])
+
+
+@pytest.mark.parametrize("ks", ["[]", "[0]", "[-5, 10]", "[10, 20, 10]"])
+def test_evaluate_ks_must_be_distinct_cutoffs_of_at_least_one(ks):
+    """They used to pass and crash the metrics after training (IndexError / RuntimeError)."""
+    with pytest.raises(ConfigError, match=r"evaluate\.ks must list at least one cutoff K, each K >= 1 and none twice"):
+        load_config(None, [f"evaluate.ks={ks}"])
+    assert load_config(None, ["evaluate.ks=[1, 5]"]).evaluate.ks == (1, 5)
+
+
+@pytest.mark.parametrize("cutoffs", [
+    ["features.val_cutoff=100"], ["features.test_cutoff=50"], ["features.val_cutoff=100", "features.test_cutoff=50"],
+])
+def test_cutoffs_are_refused_without_the_time_split(cutoffs):
+    """leave_one_out ignores the cutoffs: they used to pass silently, unordered ones too."""
+    with pytest.raises(ConfigError, match=r"features\.val_cutoff and features\.test_cutoff apply to "
+                                          r"features\.split=time only .* set features\.split=time or both cutoffs"):
+        load_config(None, cutoffs)
+    with pytest.raises(ConfigError, match=r"features\.val_cutoff \(100\) must not be after features\.test_cutoff"):
+        load_config(None, ["features.split=time", "features.val_cutoff=100", "features.test_cutoff=50"])
+    cfg = load_config(None, ["features.split=time", "features.val_cutoff=50", "features.test_cutoff=50"])
+    assert (cfg.features.val_cutoff, cfg.features.test_cutoff) == (50, 50)
+
+
+def test_item_drop_needs_causal_attention():
+    """Used to pass the config and fail in SASRecSystem after the features were read (exit 1, not 2)."""
+    with pytest.raises(ConfigError, match=r"train\.item_drop applies to causal attention only \(model\.attention is "
+                                          r"'bidirectional'.*set train\.item_drop=0 or model\.attention=causal"):
+        load_config(None, ["train.item_drop=0.3", "model.attention=bidirectional"])
+    load_config(None, ["train.item_drop=0.3"])
+    load_config(None, ["train.item_drop=0", "model.attention=bidirectional"])

@@ -113,3 +113,52 @@ def test_resuming_removes_best_checkpoints_written_after_the_resume_point(tmp_pa
     assert point is not None and point.epoch == 1
     assert not later.exists()
     assert first.best_checkpoint.is_file()  # the best at or before the resume point stays
+
+
+def test_a_run_cut_by_its_time_budget_goes_on_under_a_larger_one_and_stays_cut_under_the_same(
+    tmp_path: Path,
+) -> None:
+    """The README's promise: a run stopped by train.max_time_s resumes under a larger budget and trains on
+    (before: the saved stop flag ended it at once); under the same budget a rerun changes nothing."""
+    seqs = planted_sequences(120, 40)
+    cut = train_model(small_config(max_epochs=4, max_time_s=1e-3), seqs, 40, tmp_path)
+    assert cut.epochs_run == 1  # stopped after its first step, that epoch validated
+    same = train_model(small_config(max_epochs=4, max_time_s=1e-3), seqs, 40, tmp_path)
+    assert same.resumed_from_epoch == 0 and same.epochs_run == 1 and same.best_checkpoint == cut.best_checkpoint
+    more = train_model(small_config(max_epochs=4, max_time_s=3600.0), seqs, 40, tmp_path)
+    assert more.resumed_from_epoch == 0 and more.epochs_run == 4
+    unlimited = train_model(small_config(max_epochs=4), seqs, 40, tmp_path)  # finished at max_epochs: stays so
+    assert unlimited.resumed_from_epoch == 3 and unlimited.epochs_run == 4
+
+
+def test_a_kill_between_a_new_best_file_and_last_ckpt_keeps_the_best_that_last_ckpt_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after epoch E's best-epochE.ckpt but before E's last.ckpt: the rerun resumes from E - 1, whose
+    last.ckpt names the previous best file. It must still be there (before: replaced at once, and with
+    best-epochE removed as later than the resume point, no best checkpoint was left)."""
+    seqs, cfg = planted_sequences(120, 40), small_config(max_epochs=4)
+    history = train_model(cfg, seqs, 40, tmp_path / "reference").history
+    scores = [h["val_ndcg_at_10"] for h in history]
+    e = next(i for i in range(1, len(scores)) if scores[i] > max(scores[:i]))  # an epoch that improved
+
+    class Killed(Exception):
+        pass
+
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def killed_at_last(self, checkpoint, path, storage_options=None):
+        if Path(path).name == "last.ckpt" and checkpoint["epoch"] == e:
+            raise Killed
+        return save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", killed_at_last)
+    with pytest.raises(Killed):
+        train_model(cfg, seqs, 40, tmp_path / "run")
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    named = scores.index(max(scores[:e]))  # the best epoch up to the resume point: last.ckpt's best file
+    assert (tmp_path / "run" / f"{BEST}{named:03d}.ckpt").is_file()
+    ended = train_model(small_config(max_epochs=4, max_time_s=1e-3), seqs, 40, tmp_path / "run")  # end it now
+    assert ended.resumed_from_epoch == e - 1 and ended.best_checkpoint.is_file()
+    assert ended.best_val_ndcg >= max(scores[:e]) - 1e-6  # one more step was taken and validated
+    assert sorted(p.name for p in (tmp_path / "run").glob(f"{BEST}*.ckpt")) == [ended.best_checkpoint.name]
