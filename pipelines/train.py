@@ -55,7 +55,8 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
         log_features_input(tracker, wd.features, feats, "training")
         warm, source = warm_start(cfg, feats, Path(tmp), tracker, local)
         result = train_model(cfg, feats.sequences, feats.n_items, ckpt_dir, logger=tracker.lightning_logger(),
-                             warm_start=warm, attributes=model_attributes(cfg, feats),
+                             warm_start=warm, warm_source=None if source is None else source.to_dict(),
+                             attributes=model_attributes(cfg, feats),
                              n_event_types=model_event_types(cfg, feats),
                              type_weights=loss_type_weights(cfg, feats))
         report = {
@@ -71,11 +72,12 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             "n_users": feats.n_users,
             "features_manifest": str(wd.features / schema.FEATURE_FILES["manifest"]),
             "checkpoint": str(result.best_checkpoint),
-            "warm_start": None if source is None else {**source.to_dict(), **(result.warm_start or {})},
+            "warm_start": result.warm_start,
         }
         tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, int | float)})
         if result.warm_start is not None:
-            tracker.log_metrics({f"warm_start/{k}": v for k, v in result.warm_start.items()})
+            tracker.log_metrics({f"warm_start/{k}": v for k, v in result.warm_start.items()
+                                 if isinstance(v, int | float) and not isinstance(v, bool)})
         with atomic_dir(wd.model) as tmp:
             save_model(result.model, tmp)
             # an MLflow pyfunc model too (recsys/serving.py)

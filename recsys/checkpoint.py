@@ -102,6 +102,7 @@ def _budget_spent(trainer: L.Trainer) -> bool:
 class ResumePoint:
     path: Path
     epoch: int  # 0-based epoch at whose end the checkpoint was written
+    extra: dict[str, Any] | None = None  # RunStamp's extra of the run that wrote it (None: an older checkpoint)
 
 
 def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
@@ -150,7 +151,7 @@ def resume_point(directory: Path, identity: str, clean: bool = True) -> ResumePo
         epoch = int(state["epoch"])
         if clean:
             _remove_later_best(directory, epoch)
-        return ResumePoint(last, epoch)
+        return ResumePoint(last, epoch, state.get(EXTRA_KEY))
     if not clean:
         return None
     if state is not None:

@@ -67,7 +67,9 @@ class TrainResult:
     resumed_from_epoch: int | None = None
     train_seconds_per_epoch: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
-    warm_start: dict[str, int | float] | None = None  # WarmStart.apply's counts; None = a random initialisation
+    # where the initial weights came from and WarmStart.apply's counts; None = a random initialisation (of the
+    # run that began training, when it resumed)
+    warm_start: dict[str, Any] | None = None
 
 
 class _EpochTimer(Callback):
@@ -207,6 +209,7 @@ def train_model(
     logger: Logger | None = None,
     allow_resume: bool = True,
     warm_start: WarmStart | None = None,
+    warm_source: dict[str, Any] | None = None,
     attributes: ItemAttributes | None = None,
     n_event_types: int = 0,
     type_weights: torch.Tensor | None = None,
@@ -227,7 +230,9 @@ def train_model(
     ``checkpoint_dir``; every process returns the same best checkpoint's weights. ``allow_resume`` False
     never resumes (a non-zero rank of a ``--force`` run, whose rank 0 discarded the directory).
     ``warm_start`` loads an earlier model's weights into the new model before training (a resumed run then
-    continues from its checkpoint, as always). ``attributes``: the item attributes the model embeds (None: ids
+    continues from its checkpoint, as always); the result's ``warm_start`` is ``warm_source`` (where that model
+    came from) with the counts of the warm start, as recorded in the checkpoint by the run that began training
+    (a resumed run's source may have moved since, e.g. to tonight's own published model). ``attributes``: the item attributes the model embeds (None: ids
     only); they are part of the run's identity, so a run resumes only onto the same ones. ``n_event_types`` > 0:
     the model embeds each input event's type (the sequences' schema.SEQUENCE_TYPES, 0..n_event_types).
     ``type_weights`` (n_types + 1,): the CE loss weight of each target event type (index = type_idx, 0 = none);
@@ -249,14 +254,14 @@ def train_model(
     system = SASRecSystem.from_config(cfg, n_items, attributes, n_event_types)
     if type_weights is not None:
         system.set_type_weights(type_weights)
-    warm = None if warm_start is None else warm_start.apply(system.model)
+    warm = None if warm_start is None else {**(warm_source or {}), **warm_start.apply(system.model)}
     checkpoint_dir = Path(checkpoint_dir)
     identity = run_identity(cfg, sequences, n_items, attributes, n_event_types)
     best, timer = _BestCheckpoint(checkpoint_dir), _EpochTimer()
     early = EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience)
     callbacks = [
         early, best, _LastCheckpoint(checkpoint_dir, t.checkpoint_interval_s, best), timer, _StepSeed(t.seed),
-        RunStamp(identity, early, t.max_time_s), _FaultPoints(),
+        RunStamp(identity, early, t.max_time_s, {"warm_start": warm}), _FaultPoints(),
     ]
     if t.ema_decay is not None:
         # Parameters only: the model has no statistics buffers, and sampling_probs must stay the module's own.
@@ -270,6 +275,8 @@ def train_model(
     resume = resume_point(checkpoint_dir, identity, clean=trainer.is_global_zero) if allow_resume else None
     if resume is not None:
         log.info("resuming from %s (end of epoch %d)", resume.path, resume.epoch)
+        if resume.extra is not None:  # the weights are that run's: so is the warm start they began from
+            warm = resume.extra.get("warm_start")
     start = time.perf_counter()
     _fit(trainer, system, data, resume)
     wall = time.perf_counter() - start

@@ -162,3 +162,48 @@ def test_a_kill_between_a_new_best_file_and_last_ckpt_keeps_the_best_that_last_c
     assert ended.resumed_from_epoch == e - 1 and ended.best_checkpoint.is_file()
     assert ended.best_val_ndcg >= max(scores[:e]) - 1e-6  # one more step was taken and validated
     assert sorted(p.name for p in (tmp_path / "run").glob(f"{BEST}*.ckpt")) == [ended.best_checkpoint.name]
+
+
+def test_a_resumed_run_reports_the_warm_start_its_weights_began_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed, then rerun when train.init_from names another model (e.g. tonight's own, published before a
+    later stage failed): the resumed weights are the first run's, so is the warm start report (before: the
+    counts and source of the model the rerun loaded and then overwrote)."""
+    import polars as pl
+
+    from recsys.candidates import TrainedModel
+    from recsys.model import SASRec
+    from recsys.warmstart import WarmStart
+
+    def source(n: int) -> TrainedModel:
+        items = pl.DataFrame({"item_id": list(range(1, n + 1)), "item_idx": list(range(1, n + 1)),
+                              "train_count": [1] * n}, schema={"item_id": pl.Int64, "item_idx": pl.Int32,
+                                                              "train_count": pl.Int64})
+        users = pl.DataFrame({"user_id": [1], "user_idx": [0]}, schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+        model = SASRec(n_items=n, max_len=16, hidden=32, n_blocks=1, n_heads=1, dropout=0.1)
+        return TrainedModel(model, users, items)
+
+    seqs, cfg = planted_sequences(120, 40), small_config(max_epochs=3)
+    features_items = source(40).item_map
+
+    class Killed(Exception):
+        pass
+
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def killed_at_last(self, checkpoint, path, storage_options=None):
+        if Path(path).name == "last.ckpt" and checkpoint["epoch"] == 1:
+            raise Killed
+        return save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", killed_at_last)
+    with pytest.raises(Killed):
+        train_model(cfg, seqs, 40, tmp_path, warm_start=WarmStart(source(20), "last-night", features_items),
+                    warm_source={"uri": "last-night"})
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    again = train_model(cfg, seqs, 40, tmp_path, warm_start=WarmStart(source(40), "tonight", features_items),
+                        warm_source={"uri": "tonight"})
+    assert again.resumed_from_epoch == 0
+    assert again.warm_start["uri"] == "last-night"
+    assert again.warm_start["items_from_source"] == 20 and again.warm_start["items_new"] == 20
