@@ -199,6 +199,9 @@ class ModelConfig(_Section):
     # input embedding, as positions are; the ranked items are unchanged. Needs a feature set built from
     # events with a type column (exit 2 otherwise).
     event_types: bool = False
+    # K > 1: K independently initialised SASRec networks of this configuration, each trained on its own loss on
+    # the same batches, an item scored by the mean of their scores (K times the cost); 1 = one network.
+    ensemble: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -484,6 +487,24 @@ class Config(_Section):
             raise ValueError(f"train.item_drop applies to causal attention only (model.attention is "
                              f"{self.model.attention!r}, whose training already hides items: train.mask_prob); set "
                              "train.item_drop=0 or model.attention=causal")
+        return self
+
+    @model_validator(mode="after")
+    def _ensemble(self) -> Config:
+        """What model.ensemble > 1 does not support (each member would need it), named with what to do."""
+        k = self.model.ensemble
+        if k == 1:
+            return self
+        unsupported = [
+            ("model.repeat_bias=true", "model.repeat_bias=false", self.model.repeat_bias),
+            ("model.event_types=true", "model.event_types=false", self.model.event_types),
+            ("item attributes (model.item_features=true with data.item_features set)", "model.item_features=false",
+             self.model.item_features and self.data.item_features is not None),
+            ("a warm start (train.init_from)", "train.init_from=null", self.train.init_from is not None),
+        ]
+        for what, fix, found in unsupported:
+            if found:
+                raise ValueError(f"model.ensemble={k} does not support {what}: set {fix} or model.ensemble=1")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,6 +21,9 @@ Event types (``n_event_types`` > 0, ``model.event_types``): each input position 
 event's type (view, cart, purchase: ``type_idx`` 1..n_event_types of the feature set's EVENT_TYPE_MAP), as it
 adds its position's; type 0 (padding, a null type, the [MASK] position, a type the model never saw) adds
 nothing. Types are input context only: the output table (what is ranked) is the items' alone.
+
+Ensemble (``model.ensemble`` K > 1): :class:`SASRecEnsemble` holds K independently initialised SASRec networks
+and scores an item by the mean of their scores (one dot product K*D wide); each member trains on its own loss.
 """
 
 from __future__ import annotations
@@ -379,6 +382,70 @@ class SASRec(nn.Module):
         return self._encode(items, last_only=True, types=types)[:, -1]  # (B, D)
 
 
+class SASRecEnsemble(nn.Module):
+    """``members`` independently initialised :class:`SASRec` networks of one configuration (``kwargs``), each with
+    its own item table, positions and blocks; an item's score is the MEAN of the members' scores.
+
+    That mean is one wider dot product, so evaluation, FAISS candidates and serving use the ensemble as they use
+    a SASRec: :meth:`user_vectors` (B, K*D) are the members' user vectors concatenated and divided by K, and
+    :meth:`item_embeddings` (n_items + 1, K*D) the members' tables concatenated. Training
+    (:class:`recsys.system.SASRecSystem`) gives each member its own loss, as if it were trained alone. Item
+    attributes, event types and the repeat bias are not supported (ValueError).
+    """
+
+    def __init__(self, members: int, **kwargs: Any) -> None:
+        super().__init__()
+        if members < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {members}; use SASRec for one")
+        # One after another from the seeded RNG: every member starts from different weights.
+        self.members = nn.ModuleList(SASRec(**kwargs) for _ in range(members))
+        first: SASRec = self.members[0]
+        if first.repeat_bias or first.n_feature_values or first.n_event_types:
+            raise ValueError("an ensemble supports neither repeat_bias, item attributes nor event types")
+        self.kwargs: dict[str, Any] = {**first.kwargs, "ensemble": members}
+        self.n_items, self.max_len, self.attention = first.n_items, first.max_len, first.attention
+        self.causal, self.mask_token = first.causal, first.mask_token
+        # What the rest of the code reads off a SASRec without the unsupported options.
+        self.n_event_types = self.n_feature_values = 0
+        self.repeat_bias = False
+        self.repeat_weight = self.repeat_type_weight = self.feature_emb = self.type_emb = None
+
+    def forward(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """items: (B, T) -> (B, T, K*D) the members' hidden states concatenated and divided by K: ``score`` of it
+        is the mean of the members' scores at every position."""
+        return self._joined([m(items, types) for m in self.members])
+
+    def user_vectors(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """items: (B, T) left-padded history -> (B, K*D), the members' user vectors concatenated, divided by K."""
+        return self._joined([m.user_vectors(items, types) for m in self.members])
+
+    def _joined(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(vectors, dim=-1) / len(vectors)  # (..., K*D)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """(n_items + 1, K*D) the members' item tables side by side; row 0 is padding. No [MASK] row."""
+        return torch.cat([m.item_embeddings() for m in self.members], dim=-1)  # (I + 1, K*D)
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (..., K*D) -> (..., n_items + 1): the mean of the members' scores for :meth:`user_vectors`."""
+        return hidden @ self.item_embeddings().T  # (..., I + 1)
+
+    def scores(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """items: (B, T) left-padded history -> (B, n_items + 1) the mean of the members' scores of the next item."""
+        return self.score(self.user_vectors(items))  # (B, I + 1)
+
+    def history_bias(self, items: torch.Tensor, all_positions: bool = False, types: torch.Tensor | None = None
+                     ) -> None:
+        return None  # no repeat bias
+
+    def add_history_bias(self, scores: torch.Tensor, items: torch.Tensor, types: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        return scores  # no repeat bias
+
+    def set_item_features(self, ids: torch.Tensor, columns: torch.Tensor, trained: torch.Tensor | None = None) -> None:
+        raise ValueError("an ensemble has no item attributes (n_feature_values = 0)")
+
+
 def _init_weights(module: nn.Module) -> None:
     # Small normal init (GPT-2 style): with the tied output table, unit-variance embeddings would give
     # initial logits of variance D and a needlessly peaked softmax.
@@ -388,16 +455,18 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def save_model(model: SASRec, path_dir: str | Path) -> None:
-    """Write ``model.pt`` (state dict) and ``model.json`` (constructor kwargs) into ``path_dir``."""
+def save_model(model: SASRec | SASRecEnsemble, path_dir: str | Path) -> None:
+    """Write ``model.pt`` (state dict) and ``model.json`` (constructor kwargs, with ``ensemble: K`` for an
+    ensemble) into ``path_dir``."""
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path_dir / WEIGHTS_FILE)
     write_json(path_dir / KWARGS_FILE, model.kwargs)
 
 
-def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -> SASRec:
-    """Rebuild a :class:`SASRec` written by :func:`save_model`, in eval mode.
+def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -> SASRec | SASRecEnsemble:
+    """Rebuild a :class:`SASRec` (a :class:`SASRecEnsemble` if ``model.json`` has ``ensemble``) written by
+    :func:`save_model`, in eval mode.
 
     Raises ``FileNotFoundError`` naming the missing file. ``model.json`` of older versions (``causal: true``
     instead of ``attention``) still loads.
@@ -412,6 +481,7 @@ def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -
             raise ValueError(f"{path_dir / KWARGS_FILE}: 'causal: false' models (no [MASK] token) are no "
                              "longer supported; retrain with model.attention=bidirectional")
         kwargs["attention"] = "causal"
-    model = SASRec(**kwargs)
+    members = kwargs.pop("ensemble", 1)
+    model = SASRec(**kwargs) if members == 1 else SASRecEnsemble(members, **kwargs)
     model.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True))
     return model.to(map_location).eval()

@@ -13,7 +13,7 @@ from recsys.config import Config
 from recsys.data import ItemAttributes, drop_items, mask_items
 from recsys.losses import full_ce, gbce_beta, sampled_bce, sampled_gbce, sampled_softmax
 from recsys.metrics import PAD, exclusion_mask, metrics_from_ranks, target_ranks
-from recsys.model import SASRec
+from recsys.model import SASRec, SASRecEnsemble
 
 LOSSES = ("ce", "bce", "sampled_softmax", "gbce")
 
@@ -31,6 +31,9 @@ class SASRecSystem(L.LightningModule):
     Batches follow :class:`recsys.data.SequenceDataModule`. Causal attention trains on the next item at every
     position; bidirectional attention masks items of the same batch (:func:`recsys.data.mask_items`) and
     trains on the masked positions only. Either way the loss is ``loss`` (see :mod:`recsys.losses`).
+    ``ensemble`` K > 1 trains a :class:`recsys.model.SASRecEnsemble`: each member's loss is computed from its
+    own hidden states and item table, exactly as if it were trained alone on the same batches, and the loss is
+    their mean; validation ranks by the ensemble's score (the mean of the members' scores).
     Popularity sampling (``negative_sampling="popularity"``) needs the train item counts: taken from the
     datamodule's ``item_counts`` at ``setup``, or given with :meth:`set_item_counts`.
     ``compile`` runs each training batch's forward and loss through ``torch.compile`` in ``compile_mode``
@@ -70,6 +73,7 @@ class SASRecSystem(L.LightningModule):
         n_feature_values: int = 0,
         feature_slots: int = 0,
         n_event_types: int = 0,
+        ensemble: int = 1,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -93,8 +97,12 @@ class SASRecSystem(L.LightningModule):
         self.save_hyperparameters()
         if repeat_bias and loss != "ce":
             raise ValueError(f"repeat_bias needs loss 'ce', got {loss!r}")
-        self.model = SASRec(n_items, max_len, hidden, n_blocks, n_heads, dropout, attention, ffn_mult, block,
-                            repeat_bias, n_feature_values, feature_slots, n_event_types)
+        if ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+        kwargs = dict(n_items=n_items, max_len=max_len, hidden=hidden, n_blocks=n_blocks, n_heads=n_heads,
+                      dropout=dropout, attention=attention, ffn_mult=ffn_mult, block=block, repeat_bias=repeat_bias,
+                      n_feature_values=n_feature_values, feature_slots=feature_slots, n_event_types=n_event_types)
+        self.model = SASRec(**kwargs) if ensemble == 1 else SASRecEnsemble(ensemble, **kwargs)
         # Per-draw negative sampling probabilities (n_items + 1,), entry 0 = padding = 0; not checkpointed.
         self.register_buffer("sampling_probs", torch.zeros(n_items + 1), persistent=False)
         # Loss weight per target event type (train.type_weights; index = type_idx, 0 = no type), not checkpointed
@@ -121,6 +129,7 @@ class SASRecSystem(L.LightningModule):
             exclude_seen=cfg.evaluate.exclude_seen, repeat_bias=m.repeat_bias,
             n_feature_values=0 if attributes is None else attributes.n_values,
             feature_slots=0 if attributes is None else attributes.slots, n_event_types=n_event_types,
+            ensemble=m.ensemble,
         )
         if attributes is not None:
             system.model.set_item_features(attributes.ids, attributes.columns, attributes.trained)
@@ -218,15 +227,19 @@ class SASRecSystem(L.LightningModule):
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, types: torch.Tensor | None = None,
                       target_types: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.model(inputs, types)  # (B, T, D)
-        return self._next_item_loss(hidden, targets, inputs, types, target_types, seen)
+        """The mean over the model's members (the model itself if it is no ensemble) of each member's loss."""
+        members = list(self.model.members) if isinstance(self.model, SASRecEnsemble) else [self.model]
+        losses = [self._next_item_loss(m(inputs, types), targets, inputs, types, target_types, seen, m)
+                  for m in members]  # m(...): (B, T, D)
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def _next_item_loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None,
         types: torch.Tensor | None = None, target_types: torch.Tensor | None = None,
-        seen: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None, member: SASRec | None = None,
     ) -> torch.Tensor:
-        """Loss at the positions with a target (targets != 0): next items, or masked items if bidirectional.
+        """Loss of ``member`` (default: the model, which must then be a SASRec; ``hidden`` its hidden states) at
+        the positions with a target (targets != 0): next items, or masked items if bidirectional.
 
         Full CE under torch.compile runs on all B*T positions, padding weighted 0 (static shapes, no host
         synchronisation); in eager mode the positions with a target are gathered first: on sparse data most
@@ -237,7 +250,8 @@ class SASRecSystem(L.LightningModule):
         the weight of its target's event type (``target_types``). With ``seen`` (B, T), the causal batch's inputs
         (``train.exclude_seen``), position t's softmax leaves out the items ``seen[:, :t + 1]`` but its target.
         """
-        item_emb = self.model.item_embeddings()  # (I + 1, D), no [MASK] row
+        model = self.model if member is None else member
+        item_emb = model.item_embeddings()  # (I + 1, D), no [MASK] row
         hp = self.hparams
         if hp["loss"] == "ce":
             h, t = hidden.flatten(0, 1), targets.flatten()  # (B*T, D), (B*T,)
@@ -247,9 +261,9 @@ class SASRecSystem(L.LightningModule):
                     raise ValueError("train.type_weights needs the targets' event types in the batch")
                 weights = self.type_weights[target_types.flatten()]  # (B*T,)
             bias = None
-            if self.model.repeat_bias and inputs is not None:  # position t's window items and their bonus
+            if model.repeat_bias and inputs is not None:  # position t's window items and their bonus
                 b, width = inputs.shape
-                values = self.model.history_bias(inputs, all_positions=True, types=types).flatten(0, 1)  # (B*T, T)
+                values = model.history_bias(inputs, all_positions=True, types=types).flatten(0, 1)  # (B*T, T)
                 bias = (inputs.unsqueeze(1).expand(b, width, width).flatten(0, 1), values)  # (B*T, T) each
             positions = torch.arange(len(t), device=t.device)  # flat indices into B*T
             if not torch.compiler.is_compiling():
