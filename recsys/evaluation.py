@@ -247,11 +247,11 @@ def accumulate_scorer(
             raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected (B, {n_items + 1})")
         targets = eval_set.targets[rows].to(scores.device)  # (B, M)
         exclude = exclusion_mask(eval_set.history[rows].to(scores.device), n_items, keep=targets)
-        totals.add(*_ranks_and_top(scores, targets, exclude, max(ks)))
+        totals.add(*ranks_and_top(scores, targets, exclude, max(ks)))
     return totals
 
 
-def _ranks_and_top(
+def ranks_and_top(
     scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``target_ranks(scores, targets, exclude)`` and ``_top_items(scores, exclude, k)``, the targets never

@@ -301,7 +301,7 @@ def test_the_shared_ranking_pass_equals_the_reference(case: str, seed: int) -> N
     """evaluate_scorer's one-copy path (ranks and top items from one masked copy of the scores) against
     target_ranks and _top_items computed separately: heavily tied integer scores, repeated and padding targets,
     targets also in the history; +inf scores; and the NaN / -inf-target cases that take the reference path."""
-    from recsys.evaluation import _ranks_and_top, _top_items
+    from recsys.evaluation import _top_items, ranks_and_top
     from recsys.metrics import exclusion_mask, target_ranks
 
     g = torch.Generator().manual_seed(seed)
@@ -318,7 +318,7 @@ def test_the_shared_ranking_pass_equals_the_reference(case: str, seed: int) -> N
     if case == "neg_inf_target":
         scores[0, targets[0, 0]] = float("-inf")
     exclude = exclusion_mask(history, n_items, keep=targets)
-    ranks, top = _ranks_and_top(scores, targets, exclude, 10)
+    ranks, top = ranks_and_top(scores, targets, exclude, 10)
     assert torch.equal(ranks, target_ranks(scores, targets, exclude))
     assert torch.equal(top, _top_items(scores, exclude, 10))
     assert (ranks >= 0).any() and (ranks == -1).any()  # both valid and padding / repeated targets occur
