@@ -309,6 +309,12 @@ class TrainConfig(_Section):
                 f"train.negative_sampling={self.negative_sampling} applies to train.loss=sampled_softmax only "
                 f"(loss is {self.loss!r}); bce and gbce sample uniformly"
             )
+        if self.warmup_epochs > 0 and self.warmup_epochs >= self.max_epochs:
+            raise ValueError(
+                f"train.warmup_epochs ({self.warmup_epochs:g}) must be below train.max_epochs ({self.max_epochs}): "
+                "the learning rate would never reach train.lr (nor decay, with lr_schedule=cosine); lower "
+                "warmup_epochs or raise max_epochs"
+            )
         world = self.devices * self.num_nodes
         for key in ("batch_size", "val_batch_size"):
             if getattr(self, key) < world:

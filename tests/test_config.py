@@ -175,3 +175,13 @@ def test_item_drop_needs_causal_attention():
         load_config(None, ["train.item_drop=0.3", "model.attention=bidirectional"])
     load_config(None, ["train.item_drop=0.3"])
     load_config(None, ["train.item_drop=0", "model.attention=bidirectional"])
+
+
+@pytest.mark.parametrize("warmup", ["5", "6.5"])
+def test_warmup_must_end_before_the_last_epoch(warmup):
+    """A warm-up of max_epochs or more used to pass: the rate never reached train.lr and cosine never decayed."""
+    with pytest.raises(ConfigError, match=rf"train\.warmup_epochs \({warmup}\) must be below train\.max_epochs "
+                                          r"\(5\).*lower warmup_epochs or raise max_epochs"):
+        load_config(None, ["train.max_epochs=5", f"train.warmup_epochs={warmup}"])
+    assert load_config(None, ["train.max_epochs=5", "train.warmup_epochs=4.5"]).train.warmup_epochs == 4.5
+    assert load_config(None, ["train.max_epochs=1"]).train.warmup_epochs == 0
