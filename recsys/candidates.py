@@ -339,7 +339,10 @@ def _model_top_k(
         ids, scores = with_repeat_bias(trained.model, scored["items"], users, table, ids, scores, k, allowed_rows,
                                        cfg.batch_size, scored.get_column("types", default=None))
     recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
-    log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
+    if recall is None:
+        log.warning("ANN recall@%d not measured: none of the %d sampled users has an unseen item", k, len(sample))
+    else:
+        log.info("ANN recall@%d vs exact search on %d users: %.4f", k, len(sample), recall)
     rows = _to_rows(scored[schema.USER_ID], ids, scores, trained.item_map)
     search = {"index_used": factory,
               "users": stats["users"], "batches": stats["batches"], "short_users": stats["short_users"],
@@ -424,10 +427,15 @@ def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_s
     popular = (item_map.sort(["train_count", schema.ITEM_ID], descending=[True, False])
                .select(schema.ITEM_ID, (pl.col("train_count") / total).cast(pl.Float32).alias("score"))
                .with_row_index("order"))
-    n_seen = int(users["seen"].list.len().max() or 0) if exclude_seen else 0
+    # Only seen items of item_map can displace a popular item, each once: a fallback user's history is of items
+    # the model does not know, so this is usually 0, whatever the length of the history (the cross join below
+    # is users x (k + the most such items of any user)).
+    seen = (users.select(schema.USER_ID, pl.col("seen").alias(schema.ITEM_ID)).explode(schema.ITEM_ID)
+            .join(popular.select(schema.ITEM_ID), on=schema.ITEM_ID, how="semi")
+            .unique() if exclude_seen else None)
+    n_seen = int(seen[schema.USER_ID].value_counts()["count"].max() or 0) if seen is not None and seen.height else 0
     rows = users.select(schema.USER_ID).join(popular.head(k + n_seen), how="cross")
-    if exclude_seen:
-        seen = users.select(schema.USER_ID, pl.col("seen").alias(schema.ITEM_ID)).explode(schema.ITEM_ID)
+    if seen is not None and seen.height:
         rows = rows.join(seen, on=[schema.USER_ID, schema.ITEM_ID], how="anti", maintain_order="left")
     return (rows.sort([schema.USER_ID, "order"])
             .group_by(schema.USER_ID, maintain_order=True).head(k)

@@ -128,19 +128,52 @@ def _drop_seen(
     return top_ids, top_scores, found
 
 
+WIDEN_CAP = 1024  # at most this many results searched beyond k+1 for the seen items of a batch's users
+
+
 def _search_unseen(
     index: faiss.Index, users: np.ndarray, k: int, values: np.ndarray, offsets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One search for k + (most seen items of any row) results, seen items then dropped (see _drop_seen)."""
+    """One search for k + (most seen items of any row, at most :data:`WIDEN_CAP`) results, seen items then
+    dropped (see _drop_seen). The cap keeps one heavy user from widening the search of its whole batch (a
+    user with 40,000 seen items made a 4,096-user batch 6.5 GB); a row it leaves short is searched exactly."""
     n_seen = np.diff(offsets)
-    kk = int(min(index.ntotal, k + (n_seen.max() if n_seen.size else 0)))
+    kk = int(min(index.ntotal, k + min(n_seen.max() if n_seen.size else 0, WIDEN_CAP)))
     scores, ids = index.search(users, kk)  # (B, kk) each
     keys = np.repeat(np.arange(users.shape[0]), n_seen) * index.ntotal + values[offsets[0] : offsets[-1]]
     return _drop_seen(ids, scores, keys, index.ntotal, k)
 
 
-def _exact_index(index: faiss.Index, item_vectors: np.ndarray | None) -> faiss.Index:
-    """IndexFlatIP over ``item_vectors`` or, if None, over the vectors ``index`` reconstructs."""
+def _rescore(users: np.ndarray, items: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``user · item`` scores of the found ``ids`` (B, k') (-1 = none), each row sorted by (score
+    descending, id ascending) as the evaluation orders items; the first ``k`` of (B, k') ids and scores.
+
+    A compressed index's distances are approximate (PQ: errors of several units on scores near 17) and an
+    exact one's ties come in an order that depends on the search: this makes scores exact and order fixed."""
+    real = ids >= 0
+    scores = np.einsum("bd,bkd->bk", users, items[np.maximum(ids, 0)], dtype=np.float32)
+    scores = np.where(real, scores, -np.inf).astype(np.float32)
+    order = np.lexsort((np.where(real, ids, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def _exact_top_k(items: np.ndarray, users: np.ndarray, k: int, values: np.ndarray, offsets: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top ``k`` unseen items of ``users`` by (score desc, id asc) over ``items`` in item blocks, seen items
+    masked (:func:`recsys.topk.top_k_blocked`, the evaluation's scorer): no widening, however long a history."""
+    import torch
+
+    from recsys.data import RaggedItems
+    from recsys.topk import top_k_blocked
+
+    seen = RaggedItems(torch.from_numpy(values[offsets[0] : offsets[-1]].astype(np.int32)),
+                       torch.from_numpy(offsets - offsets[0]))
+    found = top_k_blocked(torch.from_numpy(users), torch.from_numpy(items), k, seen)
+    return found.ids.numpy(), found.scores.numpy()
+
+
+def _exact_vectors(index: faiss.Index, item_vectors: np.ndarray | None) -> np.ndarray:
+    """``item_vectors`` (I, D) checked against ``index`` or, if None, the vectors ``index`` reconstructs."""
     if item_vectors is None:
         try:
             item_vectors = index.reconstruct_n(0, index.ntotal)
@@ -151,6 +184,12 @@ def _exact_index(index: faiss.Index, item_vectors: np.ndarray | None) -> faiss.I
     x = _as_matrix(item_vectors, "item_vectors")
     if x.shape != (index.ntotal, index.d):
         raise ValueError(f"item_vectors has shape {x.shape}, the index holds {(index.ntotal, index.d)}")
+    return x
+
+
+def _exact_index(index: faiss.Index, item_vectors: np.ndarray | None) -> faiss.Index:
+    """IndexFlatIP over ``item_vectors`` or, if None, over the vectors ``index`` reconstructs."""
+    x = _exact_vectors(index, item_vectors)
     exact = faiss.IndexFlatIP(x.shape[1])
     exact.add(x)
     return exact
@@ -168,10 +207,15 @@ def search_top_k(
     """Top ``k`` unseen items per user by inner product, best first.
 
     user_vectors: (U, D). seen: per user, row positions to exclude, as a list of arrays or a (U, S)
-    array padded with negative values. A user the index returns fewer unseen items for than the catalogue
-    holds, up to ``k``, is searched exactly over ``item_vectors`` (default: reconstructed from the index) when
-    ``fallback``. stats: ``users``, ``batches``, ``fallback_users``, ``short_users`` (left with fewer than ``k``
-    because fewer unseen items exist, or, without ``fallback``, because the index found fewer).
+    array padded with negative values. With ``fallback`` (the candidates job), the index's results are
+    re-scored exactly over ``item_vectors`` (default: reconstructed from the index) and ordered by (score
+    descending, id ascending), the evaluation's order; a user the index leaves short of what exists (k, or
+    fewer unseen items), or whose k-th score ties with the next result (the index may hold back tied items of
+    smaller id), is answered by exact blocked search (:func:`recsys.topk.top_k_blocked`). So with an exact
+    index a user's list does not depend on the other users of its batch. Without ``fallback`` the index's own
+    results and distances are returned (what :func:`ann_recall` measures).
+    stats: ``users``, ``batches``, ``fallback_users``, ``short_users`` (left with fewer than ``k`` because
+    fewer unseen items exist, or, without ``fallback``, because the index found fewer).
     Raises ``ValueError`` on bad shapes, ``k`` < 1 or ``k`` > the catalogue size.
     """
     users = _as_matrix(user_vectors, "user_vectors")
@@ -186,21 +230,27 @@ def search_top_k(
     ids = np.empty((users.shape[0], k), dtype=np.int64)
     scores = np.empty((users.shape[0], k), dtype=np.float32)
     stats = {"users": users.shape[0], "batches": 0, "fallback_users": 0, "short_users": 0}
-    exact: faiss.Index | None = None
+    items = _exact_vectors(index, item_vectors) if fallback else None
     for start in range(0, users.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         b_offsets = offsets[start : start + batch_size + 1]
-        b_ids, b_scores, found = _search_unseen(index, users[rows], k, values, b_offsets)
-        # short of what exists: k, or every unseen item when the user has fewer than k left
-        wanted = np.minimum(k, available[rows])
-        redo = np.flatnonzero(found < wanted) if fallback else np.zeros(0, np.int64)
-        if redo.size:
-            exact = exact if exact is not None else _exact_index(index, item_vectors)
-            r_offsets = np.concatenate([[0], np.cumsum(np.diff(b_offsets)[redo])])
-            r_values = np.concatenate([values[b_offsets[i] : b_offsets[i + 1]] for i in redo])
-            b_ids[redo], b_scores[redo], found[redo] = _search_unseen(
-                exact, users[rows][redo], k, r_values, r_offsets
-            )
+        if items is None:
+            b_ids, b_scores, found = _search_unseen(index, users[rows], k, values, b_offsets)
+            redo = np.zeros(0, np.int64)
+        else:
+            # one result beyond k, to see whether the k-th score is tied with what the index held back
+            wide = min(k + 1, index.ntotal)
+            w_ids, _, found = _search_unseen(index, users[rows], wide, values, b_offsets)
+            w_ids, w_scores = _rescore(users[rows], items, w_ids, wide)
+            b_ids, b_scores = w_ids[:, :k], w_scores[:, :k]
+            # short of what exists (k + 1 to check the tie, or every unseen item when fewer), or tied at k
+            tied = (found > k) & (w_scores[:, k - 1] == w_scores[:, min(k, wide - 1)]) if wide > k else found < 0
+            redo = np.flatnonzero((found < np.minimum(wide, available[rows])) | tied)
+            if redo.size:
+                r_offsets = np.concatenate([[0], np.cumsum(np.diff(b_offsets)[redo])])
+                r_values = np.concatenate([values[b_offsets[i] : b_offsets[i + 1]] for i in redo])
+                b_ids[redo], b_scores[redo] = _exact_top_k(items, users[rows][redo], k, r_values, r_offsets)
+            found = (b_ids >= 0).sum(axis=1)
         ids[rows], scores[rows] = b_ids, b_scores
         stats["batches"] += 1
         stats["fallback_users"] += int(redo.size)
@@ -221,8 +271,9 @@ def ann_recall(
     user_vectors_sample: np.ndarray,
     k: int,
     seen_sample: SeenItems = None,
-) -> float:
-    """Recall@k of ``index`` (no exact fallback) against exact inner-product search on a user sample."""
+) -> float | None:
+    """Recall@k of ``index`` (no exact fallback) against exact inner-product search on a user sample; None when
+    no user of the sample has an unseen item (nothing to recall: e.g. an allow list they all saw)."""
     truth = _exact_ids(index, item_vectors, user_vectors_sample, k, seen_sample)
     approx = search_top_k(index, user_vectors_sample, k, seen_sample, fallback=False).ids
     return _recall(truth, approx)
@@ -235,27 +286,42 @@ def _exact_ids(
     return search_top_k(_exact_index(index, item_vectors), users, k, seen, fallback=False).ids
 
 
-def _recall(truth: np.ndarray, approx: np.ndarray) -> float:
-    """Share of the real (>= 0) ids of truth (U, k) that approx (U, k') holds in the same row."""
+def _recall(truth: np.ndarray, approx: np.ndarray) -> float | None:
+    """Share of the real (>= 0) ids of truth (U, k) that approx (U, k') holds in the same row; None if truth
+    holds none."""
     rows = np.arange(truth.shape[0])[:, None]
     n = int(max(truth.max(initial=0), approx.max(initial=0))) + 1
     truth_keys = (rows * n + truth)[truth >= 0]
     approx_keys = (rows * n + approx)[approx >= 0]
     if truth_keys.size == 0:
-        raise ValueError("no user in the sample has an unseen item; recall is undefined")
+        return None
     return float(np.isin(truth_keys, approx_keys).mean())
 
 
 class Tuning(NamedTuple):
     """What :func:`tune_index` chose: ``parameter`` ("nprobe", "efSearch", or None for an index with nothing to
-    tune), its ``value``, the ``recall`` at that value, whether the target was ``reached``, and every
+    tune, or when no user of the sample has an unseen item), its ``value``, the ``recall`` at that value (None
+    when there is nothing to recall), whether the target was ``reached``, and every
     (value, recall) ``tried``, in the order tried."""
 
     parameter: str | None
     value: int | None
-    recall: float
+    recall: float | None
     reached: bool
     tried: tuple[tuple[int, float], ...]
+
+
+def _innermost(index: faiss.Index) -> faiss.Index:
+    """The index a transform (``RR32,HNSW16``: IndexPreTransform) or a refinement (``HNSW16,Refine(Flat)``:
+    IndexRefine) wraps, downcast; ParameterSpace sets its search parameters through the wrappers."""
+    inner = faiss.downcast_index(index)
+    while True:
+        if isinstance(inner, faiss.IndexPreTransform):
+            inner = faiss.downcast_index(inner.index)
+        elif isinstance(inner, faiss.IndexRefine):
+            inner = faiss.downcast_index(inner.base_index)
+        else:
+            return inner
 
 
 def _search_parameter(index: faiss.Index, k: int, max_value: int | None) -> tuple[str, list[int]] | None:
@@ -264,7 +330,7 @@ def _search_parameter(index: faiss.Index, k: int, max_value: int | None) -> tupl
     try:
         name, low, high = "nprobe", 1, faiss.extract_index_ivf(index).nlist
     except RuntimeError:
-        if not isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        if not isinstance(_innermost(index), faiss.IndexHNSW):
             return None
         name, low, high = "efSearch", 1 << max(k - 1, 0).bit_length(), 4096
     high = min(high, max_value) if max_value is not None else high
@@ -298,6 +364,9 @@ def tune_index(
     truth = exact_ids if exact_ids is not None else _exact_ids(index, item_vectors, users, k, seen_sample)
     if truth.shape != (users.shape[0], k):
         raise ValueError(f"exact_ids has shape {truth.shape}, expected {(users.shape[0], k)}")
+    if not (truth >= 0).any():  # every sampled user saw every item: nothing to tune on, the index is left as is
+        logger.warning("tune: no user of the %d sampled has an unseen item; the index is left untuned", len(users))
+        return Tuning(None, None, None, False, ())
     knob = _search_parameter(index, k, max_value)
     if knob is None:
         recall = _recall(truth, search_top_k(index, users, k, seen_sample, fallback=False).ids)

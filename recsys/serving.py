@@ -29,7 +29,7 @@ from features import schema
 from features.validation import id_expr
 from recsys.candidates import TrainedModel, load_trained_model, popular_top_k, user_vectors
 from recsys.data import RaggedItems
-from recsys.metrics import exclusion_mask
+from recsys.topk import top_k_blocked
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +131,18 @@ class Recommender:
         out: dict[int, tuple[list[Any], list[float]]] = {}
         if known.height:
             with torch.no_grad():
-                table = model.item_embeddings().float().cpu()[: model.n_items + 1]  # (I + 1, D), row = item_idx
+                table = model.item_embeddings().detach().float().cpu()[1 : model.n_items + 1]  # (I, D): item_idx - 1
             to_id = item_map.sort(schema.ITEM_IDX)[schema.ITEM_ID]  # position = item_idx - 1
-            for start in range(0, known.height, self.batch_size):  # a (batch, catalogue) score block at a time
-                part = known.slice(start, self.batch_size)
-                vectors = user_vectors(model, part["items"], self.batch_size, part.get_column("types", default=None))
-                scores = torch.from_numpy(vectors) @ table.T
-                seen = RaggedItems.from_series(part["items"]).pad().long()  # (B, longest history)
-                scores.masked_fill_(exclusion_mask(seen, model.n_items), float("-inf"))  # padding and seen
-                best, idx = scores.topk(k, dim=1)
-                for i, row in enumerate(part["row"].to_list()):
-                    finite = torch.isfinite(best[i])  # fewer unseen items than k: the rest is -inf
-                    out[row] = (to_id.gather(idx[i][finite].numpy() - 1).to_list(), best[i][finite].tolist())
+            vectors = user_vectors(model, known["items"], self.batch_size, known.get_column("types", default=None))
+            seen = RaggedItems.from_series(known["items"])
+            seen.values = seen.values - 1  # item_idx -> position
+            # in item blocks with seen items masked, ties by item position: the candidates job's and the
+            # evaluation's lists, in memory bounded by batch_size x the item block, not x the catalogue
+            with torch.no_grad():
+                found = top_k_blocked(torch.from_numpy(vectors), table, k, seen, user_block_size=self.batch_size)
+            for i, row in enumerate(known["row"].to_list()):
+                real = found.ids[i] >= 0  # fewer unseen items than k: the rest is -1 / -inf
+                out[row] = (to_id.gather(found.ids[i][real].numpy()).to_list(), found.scores[i][real].tolist())
         unknown = mapped.filter(pl.col("items").list.len() == 0).select(pl.col("row").alias(schema.USER_ID), "seen")
         popular = popular_top_k(item_map, unknown, k, exclude_seen=True)
         for (row,), group in popular.group_by(schema.USER_ID, maintain_order=True):

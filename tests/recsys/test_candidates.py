@@ -11,7 +11,7 @@ import torch
 from features.artifacts import FeatureSet
 from features.readers import InputDataError
 from features.schema import EVENT_TYPE_MAP, SEQUENCE_TYPES, SEQUENCES
-from recsys.candidates import TrainedModel, generate_candidates, popular_top_k, select_active
+from recsys.candidates import TrainedModel, generate_candidates, popular_top_k, select_active, user_vectors
 from recsys.config import CandidatesConfig
 from recsys.model import SASRec
 
@@ -89,6 +89,40 @@ def test_popular_fallback_excludes_seen_items(setup):
                          schema={"user_id": pl.Int64, "seen": pl.List(pl.Int64)})
     assert popular_top_k(trained.item_map, users, K, exclude_seen=True)["item_id"].to_list() == [30, 50, 60]
     assert popular_top_k(trained.item_map, users, K, exclude_seen=False)["item_id"].to_list() == [20, 30, 10]
+
+
+def test_popular_fallback_equals_a_direct_reference_and_does_not_widen_for_unknown_history(monkeypatch):
+    """Seen items repeated, unknown to the catalogue, or many: each user's list is the first k popular items
+    (ties by item_id) it has not seen. The cross join used to take k + the LONGEST seen list of any user rows
+    per user: one fallback user with 40,000 unknown items made 5,000 users x 50,000 items 15.7 GiB."""
+    rng = np.random.default_rng(3)
+    item_map = pl.DataFrame({"item_id": np.arange(40, dtype=np.int64), "item_idx": np.arange(1, 41, dtype=np.int32),
+                             "train_count": rng.integers(0, 5, 40)})
+    seen = [list(rng.integers(0, 60, rng.integers(0, 30))) for _ in range(30)]  # ids 40..59 unknown, repeats
+    seen[0] = list(range(1000, 6000))  # a long history of unknown items
+    users = pl.DataFrame({"user_id": np.arange(30, dtype=np.int64), "seen": seen},
+                         schema={"user_id": pl.Int64, "seen": pl.List(pl.Int64)})
+    order = sorted(range(40), key=lambda i: (-item_map["train_count"][i], i))
+    got = popular_top_k(item_map, users, 5, exclude_seen=True)
+    for user, history in enumerate(seen):
+        want = [i for i in order if i not in set(history)][:5]
+        assert got.filter(pl.col("user_id") == user)["item_id"].to_list() == want, user
+    # the cross join is users x (k + the most distinct catalogue items any user saw), not x (k + 5000)
+    crossed: list[int] = []
+    join = pl.DataFrame.join
+
+    def spy(self, other, *args, **kwargs):
+        out = join(self, other, *args, **kwargs)
+        if kwargs.get("how") == "cross":
+            crossed.append(out.height)
+        return out
+
+    monkeypatch.setattr(pl.DataFrame, "join", spy)
+    popular_top_k(item_map, users, 5, exclude_seen=True)
+    most_known = max(len({i for i in h if i < 40}) for h in seen)
+    assert crossed == [30 * (5 + most_known)]
+    popular_top_k(item_map, users.slice(0, 1), 5, exclude_seen=True)
+    assert crossed[-1] == 5
 
 
 def test_target_recall_tunes_the_index_before_the_search(setup):
@@ -385,3 +419,40 @@ def test_allowed_ids_of_the_wrong_type_are_counted_as_unknown(caplog):
         _, stats = generate_candidates(trained, feats, CandidatesConfig(k=2, recall_sample=10), allowed)
     assert stats["items_allowed"] == 3 and stats["allowed_items_unknown"] == 2
     assert "2 ids of" in caplog.text and "'sku-9'" in caplog.text
+
+
+def test_tied_items_are_listed_alike_by_the_job_and_the_pyfunc_model(setup):
+    """Items 30..60 share one vector: the job and the served model both list the tied ones by item_idx (the
+    pyfunc's torch.topk used to pick an arbitrary tied subset, in an arbitrary order)."""
+    from recsys.serving import Recommender
+
+    trained, feats = setup
+    model = SASRec(n_items=6, max_len=4, hidden=8, n_blocks=1, n_heads=1, dropout=0.0).eval()
+    model.load_state_dict(trained.model.state_dict())
+    with torch.no_grad():
+        table = model.item_embeddings()
+        table[1:3] = 0.0
+        user = torch.from_numpy(user_vectors(model, pl.Series([[1, 2]]), 8))[0]  # does not read rows 3..6
+        table[3:7] = 5.0 * user / user.norm()  # item_idx 3..6 (ids 30..60): one vector, the user's best
+    tied = TrainedModel(model, trained.user_map, trained.item_map)
+    job, _ = generate_candidates(tied, feats, CandidatesConfig(k=2, recall_sample=10))
+    assert job.filter(pl.col("user_id") == 1)["item_id"].to_list() == [30, 40]  # history 10, 20
+    served = Recommender(tied).top_k([[10, 20], [10, 20, 30]], 2)
+    assert [ids for ids, _ in served] == [[30, 40], [40, 50]]
+    assert served[0][1][0] == served[0][1][1]
+
+
+def test_a_night_whose_sampled_users_saw_every_allowed_item_is_listed_without_recall(setup):
+    """The ANN recall is undefined then: it is recorded as None (it used to crash the night)."""
+    trained, feats = setup
+    table, stats = generate_candidates(trained, feats, CandidatesConfig(k=2, recall_sample=10, index="HNSW4",
+                                                                        target_recall=0.9),
+                                       allowed=pl.Series("item_id", [10, 20]))
+    assert stats["search"]["ann_recall_at_k"] is not None  # user 2 (saw 30) has 10 and 20 unseen
+    only_seen = feats.sequences.with_columns(pl.lit([3, 2], dtype=pl.List(pl.Int32)).alias("train_items"))
+    crowded = FeatureSet(only_seen, feats.user_map, feats.item_map, feats.manifest)
+    table, stats = generate_candidates(trained, crowded, CandidatesConfig(k=2, recall_sample=10, index="HNSW4",
+                                                                          target_recall=0.9),
+                                       allowed=pl.Series("item_id", [10, 20]))
+    assert stats["search"]["ann_recall_at_k"] is None and stats["search"]["tuned_parameter"] is None
+    assert table.filter(pl.col("user_id") != 4).height == 0  # every scored user saw 10 and 20

@@ -170,3 +170,75 @@ def test_tune_index_takes_exact_ids_from_blocked_top_k_and_reports_an_unreachabl
         tune_index(index, items, users, 10, 1.5)
     with pytest.raises(ValueError, match="exact_ids has shape"):
         tune_index(index, items, users, 10, 0.9, exact_ids=exact[:, :5])
+
+
+class _Spy:
+    """An index that records the k of every search (faiss indexes are SWIG objects; nothing to patch)."""
+
+    def __init__(self, index) -> None:
+        self.index, self.ntotal, self.d, self.searched = index, index.ntotal, index.d, []
+
+    def search(self, x, k):
+        self.searched.append(k)
+        return self.index.search(x, k)
+
+
+def test_a_heavy_user_does_not_widen_its_batchs_search_and_is_answered_exactly() -> None:
+    """One user who saw 3,000 items used to make the whole batch search k + 3,000 results (40,000 seen in a
+    4,096-user batch: 6.5 GB); the widening is capped and a user it leaves short is scored exactly."""
+    from recsys.retrieval import WIDEN_CAP
+
+    items, users = _vectors(5000), _vectors(40, seed=1)
+    seen = _random_seen(40, 5000)
+    seen[3] = np.argsort(-(users[3] @ items.T))[:3000]  # the heavy user saw its own 3,000 best items
+    spy = _Spy(build_index(items))
+    got = search_top_k(spy, users, k=10, seen=seen, batch_size=16, item_vectors=items)
+    assert spy.searched and max(spy.searched) <= 10 + 1 + WIDEN_CAP
+    np.testing.assert_array_equal(got.ids, _exact_top_k(items, users, 10, seen))
+    assert got.stats["fallback_users"] == 1 and got.stats["short_users"] == 0
+
+
+def test_tied_items_come_by_position_whatever_the_batch() -> None:
+    """Items with one vector (e.g. cold items scored from the same attributes) tie: each user gets the tied
+    items of smallest position, as the evaluation orders them, alone or in any batch (the batch-mates' seen
+    counts used to decide which tied items the index returned)."""
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((60, 8)).astype(np.float32) * 0.1
+    items[20:40] = rng.standard_normal(8).astype(np.float32) * 3  # 20 identical items, far ahead of the rest
+    users = np.abs(rng.standard_normal((30, 8))).astype(np.float32) * np.sign(items[20])
+    seen = [np.array([21, 25]) if u % 3 == 0 else rng.choice(20, size=int(rng.integers(0, 15)), replace=False)
+            for u in range(30)]
+    want = [[i for i in range(20, 40) if i not in set(s.tolist())][:5] for s in seen]
+    for batch in (1, 4, 30):
+        got = search_top_k(build_index(items), users, k=5, seen=seen, batch_size=batch, item_vectors=items)
+        assert got.ids.tolist() == want, batch
+
+
+def test_a_compressed_index_returns_exact_scores_in_order() -> None:
+    """PQ distances are approximate: the lists' scores are user · item again, sorted, ties by position."""
+    items, users = _vectors(3000, dim=16), _vectors(50, seed=1)
+    got = search_top_k(build_index(items, "IVF16,PQ4"), users, k=10, item_vectors=items)
+    exact = np.take_along_axis(users @ items.T, got.ids, axis=1)
+    np.testing.assert_allclose(got.scores, exact, rtol=1e-5, atol=1e-5)
+    assert (np.diff(got.scores, axis=1) <= 0).all()
+    raw = search_top_k(build_index(items, "IVF16,PQ4"), users, k=10, fallback=False)  # the index's own
+    assert np.abs(raw.scores - np.take_along_axis(users @ items.T, raw.ids, axis=1)).max() > 0.1
+
+
+def test_recall_without_an_unseen_item_in_the_sample_is_none_not_a_crash() -> None:
+    """A sample of users who saw every item (e.g. of a 2-item allow list) used to raise ValueError."""
+    items, users = _vectors(5), _vectors(4, seed=1)
+    seen = [np.arange(5)] * 4
+    index = build_index(items, "HNSW4")
+    assert ann_recall(index, items, users, 3, seen) is None
+    assert tune_index(index, items, users, 3, 0.9, seen) == (None, None, None, False, ())
+    got = search_top_k(index, users, 3, seen, item_vectors=items)
+    assert (got.ids == -1).all() and got.stats["short_users"] == 4
+
+
+@pytest.mark.parametrize("factory", ["RR16,HNSW8", "HNSW8,Refine(Flat)"])
+def test_target_recall_tunes_an_hnsw_behind_a_transform_or_a_refinement(factory: str) -> None:
+    """tune_index recognised a bare HNSW only: a wrapped one was left at its default (recall 0.49)."""
+    items, users = _vectors(2000), _vectors(100, seed=1)
+    got = tune_index(build_index(items, factory), items, users, 10, 0.95)
+    assert got.parameter == "efSearch" and got.reached and got.recall >= 0.95
