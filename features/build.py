@@ -81,7 +81,8 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     stamps = file_stamps(files)  # before validation: a file changed after it is caught by the fingerprint
     events, target = read_events(data, path, files), Path(cfg.work_dir) / "features"
     # a build killed between atomic_dir's two renames left the previous features as .features.old-*: put them
-    # back before the gate reads the previous manifest
+    # back before the gate reads the previous manifest (of any host when the job holds the work directory lock
+    # alone, as `recsys features` and `recsys run` do: see recsys.storage.exclusive_writer)
     remove_stale_temps(target.parent)
     gate = InputGate.of(cfg.features, target, run_date or datetime.now(UTC).date())
     rows = attribute_rows(cfg)  # first: a bad attribute file fails before the events are processed

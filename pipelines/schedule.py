@@ -11,9 +11,11 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +25,9 @@ from typing import Any
 
 from pipelines.workdir import WorkDir
 from recsys.config import Config, without_budget
-from recsys.storage import read_json, remove_stale_temps, write_json
+from recsys.storage import exclusive_writer, read_json, remove_stale_temps, write_json
+
+log = logging.getLogger(__name__)
 
 # What each scheduled job produces, as WorkDir attributes (recorded in the marker).
 OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -89,25 +93,39 @@ def _flock(fd: int, mode: int, patience_s: float = 1.0) -> None:
             time.sleep(0.05)
 
 
+def _holder() -> str:
+    """What a lock file records about its holder: ``pid <pid> on <host>, started <UTC time>``. The host tells
+    one container's pid 1 from another's (work directories on shared storage, a new pod every night)."""
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {socket.gethostname()}, started {started}"
+
+
+def _read_holder(fd: int) -> str:
+    """The holder a lock file names, as written by :func:`_holder` (a bare pid: written by an earlier version)."""
+    text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+    return f"pid {text}" if text.isdigit() else text or "an unknown process"
+
+
 @contextmanager
 def job_lock(work_dir: Path, job: str) -> Iterator[Path]:
     """Hold ``<work_dir>/.locks/<job>.lock`` (``flock``, non-blocking) for the block; the kernel releases it
-    when the process dies. Raises :class:`LockedError` naming the file and the holder's pid."""
+    when the process dies. The file names the holder (:func:`_holder`). Raises :class:`LockedError` naming the
+    file and the holder's pid, host and start time."""
     path = Path(work_dir) / ".locks" / f"{job}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         _flock(fd, fcntl.LOCK_EX)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        holder = _read_holder(fd)
         os.close(fd)
         raise LockedError(
-            f"{path} is held by pid {holder}: another `recsys {job}` is running on this work directory; "
+            f"{path} is held by {holder}: another `recsys {job}` is running on this work directory; "
             "wait for it to finish (the lock is released when that process exits)"
         ) from None
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{_holder()}\n".encode(), 0)
         yield path
     finally:
         os.close(fd)
@@ -122,14 +140,15 @@ def work_dir_lock(work_dir: Path, job: str, shared: bool) -> Iterator[Path]:
     or the model (features, train, run), shared for one that only reads them (evaluate, candidates and its
     shards), so that no job reads a feature set or model another one is rewriting. Non-blocking, released by
     the kernel when the process dies; raises :class:`LockedError` naming the file and, for an exclusive
-    holder, its job and pid."""
+    holder, its job, pid, host and start time. An exclusive holder is the only writer in the work directory,
+    so it clears every leftover temporary entry there, whoever left it (:func:`recsys.storage.exclusive_writer`)."""
     path = Path(work_dir) / ".locks" / f"{WORK_DIR_LOCK}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
         os.close(fd)
         doing = (f"`recsys {holder}` is rewriting the features or the model" if holder
                  else "jobs that read the features or the model (evaluate, candidates) are running")
@@ -143,16 +162,19 @@ def work_dir_lock(work_dir: Path, job: str, shared: bool) -> Iterator[Path]:
         # killed holder's name is stale once anyone else holds the lock). Shared holders are named by their
         # job locks.
         os.ftruncate(fd, 0)
-        if not shared:
-            os.pwrite(fd, f"{job} (pid {os.getpid()})\n".encode(), 0)
-        yield path
+        if shared:
+            yield path
+        else:
+            os.pwrite(fd, f"{job} ({_holder()})\n".encode(), 0)
+            with exclusive_writer(work_dir):
+                yield path
     finally:
         os.close(fd)
 
 
 def lock_holders(work_dir: Path) -> dict[str, str]:
-    """``{job lock name: holder pid}`` for every lock of ``work_dir`` held right now (probed with a
-    non-blocking ``flock`` that is released at once; a free lock is left as it was)."""
+    """``{job lock name: holder}`` (``pid <pid> on <host>, started <time>``) for every lock of ``work_dir`` held
+    right now (probed with a non-blocking ``flock`` that is released at once; a free lock is left as it was)."""
     held = {}
     for path in sorted((Path(work_dir) / ".locks").glob("*.lock")):
         if path.stem == WORK_DIR_LOCK:
@@ -161,7 +183,7 @@ def lock_holders(work_dir: Path) -> dict[str, str]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            held[path.stem] = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            held[path.stem] = _read_holder(fd)
         finally:
             os.close(fd)  # releases a lock we got
     return held
@@ -208,12 +230,31 @@ class ScheduledRun:
         shutil.rmtree(checkpoint_dir(self.cfg, self.run_date), ignore_errors=True)
 
     def prune_checkpoints(self) -> None:
-        """After success: keep only this run's best checkpoint, drop other finished runs' directories, and
-        keep unfinished ones (with a ``last.ckpt``) so that they can still resume."""
+        """After success: keep only this run's best checkpoint and drop other runs' directories: finished ones,
+        and unfinished ones (with a ``last.ckpt``) of earlier dates, since a later night has now succeeded (a
+        killed night stays resumable until then). Unfinished ones of this date (another config) or of later
+        dates (a backfill running an older date) are kept so that they can still resume. A directory that
+        cannot be removed is named in a warning and left for the next success: the run's output is already
+        published and marked done."""
         from recsys.checkpoint import LAST  # here, not at the top: it imports Lightning, the CLI should not
 
         current = checkpoint_dir(self.cfg, self.run_date)
         (current / f"{LAST}.ckpt").unlink(missing_ok=True)
         for other in WorkDir.of(self.cfg).checkpoints.glob("*"):
-            if other.is_dir() and other != current and not (other / f"{LAST}.ckpt").exists():
+            if not other.is_dir() or other == current:
+                continue
+            if (other / f"{LAST}.ckpt").exists() and not _dated_before(other.name, self.run_date):
+                continue
+            try:
                 shutil.rmtree(other)
+            except OSError as exc:
+                log.warning("%s %s is done; removing the old checkpoint directory %s failed (%s): the next "
+                            "successful run retries, or remove it by hand", self.job, self.run_date, other, exc)
+
+
+def _dated_before(name: str, day: dt.date) -> bool:
+    """Whether checkpoint directory ``name`` (``<YYYY-MM-DD>-<hash>``) is of a date before ``day``."""
+    try:
+        return dt.date.fromisoformat(name[:10]) < day
+    except ValueError:
+        return False  # not a checkpoint directory of a run: not ours to judge

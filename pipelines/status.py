@@ -143,7 +143,7 @@ def render(status: dict[str, Any]) -> str:
     if c["rejected"]:
         lines.append(f"  rejected:    nights {', '.join(c['rejected'])} (drift gate; under candidates/rejected/)")
     running = status["running"]
-    lines.append("  running now: " + (", ".join(f"{job} (pid {pid})" for job, pid in running.items())
+    lines.append("  running now: " + (", ".join(f"{job} ({holder})" for job, holder in running.items())
                                       if running else "nothing"))
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -21,11 +22,15 @@ log = logging.getLogger(__name__)
 
 TMP_TAG = ".tmp-"
 OLD_TAG = ".old-"
-# .<name>.tmp-<pid>@<host>: the writer's process and machine (work directories may sit on shared storage);
-# names without a host are of this machine (written by earlier versions).
-_STALE = re.compile(r"\.(?P<name>.+)(?P<tag>\.tmp-|\.old-)(?P<pid>\d+)(?:@(?P<host>[^/]+))?")
+# .<name>.tmp-<pid>-<token>@<host>: the writer's process and machine (work directories may sit on shared
+# storage). The token is drawn once per process: a pid alone names another process after a restart (pid 1 of
+# every container on a fixed hostname), so only the exact <pid>-<token>@<host> of this process is its own.
+# Names without a token or a host were written by earlier versions (without a host: of this machine).
+_STALE = re.compile(r"\.(?P<name>.+)(?P<tag>\.tmp-|\.old-)(?P<pid>\d+)(?:-(?P<token>[0-9a-f]+))?(?:@(?P<host>[^/]+))?")
 _HOST = socket.gethostname()
+_TOKENS: dict[int, str] = {}  # pid → token: a forked child draws its own
 STALE_AFTER_S = 2 * 86_400  # no atomic write takes this long: older temps are leftovers whoever wrote them
+_EXCLUSIVE: set[Path] = set()  # roots this process is the only writer under, see exclusive_writer
 
 
 @contextmanager
@@ -34,21 +39,25 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
     On any exception the temporary directory is removed and ``target`` keeps its previous content. Leftovers
     of a process killed inside the block (or between the two renames) are cleared first, see
-    :func:`remove_stale_temps`.
+    :func:`remove_stale_temps`. Durable once it returns: every file and directory of the new content is
+    fsynced before the rename and the parent directory after it, so a success marker written afterwards never
+    survives a power cut that the output itself does not (a rename is only a directory entry: without these
+    fsyncs the renamed files can come back empty).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent)
     tmp = target.parent / f".{target.name}{TMP_TAG}{_writer()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    old = target.parent / f".{target.name}{OLD_TAG}{_writer()}"
+    for own in (tmp, old):  # this process's own, of an earlier write whose clean-up failed: in the way
+        _remove(own)
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}{OLD_TAG}{_writer()}"
     if target.exists():
         os.replace(target, old)
         fault_point(f"atomic-swap:{target.name}")
@@ -59,6 +68,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(target.parent)  # the rename itself: durable before the caller marks anything done
     if old.exists():
         try:
             shutil.rmtree(old)
@@ -78,7 +88,8 @@ def remove_dir(path: str | Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) -> None:
-    """Write ``path`` via a temporary sibling, fsync and ``os.replace``: readers see old or new, never half.
+    """Write ``path`` via a temporary sibling, fsync and ``os.replace``, then fsync the directory: readers see
+    old or new, never half, and after a power cut the file is there whole once this returned.
 
     ``fault`` names a :func:`recsys.faults.fault_point` reached once the bytes are written, before the rename.
     """
@@ -96,45 +107,111 @@ def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Remove ``.<name>.tmp-<pid>@<host>`` / ``.<name>.old-<pid>@<host>`` entries in ``directory`` that no
-    writer will finish: of this machine, when process ``pid`` is gone; of any machine (another host sharing the
-    storage, an earlier container whose pid 1 looks alive in this one), once older than
-    :data:`STALE_AFTER_S`. A writer on another host is never judged by this machine's process table.
+def fsync_dir(directory: str | Path) -> None:
+    """fsync ``directory`` itself: makes its entries (a rename, a new or removed name) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory bottom-up, ``root`` last (symlinks skipped)."""
+    for here, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(here) / name
+            if path.is_symlink():
+                continue
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(here)
+
+
+@contextmanager
+def exclusive_writer(root: str | Path) -> Iterator[None]:
+    """Declare for the block that this process is the only writer under ``root``: the caller holds the
+    work directory's exclusive lock (``pipelines.schedule.work_dir_lock``). :func:`remove_stale_temps` then
+    clears every leftover there whatever its host or age: no other process can be writing it."""
+    root = Path(root).resolve()
+    _EXCLUSIVE.add(root)
+    try:
+        yield
+    finally:
+        _EXCLUSIVE.discard(root)
+
+
+def remove_stale_temps(directory: str | Path, exclusive: bool | None = None) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>-<token>@<host>`` / ``.<name>.old-…`` entries in ``directory`` that no writer
+    will finish: of this machine, when process ``pid`` is gone or is this process under another token (an
+    earlier container's pid 1); of any machine (another host sharing the storage, an earlier container whose
+    pid looks alive in this one), once older than :data:`STALE_AFTER_S`. A writer on another host is never
+    judged by this machine's process table. ``exclusive`` (default: whether ``directory`` lies under an
+    :func:`exclusive_writer` root of this process) clears every entry that is not this process's own, of any
+    host and age: e.g. what a run killed in another pod left before this one took the exclusive lock.
 
     An ``.old-`` entry whose ``<name>`` is missing (killed between the two renames of :func:`atomic_dir`) is
     renamed back to ``<name>``: the previous complete output wins over an unfinished one. Returns what was
-    removed or restored. Entries of live processes are left alone.
+    removed or restored. Entries of live writers are left alone, and so is an entry that cannot be removed (an
+    NFS ``.nfsXXXX`` file a reader holds open, a permission): a warning names it and the others are still
+    cleared, so one stuck leftover never fails a job.
     """
     directory = Path(directory)
+    if exclusive is None:
+        exclusive = _held_exclusively(directory)
     touched = []
     now = time.time()
     for entry in sorted(directory.glob(".*")):
         match = _STALE.fullmatch(entry.name)
-        if match is None:
+        if match is None or f"{match['pid']}-{match['token']}@{match['host']}" == _writer():
+            continue  # not a temporary entry, or this process's own (in use)
+        try:
+            if not (exclusive or _abandoned(match, entry, now)):
+                continue
+            target = directory / match["name"]
+            if match["tag"] == OLD_TAG and not target.exists():
+                os.replace(entry, target)
+            else:
+                _remove(entry)
+        except OSError as exc:
+            log.warning("could not clear the leftover %s (%s); left in place, the rest is cleared: a later run "
+                        "retries, or remove it by hand once nothing holds it open", entry, exc)
             continue
-        pid, here = int(match["pid"]), match["host"] in (None, _HOST)
-        if here and pid == os.getpid():
-            continue  # this process's own, in use
-        old = now - entry.lstat().st_mtime > STALE_AFTER_S
-        if not (old or (here and not _alive(pid))):
-            continue
-        target = directory / match["name"]
-        if match["tag"] == OLD_TAG and not target.exists():
-            os.replace(entry, target)
-        elif entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
         touched.append(entry)
     return touched
 
 
+def _abandoned(match: re.Match[str], entry: Path, now: float) -> bool:
+    """Whether the writer of ``entry`` (parsed by :data:`_STALE`) will never finish it."""
+    if now - entry.lstat().st_mtime > STALE_AFTER_S:
+        return True
+    if match["host"] not in (None, _HOST):
+        return False
+    pid = int(match["pid"])
+    return pid == os.getpid() or not _alive(pid)  # this pid with another token: an earlier process
+
+
+def _held_exclusively(directory: Path) -> bool:
+    here = directory.resolve()
+    return any(here == root or root in here.parents for root in _EXCLUSIVE)
+
+
+def _remove(entry: Path) -> None:
+    """Remove the file, link or directory ``entry`` if it exists."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
 def _writer() -> str:
-    """``<pid>@<host>``: who writes a temporary entry (at call time: a forked process is another writer)."""
-    return f"{os.getpid()}@{_HOST}"
+    """``<pid>-<token>@<host>``: who writes a temporary entry (at call time: a forked process is another
+    writer, with a token of its own)."""
+    pid = os.getpid()
+    return f"{pid}-{_TOKENS.setdefault(pid, secrets.token_hex(6))}@{_HOST}"
 
 
 def _alive(pid: int) -> bool:

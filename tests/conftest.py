@@ -85,3 +85,24 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     finally:
         _stop(proc)
         log.close()
+
+
+@pytest.fixture
+def fsync_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Every ``os.fsync`` (as ``("fsync", path of the descriptor)``) and ``os.replace`` (``("replace", src, dst)``)
+    from now on, in order; both still happen. What a power-cut test checks without a power cut: that what a
+    marker vouches for is made durable before the marker."""
+    events: list[tuple[str, ...]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipelines.cli import EXIT_LOCKED, EXIT_OK, EXIT_USAGE, main
+from pipelines.cli import EXIT_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, main
 from pipelines.schedule import config_hash, parse_run_date
 from recsys.config import load_config
 from recsys.storage import read_json
@@ -142,7 +143,7 @@ def test_jobs_that_rewrite_the_features_or_model_never_overlap_jobs_that_read_th
     with work_dir_lock(work, "features", shared=False):  # a features job rebuilding the feature set
         assert _train(work) == EXIT_LOCKED
         err = capsys.readouterr().err
-        assert str(lock) in err and f"`recsys features (pid {os.getpid()})` is rewriting" in err
+        assert str(lock) in err and f"`recsys features (pid {os.getpid()} on {socket.gethostname()}, started " in err
         assert main(["candidates", "--quiet", "--date", "2024-05-01", *tiny(work)]) == EXIT_LOCKED
     assert not (work / "model").exists() and not (work / "candidates").exists()
     assert _train(work) == EXIT_OK
@@ -186,5 +187,87 @@ def test_a_status_probe_of_the_lock_does_not_turn_a_starting_job_away(tmp_path) 
                 pass
         else:
             with job_lock(tmp_path, "train"):
-                assert lock.read_text() == f"{os.getpid()}\n"
+                assert lock.read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()}, started ")
         thread.join()
+
+
+def test_a_lock_names_its_holders_pid_host_and_start(tmp_path) -> None:
+    """Containers on one volume: a bare pid (1, of another PID namespace) names nobody; pid, host and start time
+    say which container holds the lock and since when, in the locked message and in `recsys status`."""
+    import datetime as dt
+
+    from pipelines.schedule import LockedError, job_lock, lock_holders
+
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, started "
+    with job_lock(tmp_path, "run"):
+        with pytest.raises(LockedError) as locked, job_lock(tmp_path, "run"):
+            pass
+        running = lock_holders(tmp_path)
+    assert f"run.lock is held by {holder}" in str(locked.value)
+    assert running["run"].startswith(holder)
+    started = dt.datetime.fromisoformat(running["run"].removeprefix(holder))
+    assert abs((dt.datetime.now(dt.UTC) - started).total_seconds()) < 60
+    import fcntl
+
+    (tmp_path / ".locks" / "old.lock").write_text("4242\n")  # held by an earlier version: a bare pid
+    with open(tmp_path / ".locks" / "old.lock") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(LockedError, match=r"old\.lock is held by pid 4242: "), job_lock(tmp_path, "old"):
+            pass
+
+
+def test_a_new_pod_clears_and_restores_what_a_run_killed_in_another_pod_left(new_work, tmp_path) -> None:
+    """A features build killed mid-swap in pod-a left .features.old-… (the previous build) with features/
+    missing. The next build, in pod-b and holding the work directory alone, puts the previous build back, so
+    features.min_rows_ratio compares with it and stops a truncated export (exit 3) instead of skipping the gate
+    as if there were no previous build."""
+    work = new_work()
+    rows_before = (work / "features" / "manifest.json").read_text()
+    os.replace(work / "features", work / ".features.old-1-5eed@pod-a")
+    (work / ".features.tmp-1-5eed@pod-a").mkdir()
+    short = ["features.min_rows_ratio=0.5", "data.synthetic.n_users=20"]
+    assert main(["features", "--quiet", *tiny(work, *short)]) == EXIT_INPUT
+    assert (work / "features" / "manifest.json").read_text() == rows_before
+    assert leftovers(work) == []
+
+
+def test_unfinished_checkpoints_of_earlier_nights_go_once_a_later_night_succeeds(tmp_path) -> None:
+    """A night killed in training leaves a resume point nobody resumes once a later night succeeded: pruned
+    then; an unfinished run of this date (another config) or of a later date (a backfill) is kept."""
+    from pipelines.schedule import ScheduledRun, checkpoint_dir
+
+    cfg = load_config(None, tiny(tmp_path / "work"))
+    run = ScheduledRun(cfg, "run", parse_run_date("2024-05-05"))
+    current = checkpoint_dir(cfg, run.run_date)
+    root = current.parent
+    dirs = {name: root / name for name in ("2024-05-02-aaaaaaaaaaaa", "2024-05-04-bbbbbbbbbbbb",
+                                             "2024-05-05-cccccccccccc", "2024-05-07-dddddddddddd", "scratch")}
+    for path in dirs.values():
+        path.mkdir(parents=True)
+        (path / "last.ckpt").write_bytes(b"resume point")
+        (path / "best-epoch001.ckpt").write_bytes(b"best")
+    (dirs["2024-05-04-bbbbbbbbbbbb"] / "last.ckpt").unlink()  # finished
+    current.mkdir()
+    (current / "last.ckpt").write_bytes(b"done")
+    (current / "best-epoch003.ckpt").write_bytes(b"best")
+    run.prune_checkpoints()
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [current.name, "2024-05-05-cccccccccccc", "2024-05-07-dddddddddddd", "scratch"])
+    assert [p.name for p in current.iterdir()] == ["best-epoch003.ckpt"]
+
+
+def test_the_success_marker_is_written_only_once_the_outputs_are_durable(new_work, fsync_log, monkeypatch) -> None:
+    """A power cut after the marker is written must not leave an empty model: every file of model/ is fsynced
+    before the rename that publishes it, the work directory after that rename, and only then is the marker
+    renamed into place."""
+    work = new_work()
+    events = fsync_log
+    assert _train(work) == EXIT_OK
+    monkeypatch.undo()
+    publish = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(work / "model"))
+    marker = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith(f"runs/train/{DATE}.json"))
+    tmp = events[publish][1]
+    synced = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    assert {f"{tmp}/{p.name}" for p in (work / "model").iterdir() if p.is_file()} <= synced
+    assert tmp in synced
+    assert ("fsync", str(work)) in events[publish + 1:marker]

@@ -128,9 +128,123 @@ def test_temps_of_another_machine_are_judged_by_age_not_by_this_machines_process
     assert remove_stale_temps(tmp_path) == [other] and list(tmp_path.iterdir()) == []
 
 
-def test_a_writer_names_its_temporaries_with_its_pid_and_host(tmp_path: Path) -> None:
+def test_a_writer_names_its_temporaries_with_its_pid_a_token_of_its_own_and_host(tmp_path: Path) -> None:
     import os
+    import re
     import socket
 
     with atomic_dir(tmp_path / "out") as tmp:
-        assert tmp.name == f".out.tmp-{os.getpid()}@{socket.gethostname()}"
+        token = re.fullmatch(rf"\.out\.tmp-{os.getpid()}-([0-9a-f]+)@{re.escape(socket.gethostname())}", tmp.name)
+        assert token is not None
+    with atomic_dir(tmp_path / "out") as again:
+        assert again.name == tmp.name  # drawn once per process
+    child = subprocess.run([sys.executable, "-c", "from recsys.storage import _writer; print(_writer())"],
+                           capture_output=True, text=True, check=True)
+    assert token[1] not in child.stdout  # another process: another token, even if it had this pid
+
+
+def test_atomic_dir_makes_the_new_content_durable_before_the_rename_and_the_rename_after(
+    tmp_path: Path, fsync_log: list[tuple[str, ...]]
+) -> None:
+    """A power cut must never leave the renamed directory with empty files (nor the old content back) once
+    atomic_dir returned, when the caller goes on to write a success marker: every file, subdirectory and the
+    temporary directory are fsynced before the publishing rename, the parent directory after it."""
+    target = tmp_path / "out"
+    with atomic_dir(target) as out:
+        (out / "old.txt").write_text("yesterday")
+    fsync_log.clear()
+    events = fsync_log
+    with atomic_dir(target) as out:
+        (out / "a.parquet").write_bytes(b"rows")
+        (out / "sub").mkdir()
+        (out / "sub" / "b.json").write_text("{}")
+        tmp = str(out)
+    publish = events.index(("replace", tmp, str(target)))
+    synced = [path for kind, path, *_ in events[:publish] if kind == "fsync"]
+    for path in (f"{tmp}/a.parquet", f"{tmp}/sub/b.json", f"{tmp}/sub", tmp):
+        assert path in synced, (path, events)
+    assert synced.index(f"{tmp}/sub/b.json") < synced.index(f"{tmp}/sub") < synced.index(tmp)
+    assert ("fsync", str(tmp_path)) in events[publish + 1:], events
+    assert (target / "sub" / "b.json").read_text() == "{}"
+
+
+def test_atomic_write_bytes_makes_the_rename_durable(tmp_path: Path, fsync_log: list[tuple[str, ...]]) -> None:
+    """The file is fsynced before the rename and its directory after it (a marker written this way survives a
+    power cut once the call returned)."""
+    events = fsync_log
+    atomic_write_bytes(tmp_path / "marker.json", b"{}")
+    kinds = [event[0] for event in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[1][2] == str(tmp_path / "marker.json") and events[2] == ("fsync", str(tmp_path))
+
+
+def test_a_leftover_that_cannot_be_removed_is_named_and_the_rest_is_still_cleared(
+    tmp_path: Path, dead_pid: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NFS: a removed file a process still holds open becomes .nfsXXXX and its directory cannot be removed
+    until that process closes it. That must not fail this write, nor every later one."""
+    import recsys.storage as storage
+
+    stuck, gone = tmp_path / f".model.tmp-{dead_pid}", tmp_path / f".evaluation.tmp-{dead_pid}"
+    for leftover in (stuck, gone):
+        leftover.mkdir()
+        (leftover / "f").write_text("half")
+    real = storage.shutil.rmtree
+
+    def busy(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if Path(path) == stuck:
+            raise OSError(16, "Device or resource busy", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage.shutil, "rmtree", busy)
+    with caplog.at_level("WARNING", logger="recsys.storage"):
+        assert remove_stale_temps(tmp_path) == [gone]
+        with atomic_dir(tmp_path / "model") as out:
+            (out / "weights").write_text("tonight")
+    assert (tmp_path / "model" / "weights").read_text() == "tonight"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stuck.name, "model"]
+    assert f"could not clear the leftover {stuck}" in caplog.text and "Device or resource busy" in caplog.text
+
+
+def test_leftovers_of_an_earlier_process_with_this_pid_and_host_are_not_taken_for_its_own(tmp_path: Path) -> None:
+    """A container restarted on a fixed hostname runs as pid 1 every night: last night's killed write left
+    .<name>.tmp-1@host / .<name>.old-1@host. This process has another token, so they are abandoned: cleared,
+    and the publishing rename does not collide with a non-empty .old- directory."""
+    import os
+    import socket
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as out:
+        (out / "weights").write_text("yesterday")
+    pid_host = f"{os.getpid()}@{socket.gethostname()}"
+    earlier = [f".model.tmp-{pid_host}", f".model.old-{pid_host}", f".model.old-{os.getpid()}-0badc0de@"
+               f"{socket.gethostname()}"]
+    for name in earlier:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights").write_text("the night before")
+    with atomic_dir(target) as out:
+        (out / "weights").write_text("tonight")
+    assert (target / "weights").read_text() == "tonight"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_an_exclusive_writer_clears_any_hosts_leftovers_and_restores_a_displaced_output(tmp_path: Path) -> None:
+    """A run killed in another pod (another hostname) mid-swap left .features.old-… with features/ missing and
+    its half-written .features.tmp-…. A process that holds the work directory alone knows nobody writes them:
+    the previous output goes back, the rest goes, whatever the host or age."""
+    from recsys.storage import exclusive_writer
+
+    old, tmp = tmp_path / ".features.old-1-abc123@pod-a", tmp_path / ".features.tmp-1-abc123@pod-a"
+    old.mkdir()
+    (old / "manifest.json").write_text('{"rows_in": 200}')
+    tmp.mkdir()
+    model_tmp = tmp_path / ".model.tmp-7@pod-b"
+    model_tmp.mkdir()
+    assert remove_stale_temps(tmp_path) == []  # another host, just written: its writer may be running
+    with exclusive_writer(tmp_path):
+        assert sorted(remove_stale_temps(tmp_path / ".")) == sorted([old, tmp, model_tmp])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]
+    assert (tmp_path / "features" / "manifest.json").read_text() == '{"rows_in": 200}'
+    (tmp_path / ".model.tmp-7@pod-b").mkdir()
+    assert remove_stale_temps(tmp_path) == []  # the block is over: back to judging by host and age
+    assert remove_stale_temps(tmp_path, exclusive=True) == [tmp_path / ".model.tmp-7@pod-b"]
