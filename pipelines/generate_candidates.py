@@ -33,7 +33,7 @@ from recsys.faults import fault_point
 from recsys.model import WEIGHTS_FILE
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
 from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_rows
-from recsys.storage import atomic_dir, fingerprint, read_json, remove_dir, write_json
+from recsys.storage import atomic_dir, fingerprint, fsync_dir, read_json, remove_dir, write_json
 from recsys.tracking import JobRun, job_run
 
 if TYPE_CHECKING:
@@ -94,9 +94,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
                  "gate": gate, "passed": not violations, "violations": violations}
         keep = cfg.candidates.keep_days
         expired = [] if keep is None or violations else wd.expired_candidates(day, keep, part)
-        # A night losing a published part is no longer complete: its marker goes with the part.
-        old_markers = sorted({wd.night_marker(when) for when, _ in dated_partitions(
-            p for p in expired if p.relative_to(wd.candidates).parts[0] != "rejected")} & _existing(wd))
+        old_markers = [] if keep is None or violations else _expired_markers(wd, expired, day, keep)
         retention = {"keep_days": keep,
                      "removed": [str(p.relative_to(wd.candidates)) for p in (*expired, *old_markers)]}
         manifest = _manifest(cfg, day, table.height, {**stats, **activity, "allowed_items": allow_file,
@@ -115,13 +113,12 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
             fault_point("candidates-manifest-written")
             save_config(cfg, out / "config.yaml")
             fault_point("candidates-before-publish")
+            if not violations:
+                _unmark_night(wd, day)
         fault_point("candidates-published")
         if not violations:  # first: a later failure (retention, MLflow) must not leave a published night unmarked
             _mark_night(wd, day, shard)
-        for path in expired:  # only once tonight is published; a rejected night removes nothing
-            remove_dir(path)
-        for path in old_markers:
-            path.unlink(missing_ok=True)
+        _remove_expired(wd, old_markers, expired)  # only once tonight is published; a rejected night removes nothing
         if expired:
             log.info("candidates: removed %d partitions older than %d days: %s", len(expired), keep,
                      ", ".join(retention["removed"]))
@@ -174,6 +171,57 @@ def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, 
 def _existing(wd: WorkDir) -> set[Path]:
     """The night completion markers present (:meth:`WorkDir.night_marker`)."""
     return set((wd.candidates / "complete").glob("date=*.json"))
+
+
+def _expired_markers(wd: WorkDir, expired: list[Path], day: dt.date, keep_days: int) -> list[Path]:
+    """Completion markers that retention removes: of the nights losing a published part tonight (no longer
+    complete), and of expired nights whose marker lists a part that is gone already (left by a run killed
+    between removing a partition and its marker, or by a partition removed by hand). Sorted."""
+    losing = {wd.night_marker(when) for when, _ in dated_partitions(
+        p for p in expired if p.relative_to(wd.candidates).parts[0] != "rejected")}
+    oldest_kept = day - dt.timedelta(days=keep_days - 1)
+    expired_nights = [wd.night_marker(when) for when, _ in dated_partitions(p.with_suffix("") for p in _existing(wd))
+                      if when < oldest_kept]
+    return sorted((losing & _existing(wd)) | {m for m in expired_nights if _lacks_a_part(wd, m)})
+
+
+def _lacks_a_part(wd: WorkDir, marker: Path) -> bool:
+    """Whether a part the completion ``marker`` lists is no longer published (an unreadable marker: True)."""
+    try:
+        parts = read_json(marker)["parts"]
+        return any(not (wd.candidates / part["path"] / "candidates.parquet").is_file() for part in parts)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("candidates: completion marker %s of an expired night is unreadable (%s): removed with it",
+                    marker, exc)
+        return True
+
+
+def _remove_expired(wd: WorkDir, markers: list[Path], partitions: list[Path]) -> None:
+    """Retention: the markers first (a marker must never outlive the night it describes, even if this process
+    is killed in between), then the partitions. Tonight's night is published and marked already, so a path
+    that cannot be removed (an NFS ``.nfsXXXX`` file held open by a reader) fails nothing: a warning names it
+    and the next night's retention retries."""
+    for path in [*markers, *partitions]:
+        try:
+            if path in markers:
+                path.unlink(missing_ok=True)
+            else:
+                remove_dir(path)
+        except OSError as exc:
+            log.warning("candidates: retention could not remove %s (%s); left in place, the next night retries "
+                        "(remove it by hand if it stays)", path, exc)
+    if markers:
+        fsync_dir(wd.candidates / "complete")
+
+
+def _unmark_night(wd: WorkDir, day: dt.date) -> None:
+    """Remove night ``day``'s completion marker, durably, before a part of it is replaced: the marker describes
+    the parts being replaced, so a process killed after the swap must not leave it saying "complete" for lists
+    it does not describe. :func:`_mark_night` writes it again once the new part is published."""
+    marker = wd.night_marker(day)
+    if marker.exists():
+        marker.unlink()
+        fsync_dir(marker.parent)
 
 
 def _mark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> Path | None:

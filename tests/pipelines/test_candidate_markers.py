@@ -1,0 +1,110 @@
+"""Night completion markers of `recsys candidates` around a rerun and retention: a marker never describes lists
+that are not published, whatever point the job is killed at, and retention never fails a published night."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import pipelines.generate_candidates as job
+from pipelines.cli import EXIT_OK, main
+from tests.pipelines.conftest import leftovers, tiny, train_tiny
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL at a point of the job: nothing after it runs (not caught by the CLI)."""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("candidate-markers") / "work", tiny_features)
+
+
+def _work(trained: Path, tmp_path: Path, *nights: str) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(trained, work)
+    for day in nights:
+        assert main(["candidates", "--quiet", "--date", day, *tiny(work)]) == EXIT_OK
+    return work
+
+
+def _markers(work: Path) -> list[str]:
+    return sorted(p.name for p in (work / "candidates" / "complete").glob("date=*.json"))
+
+
+def test_a_rerun_killed_after_publishing_leaves_no_marker_of_the_old_lists(trained, tmp_path, monkeypatch) -> None:
+    """Rerun of a complete night (other lists: candidates.k=3) killed right after the swap, before the marker is
+    rewritten: the night is unmarked (not complete) rather than marked with the replaced lists' rows and sha."""
+    work = _work(trained, tmp_path, "2024-08-01")
+    marker = work / "candidates" / "complete" / "date=2024-08-01.json"
+    assert json.loads(marker.read_text())["rows"] > 0
+
+    def kill_after_publish(name: str) -> None:
+        if name == "candidates-published":
+            raise Killed(name)
+
+    monkeypatch.setattr(job, "fault_point", kill_after_publish)
+    with pytest.raises(Killed):
+        main(["candidates", "--quiet", "--date", "2024-08-01", *tiny(work, "candidates.k=3")])
+    part = work / "candidates" / "date=2024-08-01"
+    assert pl.read_parquet(part / "candidates.parquet").height == json.loads((part / "manifest.json").read_text())[
+        "rows"]  # the new lists are published
+    assert not marker.exists()
+    monkeypatch.undo()
+    assert main(["candidates", "--quiet", "--date", "2024-08-01", *tiny(work, "candidates.k=3")]) == EXIT_OK
+    assert json.loads(marker.read_text())["rows"] == pl.read_parquet(part / "candidates.parquet").height
+
+
+def test_retention_removes_a_nights_marker_before_its_partition(trained, tmp_path, monkeypatch) -> None:
+    """Killed while removing expired partitions: their markers are gone already, none outlives its night."""
+    work = _work(trained, tmp_path, "2024-08-01", "2024-08-02")
+
+    def remove_then_die(path: Path) -> None:
+        raise Killed(str(path))
+
+    monkeypatch.setattr(job, "remove_dir", remove_then_die)
+    with pytest.raises(Killed):
+        main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, "candidates.keep_days=2")])
+    assert _markers(work) == ["date=2024-08-05.json"]
+
+
+def test_retention_sweeps_the_marker_of_a_night_whose_partition_is_gone(trained, tmp_path) -> None:
+    """A marker left by a run killed between the partition and the marker (earlier versions removed them in that
+    order), or a partition removed by hand: the next retention removes the orphan marker; a kept night's stays."""
+    work = _work(trained, tmp_path, "2024-08-01", "2024-08-02", "2024-08-04")
+    shutil.rmtree(work / "candidates" / "date=2024-08-01")
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, "candidates.keep_days=3")]) == EXIT_OK
+    assert _markers(work) == ["date=2024-08-04.json", "date=2024-08-05.json"]
+    manifest = json.loads((work / "candidates" / "date=2024-08-05" / "manifest.json").read_text())
+    assert manifest["retention"]["removed"] == ["date=2024-08-02", "complete/date=2024-08-01.json",
+                                                "complete/date=2024-08-02.json"]
+
+
+def test_a_partition_that_cannot_be_removed_does_not_fail_a_published_night(trained, tmp_path, monkeypatch,
+                                                                             capsys) -> None:
+    """NFS: a reader holding a file of an expired partition open makes its removal fail; tonight is published
+    and marked already, so the job succeeds, names the path in a warning, and the next night retries."""
+    work = _work(trained, tmp_path, "2024-08-01", "2024-08-02")
+    real = job.remove_dir
+
+    def busy(path: Path) -> None:
+        if path.name == "date=2024-08-01":
+            raise OSError(16, "Device or resource busy", str(path))
+        real(path)
+
+    monkeypatch.setattr(job, "remove_dir", busy)
+    capsys.readouterr()
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, "candidates.keep_days=2")]) == EXIT_OK
+    stuck = work / "candidates" / "date=2024-08-01"
+    assert f"WARNING pipelines.generate_candidates: candidates: retention could not remove {stuck}" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in (work / "candidates").glob("date=*")) == ["date=2024-08-01", "date=2024-08-05"]
+    assert _markers(work) == ["date=2024-08-05.json"]
+    monkeypatch.undo()
+    assert main(["candidates", "--quiet", "--date", "2024-08-06", *tiny(work, "candidates.keep_days=2")]) == EXIT_OK
+    assert sorted(p.name for p in (work / "candidates").glob("date=*")) == ["date=2024-08-05", "date=2024-08-06"]
+    assert leftovers(work) == []
