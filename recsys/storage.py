@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -111,10 +112,15 @@ def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) 
 
 
 def fsync_dir(directory: str | Path) -> None:
-    """fsync ``directory`` itself: makes its entries (a rename, a new or removed name) durable."""
+    """fsync ``directory`` itself: makes its entries (a rename, a new or removed name) durable. A file system
+    that cannot fsync a directory (EINVAL / ENOTSUP: some network and FUSE mounts) is left to its own
+    guarantees rather than failing a write whose files are already durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,32 @@ def test_an_exclusive_writer_clears_any_hosts_leftovers_and_restores_a_displaced
     (tmp_path / ".model.tmp-7@pod-b").mkdir()
     assert remove_stale_temps(tmp_path) == []  # the block is over: back to judging by host and age
     assert remove_stale_temps(tmp_path, exclusive=True) == [tmp_path / ".model.tmp-7@pod-b"]
+
+
+def test_a_file_system_that_cannot_fsync_a_directory_does_not_fail_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some network / FUSE mounts answer fsync of a directory with EINVAL; the files are durable already."""
+    import errno
+
+    import recsys.storage as storage
+
+    real = storage.os.fsync
+
+    def no_dir_fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", no_dir_fsync)
+    atomic_write_bytes(tmp_path / "marker.json", b"{}")
+    with atomic_dir(tmp_path / "model") as out:
+        (out / "model.pt").write_bytes(b"w")
+    assert (tmp_path / "marker.json").read_bytes() == b"{}" and (tmp_path / "model" / "model.pt").exists()
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage.os, "fsync", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic_write_bytes(tmp_path / "other.json", b"{}")
