@@ -24,6 +24,7 @@ from recsys.candidates import (
     generate_candidates,
     load_trained_model,
     read_candidates,
+    recall_violations,
     select_active,
 )
 from recsys.config import Config, save_config
@@ -85,7 +86,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         fault_point("candidates-scored")
         previous = wd.previous_candidates(day, part)
         drift = drift_report(table, _previous_lists(previous, shard), stats["k_effective"])
-        violations = drift_violations(drift, cfg.candidates)
+        violations = drift_violations(drift, cfg.candidates) + recall_violations(stats["search"], cfg.candidates)
         gate = drift_gate(cfg.candidates, previous is not None)
         if gate == "no previous night":  # e.g. the first night, or the first after a change of shard layout
             log.warning("candidates: drift gate not applied tonight: no earlier published night of %s in %s to "
@@ -125,7 +126,8 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         _track(tracker, manifest, drift, target, shard)
         if violations:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)
-                             + f" (against {previous}); the lists are in {target} for inspection")
+                             + (f" (against {previous})" if previous else "")
+                             + f"; the lists are in {target} for inspection")
     log.info("candidates: %d rows for %d users (%d fallbacks) → %s",
              table.height, stats["users"], stats["fallback_users"], target)
     return target

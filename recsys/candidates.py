@@ -418,6 +418,16 @@ def _to_rows(
             .select(list(schema.CANDIDATES)))
 
 
+def recall_violations(search: dict[str, Any], cfg: CandidatesConfig) -> list[str]:
+    """Why the night fails ``candidates.min_recall`` (empty = it does not, or no gate, or nothing to recall)."""
+    recall = search.get("ann_recall_at_k")
+    if cfg.min_recall is None or recall is None or recall >= cfg.min_recall:
+        return []
+    return [f"ANN recall@{cfg.k} {recall:.4f} on {search['recall_sample']} sampled users < candidates.min_recall "
+            f"{cfg.min_recall} with index {search['index_used']!r}: raise candidates.nprobe / ef_search or set "
+            "candidates.target_recall"]
+
+
 def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_seen: bool) -> pl.DataFrame:
     """The fallback: per user of ``users`` (user_id, seen List(Int64)), the k items of ``item_map`` with the
     most training events (ties by item_id), seen ones excluded; score = share of training events."""

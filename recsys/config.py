@@ -396,6 +396,10 @@ class CandidatesConfig(_Section):
     # Auto-tune: nprobe (IVF) / efSearch (HNSW) doubled from the smallest until ANN recall@k against exact
     # search on recall_sample users reaches this (recsys/retrieval.tune_index); None = nprobe / ef_search as given.
     target_recall: float | None = Field(None, gt=0.0, le=1.0)
+    # Recall gate: a night whose ANN recall@k on the sample is below this is not published (its lists go to
+    # candidates/rejected/ as a drift failure does); None = recorded only. Not applied when no sampled user has
+    # an unseen item (nothing to recall).
+    min_recall: float | None = Field(None, gt=0.0, le=1.0)
     batch_size: int = Field(4096, ge=1)
     recall_sample: int = Field(1000, ge=1)
     exclude_seen: bool = True

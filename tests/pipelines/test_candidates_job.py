@@ -68,6 +68,27 @@ def test_drift_gate_failure_is_loud_and_publishes_nothing(trained, capsys):
     assert leftovers(trained) == []
 
 
+def test_a_night_below_candidates_min_recall_is_not_published(trained, capsys):
+    """An IVF index searched one list of 8 misses most of the exact top-K: recorded only, it used to publish."""
+    weak = ["candidates.index=IVF8,Flat", "candidates.nprobe=1"]
+    assert main(["candidates", "--quiet", "--date", "2024-06-01", *weak, *tiny(trained)]) == EXIT_OK
+    recall = json.loads((_night(trained, "2024-06-01") / "manifest.json").read_text())["search"]["ann_recall_at_k"]
+    assert recall < 0.9
+    code = main(["candidates", "--quiet", "--date", "2024-06-02", *weak, "candidates.min_recall=0.9", *tiny(trained)])
+    assert code != EXIT_OK
+    assert "not published: ANN recall@5" in capsys.readouterr().err
+    assert not _night(trained, "2024-06-02").exists()
+    drift = json.loads((trained / "candidates" / "rejected" / "date=2024-06-02" / "drift.json").read_text())
+    assert drift["passed"] is False and drift["violations"] == [
+        f"ANN recall@5 {recall:.4f} on 20 sampled users < candidates.min_recall 0.9 with index 'IVF8,Flat': "
+        "raise candidates.nprobe / ef_search or set candidates.target_recall"]
+    tuned = [*weak, "candidates.min_recall=0.9", "candidates.target_recall=0.95"]
+    assert main(["candidates", "--quiet", "--date", "2024-06-02", *tuned, *tiny(trained)]) == EXIT_OK
+    assert json.loads((_night(trained, "2024-06-02") / "manifest.json").read_text())["search"][
+        "ann_recall_at_k"] >= 0.95
+    assert leftovers(trained) == []
+
+
 def test_date_defaults_to_today_utc_and_a_bad_date_is_a_usage_error(trained, capsys):
     assert main(["candidates", "--quiet", *tiny(trained)]) == EXIT_OK
     assert (_night(trained, dt.datetime.now(dt.UTC).date().isoformat()) / "candidates.parquet").is_file()
