@@ -84,13 +84,16 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
             _check_same_night(wd, day, shard, scored_with, features_sha)
         table, stats = generate_candidates(trained, feats, cfg.candidates, allowed)
         fault_point("candidates-scored")
-        previous = wd.previous_candidates(day, part)
-        drift = drift_report(table, _previous_lists(previous, shard), stats["k_effective"])
+        parts = wd.previous_candidates(day, part)
+        drift = drift_report(table, _previous_lists(parts, shard), stats["k_effective"])
         violations = drift_violations(drift, cfg.candidates) + recall_violations(stats["search"], cfg.candidates)
-        gate = drift_gate(cfg.candidates, previous is not None)
-        if gate == "no previous night":  # e.g. the first night, or the first after a change of shard layout
-            log.warning("candidates: drift gate not applied tonight: no earlier published night of %s in %s to "
-                        "compare with", "this layout" if shard is None else f"shard {shard}", wd.candidates)
+        gate = drift_gate(cfg.candidates, bool(parts))
+        if gate == "no previous night":  # e.g. the first night
+            log.warning("candidates: drift gate not applied tonight: no earlier published night (whole, or all "
+                        "of its shards) in %s to compare with", wd.candidates)
+        # one partition, or every shard of a night split another way: shard=*-of-N/date=…
+        previous = (None if not parts else parts[0] if len(parts) == 1
+                    else wd.candidates / f"shard=*-of-{len(parts)}" / parts[0].name)
         drift = {"date": day.isoformat(), "previous": str(previous) if previous else None, **drift,
                  "gate": gate, "passed": not violations, "violations": violations}
         keep = cfg.candidates.keep_days
@@ -290,12 +293,13 @@ def _check_layout(wd: WorkDir, day: dt.date, shard: Shard | None) -> None:
                                "them")
 
 
-def _previous_lists(previous: Path | None, shard: Shard | None) -> pl.DataFrame | None:
-    """The previous night's lists to measure drift against: of ``shard``'s users only, for a shard (the
-    previous night may have been written whole)."""
-    if previous is None:
+def _previous_lists(previous: list[Path], shard: Shard | None) -> pl.DataFrame | None:
+    """The previous night's lists (its partitions, :meth:`WorkDir.previous_candidates`) to measure drift
+    against: of ``shard``'s users only, for a shard (the previous night may have been written whole, or split
+    another way)."""
+    if not previous:
         return None
-    table = read_candidates(previous)
+    table = pl.concat([read_candidates(path) for path in previous])
     return table if shard is None else shard_rows(table, shard)
 
 

@@ -80,17 +80,32 @@ class WorkDir:
         """Names of the shard directories (``shard=i-of-N``) holding a published partition of ``day``."""
         return sorted(p.parent.name for p in self.candidates.glob(f"shard=*/date={day.isoformat()}"))
 
-    def previous_candidates(self, day: dt.date, shard: str | None = None) -> Path | None:
-        """The latest published partition dated strictly before ``day``, or None.
+    def previous_candidates(self, day: dt.date, shard: str | None = None) -> list[Path]:
+        """The published partitions of the latest night dated strictly before ``day`` (empty: none).
 
-        For a ``shard``: the latest earlier night of that shard (split the same way) or written whole; the
-        caller keeps only the shard's users of the latter.
+        That night may be written in any layout: whole, or as ``shard`` (split the same way), or as ALL N
+        shards of another split (after a change of shard count; a night with a shard missing is skipped).
+        The caller keeps only ``shard``'s users. On one date: the same shard, else whole, else the shards.
         """
-        roots = [self.candidates] if shard is None else [self.candidates, self.candidates / shard]
-        dated = [(when, preference, path) for preference, root in enumerate(roots)
-                 for when, path in dated_partitions(root.glob("date=*"))
-                 if when < day and (path / "candidates.parquet").is_file()]
-        return max(dated)[2] if dated else None
+        def published(root: Path) -> dict[dt.date, Path]:
+            return {when: path for when, path in dated_partitions(root.glob("date=*"))
+                    if when < day and (path / "candidates.parquet").is_file()}
+
+        nights: list[tuple[dt.date, int, list[Path]]] = []
+        if shard is not None:
+            nights += [(when, 2, [path]) for when, path in published(self.candidates / shard).items()]
+        nights += [(when, 1, [path]) for when, path in published(self.candidates).items()]
+        splits: dict[int, dict[int, dict[dt.date, Path]]] = {}  # count -> index -> that shard's nights
+        for directory in self.candidates.glob("shard=*-of-*"):
+            index, _, count = directory.name.removeprefix("shard=").partition("-of-")
+            if directory.name != shard and index.isdigit() and count.isdigit():
+                splits.setdefault(int(count), {})[int(index)] = published(directory)
+        for count, shards in splits.items():
+            if set(shards) != set(range(count)):
+                continue
+            for when in set.intersection(*(set(s) for s in shards.values())):
+                nights.append((when, 0, [shards[i][when] for i in range(count)]))
+        return max(nights, key=lambda night: night[:2])[2] if nights else []
 
     def expired_candidates(self, day: dt.date, keep_days: int, shard: str | None = None) -> list[Path]:
         """Partitions, published and rejected, dated ``keep_days`` days or more before ``day``: of the whole

@@ -47,10 +47,15 @@ def test_union_of_the_shards_is_the_unsharded_night(trained: Path, n: int) -> No
     assert [m["shard"] for m in manifests] == [{"index": i, "count": n} for i in range(n)]
     assert sum(m["users"] for m in manifests) == whole["user_id"].n_unique() == 200
     assert sum(m["rows"] for m in manifests) == whole.height
+    # the night before: split n - 1 ways if that parametrisation ran (in full), else the whole night of WHOLE
+    before = f"2024-05-0{n}"
+    earlier = [_night(trained, before, f"shard={i}-of-{n - 1}") for i in range(n - 1)]
+    previous = (str(_night(trained, WHOLE)) if not earlier or not all(p.is_dir() for p in earlier)
+                else str(earlier[0]) if n == 2 else str(trained / "candidates" / f"shard=*-of-{n - 1}" / f"date={before}"))
     for shard, manifest in zip(shards, manifests, strict=True):
-        # Drift against the same users of the night before (written whole): same model, same features.
+        # Drift against the same users of the night before: same model, same features.
         drift = json.loads((shard / "drift.json").read_text())
-        assert drift["previous"] == str(_night(trained, WHOLE))
+        assert drift["previous"] == previous
         assert drift["users_previous"] == drift["users_today"] == manifest["users"]
         assert drift["mean_overlap_at_k"] == 1.0
     assert leftovers(trained) == []
@@ -86,6 +91,21 @@ def test_the_drift_gate_of_a_shard_compares_with_the_same_shard(trained: Path, c
     rejected = trained / "candidates" / "rejected" / "shard=0-of-2" / "date=2024-05-22"
     assert json.loads((rejected / "drift.json").read_text())["passed"] is False
     assert snapshot(_night(trained, "2024-05-22", "shard=0-of-2")) == published
+
+
+def test_after_a_change_of_shard_count_a_shard_compares_with_the_last_complete_night(trained: Path) -> None:
+    """Split 2 ways on 06-10, then 4 ways: shard 0/4 compares with the union of 06-10's 2 shards (it used to skip
+    them and compare with the whole night of 05-01, or none); a split night with a shard missing is skipped."""
+    for i in range(2):
+        assert _shard(trained, "2024-06-10", i, 2) == EXIT_OK
+    assert _shard(trained, "2024-06-11", 0, 4) == EXIT_OK
+    drift = json.loads((_night(trained, "2024-06-11", "shard=0-of-4") / "drift.json").read_text())
+    assert drift["previous"] == str(trained / "candidates" / "shard=*-of-2" / "date=2024-06-10")
+    assert drift["users_previous"] == drift["users_today"] > 0 and drift["mean_overlap_at_k"] == 1.0
+    assert _shard(trained, "2024-06-12", 0, 3) == EXIT_OK  # 1 of 3 shards: not a complete night
+    assert _shard(trained, "2024-06-13", 0, 5) == EXIT_OK
+    drift = json.loads((_night(trained, "2024-06-13", "shard=0-of-5") / "drift.json").read_text())
+    assert drift["previous"] == str(trained / "candidates" / "shard=*-of-2" / "date=2024-06-10")
 
 
 @pytest.mark.parametrize("value", ["2/2", "-1/2", "0/0", "1", "a/b", "1/2/3"])
