@@ -14,8 +14,11 @@ from recsys.data import IndexBatchSampler, SequenceDataModule
 class RankBatches(Sampler[torch.Tensor]):
     """One DDP rank's share of every (B,) index batch of an :class:`IndexBatchSampler`.
 
-    Each batch is cut into ``world_size`` contiguous parts of near-equal size and the rank takes part
-    ``rank``, so the ranks together see exactly the batches one process would (the batch size is global).
+    Each batch is dealt out row by row, rank ``rank`` taking rows ``rank``, ``rank + world_size``, ..., so the
+    ranks together see exactly the batches one process would (the batch size is global), and each rank's part
+    is like the whole batch: with ``train.group_by_length`` a batch is sorted longest first, and contiguous
+    parts gave rank 0 the longest histories and the last rank the shortest (each rank's loss is a mean over
+    its own target positions, so the short histories' positions weighed up to 1.22x, the long ones' 0.83x).
     ``pad`` (training): a batch whose size is not a multiple of ``world_size`` is first padded with its own
     first indices, so that every rank gets the same number of rows at every step; DDP needs the same number of
     steps on every rank and averages their gradients, which equals the one-process gradient when the parts
@@ -36,7 +39,7 @@ class RankBatches(Sampler[torch.Tensor]):
             if self.pad and len(batch) % self.world_size:
                 size = -(-len(batch) // self.world_size) * self.world_size
                 batch = batch[torch.arange(size) % len(batch)]  # (size,)
-            part = batch.tensor_split(self.world_size)[self.rank]
+            part = batch[self.rank :: self.world_size]
             if len(part):
                 yield part
 
