@@ -225,7 +225,17 @@ def _execute(args: argparse.Namespace, cfg: Config) -> bool:
         return False
     if args.force:
         scheduled.discard_checkpoints()
-    _job(args.command)(cfg, scheduled.run_date)
+    # The processes Lightning's launcher starts for train.devices > 1 inherit this: they must use rank 0's date
+    # (the checkpoint directory it resumes from), not their own "today" (a run started before midnight).
+    before = os.environ.get(RUN_DATE_VARIABLE)
+    os.environ[RUN_DATE_VARIABLE] = scheduled.run_date.isoformat()
+    try:
+        _job(args.command)(cfg, scheduled.run_date)
+    finally:
+        if before is None:
+            os.environ.pop(RUN_DATE_VARIABLE, None)
+        else:
+            os.environ[RUN_DATE_VARIABLE] = before
     fault_point("before-marker")
     scheduled.mark_done()
     scheduled.prune_checkpoints()
@@ -332,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LOCKED
 
 
+# Rank 0's run date, handed to the DDP processes its launcher starts on the node (see _execute and _worker).
+RUN_DATE_VARIABLE = "RECSYS_RUN_DATE"
+
+
 def _worker(args: argparse.Namespace, cfg: Config) -> int:
     """A DDP process other than global rank 0 (see README "Scale-out"): it trains its share, and takes no lock
     and writes no model, marker or MLflow run; a date rank 0 skips as done is skipped here too."""
@@ -341,7 +355,8 @@ def _worker(args: argparse.Namespace, cfg: Config) -> int:
               "`recsys train` (and `recsys run`'s training) run on several processes", file=sys.stderr)
         return EXIT_USAGE
     log_file = _setup_logging(cfg, f"{args.command}-worker-{os.getpid()}", quiet=True)
-    run_date = args.run_date or today_utc()
+    inherited = os.environ.get(RUN_DATE_VARIABLE)
+    run_date = args.run_date or (parse_run_date(inherited) if inherited else today_utc())
     if not args.force and ScheduledRun(cfg, args.command, run_date).done() is not None:
         return EXIT_OK
     from pipelines import train_worker

@@ -94,6 +94,33 @@ def test_only_training_runs_as_a_non_zero_rank(job: str, tmp_path: Path, monkeyp
     assert not tmp_path.exists() or list(tmp_path.iterdir()) == []  # no lock, log or output
 
 
+def test_the_processes_a_run_starts_use_its_run_date_not_their_own_today(tmp_path: Path, monkeypatch) -> None:
+    """A run started before midnight whose training (and so its other processes) starts after it: the
+    workers used their own today, so rank 0 resumed one day's checkpoint and they another (and hung)."""
+    import datetime as dt
+
+    import pipelines.cli as cli
+    import pipelines.train_worker as train_worker
+
+    dates: dict[str, dt.date] = {}
+    monkeypatch.setattr(cli, "today_utc", lambda: dt.date(2024, 6, 1))
+    # the job, while it trains: the date it runs and what Lightning's launcher passes on to the other processes
+    def rank0(cfg, run_date):  # noqa: ANN001, ANN202
+        dates["rank0"], dates["passed on"] = run_date, os.environ.get("RECSYS_RUN_DATE")
+
+    monkeypatch.setattr(cli, "_job", lambda name: rank0)
+    common = [f"work_dir={tmp_path}", "tracking.enabled=false", "data.source=synthetic"]
+    assert main(["train", "--quiet", *common]) == EXIT_OK
+    assert dates.pop("passed on") == "2024-06-01" and "RECSYS_RUN_DATE" not in os.environ  # not after the job
+    shutil.rmtree(tmp_path / "runs")  # the (stubbed) rank 0 marked the date done; the real one is still training
+    monkeypatch.setenv("RECSYS_RUN_DATE", "2024-06-01")  # as the launcher's child inherits it
+    monkeypatch.setattr(cli, "today_utc", lambda: dt.date(2024, 6, 2))  # after midnight
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(train_worker, "run", lambda cfg, run_date, allow_resume: dates.setdefault("rank1", run_date))
+    assert main(["train", "--quiet", *common]) == EXIT_OK
+    assert dates == {"rank0": dt.date(2024, 6, 1), "rank1": dt.date(2024, 6, 1)}
+
+
 @pytest.mark.parametrize("extra", [[], ["model.event_types=true"], ["data.synthetic.n_users=65"]],
                          ids=["items", "event_types", "odd_users"])
 def test_two_process_ddp_matches_one_process(tmp_path: Path, extra: list[str]) -> None:
