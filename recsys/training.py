@@ -33,6 +33,7 @@ from recsys.data import ItemAttributes, SequenceDataModule, derive_seed
 from recsys.distributed import RankShardedData
 from recsys.faults import fault_point
 from recsys.model import SASRec
+from recsys.signals import SynchronizedSigterm
 from recsys.system import MONITOR, SASRecSystem
 
 if TYPE_CHECKING:
@@ -266,6 +267,8 @@ def train_model(
     if t.ema_decay is not None:
         # Parameters only: the model has no statistics buffers, and sampling_probs must stay the module's own.
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay, use_buffers=False))
+    # Last, so that the other callbacks finish a batch before it may stop the run; inert with one process.
+    callbacks.append(SynchronizedSigterm())
     n_batches = math.ceil(len(data.train_rows) / t.batch_size)
     trainer = _trainer(cfg, checkpoint_dir, callbacks, logger, n_batches)
     if trainer.world_size > len(data.val_users):
