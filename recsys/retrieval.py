@@ -144,17 +144,37 @@ def _search_unseen(
     return _drop_seen(ids, scores, keys, index.ntotal, k)
 
 
-def _rescore(users: np.ndarray, items: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ``user · item`` scores of the found ``ids`` (B, k') (-1 = none), each row sorted by (score
-    descending, id ascending) as the evaluation orders items; the first ``k`` of (B, k') ids and scores.
+def _exact_distances(index: faiss.Index) -> bool:
+    """Whether ``index`` returns exact inner products, best first (it stores the vectors as they are); False
+    for anything else, a wrapper such as a Python proxy included (its results are scored again)."""
+    try:
+        inner = faiss.downcast_index(index)
+    except TypeError:
+        return False
+    return isinstance(inner, faiss.IndexFlat | faiss.IndexIVFFlat | faiss.IndexHNSWFlat)
 
-    A compressed index's distances are approximate (PQ: errors of several units on scores near 17) and an
-    exact one's ties come in an order that depends on the search: this makes scores exact and order fixed."""
+
+def _rescore(users: np.ndarray, items: np.ndarray, ids: np.ndarray, scores: np.ndarray, exact: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The found ``ids`` (B, k') (-1 = none) with their exact ``user · item`` scores, each row sorted by (score
+    descending, id ascending) as the evaluation orders items.
+
+    A compressed index's distances are approximate (PQ: errors of several units on scores near 17): they are
+    computed again unless ``exact`` (``scores`` are the index's exact ones, best first; then only rows with a
+    tie are re-sorted, as an index returns tied items in an order that depends on the search)."""
     real = ids >= 0
-    scores = np.einsum("bd,bkd->bk", users, items[np.maximum(ids, 0)], dtype=np.float32)
-    scores = np.where(real, scores, -np.inf).astype(np.float32)
-    order = np.lexsort((np.where(real, ids, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    if exact:
+        scores = np.where(real, scores, -np.inf).astype(np.float32)
+        rows = np.flatnonzero(((scores[:, 1:] == scores[:, :-1]) & real[:, 1:]).any(axis=1))
+    else:
+        scores = np.einsum("bd,bkd->bk", users, items[np.maximum(ids, 0)], dtype=np.float32)
+        scores = np.where(real, scores, -np.inf).astype(np.float32)
+        rows = np.arange(len(ids))
+    if rows.size:
+        order = np.lexsort((np.where(real[rows], ids[rows], np.iinfo(np.int64).max), -scores[rows]), axis=1)
+        ids, scores = ids.copy(), scores.copy()
+        ids[rows], scores[rows] = np.take_along_axis(ids[rows], order, 1), np.take_along_axis(scores[rows], order, 1)
+    return ids, scores
 
 
 def _exact_top_k(items: np.ndarray, users: np.ndarray, k: int, values: np.ndarray, offsets: np.ndarray
@@ -231,6 +251,8 @@ def search_top_k(
     scores = np.empty((users.shape[0], k), dtype=np.float32)
     stats = {"users": users.shape[0], "batches": 0, "fallback_users": 0, "short_users": 0}
     items = _exact_vectors(index, item_vectors) if fallback else None
+    exact_distances = _exact_distances(index)
+    redone: list[np.ndarray] = []
     for start in range(0, users.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         b_offsets = offsets[start : start + batch_size + 1]
@@ -240,17 +262,14 @@ def search_top_k(
         else:
             # one result beyond k, to see whether the k-th score is tied with what the index held back
             wide = min(k + 1, index.ntotal)
-            w_ids, _, found = _search_unseen(index, users[rows], wide, values, b_offsets)
-            w_ids, w_scores = _rescore(users[rows], items, w_ids, wide)
+            w_ids, w_scores, found = _search_unseen(index, users[rows], wide, values, b_offsets)
+            w_ids, w_scores = _rescore(users[rows], items, w_ids, w_scores, exact_distances)
             b_ids, b_scores = w_ids[:, :k], w_scores[:, :k]
             # short of what exists (k + 1 to check the tie, or every unseen item when fewer), or tied at k
             tied = (found > k) & (w_scores[:, k - 1] == w_scores[:, min(k, wide - 1)]) if wide > k else found < 0
             redo = np.flatnonzero((found < np.minimum(wide, available[rows])) | tied)
-            if redo.size:
-                r_offsets = np.concatenate([[0], np.cumsum(np.diff(b_offsets)[redo])])
-                r_values = np.concatenate([values[b_offsets[i] : b_offsets[i + 1]] for i in redo])
-                b_ids[redo], b_scores[redo] = _exact_top_k(items, users[rows][redo], k, r_values, r_offsets)
-            found = (b_ids >= 0).sum(axis=1)
+            redone.append(start + redo)  # answered exactly after the loop, all at once
+            found = np.where(np.isin(np.arange(len(found)), redo), k, (b_ids >= 0).sum(axis=1))
         ids[rows], scores[rows] = b_ids, b_scores
         stats["batches"] += 1
         stats["fallback_users"] += int(redo.size)
@@ -262,6 +281,12 @@ def search_top_k(
             users.shape[0],
             redo.size,
         )
+    redo = np.concatenate(redone) if redone else np.zeros(0, np.int64)
+    if redo.size:  # one blocked pass over the items for every user the index left short or tied
+        r_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[redo])])
+        r_values = np.concatenate([values[offsets[i] : offsets[i + 1]] for i in redo])
+        ids[redo], scores[redo] = _exact_top_k(items, users[redo], k, r_values, r_offsets)
+        stats["short_users"] += int((ids[redo] < 0).any(axis=1).sum())
     return TopK(ids, scores, stats)
 
 
