@@ -108,12 +108,16 @@ class WorkDir:
         return max(nights, key=lambda night: night[:2])[2] if nights else []
 
     def expired_candidates(self, day: dt.date, keep_days: int, shard: str | None = None) -> list[Path]:
-        """Partitions, published and rejected, dated ``keep_days`` days or more before ``day``: of the whole
-        nights (``shard`` None) or of that shard only (each shard prunes its own directory). Sorted."""
+        """Partitions, published and rejected, dated ``keep_days`` days or more before ``day``: for a whole night
+        (``shard`` None) of the whole nights and of every shard directory (nights of an earlier split, which no
+        shard job of tonight's layout prunes), for a shard of that shard only (each shard prunes its own
+        directory). Sorted."""
         oldest_kept = day - dt.timedelta(days=keep_days - 1)
         roots = [self.candidates, self.candidates / "rejected"]
         if shard is not None:
             roots = [root / shard for root in roots]
+        else:
+            roots += [directory for root in list(roots) for directory in root.glob("shard=*-of-*")]
         return sorted(path for root in roots for when, path in dated_partitions(root.glob("date=*"))
                       if when < oldest_kept and path.is_dir())
 

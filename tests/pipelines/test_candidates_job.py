@@ -244,3 +244,19 @@ def test_keep_days_on_a_shard_prunes_that_shard_only(trained, tmp_path):
     # night 2024-08-02 lost shard 0: no longer complete, its marker goes; the whole night of 2024-08-01 keeps its own
     assert manifest["retention"]["removed"] == ["shard=0-of-2/date=2024-08-02", "complete/date=2024-08-02.json"]
     assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == ["date=2024-08-01.json"]
+
+
+def test_keep_days_on_a_whole_night_also_prunes_the_nights_of_an_earlier_split(trained, tmp_path):
+    """After going from shards back to whole nights, no shard job prunes shard=i-of-N any more: they used to stay
+    forever."""
+    work = _copy(trained, tmp_path / "work")
+    for i in range(2):
+        assert main(["candidates", "--quiet", "--date", "2024-08-02", "--shard", f"{i}/2", *tiny(work)]) == EXIT_OK
+    assert main(["candidates", "--quiet", "--date", "2024-08-03", "--shard", "0/2", *tiny(work)]) == EXIT_OK
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, "candidates.keep_days=3")]) == EXIT_OK
+    assert _dates(work / "candidates" / "shard=0-of-2") == ["2024-08-03"]  # within the 3 days: kept
+    assert _dates(work / "candidates" / "shard=1-of-2") == []
+    manifest = json.loads((_night(work, "2024-08-05") / "manifest.json").read_text())
+    assert manifest["retention"]["removed"] == ["shard=0-of-2/date=2024-08-02", "shard=1-of-2/date=2024-08-02",
+                                                "complete/date=2024-08-02.json"]
+    assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == ["date=2024-08-05.json"]
