@@ -510,7 +510,6 @@ class Config(_Section):
             ("model.event_types=true", "model.event_types=false", self.model.event_types),
             ("item attributes (model.item_features=true with data.item_features set)", "model.item_features=false",
              self.model.item_features and self.data.item_features is not None),
-            ("a warm start (train.init_from)", "train.init_from=null", self.train.init_from is not None),
         ]
         for what, fix, found in unsupported:
             if found:

@@ -24,7 +24,7 @@ loses against one trained from scratch. New items keep their fresh rows as they 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 import torch
@@ -32,7 +32,7 @@ import torch
 from features import schema
 from recsys.candidates import TrainedModel
 from recsys.config import ConfigError
-from recsys.model import PAD, SASRec
+from recsys.model import PAD, SASRec, SASRecEnsemble
 
 # model.json keys that fix the shape or meaning of a weight other than the item table.
 SAME_ARCHITECTURE = ("max_len", "hidden", "n_blocks", "n_heads", "attention", "ffn_mult", "block", "repeat_bias")
@@ -60,9 +60,21 @@ class WarmStart:
         counts for the train report: ``items_from_source``, ``items_new``, ``source_items_dropped``, with the
         ``shrink`` and ``perturb`` factors used.
 
+        An ensemble (``model.ensemble`` K) starts member by member from an earlier ensemble of K members.
+
         Raises ConfigError naming ``train.init_from`` and every architecture key that differs.
         """
         old = self.source.model
+        k_there, k_here = old.kwargs.get("ensemble", 1), model.kwargs.get("ensemble", 1)
+        if k_there != k_here:
+            raise ConfigError(f"train.init_from ({self.spec}): the earlier model has model.ensemble={k_there}, this "
+                              f"one {k_here}; set model.ensemble={k_there}, or train from scratch with "
+                              "train.init_from=null")
+        if isinstance(model, SASRecEnsemble):  # member i from the earlier member i, each as a model of its own
+            assert isinstance(old, SASRecEnsemble)
+            counts = [replace(self, source=replace(self.source, model=earlier)).apply(member)
+                      for earlier, member in zip(old.members, model.members, strict=True)]
+            return counts[0]  # the same item maps: the same counts for every member
         there = {k: old.kwargs.get(k, _ABSENT.get(k)) for k in SAME_ARCHITECTURE}
         here = {k: model.kwargs.get(k, _ABSENT.get(k)) for k in SAME_ARCHITECTURE}
         differ = [f"model.{k} is {there[k]!r} there, {here[k]!r} here" for k in SAME_ARCHITECTURE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -223,6 +224,14 @@ def test_ensemble_through_the_jobs(tmp_path: Path) -> None:
     want = candidates.filter(pl.col("user_id") == user)
     assert list(got["item_ids"][0]) == want["item_id"].to_list()
     assert list(got["scores"][0]) == pytest.approx(want["score"].to_list(), rel=1e-4, abs=1e-5)
+    # the next night's training starts from this ensemble (a rate that moves no weight: the same validation)
+    best = json.loads((work / "model" / "train_report.json").read_text())["best_val_ndcg_at_10"]
+    warm = tmp_path / "warm"
+    shutil.copytree(work / "features", warm / "features")
+    night = tiny(warm, "model.ensemble=2", f"train.init_from={work / 'model'}", "train.max_epochs=1", "train.lr=1e-12")
+    assert main(["train", "--quiet", *night]) == EXIT_OK
+    report = json.loads((warm / "model" / "train_report.json").read_text())
+    assert report["warm_start"]["items_new"] == 0 and abs(report["best_val_ndcg_at_10"] - best) <= 1e-6
 
 
 # --- (5) config --------------------------------------------------------------------------------------------
@@ -231,7 +240,6 @@ def test_ensemble_through_the_jobs(tmp_path: Path) -> None:
     ({"model": {"repeat_bias": True}}, "model.repeat_bias=false"),
     ({"model": {"event_types": True}}, "model.event_types=false"),
     ({"data": {"item_features": {"path": "items.csv", "columns": ["brand"]}}}, "model.item_features=false"),
-    ({"train": {"init_from": "models:/sasrec@champion"}}, "train.init_from=null"),
 ])
 def test_config_refuses_what_an_ensemble_does_not_support(tree: dict, needle: str) -> None:
     model = {**tree.get("model", {}), "ensemble": 2}

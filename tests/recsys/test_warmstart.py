@@ -9,7 +9,7 @@ import torch
 
 from recsys.candidates import TrainedModel
 from recsys.config import ConfigError
-from recsys.model import SASRec
+from recsys.model import SASRec, SASRecEnsemble
 from recsys.warmstart import WarmStart
 
 ARCH = dict(max_len=6, hidden=8, n_blocks=2, n_heads=2)
@@ -121,3 +121,33 @@ def test_text_ids_that_become_one_number_are_a_config_error_not_two_rows_for_one
     distinct = TrainedModel(SASRec(n_items=3, **arch), users, items(["7", "9", "8"], pl.String))
     report = WarmStart(distinct, "old/model", items([7, 8], pl.Int64)).apply(SASRec(n_items=2, **arch))
     assert report["items_from_source"] == 2 and report["items_new"] == 0
+
+
+def test_an_ensemble_starts_member_by_member_from_an_earlier_ensemble():
+    """Each member from the earlier member of its position, item rows matched by item_id as for one network (the
+    config refused train.init_from with model.ensemble > 1 before)."""
+    torch.manual_seed(0)
+    old = SASRecEnsemble(2, n_items=3, dropout=0.1, **ARCH)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(torch.randn_like(p))
+        for member in old.members:
+            member.item_emb.weight[0].zero_()
+    users = pl.DataFrame({"user_id": [1], "user_idx": [0]}, schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    source = TrainedModel(old.eval(), users, _item_map([10, 20, 30]))
+    torch.manual_seed(1)
+    new = SASRecEnsemble(2, n_items=4, dropout=0.1, **ARCH)
+    fresh = [m.item_emb.weight.detach().clone() for m in new.members]
+    counts = WarmStart(source, "old/model", _item_map([30, 40, 10, 50])).apply(new)
+    assert counts["items_from_source"] == 2 and counts["items_new"] == 2
+    for i, (before, after) in enumerate(zip(old.members, new.members, strict=True)):
+        rows, old_rows = after.item_emb.weight, before.item_emb.weight
+        assert torch.equal(rows[1], old_rows[3]) and torch.equal(rows[3], old_rows[1]), i  # 30 and 10
+        assert torch.equal(rows[2], fresh[i][2]), i  # 40: its new init
+        for key, value in after.state_dict().items():
+            if key != "item_emb.weight":
+                assert torch.equal(value, before.state_dict()[key]), (i, key)
+    with pytest.raises(ConfigError, match=r"model\.ensemble=2, this one 3; set model\.ensemble=2"):
+        WarmStart(source, "old/model", _item_map([10])).apply(SASRecEnsemble(3, n_items=1, dropout=0.1, **ARCH))
+    with pytest.raises(ConfigError, match=r"model\.ensemble=2, this one 1"):
+        WarmStart(source, "old/model", _item_map([10])).apply(SASRec(n_items=1, dropout=0.1, **ARCH))
