@@ -28,7 +28,8 @@ import torch
 
 from benchmarks.machine import append_record, commit, machine, read_records
 from pipelines import build_features, evaluate, train
-from pipelines.schedule import today_utc
+from pipelines.schedule import checkpoint_dir, today_utc
+from pipelines.workdir import WorkDir
 from recsys.config import Config, load_config, without_budget
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,11 +54,11 @@ def hardware() -> str:
 
 def run_seed(
     dataset: str, config: Path, seed: int, data_root: Path, overrides: list[str], work_root: Path, tag: str,
-    resume: bool = False, test: bool = True,
+    resume: bool = False, test: bool = True, earlier: list[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """One seed through the features, train and evaluate jobs; a JSON-able record of it.
 
-    ``resume``: training continues today's killed run of the same work directory and config from its last
+    ``resume``: training continues the killed run (of any date) of the same work directory and config from its last
     checkpoint (``train.max_time_s`` may differ: a small one ends it after one more epoch), instead of
     starting afresh; ``wall_s`` then covers this call only, the train report's history all epochs. A run that
     had finished resumes as finished: ``resume`` with ``test`` scores the test split of a candidate that a
@@ -70,13 +71,17 @@ def run_seed(
          f"train.seed={seed}", "train.progress=false", *overrides],
     )
     check_protocol(cfg)
+    if test:
+        check_tested_once(earlier, tag, seed, settings_hash(cfg))
     code = commit()  # of the code that runs: HEAD may move during a run of hours
     start = time.perf_counter()
     build_features.run(cfg)
-    model_dir = train.run(cfg, today_utc() if resume else None)
+    model_dir = train.run(cfg, resume_date(cfg) if resume else None)
+    trained = json.loads((model_dir / "train_report.json").read_text())
+    if resume and trained.get("resumed_from_epoch") is None:  # defensive: resume_date found its checkpoint
+        raise RuntimeError(f"--resume: training of {cfg.work_dir} started afresh instead of resuming")
     report = json.loads((evaluate.run(cfg) / "report.json").read_text()) if test else {}
     wall = time.perf_counter() - start
-    trained = json.loads((model_dir / "train_report.json").read_text())
     return {
         "date": dt.date.today().isoformat(), "dataset": dataset, "tag": tag, "seed": seed,
         "config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
@@ -85,6 +90,32 @@ def run_seed(
         "results": {name: report[name] for name in ("model", *BASELINES) if name in report},
         "hardware": hardware(), "commit": code,
     }
+
+
+def check_tested_once(earlier: list[dict[str, Any]], tag: str, seed: int, settings: str) -> None:
+    """Raise ValueError if ``earlier`` records (the --json-out file) already hold a test score of this tag, seed
+    and settings (any time budget): PROTOCOL.md scores the test split once per chosen model, and a second score
+    (e.g. after a longer budget) would be a choice made on test."""
+    for r in earlier:
+        if r.get("tested") and (r.get("tag"), r.get("seed"), r.get("config_sha256")) == (tag, seed, settings):
+            raise ValueError(f"{tag} seed {seed} with these settings was already scored on the test split on "
+                             f"{r.get('date')} (commit {r.get('commit')}); the test split is scored once per chosen "
+                             "model: train further with --no-test, or record under another --tag if this is a new "
+                             "candidate")
+
+
+def resume_date(cfg: Config) -> dt.date:
+    """The run date of the latest checkpoint directory of this exact config (``<date>-<config hash>``, any date:
+    a run killed yesterday resumes today). Raises ValueError when there is none: a resume with other settings
+    (an override added or dropped, another --data-root) used to retrain from scratch without a word."""
+    name = checkpoint_dir(cfg, today_utc()).name.split("-", 3)[-1]  # the config hash part
+    dates = sorted(dt.date.fromisoformat(p.name[:10]) for p in WorkDir.of(cfg).checkpoints.glob(f"????-??-??-{name}")
+                   if p.is_dir())
+    if not dates:
+        raise ValueError(f"--resume: no checkpoint of this config in {WorkDir.of(cfg).checkpoints} (directories "
+                         f"<date>-{name}); pass the same --config, --data-root and KEY=VALUE overrides as the run "
+                         "to resume (only train.max_time_s may differ), or run without --resume")
+    return dates[-1]
 
 
 def check_protocol(cfg: Config) -> None:
@@ -217,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json-out", type=Path, help="append one JSON line per finished seed")
     parser.add_argument("--no-table", action="store_true", help="do not write BENCHMARKS.md")
     parser.add_argument("--resume", action="store_true",
-                        help="continue today's killed run of each seed from its last checkpoint (same config; "
-                             "train.max_time_s may differ) instead of starting afresh")
+                        help="continue the killed run (of any date) of each seed from its last checkpoint (same "
+                             "config, data root and overrides; train.max_time_s may differ) instead of starting "
+                             "afresh; an error if there is none")
     parser.add_argument("--no-test", action="store_true",
                         help="validation only (a sweep's candidates): no test score, no table row; score the "
                              "chosen one later with --resume")
@@ -236,9 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         config = (args.config or ROOT / "conf" / "benchmarks" / f"{args.dataset}.yaml").resolve()
         tag = args.tag or config.stem
         records = []
+        earlier = read_records([args.json_out]) if args.json_out is not None and args.json_out.is_file() else []
         for seed in args.seeds:
             record = run_seed(args.dataset, config, seed, args.data_root.resolve(), args.overrides,
-                              args.work_root, tag, resume=args.resume, test=not args.no_test)
+                              args.work_root, tag, resume=args.resume, test=not args.no_test, earlier=earlier)
             records.append(record)
             append_record(args.json_out, record)
             m = record["results"].get("model")

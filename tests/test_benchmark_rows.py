@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sequential import check_protocol, settings_hash, table_row
+from benchmarks.sequential import check_protocol, check_tested_once, resume_date, settings_hash, table_row
 from recsys.config import load_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "benchmarks" / "ml-1m.yaml"
@@ -51,3 +51,35 @@ def test_a_resumed_seed_counts_all_its_training_and_no_partial_total():
                          "history": [{"elapsed_s": 100.0}, {"elapsed_s": 210.0}]}
     cells = table_row([_record(42), resumed]).split(" | ")
     assert cells[-4:-2] == [f"{(10.0 + 210.0) / 2:.0f}", "—"]  # train s from the history; total unknown
+
+
+def test_resume_finds_the_checkpoints_of_this_config_of_any_date(tmp_path: Path) -> None:
+    """--resume used today's date and the full config: a run killed yesterday, or resumed with another override,
+    retrained from scratch without a word."""
+    import datetime as dt
+
+    from pipelines.schedule import checkpoint_dir
+
+    cfg = load_config(None, [f"work_dir={tmp_path}", "train.max_time_s=60"])
+    with pytest.raises(ValueError, match=r"--resume: no checkpoint of this config .* pass the same --config"):
+        resume_date(cfg)
+    for day in (dt.date(2026, 12, 4), dt.date(2026, 12, 3)):
+        checkpoint_dir(cfg, day).mkdir(parents=True)
+    other = load_config(None, [f"work_dir={tmp_path}", "model.hidden=32"])
+    checkpoint_dir(other, dt.date(2026, 12, 6)).mkdir(parents=True)  # another config, later
+    assert resume_date(cfg) == dt.date(2026, 12, 4)
+    assert resume_date(load_config(None, [f"work_dir={tmp_path}", "train.max_time_s=9000"])) == dt.date(2026, 12, 4)
+    with pytest.raises(ValueError, match="no checkpoint of this config"):
+        resume_date(load_config(None, [f"work_dir={tmp_path}", "evaluate.batch_size=7"]))
+
+
+def test_a_tag_seed_and_settings_are_scored_on_test_once() -> None:
+    """ML-1M seed 43 was scored on test twice under one config (budgets 1900 s and 9000 s): now refused."""
+    earlier = [{"tag": "ml", "seed": 43, "config_sha256": "abc", "tested": True, "date": "2026-12-01", "commit": "c"},
+               {"tag": "ml", "seed": 44, "config_sha256": "abc", "tested": False}]
+    with pytest.raises(ValueError, match=r"ml seed 43 with these settings was already scored on the test split on "
+                                         r"2026-12-01 .* scored once per chosen model"):
+        check_tested_once(earlier, "ml", 43, "abc")
+    check_tested_once(earlier, "ml", 44, "abc")  # validation only so far
+    check_tested_once(earlier, "ml", 43, "other settings")
+    check_tested_once(earlier, "ml2", 43, "abc")
