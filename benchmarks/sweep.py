@@ -23,6 +23,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from benchmarks.machine import read_records
 
@@ -70,20 +71,33 @@ def rank(paths: list[Path]) -> str:
 
 
 def best_lines(sweep: Path, results: Path, top: int) -> list[str]:
-    """The lines of ``sweep`` whose tags rank in the ``top`` of their dataset by mean validation NDCG@10.
+    """The lines of ``sweep`` whose tags rank in the ``top`` of their dataset by mean validation NDCG@10 over
+    the seeds that every such line of the dataset finished (a line with one lucky surviving seed used to beat
+    lines whose three seeds averaged lower).
 
     Tags of the sweep file without a record in ``results`` (failed runs) are left out; raises ``SystemExit``
-    if no tag of the file has one.
+    if no tag of the file has one, if a (tag, seed) comes twice (a rerun appended to the same file: keep one),
+    or if the lines of a dataset share no finished seed.
     """
-    val: dict[str, list[float]] = defaultdict(list)
+    val: dict[str, dict[Any, float]] = defaultdict(dict)
     for record in read_records([results]):
-        val[record["tag"]].append(record["train"]["best_val_ndcg_at_10"])
-    by_dataset: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        tag, seed = record["tag"], record.get("seed")
+        if seed in val[tag]:
+            raise SystemExit(f"{results}: {tag} seed {seed} comes twice; keep one record per (tag, seed)")
+        val[tag][seed] = record["train"]["best_val_ndcg_at_10"]
+    lines: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for tag, dataset, overrides in read_sweep(sweep):
         if val[tag]:
-            by_dataset[dataset].append((statistics.mean(val[tag]), f"{tag} {dataset} {' '.join(overrides)}".strip()))
-    if not by_dataset:
+            lines[dataset].append((tag, f"{tag} {dataset} {' '.join(overrides)}".strip()))
+    if not lines:
         raise SystemExit(f"{results}: no record of any tag of {sweep}")
+    by_dataset: dict[str, list[tuple[float, str]]] = {}
+    for dataset, tags in lines.items():
+        common = set.intersection(*(set(val[tag]) for tag, _ in tags))
+        if not common:
+            raise SystemExit(f"{results}: the lines of {dataset} share no finished seed "
+                             f"({ {tag: sorted(val[tag], key=str) for tag, _ in tags} }); rerun the missing seeds")
+        by_dataset[dataset] = [(statistics.mean(val[tag][s] for s in common), line) for tag, line in tags]
     return [line for runs in by_dataset.values() for _, line in sorted(runs, key=lambda r: -r[0])[:top]]
 
 

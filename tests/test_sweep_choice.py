@@ -8,10 +8,11 @@ import pytest
 from benchmarks.sweep import best_lines
 
 
-def _results(path: Path, rows: list[tuple[str, str, float, float]]) -> Path:
+def _results(path: Path, rows: list[tuple[str, str, float, float]], seeds: list[int] | None = None) -> Path:
     with path.open("w") as f:
-        for tag, dataset, val, test in rows:
-            f.write(json.dumps({"tag": tag, "dataset": dataset, "train": {"best_val_ndcg_at_10": val},
+        for i, (tag, dataset, val, test) in enumerate(rows):
+            seed = seeds[i] if seeds else 42 + sum(r[0] == tag for r in rows[:i])  # 42, 43, ... per tag
+            f.write(json.dumps({"tag": tag, "dataset": dataset, "seed": seed, "train": {"best_val_ndcg_at_10": val},
                                 "results": {"model": {"ndcg_at_10": test, "hr_at_10": test}}}) + "\n")
     return path
 
@@ -25,6 +26,23 @@ def test_best_lines_pick_the_highest_mean_validation_per_dataset_never_test(tmp_
                                                ("d", "ds2", 0.06, 0.0)])
     assert best_lines(sweep, results, 1) == ["a ds1 x=1", "d ds2 z=1"]
     assert best_lines(sweep, results, 2) == ["a ds1 x=1", "b ds1 x=2 y=3", "d ds2 z=1", "c ds2"]
+
+
+def test_best_lines_compare_on_the_seeds_every_line_finished_and_refuse_a_seed_twice(tmp_path: Path) -> None:
+    """Line b finished seed 42 only: it is compared with a on seed 42, not with a's mean over 42-44 (a single
+    lucky seed used to beat a line whose three seeds averaged lower)."""
+    sweep = tmp_path / "s.txt"
+    sweep.write_text("a ds\nb ds\n")
+    seeds = [42, 43, 44, 42]
+    rows = [("a", "ds", 0.185, 0.0), ("a", "ds", 0.215, 0.0), ("a", "ds", 0.210, 0.0), ("b", "ds", 0.200, 0.0)]
+    # a's mean over its three seeds is 0.2033 > b's 0.200, but on seed 42, the one both finished, b is better
+    assert best_lines(sweep, _results(tmp_path / "r.jsonl", rows, seeds), 1) == ["b ds"]
+    rows[0] = ("a", "ds", 0.205, 0.0)
+    assert best_lines(sweep, _results(tmp_path / "r.jsonl", rows, seeds), 1) == ["a ds"]
+    with pytest.raises(SystemExit, match="a seed 42 comes twice"):
+        best_lines(sweep, _results(tmp_path / "t.jsonl", rows, [42, 42, 44, 42]), 1)
+    with pytest.raises(SystemExit, match="share no finished seed"):
+        best_lines(sweep, _results(tmp_path / "p.jsonl", rows, [43, 44, 45, 42]), 1)
 
 
 def test_best_lines_refuse_results_of_another_sweep(tmp_path: Path) -> None:
