@@ -183,7 +183,8 @@ def table_row(records: list[dict[str, Any]]) -> str:
                     for r in records if set(r["overrides"]) - set(common))
     cells = [
         first["date"], first["dataset"], f"`{first['config']} {' '.join(common)}`".replace(" `", "`") + extra,
-        ",".join(str(r["seed"]) for r in records),
+        ",".join(str(r["seed"]) for r in records) + (f" (n={len(records)}, below the protocol's 3)"
+                                                     if len(records) < 3 else ""),
         _metric(records, "model", "ndcg_at_10"), _metric(records, "model", "hr_at_10"),
         _ms([t["best_val_ndcg_at_10"] for t in trains]),
         *(_metric(records, name, "ndcg_at_10") for name in BASELINES),

@@ -36,7 +36,8 @@ def test_a_run_off_the_protocol_is_refused_before_training(overrides):
 
 
 def test_a_row_refuses_a_repeated_seed_and_mixed_settings_and_lists_every_commit():
-    assert "| 42,43 |" in table_row([_record(42), _record(43)])
+    assert "| 42,43 (n=2, below the protocol's 3) |" in table_row([_record(42), _record(43)])  # flagged, not hidden
+    assert "| 42,43,44 |" in table_row([_record(42), _record(43), _record(44)])
     with pytest.raises(ValueError, match="a seed comes twice"):
         table_row([_record(42), _record(42)])
     with pytest.raises(ValueError, match="2 different resolved configs"):
