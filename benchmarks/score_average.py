@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not m.equals(maps[0]):
             raise SystemExit(f"{d}: its item map is not that of {a.work_dirs[0]}; average models of one data set")
     models = [load_model(d / "model") for d in a.work_dirs]
+    if len({m.max_len for m in models}) > 1:  # one input width for all: a longer model would be scored cut short
+        raise SystemExit("the models have different model.max_len "
+                         f"({', '.join(f'{d}: {m.max_len}' for d, m in zip(a.work_dirs, models, strict=True))}); "
+                         "average models of one max_len")
     eval_set = build_eval_set(pl.read_parquet(a.work_dirs[0] / "features" / FEATURE_FILES["sequences"]), "val",
-                              min(m.max_len for m in models))
+                              models[0].max_len)
     scorers = [model_scorer(m, eval_set) for m in models]
     n_items = models[0].n_items
     subsets = [s for r in range(1, len(models) + 1) for s in itertools.combinations(range(len(models)), r)]
