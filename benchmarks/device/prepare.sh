@@ -28,4 +28,5 @@ for file in ml-1m/ml-1m.txt ml-1m/movies.dat ml-1m/sas_to_original_items.txt ama
   gzip -c "$DATA/$file" > ".gpu/data/$file.gz"
 done
 "$PY" -c "from benchmarks.machine import commit; print(commit())" > .gpu/COMMIT
+git ls-files -z | xargs -0 sha256sum > .gpu/MANIFEST  # run.sh: a tree changed since then is not that commit
 du -sh .gpu; cat .gpu/COMMIT

@@ -17,6 +17,10 @@ if [ -z "${SKIP_WHEELS:-}" ]; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 RECSYS_BENCH_COMMIT="$(cat .gpu/COMMIT)"
+# the tracked files as prepare.sh hashed them, or the records say the code is not that commit's
+if [ -f .gpu/MANIFEST ] && ! sha256sum --quiet -c .gpu/MANIFEST > /dev/null 2>&1; then
+  RECSYS_BENCH_COMMIT="$RECSYS_BENCH_COMMIT+changed-since-prepare"; echo "code changed since prepare.sh: $RECSYS_BENCH_COMMIT"
+fi
 (cd .gpu/data && find . -name '*.gz' | while read -r f; do mkdir -p "/tmp/data/$(dirname "$f")"; gunzip -c "$f" > "/tmp/data/${f%.gz}"; done)
 "$PY" -m benchmarks.item_attributes --data-root /tmp/data > "$OUT/logs/item-attributes.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
