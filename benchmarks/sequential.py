@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.machine import append_record, commit, machine, read_records
+from benchmarks.machine import append_record, commit, load_1min, machine, read_records
 from pipelines import build_features, evaluate, train
 from pipelines.schedule import checkpoint_dir, today_utc
 from pipelines.workdir import WorkDir
@@ -74,6 +74,7 @@ def run_seed(
     if test:
         check_tested_once(earlier, tag, seed, settings_hash(cfg))
     code = commit()  # of the code that runs: HEAD may move during a run of hours
+    load_before = load_1min()
     start = time.perf_counter()
     build_features.run(cfg)
     model_dir = train.run(cfg, resume_date(cfg) if resume else None)
@@ -89,6 +90,8 @@ def run_seed(
         "train": trained,
         "results": {name: report[name] for name in ("model", *BASELINES) if name in report},
         "hardware": hardware(), "commit": code,
+        # what shared the machine: the 1-minute load average before and after, and this process's threads
+        "load_1min": [round(load_before, 2), round(load_1min(), 2)], "threads": torch.get_num_threads(),
     }
 
 
