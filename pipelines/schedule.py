@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.workdir import WorkDir
-from recsys.config import Config, without_budget
+from recsys.config import Config, non_default, without_budget
 from recsys.storage import exclusive_writer, read_json, remove_stale_temps, write_json
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ def parse_run_date(text: str) -> dt.date:
 
 
 def config_hash(cfg: Config, with_budget: bool = True) -> str:
-    """SHA-256 of the resolved config without ``work_dir`` (the marker already lives inside it).
+    """SHA-256 of the resolved config without ``work_dir`` (the marker already lives inside it), of the keys
+    that differ from their defaults only (:func:`recsys.config.non_default`: a key added by an upgrade leaves
+    the hash of existing runs as it was).
 
     ``with_budget=False`` hashes the time budget as unset (:func:`recsys.config.without_budget`; see
     :func:`checkpoint_dir`).
@@ -65,6 +67,7 @@ def config_hash(cfg: Config, with_budget: bool = True) -> str:
     tree.pop("work_dir", None)
     if not with_budget:
         tree["train"] = without_budget(tree["train"])
+    tree = non_default(tree, Config().to_dict())
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 

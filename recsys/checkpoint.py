@@ -21,7 +21,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, Timer
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from recsys.config import Config, without_budget
+from recsys.config import Config, ModelConfig, TrainConfig, non_default, without_budget
 from recsys.data import ItemAttributes
 from recsys.storage import atomic_write_bytes, remove_stale_temps
 
@@ -115,8 +115,12 @@ def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
     killed) under one budget resumes under another, e.g. a larger one to let it finish, or a small one to stop
     it after one more step and keep its best checkpoint.
     """
-    train = without_budget(cfg.train.model_dump(mode="json", exclude={"progress"}))
-    settings = {"model": cfg.model.model_dump(mode="json"), "train": train, "n_items": n_items}
+    # the keys that differ from their defaults (recsys.config.non_default): a key added by an upgrade, at its
+    # default, leaves the identity of a run killed before the upgrade as it was
+    train = non_default(without_budget(cfg.train.model_dump(mode="json", exclude={"progress"})),
+                        TrainConfig().model_dump(mode="json"))
+    model = non_default(cfg.model.model_dump(mode="json"), ModelConfig().model_dump(mode="json"))
+    settings = {"model": model, "train": train, "n_items": n_items}
     if n_event_types:  # only then, so that the identities of runs without types stay as they were
         settings["n_event_types"] = n_event_types
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())

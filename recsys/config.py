@@ -336,6 +336,25 @@ def without_budget(train: dict) -> dict:
     return {**train, **dict.fromkeys(BUDGET_KEYS)}
 
 
+_ABSENT = object()
+
+
+def non_default(tree: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a config dict that differ from ``default`` (the same section's defaults), recursively: what
+    a run's identity hashes, so that a key added by an upgrade, at its default, leaves the identity of existing
+    runs (their checkpoint directories, done markers) as it was and a run killed before the upgrade resumes
+    after it. The price: changing a key's DEFAULT does not change the identity of configs that leave it unset."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        base = default.get(key, _ABSENT)
+        if isinstance(value, dict) and isinstance(base, dict):
+            if differ := non_default(value, base):
+                out[key] = differ
+        elif value != base:
+            out[key] = value
+    return out
+
+
 class EvaluateConfig(_Section):
     """Offline full-catalogue ranking evaluation."""
 

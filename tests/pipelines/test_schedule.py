@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from pipelines.cli import EXIT_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, main
@@ -271,3 +272,25 @@ def test_the_success_marker_is_written_only_once_the_outputs_are_durable(new_wor
     assert {f"{tmp}/{p.name}" for p in (work / "model").iterdir() if p.is_file()} <= synced
     assert tmp in synced
     assert ("fsync", str(work)) in events[publish + 1:marker]
+
+
+def test_a_key_added_at_its_default_leaves_the_run_identities_as_they_were(monkeypatch) -> None:
+    """An upgrade that adds a config key (at its default) used to change every config hash: a run killed before
+    it did not resume after it (a new checkpoint directory, a new run identity). Only non-default keys count."""
+    import recsys.config as config_module
+    from recsys.checkpoint import run_identity
+
+    cfg = load_config(None, ["model.hidden=32", "train.max_time_s=60"])
+    sequences = pl.DataFrame({"user_idx": [0, 1], "train_items": [[1, 2], [2, 3]]})
+    before = (config_hash(cfg), config_hash(cfg, with_budget=False), run_identity(cfg, sequences, 3))
+    dump = config_module.Config.to_dict
+    monkeypatch.setattr(config_module.Config, "to_dict",
+                        lambda self: {**dump(self), "added": {"key": 1}})  # the upgrade: tonight and by default
+    for section in (config_module.ModelConfig, config_module.TrainConfig):
+        model_dump = section.model_dump
+        monkeypatch.setattr(section, "model_dump",
+                            lambda self, *a, _dump=model_dump, **k: {**_dump(self, *a, **k), "added_key": 0})
+    assert (config_hash(cfg), config_hash(cfg, with_budget=False), run_identity(cfg, sequences, 3)) == before
+    other = load_config(None, ["model.hidden=48", "train.max_time_s=60"])  # a setting that differs still counts
+    assert config_hash(other) != before[0] and run_identity(other, sequences, 3) != before[2]
+    assert config_hash(load_config(None, ["model.hidden=32", "train.max_time_s=90"]), with_budget=False) == before[1]
