@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.machine import append_record, commit, load_1min, machine, read_records
 from pipelines import build_features, evaluate, train
-from pipelines.schedule import checkpoint_dir, today_utc
+from pipelines.schedule import config_hash
 from pipelines.workdir import WorkDir
 from recsys.config import Config, load_config, without_budget
 
@@ -111,7 +111,7 @@ def resume_date(cfg: Config) -> dt.date:
     """The run date of the latest checkpoint directory of this exact config (``<date>-<config hash>``, any date:
     a run killed yesterday resumes today). Raises ValueError when there is none: a resume with other settings
     (an override added or dropped, another --data-root) used to retrain from scratch without a word."""
-    name = checkpoint_dir(cfg, today_utc()).name.split("-", 3)[-1]  # the config hash part
+    name = config_hash(cfg, with_budget=False)[:12]  # as in pipelines.schedule.checkpoint_dir
     dates = sorted(dt.date.fromisoformat(p.name[:10]) for p in WorkDir.of(cfg).checkpoints.glob(f"????-??-??-{name}")
                    if p.is_dir())
     if not dates:

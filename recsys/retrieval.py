@@ -14,6 +14,10 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
+import torch
+
+from recsys.data import RaggedItems
+from recsys.topk import top_k_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -181,11 +185,6 @@ def _exact_top_k(items: np.ndarray, users: np.ndarray, k: int, values: np.ndarra
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top ``k`` unseen items of ``users`` by (score desc, id asc) over ``items`` in item blocks, seen items
     masked (:func:`recsys.topk.top_k_blocked`, the evaluation's scorer): no widening, however long a history."""
-    import torch
-
-    from recsys.data import RaggedItems
-    from recsys.topk import top_k_blocked
-
     seen = RaggedItems(torch.from_numpy(values[offsets[0] : offsets[-1]].astype(np.int32)),
                        torch.from_numpy(offsets - offsets[0]))
     found = top_k_blocked(torch.from_numpy(users), torch.from_numpy(items), k, seen)
@@ -266,10 +265,11 @@ def search_top_k(
             w_ids, w_scores = _rescore(users[rows], items, w_ids, w_scores, exact_distances)
             b_ids, b_scores = w_ids[:, :k], w_scores[:, :k]
             # short of what exists (k + 1 to check the tie, or every unseen item when fewer), or tied at k
-            tied = (found > k) & (w_scores[:, k - 1] == w_scores[:, min(k, wide - 1)]) if wide > k else found < 0
+            tied = (found > k) & (w_scores[:, k - 1] == w_scores[:, wide - 1]) if wide > k else False
             redo = np.flatnonzero((found < np.minimum(wide, available[rows])) | tied)
             redone.append(start + redo)  # answered exactly after the loop, all at once
-            found = np.where(np.isin(np.arange(len(found)), redo), k, (b_ids >= 0).sum(axis=1))
+            found = (b_ids >= 0).sum(axis=1)
+            found[redo] = k  # counted short (or not) once answered exactly
         ids[rows], scores[rows] = b_ids, b_scores
         stats["batches"] += 1
         stats["fallback_users"] += int(redo.size)

@@ -134,8 +134,8 @@ class Recommender:
                 table = model.item_embeddings().detach().float().cpu()[1 : model.n_items + 1]  # (I, D): item_idx - 1
             to_id = item_map.sort(schema.ITEM_IDX)[schema.ITEM_ID]  # position = item_idx - 1
             vectors = user_vectors(model, known["items"], self.batch_size, known.get_column("types", default=None))
-            seen = RaggedItems.from_series(known["items"])
-            seen.values = seen.values - 1  # item_idx -> position
+            known_items = RaggedItems.from_series(known["items"])
+            seen = RaggedItems(known_items.values - 1, known_items.offsets)  # item_idx -> position
             # in item blocks with seen items masked, ties by item position: the candidates job's and the
             # evaluation's lists, in memory bounded by batch_size x the item block, not x the catalogue
             with torch.no_grad():
