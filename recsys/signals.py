@@ -34,17 +34,24 @@ class SynchronizedSigterm(Callback):
     The handler is installed when the sanity check or training starts, after Lightning registered its own
     (``Trainer._run`` registers it just before running the stage) and in its place; Lightning's teardown
     restores the handler that was there before fit. The flags are combined with one all-reduce at the end of
-    every training batch, at the end of every validation (the sanity check's included) and at the end of
-    training, which catches a signal that came after the last batch (the last epoch's checkpoints are
-    written by then, so a rerun resumes as finished). A signal during validation stops at its end: that
-    epoch's checkpoint is not written, as with one process, which stops at the next validation batch.
+    every ``every_n_batches``-th training batch and of an epoch's last one, at the end of every validation
+    (the sanity check's included) and at the end of training, which catches a signal that came after the
+    last batch (the last epoch's checkpoints are written by then, so a rerun resumes as finished). Not after
+    every batch: the all-reduce's result is read on the host, which waits for the GPU to finish the step's
+    queued work, so a per-step check would stall an asynchronous training loop once per step; every rank
+    counts the same batches (each batch is dealt to all ranks), so they agree on where the checks are. A
+    signal during validation stops at its end: that epoch's checkpoint is not written, as with one process,
+    which stops at the next validation batch.
 
     With one process every hook returns at once: Lightning's own handling stays as it is. Not covered: a
     signal while Lightning's handler is still the one installed (between its registration and the first
     hook, e.g. in the barrier that starts the stage) takes Lightning's path.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, every_n_batches: int = 8) -> None:
+        if every_n_batches < 1:
+            raise ValueError(f"every_n_batches must be >= 1, got {every_n_batches}")
+        self.every_n_batches = every_n_batches
         self.received = False
         self._active = False
 
@@ -61,6 +68,8 @@ class SynchronizedSigterm(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if (batch_idx + 1) % self.every_n_batches and batch_idx + 1 < trainer.num_training_batches:
+            return  # not a check point: no collective (every rank skips the same batches)
         self._stop_if_received(trainer, f"after training batch {batch_idx} of epoch {trainer.current_epoch}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -128,6 +128,46 @@ def test_sigterm_to_rank_0_stops_both_ranks_with_143_and_the_rerun_resumes(tmp_p
     assert len(report["history"]) == 3
 
 
+class _Strategy:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 (Lightning's name)
+        self.calls += 1
+        return decision
+
+
+class _Trainer:
+    world_size, num_training_batches, current_epoch, sanity_checking = 2, 21, 0, False
+
+    def __init__(self) -> None:
+        self.strategy = _Strategy()
+
+
+def test_training_batches_agree_every_n_batches_and_at_the_epochs_last() -> None:
+    """The flags are all-reduced after every 8th batch and the epoch's last (each check waits for the GPU),
+    and the first check after the signal stops the run."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from recsys.signals import SynchronizedSigterm
+
+    trainer, stop = _Trainer(), SynchronizedSigterm(every_n_batches=8)
+    stop.setup(trainer, None, "fit")
+    checked = []
+    for batch_idx in range(trainer.num_training_batches):
+        before = trainer.strategy.calls
+        stop.on_train_batch_end(trainer, None, None, None, batch_idx)
+        if trainer.strategy.calls > before:
+            checked.append(batch_idx)
+    assert checked == [7, 15, 20]
+    stop._on_sigterm(signal.SIGTERM, None)
+    stop.on_train_batch_end(trainer, None, None, None, 8)  # not a check point: goes on
+    with pytest.raises(SIGTERMException):
+        stop.on_train_batch_end(trainer, None, None, None, 15)
+    with pytest.raises(ValueError, match="every_n_batches"):
+        SynchronizedSigterm(every_n_batches=0)
+
+
 if __name__ == "__main__":
     if os.environ.get(STOP_ENV):
         _with_stop_hook()
