@@ -368,7 +368,7 @@ def with_repeat_bias(
     for start in range(0, len(users), step):
         rows = np.arange(start, min(start + step, len(users)))
         window = ragged.pad(torch.from_numpy(rows), model.max_len).long()  # (B, L) item_idx, 0 = padding
-        device = model.repeat_weight.device
+        device = next(model.parameters()).device
         window_types = None if kinds is None else kinds.pad(torch.from_numpy(rows), model.max_len).long().to(device)
         with torch.no_grad():
             bonus = model.history_bias(window.to(device), types=window_types).float().cpu().numpy()  # (B, L)

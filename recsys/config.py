@@ -518,23 +518,6 @@ class Config(_Section):
                              "train.item_drop=0 or model.attention=causal")
         return self
 
-    @model_validator(mode="after")
-    def _ensemble(self) -> Config:
-        """What model.ensemble > 1 does not support (each member would need it), named with what to do."""
-        k = self.model.ensemble
-        if k == 1:
-            return self
-        unsupported = [
-            ("model.repeat_bias=true", "model.repeat_bias=false", self.model.repeat_bias),
-            ("model.event_types=true", "model.event_types=false", self.model.event_types),
-            ("item attributes (model.item_features=true with data.item_features set)", "model.item_features=false",
-             self.model.item_features and self.data.item_features is not None),
-        ]
-        for what, fix, found in unsupported:
-            if found:
-                raise ValueError(f"model.ensemble={k} does not support {what}: set {fix} or model.ensemble=1")
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
 

@@ -362,10 +362,11 @@ class SASRec(nn.Module):
                          ) -> torch.Tensor:
         """scores (B, n_items + 1) of the window ``items`` (B, T) (``types`` their events' types) plus each
         window item's :meth:`history_bias` (repeats summed); ``scores`` unchanged without ``repeat_bias``."""
-        bias = self.history_bias(items, types=types)
-        if bias is None:
-            return scores
-        return scores.scatter_add(1, items.long(), bias.to(scores.dtype))  # padding lands on column 0 with 0
+        return _add_bias(scores, items, self.history_bias(items, types=types))
+
+    def repeat_parameters(self) -> list[nn.Parameter]:
+        """The repeat-bias weights (by distance, and by event type with event types); empty without."""
+        return [p for p in (self.repeat_weight, self.repeat_type_weight) if p is not None]
 
     def user_vectors(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """items: (B, T) left-padded history (``types`` its events' types, as in :meth:`forward`) -> (B, D).
@@ -390,7 +391,10 @@ class SASRecEnsemble(nn.Module):
     a SASRec: :meth:`user_vectors` (B, K*D) are the members' user vectors concatenated and divided by K, and
     :meth:`item_embeddings` (n_items + 1, K*D) the members' tables concatenated. Training
     (:class:`recsys.system.SASRecSystem`) gives each member its own loss, as if it were trained alone. Item
-    attributes, event types and the repeat bias are not supported (ValueError).
+    attributes, event types and the repeat bias are each member's own (its own attribute-value and type tables,
+    its own repeat weights): the joined vectors carry the members' attribute parts, every member reads the
+    events' types, and the ensemble's repeat bias is the mean of the members' biases, so :meth:`scores` is
+    the mean of the members' ``scores`` in every case.
     """
 
     def __init__(self, members: int, **kwargs: Any) -> None:
@@ -400,19 +404,17 @@ class SASRecEnsemble(nn.Module):
         # One after another from the seeded RNG: every member starts from different weights.
         self.members = nn.ModuleList(SASRec(**kwargs) for _ in range(members))
         first: SASRec = self.members[0]
-        if first.repeat_bias or first.n_feature_values or first.n_event_types:
-            raise ValueError("an ensemble supports neither repeat_bias, item attributes nor event types")
         self.kwargs: dict[str, Any] = {**first.kwargs, "ensemble": members}
         self.n_items, self.max_len, self.attention = first.n_items, first.max_len, first.attention
         self.causal, self.mask_token = first.causal, first.mask_token
-        # What the rest of the code reads off a SASRec without the unsupported options.
-        self.n_event_types = self.n_feature_values = 0
-        self.repeat_bias = False
+        self.n_event_types, self.n_feature_values = first.n_event_types, first.n_feature_values
+        self.repeat_bias = first.repeat_bias
+        # The tables and weights are the members' (``members[i].type_emb`` ...), none is the ensemble's own.
         self.repeat_weight = self.repeat_type_weight = self.feature_emb = self.type_emb = None
 
     def forward(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """items: (B, T) -> (B, T, K*D) the members' hidden states concatenated and divided by K: ``score`` of it
-        is the mean of the members' scores at every position."""
+        is the mean of the members' scores at every position (without their repeat bias)."""
         return self._joined([m(items, types) for m in self.members])
 
     def user_vectors(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
@@ -431,19 +433,38 @@ class SASRecEnsemble(nn.Module):
         return hidden @ self.item_embeddings().T  # (..., I + 1)
 
     def scores(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
-        """items: (B, T) left-padded history -> (B, n_items + 1) the mean of the members' scores of the next item."""
-        return self.score(self.user_vectors(items))  # (B, I + 1)
+        """items: (B, T) left-padded history (``types`` its events' types) -> (B, n_items + 1) the mean of the
+        members' :meth:`SASRec.scores` of the next item (their repeat bias included)."""
+        return self.add_history_bias(self.score(self.user_vectors(items, types)), items, types)  # (B, I + 1)
 
     def history_bias(self, items: torch.Tensor, all_positions: bool = False, types: torch.Tensor | None = None
-                     ) -> None:
-        return None  # no repeat bias
+                     ) -> torch.Tensor | None:
+        """The mean of the members' :meth:`SASRec.history_bias` (same shapes), None without ``repeat_bias``."""
+        if not self.repeat_bias:
+            return None
+        return torch.stack([m.history_bias(items, all_positions, types) for m in self.members]).mean(0)
 
     def add_history_bias(self, scores: torch.Tensor, items: torch.Tensor, types: torch.Tensor | None = None
                          ) -> torch.Tensor:
-        return scores  # no repeat bias
+        """As :meth:`SASRec.add_history_bias`, with the members' mean bias."""
+        return _add_bias(scores, items, self.history_bias(items, types=types))
+
+    def repeat_parameters(self) -> list[nn.Parameter]:
+        """The members' repeat-bias weights (empty without ``repeat_bias``)."""
+        return [p for m in self.members for p in m.repeat_parameters()]
 
     def set_item_features(self, ids: torch.Tensor, columns: torch.Tensor, trained: torch.Tensor | None = None) -> None:
-        raise ValueError("an ensemble has no item attributes (n_feature_values = 0)")
+        """:meth:`SASRec.set_item_features` on every member (each has its own attribute-value table)."""
+        for member in self.members:
+            member.set_item_features(ids, columns, trained)
+
+
+def _add_bias(scores: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``scores`` (B, n_items + 1) plus ``bias`` (B, T) on the columns of the window ``items`` (B, T), repeats
+    summed; ``scores`` unchanged when ``bias`` is None."""
+    if bias is None:
+        return scores
+    return scores.scatter_add(1, items.long(), bias.to(scores.dtype))  # padding lands on column 0 with 0
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -315,7 +315,7 @@ class SASRecSystem(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         # Decay matrices and embeddings only; biases and LayerNorm gains are left alone.
-        biases = [p for p in (self.model.repeat_weight, self.model.repeat_type_weight) if p is not None]
+        biases = self.model.repeat_parameters()  # an ensemble's: every member's
         params = [p for p in self.parameters() if p.requires_grad and all(p is not b for b in biases)]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams["weight_decay"]},

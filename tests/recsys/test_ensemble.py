@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipelines.cli import EXIT_OK, EXIT_USAGE, main
+from pipelines.cli import EXIT_OK, main
 from recsys.candidates import load_trained_model
 from recsys.config import ConfigError, build_config
 from recsys.evaluation import build_eval_set, evaluate_model_blocked, evaluate_scorer, model_scorer
@@ -88,6 +88,69 @@ def test_blocked_evaluation_and_the_dense_path_agree_on_an_ensemble() -> None:
     assert dense == pytest.approx(blocked, abs=1e-6)
 
 
+OPTIONS = dict(repeat_bias=True, n_event_types=3, n_feature_values=5, feature_slots=2)
+
+
+def with_options(members: int = 3) -> tuple[SASRecEnsemble, torch.Tensor, torch.Tensor]:
+    """An ensemble with every member option (repeat bias by distance and event type, event types, item
+    attributes), every member's repeat weights and type tables moved off their init, and (items, types)."""
+    torch.manual_seed(0)
+    ensemble = SASRecEnsemble(members, **ARCH, **OPTIONS).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 6, (N_ITEMS + 1, 2), generator=g)
+    ids[0] = 0
+    ensemble.set_item_features(ids, torch.tensor([0, 1, 1, 2, 2, 2]), torch.arange(N_ITEMS + 1) % 4 != 1)
+    with torch.no_grad():
+        for m in ensemble.members:  # repeat weights start at 0: give each member its own
+            for p in m.repeat_parameters():
+                p.normal_(generator=g)
+    items = random_histories(8, seed=2)
+    types = torch.randint(1, 4, items.shape, generator=g) * (items != 0)
+    return ensemble, items, types
+
+
+def test_ensemble_with_types_attributes_and_repeat_bias_scores_the_members_mean() -> None:
+    ensemble, items, types = with_options()
+    assert ensemble.repeat_bias and ensemble.n_event_types == 3 and ensemble.n_feature_values == 5
+    with torch.no_grad():
+        each = [m.scores(items, types) for m in ensemble.members]  # (B, I + 1) each, bias included
+        assert all((each[0] - e).abs().max() > 1e-3 for e in each[1:])  # the members differ
+        torch.testing.assert_close(ensemble.scores(items, types), torch.stack(each).mean(0))
+        # the repeat bias is part of it: without it the scores are the plain dot products' mean
+        plain = ensemble.score(ensemble.user_vectors(items, types))
+        assert (ensemble.scores(items, types) - plain).abs().max() > 1e-2
+        # training's per-position bias: the mean of the members'
+        torch.testing.assert_close(
+            ensemble.history_bias(items, all_positions=True, types=types),
+            torch.stack([m.history_bias(items, all_positions=True, types=types) for m in ensemble.members]).mean(0))
+        # every member reads the types and its own attributes
+        assert (ensemble.scores(items, types) - ensemble.scores(items, torch.zeros_like(types))).abs().max() > 1e-3
+        for m in ensemble.members:
+            assert torch.equal(m.item_feature_ids, ensemble.members[0].item_feature_ids)
+    with pytest.raises(ValueError, match="event types"):
+        ensemble.scores(items)
+
+
+def test_saved_ensemble_with_options_loads_with_identical_scores(tmp_path: Path) -> None:
+    ensemble, items, types = with_options(2)
+    save_model(ensemble, tmp_path)
+    loaded = load_model(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded.scores(items, types), ensemble.scores(items, types))
+
+
+def test_every_members_repeat_weights_get_the_repeat_learning_rate() -> None:
+    system = SASRecSystem(**ARCH, repeat_bias=True, n_event_types=3, lr=1e-3, ensemble=3)
+    system._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)
+    groups = system.configure_optimizers()["optimizer"].param_groups
+    assert len(groups) == 3
+    biases = {id(p) for p in groups[2]["params"]}
+    want = {id(p) for m in system.model.members for p in (m.repeat_weight, m.repeat_type_weight)}
+    assert biases == want and len(want) == 6
+    assert groups[2]["lr"] > groups[0]["lr"] and groups[2]["weight_decay"] == 0.0
+    assert not biases & {id(p) for g in groups[:2] for p in g["params"]}
+
+
 # --- (2) training ------------------------------------------------------------------------------------------
 
 LOSS_CASES = [
@@ -98,6 +161,8 @@ LOSS_CASES = [
     dict(loss="gbce", n_negatives=5),
     dict(loss="bce", n_negatives=2),
     dict(loss="ce", attention="bidirectional"),
+    dict(loss="ce", repeat_bias=True, n_event_types=3),  # repeat bias by distance and by event type
+    dict(loss="ce", n_event_types=3),
 ]
 
 
@@ -125,11 +190,18 @@ def test_training_loss_is_the_mean_of_each_members_own_loss(options: dict) -> No
     system = SASRecSystem(**ARCH, **options, ensemble=2)
     inputs, targets = batch(options.get("attention", "causal"))
     seen = inputs if options.get("train_exclude_seen") else None
+    types = None
+    if options.get("n_event_types"):  # each input's type, 1..3
+        types = (torch.arange(inputs.numel()).view(inputs.shape) % 3 + 1) * (inputs != 0)
+    if options.get("repeat_bias"):  # repeat weights start at 0: give each member its own
+        with torch.no_grad():
+            for p in system.model.repeat_parameters():
+                p.normal_()
     singles = [alone(system, i) for i in range(2)]
     torch.manual_seed(5)  # the sampled losses draw their negatives member after member, as the singles do
-    loss = system._forward_loss(inputs, targets, seen=seen)
+    loss = system._forward_loss(inputs, targets, types, seen=seen)
     torch.manual_seed(5)
-    own = [s._forward_loss(inputs, targets, seen=seen) for s in singles]
+    own = [s._forward_loss(inputs, targets, types, seen=seen) for s in singles]
     assert abs(own[0].item() - own[1].item()) > 1e-4  # the members differ, so the mean is not either loss
     torch.testing.assert_close(loss, torch.stack(own).mean())
 
@@ -234,27 +306,49 @@ def test_ensemble_through_the_jobs(tmp_path: Path) -> None:
     assert report["warm_start"]["items_new"] == 0 and abs(report["best_val_ndcg_at_10"] - best) <= 1e-6
 
 
+def test_ensemble_with_event_types_and_repeat_bias_through_the_jobs(tmp_path: Path) -> None:
+    """`recsys run` with model.ensemble=2, event types and the repeat bias, seen items competing in the
+    candidates (so the bias counts there): the evaluation is the oracle's NDCG@10 from ``model.scores`` with the
+    history's types, and the candidates are the exact top k of ``model.scores`` (the members' mean, bias
+    included) over each user's last max_len events."""
+    from tests.pipelines.test_event_types_job import DAY, TYPED, _candidates, _histories, _in_model, _left_pad
+    from tests.pipelines.test_event_types_job import K as top_k
+    from tests.pipelines.test_event_types_job import _test_ndcg_at_10 as oracle_ndcg
+
+    work = tmp_path / "work"
+    options = [*TYPED, "model.ensemble=2", "model.repeat_bias=true", "candidates.exclude_seen=false"]
+    assert main(["run", "--quiet", "--run-date", DAY, *tiny(work), *options]) == EXIT_OK
+    model = load_model(work / "model")
+    assert isinstance(model, SASRecEnsemble) and model.n_event_types == 3 and model.repeat_bias
+    assert all(float(m.repeat_weight.detach().abs().max()) > 0 for m in model.members)  # trained, not left at 0
+    report = json.loads((work / "evaluation" / "report.json").read_text())
+    assert report["model"]["ndcg_at_10"] == pytest.approx(oracle_ndcg(work, model), abs=1e-6)
+    assert abs(report["model"]["ndcg_at_10"] - oracle_ndcg(work, model, zero_types=True)) > 1e-4
+    hist = _histories(work / "features")
+    pairs = [_in_model(work / "model", h, t) for h, t in hist.select("history", "event_types").iter_rows()]
+    with torch.no_grad():
+        scores = model.scores(_left_pad([i for i, _ in pairs], model.max_len),
+                              _left_pad([t for _, t in pairs], model.max_len))
+    scores[:, 0] = -torch.inf
+    to_id = dict(pl.read_parquet(work / "model" / "item_map.parquet").select("item_idx", "item_id").iter_rows())
+    expected = [[to_id[i] for i in row] for row in scores.topk(top_k).indices.tolist()]
+    got = _candidates(work)
+    assert [got[u] for u in hist["user_id"]] == expected
+    seen = sum(len(set(row) & set(h)) for row, h in zip(expected, hist["history"], strict=True))
+    assert seen > 0  # the premise: seen items compete and some win a place
+
+
 # --- (5) config --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tree, needle", [
-    ({"model": {"repeat_bias": True}}, "model.repeat_bias=false"),
-    ({"model": {"event_types": True}}, "model.event_types=false"),
-    ({"data": {"item_features": {"path": "items.csv", "columns": ["brand"]}}}, "model.item_features=false"),
+@pytest.mark.parametrize("tree", [
+    {"model": {"repeat_bias": True}},
+    {"model": {"event_types": True}},
+    {"data": {"item_features": {"path": "items.csv", "columns": ["brand"]}}},
 ])
-def test_config_refuses_what_an_ensemble_does_not_support(tree: dict, needle: str) -> None:
-    model = {**tree.get("model", {}), "ensemble": 2}
-    with pytest.raises(ConfigError, match=r"model\.ensemble=2 does not support") as caught:
-        build_config({**tree, "model": model})
-    assert needle in str(caught.value) and "model.ensemble=1" in str(caught.value)
-    build_config({**tree, "model": {**model, "ensemble": 1}})  # one network: accepted
-    if "data" in tree:  # attributes switched off: accepted
-        build_config({**tree, "model": {**model, "item_features": False}})
-
-
-def test_cli_exits_2_naming_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["status", "model.ensemble=3", "model.repeat_bias=true"]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "model.ensemble=3" in err and "model.repeat_bias" in err
+def test_config_accepts_an_ensemble_with_each_members_options(tree: dict) -> None:
+    """Each member has its own repeat weights, type and attribute tables (refused before session 18)."""
+    cfg = build_config({**tree, "model": {**tree.get("model", {}), "ensemble": 2}})
+    assert cfg.model.ensemble == 2
 
 
 def test_config_rejects_an_ensemble_below_one() -> None:
