@@ -18,7 +18,7 @@ import torch
 from features.schema import ITEM_FEATURE_FILES
 from pipelines.cli import EXIT_OK, EXIT_USAGE, main
 from recsys.data import pad_lists
-from recsys.model import load_model
+from recsys.model import SASRec, SASRecEnsemble, load_model
 from tests.pipelines.conftest import tiny
 
 DAY = "2024-05-01"
@@ -45,18 +45,31 @@ def _attributes(items: Path) -> list[str]:
             'data.item_features.list_separator="|"', "data.item_features.cold_items=true"]
 
 
-@pytest.fixture(scope="module")
-def night(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> tuple[Path, Path]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-network", "ensemble-2"])
+def night(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_features: Path
+          ) -> tuple[Path, list[str]]:
+    """A `recsys run` with attributes, of one network or of an ensemble of two (each member with its own
+    attribute-value table); the work directory and the model's extra overrides (model.ensemble)."""
     root = tmp_path_factory.mktemp("item-features")
     items = _item_file(tiny_features, root / "items.csv")
     work = root / "work"
-    assert main(["run", "--quiet", "--run-date", DAY, *tiny(work), *_attributes(items)]) == EXIT_OK
-    return work, items
+    model = [f"model.ensemble={request.param}"]
+    assert main(["run", "--quiet", "--run-date", DAY, *tiny(work), *_attributes(items), *model]) == EXIT_OK
+    return work, model
+
+
+def _network(model: SASRec | SASRecEnsemble) -> SASRec:
+    """The model, or an ensemble's first member (each member holds the same item -> attribute table)."""
+    if isinstance(model, SASRecEnsemble):
+        assert all(torch.equal(m.item_feature_ids, model.members[0].item_feature_ids) for m in model.members)
+        return model.members[0]
+    return model
 
 
 def test_the_jobs_carry_attributes_to_the_candidates(night):
     work, _ = night
     model = load_model(work / "model")
+    net = _network(model)
     assert model.n_feature_values == 4 + 3  # 4 groups, 3 tags
     assert (work / "model" / ITEM_FEATURE_FILES["item_feature_values"]).is_file()
     manifest = json.loads((work / "features" / "manifest.json").read_text())
@@ -67,7 +80,7 @@ def test_the_jobs_carry_attributes_to_the_candidates(night):
     assert item_map.height == manifest["n_items"] == model.n_items
     assert item_map.sort("item_id").tail(COLD)["train_count"].to_list() == [0] * COLD
     # a cold item is in the catalogue, scored by its attributes alone (its id row is not used)
-    assert model.item_id_weights is not None and model.item_id_weights[-COLD:].tolist() == [0.0] * COLD
+    assert net.item_id_weights is not None and net.item_id_weights[-COLD:].tolist() == [0.0] * COLD
     # the candidates are the exact top 5 of the model's scores (attributes included), seen items excluded
     seqs = pl.read_parquet(work / "features" / "sequences.parquet").sort("user_idx").head(8)
     histories = [t + v + s for t, v, s in seqs.select("train_items", "val_items", "test_items").rows()]
@@ -91,12 +104,12 @@ def test_the_jobs_carry_attributes_to_the_candidates(night):
 
 
 def test_warm_start_matches_values_night_over_night(night, tmp_path):
-    work, _ = night
+    work, model = night
     tomorrow = tmp_path / "work"
     shutil.copytree(work / "features", tomorrow / "features")
     items = _item_file(work / "features", tmp_path / "items.csv", shift=1)  # every item in another group
     init = f"train.init_from={work / 'model'}"
-    args = [*tiny(tomorrow), *_attributes(items), init, "train.max_epochs=1"]
+    args = [*tiny(tomorrow), *_attributes(items), init, "train.max_epochs=1", *model]
     assert main(["features", "--quiet", *args]) == EXIT_OK
     assert main(["train", "--quiet", *args]) == EXIT_OK
     report = json.loads((tomorrow / "model" / "train_report.json").read_text())
@@ -104,7 +117,7 @@ def test_warm_start_matches_values_night_over_night(night, tmp_path):
     assert report["warm_start"]["items_from_source"] == report["n_items"] - COLD
     assert report["warm_start"]["items_new"] == COLD
     assert (report["warm_start"]["values_from_source"], report["warm_start"]["values_new"]) == (7, 0)
-    new = load_model(tomorrow / "model")
+    new = _network(load_model(tomorrow / "model"))
     shifted = pl.read_parquet(tomorrow / "features" / "item_features.parquet")
     old = pl.read_parquet(work / "features" / "item_features.parquet")
     assert not shifted.equals(old) and new.n_feature_values == 7  # same values, other items have them
@@ -114,11 +127,11 @@ def test_warm_start_matches_values_night_over_night(night, tmp_path):
 
 
 def test_a_model_with_attributes_cannot_start_one_without(night, tmp_path, capsys):
-    work, _ = night
+    work, model = night
     tomorrow = tmp_path / "work"
     shutil.copytree(work / "features", tomorrow / "features")
     code = main(["train", "--quiet", *tiny(tomorrow), "model.item_features=false",
-                 f"train.init_from={work / 'model'}"])
+                 f"train.init_from={work / 'model'}", *model])
     assert code == EXIT_USAGE
     err = capsys.readouterr().err
     assert "trained with item attributes" in err and "without them" in err
@@ -136,10 +149,10 @@ def test_bad_item_file_is_exit_3_and_a_missing_one_exit_2(tmp_path, capsys):
     assert not (work / "features").exists()
 
 
-def test_the_features_run_tracks_the_attribute_accounting(night, tmp_path):
+def test_the_features_run_tracks_the_attribute_accounting(tiny_features, tmp_path):
     from mlflow import MlflowClient
 
-    _, items = night
+    items = _item_file(tiny_features, tmp_path / "items.csv")
     work = tmp_path / "work"
     try:
         assert main(["features", "--quiet", *tiny(work), *_attributes(items), "tracking.enabled=true"]) == EXIT_OK
