@@ -109,16 +109,22 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
             if shard is not None:
                 _check_same_night(wd, day, shard, scored_with, manifest["features"]["manifest"]["sha256"])
         target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
-        with atomic_dir(target) as out:
-            table.write_parquet(out / "candidates.parquet")
-            fault_point("candidates-parquet-written")
-            write_json(out / "manifest.json", manifest)
-            write_json(out / "drift.json", drift)
-            fault_point("candidates-manifest-written")
-            save_config(cfg, out / "config.yaml")
-            fault_point("candidates-before-publish")
-            if not violations:
-                _unmark_night(wd, day)
+        unmarked = False
+        try:
+            with atomic_dir(target) as out:
+                table.write_parquet(out / "candidates.parquet")
+                fault_point("candidates-parquet-written")
+                write_json(out / "manifest.json", manifest)
+                write_json(out / "drift.json", drift)
+                fault_point("candidates-manifest-written")
+                save_config(cfg, out / "config.yaml")
+                fault_point("candidates-before-publish")
+                if not violations:
+                    unmarked = _unmark_night(wd, day)
+        except Exception:
+            if unmarked:  # the publish failed (flush or swap: an I/O error) and the earlier lists are back in place
+                _remark_night(wd, day, shard)
+            raise
         fault_point("candidates-published")
         if not violations:  # first: a later failure (retention, MLflow) must not leave a published night unmarked
             _mark_night(wd, day, shard)
@@ -219,14 +225,29 @@ def _remove_expired(wd: WorkDir, markers: list[Path], partitions: list[Path]) ->
         fsync_dir(wd.candidates / "complete")
 
 
-def _unmark_night(wd: WorkDir, day: dt.date) -> None:
+def _unmark_night(wd: WorkDir, day: dt.date) -> bool:
     """Remove night ``day``'s completion marker, durably, before a part of it is replaced: the marker describes
     the parts being replaced, so a process killed after the swap must not leave it saying "complete" for lists
-    it does not describe. :func:`_mark_night` writes it again once the new part is published."""
+    it does not describe. :func:`_mark_night` writes it again once the new part is published. Returns whether
+    there was a marker."""
     marker = wd.night_marker(day)
-    if marker.exists():
-        marker.unlink()
-        fsync_dir(marker.parent)
+    if not marker.exists():
+        return False
+    marker.unlink()
+    fsync_dir(marker.parent)
+    return True
+
+
+def _remark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> None:
+    """After a publish that failed with the marker removed (:func:`_unmark_night`), mark the night again from
+    the parts now published: ``atomic_dir`` put the replaced part back, so the marker is the one removed, byte
+    for byte (:func:`_mark_night` depends on the published parts alone). A failure here is logged: the night
+    then stays unmarked until a rerun, and the publish's own error is the one raised."""
+    try:
+        _mark_night(wd, day, shard)
+    except Exception as exc:  # noqa: BLE001 (the publish's error matters more)
+        log.warning("candidates: night %s was complete before this failed publish; marking it again failed "
+                    "(%s): it stays unmarked until a rerun", day, exc)
 
 
 def _mark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> Path | None:

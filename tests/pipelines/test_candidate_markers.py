@@ -59,6 +59,38 @@ def test_a_rerun_killed_after_publishing_leaves_no_marker_of_the_old_lists(train
     assert json.loads(marker.read_text())["rows"] == pl.read_parquet(part / "candidates.parquet").height
 
 
+@pytest.mark.parametrize("fails", ["flush", "swap"])
+def test_a_rerun_whose_publish_fails_leaves_the_night_marked_as_before(trained, tmp_path, monkeypatch, fails) -> None:
+    """Rerun of a complete night (other lists) whose publish fails with an I/O error after the marker was
+    removed: flushing the new partition, or renaming it into place (the old one already moved aside). The old
+    lists are back in place, and so is their marker, byte for byte; the job fails (exit 1)."""
+    import recsys.storage as storage
+
+    work = _work(trained, tmp_path, "2024-08-01")
+    marker = work / "candidates" / "complete" / "date=2024-08-01.json"
+    part = work / "candidates" / "date=2024-08-01"
+    before, lists = marker.read_bytes(), (part / "candidates.parquet").read_bytes()
+    if fails == "flush":
+        def broken_fsync(path: Path) -> None:
+            raise OSError(5, "Input/output error", str(path))
+
+        monkeypatch.setattr(storage, "_fsync_tree", broken_fsync)
+    else:
+        replace = storage.os.replace
+
+        def broken_rename(src, dst) -> None:
+            if storage.TMP_TAG in Path(src).name and Path(dst) == part:
+                raise OSError(5, "Input/output error", str(src))
+            replace(src, dst)
+
+        monkeypatch.setattr(storage.os, "replace", broken_rename)
+    assert main(["candidates", "--quiet", "--date", "2024-08-01", *tiny(work, "candidates.k=3")]) == 1
+    monkeypatch.undo()
+    assert (part / "candidates.parquet").read_bytes() == lists  # the old lists, still published
+    assert marker.read_bytes() == before
+    assert not leftovers(work / "candidates")
+
+
 def test_retention_removes_a_nights_marker_before_its_partition(trained, tmp_path, monkeypatch) -> None:
     """Killed while removing expired partitions: their markers are gone already, none outlives its night."""
     work = _work(trained, tmp_path, "2024-08-01", "2024-08-02")
