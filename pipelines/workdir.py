@@ -110,14 +110,20 @@ class WorkDir:
     def expired_candidates(self, day: dt.date, keep_days: int, shard: str | None = None) -> list[Path]:
         """Partitions, published and rejected, dated ``keep_days`` days or more before ``day``: for a whole night
         (``shard`` None) of the whole nights and of every shard directory (nights of an earlier split, which no
-        shard job of tonight's layout prunes), for a shard of that shard only (each shard prunes its own
-        directory). Sorted."""
+        shard job of tonight's layout prunes); for a shard, of that shard's directory (each shard prunes its
+        own), and for shard 0 of a split also of every OTHER layout: the whole nights and the shard directories
+        of another count (nights written before the split or before a change of N, which no other job of
+        tonight's layout prunes; one shard only, so that N shards never race on one path). Sorted."""
         oldest_kept = day - dt.timedelta(days=keep_days - 1)
-        roots = [self.candidates, self.candidates / "rejected"]
-        if shard is not None:
-            roots = [root / shard for root in roots]
+        top = [self.candidates, self.candidates / "rejected"]
+        if shard is None:
+            roots = top + [directory for root in top for directory in root.glob("shard=*-of-*")]
         else:
-            roots += [directory for root in list(roots) for directory in root.glob("shard=*-of-*")]
+            roots = [root / shard for root in top]
+            index, _, count = shard.removeprefix("shard=").partition("-of-")
+            if index == "0":
+                roots += top + [directory for root in top for directory in root.glob("shard=*-of-*")
+                                if not directory.name.endswith(f"-of-{count}")]
         return sorted(path for root in roots for when, path in dated_partitions(root.glob("date=*"))
                       if when < oldest_kept and path.is_dir())
 

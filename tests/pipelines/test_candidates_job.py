@@ -230,20 +230,41 @@ def test_keep_days_removes_older_nights_once_tonight_is_published(trained, tmp_p
     assert not list((work / "candidates").glob(".*"))  # nothing half-removed
 
 
-def test_keep_days_on_a_shard_prunes_that_shard_only(trained, tmp_path):
+def test_keep_days_on_a_shard_prunes_that_shard_and_shard_0_the_other_layouts(trained, tmp_path):
+    """Each shard prunes its own directory; shard 0 also prunes the nights of every other layout (whole nights,
+    shards of another count), which no job of tonight's layout would prune otherwise: they used to stay forever
+    after going from whole nights to shards, or from N shards to M."""
     work = _copy(trained, tmp_path / "work")
     assert main(["candidates", "--quiet", "--date", "2024-08-01", *tiny(work)]) == EXIT_OK
     for i in range(2):
         assert main(["candidates", "--quiet", "--date", "2024-08-02", "--shard", f"{i}/2", *tiny(work)]) == EXIT_OK
     keep = "candidates.keep_days=1"
-    assert main(["candidates", "--quiet", "--date", "2024-08-05", "--shard", "0/2", *tiny(work, keep)]) == EXIT_OK
-    assert _dates(work / "candidates" / "shard=0-of-2") == ["2024-08-05"]
-    assert _dates(work / "candidates" / "shard=1-of-2") == ["2024-08-02"]  # another shard's files: untouched
-    assert _dates(work / "candidates") == ["2024-08-01"]  # whole nights: not a shard's to remove
-    manifest = json.loads((work / "candidates" / "shard=0-of-2" / "date=2024-08-05" / "manifest.json").read_text())
-    # night 2024-08-02 lost shard 0: no longer complete, its marker goes; the whole night of 2024-08-01 keeps its own
-    assert manifest["retention"]["removed"] == ["shard=0-of-2/date=2024-08-02", "complete/date=2024-08-02.json"]
+
+    def removed(shard: str, day: str = "2024-08-05") -> list[str]:
+        part = work / "candidates" / f"shard={shard}" / f"date={day}" / "manifest.json"
+        return json.loads(part.read_text())["retention"]["removed"]
+
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", "--shard", "1/2", *tiny(work, keep)]) == EXIT_OK
+    assert _dates(work / "candidates" / "shard=1-of-2") == ["2024-08-05"]
+    assert _dates(work / "candidates" / "shard=0-of-2") == ["2024-08-02"]  # another shard's files: untouched
+    assert _dates(work / "candidates") == ["2024-08-01"]  # other layouts: shard 0's to remove
+    # night 2024-08-02 lost shard 1: no longer complete, its marker goes; the whole night of 2024-08-01 keeps its own
+    assert removed("1-of-2") == ["shard=1-of-2/date=2024-08-02", "complete/date=2024-08-02.json"]
     assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == ["date=2024-08-01.json"]
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", "--shard", "0/2", *tiny(work, keep)]) == EXIT_OK
+    assert _dates(work / "candidates" / "shard=0-of-2") == ["2024-08-05"] and _dates(work / "candidates") == []
+    assert removed("0-of-2") == ["date=2024-08-01", "shard=0-of-2/date=2024-08-02", "complete/date=2024-08-01.json"]
+    assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == ["date=2024-08-05.json"]
+    # from 2 shards to 3: shard 0 of 3 prunes the 2-way split's expired nights, the others their own only
+    for i in (1, 2, 0):
+        assert main(["candidates", "--quiet", "--date", "2024-08-09", "--shard", f"{i}/3",
+                     *tiny(work, keep)]) == EXIT_OK
+    assert _dates(work / "candidates" / "shard=0-of-2") == [] and _dates(work / "candidates" / "shard=1-of-2") == []
+    assert removed("1-of-3", "2024-08-09") == removed("2-of-3", "2024-08-09") == []
+    assert removed("0-of-3", "2024-08-09") == ["shard=0-of-2/date=2024-08-05", "shard=1-of-2/date=2024-08-05",
+                                               "complete/date=2024-08-05.json"]
+    assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == ["date=2024-08-09.json"]
+    assert leftovers(work) == []
 
 
 def test_keep_days_on_a_whole_night_also_prunes_the_nights_of_an_earlier_split(trained, tmp_path):
