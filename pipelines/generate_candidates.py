@@ -33,7 +33,7 @@ from recsys.drift import DriftError, drift_gate, drift_report, drift_violations
 from recsys.faults import fault_point
 from recsys.model import WEIGHTS_FILE
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
-from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_rows
+from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_of
 from recsys.storage import atomic_dir, fingerprint, fsync_dir, read_json, remove_dir, write_json
 from recsys.tracking import JobRun, job_run
 
@@ -85,7 +85,8 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         table, stats = generate_candidates(trained, feats, cfg.candidates, allowed)
         fault_point("candidates-scored")
         parts = wd.previous_candidates(day, part)
-        drift = drift_report(table, _previous_lists(parts, shard), stats["k_effective"])
+        drift = drift_report(table, _previous_lists(parts, shard, table.schema[schema.USER_ID]),
+                             stats["k_effective"])
         violations = drift_violations(drift, cfg.candidates) + recall_violations(stats["search"], cfg.candidates)
         gate = drift_gate(cfg.candidates, bool(parts))
         if gate == "no previous night":  # e.g. the first night
@@ -314,14 +315,22 @@ def _check_layout(wd: WorkDir, day: dt.date, shard: Shard | None) -> None:
                                "them")
 
 
-def _previous_lists(previous: list[Path], shard: Shard | None) -> pl.DataFrame | None:
+def _previous_lists(previous: list[Path], shard: Shard | None, user_dtype: pl.DataType) -> pl.DataFrame | None:
     """The previous night's lists (its partitions, :meth:`WorkDir.previous_candidates`) to measure drift
     against: of ``shard``'s users only, for a shard (the previous night may have been written whole, or split
-    another way)."""
+    another way). A user's shard is that of its id in tonight's ``user_dtype`` (data.user_id_type may have
+    changed since: the text id "7" and the number 7 hash apart); a previous id with no counterpart tonight
+    (text that is no number) belongs to no shard and is left out."""
     if not previous:
         return None
     table = pl.concat([read_candidates(path) for path in previous])
-    return table if shard is None else shard_rows(table, shard)
+    if shard is None:
+        return table
+    ids = table.select(schema.USER_ID).unique()
+    tonight = schema.with_id_dtype(ids, schema.USER_ID, user_dtype).rename({schema.USER_ID: "_tonight"})
+    mine = pl.concat([ids, tonight], how="horizontal").filter(pl.col("_tonight").is_not_null())
+    mine = mine.filter(shard_of(pl.col("_tonight"), shard.count, user_dtype) == shard.index)
+    return table.filter(pl.col(schema.USER_ID).is_in(mine[schema.USER_ID].implode()))
 
 
 def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], model: dict[str, Any], feats: FeatureSet,

@@ -89,9 +89,3 @@ def select_shard(feats: FeatureSet, shard: Shard) -> FeatureSet:
     users = feats.user_map.filter(in_shard(shard, feats.user_map.schema[schema.USER_ID]))[schema.USER_IDX]
     sequences = feats.sequences.filter(pl.col(schema.USER_IDX).is_in(users.implode()))
     return dataclasses.replace(feats, sequences=sequences)
-
-
-def shard_rows(table: pl.DataFrame, shard: Shard) -> pl.DataFrame:
-    """The rows of ``table`` (any table with a ``user_id`` column) whose user belongs to ``shard``."""
-    return table.filter(in_shard(shard, table.schema[schema.USER_ID]))
-

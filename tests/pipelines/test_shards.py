@@ -243,3 +243,32 @@ def test_a_night_published_before_a_failure_is_still_marked_and_status_says_what
     _marker(trained, later).unlink()  # e.g. a job killed between publishing and marking
     out = run_cli(capsys, "status", *tiny(trained)).out
     assert "NOT complete (completion marker missing: rerun recsys candidates for that night)" in out
+
+
+def test_a_shards_drift_baseline_keeps_its_users_across_a_user_id_type_change(tmp_path: Path) -> None:
+    """Last night written with text user ids, tonight's with numbers (data.user_id_type changed): the shard's
+    baseline holds the previous lists of tonight's shard users (by their ids in tonight's type), so identical
+    lists drift by nothing; the text id that is no number belongs to no shard."""
+    from pipelines.generate_candidates import _previous_lists
+    from recsys.drift import drift_report
+    from recsys.sharding import Shard, in_shard
+
+    night = tmp_path / "date=2024-01-01"
+    night.mkdir()
+    users = list(range(200))
+    rows = {"item_id": [10, 20] * 200, "score": [1.0, 0.5] * 200, "rank": [1, 2] * 200}
+    types = {"item_id": pl.Int64, "score": pl.Float32, "rank": pl.Int32}
+    previous = pl.DataFrame({"user_id": [str(u) for u in users for _ in range(2)], **rows},
+                            schema={"user_id": pl.String, **types})
+    pl.concat([previous, pl.DataFrame({"user_id": ["u7"], "item_id": [10], "score": [1.0], "rank": [1]},
+                                      schema=previous.schema)]).write_parquet(night / "candidates.parquet")
+    shard = Shard(0, 2)
+    today = pl.DataFrame({"user_id": [u for u in users for _ in range(2)], **rows}, schema={"user_id": pl.Int64, **types})
+    today = today.filter(in_shard(shard, pl.Int64))
+    mine = today["user_id"].unique().sort().to_list()
+    assert 50 < len(mine) < 150  # the premise: a real split
+    baseline = _previous_lists([night], shard, pl.Int64)
+    assert sorted(int(u) for u in baseline["user_id"].unique()) == mine
+    report = drift_report(today, baseline, 2)
+    assert (report["users_common"], report["users_lost"], report["users_gained"]) == (len(mine), 0, 0)
+    assert report["mean_overlap_at_k"] == 1.0 and report["new_items"] == 0
