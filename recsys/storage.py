@@ -46,7 +46,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     fsyncs the renamed files can come back empty).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     remove_stale_temps(target.parent)
     tmp = target.parent / f".{target.name}{TMP_TAG}{_writer()}"
     old = target.parent / f".{target.name}{OLD_TAG}{_writer()}"
@@ -95,7 +95,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) 
     ``fault`` names a :func:`recsys.faults.fault_point` reached once the bytes are written, before the rename.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = path.parent / f".{path.name}{TMP_TAG}{_writer()}"
     try:
         with tmp.open("wb") as fh:
@@ -109,6 +109,20 @@ def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) 
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def make_dirs(directory: Path) -> None:
+    """``mkdir -p directory``, durably: each directory it creates is fsynced into its parent, top down (a new
+    directory is an entry of its parent; without this the first output under a new directory, e.g. a new
+    shard's partitions, could vanish in a power cut that its success marker survives)."""
+    missing = []
+    here = directory
+    while not here.exists():
+        missing.append(here)
+        here = here.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fsync_dir(created.parent)
 
 
 def fsync_dir(directory: str | Path) -> None:

@@ -278,3 +278,24 @@ def test_a_file_system_that_cannot_fsync_a_directory_does_not_fail_the_write(
     monkeypatch.setattr(storage.os, "fsync", broken)
     with pytest.raises(OSError, match="Input/output error"):
         atomic_write_bytes(tmp_path / "other.json", b"{}")
+
+
+def test_directories_a_write_creates_are_fsynced_into_their_parents(
+    tmp_path: Path, fsync_log: list[tuple[str, ...]]
+) -> None:
+    """A new directory is an entry of its parent: the first output under new directories (a new shard's
+    partition, the first night marker) must not vanish in a power cut that a later marker survives. Each
+    directory created is fsynced into its parent, top down, before the write's own rename."""
+    events = fsync_log
+    atomic_write_bytes(tmp_path / "a" / "b" / "marker.json", b"{}")
+    synced = [path for kind, path, *_ in events if kind == "fsync"]
+    assert synced[:2] == [str(tmp_path), str(tmp_path / "a")], events  # b into a, a into tmp_path: top down
+    assert synced[-1] == str(tmp_path / "a" / "b")  # the rename, after it
+    events.clear()
+    with atomic_dir(tmp_path / "c" / "date=2024-01-01") as out:
+        (out / "x").write_text("1")
+    synced = [path for kind, path, *_ in events if kind == "fsync"]
+    assert synced[0] == str(tmp_path) and synced[-1] == str(tmp_path / "c"), events
+    events.clear()
+    atomic_write_bytes(tmp_path / "a" / "b" / "other.json", b"{}")  # nothing new: as before
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"], events
