@@ -84,8 +84,11 @@ def test_a_night_below_candidates_min_recall_is_not_published(trained, capsys):
         "raise candidates.nprobe / ef_search or set candidates.target_recall"]
     tuned = [*weak, "candidates.min_recall=0.9", "candidates.target_recall=0.95"]
     assert main(["candidates", "--quiet", "--date", "2024-06-02", *tuned, *tiny(trained)]) == EXIT_OK
-    assert json.loads((_night(trained, "2024-06-02") / "manifest.json").read_text())["search"][
-        "ann_recall_at_k"] >= 0.95
+    search = json.loads((_night(trained, "2024-06-02") / "manifest.json").read_text())["search"]
+    # tuned to 0.95 on one sample; the recall recorded and gated is that of 20 OTHER users (0.94 measured here:
+    # on the tuning sample itself it would pass by construction)
+    assert search["tuning_recall"] >= 0.95 and search["recall_held_out"] and search["recall_sample"] == 20
+    assert 0.9 <= search["ann_recall_at_k"] < 1.0
     assert leftovers(trained) == []
 
 

@@ -131,7 +131,9 @@ def test_target_recall_tunes_the_index_before_the_search(setup):
     table, stats = generate_candidates(trained, feats, cfg)
     search = stats["search"]
     assert search["tuned_parameter"] == "efSearch" and search["target_reached"]
-    assert search["tuned_value"] == search["tuning_tried"][-1][0] and search["ann_recall_at_k"] == 1.0
+    assert search["tuned_value"] == search["tuning_tried"][-1][0] and search["tuning_recall"] == 1.0
+    # every one of the 4 users is in the tuning sample: no other user to measure on, and the manifest says so
+    assert search["recall_held_out"] is False and search["ann_recall_at_k"] == 1.0
     exact, _ = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10))
     assert table.equals(exact)
     assert "tuned_parameter" not in generate_candidates(trained, feats, CandidatesConfig(k=K))[1]["search"]
