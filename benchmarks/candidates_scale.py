@@ -29,7 +29,7 @@ import torch
 from benchmarks.catalogue import ClusteredCatalogue, add_catalogue_args
 from benchmarks.machine import ROOT, append_row, commit, load_1min, machine, peak_rss_gb
 from recsys.data import RaggedItems
-from recsys.retrieval import Tuning, build_index, search_top_k, tune_index
+from recsys.retrieval import Tuning, _recall, build_index, search_top_k, tune_index
 from recsys.topk import top_k_blocked
 
 TITLE = "Candidate generation at scale (synthetic, FAISS on CPU, auto-tuned)"
@@ -38,7 +38,8 @@ INTRO = """
 items per user). The index is built over the item vectors (`recsys.retrieval.build_index`), then
 `recsys.retrieval.tune_index` doubles nprobe (IVF) / efSearch (HNSW) from the smallest until recall@k against
 EXACT search (top-k of `recsys.topk.top_k_blocked`, seen items excluded) on a user sample reaches the target,
-then bisects down to the smallest value that reaches it (to 1/8 of the last miss); then every user is searched for its top-k unseen items (`recsys.retrieval.search_top_k`, exact fallback for a
+then bisects down to the smallest value that reaches it (to 1/8 of the last miss), and measures the tuned index's
+recall on as many OTHER users (since 2026-12-05; on the tuning sample the target is reached by construction); then every user is searched for its top-k unseen items (`recsys.retrieval.search_top_k`, exact fallback for a
 user the index leaves short). Search time excludes user generation; peak RSS is `ru_maxrss` of the whole
 process (catalogue and index included). A row with fewer users done than users extrapolates the full search
 linearly (marked "extrapolated"). Load: 1-minute load average before and after.
@@ -87,6 +88,15 @@ def tune(a: argparse.Namespace, catalogue: ClusteredCatalogue, index: faiss.Inde
     return tuning, exact_s
 
 
+def held_out_recall(a: argparse.Namespace, catalogue: ClusteredCatalogue, index: faiss.Index) -> float | None:
+    """Recall@k of the tuned index (no exact fallback) on ``--tune-sample`` OTHER users (block -2, its own
+    seed): on the tuning sample the target is reached by construction."""
+    other = catalogue.users(-2, a.tune_sample)
+    exact = top_k_blocked(other.vectors, catalogue.items, a.k, other.seen).ids.numpy()  # (S, k)
+    approx = search_top_k(index, other.vectors.numpy(), a.k, padded_seen(other.seen), fallback=False).ids
+    return _recall(exact, approx)
+
+
 def run(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     faiss.omp_set_num_threads(a.threads)
@@ -97,8 +107,9 @@ def run(a: argparse.Namespace) -> dict:
     build_s = time.perf_counter() - tick
     print(f"built {a.index} over {a.items} items in {build_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB", flush=True)
     tuning, exact_s = tune(a, catalogue, index)
+    held_out = held_out_recall(a, catalogue, index)
     print(f"tuned {tuning.parameter}={tuning.value}: recall@{a.k} {tuning.recall:.4f} (tried {tuning.tried}; "
-          f"exact top-k of the sample {exact_s:.1f} s)", flush=True)
+          f"exact top-k of the sample {exact_s:.1f} s); on {a.tune_sample} other users {held_out:.4f}", flush=True)
     search_s, done, fallbacks = 0.0, 0, 0
     for block, first in enumerate(range(0, a.users, a.gen_block)):
         users = catalogue.users(block, min(a.gen_block, a.users - first))
@@ -112,7 +123,8 @@ def run(a: argparse.Namespace) -> dict:
               f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
         if a.time_limit is not None and search_s > a.time_limit:
             break
-    return {"build_s": build_s, "tuning": tuning, "exact_s": exact_s, "search_s": search_s, "done": done,
+    return {"build_s": build_s, "tuning": tuning, "held_out": held_out, "exact_s": exact_s, "search_s": search_s,
+            "done": done,
             "fallbacks": fallbacks, "rss_gb": peak_rss_gb(), "load": (load_before, load_1min())}
 
 
@@ -123,7 +135,8 @@ def table_row(a: argparse.Namespace, r: dict, command: str) -> str:
     cells = [
         dt.date.today().isoformat(), f"{a.users:,} x {a.items:,} x {a.dim}, k={a.k}", f"{a.index}, {a.threads}",
         f"{r['build_s']:.0f}", f"{t.parameter}={t.value}: {t.recall:.4f} on {a.tune_sample} users, target "
-        f"{a.target_recall} {'reached' if t.reached else 'NOT reached'} (tried {tried})", f"{r['done']:,}",
+        f"{a.target_recall} {'reached' if t.reached else 'NOT reached'} (tried {tried}); "
+        f"{r['held_out']:.4f} on {a.tune_sample} other users", f"{r['done']:,}",
         f"{r['search_s']:.1f}", f"{r['done'] / r['search_s']:.0f}", full, str(r["fallbacks"]),
         f"{r['rss_gb']:.2f}", f"{r['load'][0]:.1f} → {r['load'][1]:.1f}", machine(), f"`{command}`", commit(),
     ]
@@ -135,7 +148,8 @@ def summary(a: argparse.Namespace, r: dict) -> str:
     full = f"{r['search_s'] * a.users / r['done']:.0f} s" + ("" if r["done"] == a.users else " (extrapolated)")
     return (f"candidates_scale: {r['done']}/{a.users} users x {a.items} items d={a.dim} k={a.k}, {a.index} on "
             f"{a.threads} threads: build {r['build_s']:.1f} s, {t.parameter}={t.value} recall@{a.k} "
-            f"{t.recall:.4f} ({'reached' if t.reached else 'NOT reached'} {a.target_recall}), search "
+            f"{t.recall:.4f} ({'reached' if t.reached else 'NOT reached'} {a.target_recall}; {r['held_out']:.4f} on "
+            f"other users), search "
             f"{r['search_s']:.1f} s = {r['done'] / r['search_s']:.0f} users/s, full search {full}, "
             f"{r['fallbacks']} exact fallbacks, peak RSS {r['rss_gb']:.2f} GB")
 
