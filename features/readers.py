@@ -68,7 +68,7 @@ def input_files(data: DataConfig, path: str | Path) -> list[Path]:
     glob is given for a format that reads one file.
     """
     path = Path(path)
-    pattern = bool(_GLOB & set(str(path)))
+    pattern = not path.exists() and bool(_GLOB & set(str(path)))  # 'export [v2].csv' that exists: a name
     if path.is_file() or not (path.is_dir() or pattern):
         return [path]
     if data.format not in _MANY:
@@ -161,6 +161,8 @@ def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
             f"input file {path} does not exist or is not a file; fix data.path "
             f"(currently {data.path!r}) or set data.source: synthetic"
         )
+    if many and path.stat().st_size == 0:  # a quiet day's partition written as a 0-byte file: no rows
+        return None
     with _polars_errors(path, data):
         raw = _SCANNERS[data.format](data, path)
         typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
@@ -215,11 +217,11 @@ def _select(
 def _scan_table(data: DataConfig, path: Path) -> _Raw:
     """csv / parquet with column names from the config; no timestamp column means timestamp = row order."""
     if data.format == "parquet":
-        lf = pl.scan_parquet(path)
+        lf = pl.scan_parquet(path, glob=False)  # a concrete file: '[' in its name is no pattern
     else:
         if len(data.separator) != 1:
             raise ConfigError(f"data.separator must be one character, got {data.separator!r}")
-        lf = pl.scan_csv(path, separator=data.separator, infer_schema=False)
+        lf = pl.scan_csv(path, separator=data.separator, infer_schema=False, glob=False)
     optional = {TIMESTAMP: "timestamp_col", EVENT_TYPE: "event_type_col", WEIGHT: "weight_col"}
     columns = {USER_ID: (data.user_col, "data.user_col"), ITEM_ID: (data.item_col, "data.item_col")}
     columns |= {
@@ -235,12 +237,13 @@ def _scan_table(data: DataConfig, path: Path) -> _Raw:
 def _scan_movielens(data: DataConfig, path: Path) -> _Raw:
     """ratings.dat (``u::i::r::t``), u.data (tab-separated) or ratings.csv (header); rating -> weight."""
     if data.format == "movielens_csv":
-        lf = pl.scan_csv(path, infer_schema=False)
+        lf = pl.scan_csv(path, infer_schema=False, glob=False)
         key = "MovieLens ratings.csv header"
         return _select(lf, path, {name: (col, key) for name, col in _MOVIELENS_CSV.items()})
     separator, fields = _MOVIELENS_FIELDS[data.format]
     lf = pl.scan_csv(
-        path, has_header=False, separator=separator, new_columns=fields, infer_schema=False, quote_char=None
+        path, has_header=False, separator=separator, new_columns=fields, infer_schema=False, quote_char=None,
+        glob=False,
     )
     canonical = {USER_ID: "user", ITEM_ID: "item", WEIGHT: "rating", TIMESTAMP: "timestamp"}
     columns = {
@@ -347,7 +350,9 @@ def read_table(path: Path, key: str, fix: str, separator: str = ",") -> pl.DataF
     column as text). Raises InputDataError naming the file, the key and ``fix`` if it cannot be read."""
     parquet = path.suffix == ".parquet"
     try:
-        return pl.read_parquet(path) if parquet else pl.read_csv(path, separator=separator, infer_schema=False)
+        if parquet:
+            return pl.read_parquet(path, glob=False)
+        return pl.read_csv(path, separator=separator, infer_schema=False, glob=False)
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         kind = "Parquet" if parquet else f"CSV with a header (separator {separator!r})"

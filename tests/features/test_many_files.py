@@ -100,13 +100,35 @@ def test_leftovers_of_unfinished_writes_and_empty_partitions_are_not_events(tmp_
         getattr(events[:50], f"write_{fmt}")(parts / leftover / f"part-0.{fmt}")  # copies: would be duplicates
     (parts / "date=2").mkdir()
     getattr(events.clear(), f"write_{fmt}")(parts / "date=2" / f"part-0.{fmt}")  # header / schema only
+    (parts / "date=3").mkdir()
+    (parts / "date=3" / f"part-0.{fmt}").write_bytes(b"")  # what some exporters write for a quiet day: 0 bytes
     one, expected = _build(whole, tmp_path / "one", fmt)
     for path in (parts, f"{parts}/**/*.{fmt}"):
         many, got = _build(path, tmp_path / f"many-{len(str(path))}", fmt)
         for name in TABLES:
             assert got[name].equals(expected[name]), name
         assert many["rows_in"] == one["rows_in"] == events.height
-        assert len(many["inputs"]["events"]["files"]) == 3  # the two days and the empty one
+        assert len(many["inputs"]["events"]["files"]) == 4  # the two days and the two empty ones
+    with pytest.raises(InputDataError, match="is empty|not a readable parquet"):  # alone, it is an error
+        _build(parts / "date=3" / f"part-0.{fmt}", tmp_path / "alone", fmt)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_paths_with_glob_characters_that_exist_are_read_as_names(tmp_path, fmt):
+    """'export [v2].csv' or a directory 'dir[v2]' exists: read as that file / directory, not as a pattern."""
+    events = _events(n=300)
+    whole = tmp_path / f"all.{fmt}"
+    getattr(events, f"write_{fmt}")(whole)
+    _, expected = _build(whole, tmp_path / "one", fmt)
+    named = tmp_path / f"export [v2]?.{fmt}"
+    getattr(events, f"write_{fmt}")(named)
+    folder = tmp_path / "dir[v2]*"
+    folder.mkdir()
+    getattr(events, f"write_{fmt}")(folder / f"part-0.{fmt}")
+    for path in (named, folder):
+        _, got = _build(path, tmp_path / f"work-{path.name[:3]}", fmt)
+        for name in TABLES:
+            assert got[name].equals(expected[name]), (path, name)
 
 
 def test_a_directory_of_empty_files_is_an_error_naming_it(tmp_path):
