@@ -91,10 +91,11 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     else:
         kept, accounting = select_rows(events, cfg.features)
         _check_kept(accounting, path, cfg.features)
-        item_index, event_items = catalogue(kept, cold_items(cfg, rows))
+        cold, named = cold_items(cfg, rows, events)
+        item_index, event_items = catalogue(kept, cold)
         tables = encode_and_split(kept, cfg.features, item_index, event_type_index(kept, path))
         manifest = gate.check(build_manifest(cfg, path, stamps, accounting, tables), path)
-        attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], event_items)
+        attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], event_items, named)
         write_features(target, tables | attributes, manifest, cfg)
     logger.info(
         "features: %d users, %d items, %d events kept",
@@ -181,22 +182,38 @@ def attribute_rows(cfg: Config) -> pl.DataFrame | None:
     return read_item_rows(cfg.data.item_features, cfg.data.item_id_type)
 
 
-def cold_items(cfg: Config, rows: pl.DataFrame | None) -> pl.DataFrame | None:
-    """With ``data.item_features.cold_items``, the file's items (with a value) to add to the catalogue."""
+def cold_items(cfg: Config, rows: pl.DataFrame | None, events: pl.LazyFrame | None
+               ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """With ``data.item_features.cold_items``, the file's items (with a value) to add to the catalogue: those no
+    input event names (``events``, before the row policies). An item whose events the policies removed (a k-core,
+    ``features.event_types``) stays out, as it would without attributes. Returns them and the other listed
+    items (``item_id``: those input events name)."""
     if rows is None or cfg.data.item_features is None or not cfg.data.item_features.cold_items:
-        return None
-    return cold_item_ids(rows)
+        return None, None
+    listed = cold_item_ids(rows)
+    if events is None:  # no input event at all
+        return listed, listed.clear()
+    in_events = events.select(pl.col(ITEM_ID).cast(listed.schema[ITEM_ID])).unique().collect(engine="streaming")
+    return (listed.join(in_events, on=ITEM_ID, how="anti"),
+            listed.join(in_events, on=ITEM_ID, how="semi"))
 
 
 def item_attributes(
-    cfg: Config, rows: pl.DataFrame | None, item_map: pl.DataFrame, event_items: int
+    cfg: Config, rows: pl.DataFrame | None, item_map: pl.DataFrame, event_items: int,
+    named: pl.DataFrame | None = None,
 ) -> tuple[dict[str, pl.DataFrame], dict[str, Any] | None]:
     """The item attribute tables (schema.ITEM_FEATURE_FILES) and the manifest's ``item_features`` section for
     the catalogue of ``item_map``, of which ``event_items`` have a kept event; none (``{}``, None) without
-    ``data.item_features``."""
+    ``data.item_features``. ``named`` (with ``cold_items``, :func:`cold_items`): listed items with a value that
+    input events name, so no cold items; those not in the catalogue (the row policies removed all their events)
+    are counted as ``not_cold_events_removed``."""
     if rows is None or cfg.data.item_features is None:
         return {}, None
-    return build_item_features(cfg.data.item_features, rows, item_map, event_items)
+    tables, section = build_item_features(cfg.data.item_features, rows, item_map, event_items)
+    if named is not None:
+        known = item_map.select(pl.col(ITEM_ID).cast(named.schema[ITEM_ID]))
+        section["not_cold_events_removed"] = named.join(known, on=ITEM_ID, how="anti").height
+    return tables, section
 
 
 def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
@@ -305,10 +322,12 @@ def build_out_of_core(
     with atomic_dir(target) as out:
         scratch = out / "partitions"
         ranges = partition_by_user(events, features.partitions, scratch / "input")
+        inputs = [file for files in ranges for file in files]  # read before _select_ranges removes them
+        cold, named = cold_items(cfg, rows, pl.scan_parquet(inputs) if inputs else None)
         kept_files, accounting = _select_ranges(ranges, features, scratch / "kept")
         _check_kept(accounting, path, features)
         kept = pl.scan_parquet(kept_files)
-        user_map, (item_index, event_items) = build_user_map(kept), catalogue(kept, cold_items(cfg, rows))
+        user_map, (item_index, event_items) = build_user_map(kept), catalogue(kept, cold)
         types = event_type_index(kept, path)
         parts: dict[str, list[Path]] = {"events": [], "sequences": []}
         for file in kept_files:
@@ -327,7 +346,7 @@ def build_out_of_core(
         manifest = gate.check(build_manifest(cfg, path, stamps, accounting, written | maps), path)
         for name, table in maps.items():
             _check(name, table, typed=types is not None)
-        attributes, manifest["item_features"] = item_attributes(cfg, rows, maps["item_map"], event_items)
+        attributes, manifest["item_features"] = item_attributes(cfg, rows, maps["item_map"], event_items, named)
         write_tables(out, maps | attributes, manifest, cfg)
     return manifest
 

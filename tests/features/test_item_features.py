@@ -92,6 +92,23 @@ def test_cold_items_join_the_catalogue(files, partitions):
     assert section["cold_items"] == 1 and section["dropped"] == {"not_in_catalogue": 1}  # row 77
     assert _attributes(files / "work" / "features")[99] == {("genres", "Drama"), ("brand", "acme")}
     assert section["n_values"] == {"genres": 4, "brand": 3}
+    assert section["not_cold_events_removed"] == 0
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_an_item_whose_events_the_policies_removed_is_no_cold_item(files, partitions):
+    """Item 50's only event is user 4's only one, which features.min_user_events=2 removes: listed with a value,
+    item 50 stays out of the catalogue as without attributes (it used to come back as a 'new' item)."""
+    (files / "events.csv").write_text(EVENTS + "4,50,9\n")
+    (files / "items.csv").write_text(ITEMS + "50,Drama,acme\n")
+    manifest = build_features(_config(files, files / "items.csv", "data.item_features.cold_items=true",
+                                      "features.min_user_events=2", f"features.partitions={partitions}"))
+    item_map = load_features(files / "work" / "features").item_map
+    assert sorted(item_map["item_id"]) == [10, 20, 30, 40, 99]  # 99: cold (no event at all); 50: not
+    section = manifest["item_features"]
+    assert manifest["dropped"]["user_kcore"] == 1
+    assert section["cold_items"] == 1 and section["not_cold_events_removed"] == 1
+    assert section["dropped"] == {"not_in_catalogue": 1}  # the row of 50
 
 
 def test_values_beyond_the_cap_are_dropped_and_counted(files):
