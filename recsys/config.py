@@ -118,6 +118,23 @@ class DataConfig(_Section):
     # Optional item attributes for the model (model.item_features); None = ids only.
     item_features: ItemFeaturesConfig | None = None
 
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> DataConfig:
+        """One file column fills one role: ``data.item_col=user_id`` (a typo) would build every user's sequence
+        of itself."""
+        if self.format not in ("csv", "parquet"):
+            return self  # the other formats name their fields themselves
+        roles: dict[str, list[str]] = {}
+        for key in ("user_col", "item_col", "timestamp_col", "event_type_col", "weight_col"):
+            if (column := getattr(self, key)) is not None:
+                roles.setdefault(column, []).append(f"data.{key}")
+        clash = {column: keys for column, keys in roles.items() if len(keys) > 1}
+        if clash:
+            column, keys = next(iter(clash.items()))
+            raise ValueError(f"{' and '.join(keys)} both name the column {column!r}: each role needs its own column; "
+                             "set them to the file's columns")
+        return self
+
 
 class FeaturesConfig(_Section):
     """Row policies, k-core filter and the split."""

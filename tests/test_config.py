@@ -185,3 +185,15 @@ def test_warmup_must_end_before_the_last_epoch(warmup):
         load_config(None, ["train.max_epochs=5", f"train.warmup_epochs={warmup}"])
     assert load_config(None, ["train.max_epochs=5", "train.warmup_epochs=4.5"]).train.warmup_epochs == 4.5
     assert load_config(None, ["train.max_epochs=1"]).train.warmup_epochs == 0
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.item_col=user_id"], "data.user_col and data.item_col both name the column 'user_id'"),
+    (["data.event_type_col=item_id"], "data.item_col and data.event_type_col both name the column 'item_id'"),
+    (["data.format=parquet", "data.weight_col=timestamp"], "data.timestamp_col and data.weight_col"),
+])
+def test_one_file_column_fills_one_role(overrides, needle):
+    """A typo such as data.item_col=user_id used to build every user's sequence of itself, silently."""
+    with pytest.raises(ConfigError, match=needle):
+        load_config(overrides=overrides)
+    load_config(overrides=["data.format=movielens_dat", "data.item_col=user_id"])  # fields named by the format
