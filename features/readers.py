@@ -352,11 +352,23 @@ def read_table(path: Path, key: str, fix: str, separator: str = ",") -> pl.DataF
     try:
         if parquet:
             return pl.read_parquet(path, glob=False)
-        return pl.read_csv(path, separator=separator, infer_schema=False, glob=False)
+        frame = pl.read_csv(path, separator=separator, infer_schema=False, glob=False)
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         kind = "Parquet" if parquet else f"CSV with a header (separator {separator!r})"
         raise InputDataError(f"{path} ({key}) cannot be read as {kind}: {first}; {fix}") from exc
+    # As the events: a header naming a column twice is refused (polars renames the second copy), a blank line
+    # holds no row, and a line cut short is an error rather than empty cells (only checked when a last cell is
+    # empty: the csv module's pass over the file is slower than polars').
+    if repeated := [c.removesuffix("_duplicated_0") for c in frame.columns if c.endswith("_duplicated_0")]:
+        raise InputDataError(f"{path} ({key}): column '{repeated[0]}' appears more than once in the header; rename "
+                             f"or remove the extra column; {fix}")
+    frame = frame.filter(~pl.all_horizontal(pl.all().is_null())) if frame.width else frame
+    if frame.width and frame[frame.columns[-1]].null_count():
+        short = _first_short_line(path, DataConfig(format="csv", separator=separator))
+        if short is not None:
+            raise InputDataError(f"{path} ({key}): {short}")
+    return frame
 
 
 @contextmanager

@@ -146,6 +146,9 @@ def test_parquet_list_columns_and_text_ids(files):
     ("item_id,genres,brand\n10,a,b\nten,c,d\n", ["data row 2", "'ten'", "is not an item id"]),
     ("item_id,genres,brand\n99,a,b\n", ["no attribute value for any item of the catalogue", "0 of 1 rows"]),
     ("item_id,genres,brand\n", ["has no rows"]),
+    # as the events: a line cut short (an unfinished export) and a header naming a column twice are errors
+    ("item_id,genres,brand\n10,a,b\n20,c\n", ["line 3 has 2 field(s), fewer than the 3", "cut short"]),
+    ("item_id,genres,brand,genres\n10,a,b,c\n", ["column 'genres' appears more than once in the header"]),
 ])
 def test_bad_item_files_name_the_file_and_column(files, items, expected):
     (files / "items.csv").write_text(items)
@@ -156,6 +159,16 @@ def test_bad_item_files_name_the_file_and_column(files, items, expected):
     for part in expected:
         assert part in message
     assert not (files / "work" / "features").exists()  # nothing written
+
+
+def test_blank_lines_and_empty_last_cells_are_read(files):
+    """A blank line (a trailing one too) holds no item: it used to fail as 'None is not an item id'. An empty
+    last cell of a complete line is an empty cell, not a short line."""
+    (files / "items.csv").write_text("item_id,genres,brand\n10,a,\n\n20,b,zen\n\n")
+    manifest = build_features(_config(files, files / "items.csv"))
+    section = manifest["item_features"]
+    assert section["rows_in"] == 2 and section["empty_cells"] == {"genres": 0, "brand": 1}
+    assert _attributes(files / "work" / "features")[20] == {("genres", "b"), ("brand", "zen")}
 
 
 def test_missing_item_file_is_a_config_error(files):
