@@ -123,12 +123,17 @@ class InputGate:
         if previous.is_file():
             try:
                 rows = json.loads(previous.read_text()).get("rows_in")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 0):
+                    raise ValueError(f"its rows_in is {rows!r}, not a row count")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as exc:
+                rows = None
+                if isinstance(exc, AttributeError):  # valid JSON, but no object (e.g. [])
+                    exc = ValueError("not a JSON object")
                 if features.min_rows_ratio is not None:  # the ratio needs it
                     raise ConfigError(f"{previous} (the previous build, which features.min_rows_ratio compares "
-                                      f"with) is not valid JSON ({exc}); restore it, remove {target} to start "
-                                      "afresh, or unset features.min_rows_ratio") from None
-                logger.warning("%s is not valid JSON (%s): no previous row count recorded", previous, exc)
+                                      f"with) is not a features manifest ({exc}); restore it, remove {target} to "
+                                      "start afresh, or unset features.min_rows_ratio") from None
+                logger.warning("%s is not a features manifest (%s): no previous row count recorded", previous, exc)
         end = datetime.combine(run_date + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
         return cls(features.min_rows_ratio, features.max_event_age, rows, int(end.timestamp()))
 

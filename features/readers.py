@@ -196,6 +196,9 @@ def _select(
     for source, key in columns.values():
         if source not in names:
             hint = " (only one column: is data.separator right?)" if len(names) == 1 else ""
+            if text and _is_parquet(path):
+                raise InputDataError(f"{path} is a Parquet file, read as text (data.format is not 'parquet'); set "
+                                     "data.format=parquet")
             raise InputDataError(
                 f"{path}: column '{source}' ({key}) not found; the file has columns {names}{hint}. "
                 f"Set {key} to one of them or fix the file"
@@ -212,6 +215,12 @@ def _select(
         extra = [pl.col(names[-1]).is_null().alias(SHORT)]  # a line cut short lacks the last field
     frame = lf.select(pl.col(POS), *[pl.col(source).alias(name) for name, (source, _) in columns.items()], *extra)
     return _Raw(frame, {name: f"'{source}' ({key})" for name, (source, key) in columns.items()}, unit)
+
+
+def _is_parquet(path: Path) -> bool:
+    """Whether ``path`` starts with Parquet's magic bytes."""
+    with path.open("rb") as fh:
+        return fh.read(4) == b"PAR1"
 
 
 def _scan_table(data: DataConfig, path: Path) -> _Raw:

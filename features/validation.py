@@ -18,7 +18,7 @@ from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 
 logger = logging.getLogger(__name__)
 
-POS = "_pos"
+POS = "__recsys_pos"  # not "_pos": a file may have a column of that name
 # In text tables: True where the row's last field (of the first line's columns) is null: an empty last field,
 # or a line cut short, which the CSV reader fills with nulls; find_problems asks the reader which it is.
 SHORT = "_short"

@@ -95,6 +95,13 @@ CASES = [
         ("'rating'", "'five'"),
         {"format": "movielens_csv"},
     ),
+    Case(  # the default data.format=csv on a Parquet export: its magic bytes said "column 'PAR1...' not found"
+        "parquet_read_as_csv",
+        "parquet:good",
+        ("is a Parquet file", "data.format=parquet"),
+        {},
+        "events.parquet",
+    ),
     Case("pairs_one_field", "1 1\n1\n1 2\n", ("line 2", "1 field"), {"format": "pairs"}, "ml-1m.txt"),
     Case("pairs_non_utf8", b"1 1\n1 \xff\n", ("UTF-8", "line 2"), {"format": "pairs"}, "ml-1m.txt"),
     Case(
@@ -113,6 +120,8 @@ def _content(case: Case, tmp_path: Path) -> str | bytes | None:
     if case.content == "parquet:truncated":
         good = _parquet_bytes(tmp_path, pl.DataFrame({"user_id": [1], "item_id": [2], "timestamp": [3]}))
         return good[: len(good) // 2]
+    if case.content == "parquet:good":
+        return _parquet_bytes(tmp_path, pl.DataFrame({"user_id": [1], "item_id": [2], "timestamp": [3]}))
     return _parquet_bytes(tmp_path, pl.DataFrame({"user_id": [True], "item_id": [2], "timestamp": [3]}))
 
 
@@ -149,3 +158,11 @@ def test_bad_rows_are_accounted_drops(write_file, text, features, expected):
     assert {k: v for k, v in accounting.dropped.items() if v} == expected
     assert accounting.rows_in == 3 == accounting.rows_kept + sum(accounting.dropped.values())
     assert kept.height == accounting.rows_kept
+
+
+def test_a_file_column_named_like_the_readers_row_counter_is_read(write_file):
+    """The reader numbers rows in a column of its own: a file column '_pos' used to clash with it ('duplicate
+    column name _pos')."""
+    path = write_file("events.csv", "user_id,item_id,timestamp,_pos\n1,2,3,x\n1,4,5,y\n")
+    frame = read_events(DataConfig(), path).collect()
+    assert frame.select("user_id", "item_id", "timestamp").rows() == [(1, 2, 3), (1, 4, 5)]

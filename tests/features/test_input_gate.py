@@ -111,11 +111,15 @@ def test_a_corrupt_previous_manifest_stops_the_ratio_check_by_name_and_nothing_e
     work = tmp_path / "work"
     events = _events(tmp_path / "full.csv", 50, END)
     _build(events, work)
-    (work / "features" / "manifest.json").write_text('{"rows_in": 2')  # cut off
-    with pytest.raises(ConfigError, match=r"manifest\.json \(the previous build, which features\.min_rows_ratio "
-                                          r"compares with\) is not valid JSON"):
-        _build(events, work, "features.min_rows_ratio=0.8")
-    assert _build(events, work)["input_gate"]["previous_rows_in"] is None  # without the ratio: rebuilt
+    # cut off; valid JSON but no object (was an AttributeError traceback); a rows_in that is no row count
+    for text, why in [('{"rows_in": 2', "Expecting"), ("[]", "not a JSON object"),
+                      ('{"rows_in": "many"}', "not a row count")]:
+        (work / "features" / "manifest.json").write_text(text)
+        with pytest.raises(ConfigError, match=r"manifest\.json \(the previous build, which features\.min_rows_ratio "
+                                              rf"compares with\) is not a features manifest \(.*{why}"):
+            _build(events, work, "features.min_rows_ratio=0.8")
+        assert _build(events, work)["input_gate"]["previous_rows_in"] is None  # without the ratio: rebuilt
+        assert (work / "features" / "manifest.json").read_text() != text
 
 
 def test_the_ratio_compares_with_the_build_a_crash_between_the_renames_put_aside(tmp_path):
