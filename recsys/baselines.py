@@ -3,7 +3,8 @@
 A scorer is any ``score_fn(inputs (B, T) long, user_idx (B,) long) -> scores (B, n_items + 1)``;
 column 0 is padding (the evaluation excludes it).
 
-- popularity: train events per item, the same list for everyone.
+- popularity: events per item before the evaluated split (train for validation, train + validation for test),
+  the same list for everyone.
 - item_knn: cosine similarity between the items' user columns of the binary user-item matrix, each item
   keeping its ``n_neighbors`` most similar items; a user's score for item j is the sum of the similarities
   of j to the user's history items (the whole history, or its last ``last_n`` items).

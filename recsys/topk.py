@@ -1,6 +1,7 @@
 """Exact top-K by inner product in user blocks x item blocks with a running merge (torch, any device).
 
-Memory is O(user_block * item_block) for the scores plus the (U, k) result, never the (U, I) score matrix.
+Memory is O(user_block * item_block) for the scores plus the (U, k) result, never the (U, I) score matrix
+(targets' own scores: GEMMs of TARGET_CHUNK users, O(user_block * TARGET_CHUNK * targets)).
 Order: score descending, then item position ascending (``torch.topk`` orders ties arbitrarily; rows tied at
 the k-th value are redone with a stable sort). The selection is a deterministic function of the fp32 scores,
 so ids, scores and ranks do not depend on the block sizes as long as the GEMM gives each (user, item) pair the
@@ -24,6 +25,7 @@ from recsys.data import RaggedItems
 NEG_INF = float("-inf")
 CHUNK = 64  # items per chunk whose maximum decides whether the chunk can enter a user's running top-K
 MIN_GEMM = 16  # both sides of every score GEMM are padded to at least this many rows (see _scores)
+TARGET_CHUNK = 64  # users per GEMM of their targets' scores (_Ranks): (64, 64 * M), whatever the user block
 TIED_BUDGET = 1 << 22  # tied entries (16 bytes each) up to which _first_tied resolves a top-k boundary
 WORD_GROUP = 128  # int64 words summed per byte lane in count_at_least (a lane holds up to 255)
 
@@ -268,10 +270,16 @@ class _Ranks:
         self.valid = (targets >= 0) & ~repeat  # (B, M)
         self.targets = targets.clamp(min=0)  # (B, M)
         # A GEMM like the item blocks' (a per-row dot product sums in another order, so a target could miss
-        # its own score in its block by a bit), of which each user keeps the columns of its own targets.
-        b = users.shape[0]
-        own = torch.arange(b, device=users.device)  # (B,)
-        self.scores = _scores(users, items[self.targets.reshape(-1)]).view(b, b, m)[own, own]  # (B, M)
+        # its own score in its block by a bit), of which each user keeps the columns of its own targets; in
+        # chunks of TARGET_CHUNK users, so that it is (c, c * M), not (B, B * M): O(B) memory, not O(B^2).
+        b, flat = users.shape[0], items[self.targets.reshape(-1)]  # (B * M, D)
+        parts = []
+        for start in range(0, b, TARGET_CHUNK):
+            c = min(TARGET_CHUNK, b - start)
+            own = torch.arange(c, device=users.device)  # (c,)
+            chunk = _scores(users[start : start + c], flat[start * m : (start + c) * m])  # (c, c * M)
+            parts.append(chunk.view(c, c, m)[own, own])  # (c, M)
+        self.scores = torch.cat(parts) if parts else users.new_zeros(0, m)  # (B, M)
         self.ahead = torch.zeros_like(self.targets)  # (B, M)
         rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)
         self.rows, self.cols = rows[self.valid], self.targets[self.valid]  # (T,) each

@@ -84,6 +84,31 @@ def test_equals_brute_force_for_any_block_sizes(integer: bool, k: int) -> None:
             torch.testing.assert_close(got.scores, want_scores, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("integer", [True, False])
+def test_target_scores_are_formed_in_chunks_of_users_with_the_same_ranks(integer: bool, monkeypatch) -> None:
+    """A block of 200 users: their targets' scores come from GEMMs of at most TARGET_CHUNK users x their own
+    targets (one (B, B * M) product was O(B^2) memory: 16 GiB at a GPU block of 65,536 users), chunk sizes that
+    do not divide B included, and the ranks stay the oracle's."""
+    import recsys.topk as topk
+
+    users, items, seen, targets = _problem(200, 700, 8, integer, seed=3)
+    want_ids, _, want_ranks = _oracle(users, items, seen, targets, 20)
+    shapes: list[tuple[int, int]] = []
+    real = topk._scores
+
+    def recording(u: torch.Tensor, i: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        shapes.append((u.shape[0], i.shape[0]))
+        return real(u, i, buffer)
+
+    monkeypatch.setattr(topk, "_scores", recording)
+    got = top_k_blocked(users, items, 20, _ragged(seen), targets, 200, 128)
+    assert torch.equal(got.ids, want_ids) and got.ranks is not None and torch.equal(got.ranks, want_ranks)
+    m = targets.shape[1]
+    target_gemms = [s for s in shapes if s[1] % m == 0 and s[1] == s[0] * m]
+    assert [rows for rows, _ in target_gemms] == [64, 64, 64, 8]
+    assert max(rows * cols for rows, cols in shapes) <= 200 * 128  # never more than one item block's scores
+
+
 def test_ties_at_the_k_boundary_go_to_the_smaller_item_index() -> None:
     scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
     top_s, top_i = select_top_k(scores, torch.arange(5), k=2)
