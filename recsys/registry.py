@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from recsys.config import ConfigError
 from recsys.tracking import JobRun
 
 if TYPE_CHECKING:
@@ -75,10 +76,12 @@ def decide(
 
 
 def _val_ndcg(client: Any, name: str, version: str) -> float | None:
-    """The version's validation NDCG@10: its train run's metric, else its ``val_ndcg_at_10`` tag."""
+    """The version's validation NDCG@10: its train run's metric, else (no such metric, or the run deleted for
+    good, e.g. by ``mlflow gc``) its ``val_ndcg_at_10`` tag."""
     mv = client.get_model_version(name, version)
     if mv.run_id:
-        value = client.get_run(mv.run_id).data.metrics.get(VAL_METRIC)
+        run = _missing_is_none(lambda: client.get_run(mv.run_id))
+        value = None if run is None else run.data.metrics.get(VAL_METRIC)
         if value is not None:
             return float(value)
     tag = mv.tags.get("val_ndcg_at_10")
@@ -105,13 +108,21 @@ def promote(
     before = client.get_registered_model(name).aliases.get(CHAMPION)
     before = None if before is None else str(before)  # the SQL store gives ints, the REST API strings
     comparison = None
+    first = client.get_model_version(name, version).tags  # its earlier decision, if it was gated before
     rerun = before == version
+    # Promoted before, and the champion alias points elsewhere now: an operator rolled it back (a retried night
+    # re-evaluates the same version). The gate must not undo that, nor overwrite the decision recorded on it.
+    rolled_back = not rerun and before is not None and first.get("promotion.promoted") == "true"
     if rerun:  # evaluate run again on the champion: its first decision (and rollback target) stays recorded
-        first = client.get_model_version(name, version).tags
         over = first.get("promotion.champion_version", "None")
         promoted, champion = True, val_ndcg
         reason = (f"already the champion (gated by run {first.get('promotion.run_id', 'unknown')}: "
                   f"{first.get('promotion.reason', 'no decision recorded')}; champion before it: v{over})")
+    elif rolled_back:
+        promoted, champion = False, _val_ndcg(client, name, before)
+        reason = (f"promoted before (by run {first.get('promotion.run_id', 'unknown')}), since rolled back: the "
+                  f"champion alias was moved to v{before}; it stays challenger (move the alias by hand to promote "
+                  "it again)")
     elif before is not None and rescore is not None:
         with tempfile.TemporaryDirectory(prefix="recsys-champion-") as tmp:
             _, files = fetch_model(tracker, f"models:/{name}/{before}", Path(tmp))
@@ -128,7 +139,7 @@ def promote(
                        "recorded" if comparison is None else "rescored",
                        None if comparison is None else comparison.to_dict())
     # The decision is recorded before any alias moves: a failure in between leaves a record, not a silent move.
-    _log_promotion(client, tracker, result, tag_version=not rerun)
+    _log_promotion(client, tracker, result, tag_version=not (rerun or rolled_back))
     client.set_registered_model_alias(name, CHALLENGER, version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -158,6 +169,18 @@ def _log_promotion(client: Any, tracker: JobRun, p: Promotion, tag_version: bool
     })
 
 
+def _missing_is_none(call: Callable[[], Any]) -> Any:
+    """``call()``, or None if MLflow answers that what it asks for does not exist (RESOURCE_DOES_NOT_EXIST)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """Which model a job used: the URI asked for and, for the registry, the version it resolved to."""
@@ -182,24 +205,35 @@ def fetch_model(tracker: JobRun, uri: str, dst: Path) -> tuple[ModelRef, Path]:
     under ``dst``; returns what it resolved to and the local directory holding the files. A registry URI
     is pinned to the version its alias points to before downloading (an alias moved meanwhile is no race).
 
-    Raises TrackingUnavailableError if the server is unreachable, ValueError on a malformed models:/ URI.
+    Raises TrackingUnavailableError if the server is unreachable, ConfigError on a malformed models:/ URI, on
+    one the registry does not hold, or when tracking is off.
     """
     tracker.require()
     if not tracker.active:
-        raise ValueError(f"model {uri} is an MLflow URI but tracking is disabled; set tracking.enabled=true")
+        raise ConfigError(f"model {uri} is an MLflow URI but tracking is disabled; set tracking.enabled=true")
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     ref = ModelRef(uri)
     if uri.startswith("models:/"):
         match = _MODELS_URI.match(uri)
         if match is None:
-            raise ValueError(f"model URI {uri!r}: expected models:/<name>@<alias> or "
-                             "models:/<name>/<version>")
+            raise ConfigError(f"model URI {uri!r}: expected models:/<name>@<alias> or "
+                              "models:/<name>/<version>")
         client = MlflowClient(tracking_uri=tracker.uri)
         name, alias = match["name"], match["alias"]
-        mv = (client.get_model_version_by_alias(name, alias) if alias
-              else client.get_model_version(name, match["version"]))
+        try:
+            mv = (client.get_model_version_by_alias(name, alias) if alias
+                  else client.get_model_version(name, match["version"]))
+        except MlflowException as exc:
+            # no such model or version: RESOURCE_DOES_NOT_EXIST; no such alias: INVALID_PARAMETER_VALUE
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            what = f"alias {alias!r}" if alias else f"version {match['version']}"
+            raise ConfigError(f"model URI {uri}: the registry {tracker.uri} has no such model version (no registered "
+                              f"model {name!r}, or no {what} on it: {exc.message}); register a model first, or "
+                              "point at another one") from None
         ref = ModelRef(uri, name, str(mv.version), alias, mv.run_id)
         uri = f"models:/{name}/{mv.version}"
     dst.mkdir(parents=True, exist_ok=True)
@@ -215,5 +249,9 @@ def describe_version(tracker: JobRun, uri: str, name: str, version: str | None) 
     if tracker.active and version is not None:
         from mlflow import MlflowClient
 
-        run_id = MlflowClient(tracking_uri=tracker.uri).get_model_version(name, version).run_id
+        mv = _missing_is_none(lambda: MlflowClient(tracking_uri=tracker.uri).get_model_version(name, version))
+        if mv is None:  # deleted from the registry since: the files here still score, the record says so
+            log.warning("model %s: version %s of %s is no longer in the registry (deleted); its run id is not "
+                        "recorded", uri, version, name)
+        run_id = None if mv is None else mv.run_id
     return ModelRef(uri, name, version, None, run_id)

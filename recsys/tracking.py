@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recsys.config import Config
+from recsys.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 CONTENT_TAG = "content_sha256"  # model version tag: SHA-256 of the registered model files
@@ -158,6 +158,11 @@ def _experiment_id(cfg: Config) -> str:
 
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None and exp.lifecycle_stage == "deleted":  # a run cannot start in it, nor a new one take its name
+        raise ConfigError(
+            f"tracking.experiment: the MLflow experiment {cfg.tracking.experiment!r} (id {exp.experiment_id}) is "
+            f"deleted; restore it (`mlflow experiments restore --experiment-id {exp.experiment_id}`), or set "
+            "tracking.experiment to another name")
     if exp is not None:
         return exp.experiment_id
     artifacts = None

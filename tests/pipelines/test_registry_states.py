@@ -1,0 +1,97 @@
+"""The registry in states a team's MLflow store reaches: a deleted experiment, a deleted model version, a
+champion whose train run was garbage-collected, an alias that does not exist, a manual rollback followed by a
+retried night. Each used to fail every later night with exit 1 and a traceback, or undo the rollback.
+
+A local SQLite store (tracking.enabled=true, no tracking.uri): the same MLflow client calls as a server's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipelines.cli import EXIT_OK, EXIT_USAGE, main
+from tests.pipelines.conftest import tiny
+
+DAY, NEXT = "2024-05-01", "2024-05-02"
+TRACK = ["tracking.enabled=true"]
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> Path:
+    """A work directory after the first night (`recsys run`): version 1 registered and champion."""
+    work = tmp_path_factory.mktemp("registry-states") / "work"
+    shutil.copytree(tiny_features, work / "features")
+    assert main(["run", "--quiet", "--run-date", DAY, *tiny(work, *TRACK)]) == EXIT_OK
+    return work
+
+
+def _copy(night: Path, tmp_path: Path) -> tuple[Path, MlflowClient]:
+    work = tmp_path / "work"
+    shutil.copytree(night, work)
+    return work, MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+
+
+def test_a_deleted_experiment_is_a_config_error_naming_the_restore_command(night, tmp_path, capsys):
+    work, client = _copy(night, tmp_path)
+    experiment = client.get_experiment_by_name("recsys")
+    client.delete_experiment(experiment.experiment_id)
+    assert main(["evaluate", "--quiet", *tiny(work, *TRACK)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"mlflow experiments restore --experiment-id {experiment.experiment_id}" in err
+    assert "tracking.experiment" in err and "Traceback" not in err
+
+
+def test_candidates_of_a_version_deleted_from_the_registry_record_no_run_id(night, tmp_path):
+    work, client = _copy(night, tmp_path)
+    client.delete_model_version("sasrec", "1")
+    assert main(["candidates", "--quiet", "--date", NEXT, *tiny(work, *TRACK)]) == EXIT_OK
+    manifest = json.loads((work / "candidates" / f"date={NEXT}" / "manifest.json").read_text())
+    assert manifest["model"]["version"] == "1" and manifest["model"]["run_id"] is None
+
+
+@pytest.mark.parametrize("model, tracking, needle", [
+    ("models:/sasrec@nosuch", True, "no such model version"),
+    ("models:/other@champion", True, "no such model version"),
+    ("models:/sasrec/latest", True, "expected models:/<name>@<alias>"),
+    ("models:/sasrec@champion", False, "tracking is disabled"),
+])
+def test_a_model_uri_the_registry_cannot_resolve_is_exit_2(night, tmp_path, capsys, model, tracking, needle):
+    work, _ = _copy(night, tmp_path)
+    args = ["candidates", "--quiet", "--date", NEXT, "--model", model,
+            *tiny(work, f"tracking.enabled={str(tracking).lower()}")]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_the_gate_reads_a_gone_champion_runs_tag_and_a_retry_keeps_a_rollback(night, tmp_path):
+    """Night 2 after `mlflow gc` removed v1's train run: the recorded gate takes v1's val_ndcg_at_10 tag
+    (it crashed on the missing run every night). v2 is promoted (tolerance 1), an operator rolls back to v1,
+    and the retried evaluation of v2 leaves v1 champion and v2's recorded decision as they were."""
+    work, client = _copy(night, tmp_path)
+    v1 = client.get_model_version("sasrec", "1")
+    recorded = float(v1.tags["val_ndcg_at_10"])
+    client.delete_run(v1.run_id)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri, "--tracking-uri", uri,
+                    "--run-ids", v1.run_id], check=True, capture_output=True)
+    second = tiny(work, *TRACK, "train.max_epochs=3", "tracking.promotion_tolerance=1")
+    assert main(["run", "--quiet", "--run-date", NEXT, *second]) == EXIT_OK
+    promotion = json.loads((work / "evaluation" / "promotion.json").read_text())
+    assert (promotion["version"], promotion["promoted"], promotion["champion_version"]) == ("2", True, "1")
+    assert promotion["champion_val_ndcg_at_10"] == pytest.approx(recorded)
+    decided = client.get_model_version("sasrec", "2").tags
+    client.set_registered_model_alias("sasrec", "champion", "1")  # the rollback
+    assert main(["evaluate", "--quiet", *second]) == EXIT_OK  # a retried night
+    aliases = client.get_registered_model("sasrec").aliases
+    assert (str(aliases["champion"]), str(aliases["challenger"])) == ("1", "2")
+    retried = json.loads((work / "evaluation" / "promotion.json").read_text())
+    assert retried["promoted"] is False and "rolled back" in retried["reason"]
+    assert client.get_model_version("sasrec", "2").tags == decided  # its first decision stays recorded
