@@ -18,9 +18,9 @@ from recsys.comparison import Comparison, compare_on_validation
 from recsys.config import Config, ConfigError, save_config
 from recsys.device import resolve_device
 from recsys.evaluation import evaluate_all
-from recsys.model import SASRec, load_model
+from recsys.model import WEIGHTS_FILE, SASRec, load_model
 from recsys.registry import promote
-from recsys.storage import atomic_dir, read_json, write_json
+from recsys.storage import atomic_dir, fingerprint, read_json, write_json
 from recsys.tracking import JobRun, job_run
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def run(cfg: Config) -> Path:
     model = load_model(wd.model, device)
     # read with the model: the version gated at the end is the one evaluated, whatever train writes meanwhile
     train_report = read_json(wd.model / "train_report.json")
+    weights = fingerprint(wd.model / WEIGHTS_FILE)["sha256"]  # which model the report is of (recsys status)
     check_event_types(model, wd.model, feats)
     check_item_map(wd.model, wd.features, feats)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
@@ -49,6 +50,7 @@ def run(cfg: Config) -> Path:
         results = evaluate_all(model, feats.sequences, feats.n_items, pop, cfg.evaluate, model.max_len,
                                feats.event_types)
         report = {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks), "model_dir": str(wd.model),
+                  "model_version": train_report.get("registered_version"), "model_weights_sha256": weights,
                   "device": str(device), "exclude_seen": cfg.evaluate.exclude_seen, **results}
         for name, metrics in results.items():
             split = cfg.evaluate.split

@@ -15,7 +15,8 @@ from typing import Any
 from pipelines.schedule import lock_holders
 from pipelines.workdir import WorkDir, dated_partitions
 from recsys.config import Config, ConfigError
-from recsys.storage import read_json
+from recsys.model import WEIGHTS_FILE
+from recsys.storage import fingerprint, read_json
 
 
 def collect(cfg: Config) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "runs": _markers(wd.root / "runs"),
         "features": _features(wd.features / "manifest.json"),
         "model": _model(wd.model / "train_report.json"),
-        "evaluation": _evaluation(wd.evaluation),
+        "evaluation": _evaluation(wd.evaluation, wd.model / WEIGHTS_FILE),
         "candidates": _candidates(wd.candidates),
         "running": lock_holders(wd.root),
     }
@@ -64,14 +65,20 @@ def _model(path: Path) -> dict[str, Any] | None:
     return {k: report.get(k) for k in keys} | {"warm_start": (report.get("warm_start") or {}).get("uri")}
 
 
-def _evaluation(directory: Path) -> dict[str, Any] | None:
+def _evaluation(directory: Path, weights: Path) -> dict[str, Any] | None:
+    """The latest evaluation, with ``of_current_model``: whether it evaluated the weights in ``model/`` now
+    (False after a night whose training succeeded and whose evaluation failed: its scores and promotion are
+    the previous model's; None for a report written before reports named their model)."""
     report = _read(directory / "report.json")
     if report is None:
         return None
     key = f"ndcg_at_{report['ks'][0]}"
     scorers = {name: metrics[key] for name, metrics in report.items() if isinstance(metrics, dict)}
     promotion = _read(directory / "promotion.json")
-    return {"split": report["split"], "metric": key, "scores": scorers,
+    evaluated = report.get("model_weights_sha256")
+    current = None if evaluated is None or not weights.is_file() else evaluated == fingerprint(weights)["sha256"]
+    return {"split": report["split"], "metric": key, "scores": scorers, "model_version": report.get("model_version"),
+            "of_current_model": current,
             "promotion": None if promotion is None else promotion.get("summary"),
             "promoted": None if promotion is None else promotion.get("promoted")}
 
@@ -129,6 +136,9 @@ def render(status: dict[str, Any]) -> str:
     else:
         scores = ", ".join(f"{name} {value:.4f}" for name, value in e["scores"].items())
         lines.append(f"  evaluation:  {e['split']} {e['metric']}: {scores}")
+        if e["of_current_model"] is False:
+            lines.append(f"  STALE:       the evaluation and promotion above are of model version {e['model_version']}, "
+                         "not of the model in model/ now (its evaluation failed or has not run): rerun recsys evaluate")
         if e["promotion"]:
             lines.append(f"  promotion:   {e['promotion']}")
     c = status["candidates"]
@@ -200,6 +210,9 @@ def write_prometheus(status: dict[str, Any], path: Path) -> int:
                   metric=e["metric"], split=e["split"])
         gauge("promotion_promoted", "1 if the latest evaluation promoted its model, 0 if it kept the champion.",
               None if e["promoted"] is None else int(bool(e["promoted"])))
+        gauge("evaluation_of_current_model", "1 if the latest evaluation is of the model in model/ now, 0 if of an "
+              "earlier one (the latest evaluation failed).",
+              None if e["of_current_model"] is None else int(e["of_current_model"]))
     c = status["candidates"]
     gauge("candidates_nights_published", "Candidate nights published in the work directory.", len(c["nights"]))
     gauge("candidates_nights_rejected", "Candidate nights rejected by the drift gate.", len(c["rejected"]))

@@ -95,3 +95,28 @@ def test_the_gate_reads_a_gone_champion_runs_tag_and_a_retry_keeps_a_rollback(ni
     retried = json.loads((work / "evaluation" / "promotion.json").read_text())
     assert retried["promoted"] is False and "rolled back" in retried["reason"]
     assert client.get_model_version("sasrec", "2").tags == decided  # its first decision stays recorded
+
+
+def test_status_flags_an_evaluation_of_an_earlier_model(night, tmp_path, capsys):
+    """A night whose training succeeded and whose evaluation failed leaves last night's report and promotion
+    beside tonight's model: status and the gauges say so (they showed v1's scores next to v2, no warning)."""
+    work, _ = _copy(night, tmp_path)
+    capsys.readouterr()  # what the night printed
+    assert main(["status", "--json", *tiny(work, *TRACK)]) == EXIT_OK
+    before = json.loads(capsys.readouterr().out)["evaluation"]
+    assert before["of_current_model"] is True and before["model_version"] == "1"
+    assert main(["train", "--quiet", *tiny(work, *TRACK, "train.max_epochs=2")]) == EXIT_OK  # no evaluate after
+    capsys.readouterr()
+    assert main(["status", *tiny(work, *TRACK)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "STALE:" in text and "of model version 1, not of the model in model/ now" in text
+    prom = tmp_path / "status.prom"
+    assert main(["status", "--prometheus", str(prom), *tiny(work, *TRACK)]) == EXIT_OK
+    assert "recsys_evaluation_of_current_model{" in prom.read_text()
+    line = next(x for x in prom.read_text().splitlines() if x.startswith("recsys_evaluation_of_current_model{"))
+    assert line.endswith(" 0.0")
+    assert main(["evaluate", "--quiet", *tiny(work, *TRACK)]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["status", "--json", *tiny(work, *TRACK)]) == EXIT_OK
+    after = json.loads(capsys.readouterr().out)["evaluation"]
+    assert after["of_current_model"] is True and after["model_version"] == "2"
