@@ -80,7 +80,8 @@ def _evaluation(directory: Path, weights: Path) -> dict[str, Any] | None:
     return {"split": report["split"], "metric": key, "scores": scorers, "model_version": report.get("model_version"),
             "of_current_model": current,
             "promotion": None if promotion is None else promotion.get("summary"),
-            "promoted": None if promotion is None else promotion.get("promoted")}
+            "promoted": None if promotion is None else promotion.get("promoted"),
+            "kept_out_in_a_row": None if promotion is None else promotion.get("kept_out_in_a_row")}
 
 
 def _candidates(root: Path) -> dict[str, Any]:
@@ -210,6 +211,8 @@ def write_prometheus(status: dict[str, Any], path: Path) -> int:
                   metric=e["metric"], split=e["split"])
         gauge("promotion_promoted", "1 if the latest evaluation promoted its model, 0 if it kept the champion.",
               None if e["promoted"] is None else int(bool(e["promoted"])))
+        gauge("promotion_kept_out_in_a_row", "Versions registered after the champion that the gate kept out, the "
+              "latest included (0 when it promoted).", e["kept_out_in_a_row"])
         gauge("evaluation_of_current_model", "1 if the latest evaluation is of the model in model/ now, 0 if of an "
               "earlier one (the latest evaluation failed).",
               None if e["of_current_model"] is None else int(e["of_current_model"]))

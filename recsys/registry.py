@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 VAL_METRIC = "best_val_ndcg_at_10"  # logged by the train job; also model/train_report.json
+STALE_CHAMPION_NIGHTS = 3  # kept out this many versions in a row by the recorded gate: a warning says why
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
@@ -47,6 +48,8 @@ class Promotion:
     tolerance: float
     basis: str = "recorded"  # "rescored": both numbers measured tonight on the same users
     comparison: dict[str, Any] | None = None  # recsys.comparison.Comparison.to_dict() when rescored
+    # versions registered after the champion that the gate kept out, this one included (0 when promoted)
+    kept_out_in_a_row: int = 0
 
     def summary(self) -> str:
         """One line for the CLI summary."""
@@ -135,9 +138,15 @@ def promote(
     else:
         champion = _val_ndcg(client, name, before) if before is not None else None
         promoted, reason = decide(val_ndcg, champion, tolerance, has_champion=before is not None)
+    kept_out = 0 if promoted or before is None else _kept_out_in_a_row(client, name, before, version)
+    if kept_out >= STALE_CHAMPION_NIGHTS and comparison is None:
+        log.warning("promotion gate: v%s is the %d. version in a row kept out against champion v%s on recorded "
+                    "validation numbers, which come from the data each model was trained on: if the data grew or "
+                    "changed, those do not compare; tracking.promotion_basis=rescored scores both on tonight's "
+                    "users", version, kept_out, before)
     result = Promotion(name, version, promoted, reason, val_ndcg, before, champion, tolerance,
                        "recorded" if comparison is None else "rescored",
-                       None if comparison is None else comparison.to_dict())
+                       None if comparison is None else comparison.to_dict(), kept_out)
     # The decision is recorded before any alias moves: a failure in between leaves a record, not a silent move.
     _log_promotion(client, tracker, result, tag_version=not (rerun or rolled_back))
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -167,6 +176,14 @@ def _log_promotion(client: Any, tracker: JobRun, p: Promotion, tag_version: bool
         "promotion/champion_val_ndcg_at_10": p.champion_val_ndcg_at_10,  # None is dropped
         "promotion/tolerance": p.tolerance,
     })
+
+
+def _kept_out_in_a_row(client: Any, name: str, champion: str, version: str) -> int:
+    """How many versions of ``name`` registered after ``champion`` the gate kept out (tag
+    ``promotion.promoted=false``), ``version`` (kept out now) included."""
+    later = client.search_model_versions(f"name='{name}'")
+    others = [mv for mv in later if int(mv.version) > int(champion) and str(mv.version) != version]
+    return 1 + sum(mv.tags.get("promotion.promoted") == "false" for mv in others)
 
 
 def _missing_is_none(call: Callable[[], Any]) -> Any:

@@ -120,3 +120,25 @@ def test_status_flags_an_evaluation_of_an_earlier_model(night, tmp_path, capsys)
     assert main(["status", "--json", *tiny(work, *TRACK)]) == EXIT_OK
     after = json.loads(capsys.readouterr().out)["evaluation"]
     assert after["of_current_model"] is True and after["model_version"] == "2"
+
+
+def test_versions_kept_out_in_a_row_are_counted_and_warned_about(night, tmp_path):
+    """Three barely trained versions (other seeds: other weights, so new versions) against v1: each stays
+    challenger; promotion.json and the gauge count them, and the third gets the warning that recorded numbers
+    from other data may not compare (the recorded gate could keep a stale champion forever, silently)."""
+    work, client = _copy(night, tmp_path)
+    weak = ["train.max_epochs=1", "train.lr=1e-5"]
+    for n, seed in enumerate((11, 12, 13), start=1):
+        args = tiny(work, *TRACK, *weak, f"train.seed={seed}")
+        assert main(["train", "--quiet", *args]) == EXIT_OK
+        assert main(["evaluate", "--quiet", *args]) == EXIT_OK
+        promotion = json.loads((work / "evaluation" / "promotion.json").read_text())
+        assert (promotion["version"], promotion["promoted"]) == (str(n + 1), False)
+        assert promotion["kept_out_in_a_row"] == n
+        log = max((work / "logs").glob("evaluate-*.log"), key=lambda p: p.stat().st_mtime_ns).read_text()
+        assert ("3. version in a row kept out against champion v1" in log) == (n == 3)
+    prom = tmp_path / "status.prom"
+    assert main(["status", "--prometheus", str(prom), *tiny(work, *TRACK)]) == EXIT_OK
+    assert any(x.startswith("recsys_promotion_kept_out_in_a_row{") and x.endswith(" 3.0")
+               for x in prom.read_text().splitlines())
+    assert str(client.get_registered_model("sasrec").aliases["champion"]) == "1"
