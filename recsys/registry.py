@@ -1,6 +1,7 @@
 """MLflow model registry: the promotion gate (``challenger`` → ``champion``) and fetching a version's files.
 
-With :mod:`recsys.tracking`, the only module of ours that imports mlflow. Every function here runs inside
+With :mod:`recsys.tracking`, the only module of ours that imports mlflow to track (:mod:`recsys.serving` does
+to write the pyfunc model). Every function here runs inside
 :func:`recsys.tracking.job_run`, which has set the tracking URI and the HTTP client's limits.
 
 Promotion gate: the version trained in a work directory always gets the alias ``challenger``; it also gets
