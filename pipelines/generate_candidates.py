@@ -33,7 +33,7 @@ from recsys.drift import DriftError, drift_gate, drift_report, drift_violations
 from recsys.faults import fault_point
 from recsys.model import WEIGHTS_FILE
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
-from recsys.sharding import Shard, ShardLayoutError, select_shard, shard_of
+from recsys.sharding import Shard, ShardLayoutError, in_shard, select_shard
 from recsys.storage import atomic_dir, fingerprint, fsync_dir, read_json, remove_dir, write_json
 from recsys.tracking import JobRun, job_run
 
@@ -327,10 +327,9 @@ def _previous_lists(previous: list[Path], shard: Shard | None, user_dtype: pl.Da
     if shard is None:
         return table
     ids = table.select(schema.USER_ID).unique()
-    tonight = schema.with_id_dtype(ids, schema.USER_ID, user_dtype).rename({schema.USER_ID: "_tonight"})
-    mine = pl.concat([ids, tonight], how="horizontal").filter(pl.col("_tonight").is_not_null())
-    mine = mine.filter(shard_of(pl.col("_tonight"), shard.count, user_dtype) == shard.index)
-    return table.filter(pl.col(schema.USER_ID).is_in(mine[schema.USER_ID].implode()))
+    tonight = schema.with_id_dtype(ids, schema.USER_ID, user_dtype)  # row for row; null: no counterpart
+    mine = tonight.select(pl.col(schema.USER_ID).is_not_null() & in_shard(shard, user_dtype)).to_series()
+    return table.filter(pl.col(schema.USER_ID).is_in(ids.filter(mine)[schema.USER_ID].implode()))
 
 
 def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], model: dict[str, Any], feats: FeatureSet,

@@ -116,14 +116,14 @@ class WorkDir:
         tonight's layout prunes; one shard only, so that N shards never race on one path). Sorted."""
         oldest_kept = day - dt.timedelta(days=keep_days - 1)
         top = [self.candidates, self.candidates / "rejected"]
+        every = top + [directory for root in top for directory in root.glob("shard=*-of-*")]
         if shard is None:
-            roots = top + [directory for root in top for directory in root.glob("shard=*-of-*")]
+            roots = every
         else:
             roots = [root / shard for root in top]
             index, _, count = shard.removeprefix("shard=").partition("-of-")
             if index == "0":
-                roots += top + [directory for root in top for directory in root.glob("shard=*-of-*")
-                                if not directory.name.endswith(f"-of-{count}")]
+                roots += [root for root in every if not root.name.endswith(f"-of-{count}")]
         return sorted(path for root in roots for when, path in dated_partitions(root.glob("date=*"))
                       if when < oldest_kept and path.is_dir())
 
