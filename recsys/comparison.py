@@ -123,10 +123,11 @@ def compare_on_validation(
             "same users. If the item ids were re-keyed on purpose, gate this night on the recorded numbers "
             "(tracking.promotion_basis=recorded) or move the champion alias by hand")
     ours_set = build_eval_set(kept, "val", max_len)
-    ours = accumulate_scorer(model_scorer(challenger, ours_set), ranking_set(ours_set, exclude_seen),
+    bias = not exclude_seen  # a repeat bias only where seen items compete (model_scorer)
+    ours = accumulate_scorer(model_scorer(challenger, ours_set, bias), ranking_set(ours_set, exclude_seen),
                              int(item_map.height), (k,), batch_size)
     theirs_set = build_eval_set(remapped, "val", champion.model.max_len)
-    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model, theirs_set), unseen.height + k),
+    theirs = accumulate_scorer(_with_columns(model_scorer(champion.model, theirs_set, bias), unseen.height + k),
                                ranking_set(theirs_set, exclude_seen), n_eval, (k,), batch_size)
     deltas = paired_deltas(ours, theirs)
     key = f"ndcg_at_{k}"

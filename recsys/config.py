@@ -521,6 +521,10 @@ class Config(_Section):
         if self.model.repeat_bias and (self.model.attention != "causal" or self.train.loss != "ce"):
             raise ValueError(f"model.repeat_bias needs model.attention=causal and train.loss=ce (they are "
                              f"{self.model.attention!r} and {self.train.loss!r})")
+        if self.model.repeat_bias and self.train.exclude_seen:
+            raise ValueError("model.repeat_bias with train.exclude_seen=true: with seen items left out of the softmax "
+                             "the bonus could only land on a target that is a repeat (a leak, not a signal); the bias "
+                             "is for repeat domains, where train.exclude_seen=false")
         if self.model.repeat_bias and self.evaluate.item_block_size is not None:
             raise ValueError("model.repeat_bias is scored densely: set evaluate.item_block_size=null")
         if self.train.exclude_seen and not self.evaluate.exclude_seen:

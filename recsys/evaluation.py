@@ -341,11 +341,14 @@ def _positions(padded: torch.Tensor) -> RaggedItems:
     return RaggedItems((padded[real] - 1).int(), offsets)
 
 
-def model_scorer(model: RankingModel, eval_set: EvalSet | None = None) -> ScoreFn:
+def model_scorer(model: RankingModel, eval_set: EvalSet | None = None, history_bias: bool = True) -> ScoreFn:
     """``model.score(model.user_vectors(inputs))`` under ``no_grad`` in eval mode (the mode is restored), in
     exact float32 on the model's device: the scores stay there (the metrics move them back to the CPU).
     A model with event types (SASRec, ``n_event_types`` > 0) gets each user's ``input_types`` from the
-    ``eval_set`` the scorer will be run on (looked up by ``user_idx``)."""
+    ``eval_set`` the scorer will be run on (looked up by ``user_idx``). A model with a repeat bias
+    (``model.repeat_bias``) adds it only with ``history_bias``: pass ``not exclude_seen``. With seen items
+    excluded the ranking keeps just a target that is itself a repeat, so the bonus could land on nothing but
+    the target (a leak); serving with seen items excluded ignores it too."""
     types, row_of = None, None
     if getattr(model, "n_event_types", 0):
         if eval_set is None or eval_set.input_types is None:
@@ -357,10 +360,13 @@ def model_scorer(model: RankingModel, eval_set: EvalSet | None = None) -> ScoreF
 
     def score(inputs: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:
         with inference(model) as device:
+            inputs = inputs.to(device)
             if hasattr(model, "scores"):  # SASRec: with its repeat bias and event types, if any
                 batch_types = None if row_of is None else types[row_of[user_idx]].to(device)  # (B, max_len)
-                return model.scores(inputs.to(device), batch_types)  # (B, n_items + 1)
-            return model.score(model.user_vectors(inputs.to(device)))  # (B, n_items + 1)
+                if history_bias:
+                    return model.scores(inputs, batch_types)  # (B, n_items + 1)
+                return model.score(model.user_vectors(inputs, batch_types))
+            return model.score(model.user_vectors(inputs))  # (B, n_items + 1)
 
     return score
 
@@ -415,7 +421,7 @@ def evaluate_all(
     ranked = ranking_set(eval_set, cfg.exclude_seen)
     baselines = baseline_scorers(sequences, n_items, cfg, item_popularity)
     if cfg.item_block_size is None:
-        model_totals = accumulate_scorer(model_scorer(model, eval_set), ranked, n_items, cfg.ks, cfg.batch_size)
+        model_totals = accumulate_scorer(model_scorer(model, eval_set, not cfg.exclude_seen), ranked, n_items, cfg.ks, cfg.batch_size)
         how = "dense"
     elif getattr(model, "repeat_bias", False):
         raise ValueError("a model with a repeat bias is scored densely: set evaluate.item_block_size to null")

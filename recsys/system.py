@@ -303,11 +303,12 @@ class SASRecSystem(L.LightningModule):
         types: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         # Rank in float32 even under bf16 autocast: bf16 scores tie often and ties count against the target.
+        compete = not self.hparams.get("exclude_seen", True)  # evaluate.exclude_seen=false: seen items compete
         with torch.autocast(self.device.type, enabled=False):
             scores = self.model.score(user.float())  # (B, I + 1)
-            if inputs is not None:  # with repeat_bias: the window items' bonus
-                scores = self.model.add_history_bias(scores, inputs, types)
-        if not self.hparams.get("exclude_seen", True):  # evaluate.exclude_seen=false: seen items compete
+            if inputs is not None and compete:  # with repeat_bias: the window items' bonus (not with seen items
+                scores = self.model.add_history_bias(scores, inputs, types)  # excluded: see model_scorer)
+        if compete:
             history = history[:, :0]
         exclude = exclusion_mask(history, self.hparams["n_items"], keep=targets)  # (B, I + 1)
         ranks = target_ranks(scores, targets, exclude)  # (B, M)

@@ -125,9 +125,9 @@ def _oracle(model_dir: Path, hist: pl.DataFrame, zero_types: bool = False) -> li
     return [[to_id[i] for i in top] for top in _top_k(model, items, types)]
 
 
-def _test_ndcg_at_10(work: Path, model, zero_types: bool = False) -> float:
+def _test_ndcg_at_10(work: Path, model, zero_types: bool = False, seen_compete: bool = False) -> float:
     """Mean NDCG@10 of each user's single test item (leave one out) ranked after train + val, the history's
-    other items excluded, ties counted against the target."""
+    other items excluded (competing with ``seen_compete``), ties counted against the target."""
     seqs = pl.read_parquet(work / "features" / "sequences.parquet")
     seqs = seqs.filter(pl.col("test_items").list.len() > 0)
     assert (seqs["test_items"].list.len() == 1).all()
@@ -139,7 +139,7 @@ def _test_ndcg_at_10(work: Path, model, zero_types: bool = False) -> float:
     gains = []
     for row, (history, target) in enumerate(zip(items, seqs["test_items"].list.first(), strict=True)):
         competitors = torch.ones(model.n_items + 1, dtype=torch.bool)
-        competitors[[0, target, *history]] = False
+        competitors[[0, target, *([] if seen_compete else history)]] = False
         rank = int((scores[row][competitors] >= scores[row, target]).sum())
         gains.append(1 / math.log2(rank + 2) if rank < 10 else 0.0)
     return sum(gains) / len(gains)

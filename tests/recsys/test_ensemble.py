@@ -308,22 +308,23 @@ def test_ensemble_through_the_jobs(tmp_path: Path) -> None:
 
 def test_ensemble_with_event_types_and_repeat_bias_through_the_jobs(tmp_path: Path) -> None:
     """`recsys run` with model.ensemble=2, event types and the repeat bias, seen items competing in the
-    candidates (so the bias counts there): the evaluation is the oracle's NDCG@10 from ``model.scores`` with the
-    history's types, and the candidates are the exact top k of ``model.scores`` (the members' mean, bias
+    evaluation and the candidates (so the bias counts there): the evaluation is the oracle's NDCG@10 from
+    ``model.scores`` with the history's types, and the candidates are the exact top k of ``model.scores`` (the members' mean, bias
     included) over each user's last max_len events."""
     from tests.pipelines.test_event_types_job import DAY, TYPED, _candidates, _histories, _in_model, _left_pad
     from tests.pipelines.test_event_types_job import K as top_k
     from tests.pipelines.test_event_types_job import _test_ndcg_at_10 as oracle_ndcg
 
     work = tmp_path / "work"
-    options = [*TYPED, "model.ensemble=2", "model.repeat_bias=true", "candidates.exclude_seen=false"]
+    options = [*TYPED, "model.ensemble=2", "model.repeat_bias=true", "candidates.exclude_seen=false",
+               "evaluate.exclude_seen=false"]
     assert main(["run", "--quiet", "--run-date", DAY, *tiny(work), *options]) == EXIT_OK
     model = load_model(work / "model")
     assert isinstance(model, SASRecEnsemble) and model.n_event_types == 3 and model.repeat_bias
     assert all(float(m.repeat_weight.detach().abs().max()) > 0 for m in model.members)  # trained, not left at 0
     report = json.loads((work / "evaluation" / "report.json").read_text())
-    assert report["model"]["ndcg_at_10"] == pytest.approx(oracle_ndcg(work, model), abs=1e-6)
-    assert abs(report["model"]["ndcg_at_10"] - oracle_ndcg(work, model, zero_types=True)) > 1e-4
+    assert report["model"]["ndcg_at_10"] == pytest.approx(oracle_ndcg(work, model, seen_compete=True), abs=1e-6)
+    assert abs(report["model"]["ndcg_at_10"] - oracle_ndcg(work, model, zero_types=True, seen_compete=True)) > 1e-4
     hist = _histories(work / "features")
     pairs = [_in_model(work / "model", h, t) for h, t in hist.select("history", "event_types").iter_rows()]
     with torch.no_grad():

@@ -15,6 +15,7 @@ from features.schema import SEQUENCES
 from features.synthetic import planted_sequences  # noqa: F401  (also imported from here by other tests)
 from recsys.config import Config, ConfigError, build_config
 from recsys.data import RaggedItems, SequenceDataModule, mask_items, pad_lists
+from recsys.evaluation import build_eval_set, evaluate_all
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.system import SASRecSystem
 from recsys.training import train_model
@@ -423,11 +424,39 @@ def test_repeat_bias_trains_in_its_own_optimiser_group_at_a_higher_rate() -> Non
 def test_repeat_bias_config_needs_causal_ce_and_dense_evaluation() -> None:
     for extra, needle in (({"model": {"attention": "bidirectional"}}, "model.repeat_bias needs"),
                           ({"train": {"loss": "bce"}}, "model.repeat_bias needs"),
-                          ({"evaluate": {"item_block_size": 64}}, "evaluate.item_block_size=null")):
+                          ({"evaluate": {"item_block_size": 64}}, "evaluate.item_block_size=null"),
+                          ({"train": {"exclude_seen": True}}, "only land on a target that is a repeat")):
         tree = {"model": {"repeat_bias": True, **extra.get("model", {})}, **{k: v for k, v in extra.items()
                                                                            if k != "model"}}
         with pytest.raises(ConfigError, match=needle):
             build_config(tree)
+
+
+def test_repeat_bias_is_not_scored_where_seen_items_are_excluded(tmp_path: Path) -> None:
+    """With seen items excluded the ranking keeps only a target that is itself a repeat, so a bonus on window
+    items could land on nothing but the target: validation and `recsys evaluate` rank without it (as candidates
+    do), and with seen items competing with it."""
+    n_items = 50
+    seqs = pl.DataFrame({"user_idx": [0, 1], "train_items": [[5, 9, 17, 33, 41], [2, 3, 4, 6, 8]],
+                         "val_items": [[17], [4]], "test_items": [[], []]}, schema=SEQUENCES)  # 3 steps back
+    val = build_eval_set(seqs, "val", 8)
+    ndcg = {}
+    for exclude_seen in (True, False):
+        cfg = build_config({"model": {"max_len": 8, "hidden": 8, "n_blocks": 1, "repeat_bias": True},
+                            "evaluate": {"exclude_seen": exclude_seen, "ks": [10], "baselines": [],
+                                         "split": "val"}})
+        torch.manual_seed(0)
+        system = SASRecSystem.from_config(cfg, n_items=n_items).eval()
+        for weight in (0.0, 50.0):
+            with torch.no_grad():
+                system.model.repeat_weight.zero_()[2] = weight  # the item 3 steps back
+                user = system.model.user_vectors(val.inputs)
+                val_ndcg = system._ranking_metrics(user, val.history, val.targets, val.inputs)["ndcg_at_10"]
+            evaluated = evaluate_all(system.model, seqs, n_items, None, cfg.evaluate, 8)["model"]["ndcg_at_10"]
+            assert float(val_ndcg.mean()) == pytest.approx(evaluated)
+            ndcg[exclude_seen, weight] = evaluated
+    assert ndcg[True, 50.0] == ndcg[True, 0.0] < 1.0  # the bonus changes nothing with seen items excluded
+    assert ndcg[False, 50.0] == 1.0 > ndcg[False, 0.0]  # and puts the repeated targets first when they compete
 
 
 def cycling_sequences(n_users: int, n_items: int, seed: int = 0) -> pl.DataFrame:
