@@ -233,16 +233,20 @@ class ScheduledRun:
         shutil.rmtree(checkpoint_dir(self.cfg, self.run_date), ignore_errors=True)
 
     def prune_checkpoints(self) -> None:
-        """After success: keep only this run's best checkpoint and drop other runs' directories: finished ones,
+        """After success: keep only this run's best checkpoint (and its ``last.ckpt`` if the time budget cut the
+        run: a rerun under a larger budget, or none, goes on from there, as README "Running on a schedule" says; the
+        next night's success removes it) and drop other runs' directories: finished ones,
         and unfinished ones (with a ``last.ckpt``) of earlier dates, since a later night has now succeeded (a
         killed night stays resumable until then). Unfinished ones of this date (another config) or of later
         dates (a backfill running an older date) are kept so that they can still resume. A directory that
         cannot be removed is named in a warning and left for the next success: the run's output is already
         published and marked done."""
-        from recsys.checkpoint import LAST  # here, not at the top: it imports Lightning, the CLI should not
+        # here, not at the top: recsys.checkpoint imports Lightning, which the CLI should not
+        from recsys.checkpoint import LAST, cut_by_budget
 
         current = checkpoint_dir(self.cfg, self.run_date)
-        (current / f"{LAST}.ckpt").unlink(missing_ok=True)
+        if not cut_by_budget(current / f"{LAST}.ckpt"):
+            (current / f"{LAST}.ckpt").unlink(missing_ok=True)
         for other in WorkDir.of(self.cfg).checkpoints.glob("*"):
             if not other.is_dir() or other == current:
                 continue

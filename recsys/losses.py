@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from recsys.config import ConfigError
+
 # Above this many logits (positions x catalogue) the loss is built in row chunks of at most this many
 # elements, never as a full (N, n_items) matrix: 16 MiB of float32 on CPU (cache-friendly), 512 MiB on GPU
 # (large enough matmuls, few kernel launches; ML-1M at batch 128 x length 200, 87M logits, is one piece).
@@ -289,9 +291,10 @@ def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
     1 <= n_negatives <= n_items - 1 and 0 <= t <= 1.
     """
     if not 1 <= n_negatives <= n_items - 1:
-        raise ValueError(f"gbce needs 1 <= n_negatives <= n_items - 1 = {n_items - 1}, got {n_negatives}")
+        raise ConfigError(f"train.loss=gbce needs 1 <= train.n_negatives <= n_items - 1 = {n_items - 1} (the "
+                          f"catalogue has {n_items} items), got {n_negatives}: lower train.n_negatives")
     if not 0.0 <= t <= 1.0:
-        raise ValueError(f"gbce calibration t must be in [0, 1], got {t}")
+        raise ConfigError(f"train.gbce_t must be in [0, 1], got {t}")
     alpha = n_negatives / (n_items - 1)
     return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
 

@@ -260,9 +260,10 @@ def train_model(
     identity = run_identity(cfg, sequences, n_items, attributes, n_event_types)
     best, timer = _BestCheckpoint(checkpoint_dir), _EpochTimer()
     early = EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience)
+    stamp = RunStamp(identity, early, t.max_time_s, {"warm_start": warm})
     callbacks = [
         early, best, _LastCheckpoint(checkpoint_dir, t.checkpoint_interval_s, best), timer, _StepSeed(t.seed),
-        RunStamp(identity, early, t.max_time_s, {"warm_start": warm}), _FaultPoints(),
+        stamp, _FaultPoints(),
     ]
     if t.ema_decay is not None:
         # Parameters only: the model has no statistics buffers, and sampling_probs must stay the module's own.
@@ -278,8 +279,9 @@ def train_model(
     resume = resume_point(checkpoint_dir, identity, clean=trainer.is_global_zero) if allow_resume else None
     if resume is not None:
         log.info("resuming from %s (end of epoch %d)", resume.path, resume.epoch)
-        if resume.extra is not None:  # the weights are that run's: so is the warm start they began from
-            warm = resume.extra.get("warm_start")
+        if resume.extra is not None:  # the weights are that run's: so is the warm start they began from, in
+            warm = resume.extra.get("warm_start")  # this run's checkpoints too (a third try reads them)
+            stamp.extra = resume.extra
     start = time.perf_counter()
     _fit(trainer, system, data, resume)
     wall = time.perf_counter() - start
@@ -322,7 +324,27 @@ def _fit(
             torch.distributed.destroy_process_group()  # DDP is over; a later fit in this process starts anew
 
 
-class _BestCheckpoint(ModelCheckpoint):
+class _Rebased(ModelCheckpoint):
+    """A checkpoint callback whose saved file paths follow the directory: Lightning keeps absolute paths and,
+    when the directory is reached under another path (the work dir moved, shared storage mounted elsewhere on
+    the next machine), drops the best score and keeps the old best path, so a finished run could not be
+    resumed and an unfinished one forgot its best epoch. Every file is ours and lies in ``dirpath``: rebase
+    them by name before Lightning reads the state."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old is not None and self.dirpath is not None and old != self.dirpath:
+            def moved(path: Any) -> Any:
+                return str(Path(self.dirpath) / Path(path).name) if path else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{key: moved(state_dict.get(key))
+                             for key in ("best_model_path", "kth_best_model_path", "last_model_path")},
+                          "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
+
+
+class _BestCheckpoint(_Rebased):
     """best-epochNNN.ckpt, the best validation NDCG@10 so far. The best file it replaces is removed only once
     last.ckpt names the new one (:meth:`release`): last.ckpt of an earlier epoch still names the old file, and a
     run killed in between resumes from there (the new file, of an epoch after the resume point, goes)."""
@@ -343,7 +365,7 @@ class _BestCheckpoint(ModelCheckpoint):
         self._replaced.clear()
 
 
-class _LastCheckpoint(ModelCheckpoint):
+class _LastCheckpoint(_Rebased):
     """last.ckpt, the resume point: at the end of every epoch, or with ``interval_s`` at the end of an epoch once
     that many seconds passed since the previous write, and always at the epoch where training stops (early
     stopping and the time budget have decided by then; so has max_epochs), so that a finished run resumes as

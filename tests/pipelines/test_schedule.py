@@ -257,6 +257,38 @@ def test_unfinished_checkpoints_of_earlier_nights_go_once_a_later_night_succeeds
     assert [p.name for p in current.iterdir()] == ["best-epoch003.ckpt"]
 
 
+def test_a_night_cut_by_its_time_budget_goes_on_under_a_larger_one(new_work) -> None:
+    """README: a run stopped by train.max_time_s resumes under a larger budget. Its success used to prune
+    last.ckpt, so the rerun (another marker hash: the budget) trained from scratch."""
+    work = new_work()
+    assert _train(work, "train.max_time_s=0.001", "train.max_epochs=3") == EXIT_OK
+    cut = read_json(work / "model" / "train_report.json")
+    assert cut["epochs_run"] == 1
+    assert _train(work, "train.max_time_s=3600", "train.max_epochs=3") == EXIT_OK
+    more = read_json(work / "model" / "train_report.json")
+    assert more["resumed_from_epoch"] == 0 and more["epochs_run"] == 3
+    assert not list((work / "checkpoints").rglob("last.ckpt"))  # not cut this time: pruned as before
+
+
+def test_train_names_the_keys_when_the_features_leave_it_nothing_to_validate_on(tmp_path, capsys) -> None:
+    """Equal time-split cutoffs (accepted: a features job alone may want no validation) leave no validation
+    users: exit 2 naming the cutoffs (before: exit 1 with the trainer's traceback)."""
+    work = tmp_path / "work"
+    split = ("features.split=time", "features.val_cutoff=1000", "features.test_cutoff=1000")
+    assert main(["features", "--quiet", *tiny(work, *split)]) == EXIT_OK
+    assert _train(work, *split) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "0 with validation items" in err and "features.val_cutoff (1000)" in err and "Traceback" not in err
+    assert not (work / "model").exists()
+
+
+def test_gbce_with_more_negatives_than_the_catalogue_names_the_key(new_work, capsys) -> None:
+    work = new_work()
+    assert _train(work, "train.loss=gbce", "train.n_negatives=100") == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "train.n_negatives <= n_items - 1 = 49" in err and "Traceback" not in err
+
+
 def test_the_success_marker_is_written_only_once_the_outputs_are_durable(new_work, fsync_log, monkeypatch) -> None:
     """A power cut after the marker is written must not leave an empty model: every file of model/ is fsynced
     before the rename that publishes it, the work directory after that rename, and only then is the marker

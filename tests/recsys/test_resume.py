@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recsys.checkpoint import BEST, IDENTITY_KEY, AtomicCheckpointIO, resume_point, run_identity
+from recsys.checkpoint import BEST, EXTRA_KEY, IDENTITY_KEY, AtomicCheckpointIO, resume_point, run_identity
 from recsys.training import seed_step_generators, train_model
 from tests.recsys.test_system import planted_sequences, small_config
 
@@ -207,3 +207,17 @@ def test_a_resumed_run_reports_the_warm_start_its_weights_began_from(
     assert again.resumed_from_epoch == 0
     assert again.warm_start["uri"] == "last-night"
     assert again.warm_start["items_from_source"] == 20 and again.warm_start["items_new"] == 20
+    # the resumed run's own checkpoints carry that report too, for a third try (before: the second try's source)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)[EXTRA_KEY]["warm_start"] == again.warm_start
+
+
+def test_a_run_resumes_where_its_directory_is_reached_under_another_path(tmp_path: Path) -> None:
+    """Lightning keeps absolute checkpoint paths: a work dir moved (or mounted elsewhere on the next machine)
+    lost the best score on resume and kept the old best path (a finished run failed with FileNotFoundError)."""
+    seqs, cfg = planted_sequences(120, 40), small_config(max_epochs=3)
+    first = train_model(cfg, seqs, 40, tmp_path / "a" / "ckpt")
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = train_model(cfg, seqs, 40, tmp_path / "b" / "ckpt")
+    assert again.resumed_from_epoch == 2 and again.epochs_run == 3
+    assert again.best_checkpoint == tmp_path / "b" / "ckpt" / first.best_checkpoint.name
+    assert again.best_val_ndcg == first.best_val_ndcg and again.best_epoch == first.best_epoch
