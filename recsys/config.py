@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -29,10 +31,25 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key path and the source."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field of this annotation takes a number (int or float, optionally None) and no bool."""
+    args = typing.get_args(annotation) or (annotation,)
+    return bool({int, float} & set(args)) and bool not in args
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: YAML's .inf / .nan are floats, but no float key of the config means anything with them
     # (train.max_time_s=.inf would crash training's timer); they fail here as "should be a finite number".
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads true/false/yes/no/on/off as booleans, which pydantic would take as 1 / 0 for a number."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError(f"must be a number, got {value!r} (YAML reads true/false/yes/no/on/off as booleans)")
+        return value
 
 
 def _check_device(value: str) -> str:
@@ -139,7 +156,7 @@ class DataConfig(_Section):
 class FeaturesConfig(_Section):
     """Row policies, k-core filter and the split."""
 
-    event_types: tuple[str, ...] | None = None
+    event_types: tuple[str, ...] | None = Field(None, min_length=1)  # [] would keep no event: null keeps all
     dedup: Literal["none", "exact", "user_item"] = "exact"
     min_user_events: int = Field(1, ge=1)
     min_item_events: int = Field(1, ge=1)
@@ -176,6 +193,10 @@ class FeaturesConfig(_Section):
             raise ValueError(f"features.min_user_events ({self.min_user_events}) is above features."
                              f"max_user_events ({self.max_user_events}): no user could be kept; lower the first "
                              "or raise the second")
+        if self.keep_last_events is not None and self.min_user_events > self.keep_last_events:
+            raise ValueError(f"features.min_user_events ({self.min_user_events}) is above features."
+                             f"keep_last_events ({self.keep_last_events}): each user keeps at most that many events "
+                             "before the k-core, so no user could be kept; lower the first or raise the second")
         return self
 
     @model_validator(mode="after")
@@ -569,6 +590,28 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one silently, so a
+    second ``model:`` section would drop the first one's keys)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key, line = loader.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+        if key in lines:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping (lines {lines[key]} and {line}); keep one",
+                key_node.start_mark)
+        lines[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _parse_value(raw: str) -> Any:
     """An override value parsed as YAML; text that is not valid YAML (``%d/%m/%Y``, ``[x``) stays a string.
 
@@ -577,7 +620,7 @@ def _parse_value(raw: str) -> Any:
     if not raw.strip():
         return None
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, ValueError):  # ValueError: a bad explicit tag such as `!!int x`
         return raw
 
@@ -619,7 +662,7 @@ def read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> dict[str, A
         chain = " -> ".join(str(p) for p in (*_children, path.resolve()))
         raise ConfigError(f"config file {path}: 'extends' forms a cycle ({chain}); remove one 'extends'")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # noqa: S506
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: e.g. `!!int x`
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
