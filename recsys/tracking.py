@@ -7,7 +7,8 @@ This module and :mod:`recsys.registry` are the only ones of ours that import mlf
 A tracking SERVER that cannot be reached never costs a job its work: the HTTP client's timeout and retries
 come from ``tracking.http_*`` (so a dead server is detected in bounded time, see :func:`configure_http`),
 the job then runs with tracking off, writes its local outputs as usual, and fails at the end with a
-:class:`TrackingUnavailableError` naming the URI.
+:class:`TrackingUnavailableError` naming the URI. The same holds for a server that stops answering during
+the job (e.g. while training logs its epochs): tracking is turned off from that call on.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from recsys.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 CONTENT_TAG = "content_sha256"  # model version tag: SHA-256 of the registered model files
 
 
@@ -61,6 +63,7 @@ class JobRun:
     uri: str | None
     registered_model: str
     unavailable: TrackingUnavailableError | None = None
+    cfg: Config | None = None  # for the message of a server that stops answering during the job
 
     @property
     def active(self) -> bool:
@@ -71,34 +74,42 @@ class JobRun:
         if self.unavailable is not None:
             raise self.unavailable
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def guarded(self, call: Callable[[], T]) -> T | None:
+        """``call()`` (an MLflow call of this run), None when tracking is off. If a tracking SERVER stops
+        answering, tracking is turned off for the rest of the job (logged; :func:`job_run` raises
+        ``unavailable`` once the job's own work is done) instead of failing the job's work mid-way."""
         if self.run_id is None:
-            return
+            return None
+        try:
+            return call()
+        except Exception as exc:
+            if self.cfg is None or self.uri is None or not _server_failure(self.uri, exc):
+                raise
+            self.unavailable = _unavailable(self.cfg, self.uri, exc, during=True)
+            log.error("%s", self.unavailable)
+            self.run_id = None
+            return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
 
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        mlflow.log_metrics(clean, step=step)
+        self.guarded(lambda: mlflow.log_metrics(clean, step=step))
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        if self.run_id is None:
-            return
         import mlflow
 
-        mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
+        self.guarded(lambda: mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path))
 
     def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
-        if self.run_id is None:
-            return
         import mlflow
 
-        mlflow.log_artifact(str(local_file), artifact_path=artifact_path)
+        self.guarded(lambda: mlflow.log_artifact(str(local_file), artifact_path=artifact_path))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.run_id is None:
-            return
         import mlflow
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self.guarded(lambda: mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
     def log_dataset(self, frame: Any, name: str, source: str | Path, digest: str, context: str) -> None:
         """Record ``frame`` (a polars DataFrame, read at ``source``) as an input of the run (MLflow's "Datasets
@@ -112,7 +123,7 @@ class JobRun:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             dataset = mlflow.data.from_polars(frame, source=Path(source).resolve().as_uri(), name=name,
                                               digest=digest[:36])  # the tracking store's digest column
-        mlflow.log_input(dataset, context=context)
+        self.guarded(lambda: mlflow.log_input(dataset, context=context))
 
     def register_model(self, artifact_path: str, digest: str | None = None) -> str | None:
         """Register the run's ``artifact_path`` directory as a new version of the registered model.
@@ -121,8 +132,9 @@ class JobRun:
         reused instead: a retried run (killed after registering, or failing in a later job) that resumes to the
         same weights does not add a copy of them, which the gate would then promote over the original.
         """
-        if self.run_id is None:
-            return None
+        return self.guarded(lambda: self._register(artifact_path, digest))
+
+    def _register(self, artifact_path: str, digest: str | None) -> str:
         import mlflow
         from mlflow import MlflowClient
 
@@ -150,7 +162,19 @@ class JobRun:
             return None
         from pytorch_lightning.loggers import MLFlowLogger
 
-        return MLFlowLogger(tracking_uri=self.uri, run_id=self.run_id)
+        job = self
+
+        class _Logger(MLFlowLogger):  # every call through job.guarded: a server gone mid-training stops logging
+            def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+                job.guarded(lambda: MLFlowLogger.log_metrics(self, metrics, step))
+
+            def log_hyperparams(self, params: Any) -> None:
+                job.guarded(lambda: MLFlowLogger.log_hyperparams(self, params))
+
+            def finalize(self, status: str = "success") -> None:
+                job.guarded(lambda: MLFlowLogger.finalize(self, status))
+
+        return _Logger(tracking_uri=self.uri, run_id=self.run_id)
 
 
 def _experiment_id(cfg: Config) -> str:
@@ -171,10 +195,20 @@ def _experiment_id(cfg: Config) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
 
 
-def _unavailable(cfg: Config, uri: str, exc: Exception) -> TrackingUnavailableError:
+def _server_failure(uri: str, exc: Exception) -> bool:
+    """Whether ``exc`` is a tracking SERVER's failure to answer (a local store's errors are bugs: raised)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return uri.startswith(("http://", "https://")) and isinstance(exc, MlflowException | RequestException)
+
+
+def _unavailable(cfg: Config, uri: str, exc: Exception, during: bool = False) -> TrackingUnavailableError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    done = ("It stopped answering during the job: tracking was turned off from then on (nothing more was logged "
+            "or registered, the MLflow run stays RUNNING)" if during else "Nothing was logged or registered")
     error = TrackingUnavailableError(
-        f"MLflow tracking server {uri} is unavailable: {first_line}. Nothing was logged or registered; "
+        f"MLflow tracking server {uri} is unavailable: {first_line}. {done}; "
         f"whatever the job could do without the server is kept under {Path(cfg.work_dir).resolve()}. "
         f"Check tracking.uri and the server (gave up after {cfg.tracking.http_max_retries} retries, "
         f"{cfg.tracking.http_timeout_s} s timeout per request: tracking.http_*)."
@@ -212,8 +246,35 @@ def job_run(cfg: Config, job: str, tags: dict[str, Any] | None = None) -> Iterat
         log.error("%s", error)
         yield JobRun(None, uri, cfg.tracking.registered_model, unavailable=error)
         raise error
-    with mlflow.start_run(experiment_id=experiment_id, run_name=job) as run:
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=job)
+    handle = JobRun(run.info.run_id, uri, cfg.tracking.registered_model, cfg=cfg)
+
+    def start() -> None:
         mlflow.set_tags({"job": job, **{k: str(v) for k, v in (tags or {}).items()}})
         mlflow.log_params({k: str(v)[:6000] for k, v in cfg.flat().items()})
         mlflow.log_dict(cfg.to_dict(), "config.json")
-        yield JobRun(run.info.run_id, uri, cfg.tracking.registered_model)
+
+    try:
+        handle.guarded(start)
+        yield handle
+    except BaseException:  # a failed job (SIGTERM's SystemExit too) ends its run FAILED, as mlflow.start_run's
+        _end_run(handle, "FAILED")  # context does; the job's own exception is what propagates
+        raise
+    _end_run(handle, "FINISHED")
+    if handle.unavailable is not None:
+        raise handle.unavailable
+
+
+def _end_run(handle: JobRun, status: str) -> None:
+    """End the active MLflow run with ``status``: MLflow pops it locally first, then tells the server (skipped,
+    with tracking off, when the server stopped answering during the job)."""
+    import mlflow
+
+    if handle.active:
+        handle.guarded(lambda: mlflow.end_run(status))
+    else:
+        try:
+            mlflow.end_run(status)
+        except Exception as exc:
+            if handle.uri is None or not _server_failure(handle.uri, exc):
+                raise

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipelines.cli import EXIT_OK, main
+from pipelines.cli import EXIT_FAILED, EXIT_OK, main
 from recsys.storage import read_json
 from tests.conftest import free_port
 from tests.pipelines.conftest import tiny
@@ -66,3 +66,34 @@ def test_a_silent_server_times_out_after_tracking_http_timeout_s(tiny_features, 
     # 2 attempts of 1 s plus a backoff of at most ~1.5 s; without the setting MLflow would wait 8 x 120 s.
     assert code != EXIT_OK and 2.0 <= elapsed < 15.0, elapsed
     assert uri in capsys.readouterr().err
+
+
+def test_a_server_that_stops_answering_during_training_costs_no_work(tiny_features, tmp_path, capsys,
+                                                                     monkeypatch) -> None:
+    """The server answers at the start and fails once training logs its epochs (the embedded store standing in
+    for a server, its metric writes failing as a dead server's do): tracking is turned off from then on, the
+    model is still trained and written, and the job fails at the end naming the URI (before: exit 1 from
+    Lightning's logger mid-training, model/ never written)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    import recsys.tracking
+
+    monkeypatch.setattr(recsys.tracking, "_server_failure", lambda uri, exc: isinstance(exc, MlflowException))
+    log_batch = MlflowClient.log_batch
+
+    def dead_for_metrics(self, run_id, metrics=(), *args, **kwargs):  # params and tags still get through
+        if metrics:
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed: connection refused")
+        return log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", dead_for_metrics)
+    work = tmp_path / "work"
+    shutil.copytree(tiny_features, work / "features")
+    code = main(["train", "--quiet", *tiny(work), "tracking.enabled=true"])
+    assert code == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "is unavailable" in err and "stopped answering during the job" in err and "Traceback" not in err
+    assert (work / "model" / "model.pt").is_file()  # nothing lost
+    report = read_json(work / "model" / "train_report.json")
+    assert report["registered_version"] is None and report["epochs_run"] == 4
