@@ -94,8 +94,10 @@ class Recommender:
                 raise ValueError(f"this model embeds event types: the input needs a '{TYPES}' column (a list of "
                                  f"type names per row, one per '{HISTORY}' item); it has {list(model_input.columns)}")
             types = [[str(t) for t in row] for row in model_input[TYPES]]
-        rows = self.top_k([list(h) for h in model_input[HISTORY]], k, types)
-        return pd.DataFrame({"item_ids": [r[0] for r in rows], "scores": [r[1] for r in rows]})
+        rows = self.top_k([list(h) for h in model_input[HISTORY]], k, types) if len(model_input) else []
+        # the input's own index: `df.assign(recs=model.predict(df)["item_ids"])` on a filtered frame aligns by it
+        return pd.DataFrame({"item_ids": [r[0] for r in rows], "scores": [r[1] for r in rows]},
+                            index=model_input.index)
 
     def top_k(self, histories: list[list[Any]], k: int, types: list[list[str]] | None = None
               ) -> list[tuple[list[Any], list[float]]]:

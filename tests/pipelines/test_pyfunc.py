@@ -61,6 +61,22 @@ def test_pyfunc_fallback_unknown_items_and_bad_input(trained):
     assert meta[0]["name"] == "history"
 
 
+def test_pyfunc_keeps_the_input_index_and_takes_an_empty_batch(trained):
+    """`df.assign(recs=model.predict(df)["item_ids"])` aligns by index: the output has the input's (before:
+    0..n-1, so a filtered frame got other users' lists); an empty batch is an empty frame (before: an error)."""
+    model = mlflow.pyfunc.load_model(str(trained / "model"))
+    a, b, c = pl.read_parquet(trained / "model" / "item_map.parquet")["item_id"].to_list()[:3]
+    frame = pd.DataFrame({"user": ["x", "y", "z"], "history": [[a], [b], [c]]}).iloc[[2, 0]]  # index 2, 0
+    got = model.predict(frame, params={"k": 4})
+    assert list(got.index) == [2, 0]
+    alone = {i: list(model.predict(pd.DataFrame({"history": [h]}), params={"k": 4})["item_ids"][0])
+             for i, h in zip((2, 0), ([c], [a]), strict=True)}
+    assigned = frame.assign(recs=got["item_ids"])
+    assert {i: list(assigned.loc[i, "recs"]) for i in (2, 0)} == alone
+    empty = model.predict(pd.DataFrame({"history": pd.Series([], dtype=object)}), params={"k": 4})
+    assert len(empty) == 0 and list(empty.columns) == ["item_ids", "scores"]
+
+
 def test_pyfunc_reads_ids_as_the_features_job_does(trained):
     """Ids as the features job reads them (text stripped, a number as text): the same lists as the plain ids,
     not the popularity fallback of an 'unknown' history; a value that is no id is an error naming it. Called
