@@ -303,8 +303,21 @@ def _summary(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with KEY=VALUE overrides anywhere after the command (``status work_dir=X --json
+    tracking.enabled=false``: argparse takes one run of positionals and would refuse the second one)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         _log_format()
         cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])

@@ -502,6 +502,20 @@ class TrackingConfig(_Section):
     http_max_retries: int = Field(2, ge=0, le=10)
     http_backoff_factor: int = Field(1, ge=0)
 
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        """A URI with a scheme MLflow stores by: a typo such as ``http//host:5000`` would otherwise be a local
+        directory named ``http`` (every run logged into the job's working directory), ``foo://`` a traceback."""
+        if uri is None:
+            return None
+        if re.match(r"(https?|file|sqlite|postgresql|mysql|mssql|databricks)(\+\w+)?(-uc)?://|file:|databricks(-uc)?$",
+                    uri) is None:
+            raise ValueError(f"must be a URI MLflow stores by (http(s)://host:port, sqlite:///abs/path.db, "
+                             f"postgresql://…, mysql://…, mssql://…, file:dir or databricks), got {uri!r}; "
+                             "null keeps an embedded SQLite store in work_dir")
+        return uri
+
 
 class Config(_Section):
     """The whole pipeline's configuration."""

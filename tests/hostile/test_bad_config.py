@@ -55,6 +55,8 @@ CASES = [
     Case("keep_last_below_min_user_events", None, ("features.keep_last_events (3)", "no user could be kept"),
          ("features.keep_last_events=3", "features.min_user_events=5")),
     Case("no_event_types", None, ("features.event_types", "at least 1 item"), ("features.event_types=[]",)),
+    Case("tracking_uri_missing_colon", None, ("tracking.uri", "'http//host:5000'"), ("tracking.uri=http//host:5000",)),
+    Case("tracking_uri_unknown_scheme", None, ("tracking.uri", "'foo://bar'"), ("tracking.uri=foo://bar",)),
     Case("override_without_equals", None, ("'train.lr'", "key.path=value"), ("train.lr",)),
     Case("override_empty_key", None, ("'=3'", "key.path=value"), ("=3",)),
     Case("override_through_a_value", None, ("'data.path.x'", "'path' is not a section"), ("data.path.x=1",)),

@@ -133,7 +133,7 @@ def test_status_reports_what_the_files_say_and_who_holds_a_lock(demo_run, capsys
 
     _, work = demo_run
     capsys.readouterr()
-    assert main(["status", "--json", f"work_dir={work}"]) == EXIT_OK
+    assert main(["status", f"work_dir={work}", "--json", "tracking.enabled=false"]) == EXIT_OK  # intermixed
     status = json.loads(capsys.readouterr().out)
     features = json.loads((work / "features" / "manifest.json").read_text())
     train = json.loads((work / "model" / "train_report.json").read_text())
