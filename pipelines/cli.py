@@ -292,6 +292,13 @@ def _summary(cfg: Config) -> str:
     promotion = root / "evaluation" / "promotion.json"
     if promotion.is_file():
         lines.append(f"promotion gate: {json.loads(promotion.read_text())['summary']}")
+    if report.is_file():
+        from pipelines.status import evaluation_of, stale_warning  # here: it imports torch
+        from pipelines.workdir import WorkDir
+
+        evaluation = evaluation_of(WorkDir.of(cfg))
+        if evaluation is not None and evaluation["of_current_model"] is False:
+            lines.append(f"STALE: {stale_warning(evaluation)}")
     for name in ("features", "model", "evaluation", "candidates", "logs"):
         if (root / name).exists():
             lines.append(f"  {name + ':':<12} {(root / name).resolve()}")

@@ -27,7 +27,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "runs": _markers(wd.root / "runs"),
         "features": _features(wd.features / "manifest.json"),
         "model": _model(wd.model / "train_report.json"),
-        "evaluation": _evaluation(wd.evaluation, wd.model / WEIGHTS_FILE),
+        "evaluation": evaluation_of(wd),
         "candidates": _candidates(wd.candidates),
         "running": lock_holders(wd.root),
     }
@@ -84,6 +84,17 @@ def _evaluation(directory: Path, weights: Path) -> dict[str, Any] | None:
             "kept_out_in_a_row": None if promotion is None else promotion.get("kept_out_in_a_row")}
 
 
+def evaluation_of(wd: WorkDir) -> dict[str, Any] | None:
+    """:func:`_evaluation` of the work directory's evaluation and model."""
+    return _evaluation(wd.evaluation, wd.model / WEIGHTS_FILE)
+
+
+def stale_warning(evaluation: dict[str, Any]) -> str:
+    """What to say about an evaluation (:func:`_evaluation`) that is not of the model in model/ now."""
+    return (f"the evaluation and promotion above are of model version {evaluation['model_version']}, not of the "
+            "model in model/ now (its evaluation failed or has not run): rerun recsys evaluate")
+
+
 def _candidates(root: Path) -> dict[str, Any]:
     """Published and rejected nights (whole or by shard) and the latest published night's manifest counts
     (summed over its shards)."""
@@ -138,8 +149,7 @@ def render(status: dict[str, Any]) -> str:
         scores = ", ".join(f"{name} {value:.4f}" for name, value in e["scores"].items())
         lines.append(f"  evaluation:  {e['split']} {e['metric']}: {scores}")
         if e["of_current_model"] is False:
-            lines.append(f"  STALE:       the evaluation and promotion above are of model version {e['model_version']}, "
-                         "not of the model in model/ now (its evaluation failed or has not run): rerun recsys evaluate")
+            lines.append(f"  STALE:       {stale_warning(e)}")
         if e["promotion"]:
             lines.append(f"  promotion:   {e['promotion']}")
     c = status["candidates"]

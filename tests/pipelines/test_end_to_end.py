@@ -128,6 +128,27 @@ def test_bad_config_key_exit_code(capsys):
     assert "train.epochz" in capsys.readouterr().err
 
 
+def test_the_jobs_summary_says_when_the_evaluation_is_of_an_earlier_model(tmp_path):
+    """After a night whose training succeeded and whose evaluation failed, every job's summary printed the
+    previous model's table and gate as current; it says STALE, as `recsys status` does."""
+    from recsys.config import load_config
+    from recsys.storage import fingerprint
+
+    work = tmp_path / "work"
+    (work / "evaluation").mkdir(parents=True)
+    (work / "model").mkdir()
+    (work / "model" / "model.pt").write_bytes(b"tonight's weights")
+    metrics = {"ndcg_at_10": 0.5, "hr_at_10": 0.6, "mrr_at_10": 0.4, "coverage_at_10": 0.1}
+    report = {"split": "test", "ks": [10], "model": metrics, "model_version": "3",
+              "model_weights_sha256": "0" * 64}
+    (work / "evaluation" / "report.json").write_text(json.dumps(report))
+    cfg = load_config(None, [f"work_dir={work}", "tracking.enabled=false"])
+    assert "STALE: the evaluation and promotion above are of model version 3" in _summary(cfg)
+    report["model_weights_sha256"] = fingerprint(work / "model" / "model.pt")["sha256"]
+    (work / "evaluation" / "report.json").write_text(json.dumps(report))
+    assert "STALE" not in _summary(cfg)
+
+
 def test_status_reports_what_the_files_say_and_who_holds_a_lock(demo_run, capsys, tmp_path):
     from pipelines.schedule import job_lock
 
