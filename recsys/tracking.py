@@ -90,26 +90,26 @@ class JobRun:
             self.run_id = None
             return None
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """``mlflow.<name>(*args, **kwargs)`` into this run, :meth:`guarded`; nothing (MLflow not even imported:
+        it need not be installed) with tracking off."""
+        if not self.active:
+            return
         import mlflow
 
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self.guarded(lambda: mlflow.log_metrics(clean, step=step))
+        self.guarded(lambda: getattr(mlflow, name)(*args, **kwargs))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._call("log_metrics", {k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        self.guarded(lambda: mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path))
+        self._call("log_artifacts", str(local_dir), artifact_path=artifact_path)
 
     def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        self.guarded(lambda: mlflow.log_artifact(str(local_file), artifact_path=artifact_path))
+        self._call("log_artifact", str(local_file), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        import mlflow
-
-        self.guarded(lambda: mlflow.set_tags({k: str(v) for k, v in tags.items()}))
+        self._call("set_tags", {k: str(v) for k, v in tags.items()})
 
     def log_dataset(self, frame: Any, name: str, source: str | Path, digest: str, context: str) -> None:
         """Record ``frame`` (a polars DataFrame, read at ``source``) as an input of the run (MLflow's "Datasets
