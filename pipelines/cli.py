@@ -329,19 +329,19 @@ def main(argv: list[str] | None = None) -> int:
         _log_format()
         cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     except ConfigError as exc:
-        print(f"recsys {args.command}: {exc}", file=sys.stderr)
+        _early_fail(args.command, f"recsys {args.command}: {exc}")
         return EXIT_USAGE
     if args.command == "status":
         if not Path(cfg.work_dir).is_dir():
-            print(f"recsys status: work_dir {cfg.work_dir} does not exist; set work_dir= (or --config) to the "
-                  "pipeline's work directory", file=sys.stderr)
+            _early_fail("status", f"recsys status: work_dir {cfg.work_dir} does not exist; set work_dir= (or "
+                        "--config) to the pipeline's work directory")
             return EXIT_USAGE
         from pipelines.status import run as status
 
         try:
             print(status(cfg, args.json, args.prometheus))
         except (ConfigError, OSError) as exc:
-            print(f"recsys status: {exc}", file=sys.stderr)
+            _early_fail("status", f"recsys status: {exc}")
             return EXIT_USAGE
         return EXIT_OK
     if _is_worker():
@@ -349,17 +349,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log_file = _setup_logging(cfg, _lock_name(args), args.quiet)
     except OSError as exc:
-        print(f"recsys {args.command}: work_dir {cfg.work_dir} is not a writable directory ({exc}); "
-              "set work_dir= to a directory path", file=sys.stderr)
+        _early_fail(args.command, f"recsys {args.command}: work_dir {cfg.work_dir} is not a writable directory "
+                    f"({exc}); set work_dir= to a directory path")
         return EXIT_USAGE
     try:
         with job_lock(Path(cfg.work_dir), _lock_name(args)), \
                 work_dir_lock(Path(cfg.work_dir), args.command, shared=args.command in _READERS):
             return _guarded(args, cfg, log_file)
     except LockedError as exc:
-        logging.getLogger("recsys").error("%s", exc)
-        print(f"recsys {args.command}: {exc}", file=sys.stderr)
+        _fail(f"recsys {args.command}: {exc}")
         return EXIT_LOCKED
+
+
+def _early_fail(job: str, text: str) -> None:
+    """A failure before the job's logging is set up: plain text on stderr, or with RECSYS_LOG_FORMAT=json one
+    JSON line as every other stderr line then is (a value other than text/json is itself this failure)."""
+    if os.environ.get("RECSYS_LOG_FORMAT", "").strip().lower() == "json":
+        record = logging.LogRecord("recsys", logging.ERROR, __file__, 0, text, None, None)
+        print(JsonFormatter(job).format(record), file=sys.stderr)
+    else:
+        print(text, file=sys.stderr)
 
 
 # Rank 0's run date, handed to the DDP processes its launcher starts on the node (see _execute and _worker).

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE
+from pipelines.cli import EXIT_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
+from pipelines.schedule import job_lock
 
 TINY = ["data.source=synthetic", "data.synthetic.n_users=50", "data.synthetic.n_items=20", "tracking.enabled=false"]
 
@@ -48,3 +49,18 @@ def test_json_logs_carry_the_error(tmp_path):
 def test_unknown_log_format_is_a_usage_error(tmp_path):
     done = _recsys("features", f"work_dir={tmp_path / 'work'}", *TINY, fmt="jsno")
     assert done.returncode == EXIT_USAGE and "RECSYS_LOG_FORMAT='jsno'" in done.stderr
+
+
+def test_json_stderr_stays_json_for_a_config_error_and_a_held_lock(tmp_path):
+    """Before: a config error was plain text only, a held lock its JSON line plus the same in plain text."""
+    done = _recsys("features", f"work_dir={tmp_path / 'work'}", *TINY, "train.lrr=1", fmt="json")
+    assert done.returncode == EXIT_USAGE
+    (record,) = _records(done.stderr)
+    assert record["level"] == "ERROR" and "train.lrr: unknown key" in record["message"]
+
+    (tmp_path / "work").mkdir()
+    with job_lock(tmp_path / "work", "features"):
+        done = _recsys("features", f"work_dir={tmp_path / 'work'}", *TINY, fmt="json")
+    assert done.returncode == EXIT_LOCKED
+    (record,) = _records(done.stderr)
+    assert record["job"] == "features" and "features" in record["message"]
