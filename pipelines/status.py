@@ -139,7 +139,7 @@ def render(status: dict[str, Any]) -> str:
                  f"{f['n_users']} users, {f['n_items']} items, newest event {f['newest_timestamp']}")
     m = status["model"]
     lines.append("  model:       none yet" if m is None else
-                 f"  model:       best val NDCG@10 {m['best_val_ndcg_at_10']:.4f} at epoch {m['best_epoch']} of "
+                 f"  model:       best val NDCG@10 {m['best_val_ndcg_at_10']:.4f} at epoch {m['best_epoch'] + 1} of "
                  f"{m['epochs_run']} ({m['wall_time_s']:.0f} s), registered version {m['registered_version']}"
                  + (f", warm started from {m['warm_start']}" if m["warm_start"] else ""))
     e = status["evaluation"]

@@ -92,7 +92,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             write_json(tmp / "train_report.json", report)
             tracker.log_artifact(tmp / "train_report.json", "model")
     log.info("train: best val NDCG@10 %.4f at epoch %d (%d epochs, %.1f s) → %s",
-             result.best_val_ndcg, result.best_epoch, result.epochs_run, result.wall_time_s, wd.model)
+             result.best_val_ndcg, result.best_epoch + 1, result.epochs_run, result.wall_time_s, wd.model)
     return wd.model
 
 

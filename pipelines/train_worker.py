@@ -27,4 +27,4 @@ def run(cfg: Config, run_date: dt.date, allow_resume: bool = True) -> None:
                          allow_resume=allow_resume, attributes=model_attributes(cfg, feats),
                          n_event_types=model_event_types(cfg, feats), type_weights=loss_type_weights(cfg, feats))
     log.info("train worker: done (best val NDCG@10 %.4f at epoch %d; rank 0 writes the model)",
-             result.best_val_ndcg, result.best_epoch)
+             result.best_val_ndcg, result.best_epoch + 1)

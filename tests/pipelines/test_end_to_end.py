@@ -176,7 +176,8 @@ def test_status_reports_what_the_files_say_and_who_holds_a_lock(demo_run, capsys
         assert main(["status", f"work_dir={work}"]) == EXIT_OK
     text = capsys.readouterr().out
     assert f"running now: train (pid {os.getpid()} on {__import__('socket').gethostname()}, started " in text
-    assert f"best val NDCG@10 {train['best_val_ndcg_at_10']:.4f}" in text
+    assert (f"best val NDCG@10 {train['best_val_ndcg_at_10']:.4f} at epoch {train['best_epoch'] + 1} of "
+            f"{train['epochs_run']}") in text  # counted from 1, as epochs_run is (best_epoch is 0-based)
     assert main(["status", f"work_dir={tmp_path / 'nowhere'}"]) == EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
 
