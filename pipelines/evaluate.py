@@ -64,6 +64,10 @@ def run(cfg: Config) -> Path:
         # The gate runs before anything is written: if it fails (MLflow, a champion that cannot be re-scored),
         # the previous report and its promotion.json stay as they were, together.
         promotion = _promote(cfg, wd, tracker, feats, model, train_report)
+        if promotion is None and tracker.unavailable is not None:  # say so: the report replaces the previous
+            promotion = {"promoted": None, "summary": (  # one's decision, which was of another model
+                f"not run: the MLflow tracking server {tracker.uri} was unavailable; rerun recsys evaluate once it "
+                "is back")}
         with atomic_dir(wd.evaluation) as tmp:
             write_json(tmp / "report.json", report)
             save_config(cfg, tmp / "config.yaml")

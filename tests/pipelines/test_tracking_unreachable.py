@@ -97,3 +97,19 @@ def test_a_server_that_stops_answering_during_training_costs_no_work(tiny_featur
     assert (work / "model" / "model.pt").is_file()  # nothing lost
     report = read_json(work / "model" / "train_report.json")
     assert report["registered_version"] is None and report["epochs_run"] == 4
+
+
+def test_evaluate_with_the_server_down_says_the_gate_did_not_run(dead_uri, tiny_features, tmp_path, capsys):
+    """The report replaces the previous one; its promotion.json (another model's decision) went with it and
+    nothing said the gate had not run: `recsys status` showed a current evaluation with no promotion."""
+    from tests.pipelines.conftest import train_tiny
+
+    work = train_tiny(tmp_path / "work", tiny_features)
+    (work / "evaluation").mkdir()
+    (work / "evaluation" / "promotion.json").write_text('{"promoted": true, "summary": "an earlier model"}')
+    code, _ = _timed("evaluate", *tiny(work), "tracking.enabled=true", f"tracking.uri={dead_uri}")
+    assert code == EXIT_FAILED and dead_uri in capsys.readouterr().err
+    promotion = read_json(work / "evaluation" / "promotion.json")
+    assert promotion["promoted"] is None and promotion["summary"].startswith(f"not run: the MLflow tracking server "
+                                                                            f"{dead_uri} was unavailable")
+    assert (work / "evaluation" / "report.json").is_file()
