@@ -238,7 +238,8 @@ def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
         return cfg.data, path
     path = Path(cfg.work_dir) / "input" / "events.csv"
     write_synthetic(cfg.data.synthetic, path)
-    return DataConfig(source="synthetic", path=str(path), format="csv", event_type_col=EVENT_TYPE), path
+    return DataConfig(source="synthetic", path=str(path), format="csv", event_type_col=EVENT_TYPE,
+                      user_id_type=cfg.data.user_id_type, item_id_type=cfg.data.item_id_type), path
 
 
 def write_synthetic(cfg: SyntheticConfig, path: Path) -> None:

@@ -71,3 +71,16 @@ def test_fast_enough():
 def test_min_len_above_max_len_is_rejected():
     with pytest.raises(ValueError, match="min_len"):
         generate_events(SyntheticConfig(min_len=20, max_len=10))
+
+
+def test_the_features_job_reads_synthetic_ids_as_the_configured_id_types(tmp_path):
+    """data.user_id_type / item_id_type were dropped for data.source=synthetic (ids stayed Int64), so the string-id
+    paths could not be tried on the demo data."""
+    from pipelines.cli import EXIT_OK, main
+
+    work = tmp_path / "work"
+    assert main(["features", "--quiet", f"work_dir={work}", "data.source=synthetic", "data.synthetic.n_users=30",
+                 "data.synthetic.n_items=20", "tracking.enabled=false", "data.item_id_type=string",
+                 "data.user_id_type=string"]) == EXIT_OK
+    assert pl.read_parquet(work / "features" / "item_map.parquet").schema["item_id"] == pl.String
+    assert pl.read_parquet(work / "features" / "user_map.parquet").schema["user_id"] == pl.String
