@@ -236,6 +236,7 @@ def job_run(cfg: Config, job: str, tags: dict[str, Any] | None = None) -> Iterat
     mlflow.set_tracking_uri(uri)
     try:
         experiment_id = _experiment_id(cfg)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=job)
     except MlflowException as exc:
         if not uri.startswith(("http://", "https://")):
             raise
@@ -246,7 +247,6 @@ def job_run(cfg: Config, job: str, tags: dict[str, Any] | None = None) -> Iterat
         log.error("%s", error)
         yield JobRun(None, uri, cfg.tracking.registered_model, unavailable=error)
         raise error
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=job)
     handle = JobRun(run.info.run_id, uri, cfg.tracking.registered_model, cfg=cfg)
 
     def start() -> None:
@@ -266,8 +266,8 @@ def job_run(cfg: Config, job: str, tags: dict[str, Any] | None = None) -> Iterat
 
 
 def _end_run(handle: JobRun, status: str) -> None:
-    """End the active MLflow run with ``status``: MLflow pops it locally first, then tells the server (skipped,
-    with tracking off, when the server stopped answering during the job)."""
+    """End the active MLflow run with ``status``: MLflow pops it locally first, then tells the server; when the
+    server stopped answering during the job, its failure to answer again is expected (and ignored)."""
     import mlflow
 
     if handle.active:
