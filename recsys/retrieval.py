@@ -206,14 +206,6 @@ def _exact_vectors(index: faiss.Index, item_vectors: np.ndarray | None) -> np.nd
     return x
 
 
-def _exact_index(index: faiss.Index, item_vectors: np.ndarray | None) -> faiss.Index:
-    """IndexFlatIP over ``item_vectors`` or, if None, over the vectors ``index`` reconstructs."""
-    x = _exact_vectors(index, item_vectors)
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
-    return exact
-
-
 def search_top_k(
     index: faiss.Index,
     user_vectors: np.ndarray,
@@ -297,18 +289,30 @@ def ann_recall(
     k: int,
     seen_sample: SeenItems = None,
 ) -> float | None:
-    """Recall@k of ``index`` (no exact fallback) against exact inner-product search on a user sample; None when
-    no user of the sample has an unseen item (nothing to recall: e.g. an allow list they all saw)."""
+    """Recall@k of the lists :func:`search_top_k` publishes from ``index`` (its exact fallback included: a row the
+    index leaves short, e.g. of a user whose best items are mostly seen, is answered exactly) against exact
+    inner-product search on a user sample; None when no user of the sample has an unseen item (nothing to
+    recall: e.g. an allow list they all saw)."""
     truth = _exact_ids(index, item_vectors, user_vectors_sample, k, seen_sample)
-    approx = search_top_k(index, user_vectors_sample, k, seen_sample, fallback=False).ids
-    return _recall(truth, approx)
+    return _recall(truth, _published_ids(index, item_vectors, user_vectors_sample, k, seen_sample))
+
+
+def _published_ids(index: faiss.Index, item_vectors: np.ndarray, users: np.ndarray, k: int, seen: SeenItems
+                   ) -> np.ndarray:
+    """(U, k) row positions of what the candidates job publishes: :func:`search_top_k` with its fallback."""
+    return search_top_k(index, users, k, seen, item_vectors=item_vectors).ids
 
 
 def _exact_ids(
     index: faiss.Index, item_vectors: np.ndarray | None, users: np.ndarray, k: int, seen: SeenItems
 ) -> np.ndarray:
-    """(U, k) exact top-k row positions (-1 = none) over ``item_vectors`` (default: what ``index`` holds)."""
-    return search_top_k(_exact_index(index, item_vectors), users, k, seen, fallback=False).ids
+    """(U, k) exact top-k row positions (-1 = none) over ``item_vectors`` (default: what ``index`` holds), seen
+    items excluded however many a user has: the blocked exact scorer, not a Flat search, whose widening stops at
+    :data:`WIDEN_CAP` (a user whose best items are 1,100 seen ones had no "exact" unseen item: tuning and the
+    ``min_recall`` gate were skipped)."""
+    users = _as_matrix(users, "user_vectors")
+    values, offsets = _seen_csr(seen, users.shape[0], index.ntotal)
+    return _exact_top_k(_exact_vectors(index, item_vectors), users, k, values, offsets)[0]
 
 
 def _recall(truth: np.ndarray, approx: np.ndarray) -> float | None:
@@ -373,13 +377,13 @@ def tune_index(
     exact_ids: np.ndarray | None = None,
     max_value: int | None = None,
 ) -> Tuning:
-    """Raise nprobe (IVF) or efSearch (HNSW) step by step, doubling, until recall@k against exact search on
-    ``user_sample`` reaches ``target_recall``, then bisect between the last value that missed and the first
+    """Raise nprobe (IVF) or efSearch (HNSW) step by step, doubling, until the recall@k of the published lists
+    (:func:`ann_recall`'s: the index with its exact fallback) against exact search on ``user_sample`` reaches
+    ``target_recall``, then bisect between the last value that missed and the first
     that reached (to 1/8 of the former); the index is left set to the SMALLEST value tried that reaches it.
 
     ``exact_ids`` (S, k) row positions (-1 = none) of the exact top-k of the sample with ``seen_sample``
-    excluded, e.g. from :func:`recsys.topk.top_k_blocked`; default an exact FAISS search over
-    ``item_vectors``. If no value reaches the target, the largest tried is kept and a warning logged. An index
+    excluded, e.g. from :func:`recsys.topk.top_k_blocked`; default the same over ``item_vectors``. If no value reaches the target, the largest tried is kept and a warning logged. An index
     with no such parameter (Flat) is measured once and left as is. Raises ``ValueError`` on a target outside
     (0, 1] or an ``exact_ids`` of the wrong shape.
     """
@@ -394,14 +398,14 @@ def tune_index(
         return Tuning(None, None, None, False, ())
     knob = _search_parameter(index, k, max_value)
     if knob is None:
-        recall = _recall(truth, search_top_k(index, users, k, seen_sample, fallback=False).ids)
+        recall = _recall(truth, _published_ids(index, item_vectors, users, k, seen_sample))
         return Tuning(None, None, recall, recall >= target_recall, ())
     name, values = knob
     tried: dict[int, float] = {}
 
     def reaches(value: int) -> bool:
         faiss.ParameterSpace().set_index_parameter(index, name, value)
-        tried[value] = _recall(truth, search_top_k(index, users, k, seen_sample, fallback=False).ids)
+        tried[value] = _recall(truth, _published_ids(index, item_vectors, users, k, seen_sample))
         logger.info("tune %s=%d: recall@%d %.4f (target %.4f)", name, value, k, tried[value], target_recall)
         return tried[value] >= target_recall
 

@@ -242,3 +242,25 @@ def test_target_recall_tunes_an_hnsw_behind_a_transform_or_a_refinement(factory:
     items, users = _vectors(2000), _vectors(100, seed=1)
     got = tune_index(build_index(items, factory), items, users, 10, 0.95)
     assert got.parameter == "efSearch" and got.reached and got.recall >= 0.95
+
+
+def test_recall_truth_and_measure_hold_for_users_whose_best_items_are_mostly_seen() -> None:
+    """Each user saw their 1,100 best items (more than the search widens past k): the exact reference was a
+    Flat search capped at k + 1,024 results, which found no unseen item at all, so tuning was skipped ("no user
+    has an unseen item") and ann_recall returned None (the min_recall gate skipped). The reference is now the
+    blocked exact top k, and recall is measured on the lists the job publishes (exact fallback included)."""
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((3000, 16)).astype(np.float32)
+    users = rng.standard_normal((20, 16)).astype(np.float32)
+    seen = [np.argsort(-(items @ u))[:1100] for u in users]
+    index = build_index(items, "IVF32,Flat", nprobe=1)
+    tuning = tune_index(index, items, users, 10, 0.95, seen)
+    assert tuning.parameter == "nprobe" and tuning.reached and tuning.recall >= 0.95
+    published = search_top_k(index, users, 10, seen, item_vectors=items).ids
+    values = torch.from_numpy(np.concatenate(seen).astype(np.int32))
+    exact = top_k_blocked(torch.from_numpy(users), torch.from_numpy(items), 10,
+                          RaggedItems(values, torch.arange(0, 1100 * 21, 1100))).ids.numpy()
+    true_recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, published, strict=True)]))
+    assert ann_recall(index, items, users, 10, seen) == pytest.approx(true_recall)
+    faiss_nprobe_1 = build_index(items, "IVF32,Flat", nprobe=1)
+    assert ann_recall(faiss_nprobe_1, items, users, 10, seen) is not None  # measured, not skipped
