@@ -34,6 +34,7 @@ def drift_report(today: pl.DataFrame, previous: pl.DataFrame | None, k: int) -> 
                 "new_items": None, "new_item_share": None}
     # the previous night's ids in tonight's dtypes (data.*_id_type may have changed in between)
     top = schema.with_id_dtype(_top(previous, k), schema.ITEM_ID, today.schema[schema.ITEM_ID])
+    top = top.unique(maintain_order=True)  # text ids '7' and '07' of one list are one item 7 now: one hit, not two
     b, users_previous, users_unmatched = _matched_users(top, today.schema[schema.USER_ID])
     sizes_a = a.group_by(schema.USER_ID).len("n_today")
     sizes_b = b.group_by(schema.USER_ID).len("n_previous")

@@ -74,3 +74,14 @@ def test_users_whose_text_id_names_no_single_user_tonight_are_lost_not_merged():
     assert report["mean_overlap_at_k"] == pytest.approx(2 / 3)  # user 8 only
     assert report["new_items"] == 1  # 4; 11-13 were on u9's list
     assert report["new_item_share"] == pytest.approx(1 / 7)
+
+
+def test_text_item_ids_that_become_one_number_count_one_hit():
+    """Previous night with text item ids '7', '07', '007' (data.item_id_type: string), tonight whole numbers:
+    all three are item 7, and the join counted user 1's hit on it three times (overlap 1.0, not 1/3)."""
+    s = {"user_id": pl.Int64, "item_id": pl.Int64, "score": pl.Float32, "rank": pl.Int32}
+    today = pl.DataFrame({"user_id": [1, 1, 1], "item_id": [7, 8, 9], "score": [0.0] * 3, "rank": [1, 2, 3]},
+                         schema=s)
+    previous = pl.DataFrame({"user_id": ["1"] * 3, "item_id": ["7", "07", "007"], "score": [0.0] * 3,
+                             "rank": [1, 2, 3]}, schema={**s, "user_id": pl.String, "item_id": pl.String})
+    assert drift_report(today, previous, 3)["mean_overlap_at_k"] == pytest.approx(1 / 3)
