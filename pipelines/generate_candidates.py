@@ -58,11 +58,15 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
     part = None if shard is None else shard.name
     _check_layout(wd, day, shard)
     feats = load_features(wd.features)
+    # the whole night's users, for a shard that tunes its index on them (candidates.target_recall)
+    night = feats if shard is not None and cfg.candidates.target_recall is not None else None
     if shard is not None:
         feats = select_shard(feats, shard)
     activity: dict[str, Any] = {"active_window": None, "active_since": None, "users_inactive": 0}
     if cfg.candidates.active_window is not None:  # the newest event of ALL users: every shard the same
-        feats, activity = select_active(feats, last_event_times(wd.features), cfg.candidates.active_window)
+        last_times = last_event_times(wd.features)
+        feats, activity = select_active(feats, last_times, cfg.candidates.active_window)
+        night = None if night is None else select_active(night, last_times, cfg.candidates.active_window)[0]
     allowed, allow_file = None, None
     if cfg.candidates.allowed_items is not None:  # read (and checked) before any model or MLflow run
         allowed = read_item_ids(cfg.candidates.allowed_items, "candidates.allowed_items", cfg.data.item_id_type)
@@ -82,7 +86,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         features_sha = fingerprint(wd.features / schema.FEATURE_FILES["manifest"])["sha256"]
         if shard is not None:  # before scoring: fail fast if other shards of the night used another model
             _check_same_night(wd, day, shard, scored_with, features_sha)
-        table, stats = generate_candidates(trained, feats, cfg.candidates, allowed)
+        table, stats = generate_candidates(trained, feats, cfg.candidates, allowed, night)
         fault_point("candidates-scored")
         parts = wd.previous_candidates(day, part)
         drift = drift_report(table, _previous_lists(parts, shard, table.schema[schema.USER_ID]),

@@ -233,10 +233,14 @@ def user_vectors(model: SASRec, histories: pl.Series, batch_size: int, types: pl
 
 
 def generate_candidates(
-    trained: TrainedModel, feats: FeatureSet, cfg: CandidatesConfig, allowed: pl.Series | None = None
+    trained: TrainedModel, feats: FeatureSet, cfg: CandidatesConfig, allowed: pl.Series | None = None,
+    night: FeatureSet | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Top-``cfg.k`` items per user of ``feats`` as a schema.CANDIDATES table plus counts for the manifest;
-    with ``allowed`` (item ids, from ``cfg.allowed_items``) only those items are candidates.
+    with ``allowed`` (item ids, from ``cfg.allowed_items``) only those items are candidates. ``night``: the whole
+    night's features when ``feats`` holds one shard of them: with ``cfg.target_recall`` the index is tuned on the
+    same users of the night whatever the shard (:func:`tuning_users`), so every shard searches with the value
+    the unsharded night would use and the shards' union stays the unsharded night.
 
     Raises InputDataError naming ``candidates.allowed_items`` if the model knows none of the allowed items.
     """
@@ -261,7 +265,12 @@ def generate_candidates(
     known = pl.col("items").list.len() > 0
     scored, fallback = hist.filter(known), hist.filter(~known)
     rows = None if allowed is None else pool[schema.ITEM_IDX].to_numpy().astype(np.int64) - 1
-    model_rows, search = _model_top_k(trained, scored, k, cfg, rows)
+    tune_on = None
+    if cfg.target_recall is not None:
+        whole = hist if night is None else model_histories(night, trained.item_map,
+                                                           type_translation(trained, night.event_types))
+        tune_on = tuning_users(whole.filter(known), cfg.recall_sample)
+    model_rows, search = _model_top_k(trained, scored, k, cfg, rows, tune_on)
     table = pl.concat([model_rows, popular_top_k(pool, fallback, k, cfg.exclude_seen)])
     table = table.sort([schema.USER_ID, "rank"])
     schema.check_schema(table, schema.CANDIDATES, "candidates")
@@ -283,11 +292,22 @@ def generate_candidates(
     return table, {**counts, "search": search}
 
 
+def tuning_users(histories: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The ``n`` rows of ``histories`` whose users have the smallest :func:`recsys.sharding.user_hash`: a sample
+    that depends neither on the order of the users nor on which shard of the night draws it."""
+    from recsys.sharding import user_hash
+
+    key = user_hash(pl.col(schema.USER_ID), histories.schema[schema.USER_ID])
+    return histories.with_columns(key.alias("_hash")).sort("_hash", schema.USER_ID).head(n).drop("_hash")
+
+
 def _model_top_k(
-    trained: TrainedModel, scored: pl.DataFrame, k: int, cfg: CandidatesConfig, rows: np.ndarray | None
+    trained: TrainedModel, scored: pl.DataFrame, k: int, cfg: CandidatesConfig, rows: np.ndarray | None,
+    tune_on: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """FAISS top-k over the model's catalogue (only its item table ``rows``, sorted, when not None) for users
-    with a history the model knows."""
+    with a history the model knows; with ``cfg.target_recall`` the index is tuned on the histories ``tune_on``
+    (:func:`tuning_users`)."""
     # FAISS is imported here, not with the module: training imports this module (TrainedModel, warm start)
     # and must not need FAISS (GPU images without it); tests/test_imports.py checks that.
     from recsys.retrieval import IndexBuildError, ann_recall, build_index, search_top_k, tune_index
@@ -306,8 +326,11 @@ def _model_top_k(
         items = np.ascontiguousarray(items[rows])
         position = np.full(trained.model.n_items, -1, dtype=np.int64)
         position[rows] = np.arange(len(rows))
-    seen = [_index_rows(np.asarray(x, dtype=np.int64) - 1, position) if cfg.exclude_seen
-            else np.empty(0, dtype=np.int64) for x in lists]
+    def seen_of(histories: list[list[int]]) -> list[np.ndarray]:  # index rows to leave out, per user
+        return [_index_rows(np.asarray(x, dtype=np.int64) - 1, position) if cfg.exclude_seen
+                else np.empty(0, dtype=np.int64) for x in histories]
+
+    seen = seen_of(lists)
     factory = cfg.index
     try:
         index = build_index(items, factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
@@ -323,14 +346,16 @@ def _model_top_k(
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
     tuned: dict[str, Any] = {}
-    if cfg.target_recall is not None:  # before the search: it sets nprobe / efSearch on the index
-        tuning = tune_index(index, items, users[sample], k, cfg.target_recall, [seen[i] for i in sample])
+    if cfg.target_recall is not None and tune_on is not None:  # before the search: sets nprobe / efSearch
+        tune_users = user_vectors(trained.model, tune_on["items"], cfg.batch_size,
+                                  tune_on.get_column("types", default=None))
+        tuning = tune_index(index, items, tune_users, k, cfg.target_recall, seen_of(tune_on["items"].to_list()))
         # The recall recorded (and gated by min_recall) is measured on OTHER users: on the tuning sample it
         # reaches the target by construction and overstates the recall of everyone else.
-        rest = np.setdiff1d(np.arange(len(lists)), sample)
+        rest = np.flatnonzero(~scored[schema.USER_ID].is_in(tune_on[schema.USER_ID].implode()).to_numpy())
         tuned = {"tuned_parameter": tuning.parameter, "tuned_value": tuning.value,
                  "target_recall": cfg.target_recall, "target_reached": tuning.reached,
-                 "tuning_recall": tuning.recall, "tuning_sample": int(len(sample)),
+                 "tuning_recall": tuning.recall, "tuning_sample": tune_on.height,
                  "tuning_tried": [list(t) for t in tuning.tried], "recall_held_out": bool(len(rest))}
         if len(rest):  # else (every user in the tuning sample) the recall is that sample's, and says so
             sample = rng.choice(rest, size=min(cfg.recall_sample, len(rest)), replace=False)

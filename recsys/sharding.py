@@ -65,12 +65,17 @@ def shard_of(user_id: pl.Expr, count: int, dtype: pl.DataType = pl.Int64) -> pl.
     a fixed function of the text (polars' own ``hash`` may change between versions, which would move users
     between shards after an upgrade).
     """
+    return user_hash(user_id, dtype) % count
+
+
+def user_hash(user_id: pl.Expr, dtype: pl.DataType = pl.Int64) -> pl.Expr:
+    """The UInt64 hash :func:`shard_of` takes modulo the shard count: a fixed function of the external id."""
     if dtype == pl.String:
-        return user_id.map_batches(lambda ids: text_hash(ids) % count, return_dtype=pl.UInt64)
+        return user_id.map_batches(text_hash, return_dtype=pl.UInt64)
     z = user_id.cast(pl.UInt64, wrap_numerical=True) + pl.lit(_GOLDEN, dtype=pl.UInt64)
     z = z.xor(z // 2**30) * pl.lit(_MIX1, dtype=pl.UInt64)
     z = z.xor(z // 2**27) * pl.lit(_MIX2, dtype=pl.UInt64)
-    return z.xor(z // 2**31) % count
+    return z.xor(z // 2**31)
 
 
 def text_hash(ids: pl.Series) -> pl.Series:

@@ -69,8 +69,9 @@ def test_drift_gate_failure_is_loud_and_publishes_nothing(trained, capsys):
 
 
 def test_a_night_below_candidates_min_recall_is_not_published(trained, capsys):
-    """An IVF index searched one list of 8 misses most of the exact top-K: recorded only, it used to publish."""
-    weak = ["candidates.index=IVF8,Flat", "candidates.nprobe=1"]
+    """An IVF index searched one list of 4 misses much of the exact top-K (published lists: recall 0.72 with the
+    exact fallback for the users it leaves short): recorded only, it used to publish."""
+    weak = ["candidates.index=IVF4,Flat", "candidates.nprobe=1"]
     assert main(["candidates", "--quiet", "--date", "2024-06-01", *weak, *tiny(trained)]) == EXIT_OK
     recall = json.loads((_night(trained, "2024-06-01") / "manifest.json").read_text())["search"]["ann_recall_at_k"]
     assert recall < 0.9
@@ -80,15 +81,15 @@ def test_a_night_below_candidates_min_recall_is_not_published(trained, capsys):
     assert not _night(trained, "2024-06-02").exists()
     drift = json.loads((trained / "candidates" / "rejected" / "date=2024-06-02" / "drift.json").read_text())
     assert drift["passed"] is False and drift["violations"] == [
-        f"ANN recall@5 {recall:.4f} on 20 sampled users < candidates.min_recall 0.9 with index 'IVF8,Flat': "
+        f"ANN recall@5 {recall:.4f} on 20 sampled users < candidates.min_recall 0.9 with index 'IVF4,Flat': "
         "raise candidates.nprobe / ef_search or set candidates.target_recall"]
     tuned = [*weak, "candidates.min_recall=0.9", "candidates.target_recall=0.95"]
     assert main(["candidates", "--quiet", "--date", "2024-06-02", *tuned, *tiny(trained)]) == EXIT_OK
     search = json.loads((_night(trained, "2024-06-02") / "manifest.json").read_text())["search"]
-    # tuned to 0.95 on one sample; the recall recorded and gated is that of 20 OTHER users (0.94 measured here:
-    # on the tuning sample itself it would pass by construction)
+    # tuned to 0.95 on one sample; the recall recorded and gated is that of 20 OTHER users (on the tuning sample
+    # itself it would pass by construction)
     assert search["tuning_recall"] >= 0.95 and search["recall_held_out"] and search["recall_sample"] == 20
-    assert 0.9 <= search["ann_recall_at_k"] < 1.0
+    assert search["tuned_value"] > 1 and search["ann_recall_at_k"] >= 0.9
     assert leftovers(trained) == []
 
 

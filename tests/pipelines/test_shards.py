@@ -272,3 +272,4 @@ def test_a_shards_drift_baseline_keeps_its_users_across_a_user_id_type_change(tm
     report = drift_report(today, baseline, 2)
     assert (report["users_common"], report["users_lost"], report["users_gained"]) == (len(mine), 0, 0)
     assert report["mean_overlap_at_k"] == 1.0 and report["new_items"] == 0
+

@@ -458,3 +458,34 @@ def test_a_night_whose_sampled_users_saw_every_allowed_item_is_listed_without_re
                                        allowed=pl.Series("item_id", [10, 20]))
     assert stats["search"]["ann_recall_at_k"] is None and stats["search"]["tuned_parameter"] is None
     assert table.filter(pl.col("user_id") != 4).height == 0  # every scored user saw 10 and 20
+
+
+def test_shards_tune_on_the_same_users_as_the_whole_night_so_their_union_is_the_night() -> None:
+    """With an approximate index and candidates.target_recall each shard tuned nprobe on a sample of its OWN
+    users (8 for one shard, 9 for the other and the whole night), so the union differed from the unsharded night
+    for 55 of 300 users: the tuning sample is drawn from the whole night (``night``) by a hash of the user id."""
+    from recsys.sharding import Shard, select_shard
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n_items, n_users = 600, 300
+    model = SASRec(n_items=n_items, max_len=8, hidden=16, n_blocks=1, n_heads=1, dropout=0.0).eval()
+    items = pl.DataFrame({"item_id": range(1, n_items + 1), "item_idx": range(1, n_items + 1),
+                          "train_count": [1] * n_items}, schema={"item_id": pl.Int64, "item_idx": pl.Int32,
+                                                                 "train_count": pl.Int64})
+    users = pl.DataFrame({"user_id": range(n_users), "user_idx": range(n_users)},
+                         schema={"user_id": pl.Int64, "user_idx": pl.Int32})
+    seqs = pl.DataFrame({"user_idx": range(n_users),
+                         "train_items": [rng.integers(1, n_items + 1, 6).tolist() for _ in range(n_users)],
+                         "val_items": [[]] * n_users, "test_items": [[]] * n_users}, schema=SEQUENCES)
+    feats = FeatureSet(seqs, users, items, {"n_users": n_users, "n_items": n_items})
+    trained = TrainedModel(model, users, items)
+    cfg = CandidatesConfig(k=10, index="IVF32,Flat", target_recall=0.8, recall_sample=40)
+    whole, stats = generate_candidates(trained, feats, cfg)
+    parts, tuned = [], []
+    for i in range(2):
+        part, part_stats = generate_candidates(trained, select_shard(feats, Shard(i, 2)), cfg, night=feats)
+        parts.append(part)
+        tuned.append(part_stats["search"]["tuned_value"])
+    assert tuned == [stats["search"]["tuned_value"]] * 2
+    assert pl.concat(parts).sort("user_id", "rank").equals(whole.sort("user_id", "rank"))
