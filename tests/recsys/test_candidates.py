@@ -486,6 +486,6 @@ def test_shards_tune_on_the_same_users_as_the_whole_night_so_their_union_is_the_
     for i in range(2):
         part, part_stats = generate_candidates(trained, select_shard(feats, Shard(i, 2)), cfg, night=feats)
         parts.append(part)
-        tuned.append(part_stats["search"]["tuned_value"])
-    assert tuned == [stats["search"]["tuned_value"]] * 2
+        tuned.append(part_stats["search"]["tuning_tried"])  # the recall at each value tried: the same users
+    assert tuned == [stats["search"]["tuning_tried"]] * 2
     assert pl.concat(parts).sort("user_id", "rank").equals(whole.sort("user_id", "rank"))
