@@ -289,14 +289,13 @@ def _summary(cfg: Config) -> str:
             lines.append(f"  {key:<16}" + "".join(f"{data[n].get(key, float('nan')):>12.4f}" for n in names))
         lines.extend(_deltas(data, names))
         lines.extend(_segments(data, names))
-    promotion = root / "evaluation" / "promotion.json"
-    if promotion.is_file():
-        lines.append(f"promotion gate: {json.loads(promotion.read_text())['summary']}")
-    if report.is_file():
+    if report.is_file():  # its promotion.json is written with it (one directory)
         from pipelines.status import evaluation_of, stale_warning  # here: it imports torch
         from pipelines.workdir import WorkDir
 
         evaluation = evaluation_of(WorkDir.of(cfg))
+        if evaluation is not None and evaluation["promotion"]:
+            lines.append(f"promotion gate: {evaluation['promotion']}")
         if evaluation is not None and evaluation["of_current_model"] is False:
             lines.append(f"STALE: {stale_warning(evaluation)}")
     for name in ("features", "model", "evaluation", "candidates", "logs"):

@@ -42,7 +42,6 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     check_compile_toolchain(cfg.train.compile, accelerator)
     wd = WorkDir.of(cfg)
     feats = load_features(wd.features)
-    _check_trainable(cfg, feats, wd.features)
     # The tables model/ carries, read now with the features it trains on: a features job that rebuilds them
     # while this one trains must not pair these weights with another build's id maps.
     carried = {name: (wd.features / name).read_bytes() for name in _carried_files(feats)}
@@ -94,24 +93,6 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     log.info("train: best val NDCG@10 %.4f at epoch %d (%d epochs, %.1f s) → %s",
              result.best_val_ndcg, result.best_epoch + 1, result.epochs_run, result.wall_time_s, wd.model)
     return wd.model
-
-
-def _check_trainable(cfg: Config, feats: FeatureSet, features_dir: Path) -> None:
-    """Training needs users with 2+ train items and users with validation items (its epoch is chosen on them):
-    a ConfigError naming the split's keys, not a traceback from the trainer (exit 1)."""
-    seqs = feats.sequences
-    n_train = int((seqs["train_items"].list.len() >= 2).sum())
-    n_val = int((seqs["val_items"].list.len() > 0).sum())
-    if n_train and n_val:
-        return
-    f = cfg.features
-    hint = (f"features.split=time puts the events between features.val_cutoff ({f.val_cutoff}) and "
-            f"features.test_cutoff ({f.test_cutoff}) in validation: move the cutoffs apart so that some fall there"
-            if f.split == "time" else
-            "features.split=leave_one_out validates users with 3 events or more: lower features.min_user_events "
-            "filters or feed more events")
-    raise ConfigError(f"the features in {features_dir} hold {n_train} users with 2+ train items and {n_val} with "
-                      f"validation items; training needs both. {hint}")
 
 
 def _content_digest(model_dir: Path, feats: FeatureSet, model: SASRec) -> str:

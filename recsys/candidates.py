@@ -266,10 +266,10 @@ def generate_candidates(
     scored, fallback = hist.filter(known), hist.filter(~known)
     rows = None if allowed is None else pool[schema.ITEM_IDX].to_numpy().astype(np.int64) - 1
     tune_on = None
-    if cfg.target_recall is not None:
-        whole = hist if night is None else model_histories(night, trained.item_map,
-                                                           type_translation(trained, night.event_types))
-        tune_on = tuning_users(whole.filter(known), cfg.recall_sample)
+    if cfg.target_recall is not None:  # the whole night's users (those of every shard) when scoring one shard
+        whole = scored if night is None else model_histories(
+            night, trained.item_map, type_translation(trained, night.event_types)).filter(known)
+        tune_on = tuning_users(whole, cfg.recall_sample)
     model_rows, search = _model_top_k(trained, scored, k, cfg, rows, tune_on)
     table = pl.concat([model_rows, popular_top_k(pool, fallback, k, cfg.exclude_seen)])
     table = table.sort([schema.USER_ID, "rank"])
@@ -346,7 +346,7 @@ def _model_top_k(
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
     tuned: dict[str, Any] = {}
-    if cfg.target_recall is not None and tune_on is not None:  # before the search: sets nprobe / efSearch
+    if tune_on is not None:  # cfg.target_recall: before the search, as it sets nprobe / efSearch
         tune_users = user_vectors(trained.model, tune_on["items"], cfg.batch_size,
                                   tune_on.get_column("types", default=None))
         tuning = tune_index(index, items, tune_users, k, cfg.target_recall, seen_of(tune_on["items"].to_list()))

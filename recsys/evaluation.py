@@ -421,7 +421,8 @@ def evaluate_all(
     ranked = ranking_set(eval_set, cfg.exclude_seen)
     baselines = baseline_scorers(sequences, n_items, cfg, item_popularity)
     if cfg.item_block_size is None:
-        model_totals = accumulate_scorer(model_scorer(model, eval_set, not cfg.exclude_seen), ranked, n_items, cfg.ks, cfg.batch_size)
+        scorer = model_scorer(model, eval_set, history_bias=not cfg.exclude_seen)
+        model_totals = accumulate_scorer(scorer, ranked, n_items, cfg.ks, cfg.batch_size)
         how = "dense"
     elif getattr(model, "repeat_bias", False):
         raise ValueError("a model with a repeat bias is scored densely: set evaluate.item_block_size to null")

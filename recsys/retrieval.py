@@ -383,8 +383,9 @@ def tune_index(
     that reached (to 1/8 of the former); the index is left set to the SMALLEST value tried that reaches it.
 
     ``exact_ids`` (S, k) row positions (-1 = none) of the exact top-k of the sample with ``seen_sample``
-    excluded, e.g. from :func:`recsys.topk.top_k_blocked`; default the same over ``item_vectors``. If no value reaches the target, the largest tried is kept and a warning logged. An index
-    with no such parameter (Flat) is measured once and left as is. Raises ``ValueError`` on a target outside
+    excluded, e.g. from :func:`recsys.topk.top_k_blocked`; default the same over ``item_vectors``. If no value
+    reaches the target, the largest tried is kept and a warning logged. An index with no such parameter (Flat)
+    is measured once and left as is. Raises ``ValueError`` on a target outside
     (0, 1] or an ``exact_ids`` of the wrong shape.
     """
     if not 0.0 < target_recall <= 1.0:

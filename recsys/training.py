@@ -238,8 +238,8 @@ def train_model(
     the model embeds each input event's type (the sequences' schema.SEQUENCE_TYPES, 0..n_event_types).
     ``type_weights`` (n_types + 1,): the CE loss weight of each target event type (index = type_idx, 0 = none);
     the batches then carry the types whether or not the model embeds them.
-    Raises ``ValueError`` if no user can be trained on, no user has val items, or fewer users than processes
-    have val items.
+    Raises ``ConfigError`` (naming the split keys) if no user can be trained on or no user has val items, and
+    ``ValueError`` if fewer users than processes have val items.
     """
     L.seed_everything(cfg.train.seed, workers=True)
     t = cfg.train
@@ -247,11 +247,15 @@ def train_model(
         sequences, n_items, cfg.model.max_len, t.batch_size, t.val_batch_size, t.seed, t.window_stride,
         t.group_by_length, t.static_shapes, n_event_types if type_weights is None else len(type_weights) - 1,
     )
-    if len(data.train_users) == 0 or len(data.val_users) == 0:
-        raise ValueError(
-            f"sequences: {len(data.train_users)} users with >= 2 train_items and {len(data.val_users)} with "
-            "val_items; training needs both to be non-empty"
-        )
+    if len(data.train_users) == 0 or len(data.val_users) == 0:  # the features' split left nothing to train or
+        f = cfg.features  # validate on (the epoch is chosen on validation): the config's split keys to change
+        hint = (f"features.split=time puts the events between features.val_cutoff ({f.val_cutoff}) and "
+                f"features.test_cutoff ({f.test_cutoff}) in validation: move the cutoffs apart so that some fall "
+                "there" if f.split == "time" else
+                "features.split=leave_one_out validates users with 3 events or more: lower features.min_user_events "
+                "filters or feed more events")
+        raise ConfigError(f"the features hold {len(data.train_users)} users with 2+ train items and "
+                          f"{len(data.val_users)} with validation items; training needs both. {hint}")
     system = SASRecSystem.from_config(cfg, n_items, attributes, n_event_types)
     if type_weights is not None:
         system.set_type_weights(type_weights)
