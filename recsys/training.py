@@ -255,7 +255,7 @@ def train_model(
                 "features.split=leave_one_out validates users with 3 events or more: lower features.min_user_events "
                 "filters or feed more events")
         raise ConfigError(f"the features hold {len(data.train_users)} users with 2+ train items and "
-                          f"{len(data.val_users)} with validation items; training needs both. {hint}")
+                          f"{len(data.val_users)} with validation items (val_items); training needs both. {hint}")
     system = SASRecSystem.from_config(cfg, n_items, attributes, n_event_types)
     if type_weights is not None:
         system.set_type_weights(type_weights)
