@@ -108,7 +108,7 @@ class ResumePoint:
 def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
                  attributes: ItemAttributes | None = None, n_event_types: int = 0) -> str:
     """SHA-256 of what decides the training outcome: ``model`` and ``train`` config (less ``train.progress``),
-    the catalogue size, the contents of ``sequences``, the item ``attributes`` (if any) and the number of
+    ``evaluate.exclude_seen`` (validation ranks by it, so it picks the best epoch), the catalogue size, the contents of ``sequences``, the item ``attributes`` (if any) and the number of
     event types the model embeds (if any).
 
     ``train.max_time_s`` is a budget, not a setting of the run: it is hashed as unset, so a run stopped (or
@@ -121,6 +121,8 @@ def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
                         TrainConfig().model_dump(mode="json"))
     model = non_default(cfg.model.model_dump(mode="json"), ModelConfig().model_dump(mode="json"))
     settings = {"model": model, "train": train, "n_items": n_items}
+    if not cfg.evaluate.exclude_seen:  # validation ranks seen items too: another best epoch (only then, as below)
+        settings["evaluate"] = {"exclude_seen": False}
     if n_event_types:  # only then, so that the identities of runs without types stay as they were
         settings["n_event_types"] = n_event_types
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from recsys.checkpoint import BEST, EXTRA_KEY, IDENTITY_KEY, AtomicCheckpointIO, resume_point, run_identity
+from recsys.config import EvaluateConfig
 from recsys.training import seed_step_generators, train_model
 from tests.recsys.test_system import planted_sequences, small_config
 
@@ -51,6 +52,9 @@ def test_the_time_budget_is_not_part_of_the_run_identity(tmp_path: Path) -> None
     assert run_identity(small_config(max_epochs=2, max_time_s=5.0), seqs, 40) == base
     assert run_identity(small_config(max_epochs=2, checkpoint_interval_s=60.0), seqs, 40) == base
     assert run_identity(small_config(max_epochs=2, lr=2e-3), seqs, 40) != base
+    # validation's ranking decides the best epoch: seen items competing is another run
+    competing = small_config(max_epochs=2).model_copy(update={"evaluate": EvaluateConfig(exclude_seen=False)})
+    assert run_identity(competing, seqs, 40) != base
     first = train_model(small_config(max_epochs=2), seqs, 40, tmp_path)
     # Continued under a budget: resumes the same run (finished, so nothing more is trained).
     again = train_model(small_config(max_epochs=2, max_time_s=3600.0), seqs, 40, tmp_path)
