@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         _early_fail(args.command, f"recsys {args.command}: work_dir {cfg.work_dir} is not a writable directory "
                     f"({exc}); set work_dir= to a directory path")
         return EXIT_USAGE
+    if args.command in _SCHEDULED:
+        for line in cfg.ignored():
+            logging.getLogger("recsys.config").warning("%s", line)
     try:
         with job_lock(Path(cfg.work_dir), _lock_name(args)), \
                 work_dir_lock(Path(cfg.work_dir), args.command, shared=args.command in _READERS):

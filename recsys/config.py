@@ -574,6 +574,26 @@ class Config(_Section):
                              "train.item_drop=0 or model.attention=causal")
         return self
 
+    def ignored(self) -> list[str]:
+        """The options set away from their defaults that the chosen modes never read, one line each naming the
+        key and the mode that leaves it unused (``recsys train`` / ``run`` log them as warnings). They are not
+        refused: switching a mode (loss, attention, compile, warm start) would then need several edits."""
+        t, default = self.train, TrainConfig()
+        unused = {
+            "train.mask_prob": (t.mask_prob != default.mask_prob and self.model.attention == "causal",
+                                "model.attention=causal (masking is bidirectional training's)"),
+            "train.n_negatives": (t.n_negatives != default.n_negatives and t.loss == "ce",
+                                  "train.loss=ce (full softmax: every item is a negative)"),
+            "train.gbce_t": (t.gbce_t != default.gbce_t and t.loss != "gbce", f"train.loss={t.loss}"),
+            "train.compile_mode": (t.compile_mode != default.compile_mode and not t.compile, "train.compile=false"),
+            "train.init_shrink": (t.init_shrink != default.init_shrink and t.init_from is None,
+                                  "train.init_from=null (no warm start)"),
+            "train.init_perturb": (t.init_perturb != default.init_perturb and t.init_from is None,
+                                   "train.init_from=null (no warm start)"),
+        }
+        return [f"{key}={getattr(t, key.removeprefix('train.'))!r} has no effect with {why}"
+                for key, (unused_here, why) in unused.items() if unused_here]
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
 

@@ -197,3 +197,25 @@ def test_one_file_column_fills_one_role(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(overrides=overrides)
     load_config(overrides=["data.format=movielens_dat", "data.item_col=user_id"])  # fields named by the format
+
+
+def test_options_their_mode_never_reads_are_named():
+    """train.mask_prob with causal attention (and the like) used to be taken silently: the user believed it
+    changed the run. They stay accepted (switching a mode is one edit) and are listed for a warning."""
+    assert load_config(None, []).ignored() == []
+    cfg = load_config(None, ["train.mask_prob=0.4", "train.n_negatives=64", "train.gbce_t=0.5",
+                             "train.compile_mode=reduce-overhead", "train.init_shrink=0.5", "train.init_perturb=0.1"])
+    assert cfg.ignored() == [
+        "train.mask_prob=0.4 has no effect with model.attention=causal (masking is bidirectional training's)",
+        "train.n_negatives=64 has no effect with train.loss=ce (full softmax: every item is a negative)",
+        "train.gbce_t=0.5 has no effect with train.loss=ce",
+        "train.compile_mode='reduce-overhead' has no effect with train.compile=false",
+        "train.init_shrink=0.5 has no effect with train.init_from=null (no warm start)",
+        "train.init_perturb=0.1 has no effect with train.init_from=null (no warm start)",
+    ]
+    # the modes that read them: nothing to say
+    used = load_config(None, ["model.attention=bidirectional", "train.mask_prob=0.4", "train.loss=gbce",
+                              "train.n_negatives=64", "train.gbce_t=0.5", "train.compile=true",
+                              "train.compile_mode=reduce-overhead", "train.init_from=models:/sasrec@champion",
+                              "train.init_shrink=0.5", "train.init_perturb=0.1"])
+    assert used.ignored() == []

@@ -123,6 +123,14 @@ def test_missing_features_gives_a_clear_error(tmp_path, capsys):
     assert "recsys features" in capsys.readouterr().err
 
 
+def test_an_option_its_mode_never_reads_is_a_warning_in_the_log(tmp_path, capsys):
+    code = main(["train", f"work_dir={tmp_path}", "tracking.enabled=false", "train.mask_prob=0.4"])
+    assert code == EXIT_USAGE  # no features: the job stops, after the warning
+    assert "train.mask_prob=0.4 has no effect with model.attention=causal" in capsys.readouterr().err
+    (log,) = (tmp_path / "logs").glob("train-*.log")
+    assert "WARNING recsys.config: train.mask_prob=0.4 has no effect" in log.read_text()
+
+
 def test_bad_config_key_exit_code(capsys):
     assert main(["run", "train.epochz=3"]) == EXIT_USAGE
     assert "train.epochz" in capsys.readouterr().err
