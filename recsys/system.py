@@ -178,7 +178,15 @@ class SASRecSystem(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         # train/loss: the epoch's mean over batches weighted by their rows (what self.log(on_epoch=True) gives),
         # logged once per epoch instead of per step: Lightning's per-step logging costs more than a tiny step.
-        if self._loss_sum is not None:
+        # Under DDP one sum of (loss sum, rows) over the processes first, as validation does: rank 0's own mean
+        # (what MLflow got before) described its share of the batches only.
+        if self.trainer.world_size > 1:
+            sums = torch.stack([self._loss_sum if self._loss_sum is not None else torch.zeros((), device=self.device),
+                                torch.tensor(float(self._loss_rows), device=self.device)]).double()
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            if sums[1] > 0:
+                self.log("train/loss", (sums[0] / sums[1]).float(), prog_bar=True)
+        elif self._loss_sum is not None:
             self.log("train/loss", self._loss_sum / self._loss_rows, prog_bar=True)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:

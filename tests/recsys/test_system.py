@@ -490,3 +490,23 @@ def test_repeat_bias_learns_a_planted_repeat(tmp_path: Path) -> None:
     # the item 3 steps back (distance 2 from the scored position's own item) is up, the other two are down
     w = with_bias.model.repeat_weight.detach()
     assert w[2] > 0 > max(w[0], w[1]), w
+
+
+def test_ddp_train_loss_is_the_mean_over_every_process_batches() -> None:
+    """Under DDP train/loss was rank 0's own row-weighted mean (its share of the batches only): the logged value
+    is the sum of every process's (loss sum, rows), divided once."""
+    from types import SimpleNamespace
+
+    system = SASRecSystem.from_config(small_config(), n_items=20)
+    logged: dict[str, float] = {}
+    system.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    other_rank = torch.tensor([3.0 * 30, 30.0], dtype=torch.float64)  # rank 1: mean loss 3.0 over 30 rows
+    reduce = lambda sums, reduce_op: sums + other_rank  # noqa: E731 -- the sum over the 2 processes
+    system._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    system.on_train_epoch_start()
+    system._loss_sum, system._loss_rows = torch.tensor(1.0 * 10), 10  # rank 0: mean loss 1.0 over 10 rows
+    system.on_train_epoch_end()
+    assert logged == {"train/loss": pytest.approx((10 + 90) / 40)}
+    system._trainer = SimpleNamespace(world_size=1, strategy=None)  # one process: its own mean
+    system.on_train_epoch_end()
+    assert logged == {"train/loss": pytest.approx(1.0)}
