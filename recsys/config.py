@@ -47,8 +47,20 @@ class _Section(BaseModel):
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML reads true/false/yes/no/on/off as booleans, which pydantic would take as 1 / 0 for a number."""
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+        if field is None:
+            return value
+        if isinstance(value, bool) and _numeric(field.annotation):
             raise ValueError(f"must be a number, got {value!r} (YAML reads true/false/yes/no/on/off as booleans)")
+        # the numbers of a collection (evaluate.ks: [true, 10], train.type_weights: {buy: yes}) likewise
+        inner = typing.get_args(field.annotation)
+        if isinstance(value, list | tuple) and inner and _numeric(inner[0]):
+            items = value
+        elif isinstance(value, dict) and len(inner) == 2 and _numeric(inner[1]):
+            items = list(value.values())
+        else:
+            return value
+        if any(isinstance(v, bool) for v in items):
+            raise ValueError(f"must hold numbers, got {value!r} (YAML reads true/false/yes/no/on/off as booleans)")
         return value
 
 
@@ -629,14 +641,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     second ``model:`` section would drop the first one's keys)."""
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping."""
+
+
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     lines: dict[Any, int] = {}
     for key_node, _ in node.value:
-        if not isinstance(key_node, yaml.ScalarNode):
+        # a merge key (`<<: *defaults`) is no key of its own: construct_mapping merges it, and a key written
+        # next to it overrides the merged one, as YAML means
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
             continue
         key, line = loader.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
         if key in lines:
-            raise yaml.constructor.ConstructorError(
+            raise _DuplicateKeyError(
                 None, None, f"key {key!r} appears twice in one mapping (lines {lines[key]} and {line}); keep one",
                 key_node.start_mark)
         lines[key] = line
@@ -655,6 +673,8 @@ def _parse_value(raw: str) -> Any:
         return None
     try:
         return yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKeyError:
+        raise  # valid YAML, not text: parse_overrides names the override
     except (yaml.YAMLError, ValueError):  # ValueError: a bad explicit tag such as `!!int x`
         return raw
 
@@ -666,7 +686,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key.path=value")
-        _set_path(tree, key.strip(), _parse_value(raw))
+        try:
+            value = _parse_value(raw)
+        except _DuplicateKeyError as exc:
+            raise ConfigError(f"override '{item}': {exc.problem}") from None
+        _set_path(tree, key.strip(), value)
     return tree
 
 

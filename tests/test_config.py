@@ -219,3 +219,14 @@ def test_options_their_mode_never_reads_are_named():
                               "train.compile_mode=reduce-overhead", "train.init_from=models:/sasrec@champion",
                               "train.init_shrink=0.5", "train.init_perturb=0.1"])
     assert used.ignored() == []
+
+
+def test_yaml_merge_keys_load_as_yaml_means(tmp_path):
+    """The duplicate-key check refused `<<: *anchor` ("no constructor for the tag ...merge"), valid YAML that
+    safe_load reads; a key next to the merge overrides the merged one, and is no duplicate."""
+    path = tmp_path / "team.yaml"
+    path.write_text("evaluate: &scoring {device: cpu, batch_size: 512}\n"
+                    "candidates: {<<: *scoring, batch_size: 256, k: 50}\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert (cfg.candidates.device, cfg.candidates.batch_size, cfg.candidates.k) == ("cpu", 256, 50)
+    assert cfg.evaluate.batch_size == 512
