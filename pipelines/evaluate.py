@@ -131,5 +131,8 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model
             return compare_on_validation(model, load_trained_model(champion_dir), feats.sequences,
                                          feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size,
                                          exclude_seen=cfg.evaluate.exclude_seen, event_types=feats.event_types)
-    result = promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance, rescore)
+    # guarded: a server that stops answering at the gate turns tracking off (the report is still written, with a
+    # promotion.json saying the gate did not run) instead of losing the evaluation
+    result = tracker.guarded(lambda: promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance,
+                                             rescore))
     return None if result is None else {**result.to_dict(), "summary": result.summary()}

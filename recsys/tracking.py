@@ -196,17 +196,24 @@ def _experiment_id(cfg: Config) -> str:
 
 
 def _server_failure(uri: str, exc: Exception) -> bool:
-    """Whether ``exc`` is a tracking SERVER's failure to answer (a local store's errors are bugs: raised)."""
-    from mlflow.exceptions import MlflowException
+    """Whether ``exc`` is a tracking SERVER's failure to answer (a local store's errors are bugs: raised). A
+    server that answers with a refusal of the request (a 4xx ``RestException``: a bad metric name, a name taken
+    by a concurrent job) is no outage: that is raised too, not hidden by turning tracking off."""
+    from mlflow.exceptions import MlflowException, RestException
     from requests.exceptions import RequestException
 
-    return uri.startswith(("http://", "https://")) and isinstance(exc, MlflowException | RequestException)
+    if not uri.startswith(("http://", "https://")):
+        return False
+    if isinstance(exc, RestException):
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, MlflowException | RequestException)
 
 
 def _unavailable(cfg: Config, uri: str, exc: Exception, during: bool = False) -> TrackingUnavailableError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     done = ("It stopped answering during the job: tracking was turned off from then on (nothing more was logged "
-            "or registered, the MLflow run stays RUNNING)" if during else "Nothing was logged or registered")
+            "or registered; the MLflow run is ended FAILED if the server answered again, else it stays RUNNING)"
+            if during else "Nothing was logged or registered")
     error = TrackingUnavailableError(
         f"MLflow tracking server {uri} is unavailable: {first_line}. {done}; "
         f"whatever the job could do without the server is kept under {Path(cfg.work_dir).resolve()}. "
@@ -260,7 +267,7 @@ def job_run(cfg: Config, job: str, tags: dict[str, Any] | None = None) -> Iterat
     except BaseException:  # a failed job (SIGTERM's SystemExit too) ends its run FAILED, as mlflow.start_run's
         _end_run(handle, "FAILED")  # context does; the job's own exception is what propagates
         raise
-    _end_run(handle, "FINISHED")
+    _end_run(handle, "FAILED" if handle.unavailable is not None else "FINISHED")  # a run that lost logs: not FINISHED
     if handle.unavailable is not None:
         raise handle.unavailable
 

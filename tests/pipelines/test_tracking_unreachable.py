@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sqlite3
 import time
 
 import pytest
@@ -97,6 +98,56 @@ def test_a_server_that_stops_answering_during_training_costs_no_work(tiny_featur
     assert (work / "model" / "model.pt").is_file()  # nothing lost
     report = read_json(work / "model" / "train_report.json")
     assert report["registered_version"] is None and report["epochs_run"] == 4
+    with sqlite3.connect(work / "mlflow.db") as db:  # the store answers again at the end: a run that lost its
+        assert db.execute("select status from runs").fetchall() == [("FAILED",)]  # metrics is not FINISHED
+
+
+def test_a_server_that_dies_at_the_promotion_gate_costs_no_evaluation(tiny_features, tmp_path, capsys,
+                                                                       monkeypatch) -> None:
+    """The gate's registry calls were outside the guard: a raw MlflowException, exit 1 with a traceback, and
+    no report.json (the previous model's evaluation stayed, STALE). Now as a server down from the start."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    import recsys.tracking
+    from tests.pipelines.conftest import train_tiny
+
+    work = train_tiny(tmp_path / "work", tiny_features)
+    assert main(["train", "--quiet", "--force", *tiny(work), "tracking.enabled=true"]) == EXIT_OK  # version 1
+    monkeypatch.setattr(recsys.tracking, "_server_failure", lambda uri, exc: isinstance(exc, MlflowException))
+
+    def dead(self, *args, **kwargs):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/registered-models/get failed: refused")
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", dead)
+    assert main(["evaluate", "--quiet", *tiny(work), "tracking.enabled=true"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "stopped answering during the job" in err and "Traceback" not in err
+    assert (work / "evaluation" / "report.json").is_file()
+    assert read_json(work / "evaluation" / "promotion.json")["summary"].startswith("not run: the MLflow tracking")
+
+
+def test_a_server_refusing_a_request_is_no_outage() -> None:
+    """A 4xx answer (a bad metric name, a name a concurrent job took) was reported as the server "stopped
+    answering" and turned tracking off; it is raised. A 5xx answer or no answer is an outage."""
+    from mlflow.exceptions import RestException
+
+    from recsys.config import load_config
+    from recsys.tracking import JobRun
+
+    cfg = load_config(None, ["tracking.uri=http://mlflow.internal:5000"])
+
+    def answer(code: str):
+        def call():
+            raise RestException({"error_code": code, "message": "refused"})
+        return call
+
+    run = JobRun("run1", cfg.tracking.uri, "sasrec", cfg=cfg)
+    with pytest.raises(RestException, match="refused"):
+        run.guarded(answer("INVALID_PARAMETER_VALUE"))
+    assert run.active and run.unavailable is None
+    assert run.guarded(answer("TEMPORARILY_UNAVAILABLE")) is None
+    assert not run.active and "is unavailable" in str(run.unavailable)
 
 
 def test_evaluate_with_the_server_down_says_the_gate_did_not_run(dead_uri, tiny_features, tmp_path, capsys):
