@@ -264,3 +264,19 @@ def test_recall_truth_and_measure_hold_for_users_whose_best_items_are_mostly_see
     assert ann_recall(index, items, users, 10, seen) == pytest.approx(true_recall)
     faiss_nprobe_1 = build_index(items, "IVF32,Flat", nprobe=1)
     assert ann_recall(faiss_nprobe_1, items, users, 10, seen) is not None  # measured, not skipped
+
+
+def test_a_users_list_does_not_depend_on_the_other_users_of_its_batch() -> None:
+    """A Refine index's leading results change with the number of results asked for, and that number was set by
+    the heaviest user of the batch: one user with 400 seen items changed 48 of 50 other users' lists (so
+    shards differed from the whole night, and a recall sample measured other lists than those published)."""
+    rng = np.random.default_rng(0)
+    items, users = rng.standard_normal((4000, 16)).astype(np.float32), rng.standard_normal((50, 16)).astype(np.float32)
+    seen = [rng.choice(4000, 6, replace=False) for _ in range(50)]
+    index = build_index(items, "IVF64,PQ4,Refine(Flat)", nprobe=64)
+    alone = search_top_k(index, users, 10, seen, item_vectors=items)
+    heavy = rng.choice(4000, 400, replace=False)
+    beside = search_top_k(index, np.vstack([users, users[:1]]), 10, [*seen, heavy], item_vectors=items)
+    np.testing.assert_array_equal(beside.ids[:50], alone.ids)
+    one_by_one = [search_top_k(index, users[i : i + 1], 10, [seen[i]], item_vectors=items).ids[0] for i in range(5)]
+    np.testing.assert_array_equal(np.stack(one_by_one), alone.ids[:5])
