@@ -29,7 +29,7 @@ import torch
 from benchmarks.catalogue import ClusteredCatalogue, add_catalogue_args
 from benchmarks.machine import ROOT, append_row, commit, load_1min, machine, peak_rss_gb
 from recsys.data import RaggedItems
-from recsys.retrieval import Tuning, _recall, build_index, search_top_k, tune_index
+from recsys.retrieval import Tuning, build_index, recall_at_k, search_top_k, tune_index
 from recsys.topk import top_k_blocked
 
 TITLE = "Candidate generation at scale (synthetic, FAISS on CPU, auto-tuned)"
@@ -96,7 +96,7 @@ def held_out_recall(a: argparse.Namespace, catalogue: ClusteredCatalogue, index:
     exact = top_k_blocked(other.vectors, catalogue.items, a.k, other.seen).ids.numpy()  # (S, k)
     approx = search_top_k(index, other.vectors.numpy(), a.k, padded_seen(other.seen),
                           item_vectors=catalogue.items.numpy()).ids
-    return _recall(exact, approx)
+    return recall_at_k(exact, approx)
 
 
 def run(a: argparse.Namespace) -> dict:

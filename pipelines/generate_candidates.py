@@ -91,7 +91,8 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         parts = wd.previous_candidates(day, part)
         drift = drift_report(table, _previous_lists(parts, shard, table.schema[schema.USER_ID]),
                              stats["k_effective"])
-        violations = drift_violations(drift, cfg.candidates) + recall_violations(stats["search"], cfg.candidates)
+        violations = drift_violations(drift, cfg.candidates) + recall_violations(stats["search"], cfg.candidates,
+                                                                                stats["k_effective"])
         gate = drift_gate(cfg.candidates, bool(parts))
         if gate == "no previous night":  # e.g. the first night
             log.warning("candidates: drift gate not applied tonight: no earlier published night (whole, or all "

@@ -310,7 +310,15 @@ def _model_top_k(
     (:func:`tuning_users`)."""
     # FAISS is imported here, not with the module: training imports this module (TrainedModel, warm start)
     # and must not need FAISS (GPU images without it); tests/test_imports.py checks that.
-    from recsys.retrieval import IndexBuildError, ann_recall, build_index, search_top_k, tune_index
+    from recsys.retrieval import (
+        IndexBuildError,
+        ann_recall,
+        build_index,
+        exact_search,
+        recall_at_k,
+        search_top_k,
+        tune_index,
+    )
 
     if scored.height == 0:
         return schema.empty_candidates(scored.schema[schema.USER_ID], trained.item_map.schema[schema.ITEM_ID]), \
@@ -369,7 +377,17 @@ def _model_top_k(
         allowed_rows = None if position is None else position >= 0
         ids, scores = with_repeat_bias(trained.model, scored["items"], users, table, ids, scores, k, allowed_rows,
                                        cfg.batch_size, scored.get_column("types", default=None))
-    recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
+    if repeats:  # the published lists carry the bonus: so does the exact reference (the same widening, exact)
+        ref_ids, ref_scores = exact_search(items, users[sample], wide)  # seen items compete: none excluded
+        if rows is not None:
+            ref_ids = np.where(ref_ids >= 0, rows[np.maximum(ref_ids, 0)], -1)
+        types = scored.get_column("types", default=None)
+        ref_ids, _ = with_repeat_bias(trained.model, scored["items"].gather(sample), users[sample], table, ref_ids,
+                                      ref_scores, k, allowed_rows, cfg.batch_size,
+                                      None if types is None else types.gather(sample))
+        recall = recall_at_k(ref_ids, ids[sample])
+    else:
+        recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     if recall is None:
         log.warning("ANN recall@%d not measured: none of the %d sampled users has an unseen item", k, len(sample))
     else:
@@ -449,14 +467,21 @@ def _to_rows(
             .select(list(schema.CANDIDATES)))
 
 
-def recall_violations(search: dict[str, Any], cfg: CandidatesConfig) -> list[str]:
-    """Why the night fails ``candidates.min_recall`` (empty = it does not, or no gate, or nothing to recall)."""
+def recall_violations(search: dict[str, Any], cfg: CandidatesConfig, k: int | None = None) -> list[str]:
+    """Why the night fails ``candidates.min_recall`` (empty = it does not, or no gate, or nothing to recall);
+    ``k`` the night's effective k (``cfg.k``, or the catalogue size when smaller)."""
     recall = search.get("ann_recall_at_k")
     if cfg.min_recall is None or recall is None or recall >= cfg.min_recall:
         return []
-    return [f"ANN recall@{cfg.k} {recall:.4f} on {search['recall_sample']} sampled users < candidates.min_recall "
-            f"{cfg.min_recall} with index {search['index_used']!r}: raise candidates.nprobe / ef_search or set "
-            "candidates.target_recall"]
+    if search.get("target_recall") is not None:  # the tuner sets nprobe / efSearch: those keys do nothing
+        advice = (f"the index was tuned to candidates.target_recall {search['target_recall']} on "
+                  f"{search.get('tuning_sample')} other users: raise target_recall (at least to min_recall) or "
+                  "candidates.recall_sample")
+    else:
+        advice = "raise candidates.nprobe / ef_search or set candidates.target_recall"
+    return [f"ANN recall@{k or cfg.k} {recall:.4f} (of the published lists, exact fallback included) on "
+            f"{search['recall_sample']} sampled users < candidates.min_recall {cfg.min_recall} with index "
+            f"{search['index_used']!r}: {advice}"]
 
 
 def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_seen: bool) -> pl.DataFrame:

@@ -311,7 +311,7 @@ def ann_recall(
     inner-product search on a user sample; None when no user of the sample has an unseen item (nothing to
     recall: e.g. an allow list they all saw)."""
     truth = _exact_ids(index, item_vectors, user_vectors_sample, k, seen_sample)
-    return _recall(truth, _published_ids(index, item_vectors, user_vectors_sample, k, seen_sample))
+    return recall_at_k(truth, _published_ids(index, item_vectors, user_vectors_sample, k, seen_sample))
 
 
 def _published_ids(index: faiss.Index, item_vectors: np.ndarray, users: np.ndarray, k: int, seen: SeenItems
@@ -320,19 +320,25 @@ def _published_ids(index: faiss.Index, item_vectors: np.ndarray, users: np.ndarr
     return search_top_k(index, users, k, seen, item_vectors=item_vectors).ids
 
 
+def exact_search(item_vectors: np.ndarray, users: np.ndarray, k: int, seen: SeenItems = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(U, k) exact top-k row positions of ``item_vectors`` (-1 = none) and their float32 scores, by (score
+    descending, id ascending), seen items excluded however many a user has: the blocked exact scorer, not a Flat
+    search, whose widening stops at :data:`WIDEN_CAP` (a user whose best items are 1,100 seen ones had no "exact"
+    unseen item: tuning and the ``min_recall`` gate were skipped)."""
+    users = _as_matrix(users, "user_vectors")
+    values, offsets = _seen_csr(seen, users.shape[0], len(item_vectors))
+    return _exact_top_k(item_vectors, users, k, values, offsets)
+
+
 def _exact_ids(
     index: faiss.Index, item_vectors: np.ndarray | None, users: np.ndarray, k: int, seen: SeenItems
 ) -> np.ndarray:
-    """(U, k) exact top-k row positions (-1 = none) over ``item_vectors`` (default: what ``index`` holds), seen
-    items excluded however many a user has: the blocked exact scorer, not a Flat search, whose widening stops at
-    :data:`WIDEN_CAP` (a user whose best items are 1,100 seen ones had no "exact" unseen item: tuning and the
-    ``min_recall`` gate were skipped)."""
-    users = _as_matrix(users, "user_vectors")
-    values, offsets = _seen_csr(seen, users.shape[0], index.ntotal)
-    return _exact_top_k(_exact_vectors(index, item_vectors), users, k, values, offsets)[0]
+    """(U, k) :func:`exact_search` row positions over ``item_vectors`` (default: what ``index`` holds)."""
+    return exact_search(_exact_vectors(index, item_vectors), users, k, seen)[0]
 
 
-def _recall(truth: np.ndarray, approx: np.ndarray) -> float | None:
+def recall_at_k(truth: np.ndarray, approx: np.ndarray) -> float | None:
     """Share of the real (>= 0) ids of truth (U, k) that approx (U, k') holds in the same row; None if truth
     holds none."""
     rows = np.arange(truth.shape[0])[:, None]
@@ -416,14 +422,14 @@ def tune_index(
         return Tuning(None, None, None, False, ())
     knob = _search_parameter(index, k, max_value)
     if knob is None:
-        recall = _recall(truth, _published_ids(index, item_vectors, users, k, seen_sample))
+        recall = recall_at_k(truth, _published_ids(index, item_vectors, users, k, seen_sample))
         return Tuning(None, None, recall, recall >= target_recall, ())
     name, values = knob
     tried: dict[int, float] = {}
 
     def reaches(value: int) -> bool:
         faiss.ParameterSpace().set_index_parameter(index, name, value)
-        tried[value] = _recall(truth, _published_ids(index, item_vectors, users, k, seen_sample))
+        tried[value] = recall_at_k(truth, _published_ids(index, item_vectors, users, k, seen_sample))
         logger.info("tune %s=%d: recall@%d %.4f (target %.4f)", name, value, k, tried[value], target_recall)
         return tried[value] >= target_recall
 
