@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pipelines.schedule import LockedError, ScheduledRun, job_lock, parse_run_date, today_utc, work_dir_lock
 from recsys.config import Config, ConfigError, load_config
@@ -56,8 +56,19 @@ _READERS = ("evaluate", "candidates")
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors follow RECSYS_LOG_FORMAT: with json, one JSON line on stderr
+    (argparse's usage text would be the one non-JSON line a log collector gets); exit 2 either way."""
+
+    def error(self, message: str) -> NoReturn:
+        if os.environ.get("RECSYS_LOG_FORMAT", "").strip().lower() == "json":
+            _early_fail(self.prog.split()[-1], f"{self.prog}: {message} (see {self.prog} --help)")
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="recsys",
         description="Attention-based sequential recommender pipeline.",
         epilog=_EPILOG,
@@ -180,6 +191,9 @@ def _setup_logging(cfg: Config, job: str, quiet: bool) -> Path:
     to_file.setFormatter(fmt)
     root = logging.getLogger()
     root.handlers[:] = [console, to_file]
+    # Python warnings (a library's deprecation notice) through these handlers: into the log file, and with
+    # RECSYS_LOG_FORMAT=json as JSON lines (printed as they were, they broke a collector's one-object-per-line)
+    logging.captureWarnings(True)
     root.setLevel(logging.INFO)
     for noisy in ("alembic", "mlflow.store", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

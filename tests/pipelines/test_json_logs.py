@@ -64,3 +64,26 @@ def test_json_stderr_stays_json_for_a_config_error_and_a_held_lock(tmp_path):
     assert done.returncode == EXIT_LOCKED
     (record,) = _records(done.stderr)
     assert record["job"] == "features" and "features" in record["message"]
+
+
+def test_python_warnings_and_usage_errors_stay_json(tmp_path):
+    """A library's warning (Lightning's deprecation notices during `recsys train`) and argparse's usage errors
+    were printed as plain text among the JSON lines."""
+    script = ("import warnings; from pipelines.cli import _setup_logging; from recsys.config import load_config; "
+              f"_setup_logging(load_config(None, ['work_dir={tmp_path}']), 'train', quiet=True); "
+              "warnings.warn('a library notice', UserWarning)")
+    env = {"RECSYS_LOG_FORMAT": "json", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    (record,) = _records(done.stderr)
+    assert record["level"] == "WARNING" and "a library notice" in record["message"]
+    (log_file,) = (tmp_path / "logs").glob("train-*.log")
+    assert "a library notice" in _records(log_file.read_text())[0]["message"]
+    done = _recsys("status", f"work_dir={tmp_path}", "--bogus", fmt="json")
+    assert done.returncode == EXIT_USAGE
+    (record,) = _records(done.stderr)
+    assert record["level"] == "ERROR" and "unrecognized arguments: --bogus" in record["message"]
+    done = _recsys("nosuchjob", fmt="json")
+    assert done.returncode == EXIT_USAGE and "invalid choice: 'nosuchjob'" in _records(done.stderr)[0]["message"]
+    done = _recsys("status", f"work_dir={tmp_path}", "--bogus", fmt="text")  # text: argparse's usage, as before
+    assert done.returncode == EXIT_USAGE and done.stderr.startswith("usage: recsys")
