@@ -328,7 +328,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     tracking.enabled=false``: argparse takes one run of positionals and would refuse the second one)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    # a word without "=" goes with the overrides: parse_overrides then says what it says of the same word before
+    # the options ("override 'foo' is not of the form key.path=value"), not argparse's "unrecognized arguments"
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

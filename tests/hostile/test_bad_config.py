@@ -109,6 +109,15 @@ def test_bad_config_is_a_usage_error_naming_the_key(case: Case, tmp_path: Path, 
     assert_no_output(work)
 
 
+def test_a_word_without_equals_after_an_option_is_told_as_before_one(tmp_path: Path, capsys):
+    """After an option it got argparse's generic "unrecognized arguments" and the top-level usage."""
+    work = f"work_dir={tmp_path / 'work'}"
+    for argv in (["features", work, "train.lr", "--quiet"], ["features", work, "--quiet", "train.lr"]):
+        outcome = run_cli(capsys, *argv)
+        assert_user_error(outcome, EXIT_USAGE, "override 'train.lr' is not of the form key.path=value")
+    assert_no_output(tmp_path / "work")
+
+
 @pytest.mark.parametrize("job", ["evaluate", "candidates"])
 def test_cuda_device_without_a_gpu_is_a_usage_error(job: str, tmp_path: Path, capsys, monkeypatch):
     """Checked before the job reads anything: the work directory need not even hold features or a model."""
