@@ -91,8 +91,10 @@ def evaluation_of(wd: WorkDir) -> dict[str, Any] | None:
 
 def stale_warning(evaluation: dict[str, Any]) -> str:
     """What to say about an evaluation (:func:`_evaluation`) that is not of the model in model/ now."""
-    return (f"the evaluation and promotion above are of model version {evaluation['model_version']}, not of the "
-            "model in model/ now (its evaluation failed or has not run): rerun recsys evaluate")
+    version = evaluation["model_version"]
+    earlier = "an earlier model (not registered)" if version is None else f"model version {version}"
+    return (f"the evaluation and promotion above are of {earlier}, not of the model in model/ now (its evaluation "
+            "failed or has not run): rerun recsys evaluate")
 
 
 def _candidates(root: Path) -> dict[str, Any]:

@@ -287,3 +287,12 @@ def test_repeat_bias_model_through_train_evaluate_and_candidates(demo_run, tmp_p
             scores = trained.model.scores(torch.tensor([[0] * (30 - len(history)) + history]))[0, 1:]
         want = [to_id[int(i) + 1] for i in scores.argsort(descending=True, stable=True)[:10]]
         assert lists.filter(pl.col("user_id") == user).sort("rank")["item_id"].to_list() == want
+
+
+def test_a_stale_evaluation_of_an_unregistered_model_says_so():
+    """With tracking off the earlier model has no version: the warning said "model version None"."""
+    from pipelines.status import stale_warning
+
+    assert stale_warning({"model_version": "3"}).startswith("the evaluation and promotion above are of model version 3,")
+    assert stale_warning({"model_version": None}).startswith(
+        "the evaluation and promotion above are of an earlier model (not registered), not of the model in model/ now")
