@@ -108,8 +108,9 @@ class ResumePoint:
 def run_identity(cfg: Config, sequences: pl.DataFrame, n_items: int,
                  attributes: ItemAttributes | None = None, n_event_types: int = 0) -> str:
     """SHA-256 of what decides the training outcome: ``model`` and ``train`` config (less ``train.progress``),
-    ``evaluate.exclude_seen`` (validation ranks by it, so it picks the best epoch), the catalogue size, the contents of ``sequences``, the item ``attributes`` (if any) and the number of
-    event types the model embeds (if any).
+    ``evaluate.exclude_seen`` (validation ranks by it, so it picks the best epoch), the catalogue size, the
+    contents of ``sequences``, the item ``attributes`` (if any) and the number of event types the model embeds
+    (if any).
 
     ``train.max_time_s`` is a budget, not a setting of the run: it is hashed as unset, so a run stopped (or
     killed) under one budget resumes under another, e.g. a larger one to let it finish, or a small one to stop
