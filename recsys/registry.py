@@ -116,7 +116,10 @@ def promote(
     rerun = before == version
     # Promoted before, and the champion alias points elsewhere now: an operator rolled it back (a retried night
     # re-evaluates the same version). The gate must not undo that, nor overwrite the decision recorded on it.
-    rolled_back = not rerun and before is not None and first.get("promotion.promoted") == "true"
+    # ("promotion.applied" false: the server went away between the decision and the alias move, so the gate
+    # never took effect; versions gated before that tag existed count as applied.)
+    rolled_back = (not rerun and before is not None and first.get("promotion.promoted") == "true"
+                   and first.get("promotion.applied") != "false")
     if rerun:  # evaluate run again on the champion: its first decision (and rollback target) stays recorded
         over = first.get("promotion.champion_version", "None")
         promoted, champion = True, val_ndcg
@@ -153,6 +156,8 @@ def promote(
     client.set_registered_model_alias(name, CHALLENGER, version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
+        if not (rerun or rolled_back):
+            client.set_model_version_tag(name, version, "promotion.applied", "true")
     log.info("promotion gate: %s", result.summary())
     return result
 
@@ -167,8 +172,10 @@ def _log_promotion(client: Any, tracker: JobRun, p: Promotion, tag_version: bool
         "promotion.tolerance": str(p.tolerance),
         "promotion.basis": p.basis,
     }
+    # promotion.applied: "false" until the champion alias has moved (promote sets it "true" then)
+    applied = {"promotion.applied": "false"} if p.promoted else {}
     for key, value in {**tags, "val_ndcg_at_10": str(p.challenger_val_ndcg_at_10),
-                       "promotion.run_id": str(tracker.run_id)}.items() if tag_version else ():
+                       "promotion.run_id": str(tracker.run_id), **applied}.items() if tag_version else ():
         client.set_model_version_tag(p.model, p.version, key, value)
     tracker.set_tags({**tags, "promotion.version": p.version})
     tracker.log_metrics({

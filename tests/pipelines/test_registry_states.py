@@ -97,6 +97,35 @@ def test_the_gate_reads_a_gone_champion_runs_tag_and_a_retry_keeps_a_rollback(ni
     assert client.get_model_version("sasrec", "2").tags == decided  # its first decision stays recorded
 
 
+def test_a_gate_cut_off_before_its_alias_move_is_gated_again_not_taken_for_a_rollback(night, tmp_path, monkeypatch):
+    """The decision is tagged on the version before the aliases move. A server lost in between left v2 tagged
+    promoted with v1 still champion; promotion.json said "not run: rerun recsys evaluate", and the rerun took v2
+    for a version an operator had rolled back: it stayed challenger for good."""
+    from mlflow.exceptions import MlflowException
+
+    import recsys.tracking
+
+    work, client = _copy(night, tmp_path)
+    second = tiny(work, *TRACK, "train.max_epochs=3", "tracking.promotion_tolerance=1")
+    assert main(["train", "--quiet", "--run-date", NEXT, *second]) == EXIT_OK  # v2
+    monkeypatch.setattr(recsys.tracking, "_server_failure", lambda uri, exc: isinstance(exc, MlflowException))
+
+    def dead(self, *args, **kwargs):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/registered-models/alias failed: refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_registered_model_alias", dead)
+        assert main(["evaluate", "--quiet", *second]) != EXIT_OK
+    assert json.loads((work / "evaluation" / "promotion.json").read_text())["summary"].startswith("not run")
+    assert client.get_model_version("sasrec", "2").tags["promotion.applied"] == "false"
+    assert str(client.get_registered_model("sasrec").aliases["champion"]) == "1"
+    assert main(["evaluate", "--quiet", *second]) == EXIT_OK  # the server back: the rerun promotion.json asks for
+    promotion = json.loads((work / "evaluation" / "promotion.json").read_text())
+    assert promotion["promoted"] is True and "rolled back" not in promotion["reason"]
+    assert str(client.get_registered_model("sasrec").aliases["champion"]) == "2"
+    assert client.get_model_version("sasrec", "2").tags["promotion.applied"] == "true"
+
+
 def test_status_flags_an_evaluation_of_an_earlier_model(night, tmp_path, capsys):
     """A night whose training succeeded and whose evaluation failed leaves last night's report and promotion
     beside tonight's model: status and the gauges say so (they showed v1's scores next to v2, no warning)."""
