@@ -473,9 +473,12 @@ def recall_violations(search: dict[str, Any], cfg: CandidatesConfig, k: int | No
     recall = search.get("ann_recall_at_k")
     if cfg.min_recall is None or recall is None or recall >= cfg.min_recall:
         return []
-    if search.get("target_recall") is not None:  # the tuner sets nprobe / efSearch: those keys do nothing
+    if search.get("target_recall") is not None and search.get("tuned_parameter") is None:
+        advice = "the index has no search parameter to tune (nprobe / efSearch): set a more exact candidates.index"
+    elif search.get("target_recall") is not None:  # the tuner sets nprobe / efSearch: those keys do nothing
+        others = " other" if search.get("recall_held_out") else ""
         advice = (f"the index was tuned to candidates.target_recall {search['target_recall']} on "
-                  f"{search.get('tuning_sample')} other users: raise target_recall (at least to min_recall) or "
+                  f"{search.get('tuning_sample')}{others} users: raise target_recall (at least to min_recall) or "
                   "candidates.recall_sample")
     else:
         advice = "raise candidates.nprobe / ef_search or set candidates.target_recall"

@@ -302,12 +302,15 @@ def test_the_min_recall_advice_names_what_to_raise():
 
     cfg = CandidatesConfig(k=100, min_recall=0.97, target_recall=0.95)
     search = {"ann_recall_at_k": 0.955, "recall_sample": 1000, "index_used": "IVF4096,Flat", "target_recall": 0.95,
-              "tuning_sample": 1000}
+              "tuning_sample": 1000, "tuned_parameter": "nprobe", "recall_held_out": True}
     (text,) = recall_violations(search, cfg, k=64)
     assert text.startswith("ANN recall@64 0.9550 (of the published lists, exact fallback included) on 1000 sampled")
     assert "tuned to candidates.target_recall 0.95 on 1000 other users: raise target_recall" in text
     assert "nprobe" not in text  # the tuner sets it: raising it does nothing
     assert recall_violations({**search, "ann_recall_at_k": 0.97}, cfg) == []
+    (text,) = recall_violations({**search, "index_used": "PQ16", "tuned_parameter": None}, cfg)
+    assert text.endswith("'PQ16': the index has no search parameter to tune (nprobe / efSearch): set a more exact "
+                         "candidates.index")
 
 
 def test_seen_items_excluded_make_the_repeat_bonus_irrelevant():
