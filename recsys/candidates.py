@@ -267,9 +267,8 @@ def generate_candidates(
     rows = None if allowed is None else pool[schema.ITEM_IDX].to_numpy().astype(np.int64) - 1
     tune_on = None
     if cfg.target_recall is not None:  # the whole night's users (those of every shard) when scoring one shard
-        whole = scored if night is None else model_histories(
-            night, trained.item_map, type_translation(trained, night.event_types)).filter(known)
-        tune_on = tuning_users(whole, cfg.recall_sample)
+        tune_on = (tuning_users(scored, cfg.recall_sample) if night is None
+                   else night_tuning_users(night, trained, cfg.recall_sample))
     model_rows, search = _model_top_k(trained, scored, k, cfg, rows, tune_on)
     table = pl.concat([model_rows, popular_top_k(pool, fallback, k, cfg.exclude_seen)])
     table = table.sort([schema.USER_ID, "rank"])
@@ -299,6 +298,26 @@ def tuning_users(histories: pl.DataFrame, n: int) -> pl.DataFrame:
 
     key = user_hash(pl.col(schema.USER_ID), histories.schema[schema.USER_ID])
     return histories.with_columns(key.alias("_hash")).sort("_hash", schema.USER_ID).head(n).drop("_hash")
+
+
+def night_tuning_users(night: FeatureSet, trained: TrainedModel, n: int) -> pl.DataFrame:
+    """:func:`tuning_users` of the whole ``night``'s histories that the model knows, without building them all:
+    histories are built for the users of smallest hash only, ``n`` first, twice as many while fewer than ``n`` of
+    them have an item the model knows (and users remain), so one shard of a large night pays for about ``n``
+    histories, not the night's."""
+    from recsys.sharding import user_hash
+
+    users = night.user_map.filter(pl.col(schema.USER_IDX).is_in(night.sequences[schema.USER_IDX].implode()))
+    key = user_hash(pl.col(schema.USER_ID), users.schema[schema.USER_ID])
+    ordered = users.with_columns(key.alias("_hash")).sort("_hash", schema.USER_ID)[schema.USER_IDX]
+    types = type_translation(trained, night.event_types)
+    take = max(n, 1)
+    while True:
+        part = replace(night, sequences=night.sequences.filter(pl.col(schema.USER_IDX).is_in(ordered[:take].implode())))
+        known = model_histories(part, trained.item_map, types).filter(pl.col("items").list.len() > 0)
+        if known.height >= n or take >= len(ordered):
+            return tuning_users(known, n)
+        take *= 2
 
 
 def _model_top_k(

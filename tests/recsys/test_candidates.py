@@ -227,6 +227,13 @@ def test_an_allow_list_too_short_for_the_index_is_searched_exactly(setup):
 # ---- seen items competing, with the model's repeat bias -------------------------------------------------------
 
 
+def _train_only(histories: list[list[int]]) -> pl.DataFrame:
+    """A SEQUENCES table of train items only: user_idx i holds ``histories[i]``."""
+    n, lists = len(histories), pl.List(pl.Int32)
+    return pl.DataFrame({"user_idx": range(n), "train_items": histories, "val_items": [[]] * n, "test_items": [[]] * n},
+                        schema={"user_idx": pl.Int32, "train_items": lists, "val_items": lists, "test_items": lists})
+
+
 def _repeat_setup(n_items: int = 40, n_users: int = 30) -> tuple[TrainedModel, FeatureSet, list[list[int]]]:
     torch.manual_seed(1)
     model = SASRec(n_items=n_items, max_len=6, hidden=8, n_blocks=1, n_heads=1, dropout=0.0,
@@ -240,11 +247,7 @@ def _repeat_setup(n_items: int = 40, n_users: int = 30) -> tuple[TrainedModel, F
                          schema={"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
     users = pl.DataFrame({"user_id": range(n_users), "user_idx": range(n_users)},
                          schema={"user_id": pl.Int64, "user_idx": pl.Int32})
-    lists = pl.List(pl.Int32)
-    sequences = pl.DataFrame({"user_idx": range(n_users), "train_items": histories, "val_items": [[]] * n_users,
-                              "test_items": [[]] * n_users},
-                             schema={"user_idx": pl.Int32, "train_items": lists, "val_items": lists,
-                                     "test_items": lists})
+    sequences = _train_only(histories)
     feats = FeatureSet(sequences, users, items, {"n_users": n_users, "n_items": n_items})
     return TrainedModel(model, users, items), feats, histories
 
@@ -524,3 +527,37 @@ def test_shards_tune_on_the_same_users_as_the_whole_night_so_their_union_is_the_
         tuned.append(part_stats["search"]["tuning_tried"])  # the recall at each value tried: the same users
     assert tuned == [stats["search"]["tuning_tried"]] * 2
     assert pl.concat(parts).sort("user_id", "rank").equals(whole.sort("user_id", "rank"))
+
+
+def test_a_shard_picks_the_nights_tuning_users_without_building_every_history(monkeypatch):
+    """night_tuning_users builds histories for the smallest-hash users only (doubling while too few have an item
+    the model knows): the same users, in the same order, as tuning_users over the whole night's histories."""
+    from recsys.candidates import model_histories, night_tuning_users, tuning_users
+
+    torch.manual_seed(0)
+    model = SASRec(n_items=10, max_len=4, hidden=8, n_blocks=1, n_heads=1, dropout=0.0).eval()
+    ids = pl.Schema({"item_id": pl.Int64, "item_idx": pl.Int32, "train_count": pl.Int64})
+    model_items = pl.DataFrame({"item_id": range(1, 11), "item_idx": range(1, 11), "train_count": [1] * 10},
+                               schema=ids)
+    item_map = pl.DataFrame({"item_id": range(1, 21), "item_idx": range(1, 21), "train_count": [1] * 20}, schema=ids)
+    rng = np.random.default_rng(3)
+    n_users = 300  # two thirds know only items 11..20, which the model never saw
+    histories = [rng.integers(1 if u % 3 == 0 else 11, 21, size=int(rng.integers(1, 6))).tolist()
+                 for u in range(n_users)]
+    users = pl.DataFrame({"user_id": [f"u{u}" for u in range(n_users)], "user_idx": range(n_users)},
+                         schema={"user_id": pl.String, "user_idx": pl.Int32})
+    sequences = _train_only(histories)
+    night = FeatureSet(sequences, users, item_map, {"n_users": n_users, "n_items": 20})
+    trained = TrainedModel(model, users, model_items)
+    whole = model_histories(night, model_items).filter(pl.col("items").list.len() > 0)
+    import recsys.candidates
+
+    built: list[int] = []
+    monkeypatch.setattr(recsys.candidates, "model_histories",
+                        lambda feats, *a: built.append(feats.sequences.height) or model_histories(feats, *a))
+    for n in (1, 7, 40, 5000):
+        built.clear()
+        got = night_tuning_users(night, trained, n)
+        assert got.equals(tuning_users(whole, n)), n
+        assert got.height == min(n, whole.height)
+        assert max(built) <= (n_users if n > 40 else 8 * n), (n, built)  # a few times n, not the night
