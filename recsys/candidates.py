@@ -18,6 +18,7 @@ cannot be scored and are counted as ``allowed_items_unknown``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -370,13 +371,37 @@ def _model_top_k(
                     factory, len(rows))
         factory = "Flat"
         index = build_index(items, factory)
+    # With the repeat bias a window item may climb past the plain top k: take k + max_len by plain score, add
+    # the bonus, keep the best k (a window item outside those is added below with its exact score).
+    wide = min(k + trained.model.max_len, len(items)) if repeats else k
+    allowed_rows = None if position is None else position >= 0
+
+    def with_bonus(found: np.ndarray, found_scores: np.ndarray, histories: pl.DataFrame, vectors: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:  # index rows -> item table rows, plus the repeat bonus
+        if rows is not None:
+            found = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+        if not repeats:
+            return found, found_scores
+        return with_repeat_bias(trained.model, histories["items"], vectors, table, found, found_scores, k,
+                                allowed_rows, cfg.batch_size, histories.get_column("types", default=None))
+
+    def biased_recall_parts(histories: pl.DataFrame, vectors: np.ndarray
+                            ) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+        """Seen items competing with the bonus: the exact reference (exact search, same widening and bonus) and
+        the published lists of these users as the index is set when called."""
+        truth = with_bonus(*exact_search(items, vectors, wide), histories, vectors)[0]
+        return truth, lambda: with_bonus(*search_top_k(index, vectors, wide, None, batch_size=cfg.batch_size,
+                                                       item_vectors=items)[:2], histories, vectors)[0]
+
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
     tuned: dict[str, Any] = {}
     if tune_on is not None:  # cfg.target_recall: before the search, as it sets nprobe / efSearch
         tune_users = user_vectors(trained.model, tune_on["items"], cfg.batch_size,
                                   tune_on.get_column("types", default=None))
-        tuning = tune_index(index, items, tune_users, k, cfg.target_recall, seen_of(tune_on["items"].to_list()))
+        truth, publish = biased_recall_parts(tune_on, tune_users) if repeats else (None, None)
+        tuning = tune_index(index, items, tune_users, k, cfg.target_recall, seen_of(tune_on["items"].to_list()),
+                            exact_ids=truth, publish=publish)
         # The recall recorded (and gated by min_recall) is measured on OTHER users: on the tuning sample it
         # reaches the target by construction and overstates the recall of everyone else.
         rest = np.flatnonzero(~scored[schema.USER_ID].is_in(tune_on[schema.USER_ID].implode()).to_numpy())
@@ -386,25 +411,12 @@ def _model_top_k(
                  "tuning_tried": [list(t) for t in tuning.tried], "recall_held_out": bool(len(rest))}
         if len(rest):  # else (every user in the tuning sample) the recall is that sample's, and says so
             sample = rng.choice(rest, size=min(cfg.recall_sample, len(rest)), replace=False)
-    # With the repeat bias a window item may climb past the plain top k: take k + max_len by plain score, add
-    # the bonus, keep the best k (a window item outside those is added below with its exact score).
-    wide = min(k + trained.model.max_len, len(items)) if repeats else k
-    ids, scores, stats = search_top_k(index, users, wide, seen, batch_size=cfg.batch_size, item_vectors=items)
-    if rows is not None:  # index rows -> item table rows
-        ids = np.where(ids >= 0, rows[np.maximum(ids, 0)], -1)
-    if repeats:
-        allowed_rows = None if position is None else position >= 0
-        ids, scores = with_repeat_bias(trained.model, scored["items"], users, table, ids, scores, k, allowed_rows,
-                                       cfg.batch_size, scored.get_column("types", default=None))
+    found, found_scores, stats = search_top_k(index, users, wide, seen, batch_size=cfg.batch_size,
+                                              item_vectors=items)
+    ids, scores = with_bonus(found, found_scores, scored, users)
     if repeats:  # the published lists carry the bonus: so does the exact reference (the same widening, exact)
-        ref_ids, ref_scores = exact_search(items, users[sample], wide)  # seen items compete: none excluded
-        if rows is not None:
-            ref_ids = np.where(ref_ids >= 0, rows[np.maximum(ref_ids, 0)], -1)
-        types = scored.get_column("types", default=None)
-        ref_ids, _ = with_repeat_bias(trained.model, scored["items"].gather(sample), users[sample], table, ref_ids,
-                                      ref_scores, k, allowed_rows, cfg.batch_size,
-                                      None if types is None else types.gather(sample))
-        recall = recall_at_k(ref_ids, ids[sample])
+        truth, _ = biased_recall_parts(scored[sample], users[sample])
+        recall = recall_at_k(truth, ids[sample])
     else:
         recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     if recall is None:

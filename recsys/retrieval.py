@@ -399,6 +399,7 @@ def tune_index(
     seen_sample: SeenItems = None,
     exact_ids: np.ndarray | None = None,
     max_value: int | None = None,
+    publish: Callable[[], np.ndarray] | None = None,
 ) -> Tuning:
     """Raise nprobe (IVF) or efSearch (HNSW) step by step, doubling, until the recall@k of the published lists
     (:func:`ann_recall`'s: the index with its exact fallback) against exact search on ``user_sample`` reaches
@@ -408,7 +409,9 @@ def tune_index(
     ``exact_ids`` (S, k) row positions (-1 = none) of the exact top-k of the sample with ``seen_sample``
     excluded, e.g. from :func:`recsys.topk.top_k_blocked`; default the same over ``item_vectors``. If no value
     reaches the target, the largest tried is kept and a warning logged. An index with no such parameter (Flat)
-    is measured once and left as is. Raises ``ValueError`` on a target outside
+    is measured once and left as is. ``publish`` (with ``exact_ids``): the (S, k) lists a job publishes from
+    the index as it is now set, when they are more than :func:`search_top_k`'s (the candidates job's repeat
+    bonus); ``exact_ids`` is then their exact reference. Raises ``ValueError`` on a target outside
     (0, 1] or an ``exact_ids`` of the wrong shape.
     """
     if not 0.0 < target_recall <= 1.0:
@@ -420,16 +423,19 @@ def tune_index(
     if not (truth >= 0).any():  # every sampled user saw every item: nothing to tune on, the index is left as is
         logger.warning("tune: no user of the %d sampled has an unseen item; the index is left untuned", len(users))
         return Tuning(None, None, None, False, ())
+    if publish is None:
+        def publish() -> np.ndarray:
+            return _published_ids(index, item_vectors, users, k, seen_sample)
     knob = _search_parameter(index, k, max_value)
     if knob is None:
-        recall = recall_at_k(truth, _published_ids(index, item_vectors, users, k, seen_sample))
+        recall = recall_at_k(truth, publish())
         return Tuning(None, None, recall, recall >= target_recall, ())
     name, values = knob
     tried: dict[int, float] = {}
 
     def reaches(value: int) -> bool:
         faiss.ParameterSpace().set_index_parameter(index, name, value)
-        tried[value] = recall_at_k(truth, _published_ids(index, item_vectors, users, k, seen_sample))
+        tried[value] = recall_at_k(truth, publish())
         logger.info("tune %s=%d: recall@%d %.4f (target %.4f)", name, value, k, tried[value], target_recall)
         return tried[value] >= target_recall
 

@@ -300,6 +300,22 @@ def test_the_recall_of_repeat_bonus_lists_is_that_of_the_published_lists(allow):
         "search"]["ann_recall_at_k"] == 1.0
 
 
+def test_target_recall_tunes_on_the_lists_published_with_the_repeat_bonus():
+    """The tuner measured the index's plain top k, not the lists published (the plain top k + max_len, then the
+    bonus): the recall it reached and recorded was another one. Every user here is in the tuning sample, so the
+    tuning recall must be the published lists' recall against the exact (Flat) night, and reach the target."""
+    trained, feats, _ = _repeat_setup(n_items=400, n_users=60)
+    common = {"k": 5, "exclude_seen": False, "recall_sample": 60}
+    exact, _ = generate_candidates(trained, feats, CandidatesConfig(index="Flat", **common))
+    for target in (0.8, 0.9, 0.97):
+        tuned, stats = generate_candidates(trained, feats, CandidatesConfig(index="IVF16,Flat", target_recall=target,
+                                                                            **common))
+        lists = [t.group_by("user_id").agg("item_id").sort("user_id")["item_id"].to_list() for t in (exact, tuned)]
+        published = np.mean([len(set(e) & set(a)) for e, a in zip(*lists, strict=True)]) / 5
+        assert stats["search"]["tuning_recall"] == pytest.approx(published), target
+        assert published >= target
+
+
 def test_the_min_recall_advice_names_what_to_raise():
     from recsys.candidates import recall_violations
 
