@@ -61,7 +61,7 @@ class _Parser(argparse.ArgumentParser):
     (argparse's usage text would be the one non-JSON line a log collector gets); exit 2 either way."""
 
     def error(self, message: str) -> NoReturn:
-        if os.environ.get("RECSYS_LOG_FORMAT", "").strip().lower() == "json":
+        if _json_requested():
             _early_fail(self.prog.split()[-1], f"{self.prog}: {message} (see {self.prog} --help)")
             self.exit(EXIT_USAGE)
         super().error(message)
@@ -167,6 +167,12 @@ class JsonFormatter(logging.Formatter):
 
 
 _CONSOLE = "to_console"  # a log record's attribute: False keeps it out of stderr (see _fail)
+
+
+def _json_requested() -> bool:
+    """Whether RECSYS_LOG_FORMAT asks for JSON, read without validating it (for failures before or instead of
+    :func:`_log_format`, which refuses any other value than text / json)."""
+    return os.environ.get("RECSYS_LOG_FORMAT", "").strip().lower() == "json"
 
 
 def _log_format() -> str:
@@ -382,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 def _early_fail(job: str, text: str) -> None:
     """A failure before the job's logging is set up: plain text on stderr, or with RECSYS_LOG_FORMAT=json one
     JSON line as every other stderr line then is (a value other than text/json is itself this failure)."""
-    if os.environ.get("RECSYS_LOG_FORMAT", "").strip().lower() == "json":
+    if _json_requested():
         record = logging.LogRecord("recsys", logging.ERROR, __file__, 0, text, None, None)
         print(JsonFormatter(job).format(record), file=sys.stderr)
     else:

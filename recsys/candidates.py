@@ -18,7 +18,6 @@ cannot be scored and are counted as ``allowed_items_unknown``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -292,13 +291,18 @@ def generate_candidates(
     return table, {**counts, "search": search}
 
 
+def _by_user_hash(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` (with a user_id column) sorted by :func:`recsys.sharding.user_hash`, then user_id."""
+    from recsys.sharding import user_hash
+
+    key = user_hash(pl.col(schema.USER_ID), frame.schema[schema.USER_ID])
+    return frame.with_columns(key.alias("_hash")).sort("_hash", schema.USER_ID).drop("_hash")
+
+
 def tuning_users(histories: pl.DataFrame, n: int) -> pl.DataFrame:
     """The ``n`` rows of ``histories`` whose users have the smallest :func:`recsys.sharding.user_hash`: a sample
     that depends neither on the order of the users nor on which shard of the night draws it."""
-    from recsys.sharding import user_hash
-
-    key = user_hash(pl.col(schema.USER_ID), histories.schema[schema.USER_ID])
-    return histories.with_columns(key.alias("_hash")).sort("_hash", schema.USER_ID).head(n).drop("_hash")
+    return _by_user_hash(histories).head(n)
 
 
 def night_tuning_users(night: FeatureSet, trained: TrainedModel, n: int) -> pl.DataFrame:
@@ -306,11 +310,8 @@ def night_tuning_users(night: FeatureSet, trained: TrainedModel, n: int) -> pl.D
     histories are built for the users of smallest hash only, ``n`` first, twice as many while fewer than ``n`` of
     them have an item the model knows (and users remain), so one shard of a large night pays for about ``n``
     histories, not the night's."""
-    from recsys.sharding import user_hash
-
     users = night.user_map.filter(pl.col(schema.USER_IDX).is_in(night.sequences[schema.USER_IDX].implode()))
-    key = user_hash(pl.col(schema.USER_ID), users.schema[schema.USER_ID])
-    ordered = users.with_columns(key.alias("_hash")).sort("_hash", schema.USER_ID)[schema.USER_IDX]
+    ordered = _by_user_hash(users)[schema.USER_IDX]
     types = type_translation(trained, night.event_types)
     take = max(n, 1)
     while True:
@@ -385,13 +386,9 @@ def _model_top_k(
         return with_repeat_bias(trained.model, histories["items"], vectors, table, found, found_scores, k,
                                 allowed_rows, cfg.batch_size, histories.get_column("types", default=None))
 
-    def biased_recall_parts(histories: pl.DataFrame, vectors: np.ndarray
-                            ) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
-        """Seen items competing with the bonus: the exact reference (exact search, same widening and bonus) and
-        the published lists of these users as the index is set when called."""
-        truth = with_bonus(*exact_search(items, vectors, wide), histories, vectors)[0]
-        return truth, lambda: with_bonus(*search_top_k(index, vectors, wide, None, batch_size=cfg.batch_size,
-                                                       item_vectors=items)[:2], histories, vectors)[0]
+    def exact_with_bonus(histories: pl.DataFrame, vectors: np.ndarray) -> np.ndarray:
+        """Seen items competing: the exact reference of the published lists (exact search, same widening, bonus)."""
+        return with_bonus(*exact_search(items, vectors, wide), histories, vectors)[0]
 
     rng = np.random.default_rng(0)
     sample = rng.choice(len(lists), size=min(cfg.recall_sample, len(lists)), replace=False)
@@ -399,9 +396,13 @@ def _model_top_k(
     if tune_on is not None:  # cfg.target_recall: before the search, as it sets nprobe / efSearch
         tune_users = user_vectors(trained.model, tune_on["items"], cfg.batch_size,
                                   tune_on.get_column("types", default=None))
-        truth, publish = biased_recall_parts(tune_on, tune_users) if repeats else (None, None)
+        def publish() -> np.ndarray:  # the lists published for the tuning users, as the index is set now
+            found = search_top_k(index, tune_users, wide, None, batch_size=cfg.batch_size, item_vectors=items)
+            return with_bonus(found.ids, found.scores, tune_on, tune_users)[0]
+
         tuning = tune_index(index, items, tune_users, k, cfg.target_recall, seen_of(tune_on["items"].to_list()),
-                            exact_ids=truth, publish=publish)
+                            exact_ids=exact_with_bonus(tune_on, tune_users) if repeats else None,
+                            publish=publish if repeats else None)
         # The recall recorded (and gated by min_recall) is measured on OTHER users: on the tuning sample it
         # reaches the target by construction and overstates the recall of everyone else.
         rest = np.flatnonzero(~scored[schema.USER_ID].is_in(tune_on[schema.USER_ID].implode()).to_numpy())
@@ -415,8 +416,7 @@ def _model_top_k(
                                               item_vectors=items)
     ids, scores = with_bonus(found, found_scores, scored, users)
     if repeats:  # the published lists carry the bonus: so does the exact reference (the same widening, exact)
-        truth, _ = biased_recall_parts(scored[sample], users[sample])
-        recall = recall_at_k(truth, ids[sample])
+        recall = recall_at_k(exact_with_bonus(scored[sample], users[sample]), ids[sample])
     else:
         recall = ann_recall(index, items, users[sample], k, [seen[i] for i in sample])
     if recall is None:
