@@ -137,12 +137,21 @@ class JobRun:
     def _register(self, artifact_path: str, digest: str | None) -> str:
         import mlflow
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         client = MlflowClient()
         name = self.registered_model
-        if client.search_registered_models(filter_string=f"name = '{name}'") == []:
-            client.create_registered_model(name)
-        elif digest is not None:
+        exists = client.search_registered_models(filter_string=f"name = '{name}'") != []
+        if not exists:
+            try:
+                client.create_registered_model(name)
+            except MlflowException as exc:  # another job's first registration (a shard, a rerun), or a
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # retried request whose first reply was lost
+                    raise
+                log.info("registered model %s was created meanwhile (another job, or a retried request): "
+                         "registering into it", name)
+                exists = True
+        if exists and digest is not None:
             same = [mv for mv in client.search_model_versions(f"name = '{name}'")
                     if mv.tags.get(CONTENT_TAG) == digest]
             if same:
