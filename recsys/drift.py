@@ -1,6 +1,8 @@
 """Night-over-night drift of candidate lists, and the gate that refuses to publish a drifted night.
 
-Both inputs are schema.CANDIDATES tables; only each user's top K (by ``rank``) counts.
+Both inputs are schema.CANDIDATES tables; only each user's top K (by ``rank``) counts, K the smaller of
+tonight's K and the previous night's (its longest list): a night whose only change is a larger
+``candidates.k`` (or allow list) compares its top 50 with last night's 50, not its 100 with them.
 
 - overlap@K of a user present both nights = |today ∩ previous| / max(|today|, |previous|) (= / K for full
   lists); ``mean_overlap_at_k`` averages it over those users;
@@ -26,14 +28,17 @@ class DriftError(RuntimeError):
 
 def drift_report(today: pl.DataFrame, previous: pl.DataFrame | None, k: int) -> dict[str, Any]:
     """Drift statistics of ``today`` against ``previous`` (None: no earlier night; statistics are null)."""
-    a = _top(today, k)
-    users_today = a[schema.USER_ID].n_unique()
+    users_today = today[schema.USER_ID].n_unique()
     if previous is None:
-        return {"k": k, "users_today": users_today, "users_previous": None, "users_common": None,
-                "users_lost": None, "users_unmatched": None, "users_gained": None, "mean_overlap_at_k": None,
-                "new_items": None, "new_item_share": None}
+        return {"k": k, "k_previous": None, "k_compared": None, "users_today": users_today,
+                "users_previous": None, "users_common": None, "users_lost": None, "users_unmatched": None,
+                "users_gained": None, "mean_overlap_at_k": None, "new_items": None, "new_item_share": None}
+    k_previous = previous["rank"].max()
+    k_previous = None if k_previous is None else int(k_previous)  # type: ignore[arg-type]
+    k_compared = k if k_previous is None else min(k, k_previous)
+    a = _top(today, k_compared)
     # the previous night's ids in tonight's dtypes (data.*_id_type may have changed in between)
-    top = schema.with_id_dtype(_top(previous, k), schema.ITEM_ID, today.schema[schema.ITEM_ID])
+    top = schema.with_id_dtype(_top(previous, k_compared), schema.ITEM_ID, today.schema[schema.ITEM_ID])
     top = top.unique(maintain_order=True)  # text ids '7' and '07' of one list are one item 7 now: one hit, not two
     b, users_previous, users_unmatched = _matched_users(top, today.schema[schema.USER_ID])
     sizes_a = a.group_by(schema.USER_ID).len("n_today")
@@ -48,6 +53,8 @@ def drift_report(today: pl.DataFrame, previous: pl.DataFrame | None, k: int) -> 
     new_items = int((~items_today.is_in(top[schema.ITEM_ID].unique().implode())).sum())  # every list counts
     return {
         "k": k,
+        "k_previous": k_previous,
+        "k_compared": k_compared,
         "users_today": users_today,
         "users_previous": users_previous,
         "users_common": common.height,
@@ -65,7 +72,7 @@ def drift_violations(report: dict[str, Any], cfg: CandidatesConfig) -> list[str]
     out = []
     overlap, share = report["mean_overlap_at_k"], report["new_item_share"]
     if cfg.min_overlap is not None and overlap is not None and overlap < cfg.min_overlap:
-        out.append(f"mean overlap@{report['k']} {overlap:.4f} < candidates.min_overlap {cfg.min_overlap}")
+        out.append(f"mean overlap@{report['k_compared']} {overlap:.4f} < candidates.min_overlap {cfg.min_overlap}")
     elif cfg.min_overlap is not None and overlap is None and report["users_previous"]:
         # an empty night, or every user re-keyed: nothing to measure is not a pass
         out.append(f"no user in common with the previous night ({report['users_previous']} users then, "

@@ -85,3 +85,20 @@ def test_text_item_ids_that_become_one_number_count_one_hit():
     previous = pl.DataFrame({"user_id": ["1"] * 3, "item_id": ["7", "07", "007"], "score": [0.0] * 3,
                              "rank": [1, 2, 3]}, schema={**s, "user_id": pl.String, "item_id": pl.String})
     assert drift_report(today, previous, 3)["mean_overlap_at_k"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("k_previous, k_tonight", [(50, 100), (100, 50)])
+def test_a_changed_k_compares_the_shorter_lists_not_a_drift(k_previous, k_tonight):
+    """candidates.k raised from 50 to 100 with the same ranking: tonight's items at ranks 51-100 were counted as
+    new and the overlap divided by 100 (0.5), so an unchanged night failed the gate."""
+    ranking = {u: list(range(1 + u, 201 + u)) for u in range(1, 6)}
+    previous = _lists({u: items[:k_previous] for u, items in ranking.items()})
+    today = _lists({u: items[:k_tonight] for u, items in ranking.items()})
+    report = drift_report(today, previous, k=k_tonight)
+    assert report["k"] == k_tonight and report["k_previous"] == k_previous and report["k_compared"] == 50
+    assert report["mean_overlap_at_k"] == 1.0 and report["new_items"] == 0
+    assert drift_violations(report, CandidatesConfig(min_overlap=0.99, max_new_item_share=0.0)) == []
+    shifted = _lists({u: items[10:10 + k_tonight] for u, items in ranking.items()})  # a real change still counts
+    moved = drift_report(shifted, previous, k=k_tonight)
+    assert moved["mean_overlap_at_k"] == pytest.approx(40 / 50)
+    assert "mean overlap@50 0.8000" in drift_violations(moved, CandidatesConfig(min_overlap=0.9))[0]
