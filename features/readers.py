@@ -10,14 +10,18 @@ input raises :class:`InputDataError`, never a raw polars error.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
+import gzip
+import io
 import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import polars as pl
 
@@ -262,10 +266,20 @@ def _scan_movielens(data: DataConfig, path: Path) -> _Raw:
     return _select(lf, path, columns, unit="line")
 
 
+def _open_bytes(path: Path) -> BinaryIO:
+    """``path`` opened for reading bytes, gzip-compressed files decompressed (as the CSV reader does): the line
+    formats and the error diagnostics read the text the reader saw, not the compressed bytes."""
+    with path.open("rb") as fh:
+        magic = fh.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else path.open("rb")  # type: ignore[return-value]
+
+
 def _read_lines(path: Path, data: DataConfig) -> pl.DataFrame:
     """Non-blank lines of a text file: ``_pos`` (1-based line number) and ``_tokens`` (whitespace-split)."""
+    with _open_bytes(path) as fh:
+        raw = fh.read()
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the first id
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first id
     except UnicodeDecodeError as exc:
         raise _utf8_error(path, data) from exc
     lines = pl.DataFrame({"line": text.split("\n")}).with_row_index(POS, offset=1)
@@ -442,7 +456,7 @@ def _first_ragged_line(path: Path, data: DataConfig, short: bool) -> tuple[int, 
         "movielens_csv": (",", '"'),
     }.get(data.format, (data.separator, '"'))
     quoting = csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE
-    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+    with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
         rows = csv.reader(fh, delimiter=separator, quotechar=quote, quoting=quoting)
         width = len(next(rows, []))
         for row in rows:
@@ -452,27 +466,55 @@ def _first_ragged_line(path: Path, data: DataConfig, short: bool) -> tuple[int, 
 
 
 def _utf8_error(path: Path, data: DataConfig) -> InputDataError:
-    """Error naming the line (and, for csv with a header, the column) of the first invalid UTF-8 byte."""
-    raw = path.read_bytes()
+    """Error naming the line (and, for csv with a header, the column) of the first invalid UTF-8 byte. The
+    file is read in 1 MiB pieces (a 30 GB export with one bad byte near its end must not be held in memory)."""
     where = ""
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        where = f" (byte 0x{raw[exc.start]:02x} at line {line}"
-        where += _csv_column_at(raw, exc.start, data) + ")"
+    found = _first_invalid_utf8(path)
+    if found is not None:
+        line, byte, header, before = found
+        where = f" (byte 0x{byte:02x} at line {line}" + _csv_column_at(header, before, data) + ")"
     return InputDataError(
         f"{path} is not valid UTF-8 text{where}. Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
     )
 
 
-def _csv_column_at(raw: bytes, offset: int, data: DataConfig) -> str:
-    """ ", column 'name'" for the header column holding byte ``offset`` of a csv file with a header."""
+def _first_invalid_utf8(path: Path, piece: int = 1 << 20) -> tuple[int, int, bytes, bytes] | None:
+    """(line number, the byte, the first line, the bytes of its line before it) of the first byte of
+    ``path`` that is not UTF-8, None if there is none."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, header, current = 1, None, b""  # current: the bytes of the line being read, up to the last piece
+    with _open_bytes(path) as fh:
+        while True:
+            chunk = fh.read(piece)
+            try:
+                decoder.decode(chunk, final=not chunk)
+                bad = None
+            except UnicodeDecodeError as exc:
+                pending = len(exc.object) - len(chunk)  # bytes of an unfinished character carried over
+                bad = exc.start - pending  # its offset in chunk (< 0: it began in the previous piece)
+                first = exc.object[exc.start]
+            end = len(chunk) if bad is None else max(bad, 0)
+            text = current + chunk[:end]
+            cut = text.rfind(b"\n")
+            if header is None and cut >= 0:
+                header = text[: text.find(b"\n")]
+            line += text.count(b"\n", len(current))
+            if bad is not None:
+                before = text[cut + 1 :] if bad >= 0 else current[: len(current) + bad]
+                return line, first, header if header is not None else text, before
+            if not chunk:
+                return None
+            current = text[cut + 1 :]
+
+
+def _csv_column_at(header: bytes, before: bytes, data: DataConfig) -> str:
+    """ ", column 'name'" for the header column of a csv file with a header whose line starts with the bytes
+    ``before`` up to the byte in question."""
     if data.format not in ("csv", "movielens_csv"):
         return ""
     separator = ("," if data.format == "movielens_csv" else data.separator).encode()
-    header = raw.split(b"\n", 1)[0].rstrip(b"\r").split(separator)
-    field = raw[raw.rfind(b"\n", 0, offset) + 1 : offset].count(separator)
-    if field >= len(header):
+    names = header.rstrip(b"\r").split(separator)
+    field = before.count(separator)
+    if field >= len(names):
         return ""
-    return f", column '{header[field].decode('utf-8', 'replace')}'"
+    return f", column '{names[field].decode('utf-8', 'replace')}'"

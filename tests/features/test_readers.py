@@ -310,3 +310,42 @@ def test_a_fraction_of_a_second_in_a_parquet_datetime_is_reported(tmp_path, capl
     with caplog.at_level("WARNING", logger="features.validation"):
         _read(DataConfig(format="parquet"), path)
     assert "1 timestamp(s) have a fraction of a second" in caplog.text
+
+
+def test_gzip_files_read_as_their_plain_text(tmp_path):
+    """A .csv.gz with an empty last field was refused as "a line cut short": the short-line check read the
+    compressed bytes. The line formats read the decompressed text too."""
+    import gzip
+
+    rows = "user_id,item_id,timestamp,event_type\n1,10,100,view\n1,11,101,\n2,10,102,buy\n"
+    plain, packed = tmp_path / "events.csv", tmp_path / "events.csv.gz"
+    plain.write_text(rows)
+    packed.write_bytes(gzip.compress(rows.encode()))
+    data = DataConfig(event_type_col="event_type")
+    assert _read(data, packed).equals(_read(data, plain))
+    short = tmp_path / "short.csv.gz"  # a real short line is still found in a compressed file
+    short.write_bytes(gzip.compress(b"user_id,item_id,timestamp,event_type\n1,10,100,view\n1,11\n"))
+    with pytest.raises(InputDataError, match="line 3 has 2 field"):
+        read_events(data, short).collect()
+    lines = tmp_path / "seq.txt.gz"
+    lines.write_bytes(gzip.compress(b"1 10 11\n2 12\n"))
+    assert _triples(_read(DataConfig(format="sequence_lines"), lines)) == [(1, 10, 0), (1, 11, 1), (2, 12, 0)]
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 1 << 20])
+def test_the_first_invalid_utf8_byte_is_found_piece_by_piece(tmp_path, piece):
+    """The file is scanned in pieces (not read whole): the line and column of the first bad byte do not depend
+    on where the pieces end, also when a valid multi-byte character or the bad sequence spans two pieces."""
+    from features.readers import _first_invalid_utf8, _utf8_error
+
+    path = tmp_path / "events.csv"
+    path.write_bytes("user_id,item_id,title\n1,2,café\n3,4,naïve €\n".encode() + b"5,6,t\xc3(x\n7,8,z\n")
+    line, byte, header, before = _first_invalid_utf8(path, piece)
+    assert (line, byte, header, before) == (4, 0xC3, b"user_id,item_id,title", b"5,6,t")
+    assert "byte 0xc3 at line 4, column 'title'" in str(_utf8_error(path, DataConfig()))
+    good = tmp_path / "good.csv"
+    good.write_bytes("user_id,item_id\n1,é\n".encode())
+    assert _first_invalid_utf8(good, piece) is None
+    truncated = tmp_path / "truncated.csv"  # a character cut off by the end of the file
+    truncated.write_bytes(b"user_id,item_id\n1,2\n3,\xe2\x82")
+    assert _first_invalid_utf8(truncated, piece)[:2] == (3, 0xE2)
