@@ -86,17 +86,24 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     remove_stale_temps(target.parent)
     gate = InputGate.of(cfg.features, target, run_date or datetime.now(UTC).date())
     rows = attribute_rows(cfg)  # first: a bad attribute file fails before the events are processed
-    if cfg.features.partitions > 1:
-        manifest = build_out_of_core(cfg, events, path, stamps, target, gate, rows)
-    else:
-        kept, accounting = select_rows(events, cfg.features)
-        _check_kept(accounting, path, cfg.features)
-        cold, named = cold_items(cfg, rows, events)
-        item_index, event_items = catalogue(kept, cold)
-        tables = encode_and_split(kept, cfg.features, item_index, event_type_index(kept, path))
-        manifest = gate.check(build_manifest(cfg, path, stamps, accounting, tables), path)
-        attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], event_items, named)
-        write_features(target, tables | attributes, manifest, cfg)
+    try:
+        if cfg.features.partitions > 1:
+            manifest = build_out_of_core(cfg, events, path, stamps, target, gate, rows)
+        else:
+            kept, accounting = select_rows(events, cfg.features)
+            _check_kept(accounting, path, cfg.features)
+            cold, named = cold_items(cfg, rows, events)
+            item_index, event_items = catalogue(kept, cold)
+            tables = encode_and_split(kept, cfg.features, item_index, event_type_index(kept, path))
+            manifest = gate.check(build_manifest(cfg, path, stamps, accounting, tables), path)
+            attributes, manifest["item_features"] = item_attributes(cfg, rows, tables["item_map"], event_items,
+                                                                    named)
+            write_features(target, tables | attributes, manifest, cfg)
+    except (pl.exceptions.PolarsError, OSError):
+        # the files are read again after validation: an exporter still appending (a line that no longer
+        # parses) or a file removed meanwhile fails that read; the cause to report is the change (exit 3)
+        check_unchanged(stamps)
+        raise
     logger.info(
         "features: %d users, %d items, %d events kept",
         manifest["n_users"],

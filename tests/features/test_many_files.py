@@ -191,3 +191,32 @@ def test_the_files_read_are_the_files_listed_validated_and_fingerprinted(tmp_pat
     with pytest.raises(InputDataError, match=r"date=2\.csv changed while the features were built from it"):
         _build(parts, tmp_path / "work2", "csv")
     assert not (tmp_path / "work2" / "features").exists()
+
+
+@pytest.mark.parametrize("partitions", ["1", "2"])
+@pytest.mark.parametrize("change", ["a line that no longer parses", "removed"])
+def test_a_file_changed_so_that_its_second_read_fails_is_named_not_a_polars_error(tmp_path, monkeypatch, partitions,
+                                                                               change):
+    """The exporter appends a line with an extra field (or the file goes) after validation: the policies'
+    read failed with a raw polars ComputeError ("found more fields than defined in 'Schema'"), exit 1; the
+    change is the cause, as for a change that still parses."""
+    import features.build
+
+    path = tmp_path / "events.csv"
+    path.write_text("user_id,item_id,timestamp\n" + "".join(f"{i % 9},{i % 7},{100 + i}\n" for i in range(50)))
+    read = features.build.read_events
+
+    def read_then_change(*args: object) -> pl.LazyFrame:
+        frame = read(*args)  # validated
+        if change == "removed":
+            path.unlink()
+        else:
+            with path.open("a") as fh:
+                fh.write("3,4,999,extra\n")
+        return frame
+
+    monkeypatch.setattr(features.build, "read_events", read_then_change)
+    verb = "was removed" if change == "removed" else "changed"
+    with pytest.raises(InputDataError, match=rf"events\.csv {verb} while the features were built from it"):
+        _build(path, tmp_path / "work", "csv", f"features.partitions={partitions}")
+    assert not (tmp_path / "work" / "features").exists()
