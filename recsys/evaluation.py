@@ -139,6 +139,13 @@ def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_l
     )
 
 
+def users_without_history(sequences: pl.DataFrame, split: Literal["val", "test"]) -> int:
+    """Users with a ``split`` target but no event before it (:func:`build_eval_set` leaves them out: no scorer
+    ranks them), e.g. under ``features.split: time`` users whose events all fall after the cutoff."""
+    history = split_histories(sequences, split)["history"].list.len()
+    return int(((history == 0) & (sequences[f"{split}_items"].list.len() > 0)).sum())
+
+
 def _check_items(eval_set: EvalSet, n_items: int) -> None:
     for name in ("history", "targets"):
         values: torch.Tensor = getattr(eval_set, name)
@@ -434,6 +441,11 @@ def evaluate_all(
         raise ValueError("evaluate.item_block_size needs a model with item_embeddings() (such as SASRec); "
                          "set it to null for this model")
     results: dict[str, dict[str, Any]] = {"model": model_totals.result()}
+    results["model"]["users_without_history"] = float(cold := users_without_history(sequences, cfg.split))
+    if cold:
+        logger.warning("%d users with a %s target have no history before it (cold start): no scorer ranks them, "
+                       "so the metrics are over the other %d users (users_without_history in the report; the "
+                       "candidates job serves such users popular items)", cold, cfg.split, len(eval_set))
     logger.info("model on %d users (%s): %s", len(eval_set), how, _summary(results["model"], cfg.ks))
     split_by = {"segments": history_segments(eval_set, cfg.history_segments),
                 "type_segments": type_segments(eval_set, event_types) if cfg.type_segments else {}}

@@ -512,3 +512,19 @@ def test_type_segments_group_users_by_their_targets_type() -> None:
         assert list(report[name]["type_segments"]) == ["buy", "cart", "(none)"]
         total = sum(p["ndcg_at_5"] * p["n_users"] for p in report[name]["type_segments"].values())
         assert total / report[name]["n_users"] == pytest.approx(report[name]["ndcg_at_5"], rel=1e-9)
+
+
+def test_users_with_a_target_but_no_history_are_counted_not_silently_left_out(
+    sequences: pl.DataFrame, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a time split, users whose events all fall after the cutoff have a target and no history: no scorer
+    ranks them, and the report only showed a smaller n_users."""
+    cold = pl.concat([sequences, _sequences([(5, [], [], [3]), (6, [], [], [1, 2]), (7, [], [], [])])])
+    cfg = EvaluateConfig(ks=(5,), baselines=("popularity",))
+    with caplog.at_level(logging.WARNING, logger="recsys.evaluation"):
+        got = evaluate_all(_MeanModel(N_ITEMS), cold, N_ITEMS, None, cfg, max_len=3)
+    assert got["model"]["users_without_history"] == 2 and got["model"]["n_users"] == 5  # user 7 has no target
+    assert "2 users with a test target have no history before it" in caplog.text
+    val = evaluate_all(_MeanModel(N_ITEMS), cold, N_ITEMS, None, EvaluateConfig(ks=(5,), baselines=(), split="val"),
+                       max_len=3)["model"]
+    assert val["users_without_history"] == 1 and val["n_users"] == 3  # user 3: a val target, no train items
