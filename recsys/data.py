@@ -106,6 +106,14 @@ class RaggedItems:
         offsets[1:] = lengths.cumsum(0)
         return cls(values, offsets)
 
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        """The rows ``rows`` left-padded with 0 to the longest of THEM (at least 1), int64: a batch of users pays
+        for its own longest list, not for the longest of the whole table (one heavy user)."""
+        return self.pad(torch.arange(*rows.indices(len(self)))).long()
+
     def pad(
         self, rows: torch.Tensor | None = None, width: int | None = None, upto: torch.Tensor | None = None
     ) -> torch.Tensor:

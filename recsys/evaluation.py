@@ -28,7 +28,7 @@ from recsys.metrics import (
     ranks_among_targets,
     target_ranks,
 )
-from recsys.topk import count_at_least, select_top_k, top_k_blocked
+from recsys.topk import count_at_least, count_column, select_top_k, top_k_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,17 @@ class EvalSet:
 
     user_idx (U,); inputs (U, max_len) the last ``max_len`` history items, left-padded;
     history (U, H) the full history (excluded from the ranking); targets (U, M) the split's unique items;
+    :func:`build_eval_set` stores those two as :class:`RaggedItems`, whose ``[a:b]`` pads only rows a..b-1
+    (to their own longest list, int64 as a tensor's would be): one user with 20,000 events or 1,000 targets
+    no longer widens every user's row (memory) and every batch's ranking passes (time);
     input_types (U, max_len) the event types of ``inputs`` and target_types (U,) the type of each user's first
     target where the sequences have types, else None.
     """
 
     user_idx: torch.Tensor
     inputs: torch.Tensor
-    history: torch.Tensor
-    targets: torch.Tensor
+    history: torch.Tensor | RaggedItems
+    targets: torch.Tensor | RaggedItems
     input_types: torch.Tensor | None = None
     target_types: torch.Tensor | None = None  # (U,) the event type of each user's first target, with types
 
@@ -132,8 +135,8 @@ def build_eval_set(sequences: pl.DataFrame, split: Literal["val", "test"], max_l
     return EvalSet(
         user_idx=_to_long(frame[USER_IDX]),
         inputs=_left_pad(frame, "history", max_len),
-        history=_left_pad(frame, "history"),
-        targets=_left_pad(frame, "targets"),
+        history=RaggedItems.from_series(frame["history"]),
+        targets=RaggedItems.from_series(frame["targets"]),
         input_types=_left_pad(frame, "history_types", max_len) if "history_types" in frame.columns else None,
         target_types=_to_long(frame["target_type"]) if "target_type" in frame.columns else None,
     )
@@ -148,7 +151,8 @@ def users_without_history(sequences: pl.DataFrame, split: Literal["val", "test"]
 
 def _check_items(eval_set: EvalSet, n_items: int) -> None:
     for name in ("history", "targets"):
-        values: torch.Tensor = getattr(eval_set, name)
+        rows: torch.Tensor | RaggedItems = getattr(eval_set, name)
+        values = rows.values if isinstance(rows, RaggedItems) else rows
         if values.numel() and (int(values.min()) < 0 or int(values.max()) > n_items):
             raise ValueError(
                 f"eval set: '{name}' holds item indices up to {int(values.max())}, expected 0..{n_items}; "
@@ -277,9 +281,12 @@ def ranks_and_top(
         return target_ranks(scores, targets, exclude), _top_items(scores, exclude, k)
     masked = scores.masked_fill(exclude, float("-inf"))  # (B, I) the candidates; padding column 0 is excluded
     ahead = torch.empty_like(targets)  # (B, M) non-excluded, non-target items scoring >= each target
-    for j in range(targets.shape[1]):
+    m = targets.shape[1]
+    for j in range(m):
         at_least = t_scores >= t_scores[:, j : j + 1]  # (B, M) targets scoring >= target j (j itself too)
-        ahead[:, j] = count_at_least(masked, t_scores[:, j : j + 1]) - (at_least & distinct).sum(1)
+        column = t_scores[:, j : j + 1]
+        count = count_at_least(masked, column) if m == 1 else count_column(masked, column, distinct[:, j])
+        ahead[:, j] = count - (at_least & distinct).sum(1)
     return ranks_among_targets(ahead, t_scores, targets), _top_of_candidates(masked, k)
 
 
@@ -476,7 +483,8 @@ def history_segments(eval_set: EvalSet, bounds: tuple[int, ...]) -> dict[str, to
     bounds."""
     if not bounds:
         return {}
-    lengths = (eval_set.history > 0).sum(dim=1)
+    history = eval_set.history
+    lengths = history.lengths if isinstance(history, RaggedItems) else (history > 0).sum(dim=1)
     edges = [1, *bounds]
     out = {(f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"): (lengths >= lo) & (lengths < hi)
            for lo, hi in zip(edges, edges[1:], strict=False)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from recsys.topk import count_at_least
+from recsys.topk import count_at_least, count_column
 
 PAD = 0
 # target_ranks on the CPU: scores per row chunk (2 MiB of float32, a core's L2; 9 rows of 54,542 items)
@@ -53,7 +53,9 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
         others = scores[part].nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))  # (R, I)
         others.masked_fill_(exclude[part], float("nan")).scatter_(1, targets[part], float("nan"))
         for j in range(targets.shape[1]):
-            ahead[part, j] = count_at_least(others, t_scores[part, j : j + 1])
+            column = t_scores[part, j : j + 1]
+            ahead[part, j] = (count_at_least(others, column) if targets.shape[1] == 1
+                              else count_column(others, column, targets[part, j] != PAD))
     return ranks_among_targets(ahead, t_scores, targets)
 
 

@@ -260,6 +260,20 @@ def count_at_least(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tens
     return count
 
 
+def count_column(scores: torch.Tensor, thresholds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`count_at_least` for one target column, needed only on ``rows`` (B,) bool (the rows whose target in
+    that column is real; other rows get 0). With several targets per user (a time split) the lists are padded to
+    the batch's longest, so most rows of a column can be padding (one user with 1,000 targets): those rows are
+    then gathered first, costing their own width and not a pass over the batch."""
+    picked = rows.nonzero().squeeze(1)  # (P,)
+    if 2 * picked.numel() > rows.numel():
+        return count_at_least(scores, thresholds)
+    out = torch.zeros(rows.shape[0], dtype=torch.long, device=scores.device)
+    if picked.numel():
+        out[picked] = count_at_least(scores[picked], thresholds[picked])
+    return out
+
+
 class _Ranks:
     """Running 'competitors scoring >= the target' counts of one user block's targets."""
 
@@ -286,8 +300,11 @@ class _Ranks:
 
     def count(self, block: torch.Tensor) -> None:
         """block (B, W): scores with seen and target columns already at -inf."""
-        for j in range(self.targets.shape[1]):
-            self.ahead[:, j] += count_at_least(block, self.scores[:, j : j + 1])
+        m = self.targets.shape[1]
+        for j in range(m):  # one target a user: every row counts (no host synchronisation)
+            column = self.scores[:, j : j + 1]
+            self.ahead[:, j] += (count_at_least(block, column) if m == 1
+                                 else count_column(block, column, self.valid[:, j]))
 
     def result(self) -> torch.Tensor:
         """(B, M) ranks: competitors ahead plus the other targets above (ties: smaller position first)."""

@@ -23,6 +23,7 @@ from recsys.baselines import (
     repeat_scorer,
 )
 from recsys.config import EvaluateConfig
+from recsys.data import RaggedItems
 from recsys.evaluation import (
     EvalSet,
     accumulate_scorer,
@@ -73,17 +74,17 @@ def test_build_eval_set_val(sequences: pl.DataFrame) -> None:
     es = build_eval_set(sequences, "val", max_len=3)
     assert es.user_idx.tolist() == [0, 1, 4]
     assert es.inputs.tolist() == [[2, 3, 4], [0, 2, 3], [8, 1, 2]]
-    assert es.history.tolist() == [[1, 2, 3, 4], [0, 0, 2, 3], [0, 8, 1, 2]]
-    assert es.targets.tolist() == [[5], [4], [3]]
+    assert es.history[:].tolist() == [[1, 2, 3, 4], [0, 0, 2, 3], [0, 8, 1, 2]]
+    assert es.targets[:].tolist() == [[5], [4], [3]]
 
 
 def test_build_eval_set_test(sequences: pl.DataFrame) -> None:
     es = build_eval_set(sequences, "test", max_len=2)
     assert es.user_idx.tolist() == [0, 1, 2, 3, 4]
     assert es.inputs.tolist() == [[4, 5], [3, 4], [0, 7], [0, 1], [2, 3]]
-    assert es.history[0].tolist() == [1, 2, 3, 4, 5] and es.history[3].tolist() == [0, 0, 0, 0, 1]
-    assert es.targets.tolist() == [[0, 6], [0, 4], [0, 8], [0, 2], [3, 5]]
-    assert all(t.dtype == torch.long for t in (es.user_idx, es.inputs, es.history, es.targets))
+    assert es.history[:][0].tolist() == [1, 2, 3, 4, 5] and es.history[:][3].tolist() == [0, 0, 0, 0, 1]
+    assert es.targets[:].tolist() == [[0, 6], [0, 4], [0, 8], [0, 2], [3, 5]]
+    assert all(t.dtype == torch.long for t in (es.user_idx, es.inputs, es.history[:], es.targets[:]))
 
 
 def test_build_eval_set_rejects_a_bad_schema(sequences: pl.DataFrame) -> None:
@@ -109,11 +110,11 @@ def test_results_do_not_depend_on_batch_size() -> None:
 
 def test_oracle_gets_one_and_anti_oracle_gets_zero(sequences: pl.DataFrame) -> None:
     es = build_eval_set(sequences, "test", max_len=3)
-    oracle = torch.zeros(len(es), N_ITEMS + 1).scatter_(1, es.targets, 1.0)
+    oracle = torch.zeros(len(es), N_ITEMS + 1).scatter_(1, es.targets[:], 1.0)
     got = evaluate_scorer(_table_scorer(oracle), es, N_ITEMS, ks=(2,))
     assert got["ndcg_at_2"] == 1.0 and got["hr_at_2"] == 1.0 and got["mrr_at_2"] == 1.0
     assert got["recall_at_2"] == 1.0 and got["n_users"] == 5.0
-    last = torch.zeros(len(es), N_ITEMS + 1).scatter_(1, es.targets, -1.0)
+    last = torch.zeros(len(es), N_ITEMS + 1).scatter_(1, es.targets[:], -1.0)
     got = evaluate_scorer(_table_scorer(last), es, N_ITEMS, ks=(1,))
     assert got["ndcg_at_1"] == 0.0 and got["hr_at_1"] == 0.0 and got["mrr_at_1"] == 0.0
 
@@ -528,3 +529,21 @@ def test_users_with_a_target_but_no_history_are_counted_not_silently_left_out(
     val = evaluate_all(_MeanModel(N_ITEMS), cold, N_ITEMS, None, EvaluateConfig(ks=(5,), baselines=(), split="val"),
                        max_len=3)["model"]
     assert val["users_without_history"] == 1 and val["n_users"] == 3  # user 3: a val target, no train items
+
+
+def test_one_heavy_user_widens_only_its_own_batch_and_changes_no_metric() -> None:
+    """History and targets were padded to the longest list of ALL users: one user with 2,000 events and 300
+    targets made a (U, 2001) history and (U, 300) targets, 300 ranking passes for every batch."""
+    rows = [(u, [1 + (u + j) % 40 for j in range(3)], [], [41 + u % 9]) for u in range(12)]
+    rows[5] = (5, [1 + j % 40 for j in range(2000)], [], list(range(41, 341)))
+    seqs = _sequences(rows)
+    es = build_eval_set(seqs, "test", 4)
+    assert isinstance(es.history, RaggedItems) and es.history.values.numel() == 11 * 3 + 2000
+    assert es.history[0:4].shape == (4, 3) and es.targets[0:4].shape == (4, 1)  # users 0-3: not padded to 2000
+    assert es.history[4:8].shape == (4, 2000) and es.targets[4:8].shape == (4, 300)
+    assert es.targets[5:6].tolist() == [list(range(41, 341))] and es.history[5:6][0, -3:].tolist() == [38, 39, 40]
+    torch.manual_seed(0)
+    model = _MeanModel(400)
+    results = [evaluate_all(model, seqs, 400, None, EvaluateConfig(ks=(5, 20), baselines=("popularity",),
+                                                                   batch_size=b), max_len=4) for b in (1, 4, 1024)]
+    assert results[0] == results[1] == results[2] and results[0]["model"]["n_users"] == 12

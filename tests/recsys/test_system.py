@@ -451,7 +451,7 @@ def test_repeat_bias_is_not_scored_where_seen_items_are_excluded(tmp_path: Path)
             with torch.no_grad():
                 system.model.repeat_weight.zero_()[2] = weight  # the item 3 steps back
                 user = system.model.user_vectors(val.inputs)
-                val_ndcg = system._ranking_metrics(user, val.history, val.targets, val.inputs)["ndcg_at_10"]
+                val_ndcg = system._ranking_metrics(user, val.history[:], val.targets[:], val.inputs)["ndcg_at_10"]
             evaluated = evaluate_all(system.model, seqs, n_items, None, cfg.evaluate, 8)["model"]["ndcg_at_10"]
             assert float(val_ndcg.mean()) == pytest.approx(evaluated)
             ndcg[exclude_seen, weight] = evaluated

@@ -261,3 +261,20 @@ def test_evaluate_all_with_item_blocks_gives_the_same_metrics() -> None:
         blocked = evaluate_all(model, sequences, 40, None, EvaluateConfig(
             ks=(5, 10), batch_size=8, item_block_size=16, exclude_seen=exclude_seen), max_len=4)
         assert blocked == dense, exclude_seen
+
+
+def test_count_column_counts_only_the_rows_asked_for() -> None:
+    """A target column that is padding for most rows gathers its real rows (one user with many targets costs its
+    own width, not a pass over the batch); the rows asked for get count_at_least's counts, the others 0."""
+    from recsys.topk import count_at_least, count_column
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 3000).round(decimals=1)  # ties
+    thresholds = torch.randn(6, 1).round(decimals=1)
+    full = count_at_least(scores, thresholds)
+    for rows in ([1], [0, 4], [0, 1, 2, 3], [], [0, 1, 2, 3, 4, 5]):
+        mask = torch.zeros(6, dtype=torch.bool)
+        mask[rows] = True
+        got = count_column(scores, thresholds, mask)
+        assert torch.equal(got[mask], full[mask])
+        assert len(rows) > 3 or not got[~mask].any()  # gathered: 0 elsewhere
