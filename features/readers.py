@@ -234,7 +234,7 @@ def _scan_table(data: DataConfig, path: Path) -> _Raw:
     else:
         if len(data.separator) != 1:
             raise ConfigError(f"data.separator must be one character, got {data.separator!r}")
-        lf = pl.scan_csv(path, separator=data.separator, infer_schema=False, glob=False)
+        lf = pl.scan_csv(path, separator=data.separator, quote_char=data.quote_char, infer_schema=False, glob=False)
     optional = {TIMESTAMP: "timestamp_col", EVENT_TYPE: "event_type_col", WEIGHT: "weight_col"}
     columns = {USER_ID: (data.user_col, "data.user_col"), ITEM_ID: (data.item_col, "data.item_col")}
     columns |= {
@@ -420,6 +420,18 @@ def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:
             "Re-export the file, or set data.format to match it"
         )
     layout = _LAYOUTS.get(data.format, f"fields separated by {data.separator!r} (data.separator)")
+    quoting = data.format in ("csv", "movielens_csv") and (data.quote_char or data.format == "movielens_csv")
+    if quoting and any(word in text.lower() for word in ("malformed", "could not parse", "quote")):
+        separator, quote = (",", '"') if data.format == "movielens_csv" else (data.separator, data.quote_char)
+        found = _first_quote_problem(path, separator, str(quote))
+        if found is not None:
+            line, field, problem = found
+            return InputDataError(
+                f"{path}: line {line}, field {field}{_header_name(path, separator, field)}: {problem}. A field "
+                f"that holds {quote} must be quoted as a whole, with each {quote} inside it doubled "
+                f"({quote}55{quote}{quote} TV{quote}); fix the export, or set data.quote_char: null if the file "
+                "never quotes its fields"
+            )
     if "new_columns" in first:  # polars' advice (`missing_columns=...`) is not something a user can set
         first = "the first line has a different number of fields"
     where = _first_long_line(path, data) if "more fields" in first else ""
@@ -454,7 +466,7 @@ def _first_ragged_line(path: Path, data: DataConfig, short: bool) -> tuple[int, 
         "movielens_dat": (":", None),
         "movielens_udata": ("\t", None),
         "movielens_csv": (",", '"'),
-    }.get(data.format, (data.separator, '"'))
+    }.get(data.format, (data.separator, data.quote_char))
     quoting = csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE
     with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
         rows = csv.reader(fh, delimiter=separator, quotechar=quote, quoting=quoting)
@@ -518,3 +530,51 @@ def _csv_column_at(header: bytes, before: bytes, data: DataConfig) -> str:
     if field >= len(names):
         return ""
     return f", column '{names[field].decode('utf-8', 'replace')}'"
+
+
+def _first_quote_problem(path: Path, separator: str, quote: str) -> tuple[int, int, str] | None:
+    """(line, 1-based field, what is wrong) of the first misplaced ``quote`` of a csv file: one inside a field
+    that does not start with it, text right after a closing one, or a quoted field never closed. Lines
+    without a quote (outside a quoted field) are skipped whole, so a large file is scanned quickly."""
+    opened: tuple[int, int] | None = None  # (line, field) of the quoted field still open at a line's end
+    with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
+        for number, text in enumerate(fh, start=1):
+            if opened is None and quote not in text:
+                continue
+            line = text.rstrip("\r\n")
+            field, at, start = (1 if opened is None else opened[1]), 0, opened is None  # start: a field's 1st char
+            inside = opened is not None
+            while at < len(line):
+                char = line[at]
+                if inside:
+                    if char == quote:
+                        if line[at + 1 : at + 2] == quote:  # a doubled quote inside a quoted field
+                            at += 1
+                        else:
+                            inside, opened = False, None
+                            after = line[at + 1 : at + 2]
+                            if after not in ("", separator):
+                                return number, field, (f"text ({after!r}) right after the closing {quote} of a "
+                                                       "quoted field")
+                elif char == separator:
+                    field, start = field + 1, True
+                    at += 1
+                    continue
+                elif char == quote:
+                    if not start:
+                        return number, field, f"a {quote} inside a field that is not quoted"
+                    inside = True
+                start = False
+                at += 1
+            if inside:
+                opened = opened or (number, field)
+    if opened is not None:
+        return opened[0], opened[1], f"a field opened with {quote} is never closed"
+    return None
+
+
+def _header_name(path: Path, separator: str, field: int) -> str:
+    """ " ('name')" for the 1-based ``field`` of the first line of a csv file, "" if it has none."""
+    with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
+        names = next(csv.reader(fh, delimiter=separator), [])
+    return f" ('{names[field - 1]}')" if 0 < field <= len(names) else ""

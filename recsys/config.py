@@ -143,6 +143,9 @@ class DataConfig(_Section):
     weight_col: str | None = None
     timestamp_format: str | None = None
     separator: str = Field(",", min_length=1, max_length=1)
+    # csv: the character that quotes a field holding separators or line breaks (a quote inside one is doubled);
+    # null = no quoting, every quote character is text (an export that never quotes but has `55" TV` in a field)
+    quote_char: str | None = Field('"', min_length=1, max_length=1)
     synthetic: SyntheticConfig = SyntheticConfig()
     # Optional item attributes for the model (model.item_features); None = ids only.
     item_features: ItemFeaturesConfig | None = None

@@ -166,3 +166,32 @@ def test_a_file_column_named_like_the_readers_row_counter_is_read(write_file):
     path = write_file("events.csv", "user_id,item_id,timestamp,_pos\n1,2,3,x\n1,4,5,y\n")
     frame = read_events(DataConfig(), path).collect()
     assert frame.select("user_id", "item_id", "timestamp").rows() == [(1, 2, 3), (1, 4, 5)]
+
+
+@pytest.mark.parametrize(("row", "line", "field", "problem"), [
+    ('1,10,5000,Samsung 55" TV\n', 2002, "4 ('title')", 'a " inside a field that is not quoted'),
+    ('1,10,5000,"Samsung 55" TV"\n', 2002, "4 ('title')", "text (' ') right after the closing \""),
+    ('1,10,5000,"Samsung 55 TV\n', 2002, "4 ('title')", 'a field opened with " is never closed'),
+])
+def test_a_misplaced_quote_is_named_by_line_and_field(tmp_path, row, line, field, problem):
+    """A stray quote in an export (a product title) gave polars' "CSV malformed: expected 0 rows, actual 2001
+    rows, in chunk starting at row_offset 2000", no line, no column, and advice about field counts."""
+    good = "".join(f"{i % 7},{i % 5},{100 + i},ok\n" for i in range(2000))
+    path = tmp_path / "events.csv"
+    path.write_text("user_id,item_id,timestamp,title\n" + good + row + good)
+    with pytest.raises(InputDataError) as caught:
+        apply_policies(read_events(DataConfig(), path), FeaturesConfig())
+    message = str(caught.value)
+    assert f"line {line}, field {field}: {problem}" in message and "data.quote_char: null" in message, message
+
+
+def test_quote_char_null_reads_quotes_as_text_and_a_quoted_multiline_field_is_fine(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_text('user_id,item_id,timestamp,title\n1,10,1,Samsung 55" TV\n1,11,2,"x\n2,12,3,y\n')
+    frame = read_events(DataConfig(quote_char=None), path).collect()
+    assert frame["item_id"].to_list() == [10, 11, 12]
+    from features.readers import _first_quote_problem
+
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('user_id,item_id,timestamp,title\n1,11,2,"a ""b""\nc",\n2,12,3,x"y\n')
+    assert _first_quote_problem(quoted, ",", '"') == (4, 4, 'a " inside a field that is not quoted')
