@@ -144,8 +144,10 @@ def typed_exprs(
 
 
 def _id_dtype(dtype: pl.DataType) -> bool:
-    """Numbers, text, and what text or numbers are stored as: pandas' category, SQL's decimal(20, 0)."""
-    return dtype.is_numeric() or dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)
+    """Numbers, text, and what text or numbers are stored as: pandas' category, SQL's decimal(20, 0); and
+    Null (a Parquet column with no value at all, e.g. an upstream join that lost every id), whose rows are
+    then reported as missing values, not as a dtype to change."""
+    return dtype.is_numeric() or dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum)
 
 
 def dtype_problems(schema: pl.Schema, labels: dict[str, str], id_types: dict[str, str] | None = None) -> list[str]:
@@ -153,7 +155,7 @@ def dtype_problems(schema: pl.Schema, labels: dict[str, str], id_types: dict[str
     accepted = {
         USER_ID: _id_dtype,
         ITEM_ID: _id_dtype,
-        TIMESTAMP: lambda d: d.is_numeric() or d in (pl.Date, pl.String) or isinstance(d, pl.Datetime),
+        TIMESTAMP: lambda d: d.is_numeric() or d in (pl.Date, pl.String, pl.Null) or isinstance(d, pl.Datetime),
         # Null (dtype): an optional column left empty, e.g. a day's partition whose events have no type
         WEIGHT: lambda d: d.is_numeric() or d in (pl.String, pl.Null),
         EVENT_TYPE: lambda d: d.is_integer() or d in (pl.String, pl.Categorical, pl.Null) or isinstance(d, pl.Enum),

@@ -195,3 +195,21 @@ def test_quote_char_null_reads_quotes_as_text_and_a_quoted_multiline_field_is_fi
     quoted = tmp_path / "quoted.csv"
     quoted.write_text('user_id,item_id,timestamp,title\n1,11,2,"a ""b""\nc",\n2,12,3,x"y\n')
     assert _first_quote_problem(quoted, ",", '"') == (4, 4, 'a " inside a field that is not quoted')
+
+
+@pytest.mark.parametrize("column", ["user_id", "item_id", "timestamp"])
+@pytest.mark.parametrize("id_type", ["int", "string"])
+def test_a_parquet_column_with_no_value_at_all_is_missing_values_not_a_dtype(tmp_path, column, id_type):
+    """An upstream join that lost every id writes a Null-typed column: the message blamed the dtype and advised
+    data.user_id_type: string, which does not help; it is N rows with no value, as in a csv."""
+    frame = pl.DataFrame({"user_id": [1, 2], "item_id": [3, 4], "timestamp": [5, 6]})
+    frame = frame.with_columns(pl.lit(None).alias(column))
+    assert frame.schema[column] == pl.Null
+    path = tmp_path / "day.parquet"
+    frame.write_parquet(path)
+    data = DataConfig(format="parquet", user_id_type=id_type, item_id_type=id_type)
+    with pytest.raises(InputDataError) as caught:
+        apply_policies(read_events(data, path), FeaturesConfig())
+    message = str(caught.value)
+    assert f"column '{column}'" in message and "2 row(s) have an empty/null value (first at data row 1)" in message
+    assert "dtype" not in message, message
