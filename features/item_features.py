@@ -50,7 +50,7 @@ def read_item_rows(cfg: ItemFeaturesConfig, item_id_type: str) -> pl.DataFrame:
     if not path.is_file():
         raise ConfigError(f"{KEY}.path: {path} does not exist or is not a file; set it to a CSV (with a header) "
                           f"or Parquet file of item attributes, or set {KEY}=null")
-    frame = _read(path, cfg)
+    frame, data_rows = _read(path, cfg)
     raw_ids = frame[cfg.item_col]
     rows = frame.select(
         id_expr(raw_ids.dtype, cfg.item_col, item_id_type).alias(ITEM_ID),
@@ -59,7 +59,7 @@ def read_item_rows(cfg: ItemFeaturesConfig, item_id_type: str) -> pl.DataFrame:
     if bad := rows.filter(pl.col(ITEM_ID).is_null()).height:
         row = int(rows[ITEM_ID].is_null().arg_true()[0])
         raise InputDataError(
-            f"{path} ({KEY}), column '{cfg.item_col}' ({KEY}.item_col), data row {row + 1}: {raw_ids[row]!r} is "
+            f"{path} ({KEY}), column '{cfg.item_col}' ({KEY}.item_col), data row {data_rows[row]}: {raw_ids[row]!r} is "
             f"not an item id ({bad} such row(s)); {how_to_fix(ITEM_ID, {ITEM_ID: item_id_type})}, as in the "
             "events")
     return rows
@@ -139,16 +139,17 @@ def build_item_features(
     return {"item_features": table, "item_feature_values": values}, section
 
 
-def _read(path: Path, cfg: ItemFeaturesConfig) -> pl.DataFrame:
-    """The file with its item id column and the attribute columns (CSV: every column as text)."""
-    frame = read_table(path, KEY, f"fix the file or {KEY}.separator", cfg.separator)
+def _read(path: Path, cfg: ItemFeaturesConfig) -> tuple[pl.DataFrame, pl.Series]:
+    """The file with its item id column and the attribute columns (CSV: every column as text), and each row's
+    data row number (:func:`features.readers.read_table`)."""
+    frame, data_rows = read_table(path, KEY, f"fix the file or {KEY}.separator", cfg.separator)
     for col, key in [(cfg.item_col, f"{KEY}.item_col"), *[(c, f"{KEY}.columns") for c in cfg.columns]]:
         if col not in frame.columns:
             raise InputDataError(f"{path} ({KEY}): column '{col}' ({key}) not found; the file has columns "
                                  f"{frame.columns}. Set {key} to one of them or fix the file")
     if frame.height == 0:
         raise InputDataError(f"{path} ({KEY}) has no rows; list the items' attributes or set {KEY}=null")
-    return frame.select(cfg.item_col, *cfg.columns)
+    return frame.select(cfg.item_col, *cfg.columns), data_rows
 
 
 def _values(dtype: pl.DataType, col: str, list_separator: str | None) -> pl.Expr:

@@ -352,7 +352,7 @@ def read_item_ids(path: str | Path, key: str, kind: str = "int") -> pl.Series:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file; fix {key} (a CSV or Parquet file "
                                 f"with an {ITEM_ID} column) or set it to null")
-    frame = read_table(path, key, f"write one {ITEM_ID} per row under an '{ITEM_ID}' header")
+    frame, data_rows = read_table(path, key, f"write one {ITEM_ID} per row under an '{ITEM_ID}' header")
     if ITEM_ID not in frame.columns:
         raise InputDataError(f"{path} ({key}) has no column '{ITEM_ID}' (it has {frame.columns}); name the "
                              f"column of item ids '{ITEM_ID}'")
@@ -360,7 +360,7 @@ def read_item_ids(path: str | Path, key: str, kind: str = "int") -> pl.Series:
     ids = frame.select(id_expr(raw.dtype, ITEM_ID, kind))[ITEM_ID]
     if ids.null_count():
         row = int(ids.is_null().arg_true()[0])
-        raise InputDataError(f"{path} ({key}), column '{ITEM_ID}', data row {row + 1}: {raw[row]!r} is not an "
+        raise InputDataError(f"{path} ({key}), column '{ITEM_ID}', data row {data_rows[row]}: {raw[row]!r} is not an "
                              f"item id; {how_to_fix(ITEM_ID, {ITEM_ID: kind})}, as in the events")
     if ids.len() == 0:
         raise InputDataError(f"{path} ({key}) lists no items, which would leave no candidate for anyone; list "
@@ -368,13 +368,16 @@ def read_item_ids(path: str | Path, key: str, kind: str = "int") -> pl.Series:
     return ids.unique().sort()
 
 
-def read_table(path: Path, key: str, fix: str, separator: str = ",") -> pl.DataFrame:
+def read_table(path: Path, key: str, fix: str, separator: str = ",") -> tuple[pl.DataFrame, pl.Series]:
     """A small side table that ``key`` names: Parquet by its ``.parquet`` suffix, else CSV with a header (every
-    column as text). Raises InputDataError naming the file, the key and ``fix`` if it cannot be read."""
+    column as text), and each of its rows' data row number in the file (1-based, blank lines counted, as the
+    events' messages count them). Raises InputDataError naming the file, the key and ``fix`` if it cannot be
+    read."""
     parquet = path.suffix == ".parquet"
     try:
         if parquet:
-            return pl.read_parquet(path, glob=False)
+            frame = pl.read_parquet(path, glob=False)
+            return frame, pl.int_range(1, frame.height + 1, dtype=pl.Int64, eager=True).alias(POS)
         frame = pl.read_csv(path, separator=separator, infer_schema=False, glob=False)
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -386,12 +389,15 @@ def read_table(path: Path, key: str, fix: str, separator: str = ",") -> pl.DataF
     if repeated := [c.removesuffix("_duplicated_0") for c in frame.columns if c.endswith("_duplicated_0")]:
         raise InputDataError(f"{path} ({key}): column '{repeated[0]}' appears more than once in the header; rename "
                              f"or remove the extra column; {fix}")
-    frame = frame.filter(~pl.all_horizontal(pl.all().is_null())) if frame.width else frame
+    rows = pl.int_range(1, frame.height + 1, dtype=pl.Int64, eager=True).alias(POS)
+    if frame.width:
+        blank = frame.select(pl.all_horizontal(pl.all().is_null()))[:, 0]
+        frame, rows = frame.filter(~blank), rows.filter(~blank)
     if frame.width and frame[frame.columns[-1]].null_count():
         short = _first_short_line(path, DataConfig(format="csv", separator=separator))
         if short is not None:
             raise InputDataError(f"{path} ({key}): {short}")
-    return frame
+    return frame, rows
 
 
 @contextmanager

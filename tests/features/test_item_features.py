@@ -181,3 +181,17 @@ def test_config_rejects_the_id_column_among_the_attributes():
         load_config(overrides=["data.item_features.path=x.csv", "data.item_features.columns=[item_id,genre]"])
     with pytest.raises(ConfigError, match="twice"):
         load_config(overrides=["data.item_features.path=x.csv", "data.item_features.columns=[genre,genre]"])
+
+
+def test_a_bad_id_after_blank_lines_is_named_by_its_data_row_as_in_the_events(tmp_path):
+    """The blank lines were dropped before the row was counted: 'xx' on data row 5 was reported at row 3."""
+    from features.item_features import read_item_rows
+    from features.readers import read_item_ids
+    from recsys.config import ItemFeaturesConfig
+
+    path = tmp_path / "items.csv"
+    path.write_text("item_id,category\n10,a\n\n\n11,b\nxx,c\n")
+    with pytest.raises(InputDataError, match=r"data row 5: 'xx' is not an item id"):
+        read_item_rows(ItemFeaturesConfig(path=str(path), columns=("category",)), "int")
+    with pytest.raises(InputDataError, match=r"data row 5: 'xx' is not an item id"):
+        read_item_ids(path, "candidates.allowed_items")
