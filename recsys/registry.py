@@ -122,7 +122,8 @@ def promote(
                    and first.get("promotion.applied") != "false")
     if rerun:  # evaluate run again on the champion: its first decision (and rollback target) stays recorded
         over = first.get("promotion.champion_version", "None")
-        promoted, champion = True, val_ndcg
+        recorded = first.get("promotion.champion_val_ndcg_at_10", "None")
+        promoted, champion = True, None if recorded == "None" else float(recorded)
         reason = (f"already the champion (gated by run {first.get('promotion.run_id', 'unknown')}: "
                   f"{first.get('promotion.reason', 'no decision recorded')}; champion before it: v{over})")
     elif rolled_back:
@@ -148,7 +149,9 @@ def promote(
                     "validation numbers, which come from the data each model was trained on: if the data grew or "
                     "changed, those do not compare; tracking.promotion_basis=rescored scores both on tonight's "
                     "users", version, kept_out, before)
-    result = Promotion(name, version, promoted, reason, val_ndcg, before, champion, tolerance,
+    # on a rerun the champion before the gate is the one its first decision replaced, not the version itself
+    replaced = (None if over == "None" else over) if rerun else before
+    result = Promotion(name, version, promoted, reason, val_ndcg, replaced, champion, tolerance,
                        "recorded" if comparison is None else "rescored",
                        None if comparison is None else comparison.to_dict(), kept_out)
     # The decision is recorded before any alias moves: a failure in between leaves a record, not a silent move.
@@ -156,7 +159,9 @@ def promote(
     client.set_registered_model_alias(name, CHALLENGER, version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-        if not (rerun or rolled_back):
+        # also on a rerun whose first gate was cut off after the alias moved but before this tag: left "false",
+        # a later rollback of the version would not be recognised and a retried night would undo it
+        if not rolled_back and (not rerun or first.get("promotion.applied") == "false"):
             client.set_model_version_tag(name, version, "promotion.applied", "true")
     log.info("promotion gate: %s", result.summary())
     return result

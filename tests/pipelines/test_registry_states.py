@@ -171,3 +171,40 @@ def test_versions_kept_out_in_a_row_are_counted_and_warned_about(night, tmp_path
     assert any(x.startswith("recsys_promotion_kept_out_in_a_row{") and x.endswith(" 3.0")
                for x in prom.read_text().splitlines())
     assert str(client.get_registered_model("sasrec").aliases["champion"]) == "1"
+
+
+def test_a_gate_cut_off_after_its_alias_move_is_completed_by_the_retry_so_a_rollback_stays(
+    night, tmp_path, monkeypatch
+):
+    """The server lost between the champion alias move and the tag promotion.applied=true: the retry ("already
+    the champion") never wrote the tag, so after an operator's rollback a retried night gated the version again
+    and moved the champion alias back to it."""
+    from mlflow.exceptions import MlflowException
+
+    import recsys.tracking
+
+    work, client = _copy(night, tmp_path)
+    second = tiny(work, *TRACK, "train.max_epochs=3", "tracking.promotion_tolerance=1")
+    assert main(["train", "--quiet", "--run-date", NEXT, *second]) == EXIT_OK  # v2
+    monkeypatch.setattr(recsys.tracking, "_server_failure", lambda uri, exc: isinstance(exc, MlflowException))
+    tag = MlflowClient.set_model_version_tag
+
+    def lost_on_applied(self, name, version, key, value):
+        if key == "promotion.applied" and value == "true":
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/model-versions/set-tag failed: 503")
+        return tag(self, name, version, key, value)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_model_version_tag", lost_on_applied)
+        assert main(["evaluate", "--quiet", *second]) != EXIT_OK
+    assert str(client.get_registered_model("sasrec").aliases["champion"]) == "2"
+    assert client.get_model_version("sasrec", "2").tags["promotion.applied"] == "false"
+    assert main(["evaluate", "--quiet", *second]) == EXIT_OK  # the retry
+    promotion = json.loads((work / "evaluation" / "promotion.json").read_text())
+    assert promotion["reason"].startswith("already the champion") and promotion["champion_version"] == "1"
+    assert client.get_model_version("sasrec", "2").tags["promotion.applied"] == "true"
+    client.set_registered_model_alias("sasrec", "champion", "1")  # an operator rolls v2 back
+    assert main(["evaluate", "--quiet", *second]) == EXIT_OK  # a retried night
+    promotion = json.loads((work / "evaluation" / "promotion.json").read_text())
+    assert promotion["promoted"] is False and "since rolled back" in promotion["reason"]
+    assert str(client.get_registered_model("sasrec").aliases["champion"]) == "1"
