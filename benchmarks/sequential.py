@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.machine import append_record, commit, load_1min, machine, read_records
 from pipelines import build_features, evaluate, train
-from pipelines.schedule import config_hash
+from pipelines.schedule import training_hash
 from pipelines.workdir import WorkDir
 from recsys.config import Config, load_config, without_budget
 
@@ -108,16 +108,17 @@ def check_tested_once(earlier: list[dict[str, Any]], tag: str, seed: int, settin
 
 
 def resume_date(cfg: Config) -> dt.date:
-    """The run date of the latest checkpoint directory of this exact config (``<date>-<config hash>``, any date:
+    """The run date of the latest checkpoint directory of this training config (``<date>-<training hash>``, any date:
     a run killed yesterday resumes today). Raises ValueError when there is none: a resume with other settings
     (an override added or dropped, another --data-root) used to retrain from scratch without a word."""
-    name = config_hash(cfg, with_budget=False)[:12]  # as in pipelines.schedule.checkpoint_dir
+    name = training_hash(cfg)[:12]  # as in pipelines.schedule.checkpoint_dir
     dates = sorted(dt.date.fromisoformat(p.name[:10]) for p in WorkDir.of(cfg).checkpoints.glob(f"????-??-??-{name}")
                    if p.is_dir())
     if not dates:
         raise ValueError(f"--resume: no checkpoint of this config in {WorkDir.of(cfg).checkpoints} (directories "
                          f"<date>-{name}); pass the same --config, --data-root and KEY=VALUE overrides as the run "
-                         "to resume (only train.max_time_s may differ), or run without --resume")
+                         "to resume (only train.max_time_s and keys outside data, features, model and train may differ), or "
+                         "run without --resume")
     return dates[-1]
 
 

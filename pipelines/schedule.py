@@ -55,30 +55,44 @@ def parse_run_date(text: str) -> dt.date:
     raise ValueError(f"run date {text!r} is not a valid date of the form YYYY-MM-DD")
 
 
-def config_hash(cfg: Config, with_budget: bool = True) -> str:
+def config_hash(cfg: Config) -> str:
     """SHA-256 of the resolved config without ``work_dir`` (the marker already lives inside it), of the keys
     that differ from their defaults only (:func:`recsys.config.non_default`: a key added by an upgrade leaves
-    the hash of existing runs as it was).
-
-    ``with_budget=False`` hashes the time budget as unset (:func:`recsys.config.without_budget`; see
-    :func:`checkpoint_dir`).
-    """
+    the hash of existing runs as it was)."""
     tree = cfg.to_dict()
     tree.pop("work_dir", None)
-    if not with_budget:
-        tree["train"] = without_budget(tree["train"])
     tree = non_default(tree, Config().to_dict())
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
-def checkpoint_dir(cfg: Config, run_date: dt.date) -> Path:
-    """``<work_dir>/checkpoints/<YYYY-MM-DD>-<config hash[:12]>``: a new date or config starts afresh.
+# The config a training run's outcome depends on (recsys.checkpoint.run_identity checks the rest: the sequences'
+# contents). Evaluation (but its exclude_seen, which picks the best epoch), candidates and tracking keys change
+# nothing of it: a night the drift gate rejected, retried with a looser threshold, resumes its finished training
+# (the same model, the same version, the lists that were inspected) instead of training a new one.
+_TRAINING_SECTIONS = ("data", "features", "model", "train")
 
-    The time budget ``train.max_time_s`` is left out of the hash (as in
-    :func:`recsys.checkpoint.run_identity`): a run stopped under one budget resumes under another. For a
-    config without a budget the name is the marker's config hash.
+
+def training_hash(cfg: Config) -> str:
+    """SHA-256 of the non-default keys of ``data``, ``features``, ``model``, ``train`` (less its time budget,
+    :func:`recsys.config.without_budget`, and ``train.progress``) and ``evaluate.exclude_seen``."""
+    def sections(tree: dict) -> dict:
+        kept = {name: tree[name] for name in _TRAINING_SECTIONS}
+        kept["train"] = {k: v for k, v in without_budget(kept["train"]).items() if k != "progress"}
+        kept["evaluate"] = {"exclude_seen": tree["evaluate"]["exclude_seen"]}
+        return kept
+
+    tree = non_default(sections(cfg.to_dict()), sections(Config().to_dict()))
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_dir(cfg: Config, run_date: dt.date) -> Path:
+    """``<work_dir>/checkpoints/<YYYY-MM-DD>-<training hash[:12]>``: a new date or training config starts afresh.
+
+    Only what decides the training (:func:`training_hash`) names the directory: a run stopped under one time
+    budget resumes under another (as in :func:`recsys.checkpoint.run_identity`), and a retry that changes
+    evaluation, candidates or tracking keys resumes the finished training.
     """
-    return WorkDir.of(cfg).checkpoints / f"{run_date.isoformat()}-{config_hash(cfg, with_budget=False)[:12]}"
+    return WorkDir.of(cfg).checkpoints / f"{run_date.isoformat()}-{training_hash(cfg)[:12]}"
 
 
 def _flock(fd: int, mode: int, patience_s: float = 1.0) -> None:

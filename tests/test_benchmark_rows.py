@@ -71,7 +71,9 @@ def test_resume_finds_the_checkpoints_of_this_config_of_any_date(tmp_path: Path)
     assert resume_date(cfg) == dt.date(2026, 12, 4)
     assert resume_date(load_config(None, [f"work_dir={tmp_path}", "train.max_time_s=9000"])) == dt.date(2026, 12, 4)
     with pytest.raises(ValueError, match="no checkpoint of this config"):
-        resume_date(load_config(None, [f"work_dir={tmp_path}", "evaluate.batch_size=7"]))
+        resume_date(load_config(None, [f"work_dir={tmp_path}", "train.lr=0.01"]))
+    # an evaluation key decides nothing of the training: the same checkpoints
+    assert resume_date(load_config(None, [f"work_dir={tmp_path}", "evaluate.batch_size=7"])) == dt.date(2026, 12, 4)
 
 
 def test_a_tag_seed_and_settings_are_scored_on_test_once() -> None:

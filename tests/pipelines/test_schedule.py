@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from pipelines.cli import EXIT_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, main
-from pipelines.schedule import config_hash, parse_run_date
+from pipelines.schedule import config_hash, parse_run_date, training_hash
 from recsys.config import load_config
 from recsys.storage import read_json
 from tests.pipelines.conftest import TINY, leftovers, tiny
@@ -72,7 +72,7 @@ def test_changed_config_for_the_same_date_reruns(new_work, capsys) -> None:
     assert read_json(work / "model" / "train_report.json")["resumed_from_epoch"] is None
     # Only the latest run's best checkpoint is kept; the previous (finished) run's directory is gone.
     kept = [p.parent.name for p in (work / "checkpoints").rglob("*.ckpt")]
-    assert kept == [f"{DATE}-{second['config_hash'][:12]}"]
+    assert kept == [f"{DATE}-{training_hash(load_config(None, tiny(work, 'train.lr=0.002')))[:12]}"]
 
 
 def test_lock_held_by_another_process_exits_4_until_that_process_dies(new_work, capsys) -> None:
@@ -314,7 +314,7 @@ def test_a_key_added_at_its_default_leaves_the_run_identities_as_they_were(monke
 
     cfg = load_config(None, ["model.hidden=32", "train.max_time_s=60"])
     sequences = pl.DataFrame({"user_idx": [0, 1], "train_items": [[1, 2], [2, 3]]})
-    before = (config_hash(cfg), config_hash(cfg, with_budget=False), run_identity(cfg, sequences, 3))
+    before = (config_hash(cfg), training_hash(cfg), run_identity(cfg, sequences, 3))
     dump = config_module.Config.to_dict
     monkeypatch.setattr(config_module.Config, "to_dict",
                         lambda self: {**dump(self), "added": {"key": 1}})  # the upgrade: tonight and by default
@@ -322,7 +322,33 @@ def test_a_key_added_at_its_default_leaves_the_run_identities_as_they_were(monke
         model_dump = section.model_dump
         monkeypatch.setattr(section, "model_dump",
                             lambda self, *a, _dump=model_dump, **k: {**_dump(self, *a, **k), "added_key": 0})
-    assert (config_hash(cfg), config_hash(cfg, with_budget=False), run_identity(cfg, sequences, 3)) == before
+    assert (config_hash(cfg), training_hash(cfg), run_identity(cfg, sequences, 3)) == before
     other = load_config(None, ["model.hidden=48", "train.max_time_s=60"])  # a setting that differs still counts
     assert config_hash(other) != before[0] and run_identity(other, sequences, 3) != before[2]
-    assert config_hash(load_config(None, ["model.hidden=32", "train.max_time_s=90"]), with_budget=False) == before[1]
+    assert training_hash(load_config(None, ["model.hidden=32", "train.max_time_s=90"])) == before[1]
+
+
+def test_a_night_rejected_by_the_drift_gate_retried_without_the_threshold_publishes_the_inspected_lists(
+    new_work, tmp_path
+) -> None:
+    """README: to publish a rejected night, rerun without the threshold. The checkpoint directory was named by
+    the whole config, so that rerun trained a new model (warm-started from whatever the first attempt had
+    promoted) and published lists nobody had looked at. Only training keys name it now."""
+    work = new_work()
+    assert main(["run", "--quiet", "--run-date", DATE, *tiny(work)]) == EXIT_OK
+    earlier = tmp_path / "night1-model"
+    shutil.copytree(work / "model", earlier)
+    night = ["run", "--quiet", "--run-date", "2024-05-02"]
+    warm = tiny(work, f"train.init_from={earlier}", "train.max_epochs=3")
+    assert main([*night, *warm, "candidates.min_overlap=0.999"]) != EXIT_OK
+    rejected = pl.read_parquet(work / "candidates" / "rejected" / "date=2024-05-02" / "candidates.parquet")
+    assert read_json(work / "model" / "train_report.json")["resumed_from_epoch"] is None
+    assert main([*night, *warm]) == EXIT_OK  # the retry, threshold dropped
+    assert read_json(work / "model" / "train_report.json")["resumed_from_epoch"] is not None  # not trained again
+    published = pl.read_parquet(work / "candidates" / "date=2024-05-02" / "candidates.parquet")
+    assert published.equals(rejected)
+    configs = [load_config(None, tiny(work, *extra)) for extra in
+               ((), ("candidates.k=7", "evaluate.batch_size=3", "tracking.promotion_tolerance=0.5",
+                     "train.max_time_s=5", "train.progress=true"), ("train.lr=0.01",), ("evaluate.exclude_seen=false",))]
+    hashes = [training_hash(cfg) for cfg in configs]
+    assert hashes[0] == hashes[1] and len({hashes[0], hashes[2], hashes[3]}) == 3
