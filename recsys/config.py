@@ -480,6 +480,15 @@ class CandidatesConfig(_Section):
     model: str | None = None
     # The night the candidates are for, the partition date=YYYY-MM-DD; None = today (UTC).
     date: dt.date | None = None
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date_as_text(cls, value: Any) -> Any:
+        """A number is no night: pydantic would read 1714521600 as epoch seconds and 20240501 as an error about
+        datetimes; the partition names the date as YYYY-MM-DD."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f"{value!r} is a number; write the night's date as YYYY-MM-DD, e.g. 2024-05-01")
+        return value
     # Drift gate against the previous night's partition; None = never fail on it.
     min_overlap: float | None = Field(None, ge=0.0, le=1.0)
     max_new_item_share: float | None = Field(None, ge=0.0, le=1.0)
@@ -665,6 +674,23 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _number(loader: _UniqueKeyLoader, node: yaml.ScalarNode) -> Any:
+    """Numbers as YAML 1.2 reads them, not PyYAML's YAML 1.1: ``010`` is 10 (not octal 8), and ``1:00:00`` or
+    ``12:30`` is text (not base-60 3600 / 750), which a number key then refuses, naming it."""
+    text = str(loader.construct_scalar(node))
+    if ":" in text:
+        return text
+    digits = text.replace("_", "").lstrip("+-")
+    if node.tag == "tag:yaml.org,2002:int" and digits.isdigit():
+        return (-1 if text.startswith("-") else 1) * int(digits)
+    construct = yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else yaml.SafeLoader.construct_yaml_float
+    return construct(loader, node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _number)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _number)
 
 
 def _parse_value(raw: str) -> Any:

@@ -1,5 +1,6 @@
 """Config: defaults equal conf/base.yaml, unknown keys and wrong types rejected with the key path."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,41 @@ def test_yaml_merge_keys_load_as_yaml_means(tmp_path):
     cfg = load_config(path)
     assert (cfg.candidates.device, cfg.candidates.batch_size, cfg.candidates.k) == ("cpu", 256, 50)
     assert cfg.evaluate.batch_size == 512
+
+
+@pytest.mark.parametrize(("override", "value"), [
+    ("train.max_epochs=010", 10),  # YAML 1.1 (PyYAML): octal 8
+    ("candidates.keep_days=08", 8),
+    ("train.lr=1_000.5", 1000.5),
+    ("model.hidden=0x20", 32),
+])
+def test_numbers_are_read_as_written_not_as_yaml_1_1_octal(override, value) -> None:
+    key, _ = override.split("=")
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [override]), section), name) == value
+
+
+@pytest.mark.parametrize("override", ["train.max_time_s=1:00:00", "train.max_time_s=60:00",
+                                      "candidates.active_window=30:00:00:00"])
+def test_colon_numbers_are_text_that_a_number_key_refuses_naming_it(override) -> None:
+    """YAML 1.1 reads 1:00:00 as base 60 (3600) without a word."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be a valid (number|integer)"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["candidates.date=20240501", "candidates.date=1714521600"])
+def test_a_number_is_no_candidates_date(override) -> None:
+    """1714521600 was taken for epoch seconds (2024-05-01); 20240501 gave an error about datetimes."""
+    with pytest.raises(ConfigError, match=r"candidates.date: .* is a number; write the night's date as YYYY-MM-DD"):
+        load_config(None, [override])
+    assert str(load_config(None, ["candidates.date=2024-05-01"]).candidates.date) == "2024-05-01"
+
+
+def test_a_config_file_reads_numbers_as_yaml_1_2_too(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_epochs: 010\n  max_time_s: 1:00:00\n")
+    with pytest.raises(ConfigError, match=r"train.max_time_s"):
+        load_config(path, [])
+    path.write_text("train:\n  max_epochs: 010\n")
+    assert load_config(path, []).train.max_epochs == 10
