@@ -102,7 +102,9 @@ def _candidates(root: Path) -> dict[str, Any]:
     (summed over its shards)."""
     published = [*root.glob("date=*"), *root.glob("shard=*/date=*")]
     nights = sorted({when.isoformat() for when, _ in dated_partitions(published)})
-    rejected = sorted({when.isoformat() for when, _ in dated_partitions(root.glob("rejected/**/date=*"))})
+    refused = {when.isoformat() for when, _ in dated_partitions(root.glob("rejected/**/date=*"))}
+    # a night rejected, then published by a rerun (a looser threshold, after a look): published, not rejected
+    rejected, republished = sorted(refused - set(nights)), sorted(refused & set(nights))
     latest = None
     if nights:
         day = nights[-1]
@@ -114,7 +116,7 @@ def _candidates(root: Path) -> dict[str, Any]:
                   "model_version": counts[0]["model"].get("version") if counts else None,
                   "complete": (root / "complete" / f"date={day}.json").is_file(),
                   "missing": _missing(root, day, manifests)}
-    return {"nights": nights, "rejected": rejected, "latest": latest}
+    return {"nights": nights, "rejected": rejected, "rejected_then_published": republished, "latest": latest}
 
 
 def _missing(root: Path, day: str, manifests: list[Path]) -> str:
@@ -165,6 +167,9 @@ def render(status: dict[str, Any]) -> str:
                      f"; {len(c['nights'])} nights published")
     if c["rejected"]:
         lines.append(f"  rejected:    nights {', '.join(c['rejected'])} (drift gate; under candidates/rejected/)")
+    if c["rejected_then_published"]:
+        lines.append(f"  republished: nights {', '.join(c['rejected_then_published'])} (rejected by the drift gate, "
+                     "then published by a rerun)")
     running = status["running"]
     lines.append("  running now: " + (", ".join(f"{job} ({holder})" for job, holder in running.items())
                                       if running else "nothing"))
@@ -230,7 +235,8 @@ def write_prometheus(status: dict[str, Any], path: Path) -> int:
               None if e["of_current_model"] is None else int(e["of_current_model"]))
     c = status["candidates"]
     gauge("candidates_nights_published", "Candidate nights published in the work directory.", len(c["nights"]))
-    gauge("candidates_nights_rejected", "Candidate nights rejected by the drift gate.", len(c["rejected"]))
+    gauge("candidates_nights_rejected", "Candidate nights rejected by the drift gate and not published since.",
+          len(c["rejected"]))
     latest = c["latest"]
     if latest is not None:
         gauge("candidates_latest_night_timestamp_seconds", "Date of the latest published night (epoch s).",

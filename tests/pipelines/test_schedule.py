@@ -329,7 +329,7 @@ def test_a_key_added_at_its_default_leaves_the_run_identities_as_they_were(monke
 
 
 def test_a_night_rejected_by_the_drift_gate_retried_without_the_threshold_publishes_the_inspected_lists(
-    new_work, tmp_path
+    new_work, tmp_path, capsys
 ) -> None:
     """README: to publish a rejected night, rerun without the threshold. The checkpoint directory was named by
     the whole config, so that rerun trained a new model (warm-started from whatever the first attempt had
@@ -343,7 +343,10 @@ def test_a_night_rejected_by_the_drift_gate_retried_without_the_threshold_publis
     assert main([*night, *warm, "candidates.min_overlap=0.999"]) != EXIT_OK
     rejected = pl.read_parquet(work / "candidates" / "rejected" / "date=2024-05-02" / "candidates.parquet")
     assert read_json(work / "model" / "train_report.json")["resumed_from_epoch"] is None
+    assert _status(work, capsys)["candidates"]["rejected"] == ["2024-05-02"]
     assert main([*night, *warm]) == EXIT_OK  # the retry, threshold dropped
+    status = _status(work, capsys)["candidates"]  # published now: no longer counted as rejected (an alert)
+    assert status["rejected"] == [] and status["rejected_then_published"] == ["2024-05-02"]
     assert read_json(work / "model" / "train_report.json")["resumed_from_epoch"] is not None  # not trained again
     published = pl.read_parquet(work / "candidates" / "date=2024-05-02" / "candidates.parquet")
     assert published.equals(rejected)
@@ -352,3 +355,11 @@ def test_a_night_rejected_by_the_drift_gate_retried_without_the_threshold_publis
                      "train.max_time_s=5", "train.progress=true"), ("train.lr=0.01",), ("evaluate.exclude_seen=false",))]
     hashes = [training_hash(cfg) for cfg in configs]
     assert hashes[0] == hashes[1] and len({hashes[0], hashes[2], hashes[3]}) == 3
+
+
+def _status(work: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    import json
+
+    capsys.readouterr()
+    assert main(["status", f"work_dir={work}", "--json", "tracking.enabled=false"]) == EXIT_OK
+    return json.loads(capsys.readouterr().out)
