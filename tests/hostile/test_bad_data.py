@@ -76,7 +76,8 @@ CASES = [
     ),
     Case("ragged_long_line", HEADER + "1,2,3\n1,2,3,4\n", ("line 3 has 4 fields", "same number of fields")),
     Case("ragged_short_line", HEADER + "1,2,3\n1,2\n", ("'timestamp'", "empty/null", "data row 2")),
-    Case("unclosed_quote", HEADER + '1,"2,3\n1,3,4\n', ("cannot be parsed", "data.format")),
+    Case("unclosed_quote", HEADER + '1,"2,3\n1,3,4\n',
+         ("line 2, field 2 ('item_id')", "is never closed", "data.quote_char: null")),
     Case("wrong_separator", "user_id;item_id;timestamp\n1;2;3\n", ("'user_id'", "data.separator")),
     Case(
         "duplicated_header_column",
