@@ -117,8 +117,8 @@ def resume_date(cfg: Config) -> dt.date:
     if not dates:
         raise ValueError(f"--resume: no checkpoint of this config in {WorkDir.of(cfg).checkpoints} (directories "
                          f"<date>-{name}); pass the same --config, --data-root and KEY=VALUE overrides as the run "
-                         "to resume (only train.max_time_s and keys outside data, features, model and train may differ), or "
-                         "run without --resume")
+                         "to resume (train.max_time_s, train.progress and keys outside data, features, model, train and "
+                         "evaluate.exclude_seen may differ), or run without --resume")
     return dates[-1]
 
 

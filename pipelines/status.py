@@ -97,14 +97,26 @@ def stale_warning(evaluation: dict[str, Any]) -> str:
             "failed or has not run): rerun recsys evaluate")
 
 
+def _rejections(root: Path) -> tuple[list[str], list[str]]:
+    """(rejected, rejected then published) nights. A rejected partition (``rejected/[shard=…/]date=D``) counts as
+    published since when the same partition (``[shard=…/]date=D``) was written after it: a rerun that passed
+    (a looser threshold, after a look). A night with any rejected partition not so republished (another shard,
+    or a rerun of a published night that failed, leaving the earlier lists) is rejected."""
+    still, since = set(), set()
+    for day, part in dated_partitions(root.glob("rejected/**/date=*")):
+        published = root / part.relative_to(root / "rejected") / "manifest.json"
+        refused = part / "drift.json" if (part / "drift.json").is_file() else part
+        later = published.is_file() and published.stat().st_mtime_ns > refused.stat().st_mtime_ns
+        (since if later else still).add(day.isoformat())
+    return sorted(still), sorted(since - still)
+
+
 def _candidates(root: Path) -> dict[str, Any]:
     """Published and rejected nights (whole or by shard) and the latest published night's manifest counts
     (summed over its shards)."""
     published = [*root.glob("date=*"), *root.glob("shard=*/date=*")]
     nights = sorted({when.isoformat() for when, _ in dated_partitions(published)})
-    refused = {when.isoformat() for when, _ in dated_partitions(root.glob("rejected/**/date=*"))}
-    # a night rejected, then published by a rerun (a looser threshold, after a look): published, not rejected
-    rejected, republished = sorted(refused - set(nights)), sorted(refused & set(nights))
+    rejected, republished = _rejections(root)
     latest = None
     if nights:
         day = nights[-1]

@@ -486,7 +486,8 @@ class CandidatesConfig(_Section):
     def _date_as_text(cls, value: Any) -> Any:
         """A number is no night: pydantic would read 1714521600 as epoch seconds and 20240501 as an error about
         datetimes; the partition names the date as YYYY-MM-DD."""
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if (isinstance(value, int | float) and not isinstance(value, bool)) or (
+                isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit()):
             raise ValueError(f"{value!r} is a number; write the night's date as YYYY-MM-DD, e.g. 2024-05-01")
         return value
     # Drift gate against the previous night's partition; None = never fail on it.

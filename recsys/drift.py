@@ -76,7 +76,7 @@ def drift_violations(report: dict[str, Any], cfg: CandidatesConfig) -> list[str]
     elif cfg.min_overlap is not None and overlap is None and report["users_previous"]:
         # an empty night, or every user re-keyed: nothing to measure is not a pass
         out.append(f"no user in common with the previous night ({report['users_previous']} users then, "
-                   f"{report['users_today']} tonight), so overlap@{report['k']} cannot reach candidates.min_overlap "
+                   f"{report['users_today']} tonight), so overlap@{report['k_compared']} cannot reach candidates.min_overlap "
                    f"{cfg.min_overlap}")
     if cfg.max_new_item_share is not None and share is not None and share > cfg.max_new_item_share:
         out.append(f"new item share {share:.4f} > candidates.max_new_item_share {cfg.max_new_item_share}")

@@ -78,13 +78,9 @@ class EvalSet:
         return self.user_idx.shape[0]
 
 
-def _left_pad(frame: pl.DataFrame, column: str, width: int | None = None) -> torch.Tensor:
-    """(N, width) int64 tensor of the list ``column``, last ``width`` items kept, left-padded with 0.
-
-    ``width`` None means the longest list (at least 1). Built from one exploded frame, no per-row Python.
-    """
-    if width is None:
-        width = max(int(frame.select(pl.col(column).list.len().max()).item() or 0), 1)
+def _left_pad(frame: pl.DataFrame, column: str, width: int) -> torch.Tensor:
+    """(N, width) int64 tensor of the list ``column``, last ``width`` items kept, left-padded with 0. Built from
+    one exploded frame, no per-row Python."""
     long = (
         frame.select(pl.int_range(pl.len()).alias("_row"), pl.col(column).list.tail(width))
         .explode(column)
@@ -339,7 +335,7 @@ def accumulate_model_blocked(
             inputs = eval_set.inputs[rows].to(device)
             users = model.user_vectors(inputs) if types is None else model.user_vectors(inputs, types)  # (B, D)
             found = top_k_blocked(
-                users, items, min(max(ks), n_items), _positions(eval_set.history[rows]),
+                users, items, min(max(ks), n_items), _positions(eval_set.history, rows),
                 eval_set.targets[rows] - 1, batch_size, item_block_size, device,
             )
             assert found.ranks is not None
@@ -347,8 +343,14 @@ def accumulate_model_blocked(
     return totals
 
 
-def _positions(padded: torch.Tensor) -> RaggedItems:
-    """(B, H) item indices, 0 = padding, as ragged 0-based row positions (item index - 1) of the item table."""
+def _positions(history: torch.Tensor | RaggedItems, rows: slice) -> RaggedItems:
+    """The ``rows`` of ``history`` (item indices; as a padded (U, H) tensor, 0 = padding) as ragged 0-based row
+    positions (item index - 1) of the item table; a :class:`RaggedItems` history is sliced, not padded first."""
+    if isinstance(history, RaggedItems):
+        start, stop, _ = rows.indices(len(history))
+        offsets = history.offsets[start : stop + 1]
+        return RaggedItems(history.values[offsets[0] : offsets[-1]] - 1, offsets - offsets[0])
+    padded = history[rows]
     real = padded > 0  # (B, H)
     offsets = torch.zeros(padded.shape[0] + 1, dtype=torch.long)
     offsets[1:] = real.sum(1).cumsum(0)
@@ -451,8 +453,8 @@ def evaluate_all(
     results["model"]["users_without_history"] = float(cold := users_without_history(sequences, cfg.split))
     if cold:
         logger.warning("%d users with a %s target have no history before it (cold start): no scorer ranks them, "
-                       "so the metrics are over the other %d users (users_without_history in the report; the "
-                       "candidates job serves such users popular items)", cold, cfg.split, len(eval_set))
+                       "so the metrics are over the other %d users (users_without_history in the report)", cold,
+                       cfg.split, len(eval_set))
     logger.info("model on %d users (%s): %s", len(eval_set), how, _summary(results["model"], cfg.ks))
     split_by = {"segments": history_segments(eval_set, cfg.history_segments),
                 "type_segments": type_segments(eval_set, event_types) if cfg.type_segments else {}}

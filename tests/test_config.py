@@ -254,7 +254,8 @@ def test_colon_numbers_are_text_that_a_number_key_refuses_naming_it(override) ->
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("override", ["candidates.date=20240501", "candidates.date=1714521600"])
+@pytest.mark.parametrize("override", ["candidates.date=20240501", "candidates.date=1714521600",
+                                      "candidates.date='1714521600'"])
 def test_a_number_is_no_candidates_date(override) -> None:
     """1714521600 was taken for epoch seconds (2024-05-01); 20240501 gave an error about datetimes."""
     with pytest.raises(ConfigError, match=r"candidates.date: .* is a number; write the night's date as YYYY-MM-DD"):

@@ -349,3 +349,18 @@ def test_the_first_invalid_utf8_byte_is_found_piece_by_piece(tmp_path, piece):
     truncated = tmp_path / "truncated.csv"  # a character cut off by the end of the file
     truncated.write_bytes(b"user_id,item_id\n1,2\n3,\xe2\x82")
     assert _first_invalid_utf8(truncated, piece)[:2] == (3, 0xE2)
+
+
+def test_a_directory_of_gzip_csv_parts_is_read(tmp_path):
+    """A Spark-style folder of part-N.csv.gz was "a directory with no *.csv file under it"."""
+    import gzip
+
+    from features.readers import input_files
+
+    parts = tmp_path / "events"
+    parts.mkdir()
+    (parts / "part-0.csv.gz").write_bytes(gzip.compress(b"user_id,item_id,timestamp\n1,10,100\n"))
+    (parts / "part-1.csv").write_text("user_id,item_id,timestamp\n2,11,101\n")
+    (parts / "_SUCCESS").write_text("")
+    assert [f.name for f in input_files(DataConfig(), parts)] == ["part-0.csv.gz", "part-1.csv"]
+    assert _triples(_read(DataConfig(), parts)) == [(1, 10, 100), (2, 11, 101)]

@@ -363,3 +363,27 @@ def _status(work: Path, capsys: pytest.CaptureFixture[str]) -> dict:
     capsys.readouterr()
     assert main(["status", f"work_dir={work}", "--json", "tracking.enabled=false"]) == EXIT_OK
     return json.loads(capsys.readouterr().out)
+
+
+def test_status_counts_a_night_republished_only_where_its_own_rejected_part_was_published_later(tmp_path) -> None:
+    """A night with a rejected shard whose other shard was published, and a published night whose later rerun
+    was rejected, were both listed as 'rejected, then published': the rejected gauge read 0."""
+    import json
+    import time
+
+    from pipelines.status import _candidates
+
+    def part(path: Path, name: str = "manifest.json") -> None:
+        path.mkdir(parents=True)
+        (path / name).write_text(json.dumps({"rows": 1, "users": 1, "fallback_users": 0, "model": {}}))
+        time.sleep(0.01)  # distinct modification times
+
+    root = tmp_path / "candidates"
+    part(root / "shard=0-of-2" / "date=2024-05-02")  # shard 0 published, shard 1 rejected: half a night
+    part(root / "rejected" / "shard=1-of-2" / "date=2024-05-02", "drift.json")
+    part(root / "date=2024-05-03")  # published, then a rerun rejected (the earlier lists stay)
+    part(root / "rejected" / "date=2024-05-03", "drift.json")
+    part(root / "rejected" / "date=2024-05-04", "drift.json")  # rejected, then a rerun published it
+    part(root / "date=2024-05-04")
+    c = _candidates(root)
+    assert c["rejected"] == ["2024-05-02", "2024-05-03"] and c["rejected_then_published"] == ["2024-05-04"]
