@@ -198,7 +198,10 @@ class SASRecSystem(L.LightningModule):
             self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
             self._loss_rows += len(inputs)
             return loss
-        user = self.model.user_vectors(batch["inputs"], batch.get("input_types"))  # (B, D)
+        # float32 end to end, under bf16 training too: the evaluate job scores the model in float32, and the epoch
+        # must be chosen (early stopping, best checkpoint) by the number that job would report
+        with torch.autocast(self.device.type, enabled=False):
+            user = self.model.user_vectors(batch["inputs"], batch.get("input_types"))  # (B, D)
         metrics = self._ranking_metrics(user, batch["history"], batch["targets"], batch["inputs"],
                                         batch.get("input_types"))
         # Sums and the user count, on the device (no host synchronisation); the epoch's mean over all users is
