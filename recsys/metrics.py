@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from recsys.topk import count_at_least, count_column
+from recsys.topk import count_at_least, count_column, repeated_targets, targets_above
 
 PAD = 0
 # target_ranks on the CPU: scores per row chunk (2 MiB of float32, a core's L2; 9 rows of 54,542 items)
@@ -61,21 +61,14 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
 
 def distinct_targets(targets: torch.Tensor) -> torch.Tensor:
     """(B, M) bool: the target is an item (not padding) and not a repeat of an earlier target of the row."""
-    m = targets.shape[1]
-    first = torch.ones(m, m, dtype=torch.bool, device=targets.device).tril(-1)  # (M, M): j < i
-    repeat = ((targets.unsqueeze(2) == targets.unsqueeze(1)) & first).any(-1)  # (B, M) duplicate of earlier
-    return (targets != PAD) & ~repeat
+    return (targets != PAD) & ~repeated_targets(targets)
 
 
 def ranks_among_targets(ahead: torch.Tensor, t_scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Ranks (B, M) from ``ahead`` (competitors scoring >= each target) plus the other targets strictly above
-    it or tied with a smaller item index; -1 where the target is padding or a repeat."""
+    it or tied with a smaller item index (:func:`targets_above`); -1 where the target is padding or a repeat."""
     valid = distinct_targets(targets)  # (B, M)
-    ts_i, ts_j = t_scores.unsqueeze(2), t_scores.unsqueeze(1)  # (B, M, 1), (B, 1, M)
-    idx_i, idx_j = targets.unsqueeze(2), targets.unsqueeze(1)
-    above = (ts_j > ts_i) | ((ts_j == ts_i) & (idx_j < idx_i))
-    above &= valid.unsqueeze(1) & (idx_j != idx_i)
-    ranks = ahead + above.sum(-1)
+    ranks = ahead + targets_above(t_scores, targets, valid)
     return torch.where(valid, ranks, torch.full_like(ranks, -1))
 
 

@@ -260,6 +260,32 @@ def count_at_least(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tens
     return count
 
 
+def repeated_targets(targets: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: the entry repeats an earlier entry of its row. One stable sort per row (O(B·M log M)), not a
+    (B, M, M) comparison: a user with 3,000 targets under a time split would make that 9e9 booleans a batch."""
+    if targets.shape[1] == 1:
+        return torch.zeros_like(targets, dtype=torch.bool)
+    values, order = targets.sort(dim=1, stable=True)  # equal entries keep their column order: the first stays
+    repeat = torch.zeros_like(values, dtype=torch.bool)
+    repeat[:, 1:] = values[:, 1:] == values[:, :-1]
+    return torch.empty_like(repeat).scatter_(1, order, repeat)
+
+
+def targets_above(t_scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, M) for each target the number of the row's OTHER ``valid`` targets ranked above it: a higher score,
+    or an equal one and a smaller item index (``t_scores`` without NaN). That is its position in the row's
+    targets sorted by (score desc, index asc), the invalid ones last: two stable sorts, O(B·M log M) time and
+    O(B·M) memory instead of (B, M, M) comparisons."""
+    m = targets.shape[1]
+    if m == 1:
+        return torch.zeros_like(targets, dtype=torch.long)
+    by_index = torch.where(valid, targets.long(), torch.iinfo(torch.long).max).argsort(dim=1, stable=True)
+    scores = torch.where(valid, t_scores, float("-inf")).gather(1, by_index)  # invalid: after every valid one
+    order = by_index.gather(1, scores.sort(dim=1, descending=True, stable=True)[1])  # (B, M) columns, best first
+    positions = torch.arange(m, device=targets.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
 def count_column(scores: torch.Tensor, thresholds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """:func:`count_at_least` for one target column, needed only on ``rows`` (B,) bool (the rows whose target in
     that column is real; other rows get 0). With several targets per user (a time split) the lists are padded to
@@ -279,9 +305,7 @@ class _Ranks:
 
     def __init__(self, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> None:
         m = targets.shape[1]
-        first = torch.ones(m, m, dtype=torch.bool, device=targets.device).tril(-1)  # (M, M): j < i
-        repeat = ((targets.unsqueeze(2) == targets.unsqueeze(1)) & first).any(-1)  # (B, M)
-        self.valid = (targets >= 0) & ~repeat  # (B, M)
+        self.valid = (targets >= 0) & ~repeated_targets(targets)  # (B, M)
         self.targets = targets.clamp(min=0)  # (B, M)
         # A GEMM like the item blocks' (a per-row dot product sums in another order, so a target could miss
         # its own score in its block by a bit), of which each user keeps the columns of its own targets; in
@@ -308,11 +332,7 @@ class _Ranks:
 
     def result(self) -> torch.Tensor:
         """(B, M) ranks: competitors ahead plus the other targets above (ties: smaller position first)."""
-        ts_i, ts_j = self.scores.unsqueeze(2), self.scores.unsqueeze(1)  # (B, M, 1), (B, 1, M)
-        idx_i, idx_j = self.targets.unsqueeze(2), self.targets.unsqueeze(1)
-        above = (ts_j > ts_i) | ((ts_j == ts_i) & (idx_j < idx_i))  # (B, M, M)
-        above &= self.valid.unsqueeze(1) & (idx_j != idx_i)
-        ranks = self.ahead + above.sum(-1)
+        ranks = self.ahead + targets_above(self.scores, self.targets, self.valid)
         return torch.where(self.valid, ranks, torch.full_like(ranks, -1))
 
 
