@@ -376,21 +376,21 @@ def read_table(path: Path, key: str, fix: str, separator: str = ",") -> tuple[pl
     read."""
     parquet = path.suffix == ".parquet"
     try:
-        if parquet:
-            frame = pl.read_parquet(path, glob=False)
-            return frame, pl.int_range(1, frame.height + 1, dtype=pl.Int64, eager=True).alias(POS)
-        frame = pl.read_csv(path, separator=separator, infer_schema=False, glob=False)
+        frame = (pl.read_parquet(path, glob=False) if parquet
+                 else pl.read_csv(path, separator=separator, infer_schema=False, glob=False))
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         kind = "Parquet" if parquet else f"CSV with a header (separator {separator!r})"
         raise InputDataError(f"{path} ({key}) cannot be read as {kind}: {first}; {fix}") from exc
+    rows = pl.int_range(1, frame.height + 1, dtype=pl.Int64, eager=True).alias(POS)
+    if parquet:
+        return frame, rows
     # As the events: a header naming a column twice is refused (polars renames the second copy), a blank line
     # holds no row, and a line cut short is an error rather than empty cells (only checked when a last cell is
     # empty: the csv module's pass over the file is slower than polars').
     if repeated := [c.removesuffix("_duplicated_0") for c in frame.columns if c.endswith("_duplicated_0")]:
         raise InputDataError(f"{path} ({key}): column '{repeated[0]}' appears more than once in the header; rename "
                              f"or remove the extra column; {fix}")
-    rows = pl.int_range(1, frame.height + 1, dtype=pl.Int64, eager=True).alias(POS)
     if frame.width:
         blank = frame.select(pl.all_horizontal(pl.all().is_null()))[:, 0]
         frame, rows = frame.filter(~blank), rows.filter(~blank)
@@ -427,14 +427,15 @@ def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:
             "Re-export the file, or set data.format to match it"
         )
     layout = _LAYOUTS.get(data.format, f"fields separated by {data.separator!r} (data.separator)")
-    quoting = data.format in ("csv", "movielens_csv") and (data.quote_char or data.format == "movielens_csv")
-    if quoting and any(word in text.lower() for word in ("malformed", "could not parse", "quote")):
-        separator, quote = (",", '"') if data.format == "movielens_csv" else (data.separator, data.quote_char)
-        found = _first_quote_problem(path, separator, str(quote))
+    separator, quote = _dialect(data)
+    headed = data.format in ("csv", "movielens_csv")
+    if headed and quote and any(word in text.lower() for word in ("malformed", "could not parse", "quote")):
+        found = _first_quote_problem(path, separator, quote)
         if found is not None:
             line, field, problem = found
+            name = _header_name(path, separator, field)
             return InputDataError(
-                f"{path}: line {line}, field {field}{_header_name(path, separator, field)}: {problem}. A field "
+                f"{path}: line {line}, field {field}{'' if name is None else f' ({name!r})'}: {problem}. A field "
                 f"that holds {quote} must be quoted as a whole, with each {quote} inside it doubled "
                 f"({quote}55{quote}{quote} TV{quote}); fix the export, or set data.quote_char: null if the file "
                 "never quotes its fields"
@@ -465,15 +466,20 @@ def _first_short_line(path: Path, data: DataConfig) -> str | None:
             "the line, so that every line has the same number of fields")
 
 
-def _first_ragged_line(path: Path, data: DataConfig, short: bool) -> tuple[int, int, int] | None:
-    """(line number, fields, fields of the first line) of the first line with more fields than the first
-    line, or fewer if ``short``; read with the csv module, so quoted separators and line breaks count right.
-    A blank line has no fields and is no short line."""
-    separator, quote = {
+def _dialect(data: DataConfig) -> tuple[str, str | None]:
+    """(field separator, quote character or None) of ``data.format``'s text layout."""
+    return {
         "movielens_dat": (":", None),
         "movielens_udata": ("\t", None),
         "movielens_csv": (",", '"'),
     }.get(data.format, (data.separator, data.quote_char))
+
+
+def _first_ragged_line(path: Path, data: DataConfig, short: bool) -> tuple[int, int, int] | None:
+    """(line number, fields, fields of the first line) of the first line with more fields than the first
+    line, or fewer if ``short``; read with the csv module, so quoted separators and line breaks count right.
+    A blank line has no fields and is no short line."""
+    separator, quote = _dialect(data)
     quoting = csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE
     with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
         rows = csv.reader(fh, delimiter=separator, quotechar=quote, quoting=quoting)
@@ -490,18 +496,23 @@ def _utf8_error(path: Path, data: DataConfig) -> InputDataError:
     where = ""
     found = _first_invalid_utf8(path)
     if found is not None:
-        line, byte, header, before = found
-        where = f" (byte 0x{byte:02x} at line {line}" + _csv_column_at(header, before, data) + ")"
+        line, byte, before = found
+        where = f" (byte 0x{byte:02x} at line {line}"
+        if data.format in ("csv", "movielens_csv"):
+            separator = _dialect(data)[0]
+            name = _header_name(path, separator, before.count(separator.encode()) + 1)
+            where += "" if name is None else f", column {name!r}"
+        where += ")"
     return InputDataError(
         f"{path} is not valid UTF-8 text{where}. Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
     )
 
 
-def _first_invalid_utf8(path: Path, piece: int = 1 << 20) -> tuple[int, int, bytes, bytes] | None:
-    """(line number, the byte, the first line, the bytes of its line before it) of the first byte of
-    ``path`` that is not UTF-8, None if there is none."""
+def _first_invalid_utf8(path: Path, piece: int = 1 << 20) -> tuple[int, int, bytes] | None:
+    """(line number, the byte, the bytes of its line before it) of the first byte of ``path`` that is not
+    UTF-8, None if there is none."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    line, header, current = 1, None, b""  # current: the bytes of the line being read, up to the last piece
+    line, current = 1, b""  # current: the bytes of the line being read, up to the last piece
     with _open_bytes(path) as fh:
         while True:
             chunk = fh.read(piece)
@@ -515,28 +526,12 @@ def _first_invalid_utf8(path: Path, piece: int = 1 << 20) -> tuple[int, int, byt
             end = len(chunk) if bad is None else max(bad, 0)
             text = current + chunk[:end]
             cut = text.rfind(b"\n")
-            if header is None and cut >= 0:
-                header = text[: text.find(b"\n")]
             line += text.count(b"\n", len(current))
             if bad is not None:
-                before = text[cut + 1 :] if bad >= 0 else current[: len(current) + bad]
-                return line, first, header if header is not None else text, before
+                return line, first, text[cut + 1 :] if bad >= 0 else current[: len(current) + bad]
             if not chunk:
                 return None
             current = text[cut + 1 :]
-
-
-def _csv_column_at(header: bytes, before: bytes, data: DataConfig) -> str:
-    """ ", column 'name'" for the header column of a csv file with a header whose line starts with the bytes
-    ``before`` up to the byte in question."""
-    if data.format not in ("csv", "movielens_csv"):
-        return ""
-    separator = ("," if data.format == "movielens_csv" else data.separator).encode()
-    names = header.rstrip(b"\r").split(separator)
-    field = before.count(separator)
-    if field >= len(names):
-        return ""
-    return f", column '{names[field].decode('utf-8', 'replace')}'"
 
 
 def _first_quote_problem(path: Path, separator: str, quote: str) -> tuple[int, int, str] | None:
@@ -581,8 +576,8 @@ def _first_quote_problem(path: Path, separator: str, quote: str) -> tuple[int, i
     return None
 
 
-def _header_name(path: Path, separator: str, field: int) -> str:
-    """ " ('name')" for the 1-based ``field`` of the first line of a csv file, "" if it has none."""
+def _header_name(path: Path, separator: str, field: int) -> str | None:
+    """The header's name of the 1-based ``field`` of a csv file (its first line), None if it has none."""
     with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
         names = next(csv.reader(fh, delimiter=separator), [])
-    return f" ('{names[field - 1]}')" if 0 < field <= len(names) else ""
+    return names[field - 1] if 0 < field <= len(names) else None

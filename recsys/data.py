@@ -109,10 +109,16 @@ class RaggedItems:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def rows(self, rows: slice) -> RaggedItems:
+        """The rows ``rows`` (a contiguous slice) as a RaggedItems of their own, sharing ``values``."""
+        start, stop, _ = rows.indices(len(self))
+        offsets = self.offsets[start : stop + 1]
+        return RaggedItems(self.values[offsets[0] : offsets[-1]], offsets - offsets[0])
+
     def __getitem__(self, rows: slice) -> torch.Tensor:
         """The rows ``rows`` left-padded with 0 to the longest of THEM (at least 1), int64: a batch of users pays
         for its own longest list, not for the longest of the whole table (one heavy user)."""
-        return self.pad(torch.arange(*rows.indices(len(self)))).long()
+        return self.rows(rows).pad().long()
 
     def pad(
         self, rows: torch.Tensor | None = None, width: int | None = None, upto: torch.Tensor | None = None

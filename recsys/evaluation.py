@@ -358,9 +358,8 @@ def _positions(history: torch.Tensor | RaggedItems, rows: slice) -> RaggedItems:
     """The ``rows`` of ``history`` (item indices; as a padded (U, H) tensor, 0 = padding) as ragged 0-based row
     positions (item index - 1) of the item table; a :class:`RaggedItems` history is sliced, not padded first."""
     if isinstance(history, RaggedItems):
-        start, stop, _ = rows.indices(len(history))
-        offsets = history.offsets[start : stop + 1]
-        return RaggedItems(history.values[offsets[0] : offsets[-1]] - 1, offsets - offsets[0])
+        part = history.rows(rows)
+        return RaggedItems(part.values - 1, part.offsets)
     padded = history[rows]
     real = padded > 0  # (B, H)
     offsets = torch.zeros(padded.shape[0] + 1, dtype=torch.long)

@@ -120,8 +120,10 @@ def promote(
     # never took effect; versions gated before that tag existed count as applied.)
     rolled_back = (not rerun and before is not None and first.get("promotion.promoted") == "true"
                    and first.get("promotion.applied") != "false")
+    replaced = before  # the champion before the gate
     if rerun:  # evaluate run again on the champion: its first decision (and rollback target) stays recorded
         over = first.get("promotion.champion_version", "None")
+        replaced = None if over == "None" else over  # the one its first decision replaced, not itself
         recorded = first.get("promotion.champion_val_ndcg_at_10", "None")
         promoted, champion = True, None if recorded == "None" else float(recorded)
         reason = (f"already the champion (gated by run {first.get('promotion.run_id', 'unknown')}: "
@@ -149,8 +151,6 @@ def promote(
                     "validation numbers, which come from the data each model was trained on: if the data grew or "
                     "changed, those do not compare; tracking.promotion_basis=rescored scores both on tonight's "
                     "users", version, kept_out, before)
-    # on a rerun the champion before the gate is the one its first decision replaced, not the version itself
-    replaced = (None if over == "None" else over) if rerun else before
     result = Promotion(name, version, promoted, reason, val_ndcg, replaced, champion, tolerance,
                        "recorded" if comparison is None else "rescored",
                        None if comparison is None else comparison.to_dict(), kept_out)
