@@ -84,8 +84,9 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         trained, ref, weights = _resolve_model(cfg, spec, local, tracker, Path(tmp), device)
         scored_with = {**ref.to_dict(), "weights_sha256": weights}
         features_sha = fingerprint(wd.features / schema.FEATURE_FILES["manifest"])["sha256"]
+        settings = night_settings(cfg, allow_file)
         if shard is not None:  # before scoring: fail fast if other shards of the night used another model
-            _check_same_night(wd, day, shard, scored_with, features_sha)
+            _check_same_night(wd, day, shard, scored_with, features_sha, settings)
         table, stats = generate_candidates(trained, feats, cfg.candidates, allowed, night)
         fault_point("candidates-scored")
         parts = wd.previous_candidates(day, part)
@@ -108,12 +109,12 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         retention = {"keep_days": keep,
                      "removed": [str(p.relative_to(wd.candidates)) for p in (*expired, *old_markers)]}
         manifest = _manifest(cfg, day, table.height, {**stats, **activity, "allowed_items": allow_file,
-                                                      "retention": retention}, scored_with, feats, wd, shard,
-                             device)
+                                                      "night_settings": settings},
+                             scored_with, feats, wd, shard, device)
         if not violations:  # again: another job may have published this night while this one scored
             _check_layout(wd, day, shard)
             if shard is not None:
-                _check_same_night(wd, day, shard, scored_with, manifest["features"]["manifest"]["sha256"])
+                _check_same_night(wd, day, shard, scored_with, manifest["features"]["manifest"]["sha256"], settings)
         target = wd.rejected_candidates(day, part) if violations else wd.candidates_partition(day, part)
         unmarked = False
         try:
@@ -122,6 +123,9 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
                 fault_point("candidates-parquet-written")
                 write_json(out / "manifest.json", manifest)
                 write_json(out / "drift.json", drift)
+                # this run's housekeeping, apart from the manifest: a rerun of the night (retention done already)
+                # keeps the manifest, and so the completion marker, byte for byte
+                write_json(out / "retention.json", retention)
                 fault_point("candidates-manifest-written")
                 save_config(cfg, out / "config.yaml")
                 fault_point("candidates-before-publish")
@@ -138,7 +142,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         if expired:
             log.info("candidates: removed %d partitions older than %d days: %s", len(expired), keep,
                      ", ".join(retention["removed"]))
-        _track(tracker, manifest, drift, target, shard)
+        _track(tracker, manifest, drift, retention, target, shard)
         if violations:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)
                              + (f" (against {previous})" if previous else "")
@@ -163,19 +167,45 @@ def _resolve_model(
     return local, ref, fingerprint(Path(spec) / WEIGHTS_FILE)["sha256"]
 
 
-def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, Any], features_sha: str) -> None:
-    """Raise ShardLayoutError if a published shard of night ``day`` scored other weights or other features
-    than this one (a promotion, rollback, retraining or features rebuild between the shards' starts)."""
+def night_settings(cfg: Config, allow_file: dict[str, Any] | None) -> dict[str, Any]:
+    """What shapes a night's lists besides the model and the features: every shard of one night must share it
+    (K, seen items, the index and its search, the active users, the allow list's content)."""
+    c = cfg.candidates
+    return {"k": c.k, "exclude_seen": c.exclude_seen, "index": c.index, "nprobe": c.nprobe, "ef_search": c.ef_search,
+            "target_recall": c.target_recall, "active_window": c.active_window,
+            "allowed_items_sha256": None if allow_file is None else allow_file["sha256"]}
+
+
+def _settings_differ(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> list[str]:
+    """``key theirs → ours`` for each night setting that differs (none when either side predates the record)."""
+    if theirs is None or ours is None:
+        return []
+    return [f"candidates.{key} {theirs.get(key)!r} → {ours.get(key)!r}" for key in sorted(set(theirs) | set(ours))
+            if theirs.get(key) != ours.get(key)]
+
+
+def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, Any], features_sha: str,
+                      settings: dict[str, Any]) -> None:
+    """Raise ShardLayoutError if a published shard of night ``day`` scored other weights, other features or
+    other night settings (:func:`night_settings`) than this one (a promotion, rollback, retraining, features
+    rebuild, a changed allow list or config between the shards' starts)."""
     for name in wd.candidate_shards(day):
         if name == shard.name:
             continue  # this shard's own earlier run: replaced by this one
         theirs = read_json(wd.candidates / name / f"date={day.isoformat()}" / "manifest.json")
+        differ = _settings_differ(theirs.get("night_settings"), settings)
         if theirs["model"].get("weights_sha256") != model["weights_sha256"]:
             what = (f"model {theirs['model'].get('uri')} (version {theirs['model'].get('version')})",
                     f"{model['uri']} (version {model['version']})")
         elif theirs["features"]["manifest"]["sha256"] != features_sha:
             what = (f"features manifest sha256 {theirs['features']['manifest']['sha256'][:12]}…",
                     f"{features_sha[:12]}…")
+        elif differ:
+            raise ShardLayoutError(
+                f"night {day}: {name} was scored with other settings than shard {shard} ({'; '.join(differ)}): "
+                "the union of a night's shards is one night's lists only with one K, one index, one allow list "
+                "(the same file content) and one active window. Run every shard of the night with the same "
+                "config and allow list, or remove the night's shards and rerun them all")
         else:
             continue
         raise ShardLayoutError(
@@ -277,14 +307,16 @@ def _mark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> Path | None:
     manifests = {name: read_json(path) for name, path in parts.items()}
     weights = {m["model"].get("weights_sha256") for m in manifests.values()}
     features = {m["features"]["manifest"]["sha256"] for m in manifests.values()}
-    if len(weights) > 1 or len(features) > 1:
+    first = next(iter(manifests.values()))
+    differ = sorted({d for m in manifests.values()
+                     for d in _settings_differ(first.get("night_settings"), m.get("night_settings"))})
+    if len(weights) > 1 or len(features) > 1 or differ:
         marker.unlink(missing_ok=True)
         raise ShardLayoutError(
-            f"night {day}: its {len(parts)} published shards were scored with {len(weights)} different model(s) "
-            f"and {len(features)} feature build(s) (shards that published in the same instant); the night is "
-            "not marked complete. Remove its shards and rerun them all with one pinned model (--model "
-            "models:/NAME/VERSION)")
-    first = next(iter(manifests.values()))
+            f"night {day}: its {len(parts)} published shards were scored with {len(weights)} different model(s), "
+            f"{len(features)} feature build(s){' and other settings (' + '; '.join(differ) + ')' if differ else ''} "
+            "(shards that published in the same instant); the night is not marked complete. Remove its shards "
+            "and rerun them all with one pinned model (--model models:/NAME/VERSION) and one config")
     write_json(marker, {
         "date": day.isoformat(),
         "layout": "whole" if shard is None else f"{shard.count} shards",
@@ -295,6 +327,7 @@ def _mark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> Path | None:
         "users": sum(m["users"] for m in manifests.values()),
         "model": first["model"],
         "features_manifest_sha256": first["features"]["manifest"]["sha256"],
+        "night_settings": first.get("night_settings"),
     }, atomic=True)
     log.info("candidates: night %s complete (%s) → %s", day, "whole" if shard is None else f"{shard.count} shards",
              marker)
@@ -361,14 +394,14 @@ def _manifest(cfg: Config, day: dt.date, rows: int, stats: dict[str, Any], model
     }
 
 
-def _track(tracker: JobRun, manifest: dict[str, Any], drift: dict[str, Any], target: Path,
-           shard: Shard | None) -> None:
+def _track(tracker: JobRun, manifest: dict[str, Any], drift: dict[str, Any], retention: dict[str, Any],
+           target: Path, shard: Shard | None) -> None:
     model = manifest["model"]
     tracker.set_tags({**{f"model.{k}": v for k, v in model.items()}, "drift.passed": drift["passed"]})
     numbers = {k: v for k, v in {**manifest, **manifest["search"]}.items() if isinstance(v, int | float)}
     numbers |= {f"drift/{k}": v for k, v in drift.items() if isinstance(v, int | float) and k != "passed"}
-    numbers["retention/removed"] = len(manifest["retention"]["removed"])
+    numbers["retention/removed"] = len(retention["removed"])
     tracker.log_metrics(numbers)
     where = f"candidates/{target.name}" if shard is None else f"candidates/{shard.name}/{target.name}"
-    for name in ("manifest.json", "drift.json"):
+    for name in ("manifest.json", "drift.json", "retention.json"):
         tracker.log_artifact(target / name, where)

@@ -13,8 +13,8 @@ column 0 is padding (the evaluation excludes it).
 
 - repeat: the user's own history items, the most recently consumed first, then every other item by
   popularity: the rule to beat in repeat domains (groceries, music, re-views), for evaluate.exclude_seen=
-  false. With the history excluded it ranks unseen targets as popularity does, and a re-consumed target
-  (the target is never excluded) above every unseen item.
+  false (the config refuses it otherwise). With the history excluded it would rank unseen targets as
+  popularity does, and a re-consumed target (the target is never excluded) above every unseen item: a leak.
 
 item_knn, ease and repeat are fitted on ``histories``, a (``user_idx``, ``history``) frame: per user, the item
 indices the evaluation treats as known (for the test split, train + validation items). Repeated items count

@@ -270,7 +270,8 @@ def generate_candidates(
         tune_on = (tuning_users(scored, cfg.recall_sample) if night is None
                    else night_tuning_users(night, trained, cfg.recall_sample))
     model_rows, search = _model_top_k(trained, scored, k, cfg, rows, tune_on)
-    table = pl.concat([model_rows, popular_top_k(pool, fallback, k, cfg.exclude_seen)])
+    table = pl.concat([model_rows, popular_top_k(pool, fallback, k, cfg.exclude_seen,
+                                                 total_events=int(trained.item_map["train_count"].sum()))])
     table = table.sort([schema.USER_ID, "rank"])
     schema.check_schema(table, schema.CANDIDATES, "candidates")
     model_items, feature_items = trained.item_map[schema.ITEM_ID], feats.item_map[schema.ITEM_ID]
@@ -333,6 +334,7 @@ def _model_top_k(
     # and must not need FAISS (GPU images without it); tests/test_imports.py checks that.
     from recsys.retrieval import (
         IndexBuildError,
+        IndexSpecError,
         ann_recall,
         build_index,
         exact_search,
@@ -363,13 +365,14 @@ def _model_top_k(
     factory = cfg.index
     try:
         index = build_index(items, factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
-    except IndexBuildError:  # a bad factory string or search parameter is the config's error, allow list or not
-        if rows is None:
-            raise
-        # an allow list too short to train the configured index (e.g. fewer items than IVF lists): exact
-        # search over so few items is cheap, and the night goes on
-        log.warning("candidates: index %r cannot be built over the %d allowed items; searching them exactly",
-                    factory, len(rows))
+    except IndexSpecError as exc:  # checked with the config for its model; this model serves another dimension
+        raise ConfigError(f"candidates.index / nprobe / ef_search for this model's {items.shape[1]}-wide vectors: "
+                          f"{exc}") from exc
+    except IndexBuildError as exc:
+        # a catalogue (or allow list) too small to train the configured index (e.g. fewer items than IVF lists):
+        # exact search over so few items is cheap, and the night goes on
+        log.warning("candidates: index %r cannot be built over the %d %s items (%s); searching them exactly",
+                    factory, len(items), "model" if rows is None else "allowed", exc)
         factory = "Flat"
         index = build_index(items, factory)
     # With the repeat bias a window item may climb past the plain top k: take k + max_len by plain score, add
@@ -518,12 +521,15 @@ def recall_violations(search: dict[str, Any], cfg: CandidatesConfig, k: int | No
             f"{search['index_used']!r}: {advice}"]
 
 
-def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_seen: bool) -> pl.DataFrame:
+def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_seen: bool,
+                  total_events: int | None = None) -> pl.DataFrame:
     """The fallback: per user of ``users`` (user_id, seen List(Int64)), the k items of ``item_map`` with the
-    most training events (ties by item_id), seen ones excluded; score = share of training events."""
+    most training events (ties by item_id), seen ones excluded; score = share of training events, of
+    ``total_events`` (the model's, when ``item_map`` is only the allowed part of its catalogue; default: those
+    of ``item_map``)."""
     if users.height == 0:
         return schema.empty_candidates(users.schema[schema.USER_ID], item_map.schema[schema.ITEM_ID])
-    total = max(int(item_map["train_count"].sum()), 1)
+    total = max(int(item_map["train_count"].sum()) if total_events is None else total_events, 1)
     popular = (item_map.sort(["train_count", schema.ITEM_ID], descending=[True, False])
                .select(schema.ITEM_ID, (pl.col("train_count") / total).cast(pl.Float32).alias("score"))
                .with_row_index("order"))

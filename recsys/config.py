@@ -449,6 +449,15 @@ class EvaluateConfig(_Section):
                              f"(e.g. [10, 20, 50]), got {list(ks)}")
         return ks
 
+    @model_validator(mode="after")
+    def _repeat_competes(self) -> EvaluateConfig:
+        if "repeat" in self.baselines and self.exclude_seen:
+            raise ValueError("evaluate.baselines lists repeat with evaluate.exclude_seen=true: repeat ranks the user's "
+                             "own items first, and with seen items excluded only a re-consumed target is left of them, "
+                             "so it would come first by construction (a leak, not a baseline); use repeat with "
+                             "evaluate.exclude_seen=false, or drop it from evaluate.baselines")
+        return self
+
     @field_validator("history_segments")
     @classmethod
     def _ascending(cls, bounds: tuple[int, ...]) -> tuple[int, ...]:
@@ -572,6 +581,26 @@ class Config(_Section):
                 f"train.window_stride ({stride}) must be at most model.max_len ({self.model.max_len}), or items "
                 "between windows would never be targets; use model.max_len for non-overlapping windows"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _candidates_index(self) -> Config:
+        """candidates.index, nprobe and ef_search as FAISS reads them, for the vectors this model serves
+        (model.hidden x model.ensemble wide): a typo fails here (exit 2), not at the end of a night's run."""
+        c = self.candidates
+        if c.index == "Flat" and c.nprobe is None and c.ef_search is None:
+            return self
+        try:  # FAISS only where a setting needs it, and only where installed (a training-only GPU image may lack
+            # it: the candidates job checks the same when it builds the index)
+            from recsys.retrieval import IndexSpecError, empty_index
+        except ImportError:
+            return self
+        dim = self.model.hidden * self.model.ensemble
+        try:
+            empty_index(c.index, dim, c.nprobe, c.ef_search)
+        except IndexSpecError as exc:
+            raise ValueError(f"candidates.index / nprobe / ef_search: {exc}; see FAISS's index factory strings "
+                             "(e.g. Flat, IVF1024,Flat, HNSW32, IVF4096,PQ16)") from exc
         return self
 
     @model_validator(mode="after")

@@ -145,6 +145,25 @@ def users_without_history(sequences: pl.DataFrame, split: Literal["val", "test"]
     return int(((history == 0) & (sequences[f"{split}_items"].list.len() > 0)).sum())
 
 
+# evaluate.exclude_seen=true ranks a re-consumed target while dropping the rest of the user's history: above this
+# share of such targets the report warns (a scorer that favours the user's own items is rewarded on them).
+SEEN_TARGET_WARN = 0.01
+
+
+def seen_targets(sequences: pl.DataFrame, split: Literal["val", "test"]) -> tuple[int, int]:
+    """``(seen, total)`` over the users :func:`build_eval_set` keeps: ``total`` their distinct ``split`` targets,
+    ``seen`` those already in the user's history before the split (a re-consumption). With seen items excluded
+    (evaluate.exclude_seen) these targets are still ranked while every other history item is not."""
+    frame = split_histories(sequences, split).with_columns(
+        sequences[f"{split}_items"].list.unique().alias("targets"),
+    ).filter(pl.col("history").list.len() > 0)
+    counts = frame.select(
+        seen=pl.col("targets").list.set_intersection(pl.col("history")).list.len().sum(),
+        total=pl.col("targets").list.len().sum(),
+    )
+    return int(counts["seen"][0] or 0), int(counts["total"][0] or 0)
+
+
 def _check_items(eval_set: EvalSet, n_items: int) -> None:
     for name in ("history", "targets"):
         rows: torch.Tensor | RaggedItems = getattr(eval_set, name)
@@ -465,6 +484,14 @@ def evaluate_all(
         logger.warning("%d users with a %s target have no history before it (cold start): no scorer ranks them, "
                        "so the metrics are over the other %d users (users_without_history in the report)", cold,
                        cfg.split, len(eval_set))
+    seen, total = seen_targets(sequences, cfg.split)
+    results["model"]["seen_targets"] = float(seen)
+    if cfg.exclude_seen and total and seen / total >= SEEN_TARGET_WARN:
+        logger.warning("%d of the %d %s targets (%.1f %%) are items the user already had: evaluate.exclude_seen=true "
+                       "drops the rest of each history from the ranking but keeps these targets, so a scorer that "
+                       "favours the user's own items gets them for free; for a domain where users re-consume, "
+                       "evaluate with evaluate.exclude_seen=false (seen_targets in the report)", seen, total,
+                       cfg.split, 100 * seen / total)
     logger.info("model on %d users (%s): %s", len(eval_set), how, _summary(results["model"], cfg.ks))
     split_by = {"segments": history_segments(eval_set, cfg.history_segments),
                 "type_segments": type_segments(eval_set, event_types) if cfg.type_segments else {}}

@@ -9,6 +9,7 @@ search leaves short of ``k`` unseen items is answered by exact search instead.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -50,6 +51,33 @@ class IndexBuildError(ValueError):
     """A valid FAISS index that cannot be trained or filled with the given vectors (e.g. too few of them)."""
 
 
+class IndexSpecError(ValueError):
+    """A factory string FAISS rejects for this dimension, or a search parameter the index does not have."""
+
+
+def empty_index(factory: str, dim: int, nprobe: int | None = None, ef_search: int | None = None) -> faiss.Index:
+    """The empty inner-product index ``factory`` of dimension ``dim`` with its search parameters set: what
+    :func:`build_index` trains and fills, and a check of the settings before any vector exists (the config's).
+    Raises :class:`IndexSpecError` naming the string or the parameter."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        # "Error in <C++ signature> at <file>:<line>: [Error: '<condition>' failed: ]<what>": keep <what>
+        message = re.sub(r"^Error in .*? at \S+:\d+: (?:Error: '.*?' failed: )?", "", str(exc).strip())
+        raise IndexSpecError(f"FAISS rejects the index factory string {factory!r} for vectors of dimension {dim}"
+                             f"{': ' + message if message else ''}") from exc
+    params = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+        if value is None:
+            continue
+        try:
+            params.set_index_parameter(index, name, value)
+        except RuntimeError as exc:
+            raise IndexSpecError(f"index {factory!r} has no search parameter {name!r} (got {value}): nprobe is for "
+                                 "IVF indexes, efSearch (ef_search) for HNSW") from exc
+    return index
+
+
 def build_index(
     item_vectors: np.ndarray,
     factory: str = "Flat",
@@ -60,28 +88,18 @@ def build_index(
 
     Trains the index on the vectors when it needs training (IVF, PQ). ``nprobe`` / ``ef_search`` set the
     search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW). Raises ``ValueError`` naming the
-    factory string when FAISS rejects it or a parameter, and :class:`IndexBuildError` (a ``ValueError``) when
-    the index cannot be trained or filled with these vectors (e.g. fewer vectors than IVF lists).
+    factory string when FAISS rejects it or a parameter (:class:`IndexSpecError`), and :class:`IndexBuildError`
+    (a ``ValueError``) when the index cannot be trained or filled with these vectors (e.g. fewer vectors than IVF
+    lists).
     """
     x = _as_matrix(item_vectors, "item_vectors")
-    try:
-        index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"FAISS rejects the index factory string {factory!r}: {exc}") from exc
+    index = empty_index(factory, x.shape[1], nprobe, ef_search)
     try:
         if not index.is_trained:
             index.train(x)
         index.add(x)
     except RuntimeError as exc:
         raise IndexBuildError(f"cannot build FAISS index {factory!r} over {x.shape[0]} vectors: {exc}") from exc
-    params = faiss.ParameterSpace()
-    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
-        if value is None:
-            continue
-        try:
-            params.set_index_parameter(index, name, value)
-        except RuntimeError as exc:
-            raise ValueError(f"index {factory!r} has no search parameter {name!r} (got {value})") from exc
     logger.info("built FAISS index %r over %d items of dim %d", factory, index.ntotal, index.d)
     return index
 

@@ -17,7 +17,8 @@ sys.modules["mlflow"] = None
 from pipelines.cli import main
 common = ["--quiet", "work_dir={work}", "data.source=synthetic", "data.synthetic.n_users=60",
           "data.synthetic.n_items=30", "model.max_len=10", "model.hidden=8", "train.max_epochs=1",
-          "train.progress=false", "tracking.enabled=false", "evaluate.baselines=[popularity]"]
+          "train.progress=false", "tracking.enabled=false", "evaluate.baselines=[popularity]",
+          "candidates.index=HNSW8", "candidates.ef_search=16"]  # checked with FAISS only where it is installed
 for job in ("features", "train", "evaluate"):
     code = main([job, *common])
     if code:

@@ -111,8 +111,8 @@ def test_retention_sweeps_the_marker_of_a_night_whose_partition_is_gone(trained,
     shutil.rmtree(work / "candidates" / "date=2024-08-01")
     assert main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, "candidates.keep_days=3")]) == EXIT_OK
     assert _markers(work) == ["date=2024-08-04.json", "date=2024-08-05.json"]
-    manifest = json.loads((work / "candidates" / "date=2024-08-05" / "manifest.json").read_text())
-    assert manifest["retention"]["removed"] == ["date=2024-08-02", "complete/date=2024-08-01.json",
+    retention = json.loads((work / "candidates" / "date=2024-08-05" / "retention.json").read_text())
+    assert retention["removed"] == ["date=2024-08-02", "complete/date=2024-08-01.json",
                                                 "complete/date=2024-08-02.json"]
 
 

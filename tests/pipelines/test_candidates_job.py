@@ -27,7 +27,7 @@ def test_partition_holds_candidates_manifest_and_drift(trained):
     assert main(["candidates", "--quiet", "--date", "2024-05-01", *tiny(trained)]) == EXIT_OK
     night = _night(trained, "2024-05-01")
     assert sorted(p.name for p in night.iterdir()) == ["candidates.parquet", "config.yaml", "drift.json",
-                                                        "manifest.json"]
+                                                        "manifest.json", "retention.json"]
     manifest = json.loads((night / "manifest.json").read_text())
     table = pl.read_parquet(night / "candidates.parquet")
     assert manifest["date"] == "2024-05-01" and manifest["rows"] == table.height
@@ -221,11 +221,9 @@ def test_keep_days_removes_older_nights_once_tonight_is_published(trained, tmp_p
     # Kept: 2024-08-03 .. 2024-08-05 (3 days) and a later night; removed: older ones, rejected included.
     assert _dates(work / "candidates") == ["2024-08-03", "2024-08-05", "2024-08-09"]
     assert _dates(work / "candidates" / "rejected") == ["2024-08-05"]  # tonight's earlier rejected try
-    manifest = json.loads((_night(work, "2024-08-05") / "manifest.json").read_text())
-    assert manifest["retention"] == {"keep_days": 3, "removed": ["date=2024-08-01", "date=2024-08-02",
-                                                                 "rejected/date=2024-08-01",
-                                                                 "complete/date=2024-08-01.json",
-                                                                 "complete/date=2024-08-02.json"]}
+    retention = json.loads((_night(work, "2024-08-05") / "retention.json").read_text())
+    assert retention == {"keep_days": 3, "removed": ["date=2024-08-01", "date=2024-08-02", "rejected/date=2024-08-01",
+                                                     "complete/date=2024-08-01.json", "complete/date=2024-08-02.json"]}
     # a removed night's completion marker goes with it; the kept nights keep theirs
     assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == [
         "date=2024-08-03.json", "date=2024-08-05.json", "date=2024-08-09.json"]
@@ -233,6 +231,14 @@ def test_keep_days_removes_older_nights_once_tonight_is_published(trained, tmp_p
     assert drift["previous"] == str(_night(work, "2024-08-03"))
     assert leftovers(work) == []
     assert not list((work / "candidates").glob(".*"))  # nothing half-removed
+    # a rerun of the night (nothing left to remove) is the same night: the manifest held this run's removals, so
+    # the rerun changed it and the completion marker that hashes it, and consumers saw a "new" night
+    before = {name: (_night(work, "2024-08-05") / name).read_bytes() for name in ("manifest.json", "candidates.parquet")}
+    marker = (work / "candidates" / "complete" / "date=2024-08-05.json").read_bytes()
+    assert main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, "candidates.keep_days=3")]) == EXIT_OK
+    assert {name: (_night(work, "2024-08-05") / name).read_bytes() for name in before} == before
+    assert (work / "candidates" / "complete" / "date=2024-08-05.json").read_bytes() == marker
+    assert json.loads((_night(work, "2024-08-05") / "retention.json").read_text()) == {"keep_days": 3, "removed": []}
 
 
 def test_keep_days_on_a_shard_prunes_that_shard_and_shard_0_the_other_layouts(trained, tmp_path):
@@ -246,8 +252,8 @@ def test_keep_days_on_a_shard_prunes_that_shard_and_shard_0_the_other_layouts(tr
     keep = "candidates.keep_days=1"
 
     def removed(shard: str, day: str = "2024-08-05") -> list[str]:
-        part = work / "candidates" / f"shard={shard}" / f"date={day}" / "manifest.json"
-        return json.loads(part.read_text())["retention"]["removed"]
+        part = work / "candidates" / f"shard={shard}" / f"date={day}" / "retention.json"
+        return json.loads(part.read_text())["removed"]
 
     assert main(["candidates", "--quiet", "--date", "2024-08-05", "--shard", "1/2", *tiny(work, keep)]) == EXIT_OK
     assert _dates(work / "candidates" / "shard=1-of-2") == ["2024-08-05"]
@@ -282,7 +288,7 @@ def test_keep_days_on_a_whole_night_also_prunes_the_nights_of_an_earlier_split(t
     assert main(["candidates", "--quiet", "--date", "2024-08-05", *tiny(work, "candidates.keep_days=3")]) == EXIT_OK
     assert _dates(work / "candidates" / "shard=0-of-2") == ["2024-08-03"]  # within the 3 days: kept
     assert _dates(work / "candidates" / "shard=1-of-2") == []
-    manifest = json.loads((_night(work, "2024-08-05") / "manifest.json").read_text())
-    assert manifest["retention"]["removed"] == ["shard=0-of-2/date=2024-08-02", "shard=1-of-2/date=2024-08-02",
+    retention = json.loads((_night(work, "2024-08-05") / "retention.json").read_text())
+    assert retention["removed"] == ["shard=0-of-2/date=2024-08-02", "shard=1-of-2/date=2024-08-02",
                                                 "complete/date=2024-08-02.json"]
     assert sorted(p.name for p in (work / "candidates" / "complete").iterdir()) == ["date=2024-08-05.json"]

@@ -62,7 +62,7 @@ def test_two_nights_of_the_production_config(tmp_path, capsys):
     nights = sorted(p.name for p in (work / "candidates").glob("date=*"))
     assert nights == [f"date={NIGHT1}", f"date={NIGHT2}"]
     manifest = json.loads((work / "candidates" / f"date={NIGHT2}" / "manifest.json").read_text())
-    assert manifest["model"]["uri"] == "models:/sasrec@champion" and manifest["retention"]["keep_days"] == 14
+    assert manifest["model"]["uri"] == "models:/sasrec@champion" and json.loads((work / "candidates" / f"date={NIGHT2}" / "retention.json").read_text())["keep_days"] == 14
     assert manifest["active_window"] == 2592000 and manifest["users"] > 0
     capsys.readouterr()
     assert main(["status", "--json", "--config", str(CONF), f"work_dir={work}"]) == EXIT_OK

@@ -219,6 +219,44 @@ def test_shards_published_in_the_same_instant_from_two_models_leave_the_night_un
     assert json.loads(_marker(trained, date).read_text())["layout"] == "2 shards"
 
 
+def test_shards_of_one_night_with_another_k_or_allow_list_are_refused(
+    trained: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shards of a night checked only the model and the features: a shard run with another K, seen items
+    competing, or an allow list updated between the shards' starts was published and the night marked complete,
+    its users filtered by two catalogues."""
+    import pipelines.generate_candidates as job
+
+    date = "2024-05-27"
+    allow = tmp_path / "allowed.csv"
+    allow.write_text("item_id\n" + "\n".join(str(i) for i in range(1, 41)) + "\n")
+    assert main(["candidates", "--quiet", "--date", date, "--shard", "0/2",
+                 *tiny(trained, f"candidates.allowed_items={allow}")]) == EXIT_OK
+    published = snapshot(trained / "candidates")
+    for extra, says in [(["candidates.k=3"], "candidates.k 5 → 3"),
+                        (["candidates.exclude_seen=false"], "candidates.exclude_seen True → False"),
+                        ([], "candidates.allowed_items_sha256 ")]:
+        if not extra:  # the same file, rewritten with fewer items (the stock file of the next hour)
+            allow.write_text("item_id\n" + "\n".join(str(i) for i in range(1, 11)) + "\n")
+        got = run_cli(capsys, "candidates", "--quiet", "--date", date, "--shard", "1/2",
+                      *tiny(trained, f"candidates.allowed_items={allow}", *extra))
+        assert got.code == EXIT_USAGE, got.err
+        assert "scored with other settings" in got.err and says in got.err, got.err
+        assert snapshot(trained / "candidates") == published  # nothing published, no marker
+    # the same race as for models: both shards publish in the same instant, the completion check refuses
+    monkeypatch.setattr(job, "_check_same_night", lambda *args: None)
+    mixed = run_cli(capsys, "candidates", "--quiet", "--date", date, "--shard", "1/2",
+                    *tiny(trained, f"candidates.allowed_items={allow}"))
+    assert mixed.code == EXIT_USAGE and "other settings (candidates.allowed_items_sha256" in mixed.err, mixed.err
+    assert not _marker(trained, date).exists()
+    monkeypatch.undo()
+    allow.write_text("item_id\n" + "\n".join(str(i) for i in range(1, 41)) + "\n")  # back to the night's list
+    assert main(["candidates", "--quiet", "--date", date, "--shard", "1/2",
+                 *tiny(trained, f"candidates.allowed_items={allow}")]) == EXIT_OK
+    marker = json.loads(_marker(trained, date).read_text())
+    assert marker["layout"] == "2 shards" and marker["night_settings"]["k"] == 5
+
+
 def test_a_night_published_before_a_failure_is_still_marked_and_status_says_what_is_missing(
     trained: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,8 @@ checked against a direct scoring of the catalogue, unknown items never recommend
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
@@ -12,7 +14,7 @@ from features.artifacts import FeatureSet
 from features.readers import InputDataError
 from features.schema import EVENT_TYPE_MAP, SEQUENCE_TYPES, SEQUENCES
 from recsys.candidates import TrainedModel, generate_candidates, popular_top_k, select_active, user_vectors
-from recsys.config import CandidatesConfig
+from recsys.config import CandidatesConfig, ConfigError, build_config
 from recsys.model import SASRec
 
 K = 3
@@ -188,6 +190,11 @@ def test_allowed_items_are_the_only_candidates_for_model_lists_and_fallback(setu
         assert got[user] == want, user
     assert len(got[1]) == K and len(got[3]) == K  # seen 10 / 20 do not use up allowed slots
     assert got[4] == [20, 30, 50]  # the fallback: the most popular ALLOWED items (10 has 5 events, not allowed)
+    # its score stays the share of the model's 29 training events (the pyfunc model's too), not of the allowed
+    # items' 9 + 9 + 3 + ...: it moved with every change of the allow list
+    fallback = table.filter(pl.col("user_id") == 4)["score"].to_list()
+    counts = dict(zip(trained.item_map["item_id"], trained.item_map["train_count"], strict=True))
+    assert fallback == pytest.approx([counts[i] / 29 for i in (20, 30, 50)])
     assert set(table["item_id"].to_list()) <= {20, 30, 40, 50}
     assert stats["items_allowed"] == 4 and stats["allowed_items_unknown"] == 2
     everything, unrestricted = generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10))
@@ -220,8 +227,11 @@ def test_an_allow_list_too_short_for_the_index_is_searched_exactly(setup):
     assert table.equals(exact) and stats["search"]["index_used"] == "Flat"
     whole = generate_candidates(trained, feats, ivf)[1]  # the whole catalogue (6 items) trains IVF4
     assert whole["search"]["index_used"] == "IVF4,Flat"
-    with pytest.raises(ValueError, match="IVF8,Flat"):  # without an allow list a bad index stays an error
-        generate_candidates(trained, feats, CandidatesConfig(k=K, index="IVF8,Flat", recall_sample=10))
+    # without an allow list too: 6 items cannot train 8 lists, and failing the night (exit 1, after every user
+    # vector) helped nobody; exact search over fewer items than the index has lists is cheap
+    small, stats = generate_candidates(trained, feats, CandidatesConfig(k=K, index="IVF8,Flat", recall_sample=10))
+    assert small.equals(generate_candidates(trained, feats, CandidatesConfig(k=K, recall_sample=10))[0])
+    assert stats["search"]["index_used"] == "Flat"
 
 
 # ---- seen items competing, with the model's repeat bias -------------------------------------------------------
@@ -466,6 +476,33 @@ def test_a_wrong_search_parameter_fails_with_an_allow_list_too():
     few = pl.Series("item_id", [1, 2, 3, 4, 5, 6], dtype=pl.Int64)  # 6 items cannot train 16 IVF lists
     _, stats = generate_candidates(trained, feats, CandidatesConfig(k=3, index="IVF16,Flat", recall_sample=10), few)
     assert stats["search"]["index_used"] == "Flat"
+    # a whole catalogue too small for the index (300 items, 4096 lists) is searched exactly too: it failed the
+    # night with a traceback (exit 1) after every user vector was computed
+    table, stats = generate_candidates(trained, feats, CandidatesConfig(k=3, index="IVF4096,Flat", recall_sample=10))
+    assert stats["search"]["index_used"] == "Flat"
+    exact, _ = generate_candidates(trained, feats, CandidatesConfig(k=3, recall_sample=10))
+    assert table.equals(exact)
+
+
+def test_index_settings_faiss_rejects_are_config_errors_before_anything_is_read():
+    """A typo in candidates.index, or nprobe on an index without lists, stopped `recsys run` with exit 1 after
+    training, evaluating and promoting the model; the config refuses them (exit 2) for the served dimension."""
+    for index, extra, says in [("Flatt", {}, "could not parse index string Flatt"),
+                               ("Flat", {"nprobe": 8}, "has no search parameter 'nprobe'"),
+                               ("HNSW32", {"nprobe": 8}, "has no search parameter 'nprobe'"),
+                               ("IVF64,Flat", {"ef_search": 8}, "has no search parameter 'efSearch'"),
+                               ("IVF64,PQ7", {}, "dimension 64")]:
+        with pytest.raises(ConfigError, match=re.escape(says)) as err:
+            build_config({"candidates": {"index": index, **extra}})
+        assert "candidates.index" in str(err.value)
+    assert build_config({"candidates": {"index": "IVF64,PQ8", "nprobe": 4}}).candidates.nprobe == 4
+    # the dimension the model serves: 3 networks of 16 are 48 wide, which PQ32 does not divide
+    with pytest.raises(ConfigError, match="dimension 48"):
+        build_config({"model": {"hidden": 16, "ensemble": 3}, "candidates": {"index": "PQ32"}})
+    # a model of another width than the config's (one from the registry) is refused when its index is built
+    trained, feats = _plain_catalogue(50)  # 8 wide
+    with pytest.raises(ConfigError, match="8-wide vectors"):
+        generate_candidates(trained, feats, CandidatesConfig(k=3, index="PQ16", recall_sample=10))
 
 
 def test_allowed_ids_of_the_wrong_type_are_counted_as_unknown(caplog):

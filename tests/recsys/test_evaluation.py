@@ -193,7 +193,7 @@ def test_evaluate_all_runs_model_and_popularity(sequences: pl.DataFrame) -> None
     for name, metrics in got.items():
         assert metrics["n_users"] == 5.0
         assert {"ndcg_at_5", "hr_at_5", "recall_at_5", "mrr_at_5", "coverage_at_5", "ndcg_at_5_se"} <= set(metrics)
-        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "n_users" and not k.startswith("delta_"))
+        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k not in ("n_users", "seen_targets") and not k.startswith("delta_"))
         assert (name == "model") == ("delta_ndcg_at_5" not in metrics)
         if name != "model":  # the model's paired difference from this baseline
             assert metrics["delta_ndcg_at_5"] == pytest.approx(got["model"]["ndcg_at_5"] - metrics["ndcg_at_5"])
@@ -462,9 +462,11 @@ def test_repeat_scores_the_own_history_by_recency_then_popularity() -> None:
 
 def test_repeat_baseline_against_popularity(sequences: pl.DataFrame) -> None:
     model = _MeanModel(N_ITEMS)
-    cfg = EvaluateConfig(split="test", ks=(1, 5), baselines=("popularity", "repeat"))
+    # The config refuses repeat with the history excluded (a leak on re-consumed targets, tested in
+    # test_exclude_seen); the library still scores it, which this hand count pins down.
+    cfg = EvaluateConfig(split="test", ks=(1, 5), baselines=("popularity", "repeat"), exclude_seen=False)
     fresh = sequences.filter(pl.col("user_idx").is_in([0, 2, 3]))  # no test target seen before
-    got = evaluate_all(model, fresh, N_ITEMS, None, cfg, max_len=3)
+    got = evaluate_all(model, fresh, N_ITEMS, None, cfg.model_copy(update={"exclude_seen": True}), max_len=3)
     assert {k: v for k, v in got["repeat"].items() if not k.startswith("delta")} == {
         k: v for k, v in got["popularity"].items() if not k.startswith("delta")}
     # Hand count of HR@1. Popularity when test is predicted counts train and val events: items 1, 2, 3 three
@@ -547,3 +549,26 @@ def test_one_heavy_user_widens_only_its_own_batch_and_changes_no_metric() -> Non
     results = [evaluate_all(model, seqs, 400, None, EvaluateConfig(ks=(5, 20), baselines=("popularity",),
                                                                    batch_size=b), max_len=4) for b in (1, 4, 1024)]
     assert results[0] == results[1] == results[2] and results[0]["model"]["n_users"] == 12
+
+
+def test_re_consumed_targets_are_counted_and_warned_about_when_seen_items_are_excluded(
+    sequences: pl.DataFrame, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the history excluded a re-consumed target is still ranked: a repeat-heavy split (Taobao: 60 % of test
+    targets) rewards any scorer that favours the user's own items, so the report counts them and warns."""
+    from recsys.evaluation import seen_targets
+
+    # test targets by user: 0 {6}, 1 {4} seen, 2 {8}, 3 {2}, 4 {3 seen, 5}; val: none seen, user 3 has no history
+    assert seen_targets(sequences, "test") == (2, 6)
+    assert seen_targets(sequences, "val") == (0, 3)
+    cfg = EvaluateConfig(ks=(5,), baselines=())
+    with caplog.at_level(logging.WARNING, logger="recsys.evaluation"):
+        got = evaluate_all(_MeanModel(N_ITEMS), sequences, N_ITEMS, None, cfg, max_len=3)["model"]
+    assert got["seen_targets"] == 2
+    assert "2 of the 6 test targets (33.3 %) are items the user already had" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recsys.evaluation"):
+        competing = evaluate_all(_MeanModel(N_ITEMS), sequences, N_ITEMS, None,
+                                 cfg.model_copy(update={"exclude_seen": False}), max_len=3)["model"]
+        evaluate_all(_MeanModel(N_ITEMS), sequences, N_ITEMS, None, cfg.model_copy(update={"split": "val"}), max_len=3)
+    assert competing["seen_targets"] == 2 and "already had" not in caplog.text

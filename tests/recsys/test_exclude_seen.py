@@ -154,6 +154,10 @@ def test_exclude_seen_is_rejected_where_it_does_not_apply() -> None:
         build_config({"train": {"exclude_seen": True, "loss": "bce"}})
     with pytest.raises(ValueError, match="train.exclude_seen needs"):
         SASRecSystem(n_items=10, max_len=5, loss="gbce", n_negatives=2, train_exclude_seen=True)
+    with pytest.raises(ConfigError, match="evaluate.baselines lists repeat with evaluate.exclude_seen=true"):
+        build_config({"evaluate": {"baselines": ["popularity", "repeat"]}})
+    assert build_config({"evaluate": {"baselines": ["repeat"], "exclude_seen": False}}).evaluate.baselines == (
+        "repeat",)
 
 
 def test_training_with_exclude_seen_learns_a_planted_sequence(tmp_path: Path) -> None:
