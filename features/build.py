@@ -51,7 +51,7 @@ from features.schema import (
 from features.sequences import SPLIT_LISTS, add_split, build_sequences
 from features.synthetic import generate_events
 from recsys.config import Config, ConfigError, DataConfig, FeaturesConfig, SyntheticConfig, save_config
-from recsys.storage import atomic_dir, fingerprint, remove_stale_temps, write_json
+from recsys.storage import atomic_dir, fingerprint, remove_stale_temps, shown, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
         files = input_files(cfg.data, path)  # a directory or glob of csv / parquet files: checked there
         if len(files) == 1 and not files[0].is_file():
             raise ConfigError(
-                f"data.path: {path} does not exist; set data.path to the events file, a directory of csv / "
+                f"data.path: {shown(path)} does not exist; set data.path to the events file, a directory of csv / "
                 "parquet files or a glob (e.g. `recsys features data.path=events.csv`) or set "
                 "data.source=synthetic"
             )

@@ -32,7 +32,7 @@ from features.readers import InputDataError, read_table
 from features.schema import FEATURE_IDX, ITEM_FEATURE_VALUES, ITEM_FEATURES, ITEM_ID, ITEM_IDX, check_schema
 from features.validation import how_to_fix, id_expr
 from recsys.config import ConfigError, ItemFeaturesConfig
-from recsys.storage import fingerprint
+from recsys.storage import fingerprint, shown
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def read_item_rows(cfg: ItemFeaturesConfig, item_id_type: str) -> pl.DataFrame:
     """
     path = Path(cfg.path)
     if not path.is_file():
-        raise ConfigError(f"{KEY}.path: {path} does not exist or is not a file; set it to a CSV (with a header) "
+        raise ConfigError(f"{KEY}.path: {shown(path)} does not exist or is not a file; set it to a CSV (with a header) "
                           f"or Parquet file of item attributes, or set {KEY}=null")
     frame, data_rows = _read(path, cfg)
     raw_ids = frame[cfg.item_col]

@@ -28,6 +28,7 @@ import polars as pl
 from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from features.validation import NO_ROWS, POS, SHORT, find_problems, how_to_fix, id_expr, typed_exprs
 from recsys.config import ConfigError, DataConfig
+from recsys.storage import shown
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
     """One file's canonical events; None when it has no rows and is one of ``many`` files."""
     if not path.is_file():
         raise InputDataError(
-            f"input file {path} does not exist or is not a file; fix data.path "
+            f"input file {shown(path)} does not exist or is not a file; fix data.path "
             f"(currently {data.path!r}) or set data.source: synthetic"
         )
     if many and path.stat().st_size == 0:  # a quiet day's partition written as a 0-byte file: no rows
@@ -351,7 +352,7 @@ def read_item_ids(path: str | Path, key: str, kind: str = "int") -> pl.Series:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist or is not a file; fix {key} (a CSV or Parquet file "
+        raise FileNotFoundError(f"{shown(path)} does not exist or is not a file; fix {key} (a CSV or Parquet file "
                                 f"with an {ITEM_ID} column) or set it to null")
     frame, data_rows = read_table(path, key, f"write one {ITEM_ID} per row under an '{ITEM_ID}' header")
     if ITEM_ID not in frame.columns:

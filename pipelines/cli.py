@@ -42,7 +42,8 @@ _JOBS: dict[str, str] = {
 }
 
 _EPILOG = """exit codes: 0 success (or already done for --run-date), 1 unexpected failure, 2 bad config or
-arguments, 3 bad input data, 4 locked (the same job is running on this work directory).
+arguments, 3 bad input data, 4 locked (the same job is running on this work directory), 143 stopped by SIGTERM
+(a scheduler's timeout, a pod eviction: retry it; training resumes from its last checkpoint).
 outputs: <work_dir>/{features,model,evaluation,candidates,logs}; MLflow store <work_dir>/mlflow.db by default;
 success markers <work_dir>/runs/<job>/<date>.json (run, train); locks <work_dir>/.locks/<job>.lock."""
 
@@ -140,6 +141,29 @@ def _is_worker() -> bool:
     return any(os.environ.get(name, "0").strip() not in ("", "0") for name in _RANK_VARIABLES)
 
 
+# A date this far after today (UTC) is a typo, not a night: it would sort as the latest night in `recsys status`
+# (its freshness gauge, and the staleness alert on it, frozen until then). One day of slack for a night written
+# ahead, or a scheduler in a time zone east of UTC.
+MAX_DAYS_AHEAD = 1
+
+
+def _check_dates(args: argparse.Namespace, cfg: Config) -> None:
+    """Raise ConfigError for a --run-date or night (candidates.date, --date) more than MAX_DAYS_AHEAD after
+    today (UTC), and for `recsys run` whose candidates.date is not its run date (the run's marker would name
+    one date and its night another, replacing a night published before)."""
+    latest = today_utc() + datetime.timedelta(days=MAX_DAYS_AHEAD)
+    night = cfg.candidates.date if args.command in ("candidates", "run") else None
+    for what, day in (("--run-date", getattr(args, "run_date", None)), ("candidates.date (--date)", night)):
+        if day is not None and day > latest:
+            raise ConfigError(f"{what} {day} is {(day - today_utc()).days} days after today ({today_utc()}, UTC); "
+                              "a run or a night is for today or a date before it (a backfill): check the date")
+    run_date = getattr(args, "run_date", None) or today_utc()
+    if args.command == "run" and night is not None and night != run_date:
+        raise ConfigError(f"candidates.date {night} is not the run's date {run_date} (--run-date, default today "
+                          "UTC): `recsys run` writes the night of its run date; pass --run-date "
+                          f"{night} instead of candidates.date, or run `recsys candidates --date {night}` alone")
+
+
 def _run_date(text: str) -> datetime.date:
     try:
         return parse_run_date(text)
@@ -191,6 +215,8 @@ def _setup_logging(cfg: Config, job: str, quiet: bool) -> Path:
     fmt = JsonFormatter(job) if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
+    # --quiet: no progress bar either (recsys.training.quiet_console); not a config key, so no hash changes
+    os.environ["RECSYS_QUIET"] = "1" if quiet else "0"
     console.addFilter(lambda record: getattr(record, _CONSOLE, True))  # False: for the log file only
     console.setFormatter(fmt)
     to_file = logging.FileHandler(log_file, encoding="utf-8")
@@ -365,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
             _early_fail("status", f"recsys status: {exc}")
             return EXIT_USAGE
         return EXIT_OK
+    try:
+        _check_dates(args, cfg)
+    except ConfigError as exc:
+        _early_fail(args.command, f"recsys {args.command}: {exc}")
+        return EXIT_USAGE
     if _is_worker():
         return _worker(args, cfg)
     try:

@@ -92,8 +92,8 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         parts = wd.previous_candidates(day, part)
         drift = drift_report(table, _previous_lists(parts, shard, table.schema[schema.USER_ID]),
                              stats["k_effective"])
-        violations = drift_violations(drift, cfg.candidates) + recall_violations(stats["search"], cfg.candidates,
-                                                                                stats["k_effective"])
+        drifted = drift_violations(drift, cfg.candidates)
+        violations = drifted + recall_violations(stats["search"], cfg.candidates, stats["k_effective"])
         gate = drift_gate(cfg.candidates, bool(parts))
         if gate == "no previous night":  # e.g. the first night
             log.warning("candidates: drift gate not applied tonight: no earlier published night (whole, or all "
@@ -145,7 +145,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
         _track(tracker, manifest, drift, retention, target, shard)
         if violations:
             raise DriftError(f"candidates for {day} not published: " + "; ".join(violations)
-                             + (f" (against {previous})" if previous else "")
+                             + (f" (drift against {previous})" if previous and drifted else "")
                              + f"; the lists are in {target} for inspection")
     log.info("candidates: %d rows for %d users (%d fallbacks) → %s",
              table.height, stats["users"], stats["fallback_users"], target)

@@ -6,13 +6,15 @@ The defaults below are the documented defaults; ``conf/base.yaml`` lists them al
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import math
+import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -75,6 +77,17 @@ def _check_device(value: str) -> str:
 Device = Annotated[str, AfterValidator(_check_device)]
 
 
+def _expand_user(path: str) -> str:
+    """``~`` / ``~user`` at the start of a path is the home directory, as a shell reads it: Python's paths keep it
+    literally (a directory named ``~`` under the current one) while Polars expands it, so a job half wrote into
+    one and read from the other."""
+    return os.path.expanduser(path) if path.startswith("~") else path
+
+
+# A file or directory path of the config: ~ expanded; relative paths are relative to the current directory.
+PathText = Annotated[str, AfterValidator(_expand_user)]
+
+
 class SyntheticConfig(_Section):
     """Demo event generator with a planted sequential pattern and a Zipf popularity skew."""
 
@@ -99,7 +112,7 @@ class ItemFeaturesConfig(_Section):
     one row per item (a repeated item's rows are merged), every listed column categorical."""
 
     # CSV with a header (or Parquet, by the .parquet suffix): an item id column and the attribute columns.
-    path: str
+    path: PathText
     item_col: str = "item_id"
     columns: tuple[str, ...] = Field(min_length=1)
     # CSV field separator.
@@ -128,7 +141,7 @@ class DataConfig(_Section):
     """Where the events come from and how to read them."""
 
     source: Literal["file", "synthetic"] = "file"
-    path: str = "events.csv"
+    path: PathText = "events.csv"
     format: Literal[
         "csv", "parquet", "movielens_dat", "movielens_udata", "movielens_csv", "pairs", "sequence_lines"
     ] = "csv"
@@ -339,7 +352,7 @@ class TrainConfig(_Section):
     # Warm start: begin from an earlier model's weights instead of a random init (recsys/warmstart.py): a local
     # model directory or an MLflow URI (models:/sasrec@champion, models:/sasrec/3). Same architecture needed;
     # items matched by item_id, new items initialised at random. None = from scratch.
-    init_from: str | None = None
+    init_from: PathText | None = None
     # Shrink and perturb (Ash & Adams 2020) with init_from: each carried-over weight = init_shrink * earlier +
     # init_perturb * the new model's fresh seeded init. 1 and 0 = a plain copy; no effect without init_from.
     init_shrink: float = Field(1.0, gt=0.0, le=1.0)
@@ -486,7 +499,7 @@ class CandidatesConfig(_Section):
     exclude_seen: bool = True
     # Which model scores: None = <work_dir>/model, else a local directory or an MLflow URI such as
     # models:/sasrec@champion or models:/sasrec/3 (``recsys candidates --model``).
-    model: str | None = None
+    model: PathText | None = None
     # The night the candidates are for, the partition date=YYYY-MM-DD; None = today (UTC).
     date: dt.date | None = None
 
@@ -511,7 +524,7 @@ class CandidatesConfig(_Section):
     # The only items that may be candidates tonight (in stock, licensed, not withdrawn): a CSV (with a header)
     # or Parquet file with an item_id column, read at every run. The popularity fallback obeys it too.
     # None = every item the model knows.
-    allowed_items: str | None = None
+    allowed_items: PathText | None = None
     # Retention: after a night is published, its partitions (published and rejected) dated keep_days days or
     # more before it are deleted (for a shard: that shard's own). 7 = tonight and the 6 nights before. None = keep
     # everything.
@@ -554,7 +567,7 @@ class TrackingConfig(_Section):
 class Config(_Section):
     """The whole pipeline's configuration."""
 
-    work_dir: str = "work/demo"
+    work_dir: PathText = "work/demo"
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
     model: ModelConfig = ModelConfig()
@@ -671,7 +684,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an optional section set to null (data.item_features)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override '{dotted}': '{part}' is not a section")
         node = child
@@ -728,36 +743,87 @@ def _parse_value(raw: str) -> Any:
 
     The typed config then rejects a string where another type is needed, naming the key.
     """
-    if not raw.strip():
+    if not raw:
         return None
+    if not raw.strip():  # a TAB (data.separator) is text, not YAML's nothing
+        return raw
     try:
-        return yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except _DuplicateKeyError:
         raise  # valid YAML, not text: parse_overrides names the override
     except (yaml.YAMLError, ValueError):  # ValueError: a bad explicit tag such as `!!int x`
         return raw
+    # YAML syntax that swallows a one-word value: `|` / `>` (block scalars) read as "", `!` (a tag) as null, and
+    # ` #…` as a comment (`tracking.experiment=prod #2` became "prod"): a shell argument means the text itself
+    if value is None and raw.strip() not in _NULLS or value == "" and raw.strip() not in ('""', "''"):
+        return raw
+    if re.search(r"(?:^|\s)#", raw) and "#" not in str(value):
+        return raw
+    return value
+
+
+_NULLS = ("~", "null", "Null", "NULL")
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``tree`` (left unchanged) with each dotted ``key=value`` set at its path: siblings stay (so
+    ``train.type_weights.buy=3`` keeps the file's other weights), and a mapping value replaces the key's whole
+    value (``train.type_weights={}`` clears it)."""
+    out = copy.deepcopy(tree)
+    for item in overrides:
+        key, value = _override(item)
+        *parents, leaf = key.split(".")
+        model: type[BaseModel] | None = Config
+        for part in parents:
+            model = _section_of(model, part)
+        section, node = _section_of(model, leaf), out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if section is not None and isinstance(value, dict) and isinstance(node, dict) \
+                and isinstance(node.get(leaf), dict):  # a whole section: merged into the file's, as extends does
+            value = _merge(node[leaf], value, section)
+        _set_path(out, key, value)
+    return out
+
+
+def _override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key.path=value")
+    try:
+        return key.strip(), _parse_value(raw)
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"override '{item}': {exc.problem}") from None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["train.lr=0.01", "model.hidden=32"]`` into a nested dict (values parsed as YAML scalars)."""
     tree: dict[str, Any] = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' is not of the form key.path=value")
-        try:
-            value = _parse_value(raw)
-        except _DuplicateKeyError as exc:
-            raise ConfigError(f"override '{item}': {exc.problem}") from None
-        _set_path(tree, key.strip(), value)
+        _set_path(tree, *_override(item))
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _section_of(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The section class of field ``key`` of ``model`` (an optional section too); None for a value."""
+    field = None if model is None else model.model_fields.get(key)
+    if field is None:
+        return None
+    for candidate in (field.annotation, *get_args(field.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, _Section):
+            return candidate
+    return None
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """``extra`` over ``base``: sections merge key by key, a value replaces, a mapping-valued key
+    (``train.type_weights``) as a whole: a child file's ``type_weights: {}`` clears its parent's weights."""
+    model = Config if model is None else model
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        section = _section_of(model, key)
+        if section is not None and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, section)
         else:
             out[key] = value
     return out
@@ -810,8 +876,11 @@ def build_config(tree: dict[str, Any], source: str = "<dict>") -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``path`` (optional) and apply dotted ``key=value`` overrides on top."""
     tree = read_yaml(path) if path is not None else {}
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return build_config(tree, source=str(path) if path else "overrides")
+    tree = apply_overrides(tree, overrides or [])
+    keys = [item.partition("=")[0].strip() for item in overrides or []]
+    source = " + ".join([*([str(path)] if path else []), *([f"the command-line overrides ({', '.join(keys)})"]
+                                                           if keys else [])]) or "defaults"
+    return build_config(tree, source=source)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

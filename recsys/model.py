@@ -495,7 +495,9 @@ def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -
     path_dir = Path(path_dir)
     weights = path_dir / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist; write it with recsys.model.save_model")
+        raise FileNotFoundError(f"{weights} does not exist: {path_dir} is not a trained model directory; run "
+                                "`recsys train` first, or check the path given as train.init_from, candidates.model "
+                                "or --model")
     kwargs = read_json(path_dir / KWARGS_FILE)
     if "causal" in kwargs:
         if not kwargs.pop("causal"):

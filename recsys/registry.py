@@ -211,6 +211,19 @@ def _missing_is_none(call: Callable[[], Any]) -> Any:
         raise
 
 
+def nothing_registered(tracker: JobRun, uri: str) -> str | None:
+    """For ``models:/NAME@ALIAS`` whose registry holds no model NAME at all (the first night of a fresh store):
+    NAME; else None (another URI, tracking off, or a model that exists: a missing alias on it stays an error)."""
+    match = _MODELS_URI.match(uri)
+    if match is None or match["alias"] is None or not tracker.active:
+        return None
+    tracker.require()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracker.uri)
+    return match["name"] if _missing_is_none(lambda: client.get_registered_model(match["name"])) is None else None
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """Which model a job used: the URI asked for and, for the registry, the version it resolved to."""
@@ -245,7 +258,7 @@ def fetch_model(tracker: JobRun, uri: str, dst: Path) -> tuple[ModelRef, Path]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    ref = ModelRef(uri)
+    ref, source = ModelRef(uri), None
     if uri.startswith("models:/"):
         match = _MODELS_URI.match(uri)
         if match is None:
@@ -265,9 +278,18 @@ def fetch_model(tracker: JobRun, uri: str, dst: Path) -> tuple[ModelRef, Path]:
                               f"model {name!r}, or no {what} on it: {exc.message}); register a model first, or "
                               "point at another one") from None
         ref = ModelRef(uri, name, str(mv.version), alias, mv.run_id)
-        uri = f"models:/{name}/{mv.version}"
+        uri, source = f"models:/{name}/{mv.version}", mv.source
     dst.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracker.uri)
+    from recsys.model import WEIGHTS_FILE
+
+    if not (Path(local) / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"model {ref.uri} (version {ref.version}) came down without its {WEIGHTS_FILE}: its registered files"
+            f"{f' at {source}' if source else ''} are not there. An embedded store (tracking.uri null) records "
+            "absolute artifact paths, so a work directory moved or mounted under another path loses them: keep "
+            "it at one path, or run an MLflow server with a database and artifact store (tracking.uri); or "
+            "register the model again")
     log.info("downloaded model %s (version %s, run %s) into %s", ref.uri, ref.version, ref.run_id, local)
     return ref, Path(local)
 

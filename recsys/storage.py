@@ -262,6 +262,14 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def shown(path: str | Path) -> str:
+    """``path`` for an error message: a relative one also as the absolute path it was looked up at (config paths
+    are relative to the current directory, which a scheduler may not have set to the project's)."""
+    path = Path(path)
+    return str(path) if path.is_absolute() else f"{path} (that is {Path.cwd() / path}: relative paths are relative " \
+        "to the current directory)"
+
+
 def fingerprint(path: str | Path) -> dict[str, Any]:
     """Size, mtime and SHA-256 of a file, to record which input an artifact was built from."""
     path = Path(path)

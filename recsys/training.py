@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import random
 import time
 import warnings
@@ -40,6 +41,16 @@ if TYPE_CHECKING:
     from recsys.warmstart import WarmStart
 
 log = logging.getLogger(__name__)
+
+
+# `recsys … --quiet` (only warnings and the final summary on the console) sets this for the job's process and the
+# DDP processes Lightning's launcher starts from it: no progress bar, whatever train.progress says. An environment
+# variable rather than a config key, so that --quiet changes no config hash (train.progress is part of the run's).
+QUIET_VARIABLE = "RECSYS_QUIET"
+
+
+def quiet_console() -> bool:
+    return os.environ.get(QUIET_VARIABLE) == "1"
 
 STEP_STREAM = 0  # derive_seed stream of the per-step reseeding (recsys.data uses 1 for the training order)
 
@@ -426,7 +437,7 @@ def _trainer(
         precision=precision,
         callbacks=callbacks,
         logger=logger if logger is not None else False,
-        enable_progress_bar=cfg.train.progress,
+        enable_progress_bar=cfg.train.progress and not quiet_console(),
         enable_model_summary=False,
         deterministic=accelerator == "cpu",
         plugins=[AtomicCheckpointIO()],

@@ -270,3 +270,60 @@ def test_a_config_file_reads_numbers_as_yaml_1_2_too(tmp_path) -> None:
         load_config(path, [])
     path.write_text("train:\n  max_epochs: 010\n")
     assert load_config(path, []).train.max_epochs == 10
+
+
+def test_a_mapping_key_is_replaced_whole_by_a_child_file_and_cleared_by_an_override(tmp_path) -> None:
+    """Mappings merged key by key everywhere: `train.type_weights={}` (what the loss=bce error advises) and a child
+    file's `type_weights: {}` left the parent's weights in place; dotted overrides still set one weight."""
+    (tmp_path / "parent.yaml").write_text("train:\n  type_weights: {purchase: 3.0, view: 0.5}\n  lr: 0.01\n")
+    (tmp_path / "clear.yaml").write_text("extends: parent.yaml\ntrain:\n  type_weights: {}\n")
+    (tmp_path / "own.yaml").write_text("extends: parent.yaml\ntrain:\n  type_weights: {purchase: 1}\n")
+    assert load_config(tmp_path / "clear.yaml").train.type_weights == {}
+    assert load_config(tmp_path / "clear.yaml").train.lr == 0.01  # sections still merge key by key
+    assert load_config(tmp_path / "own.yaml").train.type_weights == {"purchase": 1.0}
+    parent = tmp_path / "parent.yaml"
+    assert load_config(parent, ["train.type_weights={}"]).train.type_weights == {}
+    assert load_config(parent, ["train.type_weights.purchase=1"]).train.type_weights == {"purchase": 1.0, "view": 0.5}
+    assert load_config(parent, ["train.type_weights={buy: 2}"]).train.type_weights == {"buy": 2.0}
+    # an optional section set to null in the file is filled by a dotted override
+    (tmp_path / "none.yaml").write_text("data:\n  item_features: null\n")
+    got = load_config(tmp_path / "none.yaml", ["data.item_features.path=items.csv", "data.item_features.columns=[c]"])
+    assert got.data.item_features.path == "items.csv"
+
+
+@pytest.mark.parametrize("key, raw", [("data.separator", "|"), ("data.separator", ">"), ("data.separator", "\t"),
+                                      ("data.quote_char", "!"), ("tracking.experiment", "recsys-prod #2"),
+                                      ("tracking.experiment", "#nightly")])
+def test_a_shell_argument_is_its_text_where_yaml_syntax_would_swallow_it(key, raw) -> None:
+    """`data.separator=|` read as YAML's block scalar "" (refused as empty), a TAB as null, `quote_char=!` as a tag
+    (null: quoting silently off), and ` #2` as a comment (`recsys-prod #2` became `recsys-prod`)."""
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [f"{key}={raw}"]), section), name) == raw
+    assert load_config(None, ["data.quote_char=null"]).data.quote_char is None  # YAML's nulls still are
+    assert load_config(None, ["data.quote_char=~"]).data.quote_char is None
+
+
+def test_an_error_in_an_override_names_the_overrides_not_only_the_file() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONF / "demo.yaml", ["train.lr=abc", "model.hidden=32"])
+    assert "demo.yaml + the command-line overrides (train.lr, model.hidden)" in str(err.value)
+    with pytest.raises(ConfigError, match="from the command-line overrides \\(train.lr\\)"):
+        load_config(None, ["train.lr=abc"])
+
+
+def test_a_home_directory_path_is_expanded_as_a_shell_would(monkeypatch, tmp_path) -> None:
+    """`work_dir: ~/x` made `./~/x/logs` in the current directory (Python keeps `~`) and then failed reading
+    `/root/x/input` (Polars expands it); `data.path=~/events.csv` "did not exist"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["work_dir=~/work", "data.path=~/events.csv", "candidates.allowed_items=~/stock.csv",
+                             "train.init_from=~/old-model", "candidates.model=models:/sasrec@champion"])
+    assert (cfg.work_dir, cfg.data.path) == (str(tmp_path / "work"), str(tmp_path / "events.csv"))
+    assert (cfg.candidates.allowed_items, cfg.train.init_from) == (str(tmp_path / "stock.csv"),
+                                                                 str(tmp_path / "old-model"))
+    assert cfg.candidates.model == "models:/sasrec@champion" and load_config(None, ["work_dir=a~b"]).work_dir == "a~b"
+
+
+def test_a_section_given_as_one_mapping_override_merges_into_the_files_section(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_text("data:\n  synthetic:\n    n_users: 50\n    n_items: 40\n")
+    got = load_config(tmp_path / "c.yaml", ["data.synthetic={n_users: 70}"]).data.synthetic
+    assert (got.n_users, got.n_items) == (70, 40)

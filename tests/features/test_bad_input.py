@@ -213,3 +213,17 @@ def test_a_parquet_column_with_no_value_at_all_is_missing_values_not_a_dtype(tmp
     message = str(caught.value)
     assert f"column '{column}'" in message and "2 row(s) have an empty/null value (first at data row 1)" in message
     assert "dtype" not in message, message
+
+
+def test_a_relative_path_that_does_not_exist_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch) -> None:
+    """Config paths are relative to the current directory: a scheduler that starts the job elsewhere (Airflow's
+    temporary directory) got "data/events does not exist" for a file that is there, relative to the project."""
+    from pipelines.cli import EXIT_USAGE, main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["features", "--quiet", f"work_dir={tmp_path / 'work'}", "data.path=data/events.csv",
+                 "tracking.enabled=false"]) == EXIT_USAGE
+    err = (tmp_path / "work" / "logs").glob("features-*.log")
+    text = "".join(p.read_text() for p in err)
+    assert f"data/events.csv (that is {tmp_path / 'data' / 'events.csv'}: relative paths are relative to the current " \
+           "directory) does not exist" in text

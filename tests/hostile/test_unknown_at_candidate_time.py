@@ -14,7 +14,7 @@ from tests.hostile.cli_run import half_written, run_cli
 TINY = [
     "model.hidden=8", "model.max_len=8", "model.n_blocks=1", "train.max_epochs=1", "train.progress=false",
     "train.batch_size=32", "train.accelerator=cpu", "candidates.k=3", "candidates.recall_sample=5",
-    "candidates.date=2030-01-01",
+    "candidates.date=2024-01-01",
 ]  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def test_items_unknown_to_the_model_are_counted_not_recommended(tmp_path: Path, 
         outcome = run_cli(capsys, job, *common, f"data.path={data}")
         assert outcome.code == EXIT_OK, f"{job}: {outcome.err}"
         assert "Traceback" not in outcome.console
-    partition = work / "candidates" / "date=2030-01-01"
+    partition = work / "candidates" / "date=2024-01-01"
     manifest = json.loads((partition / "manifest.json").read_text())
     assert (manifest["unknown_items"], manifest["users_unknown_to_model"]) == (2, 1)
     candidates = pl.read_parquet(partition / "candidates.parquet")

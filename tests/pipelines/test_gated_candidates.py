@@ -69,3 +69,40 @@ def test_a_retried_training_that_ends_with_the_same_weights_reuses_their_version
     registered = client.search_model_versions("name = 'gated'")
     assert sorted(str(mv.version) for mv in registered) == ["1", "2"]  # the SQL store gives ints
     assert len({mv.tags["content_sha256"] for mv in registered}) == 2
+
+
+def test_the_first_night_of_a_fresh_registry_trains_from_scratch_and_serves_its_model(tmp_path):
+    """conf/prod.yaml warm-starts from and serves models:/NAME@champion: on a fresh store every night stopped with
+    exit 2 ("no such model version") until someone ran one night by hand with both keys set to null."""
+    from mlflow import MlflowClient
+
+    work = tmp_path / "work"
+    champion = "models:/gated@champion"
+    _night(work, "2024-05-01", f"train.init_from={champion}", f"candidates.model={champion}")
+    log = "".join(p.read_text() for p in (work / "logs").glob("run-*.log"))
+    assert "holds no model 'gated' yet (a first run): training from scratch" in log
+    assert read_json(work / "model" / "train_report.json")["warm_start"] is None
+    model = read_json(work / "candidates" / "date=2024-05-01" / "manifest.json")["model"]
+    assert (model["uri"], model["version"]) == (champion, "1")
+    # the second night starts from that champion; an alias missing on a model that exists stays an error
+    _night(work, "2024-05-02", f"train.init_from={champion}", f"candidates.model={champion}", "train.max_epochs=1")
+    assert read_json(work / "model" / "train_report.json")["warm_start"]["version"] == "1"
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    assert client.get_registered_model("gated").aliases["champion"] in (1, "1", 2, "2")
+    assert main(["train", "--quiet", "--force", *tiny(work, "train.init_from=models:/gated@nosuchalias"),
+                 *TRACK]) == 2
+
+
+def test_a_registered_model_whose_files_are_gone_is_named_not_a_missing_model_pt(tmp_path, capsys):
+    """The embedded store records absolute artifact paths: after the work directory moved, `--model
+    models:/NAME/1` downloaded an empty directory and failed on "<tmp>/model.pt does not exist; write it with
+    recsys.model.save_model"."""
+    work, moved = tmp_path / "work", tmp_path / "moved"
+    assert main(["features", "--quiet", *tiny(work)]) == EXIT_OK
+    assert main(["train", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    work.rename(moved)
+    capsys.readouterr()
+    assert main(["candidates", "--quiet", "--date", "2024-05-01", "--model", "models:/gated/1", *tiny(moved),
+                 *TRACK]) == 2
+    err = capsys.readouterr().err
+    assert "models:/gated/1 (version 1) came down without its model.pt" in err and "moved or mounted" in err, err

@@ -36,8 +36,8 @@ def test_two_nights_of_the_production_config(tmp_path, capsys):
     small = [f"work_dir={work}", f"data.path={data}", "model.max_len=20", "model.hidden=16", "train.max_epochs=3",
              "evaluate.item_block_size=32", "candidates.k=10", "candidates.recall_sample=50"]
 
-    first = ["run", "--quiet", "--config", str(CONF), "--run-date", str(NIGHT1), *small,
-             "train.init_from=null", "candidates.model=null"]
+    # the first night as every other: no champion to start from in the fresh registry, so from scratch
+    first = ["run", "--quiet", "--config", str(CONF), "--run-date", str(NIGHT1), *small]
     assert main(first) == EXIT_OK, capsys.readouterr().err
     report1 = json.loads((work / "model" / "train_report.json").read_text())
     assert report1["warm_start"] is None and report1["registered_version"] == "1"

@@ -387,3 +387,48 @@ def test_status_counts_a_night_republished_only_where_its_own_rejected_part_was_
     part(root / "date=2024-05-04")
     c = _candidates(root)
     assert c["rejected"] == ["2024-05-02", "2024-05-03"] and c["rejected_then_published"] == ["2024-05-04"]
+
+
+def test_dates_far_ahead_and_a_run_night_that_is_not_its_run_date_are_refused(tmp_path, capsys) -> None:
+    """A typo such as 2026-12-16 for 2026-12-06 was published as a night that `recsys status` then reported as
+    the latest for ten days (the staleness alert silent); `recsys run --run-date D candidates.date=E` marked D
+    done and replaced night E. Both are exit 2 before anything is read or written."""
+    import datetime as dt
+
+    from tests.hostile.cli_run import run_cli
+
+    work = tmp_path / "work"
+    ahead = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=10)).isoformat()
+    tomorrow = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)).isoformat()
+    for argv, says in [(["candidates", "--date", ahead], f"candidates.date (--date) {ahead} is 10 days after today"),
+                       (["candidates", f"candidates.date={ahead}"], "is 10 days after today"),
+                       (["train", "--run-date", ahead], f"--run-date {ahead} is 10 days after today"),
+                       (["run", "--run-date", "2024-05-02", "candidates.date=2024-05-01"],
+                        "candidates.date 2024-05-01 is not the run's date 2024-05-02")]:
+        got = run_cli(capsys, *argv, "--quiet", *tiny(work))
+        assert got.code == EXIT_USAGE and says in got.err, (argv, got.err)
+        assert not work.exists()  # refused before the work directory is even created
+    # a night written one day ahead (a scheduler east of UTC) is fine: refused later only for want of features
+    got = run_cli(capsys, "candidates", "--date", tomorrow, "--quiet", *tiny(work))
+    assert "after today" not in got.err and "run `recsys features` first" in got.err, got.err
+
+
+def test_quiet_means_no_progress_bar_without_changing_the_runs_identity(tmp_path, capsys, tiny_features) -> None:
+    """`--quiet` ("only warnings and the final summary") still printed Lightning's progress bars with the default
+    train.progress=true; turning it off must not change the config hash of the run's marker either."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_features, work / "features")
+    overrides = [f"work_dir={work}", *TINY, "train.progress=true", "train.max_epochs=1"]
+    assert main(["train", "--quiet", *overrides]) == EXIT_OK
+    quiet = capsys.readouterr()
+    assert "Epoch 0" not in quiet.out + quiet.err
+    marker = read_json(work / "runs" / "train" / f"{_today()}.json")
+    assert marker["config_hash"] == config_hash(load_config(None, overrides))
+    assert main(["train", "--force", *overrides]) == EXIT_OK  # without --quiet the bar is back
+    assert "Epoch 0" in "".join(capsys.readouterr())
+
+
+def _today() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).date().isoformat()
