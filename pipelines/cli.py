@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from pipelines.schedule import LockedError, ScheduledRun, job_lock, parse_run_date, today_utc, work_dir_lock
-from recsys.config import Config, ConfigError, load_config
+from recsys.config import QUIET_VARIABLE, Config, ConfigError, load_config
 from recsys.faults import fault_point
 
 if TYPE_CHECKING:
@@ -215,8 +215,6 @@ def _setup_logging(cfg: Config, job: str, quiet: bool) -> Path:
     fmt = JsonFormatter(job) if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
-    # --quiet: no progress bar either (recsys.training.quiet_console); not a config key, so no hash changes
-    os.environ["RECSYS_QUIET"] = "1" if quiet else "0"
     console.addFilter(lambda record: getattr(record, _CONSOLE, True))  # False: for the log file only
     console.setFormatter(fmt)
     to_file = logging.FileHandler(log_file, encoding="utf-8")
@@ -407,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in _SCHEDULED:
         for line in cfg.ignored():
             logging.getLogger("recsys.config").warning("%s", line)
+    # --quiet: no progress bar either (recsys.training.quiet_console; inherited by the DDP processes the job
+    # starts), for this call only; not a config key, so no hash changes
+    quiet_before = os.environ.get(QUIET_VARIABLE)
+    os.environ[QUIET_VARIABLE] = "1" if args.quiet else "0"
     try:
         with job_lock(Path(cfg.work_dir), _lock_name(args)), \
                 work_dir_lock(Path(cfg.work_dir), args.command, shared=args.command in _READERS):
@@ -414,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     except LockedError as exc:
         _fail(f"recsys {args.command}: {exc}")
         return EXIT_LOCKED
+    finally:
+        if quiet_before is None:
+            os.environ.pop(QUIET_VARIABLE, None)
+        else:
+            os.environ[QUIET_VARIABLE] = quiet_before
 
 
 def _early_fail(job: str, text: str) -> None:

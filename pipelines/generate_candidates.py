@@ -176,12 +176,22 @@ def night_settings(cfg: Config, allow_file: dict[str, Any] | None) -> dict[str, 
             "allowed_items_sha256": None if allow_file is None else allow_file["sha256"]}
 
 
-def _settings_differ(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> list[str]:
-    """``key theirs → ours`` for each night setting that differs (none when either side predates the record)."""
-    if theirs is None or ours is None:
-        return []
-    return [f"candidates.{key} {theirs.get(key)!r} → {ours.get(key)!r}" for key in sorted(set(theirs) | set(ours))
-            if theirs.get(key) != ours.get(key)]
+def _recorded_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A shard manifest's :func:`night_settings`; for one written before they were recorded, those its other
+    fields hold (K, the index and its search, seen items, the active window, the allow list's sha256)."""
+    if "night_settings" in manifest:
+        return manifest["night_settings"]
+    index, allowed = manifest.get("index") or {}, manifest.get("allowed_items")
+    return {"k": manifest.get("k"), "exclude_seen": index.get("exclude_seen"), "index": index.get("factory"),
+            "nprobe": index.get("nprobe"), "ef_search": index.get("ef_search"),
+            "active_window": manifest.get("active_window"),
+            "allowed_items_sha256": None if allowed is None else allowed.get("sha256")}
+
+
+def _settings_differ(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """``key theirs → ours`` for each night setting both record and that differs."""
+    return [f"candidates.{key} {theirs[key]!r} → {ours[key]!r}" for key in sorted(set(theirs) & set(ours))
+            if theirs[key] != ours[key]]
 
 
 def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, Any], features_sha: str,
@@ -193,7 +203,7 @@ def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, 
         if name == shard.name:
             continue  # this shard's own earlier run: replaced by this one
         theirs = read_json(wd.candidates / name / f"date={day.isoformat()}" / "manifest.json")
-        differ = _settings_differ(theirs.get("night_settings"), settings)
+        differ = _settings_differ(_recorded_settings(theirs), settings)
         if theirs["model"].get("weights_sha256") != model["weights_sha256"]:
             what = (f"model {theirs['model'].get('uri')} (version {theirs['model'].get('version')})",
                     f"{model['uri']} (version {model['version']})")
@@ -308,8 +318,8 @@ def _mark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> Path | None:
     weights = {m["model"].get("weights_sha256") for m in manifests.values()}
     features = {m["features"]["manifest"]["sha256"] for m in manifests.values()}
     first = next(iter(manifests.values()))
-    differ = sorted({d for m in manifests.values()
-                     for d in _settings_differ(first.get("night_settings"), m.get("night_settings"))})
+    recorded = [_recorded_settings(m) for m in manifests.values()]
+    differ = sorted({d for i, a in enumerate(recorded) for b in recorded[i + 1:] for d in _settings_differ(a, b)})
     if len(weights) > 1 or len(features) > 1 or differ:
         marker.unlink(missing_ok=True)
         raise ShardLayoutError(
@@ -327,7 +337,7 @@ def _mark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> Path | None:
         "users": sum(m["users"] for m in manifests.values()),
         "model": first["model"],
         "features_manifest_sha256": first["features"]["manifest"]["sha256"],
-        "night_settings": first.get("night_settings"),
+        "night_settings": _recorded_settings(first),
     }, atomic=True)
     log.info("candidates: night %s complete (%s) → %s", day, "whole" if shard is None else f"{shard.count} shards",
              marker)

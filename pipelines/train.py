@@ -20,7 +20,7 @@ from recsys.config import Config, ConfigError, save_config
 from recsys.data import ItemAttributes
 from recsys.faults import fault_point
 from recsys.model import KWARGS_FILE, WEIGHTS_FILE, SASRec, save_model
-from recsys.registry import ModelRef, fetch_model, is_mlflow_uri, nothing_registered
+from recsys.registry import ModelRef, fetch_model, is_mlflow_uri, nothing_promoted
 from recsys.serving import write_mlmodel
 from recsys.storage import atomic_dir, write_json
 from recsys.tracking import JobRun, job_run
@@ -167,10 +167,10 @@ def warm_start(
              "feature_values": feats.item_feature_values, "event_types": feats.event_types}
     if local is not None:
         return WarmStart(local, spec, feats.item_map, **blend), ModelRef(str(Path(spec).resolve()))
-    first = nothing_registered(tracker, spec)
-    if first is not None:  # the first night of a fresh registry: nothing to start from yet
-        log.warning("train.init_from %s: the registry %s holds no model %r yet (a first run): training from scratch; "
-                    "later runs start from it once a version is registered and promoted", spec, tracker.uri, first)
+    if nothing_promoted(tracker, spec):  # the first night(s) of a fresh registry: nothing to start from yet
+        log.warning("train.init_from %s: the registry %s has no promoted %r model yet (a first run): training from "
+                    "scratch; later runs start from it once a version is promoted", spec, tracker.uri,
+                    tracker.registered_model)
         return None, None
     ref, files = fetch_model(tracker, spec, tmp)
     return WarmStart(load_trained_model(files), spec, feats.item_map, **blend), ref

@@ -28,6 +28,15 @@ from pydantic import (
     model_validator,
 )
 
+# `recsys … --quiet` (only warnings and the final summary on the console) sets this for the job's call and the DDP
+# processes Lightning's launcher starts from it: no progress bar, whatever train.progress says. An environment
+# variable rather than a config key, so that --quiet changes no config hash (train.progress is part of the run's).
+QUIET_VARIABLE = "RECSYS_QUIET"
+
+
+def quiet_console() -> bool:
+    return os.environ.get(QUIET_VARIABLE) == "1"
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key path and the source."""
@@ -753,13 +762,29 @@ def _parse_value(raw: str) -> Any:
         raise  # valid YAML, not text: parse_overrides names the override
     except (yaml.YAMLError, ValueError):  # ValueError: a bad explicit tag such as `!!int x`
         return raw
-    # YAML syntax that swallows a one-word value: `|` / `>` (block scalars) read as "", `!` (a tag) as null, and
-    # ` #…` as a comment (`tracking.experiment=prod #2` became "prod"): a shell argument means the text itself
-    if value is None and raw.strip() not in _NULLS or value == "" and raw.strip() not in ('""', "''"):
+    # YAML syntax that swallows a one-word value: `|` / `>` (block scalars) read as "", `!` (a tag) as null, `-` /
+    # `?` as a block list / mapping, and ` #…` as a comment (`tracking.experiment=prod #2` became "prod"): a shell
+    # argument means the text itself. Lists and mappings are written in flow style ([a, b], {k: v}).
+    text = raw.strip()
+    if value is None and text not in _NULLS and not text.startswith("!!null") \
+            or value == "" and text not in ('""', "''") \
+            or isinstance(value, list | dict) and not text.startswith(("[", "{")):
         return raw
-    if re.search(r"(?:^|\s)#", raw) and "#" not in str(value):
+    comment = re.search(r"(?:^|\s)#", raw)
+    if comment is not None and _comment_dropped(raw[:comment.start()], value):
         return raw
     return value
+
+
+def _comment_dropped(before: str, value: Any) -> bool:
+    """Whether YAML read ``before`` (the text up to a `` #``) as ``value``: then the rest was taken as a comment
+    (not so when the ``#`` is inside quotes: the text before it is then no complete YAML value)."""
+    if not before.strip():
+        return True
+    try:
+        return yaml.load(before, Loader=_UniqueKeyLoader) == value  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, ValueError):
+        return False
 
 
 _NULLS = ("~", "null", "Null", "NULL")

@@ -211,17 +211,26 @@ def _missing_is_none(call: Callable[[], Any]) -> Any:
         raise
 
 
-def nothing_registered(tracker: JobRun, uri: str) -> str | None:
-    """For ``models:/NAME@ALIAS`` whose registry holds no model NAME at all (the first night of a fresh store):
-    NAME; else None (another URI, tracking off, or a model that exists: a missing alias on it stays an error)."""
+def nothing_promoted(tracker: JobRun, uri: str) -> bool:
+    """Whether ``uri`` is ``models:/NAME@ALIAS`` for the model this job registers (tracking.registered_model) and
+    nothing to start from exists yet: no model NAME in the registry, or (a first night that registered a version
+    and stopped before its promotion gate) ALIAS on none of its versions and none ever promoted. False for any
+    other URI (another name: a typo stays an error), with tracking off, or once a version was promoted (a removed
+    or rolled-back alias then stays an error)."""
     match = _MODELS_URI.match(uri)
-    if match is None or match["alias"] is None or not tracker.active:
-        return None
+    if match is None or match["alias"] is None or not tracker.active or match["name"] != tracker.registered_model:
+        return False
     tracker.require()
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracker.uri)
-    return match["name"] if _missing_is_none(lambda: client.get_registered_model(match["name"])) is None else None
+    model = _missing_is_none(lambda: client.get_registered_model(match["name"]))
+    if model is None:
+        return True
+    if match["alias"] in (model.aliases or {}):
+        return False
+    versions = client.search_model_versions(f"name='{match['name']}'")
+    return not any(mv.tags.get("promotion.promoted") == "true" for mv in versions)
 
 
 @dataclass(frozen=True)
@@ -280,16 +289,21 @@ def fetch_model(tracker: JobRun, uri: str, dst: Path) -> tuple[ModelRef, Path]:
         ref = ModelRef(uri, name, str(mv.version), alias, mv.run_id)
         uri, source = f"models:/{name}/{mv.version}", mv.source
     dst.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracker.uri)
     from recsys.model import WEIGHTS_FILE
 
+    def files_gone(detail: str) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"model {ref.uri}{f' (version {ref.version})' if ref.version else ''} {detail}: its files{f' at {source}' if source else ''} are "
+            "not there. An embedded store (tracking.uri null) records absolute artifact paths, so a work directory "
+            "moved or mounted under another path loses them: keep it at one path, or run an MLflow server with a "
+            "database and artifact store (tracking.uri); or register the model again")
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracker.uri)
+    except MlflowException as exc:  # runs:/…: the run's artifact directory is gone
+        raise files_gone(f"could not be downloaded ({exc.message})") from None
     if not (Path(local) / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(
-            f"model {ref.uri} (version {ref.version}) came down without its {WEIGHTS_FILE}: its registered files"
-            f"{f' at {source}' if source else ''} are not there. An embedded store (tracking.uri null) records "
-            "absolute artifact paths, so a work directory moved or mounted under another path loses them: keep "
-            "it at one path, or run an MLflow server with a database and artifact store (tracking.uri); or "
-            "register the model again")
+        raise files_gone(f"came down without its {WEIGHTS_FILE}")
     log.info("downloaded model %s (version %s, run %s) into %s", ref.uri, ref.version, ref.run_id, local)
     return ref, Path(local)
 

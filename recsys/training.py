@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import os
 import random
 import time
 import warnings
@@ -29,7 +28,7 @@ from recsys.checkpoint import (
     resume_point,
     run_identity,
 )
-from recsys.config import Config, ConfigError
+from recsys.config import Config, ConfigError, quiet_console
 from recsys.data import ItemAttributes, SequenceDataModule, derive_seed
 from recsys.distributed import RankShardedData
 from recsys.faults import fault_point
@@ -41,16 +40,6 @@ if TYPE_CHECKING:
     from recsys.warmstart import WarmStart
 
 log = logging.getLogger(__name__)
-
-
-# `recsys … --quiet` (only warnings and the final summary on the console) sets this for the job's process and the
-# DDP processes Lightning's launcher starts from it: no progress bar, whatever train.progress says. An environment
-# variable rather than a config key, so that --quiet changes no config hash (train.progress is part of the run's).
-QUIET_VARIABLE = "RECSYS_QUIET"
-
-
-def quiet_console() -> bool:
-    return os.environ.get(QUIET_VARIABLE) == "1"
 
 STEP_STREAM = 0  # derive_seed stream of the per-step reseeding (recsys.data uses 1 for the training order)
 

@@ -292,15 +292,19 @@ def test_a_mapping_key_is_replaced_whole_by_a_child_file_and_cleared_by_an_overr
 
 
 @pytest.mark.parametrize("key, raw", [("data.separator", "|"), ("data.separator", ">"), ("data.separator", "\t"),
+                                      ("data.separator", "-"), ("data.separator", "?"),
                                       ("data.quote_char", "!"), ("tracking.experiment", "recsys-prod #2"),
-                                      ("tracking.experiment", "#nightly")])
+                                      ("tracking.experiment", "#nightly"), ("tracking.experiment", "run#1 #nightly"),
+                                      ("tracking.experiment", "- a")])
 def test_a_shell_argument_is_its_text_where_yaml_syntax_would_swallow_it(key, raw) -> None:
     """`data.separator=|` read as YAML's block scalar "" (refused as empty), a TAB as null, `quote_char=!` as a tag
     (null: quoting silently off), and ` #2` as a comment (`recsys-prod #2` became `recsys-prod`)."""
     section, name = key.split(".")
     assert getattr(getattr(load_config(None, [f"{key}={raw}"]), section), name) == raw
-    assert load_config(None, ["data.quote_char=null"]).data.quote_char is None  # YAML's nulls still are
-    assert load_config(None, ["data.quote_char=~"]).data.quote_char is None
+    for null in ("null", "~", "!!null"):  # YAML's nulls still are
+        assert load_config(None, [f"data.quote_char={null}"]).data.quote_char is None
+    assert load_config(None, ["tracking.experiment='a #b'"]).tracking.experiment == "a #b"
+    assert load_config(None, ["evaluate.ks=[5, 10]"]).evaluate.ks == (5, 10)
 
 
 def test_an_error_in_an_override_names_the_overrides_not_only_the_file() -> None:

@@ -426,6 +426,8 @@ def test_quiet_means_no_progress_bar_without_changing_the_runs_identity(tmp_path
     assert marker["config_hash"] == config_hash(load_config(None, overrides))
     assert main(["train", "--force", *overrides]) == EXIT_OK  # without --quiet the bar is back
     assert "Epoch 0" in "".join(capsys.readouterr())
+    assert main(["train", "--quiet", "--force", *overrides]) == EXIT_OK
+    assert "RECSYS_QUIET" not in os.environ  # nothing left for the rest of the process (a notebook, a benchmark)
 
 
 def _today() -> str:

@@ -255,6 +255,15 @@ def test_shards_of_one_night_with_another_k_or_allow_list_are_refused(
                  *tiny(trained, f"candidates.allowed_items={allow}")]) == EXIT_OK
     marker = json.loads(_marker(trained, date).read_text())
     assert marker["layout"] == "2 shards" and marker["night_settings"]["k"] == 5
+    # a shard published by the previous version (no night_settings in its manifest): the settings its other
+    # fields hold are compared, so the upgrade night is checked too
+    old = _night(trained, date, "shard=0-of-2") / "manifest.json"
+    manifest = json.loads(old.read_text())
+    del manifest["night_settings"]
+    old.write_text(json.dumps(manifest))
+    got = run_cli(capsys, "candidates", "--quiet", "--date", date, "--shard", "1/2",
+                  *tiny(trained, f"candidates.allowed_items={allow}", "candidates.k=3"))
+    assert got.code == EXIT_USAGE and "candidates.k 5 → 3" in got.err, got.err
 
 
 def test_a_night_published_before_a_failure_is_still_marked_and_status_says_what_is_missing(
