@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.catalogue import ClusteredCatalogue, add_catalogue_args
-from benchmarks.machine import ROOT, append_row, commit, load_1min, machine, peak_rss_gb
+from benchmarks.machine import ROOT, append_row, commit, emit, jsonable, load_1min, machine, peak_rss_gb
 from recsys.evaluation import MetricAccumulator
 from recsys.topk import top_k_blocked
 
@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop early and extrapolate")
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-append", action="store_true", help="print the summary only")
+    p.add_argument("--json-out", type=Path, default=None,
+                   help="also append the run's record (arguments, measurements, machine, commit) as a JSON line")
     return p.parse_args(argv)
 
 
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     command = "python -m benchmarks.eval_scale " + shlex.join(sys.argv[1:] if argv is None else argv)
     r = run(a)
+    emit(jsonable({"bench": "eval_scale", "command": command, "args": vars(a), **r}), a.json_out, [])
     if not a.no_append:
         append_row(a.output, TITLE, INTRO, HEADER, table_row(a, r, command))
     print(summary(a, r))

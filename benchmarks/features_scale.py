@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "work" / "features_scale")
     parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md", help="file to append to")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and outputs")
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="also append the run's record (arguments, measurements, machine, commit) as a JSON line")
     parser.add_argument("--job", choices=["polars", "pandas"], help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
     if args.job == "polars":
@@ -293,6 +295,11 @@ def run_benchmark(args: argparse.Namespace, command: str) -> None:
         if not same_sequences(args.work_dir / "polars" / "features", args.work_dir / "pandas"):
             raise RuntimeError(f"the pandas and polars jobs disagree; see the outputs under {args.work_dir}")
     rows = report_rows(args, results, command)
+    # here, not at the top: the child jobs import this module, and benchmarks.machine imports torch (its RSS)
+    from benchmarks.machine import emit, jsonable
+
+    emit(jsonable({"bench": "features_scale", "command": command, "args": vars(args), "results": results}),
+         args.json_out, [])
     append_rows(args.benchmarks, rows)
     print("\n".join(rows))
     if not args.keep:

@@ -71,6 +71,22 @@ def append_row(path: Path, title: str, intro: str, header: str, row: str) -> Non
     path.write_text(head + marker + "\n".join(lines) + "\n" + (f"\n## {rest}" if later else ""))
 
 
+def jsonable(value: object) -> object:
+    """``value`` as JSON can hold it: named tuples as objects, tuples as lists, paths and devices as text, numpy and
+    torch scalars as numbers (a script's measurements and arguments, for its JSON-lines record)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if hasattr(value, "_asdict"):
+        return jsonable(value._asdict())
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return str(value)
+
+
 def append_record(path: Path | None, record: dict) -> None:
     """Append ``record`` as one JSON line to ``path`` (nothing when None): finished runs survive a killed batch."""
     if path is not None:

@@ -86,3 +86,28 @@ def test_a_tag_seed_and_settings_are_scored_on_test_once() -> None:
     check_tested_once(earlier, "ml", 44, "abc")  # validation only so far
     check_tested_once(earlier, "ml", 43, "other settings")
     check_tested_once(earlier, "ml2", 43, "abc")
+
+
+def test_a_scale_benchmarks_measurements_become_one_json_line(tmp_path) -> None:
+    """eval_scale / candidates_scale / features_scale kept no record of their rows: --json-out writes one."""
+    import json
+    from typing import NamedTuple
+
+    import numpy as np
+    import torch
+
+    from benchmarks.machine import emit, jsonable
+
+    class Tuning(NamedTuple):
+        parameter: str
+        value: int
+
+    r = {"tuning": Tuning("nprobe", 64), "load": (0.5, 1.25), "rss_gb": np.float64(1.39), "done": np.int64(10),
+         "device": torch.device("cpu"), "out": tmp_path / "x", "metrics": {"ndcg_at_10": torch.tensor(0.25).item()}}
+    out = tmp_path / "rec.jsonl"
+    emit(jsonable({"bench": "eval_scale", **r}), out, [])
+    (line,) = out.read_text().splitlines()
+    got = json.loads(line)
+    assert got["tuning"] == {"parameter": "nprobe", "value": 64} and got["load"] == [0.5, 1.25]
+    assert (got["rss_gb"], got["done"], got["device"], got["out"]) == (1.39, 10, "cpu", str(tmp_path / "x"))
+    assert {"machine", "commit", "date", "load_1min"} <= set(got)
