@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with job_lock(Path(cfg.work_dir), _lock_name(args)), \
                 work_dir_lock(Path(cfg.work_dir), args.command, shared=args.command in _READERS):
+            if args.command in _READERS:  # no writer can be running: put back what a killed one left half-swapped
+                _restore_outputs(Path(cfg.work_dir))
             return _guarded(args, cfg, log_file)
     except LockedError as exc:
         _fail(f"recsys {args.command}: {exc}")
@@ -421,6 +423,18 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop(QUIET_VARIABLE, None)
         else:
             os.environ[QUIET_VARIABLE] = quiet_before
+
+
+def _restore_outputs(work_dir: Path) -> None:
+    """A writer killed between the two renames of an output directory (recsys.storage.atomic_dir) leaves
+    ``.model.old-…`` and no ``model/``: writers put it back when they next start, but a reading job (evaluate,
+    candidates) running before any writer found no model. Under the shared lock no writer is running, so the
+    leftovers of dead writers are cleared here too (another reader doing the same at once is harmless)."""
+    from recsys.storage import remove_stale_temps
+
+    for entry in remove_stale_temps(work_dir):
+        logging.getLogger("recsys").warning("restored or cleared %s, left by a job killed while it replaced an "
+                                            "output", entry)
 
 
 def _early_fail(job: str, text: str) -> None:

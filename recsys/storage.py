@@ -197,6 +197,8 @@ def remove_stale_temps(directory: str | Path, exclusive: bool | None = None) -> 
             else:
                 _remove(entry)
         except OSError as exc:
+            if not entry.exists():  # another job cleared or restored it first (two readers starting together)
+                continue
             log.warning("could not clear the leftover %s (%s); left in place, the rest is cleared: a later run "
                         "retries, or remove it by hand once nothing holds it open", entry, exc)
             continue

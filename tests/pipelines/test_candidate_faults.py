@@ -92,3 +92,21 @@ def _same_manifest(a: bytes, b: bytes) -> bool:
         return {k: v for k, v in json.loads(raw).items() if k not in ("features", "model")}
 
     return strip(a) == strip(b)
+
+
+def test_a_reader_after_a_writer_killed_between_the_renames_finds_the_previous_model(tmp_path, tiny_features):
+    """`recsys train` killed between moving model/ aside and moving the new one in left `.model.old-…` and no
+    model/: the next writer put it back, but `recsys evaluate` / `recsys candidates` run first found no model."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_features, work / "features")
+    assert main(["train", "--quiet", "--run-date", DATE, *tiny(work)]) == EXIT_OK
+    before = (work / "model" / "model.pt").read_bytes()
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--quiet", "--force", "--run-date", DATE,
+           *tiny(work, "train.seed=7")]
+    killed = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: "atomic-swap:model"},
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert not (work / "model").exists() and list(work.glob(".model.old-*")), "the kill landed between the renames"
+    assert main(["candidates", "--quiet", "--date", DATE, *tiny(work)]) == EXIT_OK
+    assert (work / "model" / "model.pt").read_bytes() == before  # the previous complete model, put back
+    assert not list(work.glob(".model.*")) and leftovers(work) == []
