@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 
 from features import schema
-from recsys.storage import read_json
+from recsys.storage import DamagedFileError, read_json, read_parquet_file
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ def load_features(directory: str | Path) -> FeatureSet:
         ("item_map", schema.ITEM_MAP),
     ):
         tables[name] = _read_table(directory / schema.FEATURE_FILES[name], contract)
-    manifest = read_json(directory / schema.FEATURE_FILES["manifest"])
+    manifest = read_json(directory / schema.FEATURE_FILES["manifest"], "rebuild the features with `recsys features`")
+    _check_one_build(directory, tables, manifest)
     if manifest.get("item_features"):
         for name, contract in (("item_features", schema.ITEM_FEATURES),
                                ("item_feature_values", schema.ITEM_FEATURE_VALUES)):
@@ -63,11 +64,28 @@ def load_features(directory: str | Path) -> FeatureSet:
                       tables.get("item_features"), tables.get("item_feature_values"), tables.get("event_types"))
 
 
+def _check_one_build(directory: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any]) -> None:
+    """The tables and the manifest of ``directory`` describe one build (a table copied in from another work
+    directory, or restored from another day's backup, paired each user's history with another's id)."""
+    users = {"sequences.parquet": tables["sequences"].height, "user_map.parquet": tables["user_map"].height,
+             "manifest.json n_users": manifest.get("n_users")}
+    items = {"item_map.parquet": tables["item_map"].height, "manifest.json n_items": manifest.get("n_items")}
+    for what, counts in (("users", users), ("items", items)):
+        if len({n for n in counts.values() if n is not None}) > 1:
+            listed = ", ".join(f"{name} {n}" for name, n in counts.items())
+            raise DamagedFileError(f"{directory}: its files are not of one build ({what}: {listed}); rebuild the "
+                                   "features with `recsys features`")
+
+
 def _read_table(path: Path, contract: dict[str, Any]) -> pl.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `recsys features` first")
-    table = pl.read_parquet(path)
-    schema.check_schema(table, contract, str(path))
+    table = read_parquet_file(path, "rebuild the features with `recsys features`")
+    try:
+        schema.check_schema(table, contract, str(path))
+    except ValueError as exc:  # a readable Parquet file, but not this table: another file copied over it
+        raise DamagedFileError(f"{exc}: not the table the features job writes; rebuild the features with "
+                               "`recsys features`") from None
     return table
 
 
@@ -84,7 +102,7 @@ def last_event_times(directory: str | Path) -> pl.DataFrame:
     for col in (schema.USER_IDX, schema.TIMESTAMP):
         if col not in columns:
             raise ValueError(f"{path}: missing column '{col}'; rebuild the features with `recsys features`")
-    return (pl.scan_parquet(path)
+    return (pl.scan_parquet(path, glob=False)
             .group_by(schema.USER_IDX)
             .agg(pl.col(schema.TIMESTAMP).max().alias("last_timestamp"))
             .collect(engine="streaming"))

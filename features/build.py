@@ -336,24 +336,24 @@ def build_out_of_core(
         scratch = out / "partitions"
         ranges = partition_by_user(events, features.partitions, scratch / "input")
         inputs = [file for files in ranges for file in files]  # read before _select_ranges removes them
-        cold, named = cold_items(cfg, rows, pl.scan_parquet(inputs) if inputs else None)
+        cold, named = cold_items(cfg, rows, pl.scan_parquet(inputs, glob=False) if inputs else None)
         kept_files, accounting = _select_ranges(ranges, features, scratch / "kept")
         _check_kept(accounting, path, features)
-        kept = pl.scan_parquet(kept_files)
+        kept = pl.scan_parquet(kept_files, glob=False)
         user_map, (item_index, event_items) = build_user_map(kept), catalogue(kept, cold)
         types = event_type_index(kept, path)
         parts: dict[str, list[Path]] = {"events": [], "sequences": []}
         for file in kept_files:
-            encoded = split_events(pl.scan_parquet(file), user_map, item_index, features, types)
+            encoded = split_events(pl.scan_parquet(file, glob=False), user_map, item_index, features, types)
             file.unlink()
             for name, table in (("events", encoded), ("sequences", build_sequences(encoded))):
                 _check(name, table, typed=types is not None)
                 parts[name].append(scratch / f"{name}-{len(parts[name]):05d}.parquet")
                 table.write_parquet(parts[name][-1])
         for name, files in parts.items():
-            pl.scan_parquet(files).sink_parquet(out / FEATURE_FILES[name])
+            pl.scan_parquet(files, glob=False).sink_parquet(out / FEATURE_FILES[name])
         shutil.rmtree(scratch)
-        written = {name: pl.scan_parquet(out / FEATURE_FILES[name]) for name in parts}
+        written = {name: pl.scan_parquet(out / FEATURE_FILES[name], glob=False) for name in parts}
         maps = {"user_map": user_map, "item_map": add_train_count(item_index, written["events"])}
         maps |= {} if types is None else {"event_types": types}
         manifest = gate.check(build_manifest(cfg, path, stamps, accounting, written | maps), path)
@@ -400,7 +400,7 @@ def _select_ranges(
     for index, range_files in enumerate(ranges):
         if not range_files:
             continue
-        kept, accounting = select_rows(pl.scan_parquet(range_files), features)
+        kept, accounting = select_rows(pl.scan_parquet(range_files, glob=False), features)
         total += accounting
         for file in range_files:
             file.unlink()

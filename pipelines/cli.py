@@ -418,11 +418,32 @@ def main(argv: list[str] | None = None) -> int:
     except LockedError as exc:
         _fail(f"recsys {args.command}: {exc}")
         return EXIT_LOCKED
+    except OSError as exc:  # the lock files themselves: another user's, a read-only .locks/ (the job never ran)
+        _fail(f"recsys {args.command}: cannot open the lock files under {Path(cfg.work_dir) / '.locks'} ({exc}); "
+              "are they owned by another user (a run by hand under another account)? Fix their owner or mode, "
+              "or remove them while no job runs")
+        return EXIT_USAGE
     finally:
         if quiet_before is None:
             os.environ.pop(QUIET_VARIABLE, None)
         else:
             os.environ[QUIET_VARIABLE] = quiet_before
+
+
+def _storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk, quota or file-size limit: an OSError with that errno,
+    or a Polars error carrying the OS's message."""
+    import errno
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _restore_outputs(work_dir: Path) -> None:
@@ -507,6 +528,7 @@ def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
     from features.readers import InputDataError
     from recsys.drift import DriftError
     from recsys.sharding import ShardLayoutError
+    from recsys.storage import DamagedFileError
     from recsys.tracking import TrackingUnavailableError
 
     try:
@@ -514,7 +536,7 @@ def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
     except InputDataError as exc:
         _fail(f"recsys {args.command}: bad input data: {exc}")
         return EXIT_INPUT
-    except (FileNotFoundError, ConfigError, ShardLayoutError) as exc:
+    except (FileNotFoundError, ConfigError, ShardLayoutError, DamagedFileError) as exc:
         _fail(f"recsys {args.command}: {exc}")
         return EXIT_USAGE
     except (TrackingUnavailableError, DriftError) as exc:
@@ -523,7 +545,13 @@ def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
         return EXIT_FAILED
     except SystemExit as exc:
         return _terminated(args, exc)
-    except Exception:
+    except Exception as exc:
+        if _storage_full(exc):  # the operator's fix is space, not code: one line, no traceback
+            logging.getLogger("recsys").error(
+                "recsys %s failed: the disk or quota is full (%s); free space (or raise the limit) and rerun: outputs "
+                "are published whole or not at all, so the previous ones are intact", args.command,
+                str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__)
+            return EXIT_FAILED
         logging.getLogger("recsys").exception("recsys %s failed; full log in %s", args.command, log_file)
         return EXIT_FAILED
     if ran:

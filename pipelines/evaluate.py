@@ -7,8 +7,6 @@ import logging
 import re
 from pathlib import Path
 
-import polars as pl
-
 from features import schema
 from features.artifacts import FeatureSet, load_features
 from pipelines.workdir import WorkDir, log_features_input
@@ -20,7 +18,7 @@ from recsys.device import resolve_device
 from recsys.evaluation import evaluate_all
 from recsys.model import WEIGHTS_FILE, SASRec, load_model
 from recsys.registry import promote
-from recsys.storage import atomic_dir, fingerprint, read_json, write_json
+from recsys.storage import atomic_dir, fingerprint, read_json, read_parquet_file, write_json
 from recsys.tracking import JobRun, job_run
 
 log = logging.getLogger(__name__)
@@ -88,7 +86,7 @@ def check_item_map(model_dir: Path, features_dir: Path, feats: FeatureSet) -> No
     the model scores item indices, so on another build's indices every metric would be of the wrong items."""
     name = schema.FEATURE_FILES["item_map"]
     columns = [schema.ITEM_ID, schema.ITEM_IDX]
-    theirs = pl.read_parquet(model_dir / name, columns=columns).sort(schema.ITEM_IDX)
+    theirs = read_parquet_file(model_dir / name, "rerun `recsys train`", columns=columns).sort(schema.ITEM_IDX)
     ours = feats.item_map.select(columns).sort(schema.ITEM_IDX)
     if theirs.dtypes == ours.dtypes and theirs.equals(ours):
         return
@@ -105,7 +103,7 @@ def check_event_types(model: SASRec, model_dir: Path, feats: FeatureSet) -> None
     if not model.n_event_types:
         return
     path = model_dir / schema.EVENT_TYPE_FILES["event_types"]
-    theirs = pl.read_parquet(path).select(schema.EVENT_TYPE, schema.TYPE_IDX).sort(schema.TYPE_IDX)
+    theirs = read_parquet_file(path, "rerun `recsys train`").select(schema.EVENT_TYPE, schema.TYPE_IDX).sort(schema.TYPE_IDX)
     ours = None if feats.event_types is None else feats.event_types.select(schema.EVENT_TYPE, schema.TYPE_IDX)
     if ours is None or not ours.sort(schema.TYPE_IDX).equals(theirs):
         held = "none" if ours is None else ours.sort(schema.TYPE_IDX)[schema.EVENT_TYPE].to_list()

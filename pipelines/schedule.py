@@ -25,7 +25,7 @@ from typing import Any
 
 from pipelines.workdir import WorkDir
 from recsys.config import Config, non_default, without_budget
-from recsys.storage import exclusive_writer, read_json, remove_stale_temps, write_json
+from recsys.storage import DamagedFileError, exclusive_writer, read_json, remove_stale_temps, write_json
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,11 @@ class ScheduledRun:
         """The success marker if this date already succeeded with this config, else None."""
         if not self.marker.is_file():
             return None
-        payload = read_json(self.marker)
+        try:
+            payload = read_json(self.marker)
+        except DamagedFileError as exc:  # written atomically, so damaged from outside: rerunning a date is safe
+            log.warning("%s; taken as not done: this date runs again and rewrites it", exc)
+            return None
         return payload if payload.get("config_hash") == config_hash(self.cfg) else None
 
     def mark_done(self) -> dict[str, Any]:

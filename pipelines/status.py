@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +17,34 @@ from pipelines.schedule import lock_holders
 from pipelines.workdir import WorkDir, dated_partitions
 from recsys.config import Config, ConfigError
 from recsys.model import WEIGHTS_FILE
-from recsys.storage import fingerprint, read_json
+from recsys.storage import DamagedFileError, fingerprint, read_json
 
 
 def collect(cfg: Config) -> dict[str, Any]:
     """The status of ``cfg.work_dir`` as a JSON-ready dict (None where a job has not written yet)."""
     wd = WorkDir.of(cfg)
+    unreadable: list[str] = []
+
+    def read(section: Callable[[], Any], empty: Any) -> Any:
+        """A section, or ``empty`` with the damaged file named under ``unreadable``: the on-call's diagnostic
+        tool must show the rest, not a traceback."""
+        try:
+            return section()
+        except (DamagedFileError, KeyError, TypeError) as exc:
+            unreadable.append(str(exc) if isinstance(exc, DamagedFileError) else
+                              f"a file of this section lacks {exc} ({type(exc).__name__}): written by another version?")
+            return empty
+
     return {
         "work_dir": str(wd.root.resolve()),
-        "runs": _markers(wd.root / "runs"),
-        "features": _features(wd.features / "manifest.json"),
-        "model": _model(wd.model / "train_report.json"),
-        "evaluation": evaluation_of(wd),
-        "candidates": _candidates(wd.candidates),
+        "runs": read(lambda: _markers(wd.root / "runs"), {}),
+        "features": read(lambda: _features(wd.features / "manifest.json"), None),
+        "model": read(lambda: _model(wd.model / "train_report.json"), None),
+        "evaluation": read(lambda: evaluation_of(wd), None),
+        "candidates": read(lambda: _candidates(wd.candidates),
+                           {"nights": [], "rejected": [], "rejected_then_published": [], "latest": None}),
         "running": lock_holders(wd.root),
+        "unreadable": unreadable,
     }
 
 
@@ -182,6 +197,8 @@ def render(status: dict[str, Any]) -> str:
     if c["rejected_then_published"]:
         lines.append(f"  republished: nights {', '.join(c['rejected_then_published'])} (rejected by the drift gate, "
                      "then published by a rerun)")
+    for problem in status.get("unreadable", []):
+        lines.append(f"  UNREADABLE:  {problem}")
     running = status["running"]
     lines.append("  running now: " + (", ".join(f"{job} ({holder})" for job, holder in running.items())
                                       if running else "nothing"))

@@ -33,8 +33,11 @@ from recsys.config import CandidatesConfig, ConfigError
 from recsys.data import RaggedItems
 from recsys.device import inference
 from recsys.model import SASRec, load_model
+from recsys.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
+
+_MODEL_FIX = "rerun `recsys train` (or point train.init_from / candidates.model at an intact model)"
 
 MODEL_IDX = "model_item_idx"  # an item's index in the MODEL's item map (vs the features' item_idx)
 MODEL_TYPE = "model_type_idx"  # an event type's index in the MODEL's event type table (0: one it never saw)
@@ -67,7 +70,7 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; a model directory holds the id maps it was "
                                     "trained with (`recsys train` writes them)")
-        maps[name] = pl.read_parquet(path)
+        maps[name] = read_parquet_file(path, _MODEL_FIX)
         schema.check_schema(maps[name], contract, str(path))
     idx = maps["item_map"][schema.ITEM_IDX]
     if idx.n_unique() != model.n_items or idx.len() != model.n_items or idx.min() != 1:
@@ -76,7 +79,7 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
     values_path = directory / schema.ITEM_FEATURE_FILES["item_feature_values"]
     values = None
     if model.n_feature_values and values_path.is_file():
-        values = pl.read_parquet(values_path)
+        values = read_parquet_file(values_path, _MODEL_FIX)
         schema.check_schema(values, schema.ITEM_FEATURE_VALUES, str(values_path))
     types = None
     if model.n_event_types:
@@ -84,7 +87,7 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; a model that embeds event types keeps their names "
                                     "beside its weights (`recsys train` writes them)")
-        types = pl.read_parquet(path)
+        types = read_parquet_file(path, _MODEL_FIX)
         schema.check_schema(types, schema.EVENT_TYPE_MAP, str(path))
         if sorted(types[schema.TYPE_IDX].to_list()) != list(range(1, model.n_event_types + 1)):
             raise ValueError(f"{path}: column 'type_idx' must hold 1..{model.n_event_types} once each (the "
@@ -138,7 +141,7 @@ def read_candidates(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     if path.is_dir():
         path = path / "candidates.parquet"
-    table = pl.read_parquet(path)
+    table = read_parquet_file(path, f"move {path.parent} aside (out of {path.parent.parent}) and rerun, or restore it")
     schema.check_schema(table, schema.CANDIDATES, str(path))
     return table
 

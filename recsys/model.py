@@ -28,6 +28,7 @@ and scores an item by the mean of their scores (one dot product K*D wide); each 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.storage import read_json, write_json
+from recsys.storage import damaged, read_json, write_json
 
 PAD = 0
 ATTENTION = ("causal", "bidirectional")
@@ -498,13 +499,26 @@ def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -
         raise FileNotFoundError(f"{weights} does not exist: {path_dir} is not a trained model directory; run "
                                 "`recsys train` first, or check the path given as train.init_from, candidates.model "
                                 "or --model")
-    kwargs = read_json(path_dir / KWARGS_FILE)
+    fix = "rerun `recsys train` (or point train.init_from / candidates.model at an intact model)"
+    kwargs = read_json(path_dir / KWARGS_FILE, fix)
     if "causal" in kwargs:
         if not kwargs.pop("causal"):
             raise ValueError(f"{path_dir / KWARGS_FILE}: 'causal: false' models (no [MASK] token) are no "
                              "longer supported; retrain with model.attention=bidirectional")
         kwargs["attention"] = "causal"
     members = kwargs.pop("ensemble", 1)
-    model = SASRec(**kwargs) if members == 1 else SASRecEnsemble(members, **kwargs)
-    model.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True))
+    try:
+        model = SASRec(**kwargs) if members == 1 else SASRecEnsemble(members, **kwargs)
+    except (TypeError, ValueError) as exc:  # keys missing or unknown: not the file save_model writes
+        raise damaged(path_dir / KWARGS_FILE, exc, fix) from None
+    try:
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise damaged(weights, exc, fix) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # other shapes or keys than model.json describes
+        raise damaged(weights, exc, f"its weights do not fit {path_dir / KWARGS_FILE}; {fix}") from None
     return model.to(map_location).eval()

@@ -257,11 +257,43 @@ def write_json(path: str | Path, payload: dict[str, Any], atomic: bool = False) 
         Path(path).write_text(text, encoding="utf-8")
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
+class DamagedFileError(ValueError):
+    """A file an earlier job wrote that cannot be read any more (truncated, overwritten, not what its name says):
+    the message names it and what rebuilds it. The CLI exits 2 with it."""
+
+
+def damaged(path: str | Path, exc: BaseException, fix: str) -> DamagedFileError:
+    """The :class:`DamagedFileError` for ``path``, whose reading raised ``exc``; ``fix`` says what to do."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DamagedFileError(f"{path} is damaged and cannot be read ({type(exc).__name__}: {reason[:300]}); {fix}")
+
+
+def read_json(path: str | Path, fix: str = "restore it, or rerun the job that writes it") -> dict[str, Any]:
+    """The JSON object in ``path``. Raises FileNotFoundError when it is missing and :class:`DamagedFileError`
+    (naming it and ``fix``) when it is not a JSON object: a truncated or overwritten file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run the job that writes it first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise damaged(path, exc, fix) from None
+    if not isinstance(payload, dict):
+        raise damaged(path, TypeError(f"holds a JSON {type(payload).__name__}, not an object"), fix)
+    return payload
+
+
+def read_parquet_file(path: str | Path, fix: str, **kwargs: Any) -> Any:
+    """``pl.read_parquet(path)`` (never a glob pattern: ``run[1]`` is a directory name); a file that is no
+    readable Parquet raises :class:`DamagedFileError` naming it and ``fix``."""
+    import polars as pl
+
+    try:
+        return pl.read_parquet(path, glob=False, **kwargs)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise damaged(path, exc, fix) from None
 
 
 def shown(path: str | Path) -> str:

@@ -37,7 +37,9 @@ def tracking_uri(cfg: Config) -> str:
     """The configured URI, or the embedded SQLite store in the work directory."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
-    return f"sqlite:///{Path(cfg.work_dir).resolve() / 'mlflow.db'}"
+    # SQLAlchemy percent-decodes the database path: a literal % (work/pct%41dir) must be written %25, or the store
+    # lands in another directory (work/pctAdir)
+    return f"sqlite:///{str(Path(cfg.work_dir).resolve() / 'mlflow.db').replace('%', '%25')}"
 
 
 def configure_http(cfg: Config) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from recsys.checkpoint import resume_point
 from recsys.model import SASRec, load_model, save_model
+from recsys.storage import DamagedFileError
 
 
 class _Payload:
@@ -26,8 +26,8 @@ def test_model_weights_carrying_code_are_refused(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     save_model(SASRec(10, 5, 8, 1, 1, 0.0), tmp_path / "model")
     torch.save({"item_emb.weight": _Payload(marker)}, tmp_path / "model" / "model.pt")
-    with pytest.raises(pickle.UnpicklingError):
-        load_model(tmp_path / "model")
+    with pytest.raises(DamagedFileError, match="model.pt is damaged and cannot be read \\(UnpicklingError: Weights only"):
+        load_model(tmp_path / "model")  # refused by the weights-only unpickler, named as the file to replace
     assert not marker.exists()
 
 

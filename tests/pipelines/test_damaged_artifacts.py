@@ -1,0 +1,121 @@
+"""Files an earlier job wrote, damaged from outside (truncated by a full disk, overwritten, copied in from another
+work directory): each job names the file and what rebuilds it, with exit 2, instead of a library traceback with
+exit 1; a damaged success marker reruns its date; `recsys status` shows the rest of the pipeline."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from tests.hostile.cli_run import run_cli, snapshot
+from tests.pipelines.conftest import tiny
+
+DATE = "2024-05-01"
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory, tiny_features: Path) -> Path:
+    work = tmp_path_factory.mktemp("damaged") / "work"
+    shutil.copytree(tiny_features, work / "features")
+    assert main(["run", "--quiet", "--run-date", DATE, *tiny(work)]) == EXIT_OK
+    return work
+
+
+@pytest.fixture
+def work(night: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "work"
+    shutil.copytree(night, copy)
+    return copy
+
+
+def _truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+@pytest.mark.parametrize("damage, argv, says", [
+    (lambda w: _truncate(w / "features" / "sequences.parquet", 500), ["train", "--force"],
+     ("features/sequences.parquet is damaged", "rebuild the features with `recsys features`")),
+    (lambda w: (w / "features" / "manifest.json").write_text("{garbage"), ["evaluate"],
+     ("features/manifest.json is damaged", "rebuild the features")),
+    (lambda w: _truncate(w / "model" / "model.pt", 1000), ["candidates", "--date", "2024-05-02"],
+     ("model/model.pt is damaged", "rerun `recsys train`")),
+    (lambda w: (w / "model" / "model.pt").write_bytes(b""), ["evaluate"], ("model/model.pt is damaged",)),
+    (lambda w: (w / "model" / "model.json").write_text("{}"), ["candidates", "--date", "2024-05-02"],
+     ("model/model.json is damaged",)),
+    (lambda w: _truncate(w / "candidates" / f"date={DATE}" / "candidates.parquet", 100),
+     ["candidates", "--date", "2024-05-02"], (f"date={DATE}/candidates.parquet is damaged", "aside")),
+    (lambda w: shutil.copy(w / "features" / "user_map.parquet", w / "features" / "item_map.parquet"),
+     ["evaluate"], ("item_map.parquet",)),
+])
+def test_a_damaged_artifact_is_named_with_exit_2_and_nothing_changes(work: Path, capsys, damage, argv, says) -> None:
+    damage(work)
+    before = snapshot(work / "candidates")
+    got = run_cli(capsys, *argv, "--quiet", *tiny(work))
+    assert got.code == EXIT_USAGE, got.err
+    assert "Traceback" not in got.err and all(s in got.err for s in says), got.err
+    assert snapshot(work / "candidates") == before
+
+
+def test_feature_tables_of_two_builds_are_refused(work: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other"
+    assert main(["features", "--quiet", *tiny(other, "data.synthetic.n_users=300", "data.synthetic.seed=9")]) \
+        == EXIT_OK
+    shutil.copy(other / "features" / "sequences.parquet", work / "features" / "sequences.parquet")
+    got = run_cli(capsys, "candidates", "--quiet", "--date", "2024-05-02", *tiny(work))
+    assert got.code == EXIT_USAGE and "its files are not of one build (users: sequences.parquet 300, " \
+        "user_map.parquet 200, manifest.json n_users 200)" in got.err, got.err
+
+
+def test_a_damaged_success_marker_reruns_its_date(work: Path, capsys) -> None:
+    assert main(["train", "--quiet", "--run-date", DATE, *tiny(work)]) == EXIT_OK
+    marker = work / "runs" / "train" / f"{DATE}.json"
+    marker.write_text('{"job": "train", "run_da')
+    got = run_cli(capsys, "train", "--quiet", "--run-date", DATE, *tiny(work))
+    assert got.code == EXIT_OK and "taken as not done" in got.err, got.err
+    assert '"config_hash"' in marker.read_text()  # rewritten whole
+
+
+def test_status_names_damaged_files_and_shows_the_rest(work: Path, capsys) -> None:
+    (work / "model" / "train_report.json").write_text("{x")
+    (work / "candidates" / f"date={DATE}" / "manifest.json").write_text("")
+    got = run_cli(capsys, "status", *tiny(work))
+    assert got.code == EXIT_OK, got.err
+    assert "UNREADABLE:  " in got.out and "train_report.json is damaged" in got.out
+    assert f"date={DATE}/manifest.json is damaged" in got.out and "features:    built" in got.out
+
+
+def test_lock_files_that_cannot_be_opened_are_named_with_exit_2(work: Path, capsys, monkeypatch) -> None:
+    import pipelines.cli as cli
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(work / ".locks" / "evaluate.lock"))
+
+    monkeypatch.setattr(cli, "job_lock", refused)
+    got = run_cli(capsys, "evaluate", "--quiet", *tiny(work))
+    assert got.code == EXIT_USAGE and "cannot open the lock files under" in got.err and "Traceback" not in got.err
+
+
+def test_a_full_disk_is_one_line_with_exit_1(work: Path, capsys, monkeypatch) -> None:
+    import pipelines.cli as cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "_execute", full)
+    got = run_cli(capsys, "evaluate", "--quiet", *tiny(work))
+    assert got.code == EXIT_FAILED and "the disk or quota is full" in got.err and "Traceback" not in got.err
+
+
+def test_a_percent_sign_in_the_work_dir_keeps_the_store_there(tmp_path: Path) -> None:
+    from recsys.config import load_config
+    from recsys.tracking import tracking_uri
+
+    work = tmp_path / "pct%41dir"
+    uri = tracking_uri(load_config(None, [f"work_dir={work}"]))
+    from sqlalchemy.engine import make_url
+
+    assert make_url(uri).database == str(work / "mlflow.db")
