@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -410,19 +411,26 @@ def main(argv: list[str] | None = None) -> int:
     quiet_before = os.environ.get(QUIET_VARIABLE)
     os.environ[QUIET_VARIABLE] = "1" if args.quiet else "0"
     try:
-        with job_lock(Path(cfg.work_dir), _lock_name(args)), \
-                work_dir_lock(Path(cfg.work_dir), args.command, shared=args.command in _READERS):
+        with contextlib.ExitStack() as locks:
+            try:  # only taking the locks: an OSError of the job itself is the job's (_guarded)
+                locks.enter_context(job_lock(Path(cfg.work_dir), _lock_name(args)))
+                locks.enter_context(work_dir_lock(Path(cfg.work_dir), args.command,
+                                                  shared=args.command in _READERS))
+            except LockedError as exc:
+                _fail(f"recsys {args.command}: {exc}")
+                return EXIT_LOCKED
+            except OSError as exc:  # the lock files: another user's, a read-only .locks/, a full disk
+                if _storage_full(exc):
+                    _fail(f"recsys {args.command}: the disk or quota is full ({exc}); free space and rerun: "
+                          "nothing ran")
+                    return EXIT_FAILED
+                _fail(f"recsys {args.command}: cannot open the lock files under {Path(cfg.work_dir) / '.locks'} "
+                      f"({exc}); are they owned by another user (a run by hand under another account)? Fix their "
+                      "owner or mode, or remove them while no job runs")
+                return EXIT_USAGE
             if args.command in _READERS:  # no writer can be running: put back what a killed one left half-swapped
                 _restore_outputs(Path(cfg.work_dir))
             return _guarded(args, cfg, log_file)
-    except LockedError as exc:
-        _fail(f"recsys {args.command}: {exc}")
-        return EXIT_LOCKED
-    except OSError as exc:  # the lock files themselves: another user's, a read-only .locks/ (the job never ran)
-        _fail(f"recsys {args.command}: cannot open the lock files under {Path(cfg.work_dir) / '.locks'} ({exc}); "
-              "are they owned by another user (a run by hand under another account)? Fix their owner or mode, "
-              "or remove them while no job runs")
-        return EXIT_USAGE
     finally:
         if quiet_before is None:
             os.environ.pop(QUIET_VARIABLE, None)
@@ -440,7 +448,7 @@ def _storage_full(exc: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return True
-        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+        if any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded", "File too large")):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -450,10 +458,12 @@ def _restore_outputs(work_dir: Path) -> None:
     """A writer killed between the two renames of an output directory (recsys.storage.atomic_dir) leaves
     ``.model.old-…`` and no ``model/``: writers put it back when they next start, but a reading job (evaluate,
     candidates) running before any writer found no model. Under the shared lock no writer is running, so the
-    leftovers of dead writers are cleared here too (another reader doing the same at once is harmless)."""
+    leftovers of the writers' outputs (model/, features/) are certainly dead, on any host: cleared here too
+    (another reader doing the same at once is harmless). A reader's own outputs (evaluation/, a night) are left
+    to that job: another reader may be writing them right now, in a process this one cannot see."""
     from recsys.storage import remove_stale_temps
 
-    for entry in remove_stale_temps(work_dir):
+    for entry in remove_stale_temps(work_dir, exclusive=True, only=("model", "features")):
         logging.getLogger("recsys").warning("restored or cleared %s, left by a job killed while it replaced an "
                                             "output", entry)
 

@@ -37,7 +37,7 @@ def collect(cfg: Config) -> dict[str, Any]:
 
     return {
         "work_dir": str(wd.root.resolve()),
-        "runs": read(lambda: _markers(wd.root / "runs"), {}),
+        "runs": read(lambda: _markers(wd.root / "runs", unreadable), {}),
         "features": read(lambda: _features(wd.features / "manifest.json"), None),
         "model": read(lambda: _model(wd.model / "train_report.json"), None),
         "evaluation": read(lambda: evaluation_of(wd), None),
@@ -52,15 +52,20 @@ def _read(path: Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def _markers(runs: Path) -> dict[str, dict[str, Any]]:
-    """Per scheduled job, its latest success marker (by run date)."""
+def _markers(runs: Path, unreadable: list[str]) -> dict[str, dict[str, Any]]:
+    """Per scheduled job, its latest readable success marker (by run date); a damaged one is named in
+    ``unreadable`` and the job's previous date shown instead."""
     out = {}
     for job in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
-        dates = sorted(job.glob("*.json"))
-        if dates:
-            marker = read_json(dates[-1])
-            out[job.name] = {"run_date": dates[-1].stem, "finished_at": marker.get("finished_at"),
+        for path in sorted(job.glob("*.json"), reverse=True):
+            try:
+                marker = read_json(path)
+            except DamagedFileError as exc:
+                unreadable.append(str(exc))
+                continue
+            out[job.name] = {"run_date": path.stem, "finished_at": marker.get("finished_at"),
                              "model_version": marker.get("model_version"), "config_hash": marker.get("config_hash")}
+            break
     return out
 
 

@@ -28,6 +28,7 @@ and scores an item by the mean of their scores (one dot product K*D wide); each 
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.storage import damaged, read_json, write_json
+from recsys.storage import damaged, not_damage, read_json, write_json
 
 PAD = 0
 ATTENTION = ("causal", "bidirectional")
@@ -482,7 +483,9 @@ def save_model(model: SASRec | SASRecEnsemble, path_dir: str | Path) -> None:
     ensemble) into ``path_dir``."""
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path_dir / WEIGHTS_FILE)
+    buffer = io.BytesIO()  # serialised first: a full disk is then an OSError (ENOSPC), not torch's zip-writer error
+    torch.save(model.state_dict(), buffer)
+    (path_dir / WEIGHTS_FILE).write_bytes(buffer.getbuffer())
     write_json(path_dir / KWARGS_FILE, model.kwargs)
 
 
@@ -514,8 +517,8 @@ def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -
     try:
         state = torch.load(weights, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+        if not_damage(exc) or isinstance(exc, torch.OutOfMemoryError) or "CUDA" in str(exc):
+            raise  # not the file's bytes: a permission, the device's memory
         raise damaged(weights, exc, fix) from None
     try:
         model.load_state_dict(state)

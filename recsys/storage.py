@@ -164,7 +164,8 @@ def exclusive_writer(root: str | Path) -> Iterator[None]:
         _EXCLUSIVE.discard(root)
 
 
-def remove_stale_temps(directory: str | Path, exclusive: bool | None = None) -> list[Path]:
+def remove_stale_temps(directory: str | Path, exclusive: bool | None = None,
+                       only: tuple[str, ...] | None = None) -> list[Path]:
     """Remove ``.<name>.tmp-<pid>-<token>@<host>`` / ``.<name>.old-…`` entries in ``directory`` that no writer
     will finish: of this machine, when process ``pid`` is gone or is this process under another token (an
     earlier container's pid 1); of any machine (another host sharing the storage, an earlier container whose
@@ -177,7 +178,7 @@ def remove_stale_temps(directory: str | Path, exclusive: bool | None = None) -> 
     renamed back to ``<name>``: the previous complete output wins over an unfinished one. Returns what was
     removed or restored. Entries of live writers are left alone, and so is an entry that cannot be removed (an
     NFS ``.nfsXXXX`` file a reader holds open, a permission): a warning names it and the others are still
-    cleared, so one stuck leftover never fails a job.
+    cleared, so one stuck leftover never fails a job. ``only``: the entries of these output names alone.
     """
     directory = Path(directory)
     if exclusive is None:
@@ -188,6 +189,8 @@ def remove_stale_temps(directory: str | Path, exclusive: bool | None = None) -> 
         match = _STALE.fullmatch(entry.name)
         if match is None or f"{match['pid']}-{match['token']}@{match['host']}" == _writer():
             continue  # not a temporary entry, or this process's own (in use)
+        if only is not None and match["name"] not in only:
+            continue
         try:
             if not (exclusive or _abandoned(match, entry, now)):
                 continue
@@ -291,9 +294,15 @@ def read_parquet_file(path: str | Path, fix: str, **kwargs: Any) -> Any:
     try:
         return pl.read_parquet(path, glob=False, **kwargs)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
+        if not_damage(exc):
             raise
         raise damaged(path, exc, fix) from None
+
+
+def not_damage(exc: BaseException) -> bool:
+    """Whether reading failed for a reason other than the file's bytes: missing, not permitted, another OS error
+    than an I/O error (the file is fine; rebuilding it would not help)."""
+    return isinstance(exc, OSError) and exc.errno != errno.EIO
 
 
 def shown(path: str | Path) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +40,8 @@ def tracking_uri(cfg: Config) -> str:
         return cfg.tracking.uri
     # SQLAlchemy percent-decodes the database path: a literal % (work/pct%41dir) must be written %25, or the store
     # lands in another directory (work/pctAdir)
-    return f"sqlite:///{str(Path(cfg.work_dir).resolve() / 'mlflow.db').replace('%', '%25')}"
+    path = str(Path(cfg.work_dir).resolve() / "mlflow.db")
+    return f"sqlite:///{re.sub(r'%(?=[0-9A-Fa-f]{2})', '%25', path)}"  # only what SQLAlchemy would decode
 
 
 def configure_http(cfg: Config) -> None:

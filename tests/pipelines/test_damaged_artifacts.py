@@ -119,3 +119,62 @@ def test_a_percent_sign_in_the_work_dir_keeps_the_store_there(tmp_path: Path) ->
     from sqlalchemy.engine import make_url
 
     assert make_url(uri).database == str(work / "mlflow.db")
+    lone = tmp_path / "w%zz"  # not an escape: left as it is (escaping it made MLflow create a w%25zz directory)
+    assert tracking_uri(load_config(None, [f"work_dir={lone}"])).endswith("/w%zz/mlflow.db")
+
+
+def test_a_full_disk_while_taking_the_locks_is_not_blamed_on_their_owner(work: Path, capsys, monkeypatch) -> None:
+    import pipelines.cli as cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "job_lock", full)
+    got = run_cli(capsys, "evaluate", "--quiet", *tiny(work))
+    assert got.code == EXIT_FAILED and "the disk or quota is full" in got.err and "owned by" not in got.err
+
+
+def test_an_os_error_of_the_job_is_not_a_lock_problem(work: Path, capsys, monkeypatch) -> None:
+    import pipelines.cli as cli
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_execute", broken)
+    got = run_cli(capsys, "evaluate", "--quiet", *tiny(work))
+    assert got.code == EXIT_FAILED and "lock files" not in got.err
+
+
+def test_a_file_it_may_not_read_is_no_damaged_file(tmp_path: Path, monkeypatch) -> None:
+    """Run by hand under another account: "damaged, rerun recsys train" sent the operator the wrong way."""
+    import polars as pl
+
+    from recsys.storage import read_parquet_file
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(pl, "read_parquet", refused)
+    with pytest.raises(PermissionError):
+        read_parquet_file(tmp_path / "x.parquet", "rebuild it")
+
+
+def test_a_damaged_marker_hides_only_itself_in_status(work: Path, capsys) -> None:
+    assert main(["train", "--quiet", "--run-date", DATE, *tiny(work)]) == EXIT_OK
+    (work / "runs" / "run" / f"{DATE}.json").write_text("{")
+    got = run_cli(capsys, "status", *tiny(work))
+    assert f"last success: recsys train for {DATE}" in got.out and "UNREADABLE:" in got.out, got.out
+
+
+def test_a_readers_restore_leaves_other_readers_outputs_alone(work: Path) -> None:
+    """Only model/ and features/ (written under the exclusive lock) are certainly dead leftovers for a reader; an
+    evaluation being written by a reader in another PID namespace must survive."""
+    import socket
+
+    # a pid this PID namespace does not have: the other container's evaluate, alive there
+    pid = next(p for p in range(4194000, 4194300) if not Path(f"/proc/{p}").exists())
+    live = work / f".evaluation.tmp-{pid}-abcdef@{socket.gethostname()}"
+    live.mkdir()
+    (work / "model").rename(work / f".model.old-1-abcdef@{socket.gethostname()}")
+    assert main(["candidates", "--quiet", "--date", "2024-05-02", *tiny(work)]) == EXIT_OK
+    assert (work / "model" / "model.pt").is_file() and live.is_dir()
