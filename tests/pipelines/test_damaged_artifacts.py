@@ -32,6 +32,14 @@ def work(night: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def _raises(exc: BaseException):
+    """A stand-in for a function that fails with ``exc``."""
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
 def _truncate(path: Path, size: int) -> None:
     path.write_bytes(path.read_bytes()[:size])
 
@@ -91,10 +99,8 @@ def test_status_names_damaged_files_and_shows_the_rest(work: Path, capsys) -> No
 def test_lock_files_that_cannot_be_opened_are_named_with_exit_2(work: Path, capsys, monkeypatch) -> None:
     import pipelines.cli as cli
 
-    def refused(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(work / ".locks" / "evaluate.lock"))
-
-    monkeypatch.setattr(cli, "job_lock", refused)
+    monkeypatch.setattr(cli, "job_lock", _raises(PermissionError(errno.EACCES, "Permission denied",
+                                                                 str(work / ".locks" / "evaluate.lock"))))
     got = run_cli(capsys, "evaluate", "--quiet", *tiny(work))
     assert got.code == EXIT_USAGE and "cannot open the lock files under" in got.err and "Traceback" not in got.err
 
@@ -102,10 +108,7 @@ def test_lock_files_that_cannot_be_opened_are_named_with_exit_2(work: Path, caps
 def test_a_full_disk_is_one_line_with_exit_1(work: Path, capsys, monkeypatch) -> None:
     import pipelines.cli as cli
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(cli, "_execute", full)
+    monkeypatch.setattr(cli, "_execute", _raises(OSError(errno.ENOSPC, "No space left on device")))
     got = run_cli(capsys, "evaluate", "--quiet", *tiny(work))
     assert got.code == EXIT_FAILED and "the disk or quota is full" in got.err and "Traceback" not in got.err
 
@@ -126,10 +129,7 @@ def test_a_percent_sign_in_the_work_dir_keeps_the_store_there(tmp_path: Path) ->
 def test_a_full_disk_while_taking_the_locks_is_not_blamed_on_their_owner(work: Path, capsys, monkeypatch) -> None:
     import pipelines.cli as cli
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(cli, "job_lock", full)
+    monkeypatch.setattr(cli, "job_lock", _raises(OSError(errno.ENOSPC, "No space left on device")))
     got = run_cli(capsys, "evaluate", "--quiet", *tiny(work))
     assert got.code == EXIT_FAILED and "the disk or quota is full" in got.err and "owned by" not in got.err
 
@@ -137,10 +137,7 @@ def test_a_full_disk_while_taking_the_locks_is_not_blamed_on_their_owner(work: P
 def test_an_os_error_of_the_job_is_not_a_lock_problem(work: Path, capsys, monkeypatch) -> None:
     import pipelines.cli as cli
 
-    def broken(*args, **kwargs):
-        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
-
-    monkeypatch.setattr(cli, "_execute", broken)
+    monkeypatch.setattr(cli, "_execute", _raises(BrokenPipeError(errno.EPIPE, "Broken pipe")))
     got = run_cli(capsys, "evaluate", "--quiet", *tiny(work))
     assert got.code == EXIT_FAILED and "lock files" not in got.err
 
@@ -151,10 +148,7 @@ def test_a_file_it_may_not_read_is_no_damaged_file(tmp_path: Path, monkeypatch) 
 
     from recsys.storage import read_parquet_file
 
-    def refused(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(pl, "read_parquet", refused)
+    monkeypatch.setattr(pl, "read_parquet", _raises(PermissionError(errno.EACCES, "Permission denied")))
     with pytest.raises(PermissionError):
         read_parquet_file(tmp_path / "x.parquet", "rebuild it")
 
