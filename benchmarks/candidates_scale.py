@@ -27,7 +27,17 @@ import numpy as np
 import torch
 
 from benchmarks.catalogue import ClusteredCatalogue, add_catalogue_args
-from benchmarks.machine import ROOT, append_row, commit, emit, jsonable, load_1min, machine, peak_rss_gb
+from benchmarks.machine import (
+    ROOT,
+    append_row,
+    check_json_out,
+    commit,
+    emit,
+    jsonable,
+    load_1min,
+    machine,
+    peak_rss_gb,
+)
 from recsys.data import RaggedItems
 from recsys.retrieval import Tuning, build_index, recall_at_k, search_top_k, tune_index
 from recsys.topk import top_k_blocked
@@ -160,6 +170,7 @@ def summary(a: argparse.Namespace, r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    check_json_out(a.json_out)  # before hours of measuring, not after
     command = "python -m benchmarks.candidates_scale " + shlex.join(sys.argv[1:] if argv is None else argv)
     r = run(a)
     emit(jsonable({"bench": "candidates_scale", "command": command, "args": vars(a), **r}), a.json_out, [])

@@ -27,7 +27,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.catalogue import ClusteredCatalogue, add_catalogue_args
-from benchmarks.machine import ROOT, append_row, commit, emit, jsonable, load_1min, machine, peak_rss_gb
+from benchmarks.machine import (
+    ROOT,
+    append_row,
+    check_json_out,
+    commit,
+    emit,
+    jsonable,
+    load_1min,
+    machine,
+    peak_rss_gb,
+)
 from recsys.evaluation import MetricAccumulator
 from recsys.topk import top_k_blocked
 
@@ -116,6 +126,7 @@ def table_row(a: argparse.Namespace, r: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    check_json_out(a.json_out)  # before hours of measuring, not after
     command = "python -m benchmarks.eval_scale " + shlex.join(sys.argv[1:] if argv is None else argv)
     r = run(a)
     emit(jsonable({"bench": "eval_scale", "command": command, "args": vars(a), **r}), a.json_out, [])

@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also append the run's record (arguments, measurements, machine, commit) as a JSON line")
     parser.add_argument("--job", choices=["polars", "pandas"], help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
+    if args.json_out is not None and not args.json_out.parent.is_dir():  # before the measuring, not after
+        parser.error(f"--json-out {args.json_out}: directory {args.json_out.parent} does not exist")
     if args.job == "polars":
         run_polars(_source(args), args.work_dir / "polars", args.partitions)
     elif args.job == "pandas":

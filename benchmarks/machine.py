@@ -87,6 +87,12 @@ def jsonable(value: object) -> object:
     return str(value)
 
 
+def check_json_out(path: Path | None) -> None:
+    """Stop at once (SystemExit naming it) if a ``--json-out`` file could not be appended to at the end."""
+    if path is not None and not path.parent.is_dir():
+        raise SystemExit(f"--json-out {path}: directory {path.parent} does not exist")
+
+
 def append_record(path: Path | None, record: dict) -> None:
     """Append ``record`` as one JSON line to ``path`` (nothing when None): finished runs survive a killed batch."""
     if path is not None:

@@ -111,3 +111,12 @@ def test_a_scale_benchmarks_measurements_become_one_json_line(tmp_path) -> None:
     assert got["tuning"] == {"parameter": "nprobe", "value": 64} and got["load"] == [0.5, 1.25]
     assert (got["rss_gb"], got["done"], got["device"], got["out"]) == (1.39, 10, "cpu", str(tmp_path / "x"))
     assert {"machine", "commit", "date", "load_1min"} <= set(got)
+
+
+def test_a_json_out_that_cannot_be_written_stops_before_the_measuring(tmp_path) -> None:
+    from benchmarks.machine import check_json_out
+
+    check_json_out(tmp_path / "rec.jsonl")
+    check_json_out(None)
+    with pytest.raises(SystemExit, match="directory .*missing does not exist"):
+        check_json_out(tmp_path / "missing" / "rec.jsonl")
