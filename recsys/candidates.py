@@ -32,12 +32,10 @@ from features.readers import InputDataError
 from recsys.config import CandidatesConfig, ConfigError
 from recsys.data import RaggedItems
 from recsys.device import inference
-from recsys.model import SASRec, load_model
+from recsys.model import MODEL_FIX, SASRec, load_model
 from recsys.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
-
-_MODEL_FIX = "rerun `recsys train` (or point train.init_from / candidates.model at an intact model)"
 
 MODEL_IDX = "model_item_idx"  # an item's index in the MODEL's item map (vs the features' item_idx)
 MODEL_TYPE = "model_type_idx"  # an event type's index in the MODEL's event type table (0: one it never saw)
@@ -70,7 +68,7 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; a model directory holds the id maps it was "
                                     "trained with (`recsys train` writes them)")
-        maps[name] = read_parquet_file(path, _MODEL_FIX)
+        maps[name] = read_parquet_file(path, MODEL_FIX)
         schema.check_schema(maps[name], contract, str(path))
     idx = maps["item_map"][schema.ITEM_IDX]
     if idx.n_unique() != model.n_items or idx.len() != model.n_items or idx.min() != 1:
@@ -79,7 +77,7 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
     values_path = directory / schema.ITEM_FEATURE_FILES["item_feature_values"]
     values = None
     if model.n_feature_values and values_path.is_file():
-        values = read_parquet_file(values_path, _MODEL_FIX)
+        values = read_parquet_file(values_path, MODEL_FIX)
         schema.check_schema(values, schema.ITEM_FEATURE_VALUES, str(values_path))
     types = None
     if model.n_event_types:
@@ -87,7 +85,7 @@ def load_trained_model(directory: str | Path, device: str | torch.device = "cpu"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; a model that embeds event types keeps their names "
                                     "beside its weights (`recsys train` writes them)")
-        types = read_parquet_file(path, _MODEL_FIX)
+        types = read_parquet_file(path, MODEL_FIX)
         schema.check_schema(types, schema.EVENT_TYPE_MAP, str(path))
         if sorted(types[schema.TYPE_IDX].to_list()) != list(range(1, model.n_event_types + 1)):
             raise ValueError(f"{path}: column 'type_idx' must hold 1..{model.n_event_types} once each (the "

@@ -478,6 +478,10 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+# What a damaged file of a model directory asks for (load_model here, its id maps in recsys.candidates).
+MODEL_FIX = "rerun `recsys train` (or point train.init_from / candidates.model at an intact model)"
+
+
 def save_model(model: SASRec | SASRecEnsemble, path_dir: str | Path) -> None:
     """Write ``model.pt`` (state dict) and ``model.json`` (constructor kwargs, with ``ensemble: K`` for an
     ensemble) into ``path_dir``."""
@@ -502,8 +506,7 @@ def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -
         raise FileNotFoundError(f"{weights} does not exist: {path_dir} is not a trained model directory; run "
                                 "`recsys train` first, or check the path given as train.init_from, candidates.model "
                                 "or --model")
-    fix = "rerun `recsys train` (or point train.init_from / candidates.model at an intact model)"
-    kwargs = read_json(path_dir / KWARGS_FILE, fix)
+    kwargs = read_json(path_dir / KWARGS_FILE, MODEL_FIX)
     if "causal" in kwargs:
         if not kwargs.pop("causal"):
             raise ValueError(f"{path_dir / KWARGS_FILE}: 'causal: false' models (no [MASK] token) are no "
@@ -513,15 +516,15 @@ def load_model(path_dir: str | Path, map_location: str | torch.device = "cpu") -
     try:
         model = SASRec(**kwargs) if members == 1 else SASRecEnsemble(members, **kwargs)
     except (TypeError, ValueError) as exc:  # keys missing or unknown: not the file save_model writes
-        raise damaged(path_dir / KWARGS_FILE, exc, fix) from None
+        raise damaged(path_dir / KWARGS_FILE, exc, MODEL_FIX) from None
     try:
         state = torch.load(weights, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
         if not_damage(exc) or isinstance(exc, torch.OutOfMemoryError) or "CUDA" in str(exc):
             raise  # not the file's bytes: a permission, the device's memory
-        raise damaged(weights, exc, fix) from None
+        raise damaged(weights, exc, MODEL_FIX) from None
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:  # other shapes or keys than model.json describes
-        raise damaged(weights, exc, f"its weights do not fit {path_dir / KWARGS_FILE}; {fix}") from None
+        raise damaged(weights, exc, f"its weights do not fit {path_dir / KWARGS_FILE}; {MODEL_FIX}") from None
     return model.to(map_location).eval()
