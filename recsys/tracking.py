@@ -44,6 +44,38 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{re.sub(r'%(?=[0-9A-Fa-f]{2})', '%25', path)}"  # only what SQLAlchemy would decode
 
 
+def check_sqlite_store(uri: str) -> None:
+    """Raise :class:`recsys.storage.DamagedFileError` naming the SQLite file of ``uri`` (``sqlite:///…``: the
+    embedded store, or one set in ``tracking.uri``) when it exists but is no readable SQLite database (truncated,
+    overwritten): SQLAlchemy's own error names neither the file nor what to do. SQLite's integrity check reads
+    the whole file (milliseconds for a store of many nights). A store that is busy or cannot be opened is left to
+    MLflow's own error (it is not damaged); nothing else is checked."""
+    import sqlite3
+    from contextlib import closing
+    from urllib.parse import quote, unquote
+
+    from recsys.storage import damaged
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
+    if not path.is_file() or path.stat().st_size == 0:  # no store yet: MLflow creates it
+        return
+    fix = (f"MLflow's run history and model registry live in it. Restore it from a backup; or move it aside "
+           f"(mv {path} {path}.damaged) to start an empty store: registered versions are then lost, the next "
+           "`recsys run` trains and registers a model afresh (the files of earlier runs stay under mlartifacts/)")
+    try:
+        with closing(sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.OperationalError:  # locked, busy, not permitted: not the file's bytes
+        return
+    except sqlite3.DatabaseError as exc:  # not a database, malformed
+        raise damaged(path, exc, fix) from None
+    if problems != ["ok"]:
+        found = " ".join(" ".join(map(str, problems[:3])).split())  # its report spans lines: one line here
+        raise damaged(path, ValueError(f"SQLite integrity check: {found}"), fix)
+
+
 def configure_http(cfg: Config) -> None:
     """Set MLflow's HTTP client timeout, retries and backoff (process-wide) from ``tracking.http_*``.
 
@@ -253,6 +285,7 @@ def job_run(cfg: Config, job: str, tags: dict[str, Any] | None = None) -> Iterat
     configure_http(cfg)
     uri = tracking_uri(cfg)
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    check_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     try:
         experiment_id = _experiment_id(cfg)

@@ -172,3 +172,20 @@ def test_a_readers_restore_leaves_other_readers_outputs_alone(work: Path) -> Non
     (work / "model").rename(work / f".model.old-1-abcdef@{socket.gethostname()}")
     assert main(["candidates", "--quiet", "--date", "2024-05-02", *tiny(work)]) == EXIT_OK
     assert (work / "model" / "model.pt").is_file() and live.is_dir()
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda db: _truncate(db, 40_000), "database disk image is malformed"),
+    (lambda db: db.write_bytes(bytes(100) + db.read_bytes()[100:]), "file is not a database"),
+])
+def test_a_damaged_embedded_mlflow_store_is_named_with_exit_2(new_work, capsys, damage, says) -> None:
+    """SQLAlchemy's error named neither the file nor what to do, with exit 1; a store only created is no damage."""
+    work = new_work()
+    on = tiny(work, "tracking.enabled=true", "train.max_epochs=1")
+    assert main(["features", "--quiet", *on]) == EXIT_OK  # creates the embedded store
+    damage(work / "mlflow.db")
+    got = run_cli(capsys, "train", "--quiet", *on)
+    assert got.code == EXIT_USAGE, got.err
+    assert "Traceback" not in got.err and f"{work / 'mlflow.db'} is damaged" in got.err and says in got.err \
+        and "Restore it from a backup" in got.err and f"{work / 'mlflow.db'}.damaged" in got.err, got.err
+    assert not (work / "model").exists()
