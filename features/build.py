@@ -51,7 +51,7 @@ from features.schema import (
 from features.sequences import SPLIT_LISTS, add_split, build_sequences
 from features.synthetic import generate_events
 from recsys.config import Config, ConfigError, DataConfig, FeaturesConfig, SyntheticConfig, save_config
-from recsys.storage import atomic_dir, fingerprint, remove_stale_temps, shown, write_json
+from recsys.storage import atomic_dir, fingerprint, remove_stale_temps, shown, temp_sibling, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -252,9 +252,14 @@ def resolve_input(cfg: Config) -> tuple[DataConfig, Path]:
 def write_synthetic(cfg: SyntheticConfig, path: Path) -> None:
     """Generate synthetic events and write them as csv to ``path`` (replaced atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    generate_events(cfg).write_csv(partial)
-    os.replace(partial, path)
+    remove_stale_temps(path.parent)  # of a process killed while writing
+    partial = temp_sibling(path)
+    try:
+        generate_events(cfg).write_csv(partial)
+        os.replace(partial, path)
+    except BaseException:  # a full disk, a stop: no partial file left beside the input
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def encode_and_split(

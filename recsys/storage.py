@@ -96,7 +96,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) 
     """
     path = Path(path)
     make_dirs(path.parent)
-    tmp = path.parent / f".{path.name}{TMP_TAG}{_writer()}"
+    tmp = temp_sibling(path)
     try:
         with tmp.open("wb") as fh:
             fh.write(data)
@@ -109,6 +109,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) 
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def temp_sibling(path: Path) -> Path:
+    """``.<name>.tmp-<writer>`` beside ``path``: where this process writes it before the rename, named so that
+    :func:`remove_stale_temps` clears it if the process dies first."""
+    return path.parent / f".{path.name}{TMP_TAG}{_writer()}"
 
 
 def make_dirs(directory: Path) -> None:

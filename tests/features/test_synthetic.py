@@ -84,3 +84,30 @@ def test_the_features_job_reads_synthetic_ids_as_the_configured_id_types(tmp_pat
                  "data.user_id_type=string"]) == EXIT_OK
     assert pl.read_parquet(work / "features" / "item_map.parquet").schema["item_id"] == pl.String
     assert pl.read_parquet(work / "features" / "user_map.parquet").schema["user_id"] == pl.String
+
+
+def test_the_demo_input_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failed write (full disk, stop) leaves no partial file beside the input, and a killed writer's is cleared
+    by the next write (both stayed there)."""
+    import subprocess
+    import sys
+
+    import features.build as build
+
+    path = tmp_path / "input" / "events.csv"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.parent.mkdir()
+    (path.parent / f".events.csv.tmp-{dead.pid}").write_text("half")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        build.write_synthetic(SMALL, path)
+    assert list(path.parent.iterdir()) == []
+    monkeypatch.undo()
+    build.write_synthetic(SMALL, path)
+    assert [p.name for p in path.parent.iterdir()] == ["events.csv"]
+    assert pl.read_csv(path).height == generate_events(SMALL).height
