@@ -9,7 +9,7 @@ from pathlib import Path
 
 from features import schema
 from features.artifacts import FeatureSet, load_features
-from pipelines.workdir import WorkDir, log_features_input
+from pipelines.workdir import WorkDir, content_digest, log_features_input
 from recsys.baselines import popularity_scores
 from recsys.candidates import load_trained_model
 from recsys.comparison import Comparison, compare_on_validation
@@ -39,6 +39,7 @@ def run(cfg: Config) -> Path:
     # read with the model: the version gated at the end is the one evaluated, whatever train writes meanwhile
     train_report = read_json(wd.model / "train_report.json")
     weights = fingerprint(wd.model / WEIGHTS_FILE)["sha256"]  # which model the report is of (recsys status)
+    content = content_digest(wd.model, feats, model)  # the gate checks the registered version holds these files
     check_event_types(model, wd.model, feats)
     check_item_map(wd.model, wd.features, feats)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
@@ -61,7 +62,7 @@ def run(cfg: Config) -> Path:
                 tracker.log_metrics({f"{where}/{k}": v for k, v in segment.items()})
         # The gate runs before anything is written: if it fails (MLflow, a champion that cannot be re-scored),
         # the previous report and its promotion.json stay as they were, together.
-        promotion = _promote(cfg, wd, tracker, feats, model, train_report)
+        promotion = _promote(cfg, wd, tracker, feats, model, train_report, content)
         if promotion is None and tracker.unavailable is not None:  # say so: the report replaces the previous
             promotion = {"promoted": None, "summary": (  # one's decision, which was of another model
                 f"not run: the MLflow tracking server {tracker.uri} was unavailable; rerun recsys evaluate once it "
@@ -113,15 +114,23 @@ def check_event_types(model: SASRec, model_dir: Path, feats: FeatureSet) -> None
 
 
 def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec,
-             report: dict) -> dict | None:
-    """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores, and
-    its train ``report``); returns the decision for ``evaluation/promotion.json`` (None: no gate ran)."""
+             report: dict, content: str) -> dict | None:
+    """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores, its
+    train ``report``, the SHA-256 ``content`` of its files); returns the decision for
+    ``evaluation/promotion.json`` (None: no gate ran)."""
     version = report.get("registered_version")
     if version is None:
         if tracker.active:
             log.warning("promotion gate skipped: %s names no registered version",
                         wd.model / "train_report.json")
         return None
+    trained_as = report.get("registered_model")  # recorded since the gate checks it
+    if tracker.active and trained_as not in (None, tracker.registered_model):
+        raise ConfigError(
+            f"evaluate: {wd.model} was registered as version {version} of {trained_as!r} (in "
+            f"{report.get('tracking_uri')}), not of tracking.registered_model {tracker.registered_model!r}: evaluate "
+            f"with the config that trained it (tracking.registered_model={trained_as}), or train again with this "
+            "one; nothing was gated")
     val_ndcg = float(report["best_val_ndcg_at_10"])
     rescore = None
     if cfg.tracking.promotion_basis == "rescored":
@@ -132,5 +141,5 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model
     # guarded: a server that stops answering at the gate turns tracking off (the report is still written, with a
     # promotion.json saying the gate did not run) instead of losing the evaluation
     result = tracker.guarded(lambda: promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance,
-                                             rescore))
+                                             rescore, content))
     return None if result is None else {**result.to_dict(), "summary": result.summary()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -14,12 +13,12 @@ import torch
 from features import schema
 from features.artifacts import FeatureSet, load_features
 from pipelines.schedule import checkpoint_dir, today_utc
-from pipelines.workdir import WorkDir, log_features_input
+from pipelines.workdir import WorkDir, carried_files, content_digest, log_features_input
 from recsys.candidates import TrainedModel, load_trained_model
 from recsys.config import Config, ConfigError, save_config
 from recsys.data import ItemAttributes
 from recsys.faults import fault_point
-from recsys.model import KWARGS_FILE, WEIGHTS_FILE, SASRec, save_model
+from recsys.model import save_model
 from recsys.registry import ModelRef, fetch_model, is_mlflow_uri, nothing_promoted
 from recsys.serving import write_mlmodel
 from recsys.storage import atomic_dir, write_json
@@ -44,7 +43,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     feats = load_features(wd.features)
     # The tables model/ carries, read now with the features it trains on: a features job that rebuilds them
     # while this one trains must not pair these weights with another build's id maps.
-    carried = {name: (wd.features / name).read_bytes() for name in _carried_files(feats)}
+    carried = {name: (wd.features / name).read_bytes() for name in carried_files(feats)}
     spec = cfg.train.init_from
     # A local earlier model is read before an MLflow run is opened, so a missing one fails at once.
     local = None if spec is None or is_mlflow_uri(spec) else load_trained_model(spec)
@@ -83,37 +82,20 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             # an MLflow pyfunc model too (recsys/serving.py)
             write_mlmodel(tmp, feats.item_map.schema[schema.ITEM_ID], result.model.n_event_types > 0)
             fault_point("model-write")
-            for name in _carried_files(feats, result.model):
+            for name in carried_files(feats, result.model):
                 (tmp / name).write_bytes(carried[name])
             save_config(cfg, tmp / "config.yaml")
             tracker.log_artifacts(tmp, "model")
-            report["registered_version"] = tracker.register_model("model", _content_digest(tmp, feats, result.model))
+            digest = content_digest(tmp, feats, result.model)
+            report["registered_version"] = tracker.register_model("model", digest)
+            if report["registered_version"] is not None:  # which registry holds it: evaluate gates that version
+                report |= {"registered_model": tracker.registered_model, "tracking_uri": tracker.uri,
+                           "content_sha256": digest}
             write_json(tmp / "train_report.json", report)
             tracker.log_artifact(tmp / "train_report.json", "model")
     log.info("train: best val NDCG@10 %.4f at epoch %d (%d epochs, %.1f s) → %s",
              result.best_val_ndcg, result.best_epoch + 1, result.epochs_run, result.wall_time_s, wd.model)
     return wd.model
-
-
-def _content_digest(model_dir: Path, feats: FeatureSet, model: SASRec) -> str:
-    """SHA-256 of what the model scores with: weights, constructor arguments, the carried feature tables."""
-    digest = hashlib.sha256()
-    for name in (WEIGHTS_FILE, KWARGS_FILE, *_carried_files(feats, model)):
-        digest.update(name.encode())
-        digest.update((model_dir / name).read_bytes())
-    return digest.hexdigest()
-
-
-def _carried_files(feats: FeatureSet, model: SASRec | None = None) -> list[str]:
-    """Feature files that go into model/: the id maps; the attribute values (what each attribute row means,
-    for warm starts and people) and the event type table (which type each type_idx is, for candidates,
-    serving, warm starts) when the features have them, and, given the trained ``model``, when it uses them."""
-    names = [schema.FEATURE_FILES["user_map"], schema.FEATURE_FILES["item_map"]]
-    if feats.item_feature_values is not None and (model is None or model.n_feature_values):
-        names.append(schema.ITEM_FEATURE_FILES["item_feature_values"])
-    if feats.event_types is not None and (model is None or model.n_event_types):
-        names.append(schema.EVENT_TYPE_FILES["event_types"])
-    return names
 
 
 def model_attributes(cfg: Config, feats: FeatureSet) -> ItemAttributes | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys.config import ConfigError
-from recsys.tracking import JobRun
+from recsys.tracking import CONTENT_TAG, JobRun
 
 if TYPE_CHECKING:
     from recsys.comparison import Comparison
@@ -94,9 +94,13 @@ def _val_ndcg(client: Any, name: str, version: str) -> float | None:
 
 def promote(
     tracker: JobRun, version: str, val_ndcg: float, tolerance: float,
-    rescore: Callable[[Path], Comparison] | None = None,
+    rescore: Callable[[Path], Comparison] | None = None, content: str | None = None,
 ) -> Promotion | None:
     """Run the gate for ``version`` of the tracker's registered model; log it on the run and the version.
+
+    ``content`` (SHA-256 of the evaluated files, ``pipelines.workdir.content_digest``) must be that version's
+    ``content_sha256`` tag: a model registered under another ``tracking.registered_model`` or in another store
+    (two configs sharing one work directory) raises ConfigError instead of gating an unrelated version.
 
     With ``rescore`` (``tracking.promotion_basis=rescored``) the champion's files are downloaded and
     ``rescore(directory)`` measures both models on the same users tonight; the gate then compares those two
@@ -109,10 +113,20 @@ def promote(
 
     client = MlflowClient(tracking_uri=tracker.uri)
     name = tracker.registered_model
+    gated = _missing_is_none(lambda: client.get_model_version(name, version))
+    held = None if gated is None else gated.tags.get(CONTENT_TAG)
+    if gated is None or (content is not None and held is not None and held != content):
+        what = "does not exist (deleted from the registry since?)" if gated is None else \
+            f"holds other files (content_sha256 {held[:12]}…, the evaluated model {content[:12]}…)"
+        raise ConfigError(
+            f"promotion gate: the evaluated model was registered as version {version}, but version {version} of "
+            f"tracking.registered_model {name!r} in {tracker.uri} {what}; or the model was trained under another "
+            "tracking.registered_model or tracking.uri (two configs sharing one work_dir?). Evaluate with the "
+            "config that trained it, or train again with this one; nothing was gated")
     before = client.get_registered_model(name).aliases.get(CHAMPION)
     before = None if before is None else str(before)  # the SQL store gives ints, the REST API strings
     comparison = None
-    first = client.get_model_version(name, version).tags  # its earlier decision, if it was gated before
+    first = gated.tags  # its earlier decision, if it was gated before
     rerun = before == version
     # Promoted before, and the champion alias points elsewhere now: an operator rolled it back (a retried night
     # re-evaluates the same version). The gate must not undo that, nor overwrite the decision recorded on it.

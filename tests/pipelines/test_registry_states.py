@@ -208,3 +208,31 @@ def test_a_gate_cut_off_after_its_alias_move_is_completed_by_the_retry_so_a_roll
     promotion = json.loads((work / "evaluation" / "promotion.json").read_text())
     assert promotion["promoted"] is False and "since rolled back" in promotion["reason"]
     assert str(client.get_registered_model("sasrec").aliases["champion"]) == "1"
+
+
+@pytest.mark.parametrize("old_report", [False, True])
+def test_a_model_registered_under_another_name_is_not_gated_as_this_ones_version(night, tmp_path, capsys,
+                                                                                   old_report):
+    """Two configs sharing one work directory: `other` trained last, so model/ is version 1 of `other`; an
+    evaluate under `sasrec` gated `sasrec` v1 (another model) with the new model's numbers and reported it as
+    promoted. Caught by the name the train report records, and for reports without it (written before it was
+    recorded) by the version's content tag."""
+    work, client = _copy(night, tmp_path)
+    assert main(["train", "--quiet", "--force", *tiny(work, *TRACK, "tracking.registered_model=other",
+                                                     "train.seed=7")]) == EXIT_OK
+    report = work / "model" / "train_report.json"
+    if old_report:
+        fields = json.loads(report.read_text())
+        report.write_text(json.dumps({k: v for k, v in fields.items()
+                                      if k not in ("registered_model", "tracking_uri", "content_sha256")}))
+    before = (work / "evaluation" / "promotion.json").read_bytes()
+    tags = client.get_model_version("sasrec", "1").tags
+    capsys.readouterr()
+    assert main(["evaluate", "--quiet", *tiny(work, *TRACK)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    says = "holds other files (content_sha256" if old_report else "was registered as version 1 of 'other'"
+    assert says in err and "nothing was gated" in err and "Traceback" not in err, err
+    assert (work / "evaluation" / "promotion.json").read_bytes() == before
+    assert client.get_model_version("sasrec", "1").tags == tags
+    assert main(["evaluate", "--quiet", *tiny(work, *TRACK, "tracking.registered_model=other")]) == EXIT_OK
+    assert json.loads((work / "evaluation" / "promotion.json").read_text())["model"] == "other"
