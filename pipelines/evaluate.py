@@ -39,7 +39,7 @@ def run(cfg: Config) -> Path:
     # read with the model: the version gated at the end is the one evaluated, whatever train writes meanwhile
     train_report = read_json(wd.model / "train_report.json")
     weights = fingerprint(wd.model / WEIGHTS_FILE)["sha256"]  # which model the report is of (recsys status)
-    content = content_digest(wd.model, feats, model)  # the gate checks the registered version holds these files
+    content = content_digest(wd.model)  # the gate checks the registered version holds these files
     check_event_types(model, wd.model, feats)
     check_item_map(wd.model, wd.features, feats)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)

@@ -13,12 +13,12 @@ import torch
 from features import schema
 from features.artifacts import FeatureSet, load_features
 from pipelines.schedule import checkpoint_dir, today_utc
-from pipelines.workdir import WorkDir, carried_files, content_digest, log_features_input
+from pipelines.workdir import WorkDir, content_digest, log_features_input
 from recsys.candidates import TrainedModel, load_trained_model
 from recsys.config import Config, ConfigError, save_config
 from recsys.data import ItemAttributes
 from recsys.faults import fault_point
-from recsys.model import save_model
+from recsys.model import SASRec, save_model
 from recsys.registry import ModelRef, fetch_model, is_mlflow_uri, nothing_promoted
 from recsys.serving import write_mlmodel
 from recsys.storage import atomic_dir, write_json
@@ -43,7 +43,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     feats = load_features(wd.features)
     # The tables model/ carries, read now with the features it trains on: a features job that rebuilds them
     # while this one trains must not pair these weights with another build's id maps.
-    carried = {name: (wd.features / name).read_bytes() for name in carried_files(feats)}
+    carried = {name: (wd.features / name).read_bytes() for name in _carried_files(feats)}
     spec = cfg.train.init_from
     # A local earlier model is read before an MLflow run is opened, so a missing one fails at once.
     local = None if spec is None or is_mlflow_uri(spec) else load_trained_model(spec)
@@ -82,11 +82,11 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
             # an MLflow pyfunc model too (recsys/serving.py)
             write_mlmodel(tmp, feats.item_map.schema[schema.ITEM_ID], result.model.n_event_types > 0)
             fault_point("model-write")
-            for name in carried_files(feats, result.model):
+            for name in _carried_files(feats, result.model):
                 (tmp / name).write_bytes(carried[name])
             save_config(cfg, tmp / "config.yaml")
             tracker.log_artifacts(tmp, "model")
-            digest = content_digest(tmp, feats, result.model)
+            digest = content_digest(tmp)
             report["registered_version"] = tracker.register_model("model", digest)
             if report["registered_version"] is not None:  # which registry holds it: evaluate gates that version
                 report |= {"registered_model": tracker.registered_model, "tracking_uri": tracker.uri,
@@ -96,6 +96,18 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     log.info("train: best val NDCG@10 %.4f at epoch %d (%d epochs, %.1f s) → %s",
              result.best_val_ndcg, result.best_epoch + 1, result.epochs_run, result.wall_time_s, wd.model)
     return wd.model
+
+
+def _carried_files(feats: FeatureSet, model: SASRec | None = None) -> list[str]:
+    """Feature files that go into model/: the id maps; the attribute values (what each attribute row means,
+    for warm starts and people) and the event type table (which type each type_idx is, for candidates,
+    serving, warm starts) when the features have them, and, given the trained ``model``, when it uses them."""
+    names = [schema.FEATURE_FILES["user_map"], schema.FEATURE_FILES["item_map"]]
+    if feats.item_feature_values is not None and (model is None or model.n_feature_values):
+        names.append(schema.ITEM_FEATURE_FILES["item_feature_values"])
+    if feats.event_types is not None and (model is None or model.n_event_types):
+        names.append(schema.EVENT_TYPE_FILES["event_types"])
+    return names
 
 
 def model_attributes(cfg: Config, feats: FeatureSet) -> ItemAttributes | None:

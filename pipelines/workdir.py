@@ -7,7 +7,6 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from features import schema
 from features.artifacts import FeatureSet
@@ -15,9 +14,6 @@ from features.schema import FEATURE_FILES
 from recsys.config import Config
 from recsys.storage import fingerprint
 from recsys.tracking import JobRun
-
-if TYPE_CHECKING:
-    from recsys.model import SASRec
 
 
 def dated_partitions(paths: Iterable[Path]) -> list[tuple[dt.date, Path]]:
@@ -38,28 +34,20 @@ def log_features_input(tracker: JobRun, features: Path, feats: FeatureSet, conte
     tracker.log_dataset(feats.sequences, "features", features, digest, context)
 
 
-def content_digest(model_dir: Path, feats: FeatureSet, model: SASRec) -> str:
-    """SHA-256 of what the model scores with: weights, constructor arguments, the carried feature tables (the
-    ``content_sha256`` tag of its registered version)."""
+def content_digest(model_dir: Path) -> str:
+    """SHA-256 of what the model in ``model_dir`` scores with: weights, constructor arguments, the carried feature
+    tables there (the ``content_sha256`` tag of its registered version; from the files alone, so evaluate gets
+    the same digest whatever the features hold now)."""
     from recsys.model import KWARGS_FILE, WEIGHTS_FILE  # torch: not for every user of this module
 
+    optional = [schema.ITEM_FEATURE_FILES["item_feature_values"], schema.EVENT_TYPE_FILES["event_types"]]
+    names = [WEIGHTS_FILE, KWARGS_FILE, schema.FEATURE_FILES["user_map"], schema.FEATURE_FILES["item_map"],
+             *(name for name in optional if (model_dir / name).is_file())]
     digest = hashlib.sha256()
-    for name in (WEIGHTS_FILE, KWARGS_FILE, *carried_files(feats, model)):
+    for name in names:
         digest.update(name.encode())
         digest.update((model_dir / name).read_bytes())
     return digest.hexdigest()
-
-
-def carried_files(feats: FeatureSet, model: SASRec | None = None) -> list[str]:
-    """Feature files that go into model/: the id maps; the attribute values (what each attribute row means,
-    for warm starts and people) and the event type table (which type each type_idx is, for candidates,
-    serving, warm starts) when the features have them, and, given the trained ``model``, when it uses them."""
-    names = [schema.FEATURE_FILES["user_map"], schema.FEATURE_FILES["item_map"]]
-    if feats.item_feature_values is not None and (model is None or model.n_feature_values):
-        names.append(schema.ITEM_FEATURE_FILES["item_feature_values"])
-    if feats.event_types is not None and (model is None or model.n_event_types):
-        names.append(schema.EVENT_TYPE_FILES["event_types"])
-    return names
 
 
 @dataclass(frozen=True)
