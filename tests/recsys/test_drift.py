@@ -102,3 +102,10 @@ def test_a_changed_k_compares_the_shorter_lists_not_a_drift(k_previous, k_tonigh
     moved = drift_report(shifted, previous, k=k_tonight)
     assert moved["mean_overlap_at_k"] == pytest.approx(40 / 50)
     assert "mean overlap@50 0.8000" in drift_violations(moved, CandidatesConfig(min_overlap=0.9))[0]
+
+
+def test_overlap_of_lists_of_unequal_length_is_over_the_longer_list():
+    """A user whose list is shorter one night (fewer unseen items left, a fallback): |today ∩ previous| over
+    the longer of the two lists, as documented; over today's length a shorter list that is a subset scored 1."""
+    report = drift_report(_lists({1: [1, 2], 2: [4, 5, 6]}), _lists({1: [1, 2, 3], 2: [4, 5]}), k=3)
+    assert report["mean_overlap_at_k"] == pytest.approx((2 / 3 + 2 / 3) / 2)

@@ -62,3 +62,26 @@ def test_a_time_budget_stops_training_and_keeps_a_checkpoint(tmp_path: Path) -> 
     assert fit_s[-1] > result.history[-1]["elapsed_s"]  # start-up and checkpoint writes are outside the epochs
     assert fit_s[-1] <= result.wall_time_s
     assert result.train_seconds_per_epoch <= result.seconds_per_epoch
+
+
+def test_the_optimiser_warms_up_then_follows_the_cosine_step_by_step() -> None:
+    """The learning rate at each step of a 2-epoch run of 10 steps an epoch with 1 warm-up epoch, written out:
+    (s + 1) / 11 of the rate during warm-up, then 0.5 (1 + cos(pi (s - 10) / 10)) (the final rate alone is 0
+    whatever the warm-up or the step count)."""
+    from types import SimpleNamespace
+
+    from recsys.system import SASRecSystem
+
+    cfg = small_config(max_epochs=2, lr=0.01, lr_schedule="cosine", warmup_epochs=1.0)
+    system = SASRecSystem.from_config(cfg, n_items=10)
+    system._trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=2)  # what the schedule reads
+    config = system.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(20):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.01 * (s + 1) / 11 for s in range(10)] + \
+        [0.01 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 10)) for s in range(10, 20)]
+    assert seen == pytest.approx(expected, rel=1e-9)

@@ -16,6 +16,7 @@ from features.synthetic import planted_sequences  # noqa: F401  (also imported f
 from recsys.config import Config, ConfigError, build_config
 from recsys.data import RaggedItems, SequenceDataModule, mask_items, pad_lists
 from recsys.evaluation import build_eval_set, evaluate_all
+from recsys.losses import sampled_bce, sampled_gbce, sampled_softmax
 from recsys.metrics import exclusion_mask, metrics_from_ranks, target_ranks
 from recsys.system import SASRecSystem
 from recsys.training import train_model
@@ -419,6 +420,68 @@ def test_repeat_bias_trains_in_its_own_optimiser_group_at_a_higher_rate() -> Non
     others = [p for g in groups if g is not bias_group for p in g["params"]]
     assert len(others) == len(list(system.parameters())) - 1  # every other parameter once, at the base rate
     assert all(g["lr"] == pytest.approx(0.002) for g in groups if g is not bias_group)
+
+
+def test_weight_decay_is_on_matrices_and_embeddings_only() -> None:
+    cfg = build_config({"train": {"lr": 0.002, "weight_decay": 0.1}})
+    system = SASRecSystem.from_config(cfg, n_items=10)
+    from types import SimpleNamespace
+
+    system._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)
+    decayed, kept = system.configure_optimizers()["optimizer"].param_groups
+    assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
+    assert decayed["params"] and all(p.dim() >= 2 for p in decayed["params"])
+    assert kept["params"] and all(p.dim() < 2 for p in kept["params"])  # biases, LayerNorm gains
+    assert len(decayed["params"]) + len(kept["params"]) == len(list(system.parameters()))
+
+
+LOSS_CASES = {  # train keys → the loss the system must compute, from the losses (each checked on its own
+    # against a direct computation in test_losses) or torch, on the gathered positions with a target
+    "ce, label smoothing 0.1": ({"loss": "ce", "label_smoothing": 0.1}, lambda h, t, emb, probs: F.cross_entropy(
+        h @ emb[1:].T, t - 1, label_smoothing=0.1)),
+    "sampled softmax, popularity": ({"loss": "sampled_softmax", "n_negatives": 7, "negative_sampling": "popularity"},
+                                    lambda h, t, emb, probs: sampled_softmax(h, t, emb, 7, probs)),
+    "sampled softmax, uniform": ({"loss": "sampled_softmax", "n_negatives": 7},
+                                 lambda h, t, emb, probs: sampled_softmax(h, t, emb, 7, None)),
+    "gbce t 0.75": ({"loss": "gbce", "n_negatives": 5, "gbce_t": 0.75},
+                    lambda h, t, emb, probs: sampled_gbce(h, t, emb, 5, 0.75)),
+    "bce, 4 negatives": ({"loss": "bce", "n_negatives": 4}, lambda h, t, emb, probs: sampled_bce(h, t, emb, 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_the_training_step_computes_the_configured_loss(case: str) -> None:
+    """The train keys reach the loss: a system built from the config computes, on a batch, the loss those keys
+    name (popularity negatives drawn from max(count, 1) / sum, with its log-Q; label smoothing; gBCE's t; the
+    number of negatives), not another one."""
+    keys, reference = LOSS_CASES[case]
+    n_items = 30
+    system = SASRecSystem.from_config(small_config(**keys), n_items=n_items).eval()  # eval: no dropout
+    counts = torch.arange(n_items + 1) ** 2  # item 1 has 1 event, item 30 has 900; entry 0 is padding
+    probs = counts.double().clamp(min=1.0)
+    probs[0] = 0.0
+    probs = probs / probs.sum()
+    system.set_item_counts(counts)
+    seqs = torch.randint(1, n_items + 1, (6, 17), generator=torch.Generator().manual_seed(3))
+    seqs[0, :5] = 0  # a padded row: padding positions carry no loss
+    batch = {"inputs": seqs[:, :-1], "targets": seqs[:, 1:]}
+    torch.manual_seed(11)
+    loss = system._shared_step(batch, "train")
+    hidden = system.model(batch["inputs"])
+    real = batch["targets"] != 0
+    torch.manual_seed(11)  # the same negatives
+    expected = reference(hidden[real], batch["targets"][real], system.model.item_embeddings(), probs)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_mask_prob_reaches_the_masked_item_batches() -> None:
+    system = SASRecSystem.from_config(build_config({"model": {"attention": "bidirectional", "max_len": 50},
+                                                    "train": {"mask_prob": 0.45}}), n_items=30)
+    seqs = torch.randint(1, 31, (400, 51), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    inputs, _, _, _ = system._training_inputs({"inputs": seqs[:, :-1], "targets": seqs[:, 1:]})
+    share = (inputs == system.model.mask_token).float().mean().item()
+    assert share == pytest.approx(0.45, abs=0.02)  # 20,000 positions: a standard error of 0.0035
 
 
 def test_repeat_bias_config_needs_causal_ce_and_dense_evaluation() -> None:
