@@ -246,6 +246,7 @@ def generate_candidates(
     Raises InputDataError naming ``candidates.allowed_items`` if the model knows none of the allowed items.
     """
     trained = with_feature_ids(trained, feats)
+    check_shared_catalogue(trained.item_map[schema.ITEM_ID], feats.item_map[schema.ITEM_ID])
     hist = model_histories(feats, trained.item_map, type_translation(trained, feats.event_types))
     pool = trained.item_map  # the items that may be candidates
     listed = 0 if allowed is None else allowed.len()
@@ -548,6 +549,20 @@ def popular_top_k(item_map: pl.DataFrame, users: pl.DataFrame, k: int, exclude_s
             .group_by(schema.USER_ID, maintain_order=True).head(k)
             .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(schema.USER_ID).alias("rank"))
             .select(list(schema.CANDIDATES)))
+
+
+def check_shared_catalogue(model_items: pl.Series, feature_items: pl.Series) -> None:
+    """Raise ConfigError when the model knows none of the features' item ids: every user would fall back to
+    popularity and seen items could not be excluded (their ids match nothing), a night published with exit 0.
+    The ids are then written differently on the two sides, or the model is of another catalogue."""
+    if model_items.len() == 0 or feature_items.len() == 0 or bool(feature_items.is_in(model_items.implode()).any()):
+        return
+    raise ConfigError(
+        f"candidates: the model knows none of the features' {feature_items.len()} item ids (features e.g. "
+        f"{feature_items[0]!r}, the model's e.g. {model_items[0]!r}), so no user could be scored by it: the ids are "
+        "written differently (under data.item_id_type=string a CSV's text is kept as written: '42.0' is not the "
+        "'42' a model trained with int ids knows), or the model is of another catalogue. Check data.item_id_type "
+        "and the id columns against the model's training data, or train a model on these features")
 
 
 def _count_missing(values: pl.Series, known: pl.Series) -> int:

@@ -162,6 +162,24 @@ def test_a_text_model_cannot_serve_whole_number_features(runs, tmp_path, capsys)
     assert not (work / "candidates" / f"date={DAY}").exists()
 
 
+def test_ids_written_as_floats_under_text_ids_are_not_served_as_a_night_of_fallbacks(runs, tmp_path, capsys):
+    """A CSV whose item ids pandas wrote as `42.0`, switched to data.item_id_type=string: the text '42.0' is
+    not the whole-number model's 42, so it knew none of the items: every user fell back to popularity, seen items
+    went unexcluded, and the night was published with exit 0 (logged at INFO only)."""
+    work = tmp_path / "work"
+    floats = runs["root"] / "float-ids.csv"
+    pl.read_csv(runs["root"] / "int.csv").with_columns(pl.col("item_id").cast(pl.Float64)).write_csv(floats)
+    assert floats.read_text().splitlines()[1].split(",")[1].endswith(".0")
+    decimal = ["data.item_id_type=string"]
+    assert main(["features", "--quiet", *args(work, floats, *decimal)]) == EXIT_OK
+    capsys.readouterr()
+    code = main(["candidates", "--quiet", "--date", NEXT, f"candidates.model={runs['int'] / 'model'}",
+                 *args(work, floats, *decimal)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "the model knows none of the features' 50 item ids" in err and ".0'" in err, err
+    assert not (work / "candidates").exists() or not any((work / "candidates").glob("date=*"))
+
+
 def test_blank_text_id_is_bad_input(tmp_path, capsys):
     path = tmp_path / "events.csv"
     path.write_text("user_id,item_id,timestamp\nu1,a,1\nu1,b,2\n  ,c,3\n")
