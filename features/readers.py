@@ -202,12 +202,16 @@ def _select(
     for source, key in columns.values():
         if source not in names:
             hint = " (only one column: is data.separator right?)" if len(names) == 1 else ""
+            fix = f"Set {key} to one of them or fix the file"
+            if text and _looks_like_data(names):
+                fix = ("That first line looks like an event, not a header: for a file without a header line set "
+                       "data.columns to the names of its columns in order (e.g. data.columns=[user_id,item_id,"
+                       f"timestamp]), then {key} to one of those")
             if text and _is_parquet(path):
                 raise InputDataError(f"{path} is a Parquet file, read as text (data.format is not 'parquet'); set "
                                      "data.format=parquet")
             raise InputDataError(
-                f"{path}: column '{source}' ({key}) not found; the file has columns {names}{hint}. "
-                f"Set {key} to one of them or fix the file"
+                f"{path}: column '{source}' ({key}) not found; the file has columns {names}{hint}. {fix}"
             )
         if f"{source}_duplicated_0" in names:  # how polars renames a repeated header name
             raise InputDataError(
@@ -223,6 +227,13 @@ def _select(
     return _Raw(frame, {name: f"'{source}' ({key})" for name, (source, key) in columns.items()}, unit)
 
 
+def _looks_like_data(names: list[str]) -> bool:
+    """Whether a header holds mostly numbers (two or more columns, at least half of them numbers): an event
+    read as the header of a file without one."""
+    numbers = sum(pl.Series(names).str.strip_chars().cast(pl.Float64, strict=False).is_not_null())
+    return len(names) > 1 and numbers * 2 >= len(names)
+
+
 def _is_parquet(path: Path) -> bool:
     """Whether ``path`` starts with Parquet's magic bytes."""
     with path.open("rb") as fh:
@@ -236,7 +247,9 @@ def _scan_table(data: DataConfig, path: Path) -> _Raw:
     else:
         if len(data.separator) != 1:
             raise ConfigError(f"data.separator must be one character, got {data.separator!r}")
-        lf = pl.scan_csv(path, separator=data.separator, quote_char=data.quote_char, infer_schema=False, glob=False)
+        header = {} if data.columns is None else {"has_header": False, "new_columns": list(data.columns)}
+        lf = pl.scan_csv(path, separator=data.separator, quote_char=data.quote_char, infer_schema=False, glob=False,
+                         **header)
     optional = {TIMESTAMP: "timestamp_col", EVENT_TYPE: "event_type_col", WEIGHT: "weight_col"}
     columns = {USER_ID: (data.user_col, "data.user_col"), ITEM_ID: (data.item_col, "data.item_col")}
     columns |= {
@@ -434,7 +447,7 @@ def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:
         found = _first_quote_problem(path, separator, quote)
         if found is not None:
             line, field, problem = found
-            name = _header_name(path, separator, field)
+            name = _header_name(path, separator, field, data.columns)
             return InputDataError(
                 f"{path}: line {line}, field {field}{'' if name is None else f' ({name!r})'}: {problem}. A field "
                 f"that holds {quote} must be quoted as a whole, with each {quote} inside it doubled "
@@ -443,6 +456,12 @@ def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:
             )
     if "new_columns" in first:  # polars' advice (`missing_columns=...`) is not something a user can set
         first = "the first line has a different number of fields"
+        if data.format == "csv" and data.columns is not None:
+            with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
+                width = len(next(csv.reader(fh, delimiter=separator), []))
+            return InputDataError(
+                f"{path}: data.columns names {len(data.columns)} columns {list(data.columns)}, but the file's first "
+                f"line has {width} fields: name every column of the file, in order")
     where = _first_long_line(path, data) if "more fields" in first else ""
     return InputDataError(
         f"{path} cannot be parsed as data.format={data.format!r}, expected {layout}: {first}{where}. "
@@ -501,7 +520,8 @@ def _utf8_error(path: Path, data: DataConfig) -> InputDataError:
         where = f" (byte 0x{byte:02x} at line {line}"
         if data.format in ("csv", "movielens_csv"):
             separator = _dialect(data)[0]
-            name = _header_name(path, separator, before.count(separator.encode()) + 1)
+            name = _header_name(path, separator, before.count(separator.encode()) + 1,
+                                data.columns if data.format == "csv" else None)
             where += "" if name is None else f", column {name!r}"
         where += ")"
     return InputDataError(
@@ -577,8 +597,11 @@ def _first_quote_problem(path: Path, separator: str, quote: str) -> tuple[int, i
     return None
 
 
-def _header_name(path: Path, separator: str, field: int) -> str | None:
-    """The header's name of the 1-based ``field`` of a csv file (its first line), None if it has none."""
+def _header_name(path: Path, separator: str, field: int, columns: tuple[str, ...] | None = None) -> str | None:
+    """The header's name of the 1-based ``field`` of a csv file (its first line; ``columns``, data.columns, for
+    a file without a header), None if it has none."""
+    if columns is not None:
+        return columns[field - 1] if 0 < field <= len(columns) else None
     with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
         names = next(csv.reader(fh, delimiter=separator), [])
     return names[field - 1] if 0 < field <= len(names) else None

@@ -149,6 +149,9 @@ class ItemFeaturesConfig(_Section):
 class DataConfig(_Section):
     """Where the events come from and how to read them."""
 
+    # column names and event types as numbers (`data.user_col=1`, a header-less file's first line) are their text
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True)
+
     source: Literal["file", "synthetic"] = "file"
     path: PathText = "events.csv"
     format: Literal[
@@ -168,6 +171,9 @@ class DataConfig(_Section):
     # csv: the character that quotes a field holding separators or line breaks (a quote inside one is doubled);
     # null = no quoting, every quote character is text (an export that never quotes but has `55" TV` in a field)
     quote_char: str | None = Field('"', min_length=1, max_length=1)
+    # csv without a header line: the names of its columns in order (the first line is then an event); null = the
+    # first line is the header
+    columns: tuple[str, ...] | None = Field(None, min_length=1)
     synthetic: SyntheticConfig = SyntheticConfig()
     # Optional item attributes for the model (model.item_features); None = ids only.
     item_features: ItemFeaturesConfig | None = None
@@ -176,6 +182,13 @@ class DataConfig(_Section):
     def _distinct_columns(self) -> DataConfig:
         """One file column fills one role: ``data.item_col=user_id`` (a typo) would build every user's sequence
         of itself."""
+        if self.columns is not None:
+            if self.format != "csv":
+                raise ValueError(f"data.columns names the columns of a csv file without a header; data.format is "
+                                 f"{self.format!r}: remove data.columns")
+            repeated = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            if repeated:
+                raise ValueError(f"data.columns names {repeated} more than once: give each column its own name")
         if self.format not in ("csv", "parquet"):
             return self  # the other formats name their fields themselves
         roles: dict[str, list[str]] = {}
@@ -192,6 +205,9 @@ class DataConfig(_Section):
 
 class FeaturesConfig(_Section):
     """Row policies, k-core filter and the split."""
+
+    # event types as numbers (`features.event_types=[1,4]`, a file's type codes) are their text
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True)
 
     event_types: tuple[str, ...] | None = Field(None, min_length=1)  # [] would keep no event: null keeps all
     dedup: Literal["none", "exact", "user_item"] = "exact"

@@ -52,6 +52,46 @@ def test_csv_configured_columns_separator_event_type_and_weight(write_file):
     assert df["weight"].to_list() == [0.5, 2.0]
 
 
+def test_csv_without_a_header_line_reads_its_first_line_as_an_event(write_file):
+    """data.columns names the columns of a header-less file (the Taobao UserBehavior export); before, its first
+    event could only be read as the header, so it was lost without being counted."""
+    path = write_file("events.csv", "1,10,cat,pv,100\n2,20,cat,buy,200\n")
+    data = DataConfig(columns=("user", "item", "category", "behavior", "ts"), user_col="user", item_col="item",
+                      timestamp_col="ts", event_type_col="behavior")
+    df = _read(data, path)
+    assert _triples(df) == [(1, 10, 100), (2, 20, 200)] and df["event_type"].to_list() == ["pv", "buy"]
+
+
+@pytest.mark.parametrize("columns, match", [
+    (None, r"column 'user_id' \(data.user_col\) not found; the file has columns \['1', '10', 'cat', 'pv', '100'\]\. "
+           r"That first line looks like an event, not a header: .* set data.columns"),
+    (("user_id", "item_id"), r"data.columns names 2 columns \['user_id', 'item_id'\], but the file's first line has 5 "
+                             "fields"),
+])
+def test_a_header_less_file_is_explained(write_file, columns, match):
+    path = write_file("events.csv", "1,10,cat,pv,100\n2,20,cat,buy,200\n")
+    with pytest.raises(InputDataError, match=match):
+        _read(DataConfig(columns=columns, timestamp_col=None), path)
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"format": "parquet", "columns": ["a", "b"]}, "data.columns names the columns of a csv file without a header"),
+    ({"columns": ["a", "b", "a"]}, r"data.columns names \['a'\] more than once"),
+])
+def test_data_columns_is_checked(data, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**data)
+
+
+def test_column_names_and_event_types_given_as_numbers_are_their_text():
+    """`data.user_col=1` (a header of numbers) and `features.event_types=[1,4]` (type codes): YAML reads numbers,
+    which were refused as 'Input should be a valid string'."""
+    from recsys.config import FeaturesConfig
+
+    assert DataConfig(user_col=1, item_col=2, columns=[1, 2]).user_col == "1"
+    assert FeaturesConfig(event_types=[1, 4.5]).event_types == ("1", "4.5")
+
+
 def test_csv_timestamp_format(write_file):
     path = write_file("events.csv", "user_id,item_id,timestamp\n1,2,02/01/2020 10:30\n")
     df = _read(DataConfig(timestamp_format="%d/%m/%Y %H:%M"), path)
