@@ -167,7 +167,15 @@ class InputGate:
 
 
 def _check_kept(accounting: Accounting, path: Path, features: FeaturesConfig) -> None:
-    """Raise InputDataError naming the settings to relax if the row policies left no events."""
+    """Raise ConfigError if ``features.event_types`` lists a type no event has (a typo: every event of the type
+    meant was filtered, counted but silently), InputDataError naming the settings to relax if the row policies
+    left no events."""
+    unmatched = accounting.unmatched_types(features)
+    if unmatched:
+        seen = sorted(accounting.types_in)
+        raise ConfigError(
+            f"features.event_types lists {unmatched}, which no event of {path} has (its event types: "
+            f"{seen[:20]}{' …' if len(seen) > 20 else ''}): correct the spelling, or remove them from the list")
     if not accounting.rows_kept:
         raise InputDataError(
             f"{path}: no events left after the row policies ({accounting.rows_in} rows in, dropped "

@@ -27,6 +27,7 @@ DROP_REASONS = ("event_type_filtered", "duplicate", "user_too_active", "older_th
                 "item_kcore")
 _REASON = pl.Enum(DROP_REASONS)  # cheaper to fill and filter than String
 _ROW = "_row"  # input position, to restore input order
+MAX_TYPES_SEEN = 1000  # an event type column holds a handful of kinds; a wrong column is not held whole
 _DEDUP_KEYS = {"exact": [USER_ID, ITEM_ID, TIMESTAMP], "user_item": [USER_ID, ITEM_ID]}
 
 
@@ -37,11 +38,22 @@ class Accounting:
     rows_in: int
     rows_kept: int
     dropped: dict[str, int] = field(default_factory=dict)
+    # with features.event_types: those of its types some row in has, and the distinct event types of the rows in
+    # (the first MAX_TYPES_SEEN by name), to name a listed type that matches no event: a typo filters every event
+    # of the type the user meant
+    types_matched: frozenset[str] = frozenset()
+    types_in: frozenset[str] = frozenset()
 
     def __add__(self, other: Accounting) -> Accounting:
         """The accounting of two disjoint sets of rows taken together (e.g. two user ranges)."""
         dropped = {key: self.dropped.get(key, 0) + other.dropped.get(key, 0) for key in DROP_REASONS}
-        return Accounting(self.rows_in + other.rows_in, self.rows_kept + other.rows_kept, dropped)
+        return Accounting(self.rows_in + other.rows_in, self.rows_kept + other.rows_kept, dropped,
+                          self.types_matched | other.types_matched,
+                          frozenset(sorted(self.types_in | other.types_in)[:MAX_TYPES_SEEN]))
+
+    def unmatched_types(self, features: FeaturesConfig) -> list[str]:
+        """The types of ``features.event_types`` that no row in has."""
+        return [] if features.event_types is None else sorted(set(features.event_types) - self.types_matched)
 
 
 def _kept() -> pl.Expr:
@@ -170,7 +182,14 @@ def select_rows(events: pl.LazyFrame, features: FeaturesConfig) -> tuple[pl.Data
     kept, kcore_dropped = filter_kcore(
         marked.filter(_kept()).drop(DROP_REASON), features.min_user_events, features.min_item_events
     )
-    accounting = Accounting(rows_in=marked.height, rows_kept=kept.height, dropped=dropped | kcore_dropped)
+    matched: frozenset[str] = frozenset()
+    types_in: frozenset[str] = frozenset()
+    if features.event_types is not None:  # mark_rows checked the column exists
+        types = marked[EVENT_TYPE].drop_nulls().unique().cast(pl.String)
+        matched = frozenset(types.filter(types.is_in(list(features.event_types))).to_list())
+        types_in = frozenset(types.sort().head(MAX_TYPES_SEEN).to_list())
+    accounting = Accounting(rows_in=marked.height, rows_kept=kept.height, dropped=dropped | kcore_dropped,
+                            types_matched=matched, types_in=types_in)
     logger.info(
         "policies: %d rows in, %d kept, dropped %s",
         accounting.rows_in,
