@@ -85,7 +85,13 @@ def input_files(data: DataConfig, path: str | Path) -> list[Path]:
         root = Path(*[part for part in itertools.takewhile(lambda p: not _GLOB & set(p), path.parts)])
     else:  # csv also gzip-compressed (part-0.csv.gz), read as its text
         suffixes = (suffix, ".csv.gz") if data.format == "csv" else (suffix,)
-        found, root = [f for f in sorted(path.rglob("*")) if f.is_file() and f.name.endswith(suffixes)], path
+        every = [f for f in sorted(path.rglob("*")) if f.is_file()]
+        found, root = [f for f in every if f.name.lower().endswith(suffixes)], path  # B.CSV too (Windows exports)
+        chosen = set(found)
+        others = [f for f in every if f not in chosen and not any(p[0] in "_." for p in f.relative_to(root).parts)]
+        if others:
+            logger.info("data.path %s: %d file(s) not named *%s skipped, e.g. %s", path, len(others),
+                           " / *".join(suffixes), others[0])
     # Spark / Hadoop conventions: names starting with "_" or "." (the _temporary/ of an unfinished write,
     # .part-0.parquet.crc, _SUCCESS) are not data, in the directory itself or any folder under it.
     files = [f for f in found if not any(part[0] in "_." for part in f.relative_to(root).parts)]
@@ -169,6 +175,10 @@ def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
         )
     if many and path.stat().st_size == 0:  # a quiet day's partition written as a 0-byte file: no rows
         return None
+    if data.format != "parquet" and _utf16(path):  # read as UTF-8, its header is garbage: name the encoding
+        raise InputDataError(f"{path} is UTF-16 text (as Excel's 'Unicode text' and Windows PowerShell's `>` "
+                             "write it), not UTF-8: re-encode it, e.g. `iconv -f utf-16 -t utf-8`, or export it "
+                             "as UTF-8")
     with _polars_errors(path, data):
         raw = _SCANNERS[data.format](data, path)
         typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
@@ -427,7 +437,31 @@ def _polars_errors(path: Path, data: DataConfig) -> Iterator[None]:
     except pl.exceptions.PolarsError as exc:
         raise _explain(exc, path, data) from exc
     except OSError as exc:
+        if exc.errno is None and _is_gzip(path):  # the file opened: its bytes are the problem
+            raise InputDataError(f"{path} is gzip-compressed but cannot be decompressed ({exc}): it is truncated "
+                                 "or corrupt (a copy or export cut short?); copy or export it again") from exc
         raise InputDataError(f"{path} cannot be read ({exc}); check the path and its permissions") from exc
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def _utf16(path: Path) -> bool:
+    """Whether ``path`` (decompressed) looks like UTF-16 text: a UTF-16 byte-order mark (Excel's "Unicode text",
+    PowerShell's `>`), or a NUL byte in every other place of its start."""
+    try:
+        with _open_bytes(path) as fh:
+            start = fh.read(64)
+    except (OSError, EOFError):  # unreadable: the reader's own error says why
+        return False
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True
+    return len(start) >= 8 and (set(start[1::2]) == {0} or set(start[0::2]) == {0})
 
 
 def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:

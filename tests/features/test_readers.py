@@ -403,3 +403,42 @@ def test_a_directory_of_gzip_csv_parts_is_read(tmp_path):
     (parts / "_SUCCESS").write_text("")
     assert [f.name for f in input_files(DataConfig(), parts)] == ["part-0.csv.gz", "part-1.csv"]
     assert _triples(_read(DataConfig(), parts)) == [(1, 10, 100), (2, 11, 101)]
+
+
+@pytest.mark.parametrize("encoding, gz", [("utf-16", False), ("utf-16-be", False), ("utf-16", True)])
+def test_utf16_text_is_named_as_such(tmp_path, encoding, gz):
+    """Excel's 'Unicode text' and PowerShell's `>` write UTF-16: the header read as UTF-8 was garbage and the error
+    said a column was missing, listing names full of NUL characters."""
+    import gzip
+
+    raw = "user_id,item_id,timestamp\n1,10,100\n".encode(encoding)
+    path = tmp_path / ("events.csv.gz" if gz else "events.csv")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    for data in (DataConfig(), DataConfig(format="pairs")):
+        with pytest.raises(InputDataError, match=r"events.csv(.gz)? is UTF-16 text .* `iconv -f utf-16 -t utf-8`"):
+            _read(data, path)
+
+
+def test_a_truncated_gzip_file_is_named_truncated_not_a_permission_problem(tmp_path):
+    import gzip
+
+    path = tmp_path / "events.csv.gz"
+    text = "user_id,item_id,timestamp\n" + "".join(f"{u},{u % 97},{u}\n" for u in range(20_000))
+    path.write_bytes(gzip.compress(text.encode())[:20_000])
+    with pytest.raises(InputDataError, match="is gzip-compressed but cannot be decompressed .* truncated or corrupt"):
+        _read(DataConfig(), path)
+
+
+def test_a_directory_reads_upper_case_suffixes_and_logs_what_it_skips(tmp_path, caplog):
+    """A Windows export's B.CSV was skipped without a word: half the events silently missing."""
+    from features.readers import input_files
+
+    parts = tmp_path / "events"
+    parts.mkdir()
+    (parts / "a.csv").write_text("user_id,item_id,timestamp\n1,10,100\n")
+    (parts / "B.CSV").write_text("user_id,item_id,timestamp\n2,11,101\n")
+    (parts / "notes.txt").write_text("not events")
+    with caplog.at_level("INFO", logger="features.readers"):
+        assert [f.name for f in input_files(DataConfig(), parts)] == ["B.CSV", "a.csv"]
+    assert "1 file(s) not named *.csv / *.csv.gz skipped, e.g." in caplog.text and "notes.txt" in caplog.text
+    assert sorted(_triples(_read(DataConfig(), parts))) == [(1, 10, 100), (2, 11, 101)]
