@@ -84,7 +84,8 @@ def mark_event_types(events: pl.LazyFrame, event_types: Sequence[str] | None) ->
         return events
     if EVENT_TYPE not in events.collect_schema().names():
         raise ConfigError(
-            "features.event_types is set but the events have no event_type column; set data.event_type_col"
+            "features.event_types is set but the events have no event_type column; set data.event_type_col (read "
+            "by data.format csv and parquet; the other formats have no event types)"
         )
     allowed = pl.col(EVENT_TYPE).is_in(list(event_types)).fill_null(False)
     return events.with_columns(_mark(~allowed, "event_type_filtered"))

@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         _early_fail(args.command, f"recsys {args.command}: work_dir {cfg.work_dir} is not a writable directory "
                     f"({exc}); set work_dir= to a directory path")
         return EXIT_USAGE
-    if args.command in _SCHEDULED:
+    if args.command in (*_SCHEDULED, "features"):  # the jobs that read what ignored() names
         for line in cfg.ignored():
             logging.getLogger("recsys.config").warning("%s", line)
     # --quiet: no progress bar either (recsys.training.quiet_console; inherited by the DDP processes the job

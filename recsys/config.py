@@ -683,8 +683,15 @@ class Config(_Section):
             "train.init_perturb": (t.init_perturb != default.init_perturb and t.init_from is None,
                                    "train.init_from=null (no warm start)"),
         }
-        return [f"{key}={getattr(t, key.removeprefix('train.'))!r} has no effect with {why}"
-                for key, (unused_here, why) in unused.items() if unused_here]
+        lines = [f"{key}={getattr(t, key.removeprefix('train.'))!r} has no effect with {why}"
+                 for key, (unused_here, why) in unused.items() if unused_here]
+        d, data_default = self.data, DataConfig()
+        if d.source == "file" and d.format not in ("csv", "parquet"):  # the format names its own fields
+            lines += [f"data.{key}={getattr(d, key)!r} has no effect with data.format={d.format} (it names its own "
+                      "fields; data.format=csv reads named columns)"
+                      for key in ("user_col", "item_col", "timestamp_col", "event_type_col", "weight_col")
+                      if getattr(d, key) != getattr(data_default, key)]
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

@@ -222,6 +222,19 @@ def test_options_their_mode_never_reads_are_named():
     assert used.ignored() == []
 
 
+def test_column_keys_a_format_with_its_own_fields_never_reads_are_named():
+    """data.event_type_col=rating with data.format=movielens_csv was taken silently (then features.event_types
+    said 'set data.event_type_col', which was set)."""
+    cfg = load_config(None, ["data.format=movielens_csv", "data.event_type_col=rating", "data.user_col=userId"])
+    assert cfg.ignored() == [
+        "data.user_col='userId' has no effect with data.format=movielens_csv (it names its own fields; "
+        "data.format=csv reads named columns)",
+        "data.event_type_col='rating' has no effect with data.format=movielens_csv (it names its own fields; "
+        "data.format=csv reads named columns)",
+    ]
+    assert load_config(None, ["data.format=csv", "data.event_type_col=rating"]).ignored() == []
+
+
 def test_yaml_merge_keys_load_as_yaml_means(tmp_path):
     """The duplicate-key check refused `<<: *anchor` ("no constructor for the tag ...merge"), valid YAML that
     safe_load reads; a key next to the merge overrides the merged one, and is no duplicate."""
