@@ -245,7 +245,8 @@ def find_problems(
             logger.warning(
                 "%s: column %s: %d timestamp(s) have a fraction of a second; timestamps are whole epoch seconds, "
                 "so events of a user within the same second keep their order in the file (sort the file by "
-                "time, or give integer milliseconds as the timestamp, to keep their order)",
+                "time, or give integer milliseconds as the timestamp, to keep their order), and two events of "
+                "the same item within one second are identical to features.dedup=exact (counted as duplicate)",
                 source, labels[TIMESTAMP], stats["sub_second"])
     return problems
 
