@@ -35,7 +35,10 @@ ISO_FORMATS = (
 
 _INT_IDS = (f"ids must be whole numbers that fit in Int64 (at most {2**63 - 1}); for text ids (SKUs, UUIDs) set "
             "data.{key}: string")
-_TEXT_IDS = "ids must not be blank"
+# what SQL and pandas exports write for a missing value: as a text id it would be one item (or user) shared by
+# every row that lacks one
+MISSING_TEXT = ("\\N", "NULL", "null", "None", "NaN", "nan")
+_TEXT_IDS = f"ids must not be blank nor a missing-value marker ({', '.join(MISSING_TEXT)})"
 _HOW_TO_FIX = {
     TIMESTAMP: "use epoch seconds or ISO-8601, or set data.timestamp_format (e.g. '%d/%m/%Y %H:%M'); a text "
                "column whose first value is a whole number is read as whole numbers throughout",
@@ -64,7 +67,7 @@ _INTEGRAL_FLOAT_TEXT = r"^([+-]?\d+)\.0*$"  # "2.0", "-7.", "12.000"
 def id_expr(dtype: pl.DataType, name: str, kind: str = "int") -> pl.Expr:
     """The id column ``name`` as ``kind`` (schema.ID_DTYPES) from an integer, integral-float or string column;
     null where the value is not an id: for ``int`` not a whole number in the Int64 range, for ``string`` a
-    blank text or a float with a fraction (integers and integral floats are written in decimal: 7.0 → "7");
+    blank text, a missing-value marker (:data:`MISSING_TEXT`) or a float with a fraction (integers and integral floats are written in decimal: 7.0 → "7");
     for ``int``, text of an integral float ("7.0") is that whole number."""
     col = pl.col(name)
     if dtype.is_integer():  # straight to text: a UInt64 above the Int64 range is a valid text id
@@ -74,7 +77,7 @@ def id_expr(dtype: pl.DataType, name: str, kind: str = "int") -> pl.Expr:
         return as_int.cast(pl.String) if kind == "string" else as_int
     text = col.cast(pl.String).str.strip_chars()
     if kind == "string":
-        return pl.when(text.str.len_bytes() > 0).then(text)
+        return pl.when((text.str.len_bytes() > 0) & ~text.is_in(MISSING_TEXT)).then(text)
     # an integral float as text ("2.0", what pandas writes for an int column with a NaN) is that whole number;
     # matched as text, so a long id never goes through a float's 53 bits (when/then: 3x faster than coalesce)
     as_int = text.cast(pl.Int64, strict=False)

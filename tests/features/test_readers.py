@@ -227,6 +227,10 @@ def test_text_in_a_whole_number_id_column_says_which_key_to_set(write_file, cont
 @pytest.mark.parametrize(("content", "match"), [
     ("user_id,item_id,timestamp\nu1,   ,1\n", r"'item_id'.*'   ' at data row 1.*ids must not be blank"),
     ("user_id,item_id,timestamp\nu1,,1\n", r"'item_id'.*empty/null value \(first at data row 1\)"),
+    # MySQL's \N, SQL's NULL, pandas' NaN: one "item" shared by every row without an id, read as a real id before
+    ("user_id,item_id,timestamp\nu1,a,1\nu1,\\N,2\n", r"'item_id'.*'\\\\N' at data row 2.*missing-value marker"),
+    ("user_id,item_id,timestamp\nNULL,a,1\n", r"'user_id'.*'NULL' at data row 1.*missing-value marker"),
+    ("user_id,item_id,timestamp\nu1,NaN,1\n", r"'item_id'.*'NaN' at data row 1"),
 ])
 def test_blank_text_ids_are_bad_input(write_file, content, match):
     with pytest.raises(InputDataError, match=match):
