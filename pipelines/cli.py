@@ -556,6 +556,12 @@ def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
     except SystemExit as exc:
         return _terminated(args, exc)
     except Exception as exc:
+        from recsys.tracking import damaged_store, tracking_uri
+
+        store = damaged_store(exc, tracking_uri(cfg) if cfg.tracking.enabled else None)
+        if store is not None:  # a damaged page MLflow came upon mid-job (the start checks only the schema)
+            _fail(f"recsys {args.command}: {store}")
+            return EXIT_USAGE
         if _storage_full(exc):  # the operator's fix is space, not code: one line, no traceback
             logging.getLogger("recsys").error(
                 "recsys %s failed: the disk or quota is full (%s); free space (or raise the limit) and rerun: outputs "

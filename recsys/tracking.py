@@ -44,36 +44,67 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{re.sub(r'%(?=[0-9A-Fa-f]{2})', '%25', path)}"  # only what SQLAlchemy would decode
 
 
+def sqlite_store(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///…`` URI (the embedded store, or one set in ``tracking.uri``), else None."""
+    from urllib.parse import unquote
+
+    return Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0])) if uri.startswith("sqlite:///") else None
+
+
+def _store_fix(path: Path) -> str:
+    return (f"MLflow's run history and model registry live in it. Restore it from a backup; or, once no job uses "
+            f"it, move it aside (mv {path} {path}.damaged) to start an empty store: registered versions are then "
+            "lost, the next `recsys run` trains and registers a model afresh (the files of earlier runs stay under "
+            "mlartifacts/). On shared storage without working file locks (NFS mounted nolock) a store another "
+            "host writes can read as damaged for a moment: rerun once before moving it")
+
+
 def check_sqlite_store(uri: str) -> None:
-    """Raise :class:`recsys.storage.DamagedFileError` naming the SQLite file of ``uri`` (``sqlite:///…``: the
-    embedded store, or one set in ``tracking.uri``) when it exists but is no readable SQLite database (truncated,
-    overwritten): SQLAlchemy's own error names neither the file nor what to do. SQLite's integrity check reads
-    the whole file (milliseconds for a store of many nights). A store that is busy or cannot be opened is left to
-    MLflow's own error (it is not damaged); nothing else is checked."""
+    """Raise :class:`recsys.storage.DamagedFileError` naming the SQLite file of ``uri`` when it exists but is no
+    readable SQLite database (overwritten, or truncated below the pages its header counts): SQLAlchemy's own
+    error names neither the file nor what to do. Cheap: the header and the schema only (milliseconds and a
+    shared lock as short, whatever the store's size; a damaged data page is caught when MLflow reads it, see
+    :func:`damaged_store`). A store that is busy or cannot be opened is left to MLflow's own error."""
     import sqlite3
     from contextlib import closing
-    from urllib.parse import quote, unquote
+    from urllib.parse import quote
 
     from recsys.storage import damaged
 
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_store(uri)
+    if path is None or not path.is_file() or path.stat().st_size == 0:  # no store yet: MLflow creates it
         return
-    path = Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
-    if not path.is_file() or path.stat().st_size == 0:  # no store yet: MLflow creates it
-        return
-    fix = (f"MLflow's run history and model registry live in it. Restore it from a backup; or move it aside "
-           f"(mv {path} {path}.damaged) to start an empty store: registered versions are then lost, the next "
-           "`recsys run` trains and registers a model afresh (the files of earlier runs stay under mlartifacts/)")
     try:
         with closing(sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)) as db:
-            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            pages = db.execute("PRAGMA page_count").fetchone()[0] * db.execute("PRAGMA page_size").fetchone()[0]
+            wal = db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # pages may sit in the -wal file
     except sqlite3.OperationalError:  # locked, busy, not permitted: not the file's bytes
         return
     except sqlite3.DatabaseError as exc:  # not a database, malformed
-        raise damaged(path, exc, fix) from None
-    if problems != ["ok"]:
-        found = " ".join(" ".join(map(str, problems[:3])).split())  # its report spans lines: one line here
-        raise damaged(path, ValueError(f"SQLite integrity check: {found}"), fix)
+        raise damaged(path, exc, _store_fix(path)) from None
+    if not wal and pages > path.stat().st_size:
+        raise damaged(path, ValueError(f"{path.stat().st_size} bytes, shorter than the {pages} its header "
+                                       "counts: truncated"), _store_fix(path))
+
+
+def damaged_store(exc: BaseException, uri: str | None) -> Exception | None:
+    """The :class:`recsys.storage.DamagedFileError` naming the SQLite store of ``uri`` when ``exc`` (raised by a
+    job) comes from its bytes (SQLite: malformed, not a database; not a lock or a permission), else None."""
+    import sqlite3
+
+    from recsys.storage import damaged
+
+    path = None if uri is None else sqlite_store(uri)
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while path is not None and cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, sqlite3.DatabaseError) and not isinstance(cause, sqlite3.OperationalError):
+            return damaged(path, cause, _store_fix(path))
+        # SQLAlchemy keeps the driver's error as .orig; MLflow re-raises with a cause
+        cause = getattr(cause, "orig", None) or cause.__cause__ or cause.__context__
+    return None
 
 
 def configure_http(cfg: Config) -> None:

@@ -189,3 +189,27 @@ def test_a_damaged_embedded_mlflow_store_is_named_with_exit_2(new_work, capsys, 
     assert "Traceback" not in got.err and f"{work / 'mlflow.db'} is damaged" in got.err and says in got.err \
         and "Restore it from a backup" in got.err and f"{work / 'mlflow.db'}.damaged" in got.err, got.err
     assert not (work / "model").exists()
+
+
+def test_a_damaged_page_mlflow_comes_upon_mid_job_names_the_store(new_work, capsys, monkeypatch) -> None:
+    """The start checks the store's header and schema only (cheap whatever its size); a damaged data page found
+    later by MLflow's own queries (SQLAlchemy wrapping SQLite's error) is named the same way, with exit 2. A lock
+    is no damage."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    import recsys.tracking as tracking
+
+    work = new_work()
+    on = tiny(work, "tracking.enabled=true", "train.max_epochs=1")
+    assert main(["features", "--quiet", *on]) == EXIT_OK
+    malformed = sqlalchemy.exc.DatabaseError("SELECT …", {}, sqlite3.DatabaseError("database disk image is malformed"))
+    monkeypatch.setattr(tracking, "_experiment_id", _raises(malformed))
+    got = run_cli(capsys, "train", "--quiet", *on)
+    assert got.code == EXIT_USAGE and f"{work / 'mlflow.db'} is damaged" in got.err and "malformed" in got.err \
+        and "Traceback" not in got.err, got.err
+    locked = sqlalchemy.exc.OperationalError("SELECT …", {}, sqlite3.OperationalError("database is locked"))
+    monkeypatch.setattr(tracking, "_experiment_id", _raises(locked))
+    got = run_cli(capsys, "train", "--quiet", *on)
+    assert got.code == EXIT_FAILED and "is damaged" not in got.err
