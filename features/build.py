@@ -167,15 +167,15 @@ class InputGate:
 
 
 def _check_kept(accounting: Accounting, path: Path, features: FeaturesConfig) -> None:
-    """Raise ConfigError if ``features.event_types`` lists a type no event has (a typo: every event of the type
-    meant was filtered, counted but silently), InputDataError naming the settings to relax if the row policies
-    left no events."""
+    """Raise InputDataError naming the settings to relax if the row policies left no events; warn about a type of
+    ``features.event_types`` that no event has (a typo filters every event of the type meant; a quiet night
+    may just lack a rare type, so it does not fail the job; the manifest lists them as ``event_types_unmatched``)."""
     unmatched = accounting.unmatched_types(features)
     if unmatched:
         seen = sorted(accounting.types_in)
-        raise ConfigError(
-            f"features.event_types lists {unmatched}, which no event of {path} has (its event types: "
-            f"{seen[:20]}{' …' if len(seen) > 20 else ''}): correct the spelling, or remove them from the list")
+        logger.warning("features.event_types lists %s, which no event of %s has (its event types: %s%s): a typo "
+                       "filters every event of the type meant; correct the spelling, or remove them from the list",
+                       unmatched, path, seen[:20], " …" if len(seen) > 20 else "")
     if not accounting.rows_kept:
         raise InputDataError(
             f"{path}: no events left after the row policies ({accounting.rows_in} rows in, dropped "
@@ -438,6 +438,7 @@ def build_manifest(
         "rows_in": accounting.rows_in,
         "rows_kept": accounting.rows_kept,
         "dropped": accounting.dropped,
+        "event_types_unmatched": accounting.unmatched_types(cfg.features),  # listed, but no event has them
         "n_users": tables["user_map"].height,
         "n_items": tables["item_map"].height,
         "n_users_with_val": int(n_with["val"]),

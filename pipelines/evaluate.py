@@ -39,7 +39,6 @@ def run(cfg: Config) -> Path:
     # read with the model: the version gated at the end is the one evaluated, whatever train writes meanwhile
     train_report = read_json(wd.model / "train_report.json")
     weights = fingerprint(wd.model / WEIGHTS_FILE)["sha256"]  # which model the report is of (recsys status)
-    content = content_digest(wd.model)  # the gate checks the registered version holds these files
     check_event_types(model, wd.model, feats)
     check_item_map(wd.model, wd.features, feats)
     log.info("evaluate: the model scores on %s (evaluate.device=%s)", device, cfg.evaluate.device)
@@ -62,7 +61,7 @@ def run(cfg: Config) -> Path:
                 tracker.log_metrics({f"{where}/{k}": v for k, v in segment.items()})
         # The gate runs before anything is written: if it fails (MLflow, a champion that cannot be re-scored),
         # the previous report and its promotion.json stay as they were, together.
-        promotion = _promote(cfg, wd, tracker, feats, model, train_report, content)
+        promotion = _promote(cfg, wd, tracker, feats, model, train_report)
         if promotion is None and tracker.unavailable is not None:  # say so: the report replaces the previous
             promotion = {"promoted": None, "summary": (  # one's decision, which was of another model
                 f"not run: the MLflow tracking server {tracker.uri} was unavailable; rerun recsys evaluate once it "
@@ -114,10 +113,9 @@ def check_event_types(model: SASRec, model_dir: Path, feats: FeatureSet) -> None
 
 
 def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model: SASRec,
-             report: dict, content: str) -> dict | None:
-    """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores, its
-    train ``report``, the SHA-256 ``content`` of its files); returns the decision for
-    ``evaluation/promotion.json`` (None: no gate ran)."""
+             report: dict) -> dict | None:
+    """Gate the registered version of ``model/`` (``model``, scored on ``feats`` when the gate re-scores, and
+    its train ``report``); returns the decision for ``evaluation/promotion.json`` (None: no gate ran)."""
     version = report.get("registered_version")
     if version is None:
         if tracker.active:
@@ -132,6 +130,9 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model
             f"with the config that trained it (tracking.registered_model={trained_as}), or train again with this "
             "one; nothing was gated")
     val_ndcg = float(report["best_val_ndcg_at_10"])
+    # the gate checks the version holds these files; hashed only for the gate (the weights of a large catalogue
+    # are GBs). Files replaced since the model was loaded no longer match its version: refused, never mis-gated.
+    content = content_digest(wd.model) if tracker.active else None
     rescore = None
     if cfg.tracking.promotion_basis == "rescored":
         def rescore(champion_dir: Path) -> Comparison:  # both models on tonight's validation users

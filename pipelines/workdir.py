@@ -46,7 +46,9 @@ def content_digest(model_dir: Path) -> str:
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.encode())
-        digest.update((model_dir / name).read_bytes())
+        with (model_dir / name).open("rb") as fh:  # streamed: the weights of a large catalogue are GBs
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -170,10 +170,9 @@ CASES = [
     ),
     Case(
         "event_types_remove_everything",
-        "user_id,item_id,timestamp,kind\n1,2,3,view\n1,3,4,buy\n",  # (a listed type no event has: exit 2, in
-        ("no events left", "features.event_types (now ['buy'])", "'event_type_filtered': 1",  # test_event_types)
-         "features.min_user_events (now 2)"),
-        ("data.event_type_col=kind", "features.event_types=[buy]", "features.min_user_events=2"),
+        "user_id,item_id,timestamp,kind\n1,2,3,view\n1,3,4,click\n",
+        ("no events left", "features.event_types (now ['buy'])", "'event_type_filtered': 2"),
+        ("data.event_type_col=kind", "features.event_types=[buy]"),
     ),
 ]
 
