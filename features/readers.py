@@ -258,6 +258,9 @@ def _scan_table(data: DataConfig, path: Path) -> _Raw:
         if len(data.separator) != 1:
             raise ConfigError(f"data.separator must be one character, got {data.separator!r}")
         header = {} if data.columns is None else {"has_header": False, "new_columns": list(data.columns)}
+        if data.columns is not None and _first_fields(path, data.separator) == list(data.columns):
+            raise InputDataError(f"{path}: its first line names the columns {list(data.columns)}: a header, which "
+                                 "data.columns (for a file without one) would read as an event; remove data.columns")
         lf = pl.scan_csv(path, separator=data.separator, quote_char=data.quote_char, infer_schema=False, glob=False,
                          **header)
     optional = {TIMESTAMP: "timestamp_col", EVENT_TYPE: "event_type_col", WEIGHT: "weight_col"}
@@ -436,8 +439,8 @@ def _polars_errors(path: Path, data: DataConfig) -> Iterator[None]:
         ) from exc
     except pl.exceptions.PolarsError as exc:
         raise _explain(exc, path, data) from exc
-    except OSError as exc:
-        if exc.errno is None and _is_gzip(path):  # the file opened: its bytes are the problem
+    except (OSError, EOFError) as exc:  # EOFError: a gzip cut short, read by the line formats
+        if getattr(exc, "errno", None) is None and _is_gzip(path):  # the file opened: its bytes are the problem
             raise InputDataError(f"{path} is gzip-compressed but cannot be decompressed ({exc}): it is truncated "
                                  "or corrupt (a copy or export cut short?); copy or export it again") from exc
         raise InputDataError(f"{path} cannot be read ({exc}); check the path and its permissions") from exc
@@ -629,6 +632,15 @@ def _first_quote_problem(path: Path, separator: str, quote: str) -> tuple[int, i
     if opened is not None:
         return opened[0], opened[1], f"a field opened with {quote} is never closed"
     return None
+
+
+def _first_fields(path: Path, separator: str) -> list[str]:
+    """The stripped fields of ``path``'s first line (csv rules), [] for an empty or unreadable file."""
+    try:
+        with io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="replace", newline="") as fh:
+            return [field.strip() for field in next(csv.reader(fh, delimiter=separator), [])]
+    except (OSError, EOFError):  # the reader's own error says why
+        return []
 
 
 def _header_name(path: Path, separator: str, field: int, columns: tuple[str, ...] | None = None) -> str | None:

@@ -116,6 +116,23 @@ class SyntheticConfig(_Section):
         return self
 
 
+def _numbers_as_text(value: Any) -> Any:
+    """Column names and event types written as numbers (`data.user_col=1` for a header of numbers,
+    `features.event_types=[1, 4]` for type codes, `train.type_weights={1: 2.0}`) are their text: YAML reads them
+    as numbers. Leading zeros are gone by then (`01` is 1): quote such names. Applied to a value, the items of a
+    list and the keys of a mapping; a non-finite float (YAML's .inf, .nan) is left to fail as no text."""
+    def text(item: Any) -> Any:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            return item
+        return str(item) if math.isfinite(item) else item
+
+    if isinstance(value, list | tuple):
+        return [text(item) for item in value]
+    if isinstance(value, dict):
+        return {text(key): item for key, item in value.items()}
+    return text(value)
+
+
 class ItemFeaturesConfig(_Section):
     """A table of item attributes (category, brand, genres, ...) that the model embeds beside each item's id:
     one row per item (a repeated item's rows are merged), every listed column categorical."""
@@ -124,6 +141,7 @@ class ItemFeaturesConfig(_Section):
     path: PathText
     item_col: str = "item_id"
     columns: tuple[str, ...] = Field(min_length=1)
+    _names = field_validator("item_col", "columns", mode="before")(lambda value: _numbers_as_text(value))
     # CSV field separator.
     separator: str = Field(",", min_length=1, max_length=1)
     # Text that holds several values per cell, e.g. "|" for MovieLens genres ("Action|Comedy"); None = one
@@ -149,8 +167,8 @@ class ItemFeaturesConfig(_Section):
 class DataConfig(_Section):
     """Where the events come from and how to read them."""
 
-    # column names and event types as numbers (`data.user_col=1`, a header-less file's first line) are their text
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True)
+    _names = field_validator("user_col", "item_col", "timestamp_col", "event_type_col", "weight_col", "columns",
+                             mode="before")(lambda value: _numbers_as_text(value))
 
     source: Literal["file", "synthetic"] = "file"
     path: PathText = "events.csv"
@@ -182,10 +200,7 @@ class DataConfig(_Section):
     def _distinct_columns(self) -> DataConfig:
         """One file column fills one role: ``data.item_col=user_id`` (a typo) would build every user's sequence
         of itself."""
-        if self.columns is not None:
-            if self.format != "csv":
-                raise ValueError(f"data.columns names the columns of a csv file without a header; data.format is "
-                                 f"{self.format!r}: remove data.columns")
+        if self.columns is not None:  # (read by data.format=csv only: Config.ignored() names it otherwise)
             repeated = sorted({c for c in self.columns if self.columns.count(c) > 1})
             if repeated:
                 raise ValueError(f"data.columns names {repeated} more than once: give each column its own name")
@@ -206,8 +221,7 @@ class DataConfig(_Section):
 class FeaturesConfig(_Section):
     """Row policies, k-core filter and the split."""
 
-    # event types as numbers (`features.event_types=[1,4]`, a file's type codes) are their text
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True)
+    _types = field_validator("event_types", mode="before")(lambda value: _numbers_as_text(value))
 
     event_types: tuple[str, ...] | None = Field(None, min_length=1)  # [] would keep no event: null keeps all
     dedup: Literal["none", "exact", "user_item"] = "exact"
@@ -315,6 +329,7 @@ class TrainConfig(_Section):
     # ce only: loss weight per event type of the TARGET ({buy: 3.0, pv: 0.5}; unlisted types and untyped
     # targets weigh 1): train for what matters most, e.g. purchases. Needs features with event types.
     type_weights: dict[str, float] = Field(default_factory=dict)
+    _type_names = field_validator("type_weights", mode="before")(lambda value: _numbers_as_text(value))
     # model.attention=bidirectional only: probability that a train position is replaced by [MASK].
     mask_prob: float = Field(0.2, gt=0.0, lt=1.0)
     # model.attention=causal only: probability that a train INPUT item is dropped for the step (treated as
@@ -691,6 +706,9 @@ class Config(_Section):
                       "fields; data.format=csv reads named columns)"
                       for key in ("user_col", "item_col", "timestamp_col", "event_type_col", "weight_col")
                       if getattr(d, key) != getattr(data_default, key)]
+        if d.source == "file" and d.format != "csv" and d.columns is not None:
+            lines.append(f"data.columns={list(d.columns)!r} has no effect with data.format={d.format} (it names the "
+                         "columns of a csv file without a header)")
         return lines
 
     def to_dict(self) -> dict[str, Any]:

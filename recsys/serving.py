@@ -26,7 +26,7 @@ import polars as pl
 import torch
 
 from features import schema
-from features.validation import id_expr
+from features.validation import MISSING_TEXT, id_expr
 from recsys.candidates import TrainedModel, load_trained_model, popular_top_k, user_vectors
 from recsys.data import RaggedItems
 from recsys.topk import top_k_blocked
@@ -172,6 +172,8 @@ def _as_item_ids(frame: pl.DataFrame, id_dtype: pl.DataType) -> pl.DataFrame:
     column = frame[HISTORY]
     ids = frame.select(id_expr(column.dtype, HISTORY, kind).cast(id_dtype))[HISTORY]
     bad = column.is_not_null() & ids.is_null()
+    if kind == "string" and column.dtype == pl.String:  # 'None', 'NaN' (a NaN a client turned into text): no item
+        bad &= ~column.str.strip_chars().is_in(MISSING_TEXT)  # of a request, left out as an unknown one is
     if bad.any():
         what = "text" if kind == "string" else "whole numbers"
         raise ValueError(f"the '{HISTORY}' column must hold lists of item ids; this model's item ids are {what} "

@@ -104,6 +104,10 @@ def test_pyfunc_takes_and_returns_text_ids(runs):
     unknown = model.predict(pd.DataFrame({"history": [["not-an-item"]]}), params={"k": 3})
     popular = items.sort(["train_count", "item_id"], descending=[True, False])["item_id"].head(3).to_list()
     assert list(unknown["item_ids"][0]) == popular
+    # a missing-value marker in a request ('None', a NaN turned into 'nan') is no item, left out like an unknown
+    # id, not an error failing the whole batch (the features job refuses it as an id of the events)
+    marked = model.predict(pd.DataFrame({"history": [[*histories[0], "None", "nan", "\\N"]]}), params={"k": 5})
+    assert list(marked["item_ids"][0]) == list(got["item_ids"][0])
 
 
 def test_allow_list_of_text_ids(runs, tmp_path):
