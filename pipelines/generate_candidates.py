@@ -161,9 +161,11 @@ def _resolve_model(
         ref, files = fetch_model(tracker, spec, tmp)
         return load_trained_model(files, device), ref, fingerprint(files / WEIGHTS_FILE)["sha256"]
     report_path = Path(spec) / "train_report.json"
-    version = read_json(report_path).get("registered_version") if report_path.is_file() else None
-    version = None if version is None else str(version)
-    ref = describe_version(tracker, str(Path(spec).resolve()), cfg.tracking.registered_model, version)
+    report = read_json(report_path) if report_path.is_file() else {}
+    version = None if report.get("registered_version") is None else str(report["registered_version"])
+    # the registered model it was trained as (recorded since; another config may share the work directory)
+    name = report.get("registered_model") or cfg.tracking.registered_model
+    ref = describe_version(tracker, str(Path(spec).resolve()), name, version)
     return local, ref, fingerprint(Path(spec) / WEIGHTS_FILE)["sha256"]
 
 

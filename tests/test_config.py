@@ -344,3 +344,15 @@ def test_a_section_given_as_one_mapping_override_merges_into_the_files_section(t
     (tmp_path / "c.yaml").write_text("data:\n  synthetic:\n    n_users: 50\n    n_items: 40\n")
     got = load_config(tmp_path / "c.yaml", ["data.synthetic={n_users: 70}"]).data.synthetic
     assert (got.n_users, got.n_items) == (70, 40)
+
+
+def test_recsys_features_logs_the_keys_its_format_never_reads(tmp_path):
+    """The data.*_col warnings are for the features job: it logs them, as train and run log theirs."""
+    from pipelines.cli import EXIT_OK, main
+
+    events = tmp_path / "pairs.txt"
+    events.write_text("".join(f"{u} {i}\n" for u in range(1, 6) for i in range(1, 5)))
+    assert main(["features", "--quiet", f"work_dir={tmp_path / 'work'}", f"data.path={events}",
+                 "data.format=pairs", "data.event_type_col=kind"]) == EXIT_OK
+    (log,) = (tmp_path / "work" / "logs").glob("features-*.log")
+    assert "data.event_type_col='kind' has no effect with data.format=pairs" in log.read_text()

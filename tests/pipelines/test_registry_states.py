@@ -236,3 +236,18 @@ def test_a_model_registered_under_another_name_is_not_gated_as_this_ones_version
     assert client.get_model_version("sasrec", "1").tags == tags
     assert main(["evaluate", "--quiet", *tiny(work, *TRACK, "tracking.registered_model=other")]) == EXIT_OK
     assert json.loads((work / "evaluation" / "promotion.json").read_text())["model"] == "other"
+    if not old_report:  # candidates of model/ record it as the model it was registered as, with that run
+        assert main(["candidates", "--quiet", "--date", NEXT, *tiny(work, *TRACK)]) == EXIT_OK
+        manifest = json.loads((work / "candidates" / f"date={NEXT}" / "manifest.json").read_text())
+        assert (manifest["model"]["name"], manifest["model"]["version"]) == ("other", "1")
+        assert manifest["model"]["run_id"] == client.get_model_version("other", "1").run_id
+
+
+def test_evaluating_a_model_whose_version_was_deleted_is_exit_2(night, tmp_path, capsys):
+    work, client = _copy(night, tmp_path)
+    client.delete_model_version("sasrec", "1")
+    capsys.readouterr()
+    assert main(["evaluate", "--quiet", *tiny(work, *TRACK)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "version 1 of tracking.registered_model 'sasrec'" in err and "does not exist (deleted from the " \
+        "registry since?)" in err and "Traceback" not in err, err
