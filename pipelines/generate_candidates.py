@@ -196,6 +196,24 @@ def _settings_differ(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
             if theirs[key] != ours[key]]
 
 
+def _same_model(theirs: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether a shard manifest's ``model`` record names the model of ``ours``: by the weights' SHA-256; for a
+    shard written before that was recorded (an older release), by registered name, version and run."""
+    if theirs.get("weights_sha256") is not None and ours.get("weights_sha256") is not None:
+        return theirs["weights_sha256"] == ours["weights_sha256"]
+    named = [(record.get("name"), record.get("version"), record.get("run_id")) for record in (theirs, ours)]
+    return named[0][1] is not None and named[0] == named[1]
+
+
+def _distinct_models(records: list[dict[str, Any]]) -> int:
+    """How many models the shard manifests' ``model`` records name (:func:`_same_model`)."""
+    groups: list[dict[str, Any]] = []
+    for record in records:
+        if not any(_same_model(record, seen) for seen in groups):
+            groups.append(record)
+    return len(groups)
+
+
 def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, Any], features_sha: str,
                       settings: dict[str, Any]) -> None:
     """Raise ShardLayoutError if a published shard of night ``day`` scored other weights, other features or
@@ -206,8 +224,11 @@ def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, 
             continue  # this shard's own earlier run: replaced by this one
         theirs = read_json(wd.candidates / name / f"date={day.isoformat()}" / "manifest.json")
         differ = _settings_differ(_recorded_settings(theirs), settings)
-        if theirs["model"].get("weights_sha256") != model["weights_sha256"]:
-            what = (f"model {theirs['model'].get('uri')} (version {theirs['model'].get('version')})",
+        if not _same_model(theirs["model"], model):
+            older = "" if theirs["model"].get("weights_sha256") is not None else (
+                ", recorded without its weights' SHA-256 by an older release and not the same registered version "
+                "and run (rerun that shard too)")
+            what = (f"model {theirs['model'].get('uri')} (version {theirs['model'].get('version')}{older})",
                     f"{model['uri']} (version {model['version']})")
         elif theirs["features"]["manifest"]["sha256"] != features_sha:
             what = (f"features manifest sha256 {theirs['features']['manifest']['sha256'][:12]}…",
@@ -317,15 +338,15 @@ def _mark_night(wd: WorkDir, day: dt.date, shard: Shard | None) -> Path | None:
                  len(parts) - len(missing), len(parts), ", ".join(map(str, missing)))
         return None
     manifests = {name: read_json(path) for name, path in parts.items()}
-    weights = {m["model"].get("weights_sha256") for m in manifests.values()}
+    n_models = _distinct_models([m["model"] for m in manifests.values()])
     features = {m["features"]["manifest"]["sha256"] for m in manifests.values()}
     first = next(iter(manifests.values()))
     recorded = [_recorded_settings(m) for m in manifests.values()]
     differ = sorted({d for i, a in enumerate(recorded) for b in recorded[i + 1:] for d in _settings_differ(a, b)})
-    if len(weights) > 1 or len(features) > 1 or differ:
+    if n_models > 1 or len(features) > 1 or differ:
         marker.unlink(missing_ok=True)
         raise ShardLayoutError(
-            f"night {day}: its {len(parts)} published shards were scored with {len(weights)} different model(s), "
+            f"night {day}: its {len(parts)} published shards were scored with {n_models} different model(s), "
             f"{len(features)} feature build(s){' and other settings (' + '; '.join(differ) + ')' if differ else ''} "
             "(shards that published in the same instant); the night is not marked complete. Remove its shards "
             "and rerun them all with one pinned model (--model models:/NAME/VERSION) and one config")

@@ -251,3 +251,20 @@ def test_evaluating_a_model_whose_version_was_deleted_is_exit_2(night, tmp_path,
     err = capsys.readouterr().err
     assert "version 1 of tracking.registered_model 'sasrec'" in err and "does not exist (deleted from the " \
         "registry since?)" in err and "Traceback" not in err, err
+
+
+def test_a_night_split_by_an_older_release_is_finished_by_this_one(night, tmp_path, capsys):
+    """Shard 0 written before manifests recorded the weights' SHA-256: shard 1 was refused as 'another model'
+    (None against a hash) after an upgrade; the registered version and its run name the model then."""
+    work, _ = _copy(night, tmp_path)
+    assert main(["candidates", "--quiet", "--date", NEXT, "--shard", "0/2", *tiny(work, *TRACK)]) == EXIT_OK
+    path = work / "candidates" / "shard=0-of-2" / f"date={NEXT}" / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["model"]["weights_sha256"]
+    path.write_text(json.dumps(old))
+    assert main(["candidates", "--quiet", "--date", NEXT, "--shard", "1/2", *tiny(work, *TRACK)]) == EXIT_OK
+    old["model"]["version"] = "7"  # another version: refused, saying why
+    path.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main(["candidates", "--quiet", "--date", NEXT, "--shard", "1/2", *tiny(work, *TRACK)]) == EXIT_USAGE
+    assert "recorded without its weights' SHA-256 by an older release" in capsys.readouterr().err
