@@ -88,7 +88,8 @@ def _model(path: Path) -> dict[str, Any] | None:
 def _evaluation(directory: Path, weights: Path) -> dict[str, Any] | None:
     """The latest evaluation, with ``of_current_model``: whether it evaluated the weights in ``model/`` now
     (False after a night whose training succeeded and whose evaluation failed: its scores and promotion are
-    the previous model's; None for a report written before reports named their model)."""
+    the previous model's; for a report written before reports recorded the weights' SHA-256, by registered
+    version; None when neither tells)."""
     report = _read(directory / "report.json")
     if report is None:
         return None
@@ -97,6 +98,10 @@ def _evaluation(directory: Path, weights: Path) -> dict[str, Any] | None:
     promotion = _read(directory / "promotion.json")
     evaluated = report.get("model_weights_sha256")
     current = None if evaluated is None or not weights.is_file() else evaluated == fingerprint(weights)["sha256"]
+    trained = _read(weights.parent / "train_report.json") if evaluated is None else None
+    if trained is not None and None not in (report.get("model_version"), trained.get("registered_version")):
+        # a report of an older release, which named its model by registered version only
+        current = str(report["model_version"]) == str(trained["registered_version"])
     return {"split": report["split"], "metric": key, "scores": scorers, "model_version": report.get("model_version"),
             "of_current_model": current,
             "promotion": None if promotion is None else promotion.get("summary"),
@@ -143,10 +148,15 @@ def _candidates(root: Path) -> dict[str, Any]:
         manifests = [m for m in (root / f"date={day}" / "manifest.json", *root.glob(f"shard=*/date={day}/manifest.json"))
                      if m.is_file()]
         counts = [read_json(m) for m in manifests]
+        marked = (root / "complete" / f"date={day}.json").is_file()
+        # written by a release before completion markers (no night of this directory marked yet): complete when
+        # every part is published, as those releases published a whole night at once and shards each whole
+        older = not marked and not (root / "complete").is_dir() and bool(manifests) and \
+            not _missing(root, day, manifests).endswith("published")
         latest = {"date": day, "parts": len(manifests), "rows": sum(c["rows"] for c in counts),
                   "users": sum(c["users"] for c in counts), "fallback_users": sum(c["fallback_users"] for c in counts),
                   "model_version": counts[0]["model"].get("version") if counts else None,
-                  "complete": (root / "complete" / f"date={day}.json").is_file(),
+                  "complete": marked or older, "unmarked_older_release": older,
                   "missing": _missing(root, day, manifests)}
     return {"nights": nights, "rejected": rejected, "rejected_then_published": republished, "latest": latest}
 
@@ -159,6 +169,12 @@ def _missing(root: Path, day: str, manifests: list[Path]) -> str:
     if total and len(manifests) < total:
         return f"{len(manifests)} of {total} shards published"
     return "completion marker missing: rerun recsys candidates for that night"
+
+
+def _completeness(latest: dict[str, Any]) -> str:
+    if latest["unmarked_older_release"]:
+        return "complete (every part published; written before completion markers, by an older release)"
+    return "complete" if latest["complete"] else f"NOT complete ({latest['missing']})"
 
 
 def render(status: dict[str, Any]) -> str:
@@ -195,7 +211,7 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append(f"  candidates:  latest night {latest['date']} ({latest['parts']} part(s)): {latest['rows']} rows "
                      f"for {latest['users']} users, {latest['fallback_users']} fallbacks, model version "
-                     f"{latest['model_version']}, {'complete' if latest['complete'] else 'NOT complete (' + latest['missing'] + ')'}"
+                     f"{latest['model_version']}, {_completeness(latest)}"
                      f"; {len(c['nights'])} nights published")
     if c["rejected"]:
         lines.append(f"  rejected:    nights {', '.join(c['rejected'])} (drift gate; under candidates/rejected/)")

@@ -4,6 +4,7 @@ that are not published, whatever point the job is killed at, and retention never
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -140,3 +141,20 @@ def test_a_partition_that_cannot_be_removed_does_not_fail_a_published_night(trai
     assert main(["candidates", "--quiet", "--date", "2024-08-06", *tiny(work, "candidates.keep_days=2")]) == EXIT_OK
     assert sorted(p.name for p in (work / "candidates").glob("date=*")) == ["date=2024-08-05", "date=2024-08-06"]
     assert leftovers(work) == []
+
+
+def test_nights_of_a_release_before_markers_are_not_reported_incomplete(trained, tmp_path, capsys) -> None:
+    """After an upgrade, before its first night: no night of the directory has a marker (the older release wrote
+    none), and status called the latest published night NOT complete, its gauge 0 (a false alert). A shard
+    missing is still missing; once this release marks nights, an unmarked one is incomplete again."""
+    work = _work(trained, tmp_path, "2024-05-01")
+    shutil.rmtree(work / "candidates" / "complete")  # as an older release left it
+    prom = tmp_path / "status.prom"
+    assert main(["status", "--prometheus", str(prom), *tiny(work)]) == EXIT_OK
+    assert "complete (every part published; written before completion markers" in capsys.readouterr().out
+    assert re.search(r"^recsys_candidates_latest_complete\{[^}]*\} 1\.0$", prom.read_text(), re.M)
+    assert main(["candidates", "--quiet", "--date", "2024-05-02", "--shard", "0/2", *tiny(work)]) == EXIT_OK
+    shutil.rmtree(work / "candidates" / "complete", ignore_errors=True)
+    capsys.readouterr()
+    assert main(["status", *tiny(work)]) == EXIT_OK
+    assert "NOT complete (1 of 2 shards published)" in capsys.readouterr().out

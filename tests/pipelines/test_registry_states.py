@@ -144,6 +144,14 @@ def test_status_flags_an_evaluation_of_an_earlier_model(night, tmp_path, capsys)
     assert "recsys_evaluation_of_current_model{" in prom.read_text()
     line = next(x for x in prom.read_text().splitlines() if x.startswith("recsys_evaluation_of_current_model{"))
     assert line.endswith(" 0.0")
+    # a report of an older release, without the weights' SHA-256: told by registered version (was null, so the
+    # gauge was absent and its `== 0` alert silent)
+    report = work / "evaluation" / "report.json"
+    fields = json.loads(report.read_text())
+    report.write_text(json.dumps({k: v for k, v in fields.items() if k != "model_weights_sha256"}))
+    capsys.readouterr()
+    assert main(["status", "--json", *tiny(work, *TRACK)]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["evaluation"]["of_current_model"] is False
     assert main(["evaluate", "--quiet", *tiny(work, *TRACK)]) == EXIT_OK
     capsys.readouterr()
     assert main(["status", "--json", *tiny(work, *TRACK)]) == EXIT_OK
