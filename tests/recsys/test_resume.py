@@ -28,9 +28,12 @@ def test_an_early_stopped_run_is_not_trained_further_on_resume(tmp_path: Path, i
     cfg = small_config(max_epochs=6, patience=1, lr=1e-30, checkpoint_interval_s=interval)
     first = train_model(cfg, seqs, 40, tmp_path)
     assert first.epochs_run == 2 and first.resumed_from_epoch is None
+    steps = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     again = train_model(cfg, seqs, 40, tmp_path)  # as after a crash between training and the marker
     assert again.resumed_from_epoch == 1 and again.epochs_run == 2
     assert again.best_checkpoint == first.best_checkpoint
+    # no optimiser step on resume (the weights cannot tell at this rate: the step count does)
+    assert steps > 0 and torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == steps
     a, b = first.model.state_dict(), again.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
