@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import polars as pl
 
@@ -258,7 +258,8 @@ def _scan_table(data: DataConfig, path: Path) -> _Raw:
         if len(data.separator) != 1:
             raise ConfigError(f"data.separator must be one character, got {data.separator!r}")
         header = {} if data.columns is None else {"has_header": False, "new_columns": list(data.columns)}
-        if data.columns is not None and _first_fields(path, data.separator) == list(data.columns):
+        if data.columns is not None and [f.lower() for f in _first_fields(path, data.separator, data.quote_char)] \
+                == [c.lower() for c in data.columns]:
             raise InputDataError(f"{path}: its first line names the columns {list(data.columns)}: a header, which "
                                  "data.columns (for a file without one) would read as an event; remove data.columns")
         lf = pl.scan_csv(path, separator=data.separator, quote_char=data.quote_char, infer_schema=False, glob=False,
@@ -634,11 +635,13 @@ def _first_quote_problem(path: Path, separator: str, quote: str) -> tuple[int, i
     return None
 
 
-def _first_fields(path: Path, separator: str) -> list[str]:
-    """The stripped fields of ``path``'s first line (csv rules), [] for an empty or unreadable file."""
+def _first_fields(path: Path, separator: str, quote: str | None = '"') -> list[str]:
+    """The stripped fields of ``path``'s first line (csv rules, ``quote`` None: no quoting), [] for an empty or
+    unreadable file."""
+    dialect: dict[str, Any] = {"quotechar": quote} if quote else {"quoting": csv.QUOTE_NONE}
     try:
         with io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="replace", newline="") as fh:
-            return [field.strip() for field in next(csv.reader(fh, delimiter=separator), [])]
+            return [field.strip() for field in next(csv.reader(fh, delimiter=separator, **dialect), [])]
     except (OSError, EOFError):  # the reader's own error says why
         return []
 

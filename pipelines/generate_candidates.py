@@ -226,8 +226,9 @@ def _check_same_night(wd: WorkDir, day: dt.date, shard: Shard, model: dict[str, 
         differ = _settings_differ(_recorded_settings(theirs), settings)
         if not _same_model(theirs["model"], model):
             older = "" if theirs["model"].get("weights_sha256") is not None else (
-                ", recorded without its weights' SHA-256 by an older release and not the same registered version "
-                "and run (rerun that shard too)")
+                ", recorded without its weights' SHA-256 by an older release, and "
+                + ("no registered version tells the two apart (tracking off)" if theirs["model"].get("version") is None
+                   else "not the same registered version and run") + ": rerun that shard too")
             what = (f"model {theirs['model'].get('uri')} (version {theirs['model'].get('version')}{older})",
                     f"{model['uri']} (version {model['version']})")
         elif theirs["features"]["manifest"]["sha256"] != features_sha:

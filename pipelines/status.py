@@ -149,10 +149,11 @@ def _candidates(root: Path) -> dict[str, Any]:
                      if m.is_file()]
         counts = [read_json(m) for m in manifests]
         marked = (root / "complete" / f"date={day}.json").is_file()
-        # written by a release before completion markers (no night of this directory marked yet): complete when
-        # every part is published, as those releases published a whole night at once and shards each whole
-        older = not marked and not (root / "complete").is_dir() and bool(manifests) and \
-            not _missing(root, day, manifests).endswith("published")
+        # written by a release before completion markers (its manifests record no weights' SHA-256, which came
+        # just before the markers): complete when every part is published, as those releases published a whole
+        # night at once and each shard whole
+        older = not marked and bool(counts) and all(c["model"].get("weights_sha256") is None for c in counts) \
+            and not _missing(root, day, manifests).endswith("published")
         latest = {"date": day, "parts": len(manifests), "rows": sum(c["rows"] for c in counts),
                   "users": sum(c["users"] for c in counts), "fallback_users": sum(c["fallback_users"] for c in counts),
                   "model_version": counts[0]["model"].get("version") if counts else None,

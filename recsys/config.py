@@ -129,7 +129,10 @@ def _numbers_as_text(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [text(item) for item in value]
     if isinstance(value, dict):
-        return {text(key): item for key, item in value.items()}
+        named = {text(key): item for key, item in value.items()}
+        if len(named) < len(value):  # {1: 2.0, '1': 3.0}: one name twice
+            raise ValueError(f"names one key twice, as a number and as text: {sorted(map(str, value))}")
+        return named
     return text(value)
 
 
@@ -167,7 +170,8 @@ class ItemFeaturesConfig(_Section):
 class DataConfig(_Section):
     """Where the events come from and how to read them."""
 
-    _names = field_validator("user_col", "item_col", "timestamp_col", "event_type_col", "weight_col", "columns",
+    _names = field_validator("path", "user_col", "item_col", "timestamp_col", "event_type_col", "weight_col",
+                             "timestamp_format", "separator", "quote_char", "columns",
                              mode="before")(lambda value: _numbers_as_text(value))
 
     source: Literal["file", "synthetic"] = "file"

@@ -172,8 +172,12 @@ def _as_item_ids(frame: pl.DataFrame, id_dtype: pl.DataType) -> pl.DataFrame:
     column = frame[HISTORY]
     ids = frame.select(id_expr(column.dtype, HISTORY, kind).cast(id_dtype))[HISTORY]
     bad = column.is_not_null() & ids.is_null()
-    if kind == "string" and column.dtype == pl.String:  # 'None', 'NaN' (a NaN a client turned into text): no item
-        bad &= ~column.str.strip_chars().is_in(MISSING_TEXT)  # of a request, left out as an unknown one is
+    # a missing value in a request (a NaN, what pandas holds for one; 'None', 'nan', '' as text) is no item: left
+    # out as an unknown id is, instead of failing the whole batch
+    if column.dtype == pl.String:
+        bad &= ~column.str.strip_chars().is_in([*MISSING_TEXT, ""])
+    elif column.dtype.is_float():
+        bad &= ~column.is_nan()
     if bad.any():
         what = "text" if kind == "string" else "whole numbers"
         raise ValueError(f"the '{HISTORY}' column must hold lists of item ids; this model's item ids are {what} "

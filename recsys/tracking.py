@@ -79,20 +79,31 @@ def check_sqlite_store(uri: str) -> None:
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
             pages = db.execute("PRAGMA page_count").fetchone()[0] * db.execute("PRAGMA page_size").fetchone()[0]
             wal = db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # pages may sit in the -wal file
-    except sqlite3.OperationalError:  # locked, busy, not permitted: not the file's bytes
-        return
-    except sqlite3.DatabaseError as exc:  # not a database, malformed
+    except sqlite3.DatabaseError as exc:  # not a database, malformed; not a lock, a permission (left to MLflow)
+        if not _corrupt(exc):
+            return
         raise damaged(path, exc, _store_fix(path)) from None
     if not wal and pages > path.stat().st_size:
         raise damaged(path, ValueError(f"{path.stat().st_size} bytes, shorter than the {pages} its header "
                                        "counts: truncated"), _store_fix(path))
 
 
+def _corrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's word on the file's bytes: SQLITE_CORRUPT ("database disk image is malformed")
+    or SQLITE_NOTADB ("file is not a database"); not a constraint (IntegrityError: two jobs creating one experiment),
+    a lock or a misuse, which are all DatabaseErrors too."""
+    import sqlite3
+
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) if code is not None \
+        else type(exc) is sqlite3.DatabaseError
+
+
 def damaged_store(exc: BaseException, uri: str | None) -> Exception | None:
     """The :class:`recsys.storage.DamagedFileError` naming the SQLite store of ``uri`` when ``exc`` (raised by a
     job) comes from its bytes (SQLite: malformed, not a database; not a lock or a permission), else None."""
-    import sqlite3
-
     from recsys.storage import damaged
 
     path = None if uri is None else sqlite_store(uri)
@@ -100,7 +111,7 @@ def damaged_store(exc: BaseException, uri: str | None) -> Exception | None:
     seen: set[int] = set()
     while path is not None and cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, sqlite3.DatabaseError) and not isinstance(cause, sqlite3.OperationalError):
+        if _corrupt(cause):
             return damaged(path, cause, _store_fix(path))
         # SQLAlchemy keeps the driver's error as .orig; MLflow re-raises with a cause
         cause = getattr(cause, "orig", None) or cause.__cause__ or cause.__context__

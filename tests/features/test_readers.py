@@ -62,12 +62,15 @@ def test_csv_without_a_header_line_reads_its_first_line_as_an_event(write_file):
     assert _triples(df) == [(1, 10, 100), (2, 20, 200)] and df["event_type"].to_list() == ["pv", "buy"]
 
 
-def test_data_columns_on_a_file_with_a_header_is_refused(write_file):
-    """The header would be read as an event (with text ids and no timestamp column, silently)."""
-    path = write_file("events.csv", "user_id,item_id\nu1,a\n")
+@pytest.mark.parametrize("header, quote", [("user_id,item_id", '"'), ("'USER_ID';'Item_Id'", "'")])
+def test_data_columns_on_a_file_with_a_header_is_refused(write_file, header, quote):
+    """The header would be read as an event (with text ids and no timestamp column, silently); in any case, and
+    quoted with data.quote_char."""
+    separator = ";" if ";" in header else ","
+    path = write_file("events.csv", f"{header}\nu1{separator}a\n")
     with pytest.raises(InputDataError, match=r"its first line names the columns \['user_id', 'item_id'\]: a header"):
         _read(DataConfig(columns=("user_id", "item_id"), timestamp_col=None, user_id_type="string",
-                         item_id_type="string"), path)
+                         item_id_type="string", separator=separator, quote_char=quote), path)
 
 
 @pytest.mark.parametrize("columns, match", [
@@ -101,6 +104,9 @@ def test_column_names_and_event_types_given_as_numbers_are_their_text():
     assert DataConfig(user_col=1, item_col=2, columns=[1, 2]).user_col == "1"
     assert FeaturesConfig(event_types=[1, 4.5]).event_types == ("1", "4.5")
     assert TrainConfig(type_weights={1: 2.0}).type_weights == {"1": 2.0}
+    with pytest.raises(ValueError, match="names one key twice"):  # a number and its text: one type, two weights
+        TrainConfig(type_weights={1: 2.0, "1": 3.0})
+    assert DataConfig(path=2024, separator=1).path == "2024"  # took as text before (pydantic's coercion)
     assert ItemFeaturesConfig(path="a.csv", item_col=0, columns=[2, 3]).columns == ("2", "3")
     with pytest.raises(ValueError, match="valid string"):  # YAML's .inf is no name
         FeaturesConfig(event_types=[float("inf")])

@@ -148,13 +148,18 @@ def test_nights_of_a_release_before_markers_are_not_reported_incomplete(trained,
     none), and status called the latest published night NOT complete, its gauge 0 (a false alert). A shard
     missing is still missing; once this release marks nights, an unmarked one is incomplete again."""
     work = _work(trained, tmp_path, "2024-05-01")
-    shutil.rmtree(work / "candidates" / "complete")  # as an older release left it
+    shutil.rmtree(work / "candidates" / "complete")  # as an older release left it: no marker, and a manifest
+    manifest = work / "candidates" / "date=2024-05-01" / "manifest.json"  # without the weights' SHA-256
+    fields = json.loads(manifest.read_text())
+    del fields["model"]["weights_sha256"]
+    manifest.write_text(json.dumps(fields))
     prom = tmp_path / "status.prom"
     assert main(["status", "--prometheus", str(prom), *tiny(work)]) == EXIT_OK
     assert "complete (every part published; written before completion markers" in capsys.readouterr().out
     assert re.search(r"^recsys_candidates_latest_complete\{[^}]*\} 1\.0$", prom.read_text(), re.M)
-    assert main(["candidates", "--quiet", "--date", "2024-05-02", "--shard", "0/2", *tiny(work)]) == EXIT_OK
-    shutil.rmtree(work / "candidates" / "complete", ignore_errors=True)
+    assert main(["candidates", "--quiet", "--date", "2024-05-02", *tiny(work)]) == EXIT_OK
+    (work / "candidates" / "complete" / "date=2024-05-02.json").unlink()  # this release's night, unmarked
+    shutil.rmtree(work / "candidates" / "complete")  # (no marker anywhere: still this release's manifest)
     capsys.readouterr()
     assert main(["status", *tiny(work)]) == EXIT_OK
-    assert "NOT complete (1 of 2 shards published)" in capsys.readouterr().out
+    assert "NOT complete (completion marker missing" in capsys.readouterr().out

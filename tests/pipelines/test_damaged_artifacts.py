@@ -210,6 +210,14 @@ def test_a_damaged_page_mlflow_comes_upon_mid_job_names_the_store(new_work, caps
     assert got.code == EXIT_USAGE and f"{work / 'mlflow.db'} is damaged" in got.err and "malformed" in got.err \
         and "Traceback" not in got.err, got.err
     locked = sqlalchemy.exc.OperationalError("SELECT …", {}, sqlite3.OperationalError("database is locked"))
-    monkeypatch.setattr(tracking, "_experiment_id", _raises(locked))
-    got = run_cli(capsys, "train", "--quiet", *on)
-    assert got.code == EXIT_FAILED and "is damaged" not in got.err
+    db = sqlite3.connect(":memory:")  # a real constraint error (two jobs creating one experiment): no damage
+    db.execute("CREATE TABLE t (name UNIQUE)")
+    db.execute("INSERT INTO t VALUES ('recsys')")
+    try:
+        db.execute("INSERT INTO t VALUES ('recsys')")
+    except sqlite3.IntegrityError as exc:
+        taken = sqlalchemy.exc.IntegrityError("INSERT …", {}, exc)
+    for harmless in (locked, taken):
+        monkeypatch.setattr(tracking, "_experiment_id", _raises(harmless))
+        got = run_cli(capsys, "train", "--quiet", *on)
+        assert got.code == EXIT_FAILED and "is damaged" not in got.err

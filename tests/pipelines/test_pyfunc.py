@@ -90,6 +90,10 @@ def test_pyfunc_reads_ids_as_the_features_job_does(trained):
     for spelled in ([f" {first} ", str(second)], [first, f"{second} "]):
         got = model.predict(pd.DataFrame({"history": [spelled]}), params={"k": 5})
         assert list(got["item_ids"][0]) == list(plain["item_ids"][0])
+    # a missing value (pandas' NaN in a float list, 'None' or '' as text) is no item: left out, not an error
+    for spelled in ([float(first), float(second), float("nan")], [str(first), str(second), "None", ""]):
+        got = model.predict(pd.DataFrame({"history": [spelled]}), params={"k": 5})
+        assert list(got["item_ids"][0]) == list(plain["item_ids"][0])
     with pytest.raises(Exception, match="'sku-9' is not one"):
         model.predict(pd.DataFrame({"history": [[first, "sku-9"]]}))
 
