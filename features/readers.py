@@ -298,9 +298,7 @@ def _scan_movielens(data: DataConfig, path: Path) -> _Raw:
 def _open_bytes(path: Path) -> BinaryIO:
     """``path`` opened for reading bytes, gzip-compressed files decompressed (as the CSV reader does): the line
     formats and the error diagnostics read the text the reader saw, not the compressed bytes."""
-    with path.open("rb") as fh:
-        magic = fh.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else path.open("rb")  # type: ignore[return-value]
+    return gzip.open(path, "rb") if _is_gzip(path) else path.open("rb")  # type: ignore[return-value]
 
 
 def _read_lines(path: Path, data: DataConfig) -> pl.DataFrame:
@@ -448,6 +446,7 @@ def _polars_errors(path: Path, data: DataConfig) -> Iterator[None]:
 
 
 def _is_gzip(path: Path) -> bool:
+    """Whether ``path`` starts with gzip's magic bytes (False if it cannot be opened: its reader says why)."""
     try:
         with path.open("rb") as fh:
             return fh.read(2) == b"\x1f\x8b"
@@ -495,8 +494,7 @@ def _explain(exc: Exception, path: Path, data: DataConfig) -> InputDataError:
     if "new_columns" in first:  # polars' advice (`missing_columns=...`) is not something a user can set
         first = "the first line has a different number of fields"
         if data.format == "csv" and data.columns is not None:
-            with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="") as fh:
-                width = len(next(csv.reader(fh, delimiter=separator), []))
+            width = len(_first_fields(path, separator, quote))
             return InputDataError(
                 f"{path}: data.columns names {len(data.columns)} columns {list(data.columns)}, but the file's first "
                 f"line has {width} fields: name every column of the file, in order")
