@@ -152,13 +152,14 @@ def _candidates(root: Path) -> dict[str, Any]:
         # written by a release before completion markers (its manifests record no weights' SHA-256, which came
         # just before the markers): complete when every part is published, as those releases published a whole
         # night at once and each shard whole
+        missing = _missing(root, day, manifests)
         older = not marked and bool(counts) and all(c["model"].get("weights_sha256") is None for c in counts) \
-            and not _missing(root, day, manifests).endswith("published")
+            and not missing.endswith("published")
         latest = {"date": day, "parts": len(manifests), "rows": sum(c["rows"] for c in counts),
                   "users": sum(c["users"] for c in counts), "fallback_users": sum(c["fallback_users"] for c in counts),
                   "model_version": counts[0]["model"].get("version") if counts else None,
                   "complete": marked or older, "unmarked_older_release": older,
-                  "missing": _missing(root, day, manifests)}
+                  "missing": missing}
     return {"nights": nights, "rejected": rejected, "rejected_then_published": republished, "latest": latest}
 
 
