@@ -671,8 +671,9 @@ class Config(_Section):
             raise ValueError("model.repeat_bias with train.exclude_seen=true: with seen items left out of the softmax "
                              "the bonus could only land on a target that is a repeat (a leak, not a signal); the bias "
                              "is for repeat domains, where train.exclude_seen=false")
-        if self.model.repeat_bias and self.evaluate.item_block_size is not None:
-            raise ValueError("model.repeat_bias is scored densely: set evaluate.item_block_size=null")
+        if self.model.repeat_bias and self.evaluate.item_block_size is not None and not self.evaluate.exclude_seen:
+            raise ValueError("model.repeat_bias with evaluate.exclude_seen=false is scored densely (the bias of each "
+                             "user's own items is not a block of the item table): set evaluate.item_block_size=null")
         if self.train.exclude_seen and not self.evaluate.exclude_seen:
             raise ValueError("train.exclude_seen=true trains as if seen items are never recommended, but "
                              "evaluate.exclude_seen=false ranks them: set train.exclude_seen=false for a repeat domain")

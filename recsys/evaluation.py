@@ -469,8 +469,9 @@ def evaluate_all(
         scorer = model_scorer(model, eval_set, history_bias=not cfg.exclude_seen)
         model_totals = accumulate_scorer(scorer, ranked, n_items, cfg.ks, cfg.batch_size)
         how = "dense"
-    elif getattr(model, "repeat_bias", False):
-        raise ValueError("a model with a repeat bias is scored densely: set evaluate.item_block_size to null")
+    elif getattr(model, "repeat_bias", False) and not cfg.exclude_seen:
+        raise ValueError("a model with a repeat bias ranking seen items (evaluate.exclude_seen=false) is scored "
+                         "densely: set evaluate.item_block_size to null")
     elif isinstance(model, BlockRankingModel):
         model_totals = accumulate_model_blocked(model, ranked, n_items, cfg.ks, cfg.batch_size,
                                                 cfg.item_block_size)

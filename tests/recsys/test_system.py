@@ -487,12 +487,15 @@ def test_mask_prob_reaches_the_masked_item_batches() -> None:
 def test_repeat_bias_config_needs_causal_ce_and_dense_evaluation() -> None:
     for extra, needle in (({"model": {"attention": "bidirectional"}}, "model.repeat_bias needs"),
                           ({"train": {"loss": "bce"}}, "model.repeat_bias needs"),
-                          ({"evaluate": {"item_block_size": 64}}, "evaluate.item_block_size=null"),
+                          ({"evaluate": {"item_block_size": 64, "exclude_seen": False}},
+                           "evaluate.item_block_size=null"),
                           ({"train": {"exclude_seen": True}}, "only land on a target that is a repeat")):
         tree = {"model": {"repeat_bias": True, **extra.get("model", {})}, **{k: v for k, v in extra.items()
                                                                            if k != "model"}}
         with pytest.raises(ConfigError, match=needle):
             build_config(tree)
+    # with seen items excluded the bias is not scored (below), so item blocks rank as the dense path does
+    assert build_config({"model": {"repeat_bias": True}, "evaluate": {"item_block_size": 64}}).model.repeat_bias
 
 
 def test_repeat_bias_is_not_scored_where_seen_items_are_excluded(tmp_path: Path) -> None:
@@ -518,6 +521,10 @@ def test_repeat_bias_is_not_scored_where_seen_items_are_excluded(tmp_path: Path)
             evaluated = evaluate_all(system.model, seqs, n_items, None, cfg.evaluate, 8)["model"]["ndcg_at_10"]
             assert float(val_ndcg.mean()) == pytest.approx(evaluated)
             ndcg[exclude_seen, weight] = evaluated
+            if exclude_seen:  # item blocks (which never add the bias) rank alike
+                blocked = cfg.evaluate.model_copy(update={"item_block_size": 16})
+                assert evaluate_all(system.model, seqs, n_items, None, blocked, 8)["model"]["ndcg_at_10"] == \
+                    pytest.approx(evaluated)
     assert ndcg[True, 50.0] == ndcg[True, 0.0] < 1.0  # the bonus changes nothing with seen items excluded
     assert ndcg[False, 50.0] == 1.0 > ndcg[False, 0.0]  # and puts the repeated targets first when they compete
 
