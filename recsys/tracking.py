@@ -259,7 +259,9 @@ class JobRun:
                 job.guarded(lambda: MLFlowLogger.log_hyperparams(self, params))
 
             def finalize(self, status: str = "success") -> None:
-                job.guarded(lambda: MLFlowLogger.finalize(self, status))
+                """Nothing: Lightning's would mark the run FINISHED when fitting stops, before the job registers
+                its model; :func:`job_run` ends the run with the job's own outcome (a job killed later stays
+                RUNNING, one that fails later is FAILED). No checkpoint is logged here (log_model is off)."""
 
         return _Logger(tracking_uri=self.uri, run_id=self.run_id)
 

@@ -45,3 +45,20 @@ def test_other_refusals_of_the_create_are_raised(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(MlflowClient, "create_registered_model", refuse)
     with pytest.raises(MlflowException, match="not allowed"), job_run(cfg, "train") as run:
         run.register_model("model")
+
+
+def test_the_run_stays_running_when_fitting_ends_and_takes_the_jobs_outcome(tmp_path: Path) -> None:
+    """Lightning ends its logger when fitting stops: the run must not read FINISHED while the job still
+    registers and writes its model (a job killed then stays RUNNING, README), nor when the job fails later."""
+    from mlflow import MlflowClient
+
+    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", "tracking.enabled=true"])
+    with pytest.raises(RuntimeError, match="after fitting"):
+        with job_run(cfg, "train") as run:
+            logger = run.lightning_logger()
+            logger.log_metrics({"val/ndcg_at_10": 0.5}, step=1)
+            logger.finalize("success")  # what Trainer.fit does when it stops
+            assert MlflowClient(tracking_uri=run.uri).get_run(run.run_id).info.status == "RUNNING"
+            raise RuntimeError("the job fails after fitting")
+    finished = MlflowClient(tracking_uri=run.uri).get_run(run.run_id)
+    assert finished.info.status == "FAILED" and finished.data.metrics["val/ndcg_at_10"] == 0.5
