@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ from recsys.faults import fault_point
 from recsys.model import WEIGHTS_FILE
 from recsys.registry import ModelRef, describe_version, fetch_model, is_mlflow_uri
 from recsys.sharding import Shard, ShardLayoutError, in_shard, select_shard
-from recsys.storage import atomic_dir, fingerprint, fsync_dir, read_json, remove_dir, write_json
+from recsys.storage import atomic_dir, fingerprint, fsync_dir, read_json, remove_dir, scratch_dir, write_json
 from recsys.tracking import JobRun, job_run
 
 if TYPE_CHECKING:
@@ -79,7 +78,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
     tags = {"candidates.date": day, "device": str(device),
             **({} if shard is None else {"candidates.shard": str(shard)})}
     with job_run(cfg, "candidates", tags=tags) as tracker, \
-            tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
+            scratch_dir(wd.root, "scored-model") as tmp:
         log_features_input(tracker, wd.features, feats, "scoring")
         trained, ref, weights = _resolve_model(cfg, spec, local, tracker, Path(tmp), device)
         scored_with = {**ref.to_dict(), "weights_sha256": weights}

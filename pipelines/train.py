@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from recsys.faults import fault_point
 from recsys.model import SASRec, save_model
 from recsys.registry import ModelRef, fetch_model, is_mlflow_uri, nothing_promoted
 from recsys.serving import write_mlmodel
-from recsys.storage import atomic_dir, write_json
+from recsys.storage import atomic_dir, scratch_dir, write_json
 from recsys.tracking import JobRun, job_run
 from recsys.training import check_compile_toolchain, resolve_hardware, train_model
 from recsys.warmstart import WarmStart
@@ -50,7 +49,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     ckpt_dir = checkpoint_dir(cfg, run_date or today_utc())
     if run_date is None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    with job_run(cfg, "train") as tracker, tempfile.TemporaryDirectory(prefix="recsys-init-") as tmp:
+    with job_run(cfg, "train") as tracker, scratch_dir(wd.root, "init-model") as tmp:
         log_features_input(tracker, wd.features, feats, "training")
         warm, source = warm_start(cfg, feats, Path(tmp), tracker, local)
         result = train_model(cfg, feats.sequences, feats.n_items, ckpt_dir, logger=tracker.lightning_logger(),

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys.config import ConfigError
+from recsys.storage import scratch_dir
 from recsys.tracking import CONTENT_TAG, JobRun
 
 if TYPE_CHECKING:
@@ -148,7 +148,8 @@ def promote(
                   f"champion alias was moved to v{before}; it stays challenger (move the alias by hand to promote "
                   "it again)")
     elif before is not None and rescore is not None:
-        with tempfile.TemporaryDirectory(prefix="recsys-champion-") as tmp:
+        assert tracker.cfg is not None  # an active run's handle carries its config
+        with scratch_dir(Path(tracker.cfg.work_dir), "champion-model") as tmp:
             _, files = fetch_model(tracker, f"models:/{name}/{before}", Path(tmp))
             comparison = rescore(files)
         val_ndcg, champion = comparison.challenger, comparison.champion

@@ -88,6 +88,25 @@ def remove_dir(path: str | Path) -> None:
     shutil.rmtree(tmp)
 
 
+@contextmanager
+def scratch_dir(parent: str | Path, name: str) -> Iterator[Path]:
+    """A private working directory ``<parent>/.<name>.tmp-<writer>`` for the block, removed when it ends.
+    ``parent`` is the work directory, not the system's temp directory: what a killed process leaves there is
+    cleared by the next ``scratch_dir`` of that ``name`` (or any :func:`remove_stale_temps` of ``parent``)
+    once its writer is gone, where nothing ever sweeps ``/tmp``. A downloaded model is as big as the one the
+    job writes, so it belongs on the work directory's disk anyway."""
+    parent = Path(parent)
+    make_dirs(parent)
+    remove_stale_temps(parent, only=(name,))
+    path = parent / f".{name}{TMP_TAG}{_writer()}"
+    _remove(path)  # this process's own, of an earlier block whose clean-up failed
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, fault: str | None = None) -> None:
     """Write ``path`` via a temporary sibling, fsync and ``os.replace``, then fsync the directory: readers see
     old or new, never half, and after a power cut the file is there whole once this returned.

@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.cli import EXIT_OK, main
+from recsys import storage
 from recsys.storage import fingerprint, read_json
 from tests.pipelines.conftest import tiny
 
@@ -60,6 +61,26 @@ def flow(mlflow_server, tmp_path_factory: pytest.TempPathFactory, tiny_features:
     assert _cli("features", *newer)[0] == EXIT_OK
     return {"train": train, "nightly": nightly, "track": track, "newer": newer, "summary": summary,
             "client": MlflowClient(tracking_uri=mlflow_server.url)}
+
+
+@pytest.fixture
+def downloads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, str, list[str]]]:
+    """Where the jobs download a registered model to: (parent, name, files downloaded) of each scratch_dir."""
+    seen: list[tuple[Path, str, list[str]]] = []
+
+    @contextlib.contextmanager
+    def spy(parent, name):
+        with storage.scratch_dir(parent, name) as path:
+            yield path
+            seen.append((Path(parent), name, sorted(p.name for p in path.rglob("*.pt"))))
+
+    import pipelines.generate_candidates
+    import pipelines.train
+    import recsys.registry
+
+    for module in (pipelines.train, pipelines.generate_candidates, recsys.registry):
+        monkeypatch.setattr(module, "scratch_dir", spy)
+    return seen
 
 
 def _nightly(flow: dict, date: str, *extra: str) -> tuple[int, Path]:
@@ -178,10 +199,13 @@ def test_second_version_goes_through_the_gate(flow):
     assert f"{NAME} v2 {verdict}" in summary
 
 
-def test_next_night_reports_drift_and_rollback_restores_the_old_lists(flow, mlflow_server):
+def test_next_night_reports_drift_and_rollback_restores_the_old_lists(flow, mlflow_server, downloads):
     client = flow["client"]
     code, night2 = _nightly(flow, "2024-05-02", "--model", f"models:/{NAME}/2")
     assert code == EXIT_OK
+    # the registered model is downloaded into the work directory (swept there), not /tmp (swept never)
+    assert downloads == [(flow["nightly"], "scored-model", ["model.pt"])]
+    assert not list(flow["nightly"].glob(".scored-model*"))
     drift = json.loads((night2 / "drift.json").read_text())
     assert drift["previous"].endswith("date=2024-05-01") and drift["users_common"] == 202
     assert 0.0 <= drift["mean_overlap_at_k"] <= 1.0 and drift["users_lost"] == drift["users_gained"] == 0
@@ -198,12 +222,13 @@ def test_next_night_reports_drift_and_rollback_restores_the_old_lists(flow, mlfl
     assert pl.read_parquet(night3 / "candidates.parquet").equals(first)
 
 
-def test_nightly_training_warm_starts_from_the_champion(flow):
+def test_nightly_training_warm_starts_from_the_champion(flow, downloads):
     # After the rollback the champion is v1; the nightly features hold two items it never saw.
     nightly, client = flow["nightly"], flow["client"]
     code, _ = _cli("train", *flow["newer"], *flow["track"], f"train.init_from={CHAMPION_URI}",
                    "train.max_epochs=1", "train.lr=1e-12")
     assert code == EXIT_OK
+    assert downloads == [(nightly, "init-model", ["model.pt"])] and not list(nightly.glob(".init-model*"))
     report = read_json(nightly / "model" / "train_report.json")
     v1 = client.get_model_version(NAME, "1")
     model_items = pl.read_parquet(flow["train"] / "model" / "item_map.parquet").height
@@ -217,13 +242,14 @@ def test_nightly_training_warm_starts_from_the_champion(flow):
     assert client.get_registered_model(NAME).aliases["champion"] == "1"
 
 
-def test_rescored_gate_scores_the_champion_on_tonights_users(flow, mlflow_server, tmp_path):
+def test_rescored_gate_scores_the_champion_on_tonights_users(flow, mlflow_server, tmp_path, downloads):
     # The nightly model (trained by the test above, not yet gated) against champion v1, both scored on the
     # nightly validation users: v1 never saw items 99991 / 99992.
     nightly, client = flow["nightly"], flow["client"]
     version = read_json(nightly / "model" / "train_report.json")["registered_version"]
     code, summary = _cli("evaluate", *flow["newer"], *flow["track"], "tracking.promotion_basis=rescored")
     assert code == EXIT_OK
+    assert downloads == [(nightly, "champion-model", ["model.pt"])] and not list(nightly.glob(".champion-model*"))
     decision = read_json(nightly / "evaluation" / "promotion.json")
     assert decision["basis"] == "rescored" and decision["version"] == version
     assert decision["champion_version"] == "1"

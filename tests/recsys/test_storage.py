@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.storage import atomic_dir, atomic_write_bytes, remove_stale_temps
+from recsys.storage import atomic_dir, atomic_write_bytes, remove_stale_temps, scratch_dir
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +299,24 @@ def test_directories_a_write_creates_are_fsynced_into_their_parents(
     events.clear()
     atomic_write_bytes(tmp_path / "a" / "b" / "other.json", b"{}")  # nothing new: as before
     assert [e[0] for e in events] == ["fsync", "replace", "fsync"], events
+
+
+def test_a_scratch_dir_lives_in_the_work_dir_for_the_block_and_a_killed_ones_is_cleared(tmp_path: Path) -> None:
+    """Downloads (a warm start's model, the champion, the model candidates score with) go to a scratch directory
+    in the work directory: one a killed job left there is cleared by the next job, where /tmp kept them forever."""
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from recsys.storage import scratch_dir\n"
+        f"with scratch_dir({str(tmp_path)!r}, 'init-model') as d:\n"
+        "    (d / 'model.pt').write_bytes(b'w'); print(d.name); sys.stdout.flush(); os._exit(9)")],
+        capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert killed.returncode == 9, killed.stderr
+    left = tmp_path / killed.stdout.strip()
+    assert left.name.startswith(".init-model.tmp-") and (left / "model.pt").exists()
+    (tmp_path / "model").mkdir()
+    with scratch_dir(tmp_path, "init-model") as here:
+        assert here.parent == tmp_path and here.is_dir() and not left.exists()
+        (here / "model.pt").write_bytes(b"w")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with pytest.raises(RuntimeError), scratch_dir(tmp_path, "init-model") as here:  # removed on failure too
+        raise RuntimeError
+    assert not here.exists()
