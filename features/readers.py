@@ -152,7 +152,8 @@ def read_events(data: DataConfig, path: str | Path, files: list[Path] | None = N
         if data.timestamp_col is None:
             raise ConfigError(f"data.path: {path} holds {len(files)} files; reading several files needs "
                               "data.timestamp_col (their row order is not a time order)")
-        logger.info("reading %d files of %s as %s", len(files), path, data.format)
+        logger.info("reading %d files of %s as %s (%s … %s)", len(files), path, data.format,
+                    shown(files[0]), shown(files[-1]))
         frames = {file: _read_file(data, file, many=True) for file in files}
         empty = [file for file, frame in frames.items() if frame is None]
         if len(empty) == len(files):
@@ -188,7 +189,8 @@ def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
         return None
     if problems:
         raise InputDataError(f"{path} (data.format={data.format!r}):\n  - " + "\n  - ".join(problems))
-    logger.info("reading %s as %s", path, data.format)
+    if not many:  # one line per file of a partitioned input would grow every night's log by a line a partition
+        logger.info("reading %s as %s", path, data.format)
     frame = raw.frame.select(list(typed.values()))
     if data.format == "sequence_lines":  # positions per user as parsed: lines of '07' and '7' are one user's
         frame = frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over(USER_ID).alias(TIMESTAMP))

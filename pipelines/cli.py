@@ -211,6 +211,7 @@ def _log_format() -> str:
 def _setup_logging(cfg: Config, job: str, quiet: bool) -> Path:
     logs = Path(cfg.work_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    removed = _remove_old_logs(logs, cfg.log_keep_days)
     log_file = logs / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     json_logs = _log_format() == "json"
     fmt = JsonFormatter(job) if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -228,7 +229,30 @@ def _setup_logging(cfg: Config, job: str, quiet: bool) -> Path:
     root.setLevel(logging.INFO)
     for noisy in ("alembic", "mlflow.store", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if removed:
+        logging.getLogger(__name__).info("log_keep_days=%d: removed %d log files of %s last written longer ago "
+                                         "(the newest of them: %s)", cfg.log_keep_days, len(removed), logs,
+                                         removed[0][0].name)
     return log_file
+
+
+def _remove_old_logs(logs: Path, keep_days: int | None) -> list[tuple[Path, float]]:
+    """Remove the ``*.log`` files of ``logs`` last written more than ``keep_days`` days ago (a running job's
+    log is written to as it goes, so it is never that old); returns (file, last written) of each removed,
+    newest first. One that cannot be removed (a permission, another job's clean-up first) is left, not an error."""
+    if keep_days is None:
+        return []
+    cutoff = time.time() - keep_days * 86_400
+    removed = []
+    for path in logs.glob("*.log"):
+        try:
+            mtime = path.stat().st_mtime
+            if mtime < cutoff:
+                path.unlink()
+                removed.append((path, mtime))
+        except OSError:
+            continue
+    return sorted(removed, key=lambda item: -item[1])
 
 
 def _job(name: str) -> Callable[..., Path]:

@@ -612,6 +612,9 @@ class Config(_Section):
     """The whole pipeline's configuration."""
 
     work_dir: PathText = "work/demo"
+    # Log files in <work_dir>/logs last written more than log_keep_days days ago are removed when a job starts
+    # (one file per start: a nightly schedule adds several a night). None = keep every log.
+    log_keep_days: int | None = Field(None, ge=1)
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
     model: ModelConfig = ModelConfig()
