@@ -90,7 +90,7 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
         if cfg.features.partitions > 1:
             manifest = build_out_of_core(cfg, events, path, stamps, target, gate, rows)
         else:
-            kept, accounting = select_rows(events, cfg.features)
+            kept, accounting = select_rows(events, cfg.features, gate.history_since)
             _check_kept(accounting, path, cfg.features)
             cold, named = cold_items(cfg, rows, events)
             item_index, event_items = catalogue(kept, cold)
@@ -122,6 +122,12 @@ class InputGate:
     max_event_age: int | None
     previous_rows_in: int | None  # None: no previous build (or one without a manifest)
     reference: int  # end of the run date, epoch seconds (UTC)
+    max_history_age: int | None = None  # features.max_history_age: the window of history kept
+
+    @property
+    def history_since(self) -> int | None:
+        """The oldest timestamp the features keep (end of the run date - features.max_history_age), None = all."""
+        return None if self.max_history_age is None else self.reference - self.max_history_age
 
     @classmethod
     def of(cls, features: FeaturesConfig, target: Path, run_date: dt.date) -> InputGate:
@@ -142,7 +148,8 @@ class InputGate:
                                       "start afresh, or unset features.min_rows_ratio") from None
                 logger.warning("%s is not a features manifest (%s): no previous row count recorded", previous, exc)
         end = datetime.combine(run_date + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
-        return cls(features.min_rows_ratio, features.max_event_age, rows, int(end.timestamp()))
+        return cls(features.min_rows_ratio, features.max_event_age, rows, int(end.timestamp()),
+                   features.max_history_age)
 
     def check(self, manifest: dict[str, Any], path: Path) -> dict[str, Any]:
         """``manifest`` with ``input_gate`` added; raises InputDataError naming the file, the key and the
@@ -163,7 +170,9 @@ class InputGate:
                 "rerun once new events arrived, or raise features.max_event_age")
         return {**manifest, "input_gate": {"min_rows_ratio": self.min_rows_ratio,
                                            "previous_rows_in": self.previous_rows_in,
-                                           "max_event_age": self.max_event_age, "newest_since": since}}
+                                           "max_event_age": self.max_event_age, "newest_since": since,
+                                           "max_history_age": self.max_history_age,
+                                           "history_since": self.history_since}}
 
 
 def _check_kept(accounting: Accounting, path: Path, features: FeaturesConfig) -> None:
@@ -190,6 +199,7 @@ def _settings_that_dropped(accounting: Accounting, features: FeaturesConfig) -> 
         "user_kcore": f"features.min_user_events (now {features.min_user_events})",
         "item_kcore": f"features.min_item_events (now {features.min_item_events})",
         "user_too_active": f"features.max_user_events (now {features.max_user_events})",
+        "older_than_history": f"features.max_history_age (now {features.max_history_age})",
     }
     named = [text for reason, text in settings.items() if accounting.dropped.get(reason)]
     return " or ".join(named) or "the row policies under features"
@@ -350,7 +360,7 @@ def build_out_of_core(
         ranges = partition_by_user(events, features.partitions, scratch / "input")
         inputs = [file for files in ranges for file in files]  # read before _select_ranges removes them
         cold, named = cold_items(cfg, rows, pl.scan_parquet(inputs, glob=False) if inputs else None)
-        kept_files, accounting = _select_ranges(ranges, features, scratch / "kept")
+        kept_files, accounting = _select_ranges(ranges, features, scratch / "kept", gate.history_since)
         _check_kept(accounting, path, features)
         kept = pl.scan_parquet(kept_files, glob=False)
         user_map, (item_index, event_items) = build_user_map(kept), catalogue(kept, cold)
@@ -401,7 +411,7 @@ def partition_by_user(events: pl.LazyFrame, partitions: int, directory: Path) ->
 
 
 def _select_ranges(
-    ranges: list[list[Path]], features: FeaturesConfig, directory: Path
+    ranges: list[list[Path]], features: FeaturesConfig, directory: Path, since: int | None = None
 ) -> tuple[list[Path], Accounting]:
     """Row policies on each user range; writes each range's kept rows (``select_rows`` order) into ``directory``.
 
@@ -413,7 +423,7 @@ def _select_ranges(
     for index, range_files in enumerate(ranges):
         if not range_files:
             continue
-        kept, accounting = select_rows(pl.scan_parquet(range_files, glob=False), features)
+        kept, accounting = select_rows(pl.scan_parquet(range_files, glob=False), features, since)
         total += accounting
         for file in range_files:
             file.unlink()

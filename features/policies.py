@@ -1,5 +1,5 @@
-"""Row policies with accounting: event-type filter, de-duplication, per-user limits (too active users, only
-the newest events) and the iterative k-core.
+"""Row policies with accounting: event-type filter, history window, de-duplication, per-user limits (too active
+users, only the newest events) and the iterative k-core.
 
 Every dropped row is counted under exactly one reason of :data:`DROP_REASONS`, so
 ``rows_in == rows_kept + sum(dropped.values())`` always holds. The event-type filter and de-duplication only
@@ -23,7 +23,7 @@ from recsys.config import ConfigError, FeaturesConfig
 logger = logging.getLogger(__name__)
 
 DROP_REASON = "drop_reason"
-DROP_REASONS = ("event_type_filtered", "duplicate", "user_too_active", "older_than_last_n", "user_kcore",
+DROP_REASONS = ("event_type_filtered", "older_than_history", "duplicate", "user_too_active", "older_than_last_n", "user_kcore",
                 "item_kcore")
 _REASON = pl.Enum(DROP_REASONS)  # cheaper to fill and filter than String
 _ROW = "_row"  # input position, to restore input order
@@ -129,6 +129,14 @@ def mark_duplicates(events: pl.LazyFrame, dedup: str) -> pl.LazyFrame:
     return events.with_columns(_mark(candidate & ~key.is_first_distinct(), "duplicate"))
 
 
+def mark_history(events: pl.LazyFrame, since: int | None) -> pl.LazyFrame:
+    """Mark rows with a timestamp before ``since`` ``older_than_history`` (features.max_history_age: the window
+    of recent history the features keep); None keeps all rows."""
+    if since is None:
+        return events
+    return events.with_columns(_mark(pl.col(TIMESTAMP) < since, "older_than_history"))
+
+
 def mark_user_limits(events: pl.LazyFrame, max_user_events: int | None, keep_last: int | None) -> pl.LazyFrame:
     """Per user, on the rows still kept and in :func:`sort_by_user_time` order: every row of a user with more
     than ``max_user_events`` of them is marked ``user_too_active`` (bots, crawlers, shared accounts); then all
@@ -142,11 +150,11 @@ def mark_user_limits(events: pl.LazyFrame, max_user_events: int | None, keep_las
     return events
 
 
-def mark_rows(events: pl.LazyFrame, features: FeaturesConfig) -> pl.DataFrame:
-    """``events`` in :func:`sort_by_user_time` order, ``drop_reason`` set by the event-type filter, dedup and
-    the per-user limits."""
+def mark_rows(events: pl.LazyFrame, features: FeaturesConfig, since: int | None = None) -> pl.DataFrame:
+    """``events`` in :func:`sort_by_user_time` order, ``drop_reason`` set by the event-type filter, the history
+    window (rows before ``since``), dedup and the per-user limits."""
     # the in-memory engine: the streaming one (polars 2.1) sorts about twice as slowly, in no less memory
-    typed = events.pipe(start_marking).pipe(mark_event_types, features.event_types)
+    typed = events.pipe(start_marking).pipe(mark_event_types, features.event_types).pipe(mark_history, since)
     ordered = sort_by_user_time(typed.collect(engine="in-memory"))
     return (ordered.lazy().pipe(mark_duplicates, features.dedup)
             .pipe(mark_user_limits, features.max_user_events, features.keep_last_events)
@@ -172,12 +180,14 @@ def filter_kcore(events: pl.DataFrame, min_user: int, min_item: int) -> tuple[pl
             return events, dropped
 
 
-def select_rows(events: pl.LazyFrame, features: FeaturesConfig) -> tuple[pl.DataFrame, Accounting]:
-    """Event-type filter and dedup (:func:`mark_rows`), then the k-core.
+def select_rows(events: pl.LazyFrame, features: FeaturesConfig, since: int | None = None
+                ) -> tuple[pl.DataFrame, Accounting]:
+    """Event-type filter, history window (``since``), dedup and per-user limits (:func:`mark_rows`), then the
+    k-core.
 
     Returns the kept rows in :func:`sort_by_user_time` order, which the split needs, and the accounting.
     """
-    marked = mark_rows(events, features)
+    marked = mark_rows(events, features, since)
     counts = marked.filter(~_kept()).group_by(DROP_REASON).len()
     dropped = dict.fromkeys(DROP_REASONS, 0) | dict(counts.iter_rows())
     kept, kcore_dropped = filter_kcore(
@@ -200,7 +210,8 @@ def select_rows(events: pl.LazyFrame, features: FeaturesConfig) -> tuple[pl.Data
     return kept, accounting
 
 
-def apply_policies(events: pl.LazyFrame, features: FeaturesConfig) -> tuple[pl.DataFrame, Accounting]:
+def apply_policies(events: pl.LazyFrame, features: FeaturesConfig, since: int | None = None
+                   ) -> tuple[pl.DataFrame, Accounting]:
     """:func:`select_rows` with the kept rows back in input order."""
-    kept, accounting = select_rows(events.with_row_index(_ROW), features)
+    kept, accounting = select_rows(events.with_row_index(_ROW), features, since)
     return kept.sort(_ROW).drop(_ROW), accounting

@@ -248,6 +248,10 @@ class FeaturesConfig(_Section):
     # ... and its newest event must be at most this old at the END of the run date (UTC; --run-date of
     # `recsys run`, else today), in the timestamps' unit (epoch seconds: 172800 = 2 days): a stale export.
     max_event_age: int | None = Field(None, ge=0)
+    # The window of history the features keep: events older than the END of the run date minus this, in the
+    # timestamps' unit (epoch seconds: 7776000 = 90 days), are dropped (counted as older_than_history), so
+    # reading years of partitions still builds (and trains on) a bounded recent window; None = all history.
+    max_history_age: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _partitions(self) -> FeaturesConfig:
@@ -629,12 +633,13 @@ class Config(_Section):
             raise ValueError("features.event_types needs data.event_type_col (the column holding the event type)")
         order_only = self.data.format in ("pairs", "sequence_lines") or (
             self.data.format in ("csv", "parquet") and self.data.timestamp_col is None)
-        if self.features.max_event_age is not None and self.data.source == "file" and order_only:
-            raise ValueError(
-                f"features.max_event_age compares the newest event's time with the run date, but data.format="
-                f"{self.data.format!r}" + (" without data.timestamp_col" if self.data.format in ("csv", "parquet")
-                                           else "") + " gives line numbers, not times: set data.timestamp_col "
-                "(csv, parquet) or features.max_event_age=null")
+        for key in ("max_event_age", "max_history_age"):
+            if getattr(self.features, key) is not None and self.data.source == "file" and order_only:
+                raise ValueError(
+                    f"features.{key} compares events' times with the run date, but data.format="
+                    f"{self.data.format!r}" + (" without data.timestamp_col" if self.data.format in ("csv", "parquet")
+                                               else "") + " gives line numbers, not times: set data.timestamp_col "
+                    f"(csv, parquet) or features.{key}=null")
         stride = self.train.window_stride
         if stride is not None and stride > self.model.max_len:
             raise ValueError(

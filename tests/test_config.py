@@ -115,6 +115,8 @@ def test_saved_config_round_trips(tmp_path):
 def test_an_event_age_limit_needs_times_not_line_numbers(overrides):
     with pytest.raises(ConfigError, match=r"features\.max_event_age .* gives line numbers, not times"):
         load_config(None, ["features.max_event_age=86400", *overrides])
+    with pytest.raises(ConfigError, match=r"features\.max_history_age .* gives line numbers, not times"):
+        load_config(None, ["features.max_history_age=86400", *overrides])
     load_config(None, ["features.max_event_age=86400", "data.format=csv"])  # a timestamp column: fine
 
 

@@ -121,7 +121,8 @@ def test_build_from_a_csv_file_with_policies(tmp_path, write_file):
         ]
     )
     manifest = build_features(cfg)
-    assert manifest["dropped"] == {"event_type_filtered": 1, "duplicate": 1, "user_too_active": 0,
+    assert manifest["dropped"] == {"event_type_filtered": 1, "older_than_history": 0, "duplicate": 1,
+                                   "user_too_active": 0,
                                    "older_than_last_n": 0, "user_kcore": 1, "item_kcore": 0}
     assert (manifest["rows_in"], manifest["rows_kept"], manifest["n_users"], manifest["n_items"]) == (
         15,

@@ -44,7 +44,8 @@ def test_too_few_rows_against_the_previous_build_fail_and_keep_it(tmp_path, part
     first = _build(_events(tmp_path / "full.csv", 50, END), work, part, "features.min_rows_ratio=0.8")
     assert first["rows_in"] == 200 and first["newest_timestamp"] == END
     assert first["input_gate"] == {"min_rows_ratio": 0.8, "previous_rows_in": None, "max_event_age": None,
-                                   "newest_since": None}  # the first build has nothing to compare with
+                                   "newest_since": None, "max_history_age": None,
+                                   "history_since": None}  # the first build has nothing to compare with
     before = _snapshot(work)
     short = _events(tmp_path / "short.csv", 39, END)  # 156 rows: 78 % of 200
     with pytest.raises(InputDataError, match=r"short\.csv: 156 rows, 78\.0% of the previous build's 200 "
@@ -141,3 +142,34 @@ def test_the_ratio_compares_with_the_build_a_crash_between_the_renames_put_aside
     with pytest.raises(InputDataError, match=r"short\.csv: 156 rows, 78\.0% of the previous build's 200"):
         _build(_events(tmp_path / "short.csv", 39, END), work, "features.min_rows_ratio=0.8")
     assert _snapshot(work) == before and sorted(p.name for p in work.iterdir()) == ["features"]
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_the_history_window_keeps_events_from_the_end_of_the_run_date_minus_the_age(tmp_path, partitions):
+    """features.max_history_age: years of partitions still build a bounded recent window; the boundary is exact
+    (an event at the window's first second is kept), each dropped row counted, users and items only seen
+    before the window leave the maps."""
+    since = END - 3 * DAY
+    rows = [(1, 10, since - 1), (1, 11, since), (1, 12, since + 5), (1, 13, since + 9),  # user 1: the first goes
+            (2, 20, since - DAY), (2, 21, since - 50),  # user 2 and items 20, 21: only before the window
+            (3, 11, since + 1), (3, 12, since + 2), (3, 13, since + 3)]
+    path = tmp_path / "events.csv"
+    pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row").write_csv(path)
+    work = tmp_path / "work"
+    part = f"features.partitions={partitions}"
+    manifest = _build(path, work, part, f"features.max_history_age={3 * DAY}")
+    assert manifest["rows_in"] == 9 and manifest["rows_kept"] == 6
+    assert manifest["dropped"]["older_than_history"] == 3 and sum(manifest["dropped"].values()) == 3
+    assert manifest["input_gate"]["history_since"] == since
+    users = pl.read_parquet(work / "features" / "user_map.parquet")["user_id"].sort().to_list()
+    items = pl.read_parquet(work / "features" / "item_map.parquet")["item_id"].sort().to_list()
+    assert users == [1, 3] and items == [11, 12, 13]
+    events = pl.read_parquet(work / "features" / "events.parquet")
+    assert events["timestamp"].min() == since
+    before = _snapshot(work)
+    # a day later the window has moved past every event: named, and the previous features are kept
+    with pytest.raises(InputDataError, match=r"no events left after the row policies \(9 rows in, dropped .*"
+                                             r"'older_than_history': 9.*relax features\.max_history_age \(now "
+                                             rf"{3 * DAY}\)"):
+        _build(path, work, part, f"features.max_history_age={3 * DAY}", run_date=RUN_DATE + dt.timedelta(1))
+    assert _snapshot(work) == before
