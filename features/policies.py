@@ -23,8 +23,8 @@ from recsys.config import ConfigError, FeaturesConfig
 logger = logging.getLogger(__name__)
 
 DROP_REASON = "drop_reason"
-DROP_REASONS = ("event_type_filtered", "older_than_history", "duplicate", "user_too_active", "older_than_last_n", "user_kcore",
-                "item_kcore")
+DROP_REASONS = ("event_type_filtered", "older_than_history", "duplicate", "user_too_active", "older_than_last_n",
+                "user_kcore", "item_kcore")
 _REASON = pl.Enum(DROP_REASONS)  # cheaper to fill and filter than String
 _ROW = "_row"  # input position, to restore input order
 MAX_TYPES_SEEN = 1000  # an event type column holds a handful of kinds; a wrong column is not held whole
