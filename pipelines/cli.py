@@ -40,6 +40,8 @@ _JOBS: dict[str, str] = {
     "evaluate": "full-catalogue ranking metrics of the model and its baselines (evaluate.baselines)",
     "candidates": "top-K candidates per user from the trained model through a FAISS index",
     "run": "features → train → evaluate → candidates, in order",
+    "prune": "delete MLflow model versions and runs older than tracking.keep_days (never an alias's version, "
+             "the latest candidates' or the work directory's model, nor their runs)",
 }
 
 _EPILOG = """exit codes: 0 success (or already done for --run-date), 1 unexpected failure, 2 bad config or
@@ -52,7 +54,7 @@ success markers <work_dir>/runs/<job>/<date>.json (run, train); locks <work_dir>
 _SCHEDULED = ("run", "train")
 # Jobs that only read the feature set and the model: they share the work directory lock (the others hold it
 # alone), see pipelines.schedule.work_dir_lock.
-_READERS = ("evaluate", "candidates")
+_READERS = ("evaluate", "candidates", "prune")
 # Set by distributed launchers: torchrun (RANK, LOCAL_RANK, GROUP_RANK), SLURM (SLURM_PROCID), Lightning's
 # own launcher and a manual multi-node start (LOCAL_RANK, NODE_RANK). Any of them non-zero: not global rank 0.
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID")
@@ -89,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
                                   "succeeded with the same config is skipped")
             cmd.add_argument("--force", action="store_true",
                              help="run even if this date already succeeded; training starts from scratch")
+        if name == "prune":  # not scheduled (no marker): the date anchors tracking.keep_days
+            cmd.add_argument("--run-date", type=_run_date, default=None, metavar="YYYY-MM-DD",
+                             help="delete what is tracking.keep_days days or more before this date (default: "
+                                  "today, UTC)")
+            cmd.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
         if name == "features":  # not scheduled (no marker): the date only anchors the input gate
             cmd.add_argument("--run-date", type=_run_date, default=None, metavar="YYYY-MM-DD",
                              help="the date the input gate measures features.max_event_age against (default: "
@@ -279,6 +286,11 @@ def _execute(args: argparse.Namespace, cfg: Config) -> bool:
         return True
     if args.command == "features":
         _job(args.command)(cfg, args.run_date)
+        return True
+    if args.command == "prune":  # its own summary: it changes nothing of the work directory's outputs
+        from pipelines.prune import run as prune
+
+        print(prune(cfg, args.run_date, dry_run=args.dry_run).summary())
         return True
     if args.command not in _SCHEDULED:
         _job(args.command)(cfg)
@@ -594,7 +606,7 @@ def _guarded(args: argparse.Namespace, cfg: Config, log_file: Path) -> int:
             return EXIT_FAILED
         logging.getLogger("recsys").exception("recsys %s failed; full log in %s", args.command, log_file)
         return EXIT_FAILED
-    if ran:
+    if ran and args.command != "prune":
         print(_summary(cfg))
     print(f"  {'log:':<12} {log_file.resolve()}")
     return EXIT_OK

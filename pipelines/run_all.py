@@ -6,7 +6,8 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-from pipelines import build_features, evaluate, generate_candidates, train
+from pipelines import build_features, evaluate, generate_candidates, prune, train
+from pipelines.schedule import today_utc
 from pipelines.workdir import WorkDir
 from recsys.config import Config
 from recsys.registry import CHAMPION
@@ -20,12 +21,14 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
 
     ``run_date`` ties training's resume point to the run (see ``pipelines.schedule.checkpoint_dir``) and is
     the reference of ``features.max_event_age``. Candidates come from the model that passed the gate: see
-    :func:`served_model`.
+    :func:`served_model`. Once they are published, the MLflow store is pruned (``tracking.keep_days``; a failure
+    there is a warning: the night stands).
     """
     build_features.run(cfg, run_date)
     train.run(cfg, run_date)
     evaluate.run(cfg)
     generate_candidates.run(served_model(cfg), run_date)
+    prune.after_night(cfg, run_date or today_utc())
     return Path(cfg.work_dir)
 
 

@@ -596,6 +596,12 @@ class TrackingConfig(_Section):
     http_timeout_s: int = Field(30, ge=1)
     http_max_retries: int = Field(2, ge=0, le=10)
     http_backoff_factor: int = Field(1, ge=0)
+    # Retention of MLflow history (recsys/retention.py), after each successful `recsys run` and by `recsys prune`:
+    # versions of registered_model created, and finished runs of experiment ended, keep_days days or more before
+    # the run date are deleted (7 = the run date and the 6 days before stay), except versions holding an alias,
+    # the latest candidates' versions, the work directory's model and the runs behind every kept version.
+    # None = keep everything.
+    keep_days: int | None = Field(None, ge=1)
 
     @field_validator("uri")
     @classmethod

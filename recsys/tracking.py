@@ -1,6 +1,7 @@
 """MLflow tracking: one run per job, params from the flattened config, metrics, artifacts, model registry.
 
-This module and :mod:`recsys.registry` are the only ones of ours that import mlflow to track (and
+This module, :mod:`recsys.registry` and :mod:`recsys.retention` are the only ones of ours that import mlflow to
+track (and
 :mod:`recsys.serving`, for the pyfunc model). With ``tracking.uri`` unset the store is an embedded SQLite database in the work directory (no server needed); artifacts go to
 ``<work_dir>/mlartifacts``.
 

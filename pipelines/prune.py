@@ -1,0 +1,106 @@
+"""Tracking retention job: ``recsys prune``, and the end of every successful ``recsys run``.
+
+Deletes the MLflow model versions and runs that ``tracking.keep_days`` lets go (:mod:`recsys.retention`), never
+the versions this work directory still serves: the ones the latest published candidates (and the latest complete
+night) were scored with, and the one in ``model/``. Each pass is recorded in
+``<work_dir>/retention/date=YYYY-MM-DD.json`` {``run_date``, ``passes``: [{``finished_at``,
+``registered_model``, ``experiment``, ``keep_days``, ``cutoff``, ``versions_deleted``, ``versions_kept``,
+``runs_deleted``, ``runs_purged``, ``purge``}]}.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+from pipelines.schedule import today_utc
+from pipelines.workdir import WorkDir, dated_partitions
+from recsys.config import Config, ConfigError
+from recsys.retention import Pruned, prune_tracking
+from recsys.storage import read_json, write_json
+from recsys.tracking import TrackingUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, run_date: dt.date | None = None, dry_run: bool = False) -> Pruned:
+    """Prune the tracking store for ``run_date`` (default today, UTC) and record the pass (not a dry run).
+
+    Raises ConfigError when ``tracking.keep_days`` is unset or tracking is off, DamagedFileError when a manifest
+    that says which versions are served cannot be read (nothing is deleted then), and what
+    :func:`recsys.retention.prune_tracking` raises.
+    """
+    if not cfg.tracking.enabled:
+        raise ConfigError("tracking.enabled is false: there is no MLflow store to prune")
+    if cfg.tracking.keep_days is None:
+        raise ConfigError("tracking.keep_days is null (keep everything): set tracking.keep_days=N to delete the "
+                          "model versions and runs of N days or more before the run date")
+    day = run_date or today_utc()
+    pruned = prune_tracking(cfg, day, served_versions(cfg), dry_run=dry_run)
+    log.info("%s", pruned.summary())
+    if not dry_run:
+        record(cfg, day, pruned)
+    return pruned
+
+
+def after_night(cfg: Config, run_date: dt.date) -> None:
+    """Retention at the end of a successful ``recsys run``, once its candidates are published: a failure is a
+    warning, never the night's failure (its outputs are already published); the next night retries."""
+    if cfg.tracking.keep_days is None or not cfg.tracking.enabled:
+        return
+    try:
+        run(cfg, run_date)
+    except TrackingUnavailableError as exc:
+        log.warning("%s; the night %s is published all the same", exc, run_date)
+    except Exception as exc:
+        log.warning("tracking retention (tracking.keep_days=%d) failed after the night %s was published (%s: %s); "
+                    "the night stands, the next night retries, or run `recsys prune`", cfg.tracking.keep_days,
+                    run_date, type(exc).__name__, exc, exc_info=True)
+
+
+def served_versions(cfg: Config) -> dict[str, str]:
+    """Versions of ``tracking.registered_model`` this work directory serves, with why: the model in ``model/``
+    (``train_report.json``), and those that scored the latest published night (each of its parts) and the latest
+    complete night (its completion marker)."""
+    wd = WorkDir.of(cfg)
+    name = cfg.tracking.registered_model
+    out: dict[str, str] = {}
+    report = wd.model / "train_report.json"
+    if report.is_file():
+        trained = read_json(report)
+        if trained.get("registered_model", name) == name and trained.get("registered_version") is not None:
+            out[str(trained["registered_version"])] = "the work directory's model (model/train_report.json)"
+    sources = [(path, "model") for path in _latest_night(wd)]
+    markers = dated_partitions(path.with_suffix("") for path in (wd.candidates / "complete").glob("date=*.json"))
+    if markers:
+        sources.append((max(markers)[1].with_suffix(".json"), "model"))
+    for path, key in sources:
+        model = read_json(path).get(key) or {}
+        if model.get("name", name) == name and model.get("version") is not None:
+            out.setdefault(str(model["version"]), f"scored the candidates of {path.relative_to(wd.root)}")
+    return out
+
+
+def _latest_night(wd: WorkDir) -> list[Path]:
+    """The manifests of the latest published night's parts (whole, or shards), empty before any."""
+    nights = dated_partitions([*wd.candidates.glob("date=*"), *wd.candidates.glob("shard=*/date=*")])
+    nights = [(day, path) for day, path in nights if (path / "manifest.json").is_file()]
+    if not nights:
+        return []
+    latest = max(day for day, _ in nights)
+    return sorted(path / "manifest.json" for day, path in nights if day == latest)
+
+
+def record(cfg: Config, day: dt.date, pruned: Pruned) -> Path:
+    """Add this pass to ``<work_dir>/retention/date=YYYY-MM-DD.json`` (atomically; earlier passes of the date
+    stay listed)."""
+    path = Path(cfg.work_dir) / "retention" / f"date={day.isoformat()}.json"
+    passes = read_json(path).get("passes", []) if path.is_file() else []
+    # not the tracking URI: a database URI may carry a password
+    entry = {"finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+             "registered_model": cfg.tracking.registered_model, "experiment": cfg.tracking.experiment,
+             **{k: v for k, v in pruned.to_dict().items() if k != "dry_run"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"run_date": day.isoformat(), "passes": [*passes, entry]}, atomic=True)
+    return path
