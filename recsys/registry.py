@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from recsys.config import ConfigError
 from recsys.storage import scratch_dir
-from recsys.tracking import CONTENT_TAG, JobRun
+from recsys.tracking import CONTENT_TAG, JobRun, all_pages
 
 if TYPE_CHECKING:
     from recsys.comparison import Comparison
@@ -209,7 +209,7 @@ def _log_promotion(client: Any, tracker: JobRun, p: Promotion, tag_version: bool
 def _kept_out_in_a_row(client: Any, name: str, champion: str, version: str) -> int:
     """How many versions of ``name`` registered after ``champion`` the gate kept out (tag
     ``promotion.promoted=false``), ``version`` (kept out now) included."""
-    later = client.search_model_versions(f"name='{name}'")
+    later = all_pages(client.search_model_versions, filter_string=f"name='{name}'")
     others = [mv for mv in later if int(mv.version) > int(champion) and str(mv.version) != version]
     return 1 + sum(mv.tags.get("promotion.promoted") == "false" for mv in others)
 
@@ -244,7 +244,7 @@ def nothing_promoted(tracker: JobRun, uri: str) -> bool:
         return True
     if match["alias"] in (model.aliases or {}):
         return False
-    versions = client.search_model_versions(f"name='{match['name']}'")
+    versions = all_pages(client.search_model_versions, filter_string=f"name='{match['name']}'")
     return not any(mv.tags.get("promotion.promoted") == "true" for mv in versions)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from recsys.config import Config
 from recsys.tracking import (
     TrackingUnavailableError,
     _server_failure,
+    all_pages,
     check_sqlite_store,
     configure_http,
     tracking_uri,
@@ -106,7 +107,7 @@ def prune_tracking(cfg: Config, run_date: dt.date, protected: dict[str, str], dr
                      cfg.tracking.registered_model, ", ".join(f"v{v}" for v in pruned.versions_deleted))
         # runs behind every version still registered, of any model (read after the deletions: not those)
         gone = set(pruned.versions_deleted) if dry_run else set()
-        kept_runs = {mv.run_id for mv in _pages(client.search_model_versions)
+        kept_runs = {mv.run_id for mv in all_pages(client.search_model_versions)
                      if not (mv.name == cfg.tracking.registered_model and str(mv.version) in gone)}
         old = _old_runs(client, cfg.tracking.experiment, limit_ms, kept_runs)
         pruned.runs_deleted = [run.info.run_id for run in old]
@@ -145,7 +146,7 @@ def _old_versions(client: Any, name: str, limit_ms: int, protected: dict[str, st
         if replaced != "None":
             keep.setdefault(replaced, f"the version champion v{champion} replaced (the rollback target)")
     doomed = []
-    for mv in sorted(_pages(client.search_model_versions, filter_string=f"name = '{name}'"),
+    for mv in sorted(all_pages(client.search_model_versions, filter_string=f"name = '{name}'"),
                      key=lambda mv: int(mv.version)):
         if mv.creation_timestamp >= limit_ms:
             continue
@@ -175,7 +176,7 @@ def _old_runs(client: Any, experiment: str, limit_ms: int, kept_runs: set[str]) 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    runs = _pages(client.search_runs, experiment_ids=[exp.experiment_id], run_view_type=ViewType.ALL,
+    runs = all_pages(client.search_runs, experiment_ids=[exp.experiment_id], run_view_type=ViewType.ALL,
                   filter_string=f"attributes.end_time < {limit_ms}", max_results=1000)
     return [run for run in runs if run.info.status in ENDED and run.info.end_time is not None
             and run.info.end_time < limit_ms and run.info.run_id not in kept_runs]
@@ -215,18 +216,6 @@ def _remove_empty_run_dir(artifact_uri: str, run_id: str) -> None:
     parent = Path(local_file_uri_to_path(artifact_uri)).parent
     if parent.name == run_id and parent.is_dir() and not any(parent.iterdir()):
         os.rmdir(parent)
-
-
-def _pages(search: Callable[..., Any], **kwargs: Any) -> list[Any]:
-    """Every result of an MLflow ``search_*`` call, page by page."""
-    out: list[Any] = []
-    token = None
-    while True:
-        page = search(**kwargs, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
 
 
 @contextmanager

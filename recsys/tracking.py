@@ -134,6 +134,19 @@ def configure_http(cfg: Config) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in job logs
 
 
+def all_pages(search: Callable[..., Any], **kwargs: Any) -> list[Any]:
+    """Every result of an MLflow ``search_*`` call (``client.search_model_versions``, ``search_runs``), page by
+    page: one call returns a page only (at most 10,000 versions on a SQLite store)."""
+    out: list[Any] = []
+    token = None
+    while True:
+        page = search(**kwargs, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
 @dataclass
 class JobRun:
     """Handle on an active MLflow run (a no-op when tracking is disabled or its server is unreachable)."""
@@ -231,7 +244,7 @@ class JobRun:
                          "registering into it", name)
                 exists = True
         if exists and digest is not None:
-            same = [mv for mv in client.search_model_versions(f"name = '{name}'")
+            same = [mv for mv in all_pages(client.search_model_versions, filter_string=f"name = '{name}'")
                     if mv.tags.get(CONTENT_TAG) == digest]
             if same:
                 version = min(same, key=lambda mv: int(mv.version)).version
