@@ -17,7 +17,7 @@ from pathlib import Path
 from pipelines.schedule import today_utc
 from pipelines.workdir import WorkDir, dated_partitions
 from recsys.config import Config, ConfigError
-from recsys.retention import Pruned, prune_tracking
+from recsys.retention import Pruned, cutoff, prune_tracking
 from recsys.storage import read_json, write_json
 from recsys.tracking import TrackingUnavailableError
 
@@ -103,4 +103,9 @@ def record(cfg: Config, day: dt.date, pruned: Pruned) -> Path:
              **{k: v for k, v in pruned.to_dict().items() if k != "dry_run"}}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"run_date": day.isoformat(), "passes": [*passes, entry]}, atomic=True)
+    # the records themselves are kept as long as what they describe: those of dates before the cut-off go
+    first_kept = cutoff(day, cfg.tracking.keep_days or 1).date()
+    for old_day, old in dated_partitions(file.with_suffix("") for file in path.parent.glob("date=*.json")):
+        if old_day < first_kept:
+            old.with_suffix(".json").unlink(missing_ok=True)
     return path

@@ -202,6 +202,10 @@ def test_the_pass_is_recorded_and_a_second_pass_deletes_nothing_more(store: Stor
     record = read_json(store.work / "retention" / f"date={RUN_DATE}.json")
     assert [p["versions_deleted"] for p in record["passes"]] == [first.versions_deleted, []]
     assert record["passes"][0]["runs_purged"] == first.runs_purged and record["passes"][0]["keep_days"] == 7
+    # the records go with what they describe: a week later (keep_days 7) this date's record is past the cut-off
+    later = RUN_DATE + dt.timedelta(days=7)
+    prune.run(store.cfg, later)
+    assert sorted(p.name for p in (store.work / "retention").iterdir()) == [f"date={later}.json"]
 
 
 def test_a_run_soft_deleted_by_an_interrupted_pass_is_purged_by_the_next(store: Store) -> None:
