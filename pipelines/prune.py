@@ -17,6 +17,7 @@ from pathlib import Path
 from pipelines.schedule import today_utc
 from pipelines.workdir import WorkDir, dated_partitions
 from recsys.config import Config, ConfigError
+from recsys.registry import _MODELS_URI
 from recsys.retention import Pruned, cutoff, prune_tracking
 from recsys.storage import read_json, write_json
 from recsys.tracking import TrackingUnavailableError
@@ -37,6 +38,9 @@ def run(cfg: Config, run_date: dt.date | None = None, dry_run: bool = False) -> 
         raise ConfigError("tracking.keep_days is null (keep everything): set tracking.keep_days=N to delete the "
                           "model versions and runs of N days or more before the run date")
     day = run_date or today_utc()
+    if day > today_utc() + dt.timedelta(days=1):  # a typo'd year would delete every unprotected version and run
+        raise ConfigError(f"--run-date {day} is in the future (today is {today_utc()}, UTC): retention deletes what "
+                          "is tracking.keep_days older than the run date; pass today's date or leave it out")
     pruned = prune_tracking(cfg, day, served_versions(cfg), dry_run=dry_run)
     log.info("%s", pruned.summary())
     if not dry_run:
@@ -61,8 +65,9 @@ def after_night(cfg: Config, run_date: dt.date) -> None:
 
 def served_versions(cfg: Config) -> dict[str, str]:
     """Versions of ``tracking.registered_model`` this work directory serves, with why: the model in ``model/``
-    (``train_report.json``), and those that scored the latest published night (each of its parts) and the latest
-    complete night (its completion marker)."""
+    (``train_report.json``) and the one it was warm-started from, versions the config names
+    (``train.init_from`` / ``candidates.model`` = ``models:/NAME/VERSION``), and those that scored the latest
+    published night (each of its parts) and the latest complete night (its completion marker)."""
     wd = WorkDir.of(cfg)
     name = cfg.tracking.registered_model
     out: dict[str, str] = {}
@@ -71,6 +76,14 @@ def served_versions(cfg: Config) -> dict[str, str]:
         trained = read_json(report)
         if trained.get("registered_model", name) == name and trained.get("registered_version") is not None:
             out[str(trained["registered_version"])] = "the work directory's model (model/train_report.json)"
+    for key, spec in (("train.init_from", cfg.train.init_from), ("candidates.model", cfg.candidates.model)):
+        pinned = _MODELS_URI.match(spec or "")
+        if pinned and pinned["version"] is not None and pinned["name"] == name:  # an alias's version: kept anyway
+            out.setdefault(pinned["version"], f"named by {key} ({spec})")
+    if report.is_file():
+        warm = (read_json(report).get("warm_start") or {})
+        if warm.get("name") == name and warm.get("version") is not None:
+            out.setdefault(str(warm["version"]), "the work directory's model was warm-started from it")
     sources = [(path, "model") for path in _latest_night(wd)]
     markers = dated_partitions(path.with_suffix("") for path in (wd.candidates / "complete").glob("date=*.json"))
     if markers:

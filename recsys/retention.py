@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,7 @@ def prune_tracking(cfg: Config, run_date: dt.date, protected: dict[str, str], dr
         gone = set(pruned.versions_deleted) if dry_run else set()
         kept_runs = {mv.run_id for mv in all_pages(client.search_model_versions)
                      if not (mv.name == cfg.tracking.registered_model and str(mv.version) in gone)}
+        kept_runs |= pinned_runs(cfg)
         old = _old_runs(client, cfg.tracking.experiment, limit_ms, kept_runs)
         pruned.runs_deleted = [run.info.run_id for run in old]
         if dry_run:
@@ -127,9 +129,16 @@ def prune_tracking(cfg: Config, run_date: dt.date, protected: dict[str, str], dr
                          "deleted; their rows and artifacts go when the server's operator runs `mlflow gc`", uri,
                          len(old))
         else:
-            pruned.runs_purged = _purge(uri, [run.info.run_id for run in old])
+            own = Path(cfg.work_dir) / "mlartifacts" if cfg.tracking.uri is None else None
+            pruned.runs_purged = _purge(uri, [run.info.run_id for run in old], own)
             pruned.purge = "done" if old else "none"
     return pruned
+
+
+def pinned_runs(cfg: Config) -> set[str]:
+    """Runs the config reads a model from (``train.init_from`` / ``candidates.model`` = ``runs:/ID/…``)."""
+    specs = (cfg.train.init_from, cfg.candidates.model)
+    return {match[1] for spec in specs if (match := re.match(r"runs:/([^/]+)/", spec or ""))}
 
 
 def _old_versions(client: Any, name: str, limit_ms: int, protected: dict[str, str],
@@ -138,9 +147,12 @@ def _old_versions(client: Any, name: str, limit_ms: int, protected: dict[str, st
     added to ``kept`` with the reason."""
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         return []
-    aliases = {str(v): a for a, v in client.get_registered_model(name).aliases.items()}
-    keep = {**protected, **{v: f"alias {a}" for v, a in aliases.items()}}
-    champion = next((v for v, a in aliases.items() if a == "champion"), None)
+    by_alias = client.get_registered_model(name).aliases  # alias -> version; a version may hold several
+    held: dict[str, list[str]] = {}
+    for alias, held_by in sorted(by_alias.items()):
+        held.setdefault(str(held_by), []).append(alias)
+    keep = {**protected, **{v: f"alias {', '.join(names)}" for v, names in held.items()}}
+    champion = None if by_alias.get("champion") is None else str(by_alias["champion"])
     if champion is not None:
         replaced = client.get_model_version(name, champion).tags.get(REPLACED_TAG, "None")
         if replaced != "None":
@@ -182,12 +194,15 @@ def _old_runs(client: Any, experiment: str, limit_ms: int, kept_runs: set[str]) 
             and run.info.end_time < limit_ms and run.info.run_id not in kept_runs]
 
 
-def _purge(uri: str, run_ids: list[str]) -> list[str]:
+def _purge(uri: str, run_ids: list[str], artifact_root: Path | None = None) -> list[str]:
     """Remove the soft-deleted ``run_ids`` for good: their artifacts, then their rows, the two steps ``mlflow gc
     --run-ids`` takes per run (not ``mlflow gc`` itself: with no experiment named it also purges every other
-    deleted experiment and logged model of the store). Returns the runs purged."""
+    deleted experiment and logged model of the store). Returns the runs purged. ``artifact_root``: the embedded
+    store's own artifact directory; a run whose artifacts lie elsewhere (a work directory copied from another,
+    whose store still names the other's absolute paths) loses its rows only, never the other's files."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import _get_store
+    from mlflow.utils.file_utils import local_file_uri_to_path
 
     store = _get_store(uri)
     if not hasattr(store, "_hard_delete_run"):
@@ -199,7 +214,14 @@ def _purge(uri: str, run_ids: list[str]) -> list[str]:
         run = store.get_run(run_id)
         if run.info.lifecycle_stage != "deleted":  # restored meanwhile
             continue
-        get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+        where = run.info.artifact_uri
+        local = Path(local_file_uri_to_path(where)).resolve() if where.startswith(("file:", "/")) else None
+        if artifact_root is not None and (local is None or not local.is_relative_to(artifact_root.resolve())):
+            log.warning("tracking retention: run %s's artifacts are at %s, outside this store's %s (a work "
+                        "directory copied from another?): its rows are purged, its files left", run_id, where,
+                        artifact_root)
+        else:
+            get_artifact_repository(where).delete_artifacts()
         store._hard_delete_run(run_id)
         _remove_empty_run_dir(run.info.artifact_uri, run_id)
         purged.append(run_id)

@@ -317,3 +317,52 @@ def test_a_tracking_server_keeps_deleted_runs_for_its_operator(mlflow_server, tm
     for run_id in (runs[0], runs[2]):  # marked deleted, still in the server's store
         assert client.get_run(run_id).info.lifecycle_stage == "deleted"
     assert client.get_run(runs[1]).info.lifecycle_stage == "active"  # behind the champion
+
+
+def test_a_champion_holding_several_aliases_still_protects_its_rollback_target(tmp_path, empty_store) -> None:
+    """Review: the alias map flipped to version -> alias kept one alias per version, so a champion also named
+    `prod` lost the champion lookup and its rollback target was deleted."""
+    s = _store(tmp_path, empty_store, "tracking.keep_days=7")
+    s.version("rollback", "2024-06-01T02:30")
+    s.version("champion", "2024-06-02T02:30")
+    for alias in ("challenger", "champion", "prod"):
+        s.client.set_registered_model_alias(NAME, alias, s.versions["champion"])
+    s.client.set_model_version_tag(NAME, s.versions["champion"], "promotion.champion_version", s.versions["rollback"])
+    pruned = prune.run(s.cfg, RUN_DATE)
+    assert pruned.versions_deleted == [] and "rollback target" in pruned.versions_kept[s.versions["rollback"]]
+    assert pruned.versions_kept[s.versions["champion"]] == "alias challenger, champion, prod"
+
+
+def test_versions_and_runs_the_config_reads_a_model_from_are_kept(tmp_path, empty_store) -> None:
+    """`train.init_from: models:/NAME/V` (or `runs:/ID/model`) would fail the next night's training once retention
+    deleted its source."""
+    s = _store(tmp_path, empty_store, "tracking.keep_days=7")
+    s.version("pinned", "2024-06-01T02:30")
+    s.version("old", "2024-06-02T02:30")
+    pinned_run = s.run("pinned-run-source", "2024-06-03T03:00")
+    cfg = s.cfg.model_copy(update={
+        "train": s.cfg.train.model_copy(update={"init_from": f"models:/{NAME}/{s.versions['pinned']}"}),
+        "candidates": s.cfg.candidates.model_copy(update={"model": f"runs:/{pinned_run}/model"})})
+    pruned = prune.run(cfg, RUN_DATE)
+    assert pruned.versions_deleted == [s.versions["old"]]
+    assert pruned.versions_kept[s.versions["pinned"]].startswith("named by train.init_from")
+    assert pinned_run not in pruned.runs_deleted and s.runs["old-run"] in pruned.runs_deleted
+
+
+def test_a_run_date_in_the_future_is_refused(store: Store) -> None:
+    with pytest.raises(ConfigError, match="is in the future"):
+        prune.run(store.cfg, dt.date.today() + dt.timedelta(days=400))
+    assert not (store.work / "retention").exists()
+
+
+def test_artifacts_outside_the_stores_own_directory_are_never_deleted(tmp_path, empty_store) -> None:
+    """A work directory copied from another keeps the other's absolute artifact paths in its store: purging a
+    run there must not delete the other work directory's files."""
+    s = _store(tmp_path, empty_store, "tracking.keep_days=7")
+    other = tmp_path / "prod-artifacts"
+    foreign = s.client.create_experiment("foreign-paths", artifact_location=other.as_uri())
+    cfg = s.cfg.model_copy(update={"tracking": s.cfg.tracking.model_copy(update={"experiment": "foreign-paths"})})
+    run_id = s.run("copied", "2024-06-01T03:00", experiment=foreign)
+    pruned = prune.run(cfg, RUN_DATE)
+    assert pruned.runs_purged == [run_id] and run_id not in s.run_ids()
+    assert (other / run_id / "artifacts" / "model" / "model.pt").is_file()
