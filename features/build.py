@@ -113,6 +113,9 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     return manifest
 
 
+SECONDS_BEFORE_YEAR_5000 = 95_617_584_000  # epoch seconds of 5000-01-01: later newest timestamps are not seconds
+
+
 @dataclass(frozen=True)
 class InputGate:
     """``features.min_rows_ratio`` / ``max_event_age``: this build against the previous build of the same
@@ -148,14 +151,28 @@ class InputGate:
                                       "start afresh, or unset features.min_rows_ratio") from None
                 logger.warning("%s is not a features manifest (%s): no previous row count recorded", previous, exc)
         end = datetime.combine(run_date + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
-        return cls(features.min_rows_ratio, features.max_event_age, rows, int(end.timestamp()),
+        gate = cls(features.min_rows_ratio, features.max_event_age, rows, int(end.timestamp()),
                    features.max_history_age)
+        since = gate.history_since
+        if since is not None and features.split == "time" and features.val_cutoff is not None \
+                and since >= features.val_cutoff:
+            raise ConfigError(f"features.max_history_age {features.max_history_age} keeps events from {since} (end of "
+                              f"the run date {run_date} minus it) on, but features.val_cutoff is {features.val_cutoff}: "
+                              "training (the events before val_cutoff) would get none; move the cutoffs forward or "
+                              "raise features.max_history_age")
+        return gate
 
     def check(self, manifest: dict[str, Any], path: Path) -> dict[str, Any]:
         """``manifest`` with ``input_gate`` added; raises InputDataError naming the file, the key and the
         numbers if the input is shorter than the ratio allows or its newest event is too old."""
         rows, newest = manifest["rows_in"], manifest["newest_timestamp"]
         kept = "the previous features are kept"
+        ages = [f"features.{key}" for key in ("max_event_age", "max_history_age") if getattr(self, key) is not None]
+        if ages and newest is not None and newest > SECONDS_BEFORE_YEAR_5000:
+            raise InputDataError(
+                f"{path}: the newest timestamp is {newest}, past the year 5000 as epoch seconds: milliseconds (or "
+                f"finer)? {' and '.join(ages)} compare timestamps with the run date in epoch seconds, so they would "
+                f"check nothing; {kept}; export epoch seconds (or ISO-8601 text), or unset {' and '.join(ages)}")
         if (self.min_rows_ratio is not None and self.previous_rows_in is not None
                 and rows < self.min_rows_ratio * self.previous_rows_in):
             raise InputDataError(

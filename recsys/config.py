@@ -248,8 +248,8 @@ class FeaturesConfig(_Section):
     # ... and its newest event must be at most this old at the END of the run date (UTC; --run-date of
     # `recsys run`, else today), in the timestamps' unit (epoch seconds: 172800 = 2 days): a stale export.
     max_event_age: int | None = Field(None, ge=0)
-    # The window of history the features keep: events older than the END of the run date minus this, in the
-    # timestamps' unit (epoch seconds: 7776000 = 90 days), are dropped (counted as older_than_history), so
+    # The window of history the features keep: events older than the END of the run date minus this, in epoch
+    # seconds (7776000 = 90 days; millisecond timestamps are refused), are dropped (counted as older_than_history), so
     # reading years of partitions still builds (and trains on) a bounded recent window; None = all history.
     max_history_age: int | None = Field(None, ge=1)
 

@@ -14,7 +14,7 @@ import pytest
 from features.build import build_features
 from features.readers import InputDataError
 from pipelines.cli import EXIT_INPUT, main
-from recsys.config import load_config
+from recsys.config import ConfigError, load_config
 
 DAY = 86_400
 RUN_DATE = dt.date(2024, 5, 1)
@@ -173,3 +173,25 @@ def test_the_history_window_keeps_events_from_the_end_of_the_run_date_minus_the_
                                              rf"{3 * DAY}\)"):
         _build(path, work, part, f"features.max_history_age={3 * DAY}", run_date=RUN_DATE + dt.timedelta(1))
     assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize("key", ["max_history_age", "max_event_age"])
+def test_millisecond_timestamps_with_an_age_in_seconds_are_refused(tmp_path, key):
+    """Review: integer milliseconds pass through as they are, so a window or an age in epoch seconds compared
+    with them kept every event (and a stale export always passed): named instead, nothing written."""
+    path = tmp_path / "events.csv"
+    rows = [(u, 100 + j, (END - 3 * DAY + u * 10 + j) * 1000) for u in range(20) for j in range(4)]
+    pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row").write_csv(path)
+    work = tmp_path / "work"
+    with pytest.raises(InputDataError, match=rf"past the year 5000 as epoch seconds: milliseconds .*features\.{key}"):
+        _build(path, work, f"features.{key}={90 * DAY}")
+    assert not (work / "features").exists()
+    assert _build(path, work)["rows_kept"] == 80  # without an age the order is all that matters: accepted
+
+
+def test_a_history_window_starting_after_the_validation_cutoff_is_refused(tmp_path):
+    path = _events(tmp_path / "events.csv", 10, END)
+    overrides = ["features.split=time", f"features.val_cutoff={END - 10 * DAY}", f"features.test_cutoff={END - DAY}"]
+    with pytest.raises(ConfigError, match=r"features\.max_history_age .* features\.val_cutoff .* would get none"):
+        _build(path, tmp_path / "work", *overrides, f"features.max_history_age={5 * DAY}")
+    assert _build(path, tmp_path / "work", *overrides, f"features.max_history_age={20 * DAY}")["rows_kept"] > 0
