@@ -88,16 +88,21 @@ def remove_dir(path: str | Path) -> None:
     shutil.rmtree(tmp)
 
 
+SCRATCH_NAMES = ("init-model", "scored-model", "champion-model")  # the downloads of train, candidates, the gate
+
+
 @contextmanager
 def scratch_dir(parent: str | Path, name: str) -> Iterator[Path]:
     """A private working directory ``<parent>/.<name>.tmp-<writer>`` for the block, removed when it ends.
     ``parent`` is the work directory, not the system's temp directory: what a killed process leaves there is
-    cleared by the next ``scratch_dir`` of that ``name`` (or any :func:`remove_stale_temps` of ``parent``)
+    cleared by the next ``scratch_dir`` of any of :data:`SCRATCH_NAMES` (or any :func:`remove_stale_temps` of ``parent``)
     once its writer is gone, where nothing ever sweeps ``/tmp``. A downloaded model is as big as the one the
     job writes, so it belongs on the work directory's disk anyway."""
+    if name not in SCRATCH_NAMES:
+        raise ValueError(f"scratch_dir: {name!r} is not one of SCRATCH_NAMES {SCRATCH_NAMES}")
     parent = Path(parent)
     make_dirs(parent)
-    remove_stale_temps(parent, only=(name,))
+    remove_stale_temps(parent, only=SCRATCH_NAMES)  # any job's: a reader after a killed train clears its download
     path = parent / f".{name}{TMP_TAG}{_writer()}"
     _remove(path)  # this process's own, of an earlier block whose clean-up failed
     path.mkdir()

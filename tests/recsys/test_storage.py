@@ -313,7 +313,7 @@ def test_a_scratch_dir_lives_in_the_work_dir_for_the_block_and_a_killed_ones_is_
     left = tmp_path / killed.stdout.strip()
     assert left.name.startswith(".init-model.tmp-") and (left / "model.pt").exists()
     (tmp_path / "model").mkdir()
-    with scratch_dir(tmp_path, "init-model") as here:
+    with scratch_dir(tmp_path, "scored-model") as here:  # any job clears any dead scratch
         assert here.parent == tmp_path and here.is_dir() and not left.exists()
         (here / "model.pt").write_bytes(b"w")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
