@@ -202,7 +202,6 @@ def _purge(uri: str, run_ids: list[str], artifact_root: Path | None = None) -> l
     whose store still names the other's absolute paths) loses its rows only, never the other's files."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import _get_store
-    from mlflow.utils.file_utils import local_file_uri_to_path
 
     store = _get_store(uri)
     if not hasattr(store, "_hard_delete_run"):
@@ -215,7 +214,7 @@ def _purge(uri: str, run_ids: list[str], artifact_root: Path | None = None) -> l
         if run.info.lifecycle_stage != "deleted":  # restored meanwhile
             continue
         where = run.info.artifact_uri
-        local = Path(local_file_uri_to_path(where)).resolve() if where.startswith(("file:", "/")) else None
+        local = _local_path(where)
         if artifact_root is not None and (local is None or not local.is_relative_to(artifact_root.resolve())):
             log.warning("tracking retention: run %s's artifacts are at %s, outside this store's %s (a work "
                         "directory copied from another?): its rows are purged, its files left", run_id, where,
@@ -223,19 +222,24 @@ def _purge(uri: str, run_ids: list[str], artifact_root: Path | None = None) -> l
         else:
             get_artifact_repository(where).delete_artifacts()
         store._hard_delete_run(run_id)
-        _remove_empty_run_dir(run.info.artifact_uri, run_id)
+        if local is not None:
+            _remove_empty_run_dir(local.parent, run_id)
         purged.append(run_id)
     return purged
 
 
-def _remove_empty_run_dir(artifact_uri: str, run_id: str) -> None:
-    """``<artifact root>/<experiment>/<run id>/`` of a local store, once its ``artifacts/`` is gone and it is empty
-    (MLflow removes ``artifacts/`` only; an empty directory per purged run would stay)."""
+def _local_path(artifact_uri: str) -> Path | None:
+    """The directory of a local (``file:`` or absolute) artifact URI, resolved; None for a remote one."""
     from mlflow.utils.file_utils import local_file_uri_to_path
 
     if not artifact_uri.startswith(("file:", "/")):
-        return
-    parent = Path(local_file_uri_to_path(artifact_uri)).parent
+        return None
+    return Path(local_file_uri_to_path(artifact_uri)).resolve()
+
+
+def _remove_empty_run_dir(parent: Path, run_id: str) -> None:
+    """``<artifact root>/<experiment>/<run id>/`` of a local store, once its ``artifacts/`` is gone and it is empty
+    (MLflow removes ``artifacts/`` only; an empty directory per purged run would stay)."""
     if parent.name == run_id and parent.is_dir() and not any(parent.iterdir()):
         os.rmdir(parent)
 
