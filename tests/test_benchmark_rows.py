@@ -120,3 +120,22 @@ def test_a_json_out_that_cannot_be_written_stops_before_the_measuring(tmp_path) 
     check_json_out(None)
     with pytest.raises(SystemExit, match="directory .*missing does not exist"):
         check_json_out(tmp_path / "missing" / "rec.jsonl")
+
+
+def test_the_six_network_file_resolves_to_the_settings_its_records_ran_with() -> None:
+    """The #3 row (Beauty, BERT4Rec file) ran as beauty-bert4rec.yaml plus KEY=VALUE overrides; its own file must
+    resolve to exactly those settings, or rerunning the file would not reproduce the recorded row."""
+    import json
+
+    root = CONF.parent.parent.parent
+    records = [json.loads(line) for line in
+               (root / "benchmarks/results/2026-12-06-cpu-beauty-bert4rec-ens6-cos25.jsonl").read_text().splitlines()]
+    assert sorted(r["seed"] for r in records) == [42, 43, 44]
+    own = settings_hash(load_config(CONF.parent / "beauty-bert4rec-ens6.yaml"))
+    for r in records:
+        assert settings_hash(load_config(root / r["config"], r["overrides"])) == own
+    # and the file is not the base file: dropping any one override changes the settings
+    base = records[0]["overrides"]
+    for i, override in enumerate(base):
+        if not override.startswith("train.max_time_s="):
+            assert settings_hash(load_config(root / records[0]["config"], base[:i] + base[i + 1:])) != own, override
