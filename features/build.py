@@ -92,7 +92,7 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
         else:
             kept, accounting = select_rows(events, cfg.features, gate.history_since)
             _check_kept(accounting, path, cfg.features)
-            cold, named = cold_items(cfg, rows, events)
+            cold, named = cold_items(cfg, rows, events, gate.history_since)
             item_index, event_items = catalogue(kept, cold)
             tables = encode_and_split(kept, cfg.features, item_index, event_type_index(kept, path))
             manifest = gate.check(build_manifest(cfg, path, stamps, accounting, tables), path)
@@ -229,17 +229,20 @@ def attribute_rows(cfg: Config) -> pl.DataFrame | None:
     return read_item_rows(cfg.data.item_features, cfg.data.item_id_type)
 
 
-def cold_items(cfg: Config, rows: pl.DataFrame | None, events: pl.LazyFrame | None
+def cold_items(cfg: Config, rows: pl.DataFrame | None, events: pl.LazyFrame | None, since: int | None = None
                ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """With ``data.item_features.cold_items``, the file's items (with a value) to add to the catalogue: those no
-    input event names (``events``, before the row policies). An item whose events the policies removed (a k-core,
-    ``features.event_types``) stays out, as it would without attributes. Returns them and the other listed
-    items (``item_id``: those input events name)."""
+    input event names (``events``, before the row policies) at or after ``since`` (``features.max_history_age``:
+    an item whose events all predate the history window is as new to the model as one never bought). An item
+    whose events in the window the policies removed (a k-core, ``features.event_types``) stays out, as it would
+    without attributes. Returns them and the other listed items (``item_id``: those events name)."""
     if rows is None or cfg.data.item_features is None or not cfg.data.item_features.cold_items:
         return None, None
     listed = cold_item_ids(rows)
     if events is None:  # no input event at all
         return listed, listed.clear()
+    if since is not None:
+        events = events.filter(pl.col(TIMESTAMP) >= since)  # the complement of policies.mark_history
     in_events = events.select(pl.col(ITEM_ID).cast(listed.schema[ITEM_ID])).unique().collect(engine="streaming")
     return (listed.join(in_events, on=ITEM_ID, how="anti"),
             listed.join(in_events, on=ITEM_ID, how="semi"))
@@ -376,7 +379,8 @@ def build_out_of_core(
         scratch = out / "partitions"
         ranges = partition_by_user(events, features.partitions, scratch / "input")
         inputs = [file for files in ranges for file in files]  # read before _select_ranges removes them
-        cold, named = cold_items(cfg, rows, pl.scan_parquet(inputs, glob=False) if inputs else None)
+        cold, named = cold_items(cfg, rows, pl.scan_parquet(inputs, glob=False) if inputs else None,
+                                 gate.history_since)
         kept_files, accounting = _select_ranges(ranges, features, scratch / "kept", gate.history_since)
         _check_kept(accounting, path, features)
         kept = pl.scan_parquet(kept_files, glob=False)

@@ -111,6 +111,29 @@ def test_an_item_whose_events_the_policies_removed_is_no_cold_item(files, partit
     assert section["dropped"] == {"not_in_catalogue": 1}  # the row of 50
 
 
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_an_item_whose_events_all_predate_the_history_window_is_a_cold_item(files, partitions):
+    """features.max_history_age drops item 50's only event (t = 0, before the window): listed with a value, it is
+    as new to the model as item 99 and joins the catalogue as cold (it used to leave the catalogue, counted as
+    not_cold_events_removed, until someone bought it again, which nobody could once it was never recommended)."""
+    import datetime as dt
+
+    shifted = "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{1000 + t}\n" for u in (1, 2, 3)
+                                                      for t, i in enumerate((10, 20, 30, 40, 10)))
+    (files / "events.csv").write_text(shifted + "3,50,0\n")
+    (files / "items.csv").write_text(ITEMS + "50,Drama,acme\n")
+    # run date 1970-01-01: the window starts at 86400 - 85900 = 500, after t = 0 and before every other event
+    manifest = build_features(_config(files, files / "items.csv", "data.item_features.cold_items=true",
+                                      "features.max_history_age=85900", f"features.partitions={partitions}"),
+                              run_date=dt.date(1970, 1, 1))
+    assert manifest["dropped"]["older_than_history"] == 1
+    item_map = load_features(files / "work" / "features").item_map
+    assert dict(item_map.select("item_id", "train_count").iter_rows()) == {10: 3, 20: 3, 30: 3, 40: 0, 50: 0, 99: 0}
+    section = manifest["item_features"]
+    assert section["cold_items"] == 2 and section["not_cold_events_removed"] == 0
+    assert _attributes(files / "work" / "features")[50] == {("genres", "Drama"), ("brand", "acme")}
+
+
 def test_values_beyond_the_cap_are_dropped_and_counted(files):
     manifest = build_features(_config(files, files / "items.csv", "data.item_features.max_values=1"))
     # 10: Action|Comedy keeps Action; 20: Comedy|b|b then (merged row) Action keeps Comedy; brands are single
