@@ -260,7 +260,7 @@ def _expired_markers(wd: WorkDir, expired: list[Path], day: dt.date, keep_days: 
     losing = {wd.night_marker(when) for when, _ in dated_partitions(
         p for p in expired if p.relative_to(wd.candidates).parts[0] != "rejected")}
     oldest_kept = day - dt.timedelta(days=keep_days - 1)
-    expired_nights = [wd.night_marker(when) for when, _ in dated_partitions(p.with_suffix("") for p in _existing(wd))
+    expired_nights = [wd.night_marker(when) for when, _ in dated_partitions(_existing(wd))
                       if when < oldest_kept]
     return sorted((losing & _existing(wd)) | {m for m in expired_nights if _lacks_a_part(wd, m)})
 

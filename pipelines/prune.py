@@ -17,7 +17,7 @@ from pathlib import Path
 from pipelines.schedule import today_utc
 from pipelines.workdir import WorkDir, dated_partitions
 from recsys.config import Config, ConfigError
-from recsys.registry import _MODELS_URI
+from recsys.registry import pinned_version
 from recsys.retention import Pruned, cutoff, prune_tracking
 from recsys.storage import read_json, write_json
 from recsys.tracking import TrackingUnavailableError
@@ -77,17 +77,17 @@ def served_versions(cfg: Config) -> dict[str, str]:
         if trained.get("registered_model", name) == name and trained.get("registered_version") is not None:
             out[str(trained["registered_version"])] = "the work directory's model (model/train_report.json)"
     for key, spec in (("train.init_from", cfg.train.init_from), ("candidates.model", cfg.candidates.model)):
-        pinned = _MODELS_URI.match(spec or "")
-        if pinned and pinned["version"] is not None and pinned["name"] == name:  # an alias's version: kept anyway
-            out.setdefault(pinned["version"], f"named by {key} ({spec})")
+        pinned = pinned_version(spec)
+        if pinned is not None and pinned[0] == name:  # an alias's version: kept anyway
+            out.setdefault(pinned[1], f"named by {key} ({spec})")
     if report.is_file():
         warm = (read_json(report).get("warm_start") or {})
         if warm.get("name") == name and warm.get("version") is not None:
             out.setdefault(str(warm["version"]), "the work directory's model was warm-started from it")
     sources = [(path, "model") for path in _latest_night(wd)]
-    markers = dated_partitions(path.with_suffix("") for path in (wd.candidates / "complete").glob("date=*.json"))
+    markers = dated_partitions((wd.candidates / "complete").glob("date=*.json"))
     if markers:
-        sources.append((max(markers)[1].with_suffix(".json"), "model"))
+        sources.append((max(markers)[1], "model"))
     for path, key in sources:
         model = read_json(path).get(key) or {}
         if model.get("name", name) == name and model.get("version") is not None:
@@ -118,7 +118,7 @@ def record(cfg: Config, day: dt.date, pruned: Pruned) -> Path:
     write_json(path, {"run_date": day.isoformat(), "passes": [*passes, entry]}, atomic=True)
     # the records themselves are kept as long as what they describe: those of dates before the cut-off go
     first_kept = cutoff(day, cfg.tracking.keep_days or 1).date()
-    for old_day, old in dated_partitions(file.with_suffix("") for file in path.parent.glob("date=*.json")):
+    for old_day, old in dated_partitions(path.parent.glob("date=*.json")):
         if old_day < first_kept:
-            old.with_suffix(".json").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
     return path

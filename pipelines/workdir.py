@@ -17,11 +17,12 @@ from recsys.tracking import JobRun
 
 
 def dated_partitions(paths: Iterable[Path]) -> list[tuple[dt.date, Path]]:
-    """``(date, path)`` of the ``date=YYYY-MM-DD`` directories among ``paths``; other names are skipped."""
+    """``(date, path)`` of the ``date=YYYY-MM-DD`` directories and ``date=YYYY-MM-DD.json`` records (completion
+    markers, retention records) among ``paths``; other names are skipped."""
     out = []
     for path in paths:
         try:
-            out.append((dt.date.fromisoformat(path.name.removeprefix("date=")), path))
+            out.append((dt.date.fromisoformat(path.name.removeprefix("date=").removesuffix(".json")), path))
         except ValueError:
             continue
     return out

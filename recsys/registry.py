@@ -262,6 +262,13 @@ class ModelRef:
         return asdict(self)
 
 
+def pinned_version(spec: str | None) -> tuple[str, str] | None:
+    """``(name, version)`` of a ``models:/NAME/VERSION`` URI; None for anything else (an alias, ``runs:/``, a
+    directory, None)."""
+    match = _MODELS_URI.match(spec or "")
+    return None if match is None or match["version"] is None else (match["name"], match["version"])
+
+
 def is_mlflow_uri(spec: str) -> bool:
     """``models:/…``, ``runs:/…`` or another ``scheme:/…`` URI (as opposed to a local directory)."""
     return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", spec) is not None
