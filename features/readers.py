@@ -180,11 +180,20 @@ def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
         raise InputDataError(f"{path} is UTF-16 text (as Excel's 'Unicode text' and Windows PowerShell's `>` "
                              "write it), not UTF-8: re-encode it, e.g. `iconv -f utf-16 -t utf-8`, or export it "
                              "as UTF-8")
-    with _polars_errors(path, data):
-        raw = _SCANNERS[data.format](data, path)
-        typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
-        problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path),
-                                 id_types=id_types(data), short_line=lambda: _first_short_line(path, data))
+    try:
+        with _polars_errors(path, data):
+            # a day with no rows is no row whatever its columns: pandas writes an empty frame's parquet with none
+            if many and data.format == "parquet" and pl.scan_parquet(path, glob=False).select(pl.len()).collect(
+                    ).item() == 0:
+                return None
+            raw = _SCANNERS[data.format](data, path)
+            typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
+            problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path),
+                                     id_types=id_types(data), short_line=lambda: _first_short_line(path, data))
+    except EmptyFileError:  # no header either: a lone newline (pandas' empty csv), an empty .gz
+        if many:
+            return None
+        raise
     if problems == [NO_ROWS] and many:
         return None
     if problems:
@@ -429,13 +438,17 @@ def read_table(path: Path, key: str, fix: str, separator: str = ",") -> tuple[pl
     return frame, rows
 
 
+class EmptyFileError(InputDataError):
+    """A text file with no header and no rows: an error alone, a quiet day's partition among several."""
+
+
 @contextmanager
 def _polars_errors(path: Path, data: DataConfig) -> Iterator[None]:
     """Turn polars / OS errors raised while reading ``path`` into InputDataError naming the file."""
     try:
         yield
     except pl.exceptions.NoDataError as exc:
-        raise InputDataError(
+        raise EmptyFileError(
             f"{path} is empty (no header, no rows); point data.path at a file with events"
         ) from exc
     except pl.exceptions.PolarsError as exc:

@@ -38,7 +38,8 @@ _INT_IDS = (f"ids must be whole numbers that fit in Int64 (at most {2**63 - 1});
 # what SQL and pandas exports write for a missing value: as a text id it would be one item (or user) shared by
 # every row that lacks one
 MISSING_TEXT = ("\\N", "NULL", "null", "None", "NaN", "nan")
-_TEXT_IDS = f"ids must not be blank nor a missing-value marker ({', '.join(MISSING_TEXT)})"
+_TEXT_IDS = (f"ids must not be blank nor a missing-value marker ({', '.join(MISSING_TEXT)}), and a numeric "
+             "(float or decimal) id column must hold whole numbers")
 _HOW_TO_FIX = {
     TIMESTAMP: "use epoch seconds or ISO-8601, or set data.timestamp_format (e.g. '%d/%m/%Y %H:%M'); a text "
                "column whose first value is a whole number is read as whole numbers throughout",
@@ -75,6 +76,12 @@ def id_expr(dtype: pl.DataType, name: str, kind: str = "int") -> pl.Expr:
     if dtype.is_float():
         as_int = pl.when(col == col.floor()).then(col).cast(pl.Int64, strict=False)
         return as_int.cast(pl.String) if kind == "string" else as_int
+    if isinstance(dtype, pl.Decimal):  # SQL NUMBER(p, s): a whole number is written without its zero fraction
+        # (7.00 -> "7", as the integer 7 and the float 7.0 are), one with a fraction is no id (as the float 7.5)
+        text = col.cast(pl.String)
+        whole = pl.when(text.str.contains(_INTEGRAL_FLOAT_TEXT)).then(text.str.replace(_INTEGRAL_FLOAT_TEXT, "${1}"))
+        whole = pl.when(text.str.contains(r"^[+-]?\d+$")).then(text).otherwise(whole)
+        return whole if kind == "string" else whole.cast(pl.Int64, strict=False)
     text = col.cast(pl.String).str.strip_chars()
     if kind == "string":
         return pl.when((text.str.len_bytes() > 0) & ~text.is_in(MISSING_TEXT)).then(text)
@@ -267,4 +274,6 @@ def _sub_second(dtype: pl.DataType) -> pl.Expr:
         return col.dt.epoch(dtype.time_unit) % {"ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[dtype.time_unit] != 0
     if dtype == pl.String:
         return col.str.contains(_FRACTION_TEXT)
+    if isinstance(dtype, pl.Decimal):  # read through its text, as a string column ("100.900")
+        return col.cast(pl.String).str.contains(_FRACTION_TEXT)
     return pl.lit(False)

@@ -159,6 +159,34 @@ def test_a_partition_of_untyped_nulls_is_read_and_an_empty_one_skipped(tmp_path)
     assert tables["user_map"]["user_id"].to_list() == [1, 2]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_quiet_day_as_other_exporters_write_it_is_skipped_too(tmp_path, fmt):
+    """pandas writes an empty frame's csv as one newline and its parquet with no column at all, gzip an empty
+    export as 20 bytes: each was an error stopping the night ("is empty", "column 'user_id' not found")."""
+    import gzip
+
+    events = _events(n=300)
+    whole = tmp_path / f"all.{fmt}"
+    getattr(events, f"write_{fmt}")(whole)
+    parts = tmp_path / "events"
+    parts.mkdir()
+    getattr(events, f"write_{fmt}")(parts / f"day1.{fmt}")
+    if fmt == "csv":
+        (parts / "day2.csv").write_text("\n")  # pd.DataFrame().to_csv(index=False)
+        (parts / "day3.csv.gz").write_bytes(gzip.compress(b""))
+    else:
+        pl.DataFrame().write_parquet(parts / "day2.parquet")  # no column, no row: pd.DataFrame().to_parquet()
+        assert pl.read_parquet_schema(parts / "day2.parquet") == {}
+    one, expected = _build(whole, tmp_path / "one", fmt)
+    many, got = _build(parts, tmp_path / "many", fmt)
+    for name in TABLES:
+        assert got[name].equals(expected[name]), name
+    assert many["rows_in"] == one["rows_in"] == events.height
+    assert len(many["inputs"]["events"]["files"]) == (3 if fmt == "csv" else 2)
+    with pytest.raises(InputDataError, match="is empty|not found"):  # alone, it is an error
+        _build(parts / f"day2.{fmt}", tmp_path / "alone", fmt)
+
+
 def _day(parts: Path, name: str, users: list[int], text: str | None = None) -> Path:
     rows = "".join(f"{u},{i},{u * 100 + i}\n" for u in users for i in range(1, 5))
     (parts / name).write_text(text or "user_id,item_id,timestamp\n" + rows)

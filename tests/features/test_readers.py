@@ -376,6 +376,30 @@ def test_a_fraction_of_a_second_in_a_parquet_datetime_is_reported(tmp_path, capl
     assert "1 timestamp(s) have a fraction of a second" in caplog.text
 
 
+def test_decimal_ids_with_a_scale_are_whole_numbers_and_decimal_timestamps_report_their_fractions(tmp_path, caplog):
+    """SQL NUMBER(p, s) exports (Spark's JDBC reads Oracle NUMBER as decimal(38, 10)): the text id of 7.00 was
+    "7.00", another user than the 7 of an integer partition; a fraction (7.50) was an id; timestamp fractions
+    were dropped without the warning a float column gets."""
+    from decimal import Decimal
+
+    path = tmp_path / "events.parquet"
+    frame = {"user_id": pl.Series([Decimal("7.00"), Decimal("-3.00"), Decimal("12")], dtype=pl.Decimal(12, 2)),
+             "item_id": [5, 6, 7],
+             "timestamp": pl.Series([Decimal("100.900"), Decimal("100.000"), Decimal("100.100")],
+                                    dtype=pl.Decimal(14, 3))}
+    pl.DataFrame(frame).write_parquet(path)
+    with caplog.at_level("WARNING", logger="features.validation"):
+        for kind, ids in (("string", ["7", "-3", "12"]), ("int", [7, -3, 12])):
+            df = _read(DataConfig(format="parquet", user_id_type=kind), path)
+            assert df["user_id"].to_list() == ids and df["timestamp"].to_list() == [100, 100, 100]
+    assert "2 timestamp(s) have a fraction of a second" in caplog.text
+    frame["user_id"] = pl.Series([Decimal("7.50"), Decimal("1"), Decimal("2")], dtype=pl.Decimal(12, 2))
+    pl.DataFrame(frame).write_parquet(path)
+    for kind in ("string", "int"):
+        with pytest.raises(InputDataError, match="user_id"):
+            _read(DataConfig(format="parquet", user_id_type=kind), path)
+
+
 def test_gzip_files_read_as_their_plain_text(tmp_path):
     """A .csv.gz with an empty last field was refused as "a line cut short": the short-line check read the
     compressed bytes. The line formats read the decompressed text too."""
