@@ -26,7 +26,16 @@ from typing import Any, BinaryIO
 import polars as pl
 
 from features.schema import EVENT_TYPE, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
-from features.validation import NO_ROWS, POS, SHORT, find_problems, how_to_fix, id_expr, typed_exprs
+from features.validation import (
+    NO_ROWS,
+    POS,
+    SHORT,
+    find_problems,
+    how_to_fix,
+    id_expr,
+    mixed_units,
+    typed_exprs,
+)
 from recsys.config import ConfigError, DataConfig
 from recsys.storage import shown
 
@@ -154,11 +163,14 @@ def read_events(data: DataConfig, path: str | Path, files: list[Path] | None = N
                               "data.timestamp_col (their row order is not a time order)")
         logger.info("reading %d files of %s as %s (%s … %s)", len(files), path, data.format,
                     shown(files[0]), shown(files[-1]))
-        frames = {file: _read_file(data, file, many=True) for file in files}
+        spans: dict[str, tuple[int, int]] = {}
+        frames = {file: _read_file(data, file, many=True, spans=spans) for file in files}
         empty = [file for file, frame in frames.items() if frame is None]
         if len(empty) == len(files):
             raise InputDataError(f"{path}: every one of its {len(files)} files has no rows; point data.path at "
                                  "files with events")
+        if mixed := mixed_units(spans):
+            raise InputDataError(f"{path}: {mixed}")
         if empty:  # a quiet day's partition: nothing to read, nothing dropped
             logger.info("data.path %s: %d of %d files have no rows, e.g. %s", path, len(empty), len(files), empty[0])
         return pl.concat([frame for frame in frames.values() if frame is not None], how="vertical")
@@ -167,8 +179,10 @@ def read_events(data: DataConfig, path: str | Path, files: list[Path] | None = N
     return frame
 
 
-def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
-    """One file's canonical events; None when it has no rows and is one of ``many`` files."""
+def _read_file(data: DataConfig, path: Path, many: bool, spans: dict[str, tuple[int, int]] | None = None
+               ) -> pl.LazyFrame | None:
+    """One file's canonical events; None when it has no rows and is one of ``many`` files. ``spans``: see
+    :func:`features.validation.find_problems`."""
     if not path.is_file():
         raise InputDataError(
             f"input file {shown(path)} does not exist or is not a file; fix data.path "
@@ -189,7 +203,8 @@ def _read_file(data: DataConfig, path: Path, many: bool) -> pl.LazyFrame | None:
             raw = _SCANNERS[data.format](data, path)
             typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
             problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path),
-                                     id_types=id_types(data), short_line=lambda: _first_short_line(path, data))
+                                     id_types=id_types(data), short_line=lambda: _first_short_line(path, data),
+                                     spans=spans)
     except EmptyFileError:  # no header either: a lone newline (pandas' empty csv), an empty .gz
         if many:
             return None

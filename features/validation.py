@@ -205,6 +205,31 @@ def _describe(stats: dict, name: str, label: str, unit: str, id_types: dict[str,
     return out
 
 
+# Epoch timestamps of 1973-2500 by their unit's magnitude: seconds below 1e11 (year 5138), milliseconds below 1e14,
+# microseconds below 1e17, nanoseconds above
+_UNIT_BOUNDS = ((10**11, "seconds"), (10**14, "milliseconds"), (10**17, "microseconds"))
+
+
+def timestamp_unit(value: int) -> str:
+    """The epoch unit an integer timestamp of years 1973-2500 has at this magnitude (see _UNIT_BOUNDS)."""
+    return next((unit for bound, unit in _UNIT_BOUNDS if abs(value) < bound), "nanoseconds")
+
+
+def mixed_units(spans: dict[str, tuple[int, int]]) -> str | None:
+    """A sentence naming two sources whose timestamps are in different units (each source's earliest and latest
+    of one unit's magnitude; a source spanning two, as a stray far-future value makes, is not judged), else None."""
+    first: dict[str, tuple[str, tuple[int, int]]] = {}
+    for source, (lo, hi) in spans.items():
+        if timestamp_unit(lo) == timestamp_unit(hi):
+            first.setdefault(timestamp_unit(lo), (source, (lo, hi)))
+    if len(first) < 2:
+        return None
+    (unit_a, (a, span_a)), (unit_b, (b, span_b)) = list(first.items())[:2]
+    return (f"the files mix timestamp units: {a} holds {span_a[0]}..{span_a[1]} ({unit_a}, by magnitude) and {b} "
+            f"{span_b[0]}..{span_b[1]} ({unit_b}); read together their events would be out of time order. Export "
+            "every file in one unit (an exporter changed its unit?), or read them apart")
+
+
 def _warn_future(stats: dict, label: str, source: str) -> None:
     """Timestamps after now are kept (only their order matters) but usually mean a wrong unit: say so."""
     if not stats["future"]:
@@ -220,6 +245,7 @@ def _warn_future(stats: dict, label: str, source: str) -> None:
 def find_problems(
     raw: pl.LazyFrame, typed: dict[str, pl.Expr], labels: dict[str, str], unit: str, source: str = "input",
     id_types: dict[str, str] | None = None, short_line: Callable[[], str | None] | None = None,
+    spans: dict[str, tuple[int, int]] | None = None,
 ) -> list[str]:
     """Every problem with the values of ``raw``, found in ONE aggregate pass over the data.
 
@@ -228,7 +254,8 @@ def find_problems(
     When ``raw`` has a :data:`SHORT` column that is true somewhere, ``short_line`` (the reader's) returns the
     sentence naming the first line with too few fields, or None if there is none; it comes first.
     Returns [] when the input is usable; then logs a warning (naming ``source``) for timestamps in the
-    future. May raise polars errors (unreadable file); the caller wraps them.
+    future, and sets ``spans[source]`` (when given) to its (earliest, latest) timestamp. May raise polars errors
+    (unreadable file); the caller wraps them.
     """
     schema = raw.collect_schema()
     problems = dtype_problems(schema, labels, id_types)
@@ -239,7 +266,7 @@ def find_problems(
     for name in checked:
         aggs += _stat_exprs(name, typed[name], required=name != WEIGHT)
     ts = typed[TIMESTAMP]
-    aggs += [(ts > int(time.time())).sum().alias("future"), ts.max().alias("latest"),
+    aggs += [(ts > int(time.time())).sum().alias("future"), ts.max().alias("latest"), ts.min().alias("earliest"),
              _sub_second(schema[TIMESTAMP]).sum().alias("sub_second")]
     if SHORT in schema:
         aggs.append(pl.col(SHORT).any().alias("short"))
@@ -250,6 +277,8 @@ def find_problems(
     if stats.get("short") and short_line is not None and (line := short_line()):
         problems.insert(0, line)
     if not problems:
+        if spans is not None:
+            spans[source] = (stats["earliest"], stats["latest"])
         _warn_future(stats, labels[TIMESTAMP], source)
         if stats["sub_second"]:
             logger.warning(

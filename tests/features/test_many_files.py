@@ -187,6 +187,23 @@ def test_a_quiet_day_as_other_exporters_write_it_is_skipped_too(tmp_path, fmt):
         _build(parts / f"day2.{fmt}", tmp_path / "alone", fmt)
 
 
+def test_files_whose_timestamps_are_in_different_units_are_refused_naming_them(tmp_path):
+    """An exporter that switched from epoch seconds to milliseconds: read together, every later event sorted
+    after every earlier one by the unit alone (the only sign was a "future timestamps" warning on the new
+    files). A file spanning two magnitudes (a stray far-future value) is not judged, and one unit passes."""
+    parts = tmp_path / "events"
+    parts.mkdir()
+    _day(parts, "date=1.csv", [1, 2], "user_id,item_id,timestamp\n1,1,1700000000\n1,2,1700000100\n2,1,1700000200\n")
+    ms = _day(parts, "date=2.csv", [1], "user_id,item_id,timestamp\n1,3,1700086400000\n2,3,1700086500000\n")
+    with pytest.raises(InputDataError, match=r"mix timestamp units: .*date=1.csv holds 1700000000..1700000200 "
+                                             r"\(seconds.*date=2.csv 1700086400000..1700086500000 \(milliseconds\)"):
+        _build(parts, tmp_path / "work", "csv")
+    assert not (tmp_path / "work" / "features").exists()
+    ms.write_text("user_id,item_id,timestamp\n1,3,1700086400\n2,3,99999999999999\n")  # seconds, one stray value
+    manifest, _ = _build(parts, tmp_path / "work", "csv")
+    assert manifest["rows_in"] == 5
+
+
 def _day(parts: Path, name: str, users: list[int], text: str | None = None) -> Path:
     rows = "".join(f"{u},{i},{u * 100 + i}\n" for u in users for i in range(1, 5))
     (parts / name).write_text(text or "user_id,item_id,timestamp\n" + rows)
