@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipelines.schedule import today_utc
@@ -48,13 +52,41 @@ def run(cfg: Config, run_date: dt.date | None = None, dry_run: bool = False) -> 
     return pruned
 
 
+class _Stopped(BaseException):  # not an Exception: nothing on the way catches it as a failure to log
+    """SIGTERM during the retention that ends a published night."""
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises :class:`_Stopped` in the block (main thread only; elsewhere the process's own handling)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def after_night(cfg: Config, run_date: dt.date) -> None:
     """Retention at the end of a successful ``recsys run``, once its candidates are published: a failure is a
-    warning, never the night's failure (its outputs are already published); the next night retries."""
+    warning, never the night's failure (its outputs are already published); the next night retries. SIGTERM
+    (a scheduler's timeout during a long first pass over a big store) stops the pass there and the night ends
+    as done: killed, it would have been run again from its features the next time."""
     if cfg.tracking.keep_days is None or not cfg.tracking.enabled:
         return
     try:
-        run(cfg, run_date)
+        with _stop_on_sigterm():
+            run(cfg, run_date)
+    except _Stopped:
+        log.warning("tracking retention stopped by SIGTERM after the night %s was published: the night stands "
+                    "(marked done); what was deleted stays deleted, and the next night's pass or `recsys prune` "
+                    "goes on from there", run_date)
     except TrackingUnavailableError as exc:
         log.warning("%s; the night %s is published all the same", exc, run_date)
     except Exception as exc:

@@ -21,6 +21,10 @@ and in a ``recsys candidates`` run:
 - ``atomic-swap:<dir name>`` (any :func:`recsys.storage.atomic_dir`, e.g. ``atomic-swap:date=2024-03-01``):
   the previous output moved aside, the new one not yet renamed into place;
 - ``candidates-published``: the partition renamed into place, before MLflow logging.
+
+and in tracking retention (``recsys prune``, the end of ``recsys run``):
+
+- ``retention-version-deleted``: after each model version it deletes.
 """
 
 from __future__ import annotations

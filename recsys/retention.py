@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import Config
+from recsys.faults import fault_point
 from recsys.tracking import (
     TrackingUnavailableError,
     _server_failure,
@@ -103,6 +104,7 @@ def prune_tracking(cfg: Config, run_date: dt.date, protected: dict[str, str], dr
         for version in doomed:
             if dry_run or _delete_version(client, cfg.tracking.registered_model, version):
                 pruned.versions_deleted.append(version)
+                fault_point("retention-version-deleted")
         if pruned.versions_deleted:
             log.info("tracking retention: %s model versions of %s: %s", "would delete" if dry_run else "deleted",
                      cfg.tracking.registered_model, ", ".join(f"v{v}" for v in pruned.versions_deleted))

@@ -295,6 +295,43 @@ def test_recsys_run_prunes_after_publishing_and_a_failing_retention_fails_no_nig
     assert "WARNING" in log.read_text() and "the night stands" in log.read_text()
 
 
+class _Killed(BaseException):
+    """What SIGTERM does in this test when nothing else handles it (its default would end pytest itself)."""
+
+
+def test_sigterm_during_the_retention_of_a_published_night_ends_the_night_as_done(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler's timeout during a long first retention pass killed `recsys run` after its night was
+    published: no marker, so the next call ran the whole night again from its features."""
+    import signal
+
+    from recsys.faults import FAULT_ENV, SIGNAL_ENV
+
+    _stub_jobs(monkeypatch, [])
+
+    def killed(signum: int, frame: object) -> None:
+        raise _Killed
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        monkeypatch.setenv(FAULT_ENV, "retention-version-deleted")
+        monkeypatch.setenv(SIGNAL_ENV, "TERM")
+        args = ["run", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)]
+        assert main(args) == EXIT_OK
+        assert signal.getsignal(signal.SIGTERM) is killed  # the job's handler is gone with the pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (store.work / "runs" / "run" / f"{RUN_DATE}.json").is_file()
+    (log,) = (store.work / "logs").glob("run-*.log")
+    assert "tracking retention stopped by SIGTERM" in log.read_text()
+    gone = [label for label in GONE_VERSIONS if store.versions[label] not in store.alive_versions()]
+    assert len(gone) == 1  # stopped after the first deletion
+    monkeypatch.delenv(FAULT_ENV)
+    assert main(["prune", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)]
+                ) == EXIT_OK
+    assert not {store.versions[label] for label in GONE_VERSIONS} & store.alive_versions()
+
+
 def test_a_tracking_server_keeps_deleted_runs_for_its_operator(mlflow_server, tmp_path: Path) -> None:
     uri = mlflow_server.url
     cfg = load_config(None, [f"work_dir={tmp_path}", f"tracking.uri={uri}", "tracking.keep_days=1",
