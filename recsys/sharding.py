@@ -61,7 +61,8 @@ def shard_of(user_id: pl.Expr, count: int, dtype: pl.DataType = pl.Int64) -> pl.
 
     Int64: splitmix64's finaliser of the id, modulo ``count``; the id's 64 bits are read as unsigned (negative
     ids included), UInt64 arithmetic wraps around, and ``x // 2**s`` is the right shift ``x >> s``.
-    String: the first 8 bytes (little-endian) of the BLAKE2b digest of the id's UTF-8 bytes, modulo ``count``:
+    String: the BLAKE2b digest of the id's UTF-8 bytes with an 8-byte digest size (not the first 8 bytes of the
+    default 64-byte digest), read little-endian, modulo ``count``:
     a fixed function of the text (polars' own ``hash`` may change between versions, which would move users
     between shards after an upgrade).
     """
