@@ -4,7 +4,7 @@ embeds beside each item's id (``model.item_features``).
 The file is a CSV with a header (or Parquet, by its ``.parquet`` suffix) with an item id column and the
 attribute columns of ``data.item_features.columns``, each categorical. A cell holds one value, or several
 split on ``list_separator`` (MovieLens genres: ``Action|Comedy``), or in Parquet a list; values are compared as
-text, stripped of surrounding spaces, and a blank one is no value. A value is the pair (column, text): ``"7"`` in
+text, stripped of surrounding spaces, and a blank one (or a missing-value marker, ``NULL``, ``N/A``, ...) is no value. A value is the pair (column, text): ``"7"`` in
 ``brand`` and in ``category`` are two values. Rows are accounted for, never lost silently:
 
 - ``not_in_catalogue``: rows of items that are not in the kept events (no model row to attach them to), dropped;
@@ -30,7 +30,7 @@ import polars as pl
 
 from features.readers import InputDataError, read_table
 from features.schema import FEATURE_IDX, ITEM_FEATURE_VALUES, ITEM_FEATURES, ITEM_ID, ITEM_IDX, check_schema
-from features.validation import how_to_fix, id_expr
+from features.validation import MISSING_TEXT, how_to_fix, id_expr
 from recsys.config import ConfigError, ItemFeaturesConfig
 from recsys.storage import fingerprint, shown
 
@@ -161,5 +161,6 @@ def _values(dtype: pl.DataType, col: str, list_separator: str | None) -> pl.Expr
     else:
         values = pl.concat_list(pl.col(col).cast(pl.String))
     stripped = pl.element().str.strip_chars()
-    kept = values.list.eval(stripped.filter(stripped.is_not_null() & (stripped.str.len_bytes() > 0)))
+    kept = values.list.eval(stripped.filter(stripped.is_not_null() & (stripped.str.len_bytes() > 0)
+                                            & ~stripped.is_in(MISSING_TEXT)))  # an export's NULL, N/A: no value
     return kept.fill_null(pl.lit([], dtype=pl.List(pl.String))).alias(col)

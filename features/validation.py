@@ -37,7 +37,7 @@ _INT_IDS = (f"ids must be whole numbers that fit in Int64 (at most {2**63 - 1});
             "data.{key}: string")
 # what SQL and pandas exports write for a missing value: as a text id it would be one item (or user) shared by
 # every row that lacks one
-MISSING_TEXT = ("\\N", "NULL", "null", "None", "NaN", "nan")
+MISSING_TEXT = ("\\N", "NULL", "null", "None", "NONE", "none", "NaN", "nan", "<NA>", "N/A", "n/a", "#N/A")
 _TEXT_IDS = (f"ids must not be blank nor a missing-value marker ({', '.join(MISSING_TEXT)}), and a numeric "
              "(float or decimal) id column must hold whole numbers")
 _HOW_TO_FIX = {
@@ -147,7 +147,7 @@ def typed_exprs(
     if EVENT_TYPE in schema:
         # trimmed like the ids, so " view" is a view; a blank cell is no type (null)
         text = pl.col(EVENT_TYPE).cast(pl.String).str.strip_chars()
-        exprs[EVENT_TYPE] = pl.when(text != "").then(text)
+        exprs[EVENT_TYPE] = pl.when((text != "") & ~text.is_in(MISSING_TEXT)).then(text)  # "NULL": no type
     if WEIGHT in schema:
         exprs[WEIGHT] = weight_expr(schema[WEIGHT])
     return {name: expr.alias(name) for name, expr in exprs.items()}

@@ -194,6 +194,15 @@ def test_blank_lines_and_empty_last_cells_are_read(files):
     assert _attributes(files / "work" / "features")[20] == {("genres", "b"), ("brand", "zen")}
 
 
+def test_a_missing_value_marker_is_no_value(files):
+    """An export's NULL (or N/A, NaN) in an attribute cell was a value "NULL" shared by every such item."""
+    (files / "items.csv").write_text("item_id,genres,brand\n10,a|NULL,NULL\n20,N/A,zen\n")
+    manifest = build_features(_config(files, files / "items.csv"))
+    assert manifest["item_features"]["empty_cells"] == {"genres": 1, "brand": 1}
+    attributes = _attributes(files / "work" / "features")
+    assert attributes[10] == {("genres", "a")} and attributes[20] == {("brand", "zen")}
+
+
 def test_missing_item_file_is_a_config_error(files):
     with pytest.raises(ConfigError, match="data.item_features.path"):
         build_features(_config(files, files / "nope.csv"))

@@ -251,10 +251,21 @@ def test_text_in_a_whole_number_id_column_says_which_key_to_set(write_file, cont
     ("user_id,item_id,timestamp\nu1,a,1\nu1,\\N,2\n", r"'item_id'.*'\\\\N' at data row 2.*missing-value marker"),
     ("user_id,item_id,timestamp\nNULL,a,1\n", r"'user_id'.*'NULL' at data row 1.*missing-value marker"),
     ("user_id,item_id,timestamp\nu1,NaN,1\n", r"'item_id'.*'NaN' at data row 1"),
+    # Excel's #N/A, pandas' <NA> as printed, a hand-typed N/A: accepted as ids before
+    ("user_id,item_id,timestamp\nu1,a,1\nu1,#N/A,2\n", r"'item_id'.*'#N/A' at data row 2.*missing-value marker"),
+    ("user_id,item_id,timestamp\n<NA>,a,1\n", r"'user_id'.*'<NA>' at data row 1"),
+    ("user_id,item_id,timestamp\nu1,N/A,1\n", r"'item_id'.*'N/A' at data row 1"),
 ])
 def test_blank_text_ids_are_bad_input(write_file, content, match):
     with pytest.raises(InputDataError, match=match):
         read_events(DataConfig(user_id_type="string", item_id_type="string"), write_file("events.csv", content))
+
+
+def test_a_missing_value_marker_in_the_event_type_column_is_no_type(write_file):
+    """An export's NULL (or NaN, N/A) became a type named "NULL", with its own embedding and loss weight."""
+    path = write_file("events.csv", "user_id,item_id,timestamp,kind\n1,2,3,view\n1,3,4,NULL\n1,4,5, N/A \n1,5,6,\n")
+    df = read_events(DataConfig(event_type_col="kind"), path).collect()
+    assert df["event_type"].to_list() == ["view", None, None, None]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "pairs"])
