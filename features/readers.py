@@ -186,7 +186,8 @@ def _read_file(data: DataConfig, path: Path, many: bool, spans: dict[str, tuple[
     if not path.is_file():
         raise InputDataError(
             f"input file {shown(path)} does not exist or is not a file; fix data.path "
-            f"(currently {data.path!r}) or set data.source: synthetic"
+            f"(currently {data.path!r}) or set data.source: synthetic. If the file was there when the job started "
+            "(it was listed), it was removed or renamed while the job read: rerun once the export is complete"
         )
     if many and path.stat().st_size == 0:  # a quiet day's partition written as a 0-byte file: no rows
         return None
