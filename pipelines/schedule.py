@@ -85,6 +85,12 @@ def training_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
+# In a checkpoint directory: its run succeeded (the job's marker was written), so its last.ckpt is the end of a
+# finished training, kept for a rerun of the date, not the resume point of a killed one. Removed when a training
+# starts there again (pipelines.train).
+FINISHED = "finished"
+
+
 def checkpoint_dir(cfg: Config, run_date: dt.date) -> Path:
     """``<work_dir>/checkpoints/<YYYY-MM-DD>-<training hash[:12]>``: a new date or training config starts afresh.
 
@@ -251,24 +257,26 @@ class ScheduledRun:
         shutil.rmtree(checkpoint_dir(self.cfg, self.run_date), ignore_errors=True)
 
     def prune_checkpoints(self) -> None:
-        """After success: keep only this run's best checkpoint (and its ``last.ckpt`` if the time budget cut the
-        run: a rerun under a larger budget, or none, goes on from there, as README "Running on a schedule" says; the
-        next night's success removes it) and drop other runs' directories: finished ones,
+        """After success: keep this run's best checkpoint and its ``last.ckpt`` (a rerun of the date with another
+        evaluation, candidates or tracking key resumes the finished training instead of training again, warm-started
+        from its own first result; a run the time budget cut goes on from there under a larger budget or none; the
+        next night's success removes both) and drop other runs' directories: finished ones,
         and unfinished ones (with a ``last.ckpt``) of earlier dates, since a later night has now succeeded (a
         killed night stays resumable until then). Unfinished ones of this date (another config) or of later
         dates (a backfill running an older date) are kept so that they can still resume. A directory that
         cannot be removed is named in a warning and left for the next success: the run's output is already
         published and marked done."""
         # here, not at the top: recsys.checkpoint imports Lightning, which the CLI should not
-        from recsys.checkpoint import LAST, cut_by_budget
+        from recsys.checkpoint import LAST
 
         current = checkpoint_dir(self.cfg, self.run_date)
-        if not cut_by_budget(current / f"{LAST}.ckpt"):
-            (current / f"{LAST}.ckpt").unlink(missing_ok=True)
+        if current.is_dir():  # its last.ckpt stays, but as the end of a finished run (see FINISHED)
+            (current / FINISHED).touch()
         for other in WorkDir.of(self.cfg).checkpoints.glob("*"):
             if not other.is_dir() or other == current:
                 continue
-            if (other / f"{LAST}.ckpt").exists() and not _dated_before(other.name, self.run_date):
+            unfinished = (other / f"{LAST}.ckpt").exists() and not (other / FINISHED).exists()
+            if unfinished and not _dated_before(other.name, self.run_date):
                 continue
             try:
                 shutil.rmtree(other)

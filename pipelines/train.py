@@ -11,7 +11,7 @@ import torch
 
 from features import schema
 from features.artifacts import FeatureSet, load_features
-from pipelines.schedule import checkpoint_dir, today_utc
+from pipelines.schedule import FINISHED, checkpoint_dir, today_utc
 from pipelines.workdir import WorkDir, content_digest, log_features_input
 from recsys.candidates import TrainedModel, load_trained_model
 from recsys.config import Config, ConfigError, save_config
@@ -47,6 +47,7 @@ def run(cfg: Config, run_date: dt.date | None = None) -> Path:
     # A local earlier model is read before an MLflow run is opened, so a missing one fails at once.
     local = None if spec is None or is_mlflow_uri(spec) else load_trained_model(spec)
     ckpt_dir = checkpoint_dir(cfg, run_date or today_utc())
+    (ckpt_dir / FINISHED).unlink(missing_ok=True)  # unfinished again until this run succeeds
     if run_date is None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     with job_run(cfg, "train") as tracker, scratch_dir(wd.root, "init-model") as tmp:

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from pipelines.cli import EXIT_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, main
-from pipelines.schedule import config_hash, parse_run_date, training_hash
+from pipelines.schedule import checkpoint_dir, config_hash, parse_run_date, training_hash
 from recsys.config import load_config
 from recsys.storage import read_json
 from tests.pipelines.conftest import TINY, leftovers, tiny
@@ -70,8 +70,9 @@ def test_changed_config_for_the_same_date_reruns(new_work, capsys) -> None:
     second = read_json(work / "runs" / "train" / f"{DATE}.json")
     assert second["config_hash"] != first["config_hash"]
     assert read_json(work / "model" / "train_report.json")["resumed_from_epoch"] is None
-    # Only the latest run's best checkpoint is kept; the previous (finished) run's directory is gone.
-    kept = [p.parent.name for p in (work / "checkpoints").rglob("*.ckpt")]
+    # Only the latest run's checkpoints are kept; the previous (finished) run's directory is gone, its last.ckpt
+    # (kept for a rerun of its date) notwithstanding.
+    kept = sorted({p.parent.name for p in (work / "checkpoints").rglob("*.ckpt")})
     assert kept == [f"{DATE}-{training_hash(load_config(None, tiny(work, 'train.lr=0.002')))[:12]}"]
 
 
@@ -235,7 +236,7 @@ def test_a_new_pod_clears_and_restores_what_a_run_killed_in_another_pod_left(new
 def test_unfinished_checkpoints_of_earlier_nights_go_once_a_later_night_succeeds(tmp_path) -> None:
     """A night killed in training leaves a resume point nobody resumes once a later night succeeded: pruned
     then; an unfinished run of this date (another config) or of a later date (a backfill) is kept."""
-    from pipelines.schedule import ScheduledRun, checkpoint_dir
+    from pipelines.schedule import ScheduledRun
 
     cfg = load_config(None, tiny(tmp_path / "work"))
     run = ScheduledRun(cfg, "run", parse_run_date("2024-05-05"))
@@ -254,7 +255,11 @@ def test_unfinished_checkpoints_of_earlier_nights_go_once_a_later_night_succeeds
     run.prune_checkpoints()
     assert sorted(p.name for p in root.iterdir()) == sorted(
         [current.name, "2024-05-05-cccccccccccc", "2024-05-07-dddddddddddd", "scratch"])
-    assert [p.name for p in current.iterdir()] == ["best-epoch003.ckpt"]
+    assert sorted(p.name for p in current.iterdir()) == ["best-epoch003.ckpt", "finished", "last.ckpt"]  # a rerun
+    # of the date resumes its last.ckpt; a later night's success removes the directory, finished as it is
+    later = ScheduledRun(cfg, "run", parse_run_date("2024-05-06"))
+    later.prune_checkpoints()
+    assert not current.exists() and (root / "2024-05-07-dddddddddddd").exists()
 
 
 def test_a_night_cut_by_its_time_budget_goes_on_under_a_larger_one(new_work) -> None:
@@ -267,7 +272,9 @@ def test_a_night_cut_by_its_time_budget_goes_on_under_a_larger_one(new_work) -> 
     assert _train(work, "train.max_time_s=3600", "train.max_epochs=3") == EXIT_OK
     more = read_json(work / "model" / "train_report.json")
     assert more["resumed_from_epoch"] == 0 and more["epochs_run"] == 3
-    assert not list((work / "checkpoints").rglob("last.ckpt"))  # not cut this time: pruned as before
+    # the resume point of the latest success only (a rerun with another candidates key resumes it)
+    assert [p.parent.name for p in (work / "checkpoints").rglob("last.ckpt")] == [
+        checkpoint_dir(load_config(None, tiny(work, "train.max_epochs=3")), parse_run_date(DATE)).name]
 
 
 def test_train_names_the_keys_when_the_features_leave_it_nothing_to_validate_on(tmp_path, capsys) -> None:
@@ -355,6 +362,23 @@ def test_a_night_rejected_by_the_drift_gate_retried_without_the_threshold_publis
                      "train.max_time_s=5", "train.progress=true"), ("train.lr=0.01",), ("evaluate.exclude_seen=false",))]
     hashes = [training_hash(cfg) for cfg in configs]
     assert hashes[0] == hashes[1] and len({hashes[0], hashes[2], hashes[3]}) == 3
+
+
+def test_a_night_that_succeeded_rerun_with_another_candidates_key_does_not_train_again(new_work) -> None:
+    """Its success removed last.ckpt, so a rerun of the date with candidates.k changed (another marker hash)
+    trained again, warm-started from its own first result, registered v2 and the gate promoted it over v1:
+    the same data trained twice and a model judged against itself."""
+    work = new_work()
+    warm = ("tracking.enabled=true", "train.init_from=models:/sasrec@champion")
+    assert main(["run", "--quiet", "--run-date", DATE, *tiny(work, *warm)]) == EXIT_OK
+    first = read_json(work / "model" / "train_report.json")
+    weights = (work / "model" / "model.pt").read_bytes()
+    assert main(["run", "--quiet", "--run-date", DATE, *tiny(work, *warm, "candidates.k=7")]) == EXIT_OK
+    again = read_json(work / "model" / "train_report.json")
+    assert again["resumed_from_epoch"] is not None and again["registered_version"] == first["registered_version"]
+    assert (work / "model" / "model.pt").read_bytes() == weights
+    assert pl.read_parquet(work / "candidates" / f"date={DATE}" / "candidates.parquet").group_by("user_id").len(
+        )["len"].max() == 7
 
 
 def _status(work: Path, capsys: pytest.CaptureFixture[str]) -> dict:
