@@ -141,7 +141,8 @@ def promote(
         recorded = first.get("promotion.champion_val_ndcg_at_10", "None")
         promoted, champion = True, None if recorded == "None" else float(recorded)
         reason = (f"already the champion (gated by run {first.get('promotion.run_id', 'unknown')}: "
-                  f"{first.get('promotion.reason', 'no decision recorded')}; champion before it: v{over})")
+                  f"{first.get('promotion.reason', 'no decision recorded')}; champion before it: "
+                  f"{'none' if replaced is None else f'v{replaced}'})")
     elif rolled_back:
         promoted, champion = False, _val_ndcg(client, name, before)
         reason = (f"promoted before (by run {first.get('promotion.run_id', 'unknown')}), since rolled back: the "

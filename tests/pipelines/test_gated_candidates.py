@@ -40,6 +40,9 @@ def test_evaluating_the_champion_again_keeps_its_decision_and_rollback_target(tm
     for extra in ((), ("train.max_epochs=3", "tracking.promotion_tolerance=1")):
         assert main(["train", "--quiet", *tiny(work, *extra), *TRACK]) == EXIT_OK
         assert main(["evaluate", "--quiet", *tiny(work, *extra), *TRACK]) == EXIT_OK
+        if not extra:  # the first champion gated again: nothing before it (the reason said "vNone")
+            assert main(["evaluate", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+            assert read_json(work / "evaluation" / "promotion.json")["reason"].endswith("champion before it: none)")
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     gated = client.get_model_version("gated", "2").tags
     assert (gated["promotion.promoted"], gated["promotion.champion_version"]) == ("true", "1")
