@@ -53,9 +53,10 @@ class TrainResult:
     ``train_seconds_per_epoch`` the same without validation; ``wall_time_s`` covers this call only;
     ``resumed_from_epoch`` is the epoch of the checkpoint training resumed from, if any; ``history`` has one
     row per epoch (epoch, elapsed_s, train_s: that epoch without validation, val_ndcg_at_10, fit_s: seconds
-    from the start of training in the call that ran the epoch to the end of its validation, before its
-    checkpoints are written: the clock that ``train.max_time_s`` bounds, checkpoint writes between epochs
-    included, which ``elapsed_s`` leaves out).
+    from the start of training to the end of the epoch's validation, before its checkpoints are written: the
+    clock that ``train.max_time_s`` bounds, checkpoint writes between epochs included, which ``elapsed_s``
+    leaves out; over a resume it goes on from the resumed epoch's, as the budget does, so what a killed call
+    spent after its last checkpoint is in neither).
     """
 
     model: SASRec
@@ -94,7 +95,10 @@ class _EpochTimer(Callback):
         return time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._fit_start = self._now(pl_module)  # where Lightning's Timer (max_time) starts counting
+        # where Lightning's Timer (max_time) starts counting; a resumed run goes on from the fit_s of its last
+        # checkpointed epoch, as the Timer goes on from the elapsed time that checkpoint saved
+        before = self.history[-1].get("fit_s", 0.0) if self.history else 0.0
+        self._fit_start = self._now(pl_module) - before
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._now(pl_module)

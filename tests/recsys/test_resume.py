@@ -132,8 +132,16 @@ def test_a_run_cut_by_its_time_budget_goes_on_under_a_larger_one_and_stays_cut_u
     assert cut.epochs_run == 1  # stopped after its first step, that epoch validated
     same = train_model(small_config(max_epochs=4, max_time_s=1e-3), seqs, 40, tmp_path)
     assert same.resumed_from_epoch == 0 and same.epochs_run == 1 and same.best_checkpoint == cut.best_checkpoint
+    # fit_s, the budget's clock, goes on over the resume (it restarted at 0, so a cut run seemed to have used only
+    # part of its budget): the cut epoch's fit_s set to 1000 s in its checkpoint, the next epochs come after it
+    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    (timer,) = [v for k, v in state["callbacks"].items() if "_EpochTimer" in k]
+    timer["history"][-1]["fit_s"] = 1000.0
+    torch.save(state, tmp_path / "last.ckpt")
     more = train_model(small_config(max_epochs=4, max_time_s=3600.0), seqs, 40, tmp_path)
     assert more.resumed_from_epoch == 0 and more.epochs_run == 4
+    fit_s = [row["fit_s"] for row in more.history]
+    assert fit_s[0] == 1000.0 and all(a < b for a, b in zip(fit_s, fit_s[1:], strict=False))
     unlimited = train_model(small_config(max_epochs=4), seqs, 40, tmp_path)  # finished at max_epochs: stays so
     assert unlimited.resumed_from_epoch == 3 and unlimited.epochs_run == 4
 
