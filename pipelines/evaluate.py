@@ -133,14 +133,14 @@ def _promote(cfg: Config, wd: WorkDir, tracker: JobRun, feats: FeatureSet, model
     # the gate checks the version holds these files; hashed only for the gate (the weights of a large catalogue
     # are GBs). Files replaced since the model was loaded no longer match its version: refused, never mis-gated.
     content = content_digest(wd.model) if tracker.active else None
-    rescore = None
-    if cfg.tracking.promotion_basis == "rescored":
-        def rescore(champion_dir: Path) -> Comparison:  # both models on tonight's validation users
-            return compare_on_validation(model, load_trained_model(champion_dir), feats.sequences,
-                                         feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size,
-                                         exclude_seen=cfg.evaluate.exclude_seen, event_types=feats.event_types)
+    def rescore(champion_dir: Path) -> Comparison:  # both models on tonight's validation users
+        return compare_on_validation(model, load_trained_model(champion_dir), feats.sequences,
+                                     feats.item_map, model.max_len, batch_size=cfg.evaluate.batch_size,
+                                     exclude_seen=cfg.evaluate.exclude_seen, event_types=feats.event_types)
+    rescored = cfg.tracking.promotion_basis == "rescored"
     # guarded: a server that stops answering at the gate turns tracking off (the report is still written, with a
     # promotion.json saying the gate did not run) instead of losing the evaluation
     result = tracker.guarded(lambda: promote(tracker, str(version), val_ndcg, cfg.tracking.promotion_tolerance,
-                                             rescore, content))
+                                             rescore if rescored else None, content,
+                                             incomparable=None if rescored else rescore))
     return None if result is None else {**result.to_dict(), "summary": result.summary()}

@@ -92,9 +92,19 @@ def _val_ndcg(client: Any, name: str, version: str) -> float | None:
     return float(tag) if tag is not None else None
 
 
+def _measured_otherwise(client: Any, name: str, version: str, exclude_seen: bool) -> bool | None:
+    """The ``evaluate.exclude_seen`` the version's recorded validation NDCG@10 was measured with (its train run's
+    param), when it is not ``exclude_seen``: True; the same: False; unknown (no run, no param): None."""
+    mv = client.get_model_version(name, version)
+    run = _missing_is_none(lambda: client.get_run(mv.run_id)) if mv.run_id else None
+    recorded = None if run is None else run.data.params.get("evaluate.exclude_seen")
+    return None if recorded is None else recorded.lower() != str(exclude_seen).lower()
+
+
 def promote(
     tracker: JobRun, version: str, val_ndcg: float, tolerance: float,
     rescore: Callable[[Path], Comparison] | None = None, content: str | None = None,
+    incomparable: Callable[[Path], Comparison] | None = None,
 ) -> Promotion | None:
     """Run the gate for ``version`` of the tracker's registered model; log it on the run and the version.
 
@@ -104,8 +114,10 @@ def promote(
 
     With ``rescore`` (``tracking.promotion_basis=rescored``) the champion's files are downloaded and
     ``rescore(directory)`` measures both models on the same users tonight; the gate then compares those two
-    numbers instead of the ones recorded at training time. Returns None (and does nothing) when tracking is
-    off.
+    numbers instead of the ones recorded at training time. On the recorded basis, ``incomparable`` (the same
+    measurement) is used instead when the champion's recorded number was measured with another
+    ``evaluate.exclude_seen`` than tonight's (a ranking with seen items competing scores lower: the two
+    numbers do not compare). Returns None (and does nothing) when tracking is off.
     """
     if not tracker.active:
         return None
@@ -135,6 +147,12 @@ def promote(
     rolled_back = (not rerun and before is not None and first.get("promotion.promoted") == "true"
                    and first.get("promotion.applied") != "false")
     replaced = before  # the champion before the gate
+    if (not rerun and not rolled_back and before is not None and rescore is None and incomparable is not None
+            and tracker.cfg is not None and _measured_otherwise(client, name, before, tracker.cfg.evaluate.exclude_seen)):
+        log.warning("promotion gate: champion v%s's recorded validation NDCG@10 was measured with another "
+                    "evaluate.exclude_seen than tonight's (%s): both models are rescored on tonight's validation "
+                    "users instead", before, tracker.cfg.evaluate.exclude_seen)
+        rescore = incomparable
     if rerun:  # evaluate run again on the champion: its first decision (and rollback target) stays recorded
         over = first.get("promotion.champion_version", "None")
         replaced = None if over == "None" else over  # the one its first decision replaced, not itself

@@ -137,3 +137,26 @@ def _run_of(work) -> str:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     return client.get_model_version("gated", "1").run_id
+
+
+def test_a_champion_measured_with_another_exclude_seen_is_rescored_not_compared(tmp_path):
+    """The recorded basis compared tonight's val NDCG@10 (seen items competing) with the champion's recorded one
+    (seen items excluded, which scores higher): the new model was kept out on numbers that do not compare."""
+    work = tmp_path / "work"
+    assert main(["features", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    assert main(["train", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    assert main(["evaluate", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    assert read_json(work / "evaluation" / "promotion.json")["basis"] == "recorded"  # first model: nothing to rescore
+    other = ("evaluate.exclude_seen=false", "train.max_epochs=3")
+    assert main(["train", "--quiet", *tiny(work, *other), *TRACK]) == EXIT_OK
+    assert main(["evaluate", "--quiet", *tiny(work, *other), *TRACK]) == EXIT_OK
+    decision = read_json(work / "evaluation" / "promotion.json")
+    assert (decision["version"], decision["champion_version"], decision["basis"]) == ("2", "1", "rescored")
+    assert "rescored on tonight's" in decision["reason"]
+    # the champion's number is tonight's measurement of v1 (seen items competing), not its recorded one
+    recorded = read_json(work / "evaluation" / "promotion.json")["champion_val_ndcg_at_10"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    run = client.get_run(client.get_model_version("gated", "1").run_id)
+    assert recorded != run.data.metrics["best_val_ndcg_at_10"]
