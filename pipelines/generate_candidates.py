@@ -88,7 +88,7 @@ def run(cfg: Config, run_date: dt.date | None = None, shard: Shard | None = None
             _check_same_night(wd, day, shard, scored_with, features_sha, settings)
         table, stats = generate_candidates(trained, feats, cfg.candidates, allowed, night)
         fault_point("candidates-scored")
-        parts = wd.previous_candidates(day, part)
+        parts = _previous_parts(wd, day, part, table.schema[schema.USER_ID])
         drift = drift_report(table, _previous_lists(parts, shard, table.schema[schema.USER_ID]),
                              stats["k_effective"])
         drifted = drift_violations(drift, cfg.candidates)
@@ -384,6 +384,19 @@ def _check_layout(wd: WorkDir, day: dt.date, shard: Shard | None) -> None:
         raise ShardLayoutError(f"{day} is already split another way ({', '.join(other)} under {wd.candidates}), "
                                f"not as --shard {shard}; use the same N for every shard of a night, or remove "
                                "them")
+
+
+def _previous_parts(wd: WorkDir, day: dt.date, part: str | None, user_dtype: pl.DataType) -> list[Path]:
+    """:meth:`WorkDir.previous_candidates` of ``part`` (a shard's name, or None), unless that is the same shard's
+    partition written with another user id dtype (``data.user_id_type`` changed since): ids then hash to other
+    shards (the number 7 by splitmix64, the text "7" by BLAKE2b), so the same shard held other users, and the
+    whole previous night (or all its shards) is read instead, to be cut to this shard's users."""
+    parts = wd.previous_candidates(day, part)
+    if part is not None and len(parts) == 1 and parts[0].parent.name == part:
+        written = pl.read_parquet_schema(parts[0] / "candidates.parquet")[schema.USER_ID]
+        if written != user_dtype:
+            return wd.previous_candidates(day, None)
+    return parts
 
 
 def _previous_lists(previous: list[Path], shard: Shard | None, user_dtype: pl.DataType) -> pl.DataFrame | None:

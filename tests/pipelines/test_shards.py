@@ -320,3 +320,26 @@ def test_a_shards_drift_baseline_keeps_its_users_across_a_user_id_type_change(tm
     assert (report["users_common"], report["users_lost"], report["users_gained"]) == (len(mine), 0, 0)
     assert report["mean_overlap_at_k"] == 1.0 and report["new_items"] == 0
 
+
+
+def test_a_shard_reads_the_whole_previous_night_after_a_user_id_type_change(tmp_path: Path) -> None:
+    """Its own shard's previous partition, written with the other id type, held other users (text ids hash by
+    BLAKE2b, numbers by splitmix64): compared with it, about half of tonight's users counted as gained and the
+    new-item share was measured against half of last night's lists."""
+    import datetime as dt
+
+    from pipelines.generate_candidates import _previous_parts
+    from pipelines.workdir import WorkDir
+    from recsys.config import load_config
+
+    wd = WorkDir.of(load_config(None, [f"work_dir={tmp_path / 'work'}"]))
+    table = pl.DataFrame({"user_id": ["1", "2"], "item_id": [10, 20], "score": [1.0, 0.5], "rank": [1, 1]},
+                         schema={"user_id": pl.String, "item_id": pl.Int64, "score": pl.Float32, "rank": pl.Int32})
+    for index in (0, 1):
+        part = wd.candidates / f"shard={index}-of-2" / "date=2024-01-01"
+        part.mkdir(parents=True)
+        table.write_parquet(part / "candidates.parquet")
+    day, mine = dt.date(2024, 1, 2), "shard=0-of-2"
+    assert _previous_parts(wd, day, mine, pl.String) == [wd.candidates / mine / "date=2024-01-01"]  # same type
+    assert sorted(_previous_parts(wd, day, mine, pl.Int64)) == [
+        wd.candidates / f"shard={i}-of-2" / "date=2024-01-01" for i in (0, 1)]
