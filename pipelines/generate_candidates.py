@@ -393,8 +393,11 @@ def _previous_parts(wd: WorkDir, day: dt.date, part: str | None, user_dtype: pl.
     whole previous night (or all its shards) is read instead, to be cut to this shard's users."""
     parts = wd.previous_candidates(day, part)
     if part is not None and len(parts) == 1 and parts[0].parent.name == part:
-        written = pl.read_parquet_schema(parts[0] / "candidates.parquet")[schema.USER_ID]
-        if written != user_dtype:
+        try:
+            written = pl.read_parquet_schema(parts[0] / "candidates.parquet").get(schema.USER_ID)
+        except (pl.exceptions.PolarsError, OSError):  # damaged: read_candidates says so (exit 2, what to do)
+            return parts
+        if written is not None and written != user_dtype:
             return wd.previous_candidates(day, None)
     return parts
 

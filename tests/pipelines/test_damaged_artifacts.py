@@ -58,6 +58,10 @@ def _truncate(path: Path, size: int) -> None:
      ["candidates", "--date", "2024-05-02"], (f"date={DATE}/candidates.parquet is damaged", "aside")),
     (lambda w: shutil.copy(w / "features" / "user_map.parquet", w / "features" / "item_map.parquet"),
      ["evaluate"], ("item_map.parquet",)),
+    # a shard's own previous partition (read first for its user id type: a traceback, exit 1, before)
+    (lambda w: (shutil.copytree(w / "candidates" / f"date={DATE}", w / "candidates" / "shard=0-of-2" / f"date={DATE}"),
+                _truncate(w / "candidates" / "shard=0-of-2" / f"date={DATE}" / "candidates.parquet", 100)),
+     ["candidates", "--date", "2024-05-02", "--shard", "0/2"], (f"shard=0-of-2/date={DATE}/candidates.parquet is damaged",)),
 ])
 def test_a_damaged_artifact_is_named_with_exit_2_and_nothing_changes(work: Path, capsys, damage, argv, says) -> None:
     damage(work)
