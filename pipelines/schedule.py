@@ -260,17 +260,20 @@ class ScheduledRun:
         """After success: keep this run's best checkpoint and its ``last.ckpt`` (a rerun of the date with another
         evaluation, candidates or tracking key resumes the finished training instead of training again, warm-started
         from its own first result; a run the time budget cut goes on from there under a larger budget or none; the
-        next night's success removes both) and drop other runs' directories: finished ones,
+        next night's success removes both, and so does another config's success of this date unless the budget
+        cut the run) and drop other runs' directories: finished ones,
         and unfinished ones (with a ``last.ckpt``) of earlier dates, since a later night has now succeeded (a
         killed night stays resumable until then). Unfinished ones of this date (another config) or of later
         dates (a backfill running an older date) are kept so that they can still resume. A directory that
         cannot be removed is named in a warning and left for the next success: the run's output is already
         published and marked done."""
         # here, not at the top: recsys.checkpoint imports Lightning, which the CLI should not
-        from recsys.checkpoint import LAST
+        from recsys.checkpoint import LAST, cut_by_budget
 
         current = checkpoint_dir(self.cfg, self.run_date)
-        if current.is_dir():  # its last.ckpt stays, but as the end of a finished run (see FINISHED)
+        # its last.ckpt stays; as the end of a finished run (see FINISHED) unless the time budget cut it: then it is
+        # a resume point that another config's success of this date keeps, as it keeps a killed run's
+        if current.is_dir() and not cut_by_budget(current / f"{LAST}.ckpt"):
             (current / FINISHED).touch()
         for other in WorkDir.of(self.cfg).checkpoints.glob("*"):
             if not other.is_dir() or other == current:

@@ -168,6 +168,16 @@ def resume_point(directory: Path, identity: str, clean: bool = True) -> ResumePo
     return None
 
 
+def cut_by_budget(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` records a stop by the time budget (train.max_time_s), from which a
+    larger budget, or none, trains on (:class:`RunStamp`); False when it is missing or unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the flags, not the weights
+    except Exception:  # noqa: BLE001 - missing or unreadable: nothing to go on from
+        return False
+    return bool(state.get(STOPPED_KEY)) and state.get(FINAL_KEY) is False
+
+
 def _remove_later_best(directory: Path, epoch: int) -> None:
     """Best checkpoints of epochs after the resume point: written before the kill, and the resumed run does not
     know them (its best callback's state is that of ``epoch``); it writes them again if those epochs improve."""

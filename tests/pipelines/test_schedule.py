@@ -269,6 +269,8 @@ def test_a_night_cut_by_its_time_budget_goes_on_under_a_larger_one(new_work) -> 
     assert _train(work, "train.max_time_s=0.001", "train.max_epochs=3") == EXIT_OK
     cut = read_json(work / "model" / "train_report.json")
     assert cut["epochs_run"] == 1
+    # another config's success of the date removes finished runs' directories, not this resume point
+    assert _train(work, "train.max_epochs=1", "train.lr=0.002") == EXIT_OK
     assert _train(work, "train.max_time_s=3600", "train.max_epochs=3") == EXIT_OK
     more = read_json(work / "model" / "train_report.json")
     assert more["resumed_from_epoch"] == 0 and more["epochs_run"] == 3
