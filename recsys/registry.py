@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from recsys.config import ConfigError
 from recsys.storage import scratch_dir
-from recsys.tracking import CONTENT_TAG, JobRun, all_pages
+from recsys.tracking import CONTENT_TAG, JobRun, TrackingUnavailableError, all_pages
 
 if TYPE_CHECKING:
     from recsys.comparison import Comparison
@@ -92,13 +92,30 @@ def _val_ndcg(client: Any, name: str, version: str) -> float | None:
     return float(tag) if tag is not None else None
 
 
-def _measured_otherwise(client: Any, name: str, version: str, exclude_seen: bool) -> bool | None:
+def _measured_with(client: Any, name: str, version: str) -> str | None:
     """The ``evaluate.exclude_seen`` the version's recorded validation NDCG@10 was measured with (its train run's
-    param), when it is not ``exclude_seen``: True; the same: False; unknown (no run, no param): None."""
+    param, lower case); None when unknown (no run, no param)."""
     mv = client.get_model_version(name, version)
     run = _missing_is_none(lambda: client.get_run(mv.run_id)) if mv.run_id else None
     recorded = None if run is None else run.data.params.get("evaluate.exclude_seen")
-    return None if recorded is None else recorded.lower() != str(exclude_seen).lower()
+    return None if recorded is None else recorded.lower()
+
+
+def _rescored(tracker: JobRun, name: str, champion: str, rescore: Callable[[Path], Comparison],
+              fallback: tuple[str, str] | None) -> Comparison | None:
+    """Both models measured by ``rescore`` on the champion's registered files; with ``fallback`` (the recorded
+    basis, rescoring only because the recorded numbers do not compare), None when that fails, with a warning."""
+    assert tracker.cfg is not None  # an active run's handle carries its config
+    try:
+        with scratch_dir(Path(tracker.cfg.work_dir), "champion-model") as tmp:
+            _, files = fetch_model(tracker, f"models:/{name}/{champion}", Path(tmp))
+            return rescore(files)
+    except Exception as exc:
+        if fallback is None or isinstance(exc, TrackingUnavailableError):
+            raise
+        log.warning("promotion gate: rescoring champion v%s failed (%s: %s); the recorded numbers decide, though "
+                    "measured with evaluate.exclude_seen=%s and %s", champion, type(exc).__name__, exc, *fallback)
+        return None
 
 
 def promote(
@@ -116,8 +133,9 @@ def promote(
     ``rescore(directory)`` measures both models on the same users tonight; the gate then compares those two
     numbers instead of the ones recorded at training time. On the recorded basis, ``incomparable`` (the same
     measurement) is used instead when the champion's recorded number was measured with another
-    ``evaluate.exclude_seen`` than tonight's (a ranking with seen items competing scores lower: the two
-    numbers do not compare). Returns None (and does nothing) when tracking is off.
+    ``evaluate.exclude_seen`` than the challenger's (a ranking with seen items competing scores lower: the two
+    numbers do not compare); if that rescoring fails, the recorded numbers decide, with a warning. Returns None
+    (and does nothing) when tracking is off.
     """
     if not tracker.active:
         return None
@@ -147,12 +165,14 @@ def promote(
     rolled_back = (not rerun and before is not None and first.get("promotion.promoted") == "true"
                    and first.get("promotion.applied") != "false")
     replaced = before  # the champion before the gate
-    if (not rerun and not rolled_back and before is not None and rescore is None and incomparable is not None
-            and tracker.cfg is not None and _measured_otherwise(client, name, before, tracker.cfg.evaluate.exclude_seen)):
-        log.warning("promotion gate: champion v%s's recorded validation NDCG@10 was measured with another "
-                    "evaluate.exclude_seen than tonight's (%s): both models are rescored on tonight's validation "
-                    "users instead", before, tracker.cfg.evaluate.exclude_seen)
-        rescore = incomparable
+    fallback = None  # the two exclude_seen settings, when the recorded numbers do not compare
+    if not rerun and not rolled_back and before is not None and rescore is None and incomparable is not None:
+        theirs, ours = _measured_with(client, name, before), _measured_with(client, name, version)
+        if None not in (theirs, ours) and theirs != ours:
+            log.warning("promotion gate: champion v%s's recorded validation NDCG@10 was measured with "
+                        "evaluate.exclude_seen=%s, v%s's with %s: both models are rescored on tonight's validation "
+                        "users instead", before, theirs, version, ours)
+            rescore, fallback = incomparable, (theirs, ours)
     if rerun:  # evaluate run again on the champion: its first decision (and rollback target) stays recorded
         over = first.get("promotion.champion_version", "None")
         replaced = None if over == "None" else over  # the one its first decision replaced, not itself
@@ -166,11 +186,8 @@ def promote(
         reason = (f"promoted before (by run {first.get('promotion.run_id', 'unknown')}), since rolled back: the "
                   f"champion alias was moved to v{before}; it stays challenger (move the alias by hand to promote "
                   "it again)")
-    elif before is not None and rescore is not None:
-        assert tracker.cfg is not None  # an active run's handle carries its config
-        with scratch_dir(Path(tracker.cfg.work_dir), "champion-model") as tmp:
-            _, files = fetch_model(tracker, f"models:/{name}/{before}", Path(tmp))
-            comparison = rescore(files)
+    elif before is not None and rescore is not None and (comparison := _rescored(
+            tracker, name, before, rescore, fallback)) is not None:
         val_ndcg, champion = comparison.challenger, comparison.champion
         promoted, reason = decide(val_ndcg, champion, tolerance)
         se = "" if comparison.delta_se is None else f" ± {1.96 * comparison.delta_se:.4f}"

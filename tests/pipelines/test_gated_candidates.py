@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import polars as pl
+import pytest
 
 from pipelines.cli import EXIT_OK, main
 from recsys.storage import read_json
@@ -153,10 +154,32 @@ def test_a_champion_measured_with_another_exclude_seen_is_rescored_not_compared(
     decision = read_json(work / "evaluation" / "promotion.json")
     assert (decision["version"], decision["champion_version"], decision["basis"]) == ("2", "1", "rescored")
     assert "rescored on tonight's" in decision["reason"]
-    # the champion's number is tonight's measurement of v1 (seen items competing), not its recorded one
-    recorded = read_json(work / "evaluation" / "promotion.json")["champion_val_ndcg_at_10"]
+    # both numbers are tonight's measurement with seen items competing: the challenger's equals its own recorded
+    # one (same features, same setting), the champion's is not its recorded one (seen items excluded)
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    run = client.get_run(client.get_model_version("gated", "1").run_id)
-    assert recorded != run.data.metrics["best_val_ndcg_at_10"]
+    v1 = client.get_run(client.get_model_version("gated", "1").run_id).data.metrics["best_val_ndcg_at_10"]
+    v2 = read_json(work / "model" / "train_report.json")["best_val_ndcg_at_10"]
+    assert decision["challenger_val_ndcg_at_10"] == pytest.approx(v2, abs=1e-6)
+    assert decision["champion_val_ndcg_at_10"] < v1
+
+
+def test_when_that_rescoring_fails_the_recorded_numbers_decide_with_a_warning(tmp_path, monkeypatch):
+    """The fallback must not fail a night on the recorded basis, which never needed the champion's files."""
+    import recsys.registry
+
+    work = tmp_path / "work"
+    assert main(["features", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    for extra in ((), ("evaluate.exclude_seen=false", "train.max_epochs=3")):
+        assert main(["train", "--quiet", *tiny(work, *extra), *TRACK]) == EXIT_OK
+        if extra:
+            def gone(*args, **kwargs):
+                raise RuntimeError("artifacts purged")
+
+            monkeypatch.setattr(recsys.registry, "fetch_model", gone)
+        assert main(["evaluate", "--quiet", *tiny(work, *extra), *TRACK]) == EXIT_OK
+    decision = read_json(work / "evaluation" / "promotion.json")
+    assert (decision["version"], decision["basis"]) == ("2", "recorded")
+    logs = "".join(log.read_text() for log in (work / "logs").glob("evaluate-*.log"))
+    assert "rescoring champion v1 failed (RuntimeError: artifacts purged); the recorded numbers decide" in logs
