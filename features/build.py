@@ -6,8 +6,8 @@ sorting by user and time, de-duplication, the k-core, encoding and the split the
 
 With ``features.partitions`` = P > 1 the job runs out of core, for inputs larger than memory: one streaming
 pass writes the events as P ranges of user_id with about equal row counts; the row policies run on one range
-at a time (every policy but the item k-core only looks at one user's rows), the id maps come from the kept
-rows of all ranges, then each range is encoded and split on its own, and streaming passes join the parts
+at a time (every policy but the item k-core only looks at one user's rows; the item k-core then runs in rounds
+over all ranges, with item counts from a streaming pass), the id maps come from the kept rows of all ranges, then each range is encoded and split on its own, and streaming passes join the parts
 into the same files as P = 1 writes. Peak memory follows the largest range, not the input.
 """
 
@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -441,17 +441,50 @@ def _select_ranges(
     directory.mkdir(parents=True)
     files: list[Path] = []
     total = Accounting(0, 0, dict.fromkeys(DROP_REASONS, 0))
+    local = features.model_copy(update={"min_item_events": 1})  # the item k-core counts every range: below
     for index, range_files in enumerate(ranges):
         if not range_files:
             continue
-        kept, accounting = select_rows(pl.scan_parquet(range_files, glob=False), features, since)
+        kept, accounting = select_rows(pl.scan_parquet(range_files, glob=False), local, since)
         total += accounting
         for file in range_files:
             file.unlink()
         if kept.height:
             files.append(directory / f"{index:05d}.parquet")
             kept.write_parquet(files[-1])
+    if features.min_item_events > 1:
+        files, dropped = _item_kcore(files, features.min_user_events, features.min_item_events)
+        total = replace(total, rows_kept=total.rows_kept - sum(dropped.values()),
+                        dropped={reason: rows + dropped.get(reason, 0) for reason, rows in total.dropped.items()})
     return files, total
+
+
+def _item_kcore(files: list[Path], min_user: int, min_item: int) -> tuple[list[Path], dict[str, int]]:
+    """policies.filter_kcore over the user ranges ``files``, each already through its user k-core: item counts
+    over every range (a streaming group-by), then each range's rows of rare items and users left below
+    ``min_user`` dropped, range by range, repeated until stable; the same passes in the same order as in memory,
+    so the same rows and counts per reason. Returns the ranges still holding rows and the rows dropped."""
+    dropped = {"user_kcore": 0, "item_kcore": 0}
+    while files:
+        counts = pl.scan_parquet(files, glob=False).group_by(ITEM_ID).len().collect(engine="streaming")
+        rare = counts.filter(pl.col("len") < min_item)[ITEM_ID]
+        if rare.is_empty():
+            break
+        left = []
+        for file in files:
+            rows = pl.read_parquet(file)
+            kept = rows.filter(~pl.col(ITEM_ID).is_in(rare.implode()))
+            dropped["item_kcore"] += rows.height - kept.height
+            users = kept.filter(pl.len().over(USER_ID) >= min_user)
+            dropped["user_kcore"] += kept.height - users.height
+            if users.height < rows.height:
+                file.unlink()
+                if users.height:
+                    users.write_parquet(file)
+            if users.height:
+                left.append(file)
+        files = left
+    return files, dropped
 
 
 def build_manifest(

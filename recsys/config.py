@@ -254,15 +254,6 @@ class FeaturesConfig(_Section):
     max_history_age: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _partitions(self) -> FeaturesConfig:
-        if self.partitions > 1 and self.min_item_events > 1:
-            raise ValueError(
-                "features.partitions > 1 needs features.min_item_events = 1: the item k-core counts every "
-                "user's events at once; build with features.partitions=1 or drop the item k-core"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _user_limits(self) -> FeaturesConfig:
         if self.max_user_events is not None and self.min_user_events > self.max_user_events:
             raise ValueError(f"features.min_user_events ({self.min_user_events}) is above features."

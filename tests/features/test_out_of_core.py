@@ -28,7 +28,7 @@ from features.schema import (
     USER_MAP,
 )
 from features.sequences import split_leave_one_out
-from recsys.config import ConfigError, FeaturesConfig, load_config
+from recsys.config import FeaturesConfig, load_config
 
 TABLES = ("events", "sequences", "user_map", "item_map")
 
@@ -59,8 +59,12 @@ def _build(source: Path, work: Path, *overrides: str) -> tuple[dict, dict[str, p
         ["features.split=time", "features.val_cutoff=1615000000", "features.test_cutoff=1625000000"],
         ["features.max_user_events=60", "features.keep_last_events=20"],
         ["data.user_id_type=string", "data.item_id_type=string"],  # user ranges of text ids, in text order
+        # the item k-core counts every range: iterated with the user k-core, the same rows and counts per reason
+        ["features.min_user_events=5", "features.min_item_events=8"],
+        ["features.min_item_events=12", "features.dedup=user_item", "features.keep_last_events=30"],
     ],
-    ids=["default", "user_item_kcore", "event_types", "time_split", "user_limits", "text_ids"],
+    ids=["default", "user_item_kcore", "event_types", "time_split", "user_limits", "text_ids", "item_kcore",
+         "item_kcore_limits"],
 )
 def test_partitioned_build_equals_in_memory_build(shuffled_events, tmp_path, overrides):
     whole, expected = _build(shuffled_events, tmp_path / "p1", *overrides)
@@ -106,9 +110,18 @@ def test_partition_by_user_keeps_users_whole_in_order(shuffled_events, tmp_path)
     assert "_range" not in parts[0].columns
 
 
-def test_partitions_refuse_the_item_kcore():
-    with pytest.raises(ConfigError, match="features.partitions"):
-        load_config(overrides=["features.partitions=2", "features.min_item_events=2"])
+def test_the_item_kcore_out_of_core_iterates_like_in_memory(shuffled_events, tmp_path):
+    """Refused out of core before (each range saw only its users' events of an item). Here several rounds are
+    needed (dropping rare items takes users below the user k-core and back), and every reason is counted."""
+    overrides = ["features.min_user_events=20", "features.min_item_events=40", "data.event_type_col=null"]
+    whole, expected = _build(shuffled_events, tmp_path / "p1", *overrides)
+    parted, got = _build(shuffled_events, tmp_path / "p7", *overrides, "features.partitions=7")
+    for name in TABLES:
+        assert got[name].equals(expected[name]), name
+    assert parted["dropped"] == whole["dropped"] and whole["dropped"]["item_kcore"] > 0
+    assert whole["dropped"]["user_kcore"] > 0 and parted["rows_kept"] == whole["rows_kept"]
+    events = got["events"]
+    assert events.group_by("user_idx").len()["len"].min() >= 20 and events.group_by("item_idx").len()["len"].min() >= 40
 
 
 def _brute_force_kept(rows: list[tuple[int, int, int, str]], features: FeaturesConfig,
