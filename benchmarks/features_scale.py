@@ -123,10 +123,10 @@ def generate_skewed_events(
 # ---------------------------------------------------------------------------------------------- jobs
 
 
-def run_polars(source: Path, out: Path, partitions: int) -> None:
-    """The library's feature job on ``source`` into ``out/features``."""
+def run_polars(source: Path, out: Path, partitions: int, extra: list[str] | None = None) -> None:
+    """The library's feature job on ``source`` into ``out/features``, with config overrides ``extra``."""
     overrides = [f"data.path={source}", "data.format=parquet", f"work_dir={out}"]
-    build_features(load_config(overrides=[*overrides, f"features.partitions={partitions}"]))
+    build_features(load_config(overrides=[*overrides, f"features.partitions={partitions}", *(extra or [])]))
 
 
 def run_pandas(source: Path, out: Path) -> None:
@@ -269,13 +269,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json-out", type=Path, default=None,
                         help="also append the run's record (arguments, measurements, machine, commit) as a JSON line")
     parser.add_argument("--job", choices=["polars", "pandas"], help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides of the polars job (e.g. features.min_item_events=5); not with "
+                             "--compare-pandas, whose job knows no policies")
     args = parser.parse_args(argv)
+    if args.overrides and args.compare_pandas:
+        parser.error("KEY=VALUE overrides change the polars job only: not with --compare-pandas")
     if args.json_out is not None:  # before the measuring, not after; imported here: benchmarks.machine imports
         from benchmarks.machine import check_json_out  # torch, which the child jobs' RSS must not count
 
         check_json_out(args.json_out)
     if args.job == "polars":
-        run_polars(_source(args), args.work_dir / "polars", args.partitions)
+        run_polars(_source(args), args.work_dir / "polars", args.partitions, args.overrides)
     elif args.job == "pandas":
         run_pandas(_source(args), args.work_dir / "pandas")
     else:
@@ -293,7 +298,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> None:
     generated = generate_skewed_events(args.events, _source(args), args.seed)
     print(f"generated in {time.perf_counter() - start:.0f} s: {generated}", flush=True)
     shared = ["--events", str(args.events), "--seed", str(args.seed), "--work-dir", str(args.work_dir)]
-    results = {"polars": measure([*shared, "--partitions", str(args.partitions), "--job", "polars"])}
+    results = {"polars": measure([*shared, "--partitions", str(args.partitions), "--job", "polars", *args.overrides])}
     if args.compare_pandas:
         results["pandas"] = measure([*shared, "--job", "pandas"])
         if not same_sequences(args.work_dir / "polars" / "features", args.work_dir / "pandas"):
