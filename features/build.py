@@ -464,12 +464,13 @@ def _item_kcore(files: list[Path], min_user: int, min_item: int) -> tuple[list[P
     over every range (a streaming group-by), then each range's rows of rare items and users left below
     ``min_user`` dropped, range by range, repeated until stable; the same passes in the same order as in memory,
     so the same rows and counts per reason. Returns the ranges still holding rows and the rows dropped."""
-    dropped = {"user_kcore": 0, "item_kcore": 0}
+    dropped, rounds = {"user_kcore": 0, "item_kcore": 0}, 0
     while files:
         counts = pl.scan_parquet(files, glob=False).group_by(ITEM_ID).len().collect(engine="streaming")
         rare = counts.filter(pl.col("len") < min_item)[ITEM_ID]
         if rare.is_empty():
             break
+        rounds += 1
         left = []
         for file in files:
             rows = pl.read_parquet(file)
@@ -484,6 +485,7 @@ def _item_kcore(files: list[Path], min_user: int, min_item: int) -> tuple[list[P
             if users.height:
                 left.append(file)
         files = left
+    logger.info("item k-core over %d user ranges: %d round(s), dropped %s", len(files), rounds, dropped)
     return files, dropped
 
 
