@@ -5,7 +5,7 @@ the versions this work directory still serves: the ones the latest published can
 night) were scored with, and the one in ``model/``. Each pass is recorded in
 ``<work_dir>/retention/date=YYYY-MM-DD.json`` {``run_date``, ``passes``: [{``finished_at``,
 ``registered_model``, ``experiment``, ``keep_days``, ``cutoff``, ``versions_deleted``, ``versions_kept``,
-``runs_deleted``, ``runs_purged``, ``purge``}]}.
+``runs_deleted``, ``runs_purged``, ``purge``, ``stopped``}]}; a pass stopped early (a server gone, SIGTERM) is recorded with what it did.
 """
 
 from __future__ import annotations
@@ -45,7 +45,17 @@ def run(cfg: Config, run_date: dt.date | None = None, dry_run: bool = False) -> 
     if day > today_utc() + dt.timedelta(days=1):  # a typo'd year would delete every unprotected version and run
         raise ConfigError(f"--run-date {day} is in the future (today is {today_utc()}, UTC): retention deletes what "
                           "is tracking.keep_days older than the run date; pass today's date or leave it out")
-    pruned = prune_tracking(cfg, day, served_versions(cfg), dry_run=dry_run)
+    try:
+        pruned = prune_tracking(cfg, day, served_versions(cfg), dry_run=dry_run)
+    except BaseException as exc:  # a server gone, SIGTERM: what the pass deleted before is recorded all the same
+        partial = getattr(exc, "retention_pass", None)
+        if partial is not None and not dry_run and (partial.versions_deleted or partial.runs_deleted):
+            partial.stopped = (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:300]
+            try:
+                record(cfg, day, partial)
+            except Exception as failed:  # noqa: BLE001 - the pass's own failure is the one to report
+                log.warning("tracking retention: recording the stopped pass failed (%s)", failed)
+        raise
     log.info("%s", pruned.summary())
     if not dry_run:
         record(cfg, day, pruned)

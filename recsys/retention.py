@@ -66,6 +66,8 @@ class Pruned:
     runs_deleted: list[str] = field(default_factory=list)  # soft-deleted (and purged, see purge)
     runs_purged: list[str] = field(default_factory=list)  # removed for good with their artifacts
     purge: str = "none"  # "done", "left to the tracking server's operator (mlflow gc)", "dry run", "none"
+    stopped: str | None = None  # why the pass stopped before its end (what it did is the above), None = it ended
+
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,9 +98,18 @@ def prune_tracking(cfg: Config, run_date: dt.date, protected: dict[str, str], dr
     uri = tracking_uri(cfg)
     check_sqlite_store(uri)
     limit = cutoff(run_date, keep)
-    limit_ms = int(limit.timestamp() * 1000)
     pruned = Pruned(keep, limit.isoformat(), dry_run)
-    client = MlflowClient(tracking_uri=uri)
+    try:
+        _prune(cfg, MlflowClient(tracking_uri=uri), uri, limit, protected, pruned)
+    except BaseException as exc:  # SIGTERM (pipelines.prune) too: what was deleted before it goes to the record
+        exc.retention_pass = pruned  # type: ignore[attr-defined]
+        raise
+    return pruned
+
+
+def _prune(cfg: Config, client: Any, uri: str, limit: dt.datetime, protected: dict[str, str], pruned: Pruned) -> None:
+    """The pass of :func:`prune_tracking`, filling ``pruned`` as it goes."""
+    limit_ms, dry_run = int(limit.timestamp() * 1000), pruned.dry_run
     with _answering(cfg, uri):
         doomed = _old_versions(client, cfg.tracking.registered_model, limit_ms, protected, pruned.versions_kept)
         for version in doomed:
@@ -114,13 +125,14 @@ def prune_tracking(cfg: Config, run_date: dt.date, protected: dict[str, str], dr
                      if not (mv.name == cfg.tracking.registered_model and str(mv.version) in gone)}
         kept_runs |= pinned_runs(cfg)
         old = _old_runs(client, cfg.tracking.experiment, limit_ms, kept_runs)
-        pruned.runs_deleted = [run.info.run_id for run in old]
         if dry_run:
+            pruned.runs_deleted = [run.info.run_id for run in old]
             pruned.purge = "dry run"
-            return pruned
+            return
         for run in old:
             if run.info.lifecycle_stage != "deleted":
                 client.delete_run(run.info.run_id)
+            pruned.runs_deleted.append(run.info.run_id)
         if old:
             log.info("tracking retention: deleted %d runs of experiment %s that ended before %s", len(old),
                      cfg.tracking.experiment, limit.isoformat())
@@ -134,7 +146,6 @@ def prune_tracking(cfg: Config, run_date: dt.date, protected: dict[str, str], dr
             own = Path(cfg.work_dir) / "mlartifacts" if cfg.tracking.uri is None else None
             pruned.runs_purged = _purge(uri, [run.info.run_id for run in old], own)
             pruned.purge = "done" if old else "none"
-    return pruned
 
 
 def pinned_runs(cfg: Config) -> set[str]:

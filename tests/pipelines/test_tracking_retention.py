@@ -325,7 +325,9 @@ def test_sigterm_during_the_retention_of_a_published_night_ends_the_night_as_don
     (log,) = (store.work / "logs").glob("run-*.log")
     assert "tracking retention stopped by SIGTERM" in log.read_text()
     gone = [label for label in GONE_VERSIONS if store.versions[label] not in store.alive_versions()]
-    assert len(gone) == 1  # stopped after the first deletion
+    assert len(gone) == 1  # stopped after the first deletion, which the record lists (it was in no record)
+    (stopped,) = read_json(store.work / "retention" / f"date={RUN_DATE}.json")["passes"]
+    assert stopped["versions_deleted"] == [store.versions[gone[0]]] and stopped["stopped"] == "_Stopped"
     monkeypatch.delenv(FAULT_ENV)
     assert main(["prune", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)]
                 ) == EXIT_OK
