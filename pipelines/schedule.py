@@ -281,11 +281,21 @@ class ScheduledRun:
             unfinished = (other / f"{LAST}.ckpt").exists() and not (other / FINISHED).exists()
             if unfinished and not _dated_before(other.name, self.run_date):
                 continue
+            if (other / FINISHED).exists() and _dated_after(other.name, self.run_date):  # a backfill: that later
+                continue  # night's rerun resumes it, as a rerun of this one resumes ours
             try:
                 shutil.rmtree(other)
             except OSError as exc:
                 log.warning("%s %s is done; removing the old checkpoint directory %s failed (%s): the next "
                             "successful run retries, or remove it by hand", self.job, self.run_date, other, exc)
+
+
+def _dated_after(name: str, day: dt.date) -> bool:
+    """Whether checkpoint directory ``name`` (``<YYYY-MM-DD>-<hash>``) is of a date after ``day``."""
+    try:
+        return dt.date.fromisoformat(name[:10]) > day
+    except ValueError:
+        return False
 
 
 def _dated_before(name: str, day: dt.date) -> bool:

@@ -258,8 +258,15 @@ def test_unfinished_checkpoints_of_earlier_nights_go_once_a_later_night_succeeds
     assert sorted(p.name for p in current.iterdir()) == ["best-epoch003.ckpt", "finished", "last.ckpt"]  # a rerun
     # of the date resumes its last.ckpt; a later night's success removes the directory, finished as it is
     later = ScheduledRun(cfg, "run", parse_run_date("2024-05-06"))
+    later_done = checkpoint_dir(cfg, later.run_date)
+    later_done.mkdir()
+    (later_done / "last.ckpt").write_bytes(b"done")
     later.prune_checkpoints()
     assert not current.exists() and (root / "2024-05-07-dddddddddddd").exists()
+    # a backfill of an earlier date keeps a later night's finished run (its rerun resumes it)
+    assert (later_done / "finished").exists()
+    ScheduledRun(cfg, "run", parse_run_date("2024-05-01")).prune_checkpoints()
+    assert later_done.exists()
 
 
 def test_a_night_cut_by_its_time_budget_goes_on_under_a_larger_one(new_work) -> None:
