@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from recsys.config import ConfigError
 from recsys.storage import scratch_dir
-from recsys.tracking import CONTENT_TAG, JobRun, TrackingUnavailableError, all_pages
+from recsys.tracking import CONTENT_TAG, JobRun, TrackingUnavailableError, _server_failure, all_pages
 
 if TYPE_CHECKING:
     from recsys.comparison import Comparison
@@ -94,11 +94,11 @@ def _val_ndcg(client: Any, name: str, version: str) -> float | None:
 
 def _measured_with(client: Any, name: str, version: str) -> str | None:
     """The ``evaluate.exclude_seen`` the version's recorded validation NDCG@10 was measured with (its train run's
-    param, lower case); None when unknown (no run, no param)."""
+    param, lower case; a run of a release before that key always left seen items out: "true"); None when
+    unknown (no train run, or it was deleted for good)."""
     mv = client.get_model_version(name, version)
     run = _missing_is_none(lambda: client.get_run(mv.run_id)) if mv.run_id else None
-    recorded = None if run is None else run.data.params.get("evaluate.exclude_seen")
-    return None if recorded is None else recorded.lower()
+    return None if run is None else run.data.params.get("evaluate.exclude_seen", "true").lower()
 
 
 def _rescored(tracker: JobRun, name: str, champion: str, rescore: Callable[[Path], Comparison],
@@ -111,7 +111,8 @@ def _rescored(tracker: JobRun, name: str, champion: str, rescore: Callable[[Path
             _, files = fetch_model(tracker, f"models:/{name}/{champion}", Path(tmp))
             return rescore(files)
     except Exception as exc:
-        if fallback is None or isinstance(exc, TrackingUnavailableError):
+        # an outage is the gate's failure (tracking off, "did not run"), not a reason to decide on other numbers
+        if fallback is None or isinstance(exc, TrackingUnavailableError) or _server_failure(tracker.uri, exc):
             raise
         log.warning("promotion gate: rescoring champion v%s failed (%s: %s); the recorded numbers decide, though "
                     "measured with evaluate.exclude_seen=%s and %s", champion, type(exc).__name__, exc, *fallback)

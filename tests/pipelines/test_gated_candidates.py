@@ -183,3 +183,42 @@ def test_when_that_rescoring_fails_the_recorded_numbers_decide_with_a_warning(tm
     assert (decision["version"], decision["basis"]) == ("2", "recorded")
     logs = "".join(log.read_text() for log in (work / "logs").glob("evaluate-*.log"))
     assert "rescoring champion v1 failed (RuntimeError: artifacts purged); the recorded numbers decide" in logs
+
+
+def test_a_champion_of_a_release_before_the_setting_counts_as_measured_without_seen_items(tmp_path, monkeypatch):
+    """Releases before evaluate.exclude_seen always left seen items out; their train runs lack the param, which
+    read as unknown, so such a champion was compared on numbers that do not compare."""
+    from recsys.config import Config
+
+    work = tmp_path / "work"
+    assert main(["features", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    flat = Config.flat
+    with monkeypatch.context() as old_release:
+        old_release.setattr(Config, "flat", lambda self: {k: v for k, v in flat(self).items()
+                                                          if k != "evaluate.exclude_seen"})
+        assert main(["train", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    assert main(["evaluate", "--quiet", *tiny(work), *TRACK]) == EXIT_OK
+    other = ("evaluate.exclude_seen=false", "train.max_epochs=3")
+    assert main(["train", "--quiet", *tiny(work, *other), *TRACK]) == EXIT_OK
+    assert main(["evaluate", "--quiet", *tiny(work, *other), *TRACK]) == EXIT_OK
+    assert read_json(work / "evaluation" / "promotion.json")["basis"] == "rescored"
+
+
+def test_a_tracking_server_outage_during_that_rescoring_is_the_gates_failure(tmp_path, monkeypatch):
+    """Swallowed as 'rescoring failed', an outage let the gate decide on the recorded numbers and record it."""
+    from types import SimpleNamespace
+
+    from requests.exceptions import ConnectionError as Refused
+
+    import recsys.registry
+    from recsys.config import load_config
+
+    def outage(*args, **kwargs):
+        raise Refused("connection refused")
+
+    monkeypatch.setattr(recsys.registry, "fetch_model", outage)
+    tracker = SimpleNamespace(cfg=load_config(None, [f"work_dir={tmp_path}"]), uri="http://mlflow.example:5000")
+    with pytest.raises(Refused):
+        recsys.registry._rescored(tracker, "gated", "1", lambda files: None, ("true", "false"))
+    monkeypatch.setattr(recsys.registry, "fetch_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("gone")))
+    assert recsys.registry._rescored(tracker, "gated", "1", lambda files: None, ("true", "false")) is None
