@@ -18,6 +18,7 @@ this package installed (the ``loader_module`` is ``recsys.serving``); the model 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,14 @@ def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64, eve
         return False
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
+    from mlflow.types.schema import AnyType, Array
 
     ids = DataType.string if item_dtype == pl.String else DataType.long
+    # types as AnyType: MLflow's check of an Array(string) turns a row holding a null into one-letter strings
+    # (["view", "cart", None] -> ["v", "c", "n"], MLflow 3.17), every type then unknown; predict reads them
     signature = ModelSignature(
         inputs=Schema([ColSpec(Array(ids), HISTORY)]
-                      + ([ColSpec(Array(DataType.string), TYPES)] if event_types else [])),
+                      + ([ColSpec(Array(AnyType()), TYPES)] if event_types else [])),
         outputs=Schema([ColSpec(Array(ids), "item_ids"), ColSpec(Array(DataType.float), "scores")]),
         params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]),
     )
@@ -64,6 +67,17 @@ def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64, eve
     mlflow.pyfunc.add_to_model(model, loader_module="recsys.serving", data=".")
     model.save(str(Path(directory) / "MLmodel"))
     return True
+
+
+def _type_name(value: Any) -> str | None:
+    """An event type of a request as the features job reads a type: text stripped, a blank one, a missing-value
+    marker, None or NaN no type; a whole-number code its decimal text (``1``, ``1.0`` -> ``"1"``)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return None if not text or text in MISSING_TEXT else text
 
 
 def _load_pyfunc(path: str) -> Recommender:
@@ -93,7 +107,7 @@ class Recommender:
             if TYPES not in model_input.columns:
                 raise ValueError(f"this model embeds event types: the input needs a '{TYPES}' column (a list of "
                                  f"type names per row, one per '{HISTORY}' item); it has {list(model_input.columns)}")
-            types = [[str(t) for t in row] for row in model_input[TYPES]]
+            types = [[_type_name(t) for t in row] for row in model_input[TYPES]]
         rows = self.top_k([list(h) for h in model_input[HISTORY]], k, types) if len(model_input) else []
         # the input's own index: `df.assign(recs=model.predict(df)["item_ids"])` on a filtered frame aligns by it
         return pd.DataFrame({"item_ids": [r[0] for r in rows], "scores": [r[1] for r in rows]},

@@ -207,6 +207,20 @@ def test_pyfunc_serves_the_candidates_from_item_ids_and_type_names(typed):
                                            params={"k": K})["item_ids"]]
     assert got == _oracle(typed / "model", hist, zero_types=True)
     assert got != [candidates[u] for u in hist["user_id"]]
+    # types are read as the features job reads them: padded names are those names; a null (MLflow's check of the
+    # old Array(string) signature turned a row holding one into one-letter names, all unknown), NaN, a blank or a
+    # missing-value marker is no type at its own position only, as an unknown name is
+    padded = head.with_columns(pl.col("event_types").list.eval(pl.lit(" ") + pl.element() + pl.lit(" ")))
+    assert [list(x) for x in served.predict(padded.select("history", "event_types").to_pandas(),
+                                            params={"k": K})["item_ids"]] == [candidates[u] for u in head["user_id"]]
+
+    def first_type(value):
+        return pd.DataFrame({"history": head["history"].to_list(),
+                             "event_types": [[value, *t[1:]] for t in head["event_types"].to_list()]})
+
+    expected = [list(x) for x in served.predict(first_type("nonsense"), params={"k": K})["item_ids"]]
+    for missing in (None, float("nan"), "", "NULL"):
+        assert [list(x) for x in served.predict(first_type(missing), params={"k": K})["item_ids"]] == expected
     with pytest.raises(Exception, match="event_types"):  # MLflow's signature lists the column as required
         served.predict(head.select("history").to_pandas(), params={"k": K})
     # and the model itself, without the signature's check, names the column too
