@@ -68,7 +68,6 @@ class Pruned:
     purge: str = "none"  # "done", "left to the tracking server's operator (mlflow gc)", "dry run", "none"
     stopped: str | None = None  # why the pass stopped before its end (what it did is the above), None = it ended
 
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
