@@ -46,13 +46,17 @@ def run(cfg: Config, run_date: dt.date | None = None, dry_run: bool = False) -> 
         raise ConfigError(f"--run-date {day} is in the future (today is {today_utc()}, UTC): retention deletes what "
                           "is tracking.keep_days older than the run date; pass today's date or leave it out")
     try:
-        pruned = prune_tracking(cfg, day, served_versions(cfg), dry_run=dry_run)
+        with _stop_on_sigterm():
+            pruned = prune_tracking(cfg, day, served_versions(cfg), dry_run=dry_run)
     except BaseException as exc:  # a server gone, SIGTERM: what the pass deleted before is recorded all the same
         partial = getattr(exc, "retention_pass", None)
         if partial is not None and not dry_run and (partial.versions_deleted or partial.runs_deleted):
-            partial.stopped = (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:300]
+            partial.stopped = "SIGTERM" if isinstance(exc, _Stopped) else f"{type(exc).__name__}: {exc}"[:300]
             try:
-                record(cfg, day, partial)
+                where = record(cfg, day, partial)
+                log.warning("tracking retention stopped early (%s) after deleting %d model versions and %d runs: "
+                            "recorded in %s; the next pass goes on", partial.stopped, len(partial.versions_deleted),
+                            len(partial.runs_deleted), where)
             except Exception as failed:  # noqa: BLE001 - the pass's own failure is the one to report
                 log.warning("tracking retention: recording the stopped pass failed (%s)", failed)
         raise
@@ -62,8 +66,12 @@ def run(cfg: Config, run_date: dt.date | None = None, dry_run: bool = False) -> 
     return pruned
 
 
-class _Stopped(BaseException):  # not an Exception: nothing on the way catches it as a failure to log
-    """SIGTERM during the retention that ends a published night."""
+class _Stopped(SystemExit):  # not an Exception: nothing on the way catches it as a failure to log
+    """SIGTERM during a retention pass: what it deleted is recorded, then ``recsys prune`` exits 143, and the
+    ``recsys run`` whose night it ends goes on as done (:func:`after_night`)."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
 
 
 @contextmanager
@@ -91,8 +99,7 @@ def after_night(cfg: Config, run_date: dt.date) -> None:
     if cfg.tracking.keep_days is None or not cfg.tracking.enabled:
         return
     try:
-        with _stop_on_sigterm():
-            run(cfg, run_date)
+        run(cfg, run_date)
     except _Stopped:
         log.warning("tracking retention stopped by SIGTERM after the night %s was published: the night stands "
                     "(marked done); what was deleted stays deleted, and the next night's pass or `recsys prune` "

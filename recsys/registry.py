@@ -101,6 +101,19 @@ def _measured_with(client: Any, name: str, version: str) -> str | None:
     return None if run is None else run.data.params.get("evaluate.exclude_seen", "true").lower()
 
 
+def _outage(uri: str, exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it was raised from (:func:`fetch_model` turns a failed download into
+    FileNotFoundError, ``from None``) is a tracking server's failure to answer."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, TrackingUnavailableError) or (isinstance(seen, Exception) and _server_failure(uri, seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _rescored(tracker: JobRun, name: str, champion: str, rescore: Callable[[Path], Comparison],
               fallback: tuple[str, str] | None) -> Comparison | None:
     """Both models measured by ``rescore`` on the champion's registered files; with ``fallback`` (the recorded
@@ -112,7 +125,7 @@ def _rescored(tracker: JobRun, name: str, champion: str, rescore: Callable[[Path
             return rescore(files)
     except Exception as exc:
         # an outage is the gate's failure (tracking off, "did not run"), not a reason to decide on other numbers
-        if fallback is None or isinstance(exc, TrackingUnavailableError) or _server_failure(tracker.uri, exc):
+        if fallback is None or _outage(tracker.uri, exc):
             raise
         log.warning("promotion gate: rescoring champion v%s failed (%s: %s); the recorded numbers decide, though "
                     "measured with evaluate.exclude_seen=%s and %s", champion, type(exc).__name__, exc, *fallback)

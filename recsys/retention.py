@@ -65,7 +65,8 @@ class Pruned:
     versions_kept: dict[str, str] = field(default_factory=dict)  # old versions kept: version -> why
     runs_deleted: list[str] = field(default_factory=list)  # soft-deleted (and purged, see purge)
     runs_purged: list[str] = field(default_factory=list)  # removed for good with their artifacts
-    purge: str = "none"  # "done", "left to the tracking server's operator (mlflow gc)", "dry run", "none"
+    purge: str = "none"  # "done", "started" (stopped midway), "left to the tracking server's operator (mlflow gc)",
+    # "dry run", "none"
     stopped: str | None = None  # why the pass stopped before its end (what it did is the above), None = it ended
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +144,8 @@ def _prune(cfg: Config, client: Any, uri: str, limit: dt.datetime, protected: di
                          len(old))
         else:
             own = Path(cfg.work_dir) / "mlartifacts" if cfg.tracking.uri is None else None
-            pruned.runs_purged = _purge(uri, [run.info.run_id for run in old], own)
+            pruned.purge = "started" if old else "none"
+            _purge(uri, [run.info.run_id for run in old], own, purged=pruned.runs_purged)
             pruned.purge = "done" if old else "none"
 
 
@@ -206,12 +208,14 @@ def _old_runs(client: Any, experiment: str, limit_ms: int, kept_runs: set[str]) 
             and run.info.end_time < limit_ms and run.info.run_id not in kept_runs]
 
 
-def _purge(uri: str, run_ids: list[str], artifact_root: Path | None = None) -> list[str]:
+def _purge(uri: str, run_ids: list[str], artifact_root: Path | None = None, purged: list[str] | None = None
+           ) -> list[str]:
     """Remove the soft-deleted ``run_ids`` for good: their artifacts, then their rows, the two steps ``mlflow gc
     --run-ids`` takes per run (not ``mlflow gc`` itself: with no experiment named it also purges every other
     deleted experiment and logged model of the store). Returns the runs purged. ``artifact_root``: the embedded
     store's own artifact directory; a run whose artifacts lie elsewhere (a work directory copied from another,
-    whose store still names the other's absolute paths) loses its rows only, never the other's files."""
+    whose store still names the other's absolute paths) loses its rows only, never the other's files. ``purged``:
+    the list to append each purged run to as it goes (a pass stopped midway records those)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import _get_store
 
@@ -219,8 +223,8 @@ def _purge(uri: str, run_ids: list[str], artifact_root: Path | None = None) -> l
     if not hasattr(store, "_hard_delete_run"):
         log.warning("tracking retention: the store %s cannot purge runs; %d runs stay marked deleted", uri,
                     len(run_ids))
-        return []
-    purged = []
+        return [] if purged is None else purged
+    purged = [] if purged is None else purged
     for run_id in run_ids:
         run = store.get_run(run_id)
         if run.info.lifecycle_stage != "deleted":  # restored meanwhile

@@ -220,5 +220,15 @@ def test_a_tracking_server_outage_during_that_rescoring_is_the_gates_failure(tmp
     tracker = SimpleNamespace(cfg=load_config(None, [f"work_dir={tmp_path}"]), uri="http://mlflow.example:5000")
     with pytest.raises(Refused):
         recsys.registry._rescored(tracker, "gated", "1", lambda files: None, ("true", "false"))
+
+    def download_failed(*args, **kwargs):  # what the real fetch_model raises when the server drops mid-download
+        try:
+            raise Refused("connection refused")
+        except Refused:
+            raise FileNotFoundError("the files of models:/gated/1 could not be downloaded") from None
+
+    monkeypatch.setattr(recsys.registry, "fetch_model", download_failed)
+    with pytest.raises(FileNotFoundError):
+        recsys.registry._rescored(tracker, "gated", "1", lambda files: None, ("true", "false"))
     monkeypatch.setattr(recsys.registry, "fetch_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("gone")))
     assert recsys.registry._rescored(tracker, "gated", "1", lambda files: None, ("true", "false")) is None

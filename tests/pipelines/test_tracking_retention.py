@@ -327,11 +327,56 @@ def test_sigterm_during_the_retention_of_a_published_night_ends_the_night_as_don
     gone = [label for label in GONE_VERSIONS if store.versions[label] not in store.alive_versions()]
     assert len(gone) == 1  # stopped after the first deletion, which the record lists (it was in no record)
     (stopped,) = read_json(store.work / "retention" / f"date={RUN_DATE}.json")["passes"]
-    assert stopped["versions_deleted"] == [store.versions[gone[0]]] and stopped["stopped"] == "_Stopped"
+    assert stopped["versions_deleted"] == [store.versions[gone[0]]] and stopped["stopped"] == "SIGTERM"
     monkeypatch.delenv(FAULT_ENV)
     assert main(["prune", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)]
                 ) == EXIT_OK
     assert not {store.versions[label] for label in GONE_VERSIONS} & store.alive_versions()
+
+
+def test_sigterm_stops_recsys_prune_with_143_and_records_what_it_deleted(store: Store, monkeypatch) -> None:
+    """`recsys prune` kept Python's default SIGTERM: killed after deleting a version, it recorded nothing."""
+    import signal
+
+    from recsys.faults import FAULT_ENV, SIGNAL_ENV
+
+    def killed(signum: int, frame: object) -> None:
+        raise _Killed
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        monkeypatch.setenv(FAULT_ENV, "retention-version-deleted")
+        monkeypatch.setenv(SIGNAL_ENV, "TERM")
+        with pytest.raises(SystemExit) as stopped:
+            main(["prune", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143
+    (entry,) = read_json(store.work / "retention" / f"date={RUN_DATE}.json")["passes"]
+    assert len(entry["versions_deleted"]) == 1 and entry["stopped"] == "SIGTERM"
+    assert entry["versions_deleted"][0] not in store.alive_versions()
+
+
+def test_a_pass_stopped_midway_through_the_purge_lists_the_runs_it_purged(store: Store, monkeypatch) -> None:
+    """runs_purged was filled when the purge returned: a pass stopped in it recorded none of the runs gone."""
+    from mlflow.store.artifact import artifact_repository_registry
+
+    calls: list[str] = []
+
+    original = artifact_repository_registry.get_artifact_repository
+
+    def second_fails(uri):
+        calls.append(uri)
+        if len(calls) == 2:
+            raise RuntimeError("disk gone")
+        return original(uri)
+
+    monkeypatch.setattr(artifact_repository_registry, "get_artifact_repository", second_fails)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        prune.run(store.cfg, RUN_DATE)
+    (entry,) = read_json(store.work / "retention" / f"date={RUN_DATE}.json")["passes"]
+    assert len(entry["runs_purged"]) == 1 and entry["purge"] == "started"
+    assert entry["stopped"] == "RuntimeError: disk gone" and len(entry["runs_deleted"]) == len(GONE_RUNS)
 
 
 def test_a_tracking_server_keeps_deleted_runs_for_its_operator(mlflow_server, tmp_path: Path) -> None:
