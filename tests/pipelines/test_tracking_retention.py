@@ -299,28 +299,38 @@ class _Killed(BaseException):
     """What SIGTERM does in this test when nothing else handles it (its default would end pytest itself)."""
 
 
-def test_sigterm_during_the_retention_of_a_published_night_ends_the_night_as_done(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A scheduler's timeout during a long first retention pass killed `recsys run` after its night was
-    published: no marker, so the next call ran the whole night again from its features."""
+@pytest.fixture
+def sigterm_after_a_deletion(monkeypatch: pytest.MonkeyPatch):
+    """SIGTERM sent to this process after retention's first version deletion; unhandled it raises _Killed.
+    Yields the test's own handler (what the job must put back)."""
     import signal
 
     from recsys.faults import FAULT_ENV, SIGNAL_ENV
-
-    _stub_jobs(monkeypatch, [])
 
     def killed(signum: int, frame: object) -> None:
         raise _Killed
 
     previous = signal.signal(signal.SIGTERM, killed)
+    monkeypatch.setenv(FAULT_ENV, "retention-version-deleted")
+    monkeypatch.setenv(SIGNAL_ENV, "TERM")
     try:
-        monkeypatch.setenv(FAULT_ENV, "retention-version-deleted")
-        monkeypatch.setenv(SIGNAL_ENV, "TERM")
-        args = ["run", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)]
-        assert main(args) == EXIT_OK
-        assert signal.getsignal(signal.SIGTERM) is killed  # the job's handler is gone with the pass
+        yield killed
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_during_the_retention_of_a_published_night_ends_the_night_as_done(
+        store: Store, monkeypatch: pytest.MonkeyPatch, sigterm_after_a_deletion) -> None:
+    """A scheduler's timeout during a long first retention pass killed `recsys run` after its night was
+    published: no marker, so the next call ran the whole night again from its features."""
+    import signal
+
+    from recsys.faults import FAULT_ENV
+
+    _stub_jobs(monkeypatch, [])
+    args = ["run", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)]
+    assert main(args) == EXIT_OK
+    assert signal.getsignal(signal.SIGTERM) is sigterm_after_a_deletion  # the job's handler is gone with the pass
     assert (store.work / "runs" / "run" / f"{RUN_DATE}.json").is_file()
     (log,) = (store.work / "logs").glob("run-*.log")
     assert "tracking retention stopped by SIGTERM" in log.read_text()
@@ -334,23 +344,11 @@ def test_sigterm_during_the_retention_of_a_published_night_ends_the_night_as_don
     assert not {store.versions[label] for label in GONE_VERSIONS} & store.alive_versions()
 
 
-def test_sigterm_stops_recsys_prune_with_143_and_records_what_it_deleted(store: Store, monkeypatch) -> None:
+def test_sigterm_stops_recsys_prune_with_143_and_records_what_it_deleted(store: Store, sigterm_after_a_deletion
+                                                                          ) -> None:
     """`recsys prune` kept Python's default SIGTERM: killed after deleting a version, it recorded nothing."""
-    import signal
-
-    from recsys.faults import FAULT_ENV, SIGNAL_ENV
-
-    def killed(signum: int, frame: object) -> None:
-        raise _Killed
-
-    previous = signal.signal(signal.SIGTERM, killed)
-    try:
-        monkeypatch.setenv(FAULT_ENV, "retention-version-deleted")
-        monkeypatch.setenv(SIGNAL_ENV, "TERM")
-        with pytest.raises(SystemExit) as stopped:
-            main(["prune", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(SystemExit) as stopped:
+        main(["prune", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)])
     assert stopped.value.code == 143
     (entry,) = read_json(store.work / "retention" / f"date={RUN_DATE}.json")["passes"]
     assert len(entry["versions_deleted"]) == 1 and entry["stopped"] == "SIGTERM"
