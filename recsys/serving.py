@@ -72,12 +72,17 @@ def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64, eve
 def _type_name(value: Any) -> str | None:
     """An event type of a request as the features job reads a type: text stripped, a blank one, a missing-value
     marker, None or NaN no type; a whole-number code its decimal text (``1``, ``1.0`` -> ``"1"``)."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if _no_value(value) or (isinstance(value, float) and math.isinf(value)):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
     return None if not text or text in MISSING_TEXT else text
+
+
+def _no_value(cell: Any) -> bool:
+    """Whether a request's cell is null (None, or the NaN pandas puts in an object column)."""
+    return cell is None or (isinstance(cell, float) and math.isnan(cell))
 
 
 def _load_pyfunc(path: str) -> Recommender:
@@ -107,7 +112,9 @@ class Recommender:
             if TYPES not in model_input.columns:
                 raise ValueError(f"this model embeds event types: the input needs a '{TYPES}' column (a list of "
                                  f"type names per row, one per '{HISTORY}' item); it has {list(model_input.columns)}")
-            types = [[_type_name(t) for t in row] for row in model_input[TYPES]]
+            # a null cell (no types known for that request): every event of its history without a type
+            types = [[None] * len(history) if _no_value(row) else [_type_name(t) for t in row]
+                     for row, history in zip(model_input[TYPES], model_input[HISTORY], strict=True)]
         rows = self.top_k([list(h) for h in model_input[HISTORY]], k, types) if len(model_input) else []
         # the input's own index: `df.assign(recs=model.predict(df)["item_ids"])` on a filtered frame aligns by it
         return pd.DataFrame({"item_ids": [r[0] for r in rows], "scores": [r[1] for r in rows]},

@@ -221,6 +221,13 @@ def test_pyfunc_serves_the_candidates_from_item_ids_and_type_names(typed):
     expected = [list(x) for x in served.predict(first_type("nonsense"), params={"k": K})["item_ids"]]
     for missing in (None, float("nan"), "", "NULL"):
         assert [list(x) for x in served.predict(first_type(missing), params={"k": K})["item_ids"]] == expected
+    # a null cell: no type for any event of that history (a TypeError before, not naming the column)
+    no_types = pd.DataFrame({"history": head["history"].to_list()[:2], "event_types": [None, ["nonsense"] * len(
+        head["history"][1])]})
+    all_unknown = pd.DataFrame({"history": head["history"].to_list()[:2],
+                                "event_types": [["nonsense"] * len(h) for h in head["history"].to_list()[:2]]})
+    assert [list(x) for x in served.predict(no_types, params={"k": K})["item_ids"]] == \
+        [list(x) for x in served.predict(all_unknown, params={"k": K})["item_ids"]]
     with pytest.raises(Exception, match="event_types"):  # MLflow's signature lists the column as required
         served.predict(head.select("history").to_pandas(), params={"k": K})
     # and the model itself, without the signature's check, names the column too
