@@ -45,25 +45,34 @@ def run(cfg: Config, run_date: dt.date | None = None, dry_run: bool = False) -> 
     if day > today_utc() + dt.timedelta(days=1):  # a typo'd year would delete every unprotected version and run
         raise ConfigError(f"--run-date {day} is in the future (today is {today_utc()}, UTC): retention deletes what "
                           "is tracking.keep_days older than the run date; pass today's date or leave it out")
-    try:
-        with _stop_on_sigterm():
+    with _stop_on_sigterm():  # the record too: a SIGTERM while it is written stops the pass, not the process
+        try:
             pruned = prune_tracking(cfg, day, served_versions(cfg), dry_run=dry_run)
-    except BaseException as exc:  # a server gone, SIGTERM: what the pass deleted before is recorded all the same
-        partial = getattr(exc, "retention_pass", None)
-        if partial is not None and not dry_run and (partial.versions_deleted or partial.runs_deleted):
-            partial.stopped = "SIGTERM" if isinstance(exc, _Stopped) else f"{type(exc).__name__}: {exc}"[:300]
-            try:
-                where = record(cfg, day, partial)
-                log.warning("tracking retention stopped early (%s) after deleting %d model versions and %d runs: "
-                            "recorded in %s; the next pass goes on", partial.stopped, len(partial.versions_deleted),
-                            len(partial.runs_deleted), where)
-            except Exception as failed:  # noqa: BLE001 - the pass's own failure is the one to report
-                log.warning("tracking retention: recording the stopped pass failed (%s)", failed)
-        raise
-    log.info("%s", pruned.summary())
-    if not dry_run:
-        record(cfg, day, pruned)
+        except BaseException as exc:  # a server gone, SIGTERM: what the pass deleted before is recorded all the same
+            _record_stopped(cfg, day, exc, dry_run)
+            raise
+        log.info("%s", pruned.summary())
+        if not dry_run:
+            record(cfg, day, pruned)
     return pruned
+
+
+def _record_stopped(cfg: Config, day: dt.date, exc: BaseException, dry_run: bool) -> None:
+    """Record what a pass stopped by ``exc`` deleted before (nothing to record: a warning for a SIGTERM only)."""
+    partial = getattr(exc, "retention_pass", None)
+    stopped = "SIGTERM" if isinstance(exc, _Stopped) else f"{type(exc).__name__}: {exc}"[:300]
+    if partial is None or dry_run or not (partial.versions_deleted or partial.runs_deleted):
+        if isinstance(exc, _Stopped):
+            log.warning("tracking retention stopped by SIGTERM before deleting anything")
+        return
+    partial.stopped = stopped
+    try:
+        where = record(cfg, day, partial)
+        log.warning("tracking retention stopped early (%s) after deleting %d model versions and %d runs: recorded in "
+                    "%s; the next pass goes on", stopped, len(partial.versions_deleted), len(partial.runs_deleted),
+                    where)
+    except Exception as failed:  # noqa: BLE001 - the pass's own failure is the one to report
+        log.warning("tracking retention: recording the stopped pass failed (%s)", failed)
 
 
 class _Stopped(SystemExit):  # not an Exception: nothing on the way catches it as a failure to log

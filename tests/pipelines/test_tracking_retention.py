@@ -355,6 +355,33 @@ def test_sigterm_stops_recsys_prune_with_143_and_records_what_it_deleted(store: 
     assert entry["versions_deleted"][0] not in store.alive_versions()
 
 
+def test_sigterm_while_the_pass_is_recorded_still_ends_the_night_as_done(store: Store, monkeypatch) -> None:
+    """The handler covered the deletions only: a SIGTERM while the record was written killed `recsys run`
+    after its night was published (no marker)."""
+    import os
+    import signal
+
+    _stub_jobs(monkeypatch, [])
+    real = prune.record
+
+    def terminated_while_recording(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune, "record", terminated_while_recording)
+
+    def killed(signum: int, frame: object) -> None:
+        raise _Killed
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        args = ["run", "--quiet", f"work_dir={store.work}", "tracking.keep_days=7", "--run-date", str(RUN_DATE)]
+        assert main(args) == EXIT_OK
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (store.work / "runs" / "run" / f"{RUN_DATE}.json").is_file()
+
+
 def test_a_pass_stopped_midway_through_the_purge_lists_the_runs_it_purged(store: Store, monkeypatch) -> None:
     """runs_purged was filled when the purge returned: a pass stopped in it recorded none of the runs gone."""
     from mlflow.store.artifact import artifact_repository_registry
