@@ -134,7 +134,7 @@ def test_a_run_cut_by_its_time_budget_goes_on_under_a_larger_one_and_stays_cut_u
     assert same.resumed_from_epoch == 0 and same.epochs_run == 1 and same.best_checkpoint == cut.best_checkpoint
     # fit_s, the budget's clock, goes on over the resume (it restarted at 0, so a cut run seemed to have used only
     # part of its budget): the cut epoch's fit_s set to 1000 s in its checkpoint, the next epochs come after it
-    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     (timer,) = [v for k, v in state["callbacks"].items() if "_EpochTimer" in k]
     timer["history"][-1]["fit_s"] = 1000.0
     torch.save(state, tmp_path / "last.ckpt")
