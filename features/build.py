@@ -50,6 +50,7 @@ from features.schema import (
 )
 from features.sequences import SPLIT_LISTS, add_split, build_sequences
 from features.synthetic import generate_events
+from features.validation import timestamp_unit
 from recsys.config import Config, ConfigError, DataConfig, FeaturesConfig, SyntheticConfig, save_config
 from recsys.storage import atomic_dir, fingerprint, remove_stale_temps, shown, temp_sibling, write_json
 
@@ -113,9 +114,6 @@ def build_features(cfg: Config, run_date: dt.date | None = None) -> dict[str, An
     return manifest
 
 
-SECONDS_BEFORE_YEAR_5000 = 95_617_584_000  # epoch seconds of 5000-01-01: later newest timestamps are not seconds
-
-
 @dataclass(frozen=True)
 class InputGate:
     """``features.min_rows_ratio`` / ``max_event_age``: this build against the previous build of the same
@@ -168,7 +166,7 @@ class InputGate:
         rows, newest = manifest["rows_in"], manifest["newest_timestamp"]
         kept = "the previous features are kept"
         ages = [f"features.{key}" for key in ("max_event_age", "max_history_age") if getattr(self, key) is not None]
-        if ages and newest is not None and newest > SECONDS_BEFORE_YEAR_5000:
+        if ages and newest is not None and timestamp_unit(newest) != "seconds":  # as features.readers judges
             raise InputDataError(
                 f"{path}: the newest timestamp is {newest}, past the year 5000 as epoch seconds: milliseconds (or "
                 f"finer)? {' and '.join(ages)} compare timestamps with the run date in epoch seconds, so they would "

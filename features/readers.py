@@ -197,10 +197,6 @@ def _read_file(data: DataConfig, path: Path, many: bool, spans: dict[str, tuple[
                              "as UTF-8")
     try:
         with _polars_errors(path, data):
-            # a day with no rows is no row whatever its columns: pandas writes an empty frame's parquet with none
-            if many and data.format == "parquet" and pl.scan_parquet(path, glob=False).select(pl.len()).collect(
-                    ).item() == 0:
-                return None
             raw = _SCANNERS[data.format](data, path)
             typed = typed_exprs(raw.frame, data.timestamp_format, id_types(data))
             problems = find_problems(raw.frame, typed, raw.labels, raw.unit, source=str(path),
@@ -208,6 +204,10 @@ def _read_file(data: DataConfig, path: Path, many: bool, spans: dict[str, tuple[
                                      spans=spans)
     except EmptyFileError:  # no header either: a lone newline (pandas' empty csv), an empty .gz
         if many:
+            return None
+        raise
+    except InputDataError:  # a day with no rows is none whatever its columns: pandas writes an empty frame's
+        if many and data.format == "parquet" and _parquet_rows(path) == 0:  # parquet with no column at all
             return None
         raise
     if problems == [NO_ROWS] and many:
@@ -452,6 +452,14 @@ def read_table(path: Path, key: str, fix: str, separator: str = ",") -> tuple[pl
         if short is not None:
             raise InputDataError(f"{path} ({key}): {short}")
     return frame, rows
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The row count a parquet file's footer gives, None when it cannot be read."""
+    try:
+        return pl.scan_parquet(path, glob=False).select(pl.len()).collect().item()
+    except (pl.exceptions.PolarsError, OSError):
+        return None
 
 
 class EmptyFileError(InputDataError):

@@ -78,9 +78,8 @@ def id_expr(dtype: pl.DataType, name: str, kind: str = "int") -> pl.Expr:
         return as_int.cast(pl.String) if kind == "string" else as_int
     if isinstance(dtype, pl.Decimal):  # SQL NUMBER(p, s): a whole number is written without its zero fraction
         # (7.00 -> "7", as the integer 7 and the float 7.0 are), one with a fraction is no id (as the float 7.5)
-        text = col.cast(pl.String)
-        whole = pl.when(text.str.contains(_INTEGRAL_FLOAT_TEXT)).then(text.str.replace(_INTEGRAL_FLOAT_TEXT, "${1}"))
-        whole = pl.when(text.str.contains(r"^[+-]?\d+$")).then(text).otherwise(whole)
+        text = col.cast(pl.String).str.replace(r"\.0*$", "")
+        whole = pl.when(text.str.contains(r"^-?\d+$")).then(text)
         return whole if kind == "string" else whole.cast(pl.Int64, strict=False)
     text = col.cast(pl.String).str.strip_chars()
     if kind == "string":
@@ -126,6 +125,13 @@ def weight_expr(dtype: pl.DataType) -> pl.Expr:
     return col.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
 
 
+def event_type_expr(col: pl.Expr) -> pl.Expr:
+    """Event type names as the pipeline reads them: trimmed like the ids (" view" is a view); a blank one or a
+    missing-value marker ("NULL") is no type (null). The features job and the pyfunc model both read types so."""
+    text = col.cast(pl.String).str.strip_chars()
+    return pl.when((text != "") & ~text.is_in(MISSING_TEXT)).then(text)
+
+
 def typed_exprs(
     raw: pl.LazyFrame, timestamp_format: str | None, id_types: dict[str, str] | None = None
 ) -> dict[str, pl.Expr]:
@@ -145,9 +151,7 @@ def typed_exprs(
         TIMESTAMP: timestamp_expr(schema[TIMESTAMP], timestamp_format, sample),
     }
     if EVENT_TYPE in schema:
-        # trimmed like the ids, so " view" is a view; a blank cell is no type (null)
-        text = pl.col(EVENT_TYPE).cast(pl.String).str.strip_chars()
-        exprs[EVENT_TYPE] = pl.when((text != "") & ~text.is_in(MISSING_TEXT)).then(text)  # "NULL": no type
+        exprs[EVENT_TYPE] = event_type_expr(pl.col(EVENT_TYPE))
     if WEIGHT in schema:
         exprs[WEIGHT] = weight_expr(schema[WEIGHT])
     return {name: expr.alias(name) for name, expr in exprs.items()}

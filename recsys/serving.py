@@ -27,7 +27,7 @@ import polars as pl
 import torch
 
 from features import schema
-from features.validation import MISSING_TEXT, id_expr
+from features.validation import MISSING_TEXT, event_type_expr, id_expr
 from recsys.candidates import TrainedModel, load_trained_model, popular_top_k, user_vectors
 from recsys.data import RaggedItems
 from recsys.topk import top_k_blocked
@@ -69,15 +69,13 @@ def write_mlmodel(directory: str | Path, item_dtype: pl.DataType = pl.Int64, eve
     return True
 
 
-def _type_name(value: Any) -> str | None:
-    """An event type of a request as the features job reads a type: text stripped, a blank one, a missing-value
-    marker, None or NaN no type; a whole-number code its decimal text (``1``, ``1.0`` -> ``"1"``)."""
+def _type_text(value: Any) -> str | None:
+    """An event type of a request as text (None and NaN: none; a whole-number code its decimal text, ``1.0`` ->
+    ``"1"``); trimmed and checked for blanks and missing-value markers by :func:`event_type_expr`, as the features
+    job reads types."""
     if _no_value(value) or (isinstance(value, float) and math.isinf(value)):
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    return None if not text or text in MISSING_TEXT else text
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _no_value(cell: Any) -> bool:
@@ -113,7 +111,7 @@ class Recommender:
                 raise ValueError(f"this model embeds event types: the input needs a '{TYPES}' column (a list of "
                                  f"type names per row, one per '{HISTORY}' item); it has {list(model_input.columns)}")
             # a null cell (no types known for that request): every event of its history without a type
-            types = [[None] * len(history) if _no_value(row) else [_type_name(t) for t in row]
+            types = [[None] * len(history) if _no_value(row) else [_type_text(t) for t in row]
                      for row, history in zip(model_input[TYPES], model_input[HISTORY], strict=True)]
         rows = self.top_k([list(h) for h in model_input[HISTORY]], k, types) if len(model_input) else []
         # the input's own index: `df.assign(recs=model.predict(df)["item_ids"])` on a filtered frame aligns by it
@@ -135,7 +133,8 @@ class Recommender:
             if not frame.select((pl.col(HISTORY).list.len() == pl.col(TYPES).list.len()).all()).item():
                 raise ValueError(f"the '{TYPES}' column must hold one type per '{HISTORY}' item in every row")
             names = self.trained.event_types.select(pl.col(schema.EVENT_TYPE).alias(TYPES), schema.TYPE_IDX)
-            frame = frame.explode(HISTORY, TYPES).join(names, on=TYPES, how="left", maintain_order="left")
+            frame = (frame.explode(HISTORY, TYPES).with_columns(event_type_expr(pl.col(TYPES)).alias(TYPES))
+                     .join(names, on=TYPES, how="left", maintain_order="left"))
             aggs.append(pl.col(schema.TYPE_IDX).fill_null(0).filter(pl.col(schema.ITEM_IDX).is_not_null())
                         .alias("types"))
         else:
